@@ -1,0 +1,46 @@
+"""The `mesh` command line: one argparse tree; each command group lives in its own module with
+``register(subparsers)`` and handlers that return an exit code. Nothing imports this module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Command groups, each a module in this package with `register(subparsers)`.
+COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.schemas",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh", description="Mesh: an edge message-bus agent mesh.")
+    parser.add_argument("--version", action="version", version=f"mesh {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _version() -> str:
+    from mesh import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        raise SystemExit(2)
+    from mesh.errors import MeshError
+
+    try:
+        code = handler(args)
+    except MeshError as exc:
+        print(f"mesh: error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code or 0)

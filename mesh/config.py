@@ -1,0 +1,69 @@
+"""Configuration from the environment (``MESH_*``), read once per process with pydantic-settings.
+
+Secrets (NATS passwords, tokens, API keys) are ``SecretStr`` so they never print in logs or events.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MeshSettings(BaseSettings):
+    """Every knob of a Mesh process. Environment variable = ``MESH_`` + field name, upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="MESH_", env_file=None, extra="ignore")
+
+    # --- NATS ---
+    nats_url: str | None = Field(
+        default=None,
+        description="Comma-separated NATS server URLs. Unset: `mesh up`/`mesh run` start an embedded server.",
+    )
+    subject_prefix: str = Field(default="mesh", description="Prefix of every subject, stream and bucket.")
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+    nats_creds: Path | None = Field(default=None, description="NATS .creds file (JWT + nkey seed).")
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    connect_timeout: float = 5.0
+    max_reconnect_attempts: int = Field(default=-1, description="-1 reconnects forever.")
+    reconnect_wait: float = 0.5
+    replicas: int = Field(default=1, ge=1, le=5, description="JetStream replicas per stream (3 in a cluster).")
+
+    # --- messages ---
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, description="Decoded messages above this are refused.")
+    claim_check_bytes: int = Field(
+        default=256 * 1024, description="Bodies above this go to the object store and travel by reference."
+    )
+
+    # --- consumers ---
+    ack_wait: float = Field(default=30.0, gt=0, description="Seconds before an unacked task is redelivered.")
+    max_deliver: int = Field(default=5, ge=1, description="Deliveries before a task goes to the DLQ.")
+    nak_delay: float = Field(default=1.0, ge=0, description="Base delay before a retryable failure is retried.")
+
+    # --- local data ---
+    data_dir: Path = Field(default=Path(".mesh"), description="Embedded server data, ledger file, caches.")
+    out_dir: Path = Field(default=Path("mesh-out"), description="Where `mesh run` writes workspaces and results.")
+    log_level: str = "INFO"
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not v or any(c in v for c in " .*>\t"):
+            raise ValueError("subject_prefix must be one NATS token (no spaces, dots or wildcards)")
+        return v
+
+    @property
+    def servers(self) -> list[str]:
+        return [u.strip() for u in (self.nats_url or "").split(",") if u.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> MeshSettings:
+    """The process-wide settings, read from the environment on first use."""
+    return MeshSettings()

@@ -1,0 +1,61 @@
+"""Layer 1: wire contracts and the codec. Imports nothing of Mesh but the error tree."""
+
+from mesh.contracts.codec import (
+    MESSAGE_KINDS,
+    SCHEMA_VERSION,
+    Envelope,
+    child_traceparent,
+    decode,
+    encode,
+    new_traceparent,
+    open_envelope,
+)
+from mesh.contracts.events import (
+    EVENT_ADAPTER,
+    EVENT_TYPES,
+    SYSTEM_GOAL_ID,
+    ArtifactCreated,
+    BackendCall,
+    Event,
+    EventBase,
+    GoalCancelled,
+    GoalCompleted,
+    GoalFailed,
+    GoalPlanned,
+    GoalSubmitted,
+    NodeDown,
+    NodeUp,
+    RouteDecided,
+    StepCompleted,
+    StepDispatched,
+    StepFailed,
+    StepProgress,
+    StepStarted,
+    ToolCall,
+)
+from mesh.contracts.models import (
+    TIERS,
+    Artifact,
+    ArtifactRef,
+    Budget,
+    DagPosition,
+    Goal,
+    Plan,
+    RouteDecision,
+    Step,
+    Task,
+    Tier,
+    Usage,
+    new_id,
+    sha256_hex,
+    utcnow,
+)
+
+__all__ = [
+    "MESSAGE_KINDS", "SCHEMA_VERSION", "Envelope", "child_traceparent", "decode", "encode", "new_traceparent",
+    "open_envelope", "EVENT_ADAPTER", "EVENT_TYPES", "SYSTEM_GOAL_ID", "ArtifactCreated", "BackendCall", "Event",
+    "EventBase", "GoalCancelled", "GoalCompleted", "GoalFailed", "GoalPlanned", "GoalSubmitted", "NodeDown",
+    "NodeUp", "RouteDecided", "StepCompleted", "StepDispatched", "StepFailed", "StepProgress", "StepStarted",
+    "ToolCall", "TIERS", "Artifact", "ArtifactRef", "Budget", "DagPosition", "Goal", "Plan", "RouteDecision",
+    "Step", "Task", "Tier", "Usage", "new_id", "sha256_hex", "utcnow",
+]

@@ -1,0 +1,163 @@
+"""The public event stream: one discriminated union, published on ``<prefix>.event.<goal_id>.<type>``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from mesh.contracts.models import Artifact, ArtifactRef, Goal, Plan, RouteDecision, Token, Usage, Wire, new_id, utcnow
+
+
+class EventBase(Wire):
+    event_id: str = Field(default_factory=new_id)
+    goal_id: Token
+    at: datetime = Field(default_factory=utcnow)
+    node: str | None = Field(default=None, description="Node id of the publisher.")
+
+
+class GoalSubmitted(EventBase):
+    type: Literal["goal.submitted"] = "goal.submitted"
+    goal: Goal
+
+
+class GoalPlanned(EventBase):
+    type: Literal["goal.planned"] = "goal.planned"
+    plan: Plan
+
+
+class GoalCompleted(EventBase):
+    type: Literal["goal.completed"] = "goal.completed"
+    result: ArtifactRef
+    workspace: ArtifactRef | None = None
+    usage: Usage = Field(default_factory=Usage)
+    steps_run: int = 0
+
+
+class GoalFailed(EventBase):
+    type: Literal["goal.failed"] = "goal.failed"
+    reason: str
+    usage: Usage = Field(default_factory=Usage)
+
+
+class GoalCancelled(EventBase):
+    type: Literal["goal.cancelled"] = "goal.cancelled"
+    reason: str = "cancelled by user"
+
+
+class StepEvent(EventBase):
+    step_id: Token
+    role: Token
+    attempt: int = 1
+
+
+class StepDispatched(StepEvent):
+    type: Literal["step.dispatched"] = "step.dispatched"
+    task_id: str
+
+
+class StepStarted(StepEvent):
+    type: Literal["step.started"] = "step.started"
+
+
+class StepProgress(StepEvent):
+    type: Literal["step.progress"] = "step.progress"
+    message: str
+    fraction: float | None = Field(default=None, ge=0, le=1)
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepCompleted(StepEvent):
+    type: Literal["step.completed"] = "step.completed"
+    outputs: list[ArtifactRef] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    verdict: Literal["approve", "changes_requested"] | None = None
+    tier: str | None = None
+
+
+class StepFailed(StepEvent):
+    type: Literal["step.failed"] = "step.failed"
+    error: str
+    retryable: bool = False
+
+
+class RouteDecided(EventBase):
+    type: Literal["route.decided"] = "route.decided"
+    step_id: Token
+    role: Token
+    decision: RouteDecision
+
+
+class BackendCall(EventBase):
+    type: Literal["backend.call"] = "backend.call"
+    step_id: Token | None = None
+    tier: str
+    model: str
+    endpoint: str = ""
+    usage: Usage = Field(default_factory=Usage)
+    latency_ms: float = 0.0
+    outcome: str = Field(default="ok", description="ok, or the error class name")
+    attempt: int = 1
+    thinking: bool = False
+
+
+class ToolCall(EventBase):
+    type: Literal["tool.call"] = "tool.call"
+    step_id: Token | None = None
+    role: Token | None = None
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict, description="Arguments, large values truncated.")
+    ok: bool = True
+    refused: bool = False
+    error: str | None = None
+    duration_ms: float = 0.0
+
+
+class ArtifactCreated(EventBase):
+    type: Literal["artifact.created"] = "artifact.created"
+    artifact: Artifact
+
+
+class NodeUp(EventBase):
+    type: Literal["node.up"] = "node.up"
+    role: Token
+    host: str = ""
+    pid: int = 0
+    version: str = ""
+
+
+class NodeDown(EventBase):
+    type: Literal["node.down"] = "node.down"
+    role: Token
+    reason: str = "shutdown"
+
+
+Event = Annotated[
+    GoalSubmitted
+    | GoalPlanned
+    | GoalCompleted
+    | GoalFailed
+    | GoalCancelled
+    | StepDispatched
+    | StepStarted
+    | StepProgress
+    | StepCompleted
+    | StepFailed
+    | RouteDecided
+    | BackendCall
+    | ToolCall
+    | ArtifactCreated
+    | NodeUp
+    | NodeDown,
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_TYPES: tuple[str, ...] = tuple(
+    m.model_fields["type"].default
+    for m in (GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalCancelled, StepDispatched, StepStarted,
+              StepProgress, StepCompleted, StepFailed, RouteDecided, BackendCall, ToolCall, ArtifactCreated,
+              NodeUp, NodeDown)
+)
+# Node events are not about a goal; they use this goal id so every event has a subject.
+SYSTEM_GOAL_ID = "_system"

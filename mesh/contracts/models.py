@@ -1,0 +1,218 @@
+"""Wire contracts: the messages Mesh processes exchange. Pure pydantic; imports nothing else of Mesh
+except the error tree.
+
+Every model tolerates unknown fields (``extra="ignore"``) so a reader keeps working when a newer
+*minor* schema version adds fields; a new *major* version is refused by the codec instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mesh.errors import PlanInvalid
+
+# A step or role id is one NATS subject token, so it can appear in subjects and dedupe ids.
+Token = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A compact unique id (uuid4 hex) usable as a subject token."""
+    return uuid.uuid4().hex
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Wire(BaseModel):
+    """Base of every contract model."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, validate_default=False)
+
+
+class Usage(Wire):
+    """Tokens and money spent by one call, one step or one goal."""
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    cached_tokens: int = Field(default=0, ge=0, description="Prompt tokens served from the provider's cache.")
+    reasoning_tokens: int = Field(default=0, ge=0)
+    cost_usd: float = Field(default=0.0, ge=0)
+    calls: int = Field(default=0, ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+            calls=self.calls + other.calls,
+        )
+
+
+class Budget(Wire):
+    """Limits that stop a runaway goal. ``None`` means unlimited."""
+
+    max_tokens: int | None = Field(default=2_000_000, ge=1)
+    max_cost_usd: float | None = Field(default=10.0, ge=0)
+    max_steps: int | None = Field(default=200, ge=1)
+    max_wall_seconds: float | None = Field(default=4 * 3600, gt=0)
+
+
+class Goal(Wire):
+    """A vague, high-level goal and the constraints pinned to every step of it."""
+
+    goal_id: Token = Field(default_factory=new_id)
+    brief: str = Field(min_length=1, max_length=100_000)
+    constraints: list[str] = Field(
+        default_factory=list, description="Pinned constraints: packed into every step's context, never dropped."
+    )
+    budget: Budget = Field(default_factory=Budget)
+    options: dict[str, Any] = Field(default_factory=dict)
+    submitted_at: datetime = Field(default_factory=utcnow)
+
+
+class ArtifactRef(Wire):
+    """A pointer to content-addressed bytes in the object store."""
+
+    digest: Digest
+    media_type: str = "text/plain"
+    size: int = Field(ge=0)
+    name: str = Field(default="", max_length=512)
+
+
+class Artifact(Wire):
+    """An artifact's metadata and lineage; its bytes live in the object store under ``ref.digest``."""
+
+    ref: ArtifactRef
+    goal_id: Token
+    producer_step: Token | None = None
+    producer_role: Token | None = None
+    kind: str = Field(default="note", description="note | plan | code | workspace | review | test_report | synthesis")
+    parents: list[Digest] = Field(default_factory=list, description="Digests this artifact was derived from.")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Step(Wire):
+    """One node of a plan DAG."""
+
+    step_id: Token
+    role: Token
+    instruction: str = Field(min_length=1, max_length=50_000)
+    depends_on: list[Token] = Field(default_factory=list)
+    inputs: list[ArtifactRef] = Field(default_factory=list, description="Extra inputs beyond the dependencies' outputs.")
+    acceptance: list[str] = Field(default_factory=list, description="Acceptance criteria for the output.")
+    difficulty: float = Field(default=0.5, ge=0, le=1)
+    revision_of: Token | None = Field(default=None, description="The step this one revises (review loop).")
+
+    @field_validator("depends_on")
+    @classmethod
+    def _unique_deps(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+class Plan(Wire):
+    """A DAG of steps for one goal; ``version`` counts replans."""
+
+    goal_id: Token
+    steps: list[Step] = Field(min_length=1)
+    version: int = Field(default=1, ge=1)
+    rationale: str = ""
+
+    def check(self, known_roles: set[str] | frozenset[str], *, max_steps: int = 200) -> list[list[str]]:
+        """Validate the DAG and return its steps in topological layers.
+
+        Raises ``PlanInvalid`` naming the first problem: too many steps, duplicate ids, unknown roles,
+        unknown dependencies or a cycle (with the steps on it).
+        """
+        if len(self.steps) > max_steps:
+            raise PlanInvalid(f"plan has {len(self.steps)} steps; the limit is {max_steps}")
+        ids = [s.step_id for s in self.steps]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise PlanInvalid(f"duplicate step ids: {', '.join(dupes)}")
+        for s in self.steps:
+            if s.role not in known_roles:
+                raise PlanInvalid(
+                    f"step {s.step_id!r} names unknown role {s.role!r}; known roles: {', '.join(sorted(known_roles))}"
+                )
+            missing = [d for d in s.depends_on if d not in ids]
+            if missing:
+                raise PlanInvalid(f"step {s.step_id!r} depends on unknown steps: {', '.join(missing)}")
+            if s.step_id in s.depends_on:
+                raise PlanInvalid(f"step {s.step_id!r} depends on itself")
+        deps = {s.step_id: set(s.depends_on) for s in self.steps}
+        layers: list[list[str]] = []
+        done: set[str] = set()
+        while len(done) < len(ids):
+            ready = [i for i in ids if i not in done and deps[i] <= done]
+            if not ready:
+                cycle = sorted(i for i in ids if i not in done)
+                raise PlanInvalid(f"plan has a dependency cycle among steps: {', '.join(cycle)}")
+            layers.append(ready)
+            done.update(ready)
+        return layers
+
+
+class DagPosition(Wire):
+    """Where a step sits in its plan; router features read this."""
+
+    depth: int = Field(default=0, ge=0)
+    fan_out: int = Field(default=1, ge=0, description="Width of the step's layer.")
+    dependents: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=1, ge=0)
+
+
+class Task(Wire):
+    """A step handed to a worker role: everything the worker needs, no chat history."""
+
+    task_id: str = Field(description="goal_id.step_id.attempt: the JetStream dedupe id.")
+    goal_id: Token
+    step: Step
+    attempt: int = Field(default=1, ge=1)
+    brief: str = ""
+    constraints: list[str] = Field(default_factory=list)
+    inputs: list[ArtifactRef] = Field(default_factory=list, description="Outputs of the dependencies + step inputs.")
+    memory: str = Field(default="", description="The running goal memory: a short summary of progress so far.")
+    position: DagPosition = Field(default_factory=DagPosition)
+    remaining: Budget = Field(default_factory=Budget)
+    prior_failures: int = Field(default=0, ge=0)
+    deadline: datetime | None = None
+
+    @staticmethod
+    def make_id(goal_id: str, step_id: str, attempt: int) -> str:
+        return f"{goal_id}.{step_id}.{attempt}"
+
+
+Tier = Literal["edge", "long_context", "swarm"]
+TIERS: tuple[Tier, ...] = ("edge", "long_context", "swarm")
+
+
+class RouteDecision(Wire):
+    """Which backend tier a step uses, and why."""
+
+    tier: Tier
+    thinking: bool = False
+    probabilities: dict[str, float] = Field(default_factory=dict, description="Per tier, from the router.")
+    thinking_probability: float = Field(default=0.0, ge=0, le=1)
+    propensity: float = Field(default=1.0, ge=0, le=1, description="Probability the policy chose this tier.")
+    explored: bool = False
+    overridden_by: str | None = Field(default=None, description="Hard constraint that overrode the model, if any.")
+    model_version: str = "rules-1"
+    feature_version: str = ""
+    features: list[float] = Field(default_factory=list)

@@ -1,0 +1,242 @@
+"""The one exception tree of Mesh.
+
+Like httpx, callers catch broadly (``MeshError``) or narrowly (``RateLimited``). Every layer raises
+only exceptions from this module, wrapping the library error it came from as ``__cause__``.
+
+    MeshError
+    ├── ConfigError
+    ├── ContractError                  wire contracts and plans
+    │   ├── CodecError                 bytes that are not a Mesh envelope
+    │   │   ├── UnsupportedVersion
+    │   │   └── MessageTooLarge
+    │   ├── SchemaViolation            a well-formed envelope whose body fails validation
+    │   └── PlanInvalid                cyclic, unknown role, unknown dependency, too large
+    ├── BusError                       NATS
+    │   ├── NotConnected
+    │   ├── ProvisioningError
+    │   ├── PublishError
+    │   └── EmbeddedServerError
+    ├── BackendError                   model I/O
+    │   ├── RetryableBackendError
+    │   │   ├── RateLimited            (retry_after)
+    │   │   ├── Overloaded
+    │   │   ├── BackendTimeout
+    │   │   ├── ServerError
+    │   │   ├── StreamCut
+    │   │   └── MalformedResponse
+    │   ├── PermanentBackendError
+    │   │   ├── AuthenticationFailed
+    │   │   ├── BadRequest
+    │   │   ├── ContextTooLong
+    │   │   └── InsufficientBalance
+    │   ├── CircuitOpen
+    │   ├── BudgetExceeded
+    │   └── AllTiersFailed
+    ├── ToolError
+    │   ├── ToolRefused
+    │   ├── PathRefused
+    │   └── ToolTimeout
+    ├── LedgerError
+    │   ├── QueryRefused
+    │   └── LedgerVersionError
+    ├── NodeSpecError
+    └── GoalCancelled
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base of every error Mesh raises on purpose."""
+
+
+class ConfigError(MeshError):
+    """Configuration is missing or invalid."""
+
+
+# --- contracts -------------------------------------------------------------------------------
+
+
+class ContractError(MeshError):
+    """A message or plan breaks the wire contract."""
+
+
+class CodecError(ContractError):
+    """Bytes that cannot be decoded as a Mesh envelope (not msgpack, truncated, wrong shape)."""
+
+
+class UnsupportedVersion(CodecError):
+    """The envelope's schema major version is not one this release understands."""
+
+    def __init__(self, version: str, supported: str) -> None:
+        super().__init__(
+            f"unsupported schema version {version!r}: this release speaks major version "
+            f"{supported.split('.')[0]} (schema {supported}); upgrade the reader or downgrade the writer"
+        )
+        self.version = version
+        self.supported = supported
+
+
+class MessageTooLarge(CodecError):
+    """A message exceeds the configured size limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class SchemaViolation(ContractError):
+    """A well-formed envelope whose body does not validate against its model."""
+
+
+class PlanInvalid(ContractError):
+    """A plan DAG that cannot be executed: cyclic, unknown role or dependency, too large."""
+
+
+# --- bus -------------------------------------------------------------------------------------
+
+
+class BusError(MeshError):
+    """A NATS operation failed."""
+
+
+class NotConnected(BusError):
+    """The bus is not connected (never was, or closed)."""
+
+
+class ProvisioningError(BusError):
+    """Streams, consumers, KV buckets or object stores could not be created or do not match."""
+
+
+class PublishError(BusError):
+    """A publish was not acknowledged by JetStream."""
+
+
+class EmbeddedServerError(BusError):
+    """The embedded nats-server could not be found, started or stopped."""
+
+
+# --- backends --------------------------------------------------------------------------------
+
+
+class BackendError(MeshError):
+    """A model backend call failed. ``tier`` and ``endpoint`` say where, when known."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, tier: str | None = None, endpoint: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.tier = tier
+        self.endpoint = endpoint
+        self.status = status
+
+
+class RetryableBackendError(BackendError):
+    """Worth another try after a delay."""
+
+    retryable = True
+
+
+class RateLimited(RetryableBackendError):
+    """HTTP 429. ``retry_after`` (seconds) is what the server asked for, if it said."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class Overloaded(RetryableBackendError):
+    """HTTP 503 / 529: the service is overloaded."""
+
+
+class BackendTimeout(RetryableBackendError):
+    """The call exceeded its timeout."""
+
+
+class ServerError(RetryableBackendError):
+    """HTTP 5xx."""
+
+
+class StreamCut(RetryableBackendError):
+    """A streamed response ended before its final event."""
+
+
+class MalformedResponse(RetryableBackendError):
+    """The backend answered with something that is not a valid response (garbage, bad JSON)."""
+
+
+class PermanentBackendError(BackendError):
+    """Retrying the same request will fail the same way."""
+
+
+class AuthenticationFailed(PermanentBackendError):
+    """HTTP 401/403: the key is missing, wrong or lacks permission."""
+
+
+class BadRequest(PermanentBackendError):
+    """HTTP 400/404/422: the request itself is wrong."""
+
+
+class ContextTooLong(PermanentBackendError):
+    """The prompt does not fit the model's context window."""
+
+
+class InsufficientBalance(PermanentBackendError):
+    """HTTP 402: the account has no credit left."""
+
+
+class CircuitOpen(BackendError):
+    """The endpoint's circuit breaker is open; the call was not attempted."""
+
+
+class BudgetExceeded(BackendError):
+    """The call would exceed the goal's remaining budget; it was not attempted."""
+
+
+class AllTiersFailed(BackendError):
+    """Every tier in the fallback order failed; ``errors`` holds each tier's last error."""
+
+    def __init__(self, message: str, errors: dict[str, BackendError]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+# --- tools, ledger, nodes ----------------------------------------------------------------------
+
+
+class ToolError(MeshError):
+    """A tool call failed; the workspace is unchanged."""
+
+
+class ToolRefused(ToolError):
+    """The role may not call this tool, or the command is not on its allowlist."""
+
+
+class PathRefused(ToolError):
+    """A path escapes the workspace or names something that is not a regular file or folder."""
+
+
+class ToolTimeout(ToolError):
+    """A tool exceeded its time limit and was stopped."""
+
+
+class LedgerError(MeshError):
+    """A ledger operation failed."""
+
+
+class QueryRefused(LedgerError):
+    """A ledger query is not a single read-only SELECT/WITH statement."""
+
+
+class LedgerVersionError(LedgerError):
+    """The ledger file's schema version is newer than this release understands."""
+
+
+class NodeSpecError(MeshError):
+    """A role spec in ``nodes/*.toml`` is invalid."""
+
+
+class GoalCancelled(MeshError):
+    """The goal was cancelled; the current step stops before its next model or tool call."""

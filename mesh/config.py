@@ -32,6 +32,7 @@ class MeshSettings(BaseSettings):
     nats_tls_key: Path | None = None
     connect_timeout: float = 5.0
     max_reconnect_attempts: int = Field(default=-1, description="-1 reconnects forever.")
+    connect_attempts: int = Field(default=3, ge=1, description="Attempts per server at start before NotConnected.")
     reconnect_wait: float = 0.5
     replicas: int = Field(default=1, ge=1, le=5, description="JetStream replicas per stream (3 in a cluster).")
 

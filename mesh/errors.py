@@ -15,6 +15,7 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   ├── NotConnected
     │   ├── ProvisioningError
     │   ├── PublishError
+    │   ├── BlobNotFound               no object under that digest in the object store
     │   └── EmbeddedServerError
     ├── BackendError                   model I/O
     │   ├── RetryableBackendError
@@ -111,6 +112,10 @@ class ProvisioningError(BusError):
 
 class PublishError(BusError):
     """A publish was not acknowledged by JetStream."""
+
+
+class BlobNotFound(BusError):
+    """The object store has no object under the requested sha256 digest."""
 
 
 class EmbeddedServerError(BusError):

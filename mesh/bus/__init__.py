@@ -1,0 +1,8 @@
+"""Layer 2: the NATS bus — topology, typed publish, claim-check, KV/object store, the pull-consumer loop."""
+
+from mesh.bus.client import Bus
+from mesh.bus.consumer import Delivery, PullConsumer
+from mesh.bus.dlq import DLQ_REASON_HEADER, DeadLetter
+from mesh.bus.topology import Topology, provision
+
+__all__ = ["Bus", "Delivery", "PullConsumer", "DLQ_REASON_HEADER", "DeadLetter", "Topology", "provision"]

@@ -1,0 +1,312 @@
+"""The bus: one NATS connection, typed publish, claim-check, KV and object-store handles.
+
+Publishing goes through JetStream and waits for the stream's ack. The envelope id is fresh per
+message; the ``Nats-Msg-Id`` dedupe id is the caller's (task id, goal id, event id) so a re-publish
+of the same thing inside the stream's duplicate window is dropped by the server.
+
+Claim-check: an encoded message above ``settings.claim_check_bytes`` (default 256 KiB, well under
+NATS' 1 MiB max_payload) has its body moved to the ``<prefix>_artifacts`` object store under its
+sha256; the message carries an ``ArtifactRef`` instead. ``Bus.open`` resolves it transparently.
+
+The raw clients stay reachable (``bus.nc``, ``bus.js``) for anything this layer does not wrap.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+from pydantic import BaseModel
+
+from mesh.bus.topology import Topology, provision
+from mesh.config import MeshSettings, get_settings
+from mesh.contracts.codec import (
+    Envelope,
+    decode_body,
+    encode,
+    encode_body,
+    encode_claim,
+    new_traceparent,
+    open_envelope,
+)
+from mesh.contracts.events import Event, EventBase
+from mesh.contracts.models import ArtifactRef, Goal, Task, new_id, sha256_hex
+from mesh.errors import (
+    BlobNotFound,
+    BusError,
+    CodecError,
+    ContractError,
+    NotConnected,
+    PublishError,
+    SchemaViolation,
+)
+
+log = logging.getLogger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+CLAIM_MEDIA_TYPE = "application/vnd.mesh.body+msgpack"
+
+
+class Bus:
+    """A connected Mesh bus. Create with ``await Bus.connect(settings)``; close with ``await bus.close()``."""
+
+    def __init__(self, nc: Client, settings: MeshSettings, topology: Topology) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.settings = settings
+        self.topology = topology
+        self.reconnects = 0  # bumped on every reconnect; pull consumers resubscribe when it changes
+        self._roles: dict[str, None] = {}
+        self._kv: dict[str, KeyValue] = {}
+        self._objects: dict[str, ObjectStore] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        settings: MeshSettings | None = None,
+        *,
+        name: str = "mesh",
+        roles: Iterable[str] = (),
+        provision: bool = True,
+    ) -> Bus:
+        """Connect (failing fast with ``NotConnected`` when no server answers), then provision."""
+        settings = settings or get_settings()
+        servers = settings.servers
+        if not servers:
+            raise NotConnected("no NATS server configured: set MESH_NATS_URL (or use `mesh up` for a local one)")
+        holder: list[Bus] = []  # the callbacks need the Bus, which needs the connected client
+
+        async def on_disconnect() -> None:
+            log.warning("NATS disconnected (%s); reconnecting", name)
+
+        async def on_reconnect() -> None:
+            if holder:
+                holder[0].reconnects += 1
+            log.warning("NATS reconnected (%s) to %s", name, nc.connected_url.netloc if nc.connected_url else "?")
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("NATS client error (%s): %r", name, exc)
+
+        async def on_closed() -> None:
+            log.info("NATS connection closed (%s)", name)
+
+        nc = Client()
+        try:
+            # Bounded attempts for the first connection, so a missing server is a clear error ...
+            await nc.connect(
+                servers=servers, name=name, connect_timeout=settings.connect_timeout,
+                reconnect_time_wait=settings.reconnect_wait, max_reconnect_attempts=settings.connect_attempts,
+                disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
+                closed_cb=on_closed, **_auth_options(settings),
+            )
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc!r}") from exc
+        # ... then the configured policy (-1: forever) for reconnects once we have been up.
+        nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
+        bus = cls(nc, settings, Topology.from_settings(settings))
+        holder.append(bus)
+        if provision:
+            try:
+                await bus.provision(roles)
+            except BaseException:
+                await nc.close()
+                raise
+        return bus
+
+    async def provision(self, roles: Iterable[str] = ()) -> None:
+        """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before."""
+        self._roles.update(dict.fromkeys(roles))
+        await provision(self.js, self.topology, self._roles)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    # --- publish ---------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        subject: str,
+        message: BaseModel,
+        *,
+        msg_id: str | None = None,
+        trace: dict[str, str] | None = None,
+    ) -> api.PubAck:
+        """Encode ``message`` in an envelope and publish it to JetStream; returns the stream's ack.
+
+        ``msg_id`` is the dedupe id (default: the envelope's fresh id). ``trace`` is the W3C trace
+        context to continue; a new trace starts when it is missing.
+        """
+        envelope_id = new_id()
+        trace = trace or {"traceparent": new_traceparent()}
+        data = encode(message, msg_id=envelope_id, trace=trace, max_bytes=self.settings.max_message_bytes)
+        if len(data) > self.settings.claim_check_bytes:
+            data = await self._claim_check(data)
+        return await self.publish_raw(subject, data, headers={MSG_ID_HEADER: msg_id or envelope_id, **trace})
+
+    async def publish_raw(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None) -> api.PubAck:
+        """JetStream publish of ready bytes, with the bus' error mapping."""
+        try:
+            return await self.js.publish(subject, data, headers=headers)
+        except nats.errors.ConnectionClosedError as exc:
+            raise NotConnected(f"publish to {subject}: the connection is closed") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise PublishError(f"publish to {subject} was not acknowledged: {exc!r}") from exc
+
+    async def emit(self, event: EventBase) -> None:
+        """Publish an event on its goal's event subject; deduped by ``event_id``."""
+        subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
+        await self.publish(subject, event, msg_id=event.event_id)
+
+    async def submit_goal(self, goal: Goal) -> None:
+        await self.publish(self.topology.goal_subject(), goal, msg_id=goal.goal_id)
+
+    async def dispatch(self, task: Task) -> bool:
+        """Publish a task to its role; False when the stream already had it (a duplicate task id)."""
+        ack = await self.publish(self.topology.task_subject(task.step.role), task, msg_id=task.task_id)
+        return not ack.duplicate
+
+    # --- receive ---------------------------------------------------------------------------
+
+    async def open(self, msg: Msg) -> Envelope:
+        """Decode a received message; a claim-check reference is fetched and put back as the body.
+
+        Raises ``CodecError`` for bytes that are not an envelope or a claim that cannot be resolved.
+        """
+        envelope = open_envelope(msg.data, max_bytes=self.settings.max_message_bytes)
+        if envelope.claim is not None:
+            try:
+                envelope.body = decode_body(await self.get_blob(envelope.claim.digest))
+            except BlobNotFound as exc:
+                raise CodecError(f"claim-check body {envelope.claim.digest} is missing: {exc}") from exc
+            envelope.claim = None
+        return envelope
+
+    async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncIterator[Event]:
+        """Decoded events of one goal (or all), in stream order, from an ordered ephemeral consumer.
+
+        The ordered consumer recreates itself after gaps and missed heartbeats, so a watch survives
+        reconnects and server restarts. Undecodable events are logged and skipped. Close the
+        iterator (``contextlib.aclosing``) to remove the consumer.
+        """
+        policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
+        sub = await self.js.subscribe(self.topology.events_filter(goal_id), stream=self.topology.events_stream,
+                                      ordered_consumer=True, deliver_policy=policy, idle_heartbeat=2.0)
+        try:
+            async for msg in sub.messages:
+                try:
+                    envelope = await self.open(msg)
+                    if envelope.kind != "event":
+                        raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
+                    event: Event = envelope.message()
+                except ContractError as exc:
+                    log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
+                    continue
+                yield event
+        finally:
+            if not self.nc.is_closed:
+                await sub.unsubscribe()
+
+    # --- objects and KV --------------------------------------------------------------------
+
+    async def put_blob(self, data: bytes, *, media_type: str = "application/octet-stream",
+                       name: str = "") -> ArtifactRef:
+        """Store bytes under their sha256 (skipped when already there) and return the reference."""
+        digest = sha256_hex(data)
+        store = await self._store(self.topology.obj_artifacts)
+        try:
+            await store.get_info(digest)
+        except (ObjectNotFoundError, NotFoundError):
+            try:
+                await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
+                                                                  headers={"Content-Type": media_type}))
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"object store lookup of {digest} failed: {exc!r}") from exc
+        return ArtifactRef(digest=digest, media_type=media_type, size=len(data), name=name)
+
+    async def get_blob(self, digest: str) -> bytes:
+        """The bytes stored under ``digest``, verified against it."""
+        store = await self._store(self.topology.obj_artifacts)
+        try:
+            result = await store.get(digest)
+        except (ObjectNotFoundError, NotFoundError) as exc:
+            raise BlobNotFound(f"no blob {digest} in {self.topology.obj_artifacts}") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"reading blob {digest} failed: {exc!r}") from exc
+        data = bytes(result.data or b"")
+        if sha256_hex(data) != digest:
+            raise BusError(f"blob {digest} failed its digest check ({len(data)} bytes read)")
+        return data
+
+    async def kv(self, bucket: str) -> KeyValue:
+        """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
+        handle = self._kv.get(bucket)
+        if handle is None:
+            try:
+                handle = self._kv[bucket] = await self.js.key_value(bucket)
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise BusError(f"KV bucket {bucket} is not available: {exc!r}") from exc
+        return handle
+
+    async def object_store(self, bucket: str) -> ObjectStore:
+        """A cached object-store handle (``topology.obj_artifacts`` / ``topology.obj_models``)."""
+        return await self._store(bucket)
+
+    async def _store(self, bucket: str) -> ObjectStore:
+        handle = self._objects.get(bucket)
+        if handle is None:
+            try:
+                handle = self._objects[bucket] = await self.js.object_store(bucket)
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise BusError(f"object store {bucket} is not available: {exc!r}") from exc
+        return handle
+
+    async def _claim_check(self, data: bytes) -> bytes:
+        envelope = open_envelope(data)
+        ref = await self.put_blob(encode_body(envelope), media_type=CLAIM_MEDIA_TYPE, name=f"{envelope.kind}-body")
+        return encode_claim(envelope, ref)
+
+
+def _auth_options(s: MeshSettings) -> dict[str, Any]:
+    """Credentials and TLS for ``nats.connect`` from settings."""
+    opts: dict[str, Any] = {}
+    if s.nats_user:
+        opts["user"] = s.nats_user
+    if s.nats_password:
+        opts["password"] = s.nats_password.get_secret_value()
+    if s.nats_token:
+        opts["token"] = s.nats_token.get_secret_value()
+    if s.nats_creds:
+        opts["user_credentials"] = str(s.nats_creds)
+    if s.nats_tls_ca or s.nats_tls_cert:
+        ctx = ssl.create_default_context(cafile=str(s.nats_tls_ca) if s.nats_tls_ca else None)
+        if s.nats_tls_cert:
+            ctx.load_cert_chain(str(s.nats_tls_cert), str(s.nats_tls_key) if s.nats_tls_key else None)
+        opts["tls"] = ctx
+    return opts

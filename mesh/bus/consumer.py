@@ -1,0 +1,329 @@
+"""The pull-consumer loop every role runs: bounded concurrency, in-progress acks, retries, dead letters.
+
+How it pulls. The loop speaks the JetStream pull protocol itself (a request on
+``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` answered on one long-lived inbox) instead of
+nats-py's ``PullSubscription.fetch``, for three reasons:
+
+* **never more than it can work** — it only ever has ``concurrency - in_flight`` messages requested.
+  ``fetch(batch=n)`` also holds a partial batch back until its timeout (a lone task waits a whole
+  fetch timeout) and hands back stragglers from earlier timed-out fetches beyond ``batch``;
+* **each message starts the moment it arrives**, not when a batch completes;
+* **server restarts** — a restarted server forgets the pending pull requests, and the client
+  re-sends only its SUB on reconnect, so a loop that waits for those requests waits forever
+  (nats.py#504, nats.go#890). Requests here carry an idle heartbeat; when nothing (message,
+  heartbeat or status) arrives for ``2.5 × heartbeat`` the outstanding requests are written off
+  and re-issued. While disconnected no requests are sent (none pile up in the client's buffer to
+  be replayed later). A missing consumer or stream (503 / 409 "consumer deleted", a server that
+  lost its data) is re-provisioned.
+
+What happens to a message, by handler outcome:
+
+* returns → ``ack`` confirmed by the server (``ack_sync``); a lost ack means a redelivery, which
+  idempotent handlers absorb;
+* raises ``CodecError`` / ``SchemaViolation`` (poison: no retry can help) → dead letter + ``term``;
+* raises an exception whose ``retryable`` is ``False`` (``PermanentBackendError``…) → dead letter + ``term``;
+* raises anything else (``retryable`` True or absent) → ``nak`` with a delay of
+  ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``),
+  until the attempt number reaches ``max_deliver``; then dead letter + ``term``;
+* the handler's task dies (cancelled, process killed) → no ack; the server redelivers after ``ack_wait``.
+
+While a message is held (handler running, or waiting for a worker slot) it gets an in-progress ack
+every ``ack_wait / 3``, so a long model call is not redelivered. Dead letters: see ``mesh.bus.dlq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
+
+from mesh.bus.client import Bus
+from mesh.bus.dlq import DeadLetter
+from mesh.contracts.codec import Envelope
+from mesh.errors import BusError, CodecError, NotConnected, SchemaViolation
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+Handler = Callable[["Delivery"], Awaitable[None]]
+
+_HEARTBEAT = 1.0  # idle heartbeat asked of the server on every pull request
+_EXPIRES = 10.0  # pull requests end after this and are renewed
+_LOST_AFTER = 2.5 * _HEARTBEAT  # silence after which outstanding requests count as lost
+_ACK_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One delivered message: its envelope (claim-check resolved), the raw NATS message, which attempt."""
+
+    envelope: Envelope
+    msg: Msg
+    attempt: int
+    subject: str
+
+    def message(self, expect: type[M]) -> M:
+        """The validated body; ``SchemaViolation`` (poison) when it does not match ``expect``."""
+        return self.envelope.message(expect)
+
+    async def progress(self) -> None:
+        """An explicit in-progress ack (the loop sends them on its own every ack_wait / 3)."""
+        with contextlib.suppress(nats.errors.Error):
+            await self.msg.in_progress()
+
+
+class PullConsumer:
+    """Runs ``handler`` for every message of a durable pull consumer, at most ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        stream: str,
+        durable: str,
+        handler: Handler,
+        concurrency: int = 1,
+        dlq_subject: str,
+        max_deliver: int | None = None,
+        nak_delay: float | None = None,
+        max_nak_delay: float = 60.0,
+        role: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._bus = bus
+        self.stream = stream
+        self.durable = durable
+        self._handler = handler
+        self.concurrency = concurrency
+        self._dlq_subject = dlq_subject
+        self._max_deliver = max_deliver
+        self._nak_delay = bus.settings.nak_delay if nak_delay is None else nak_delay
+        self._max_nak_delay = max_nak_delay
+        self._role = role
+        self._ack_wait = bus.topology.ack_wait
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+        self._in_flight = 0
+        self._requested = 0  # messages asked for and neither delivered nor expired yet
+        self._held: set[Msg] = set()  # delivered, not yet acked/naked/termed: they get in-progress acks
+        self._backlog: deque[Msg] = deque()  # delivered beyond capacity (only after requests were written off)
+        self._arrivals: deque[Msg] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._last_heard = time.monotonic()
+        self._needs_recovery = False
+
+    @classmethod
+    def for_role(cls, bus: Bus, role: str, handler: Handler, *, concurrency: int = 1, **kw: object) -> PullConsumer:
+        """The consumer of a role as the topology declares it (``role-<role>``; goals for the planner)."""
+        topo = bus.topology
+        return cls(bus, stream=topo.stream_for(role), durable=topo.consumer_name(role), handler=handler,
+                   concurrency=concurrency, dlq_subject=topo.dlq_subject(role), role=role, **kw)  # type: ignore[arg-type]
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def stop(self) -> None:
+        """Stop pulling; ``run()`` returns once the handlers in flight have finished."""
+        self._stopping.set()
+        self._wake.set()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until ``stop()``. Cancelling ``run()`` abandons in-flight messages to redelivery."""
+        await self._check_consumer()
+        inbox = self._bus.nc.new_inbox()
+        sub = await self._bus.nc.subscribe(inbox, cb=self._on_message)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                keepalive = tg.create_task(self._keep_alive(), name=f"{self.durable}-keepalive")
+                await self._pull(tg, inbox)
+                await self._drain()
+                keepalive.cancel()
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            await self._give_back()
+
+    async def _pull(self, tg: asyncio.TaskGroup, inbox: str) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            self._take_arrivals(tg)
+            if self._needs_recovery:
+                await self._recover()
+                continue
+            if not self._bus.connected:
+                if self._bus.nc.is_closed:
+                    raise NotConnected(f"consumer {self.durable}: the bus connection is closed")
+                await self._sleep(0.05)
+                continue
+            if self._requested and time.monotonic() - self._last_heard > _LOST_AFTER:
+                log.info("consumer %s: %d requested messages unanswered; re-requesting", self.durable,
+                         self._requested)
+                self._requested = 0
+            free = self.concurrency - self._in_flight - self._requested - len(self._backlog)
+            if free > 0:
+                await self._request(inbox, free)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _HEARTBEAT)
+
+    async def _request(self, inbox: str, batch: int) -> None:
+        body = {"batch": batch, "expires": int(_EXPIRES * 1e9), "idle_heartbeat": int(_HEARTBEAT * 1e9)}
+        try:
+            await self._bus.nc.publish(self._next_subject, json.dumps(body).encode(), reply=inbox)
+        except nats.errors.Error as exc:
+            log.debug("consumer %s: pull request not sent: %r", self.durable, exc)
+            return
+        if not self._requested:
+            self._last_heard = time.monotonic()  # the silence clock starts with the first open request
+        self._requested += batch
+
+    async def _on_message(self, msg: Msg) -> None:
+        """Subscription callback: only bookkeeping; the loop starts the handlers."""
+        self._last_heard = time.monotonic()
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self._requested = max(0, self._requested - 1)
+            self._arrivals.append(msg)
+        elif status == "100":  # idle heartbeat
+            return
+        elif status in ("404", "408", "409") and msg.headers and "Nats-Pending-Messages" in msg.headers:
+            self._requested = max(0, self._requested - int(msg.headers["Nats-Pending-Messages"]))
+        else:  # 503 no responders, 409 consumer deleted / leadership change / server shutdown …
+            log.info("consumer %s: pull status %s %s", self.durable, status,
+                     msg.headers.get("Description", "") if msg.headers else "")
+            self._requested = 0
+            self._needs_recovery = status == "503" or "deleted" in (msg.headers or {}).get("Description", "").lower()
+        self._wake.set()
+
+    def _take_arrivals(self, tg: asyncio.TaskGroup) -> None:
+        """Start handlers for arrived messages while worker slots are free; hold the rest."""
+        while self._arrivals:
+            msg = self._arrivals.popleft()
+            self._held.add(msg)
+            self._backlog.append(msg)
+        while self._backlog and self._in_flight < self.concurrency:
+            self._in_flight += 1
+            tg.create_task(self._handle(self._backlog.popleft()))
+
+    async def _drain(self) -> None:
+        """Wait for the handlers in flight, handing back whatever still arrives meanwhile."""
+        while True:
+            await self._give_back()
+            if not self._in_flight:
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _give_back(self) -> None:
+        """Nak messages this stopping consumer will not work, so another replica takes them at once."""
+        msgs = [*self._arrivals, *self._backlog]
+        self._arrivals.clear()
+        self._backlog.clear()
+        for msg in msgs:
+            self._held.discard(msg)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._ack_wait / 3)
+            for msg in list(self._held):
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
+
+    # --- one message -----------------------------------------------------------------------
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            await self._process(msg)
+        except Exception:  # the loop must survive anything a disposition (ack/nak/DLQ) can raise
+            log.exception("consumer %s: disposing of a message failed; it will be redelivered", self.durable)
+        finally:
+            self._held.discard(msg)
+            self._in_flight -= 1
+            self._wake.set()
+
+    async def _process(self, msg: Msg) -> None:
+        attempt = msg.metadata.num_delivered
+        try:
+            envelope = await self._bus.open(msg)
+            await self._handler(Delivery(envelope=envelope, msg=msg, attempt=attempt, subject=msg.subject))
+        except (CodecError, SchemaViolation) as exc:
+            log.warning("consumer %s: poison message seq %s: %s", self.durable, msg.metadata.sequence.stream, exc)
+            await self._dead_letter(msg, exc, attempt)
+        except Exception as exc:
+            max_deliver = self._max_deliver or self._bus.topology.max_deliver
+            if getattr(exc, "retryable", None) is False or attempt >= max_deliver:
+                log.warning("consumer %s: giving up on seq %s after attempt %d: %r", self.durable,
+                            msg.metadata.sequence.stream, attempt, exc)
+                await self._dead_letter(msg, exc, attempt)
+            else:
+                delay = self.backoff(attempt, exc)
+                log.info("consumer %s: attempt %d failed (%r); retry in %.1fs", self.durable, attempt, exc, delay)
+                await msg.nak(delay=delay)
+        else:
+            if not msg.is_acked:
+                try:
+                    await msg.ack_sync(timeout=_ACK_TIMEOUT)
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.warning("consumer %s: ack of seq %s unconfirmed (%r); it may be redelivered",
+                                self.durable, msg.metadata.sequence.stream, exc)
+
+    def backoff(self, attempt: int, exc: BaseException | None = None) -> float:
+        delay = min(self._nak_delay * 2 ** (attempt - 1), self._max_nak_delay)
+        retry_after = getattr(exc, "retry_after", None)
+        return max(delay, float(retry_after)) if isinstance(retry_after, (int, float)) else delay
+
+    async def _dead_letter(self, msg: Msg, exc: BaseException, attempt: int) -> None:
+        letter = DeadLetter.from_msg(msg, reason=f"{type(exc).__name__}: {exc}", error=type(exc).__name__)
+        try:
+            await self._bus.publish_raw(self._dlq_subject, letter.encode(), headers=letter.nats_headers())
+        except BusError as pub_exc:
+            log.error("consumer %s: dead-lettering seq %s failed (%s); retrying it later", self.durable,
+                      letter.stream_seq, pub_exc)
+            await msg.nak(delay=self.backoff(attempt))
+            return
+        await msg.term()
+
+    # --- recovery --------------------------------------------------------------------------
+
+    async def _check_consumer(self) -> None:
+        """Make sure the durable consumer exists (re-provisioning it if lost) and learn its ack_wait."""
+        try:
+            info = await self._bus.js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            if self._role is None:
+                raise BusError(f"consumer {self.durable} on {self.stream} does not exist") from None
+            log.warning("consumer %s on %s is missing; re-provisioning", self.durable, self.stream)
+            await self._bus.provision([self._role])
+            info = await self._bus.js.consumer_info(self.stream, self.durable)
+        if info.config.ack_wait:
+            self._ack_wait = info.config.ack_wait
+
+    async def _recover(self) -> None:
+        try:
+            await self._check_consumer()
+            self._needs_recovery = False
+        except (BusError, nats.errors.Error, TimeoutError) as exc:
+            log.info("consumer %s: not recovered yet (%r)", self.durable, exc)
+            await self._sleep(0.5)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep that ends early on ``stop()``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

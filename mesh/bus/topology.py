@@ -1,0 +1,189 @@
+"""The NATS topology, declared once and provisioned idempotently by every node at start.
+
+    stream MESH_GOALS   mesh.goals                    work-queue; consumer role-planner
+    stream MESH_TASKS   mesh.task.<role>              work-queue; one durable pull consumer role-<role> per role
+    stream MESH_EVENTS  mesh.event.<goal_id>.<type>   limits retention, kept (the ledger can replay it all)
+    stream MESH_DLQ     mesh.dlq.<role>               limits; also captures JetStream's MAX_DELIVERIES
+                                                      advisories for the goal and task streams
+    KV     mesh_goals   goal state, updated by CAS on revision
+    KV     mesh_nodes   live-node heartbeats; entries expire after ``nodes_ttl``
+    Object mesh_artifacts, mesh_models              content-addressed bytes (key = sha256 hex)
+
+Every stream dedupes on ``Nats-Msg-Id`` over ``duplicate_window`` (2 minutes): a re-publish with the
+same id inside that window is acknowledged as a duplicate and not stored. Task ids are
+``goal.step.attempt``, so a re-driven dispatch of the same attempt is dropped while a new attempt passes.
+
+Provisioning is safe when many nodes start at once: creating a stream or consumer whose identical
+config already exists is a no-op on the server, and a mismatch (an older topology) is updated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js import api
+from nats.js.errors import APIError
+
+from mesh.config import MeshSettings
+from mesh.errors import ProvisioningError
+
+log = logging.getLogger(__name__)
+
+# JetStream API error codes (nats-server/server/errors.json).
+_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
+_CONSUMER_EXISTS = 10148  # "consumer already exists" (a create raced another create)
+_CONSUMER_NAME_EXISTS = 10013
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names of every subject, stream, bucket and consumer, derived from one prefix."""
+
+    prefix: str = "mesh"
+    replicas: int = 1
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    duplicate_window: float = 120.0
+    nodes_ttl: float = 15.0
+    goal_role: str = "planner"  # the role whose consumer reads goals instead of tasks
+    max_ack_pending: int = 1000
+
+    @classmethod
+    def from_settings(cls, s: MeshSettings) -> Topology:
+        return cls(prefix=s.subject_prefix, replicas=s.replicas, ack_wait=s.ack_wait, max_deliver=s.max_deliver)
+
+    # --- streams and buckets ---------------------------------------------------------------
+
+    def _stream(self, suffix: str) -> str:
+        return f"{self.prefix.upper()}_{suffix}"
+
+    @property
+    def goals_stream(self) -> str:
+        return self._stream("GOALS")
+
+    @property
+    def tasks_stream(self) -> str:
+        return self._stream("TASKS")
+
+    @property
+    def events_stream(self) -> str:
+        return self._stream("EVENTS")
+
+    @property
+    def dlq_stream(self) -> str:
+        return self._stream("DLQ")
+
+    @property
+    def kv_goals(self) -> str:
+        return f"{self.prefix}_goals"
+
+    @property
+    def kv_nodes(self) -> str:
+        return f"{self.prefix}_nodes"
+
+    @property
+    def obj_artifacts(self) -> str:
+        return f"{self.prefix}_artifacts"
+
+    @property
+    def obj_models(self) -> str:
+        return f"{self.prefix}_models"
+
+    # --- subjects --------------------------------------------------------------------------
+
+    def goal_subject(self) -> str:
+        return f"{self.prefix}.goals"
+
+    def task_subject(self, role: str) -> str:
+        return f"{self.prefix}.task.{role}"
+
+    def event_subject(self, goal_id: str, type: str) -> str:
+        """``type`` is dotted (``step.completed``), so filters like ``mesh.event.*.step.>`` work."""
+        return f"{self.prefix}.event.{goal_id}.{type}"
+
+    def events_filter(self, goal_id: str | None = None) -> str:
+        return f"{self.prefix}.event.{goal_id}.>" if goal_id else f"{self.prefix}.event.>"
+
+    def dlq_subject(self, role: str) -> str:
+        return f"{self.prefix}.dlq.{role}"
+
+    # --- consumers -------------------------------------------------------------------------
+
+    def consumer_name(self, role: str) -> str:
+        return f"role-{role}"
+
+    def stream_for(self, role: str) -> str:
+        """The stream a role's consumer reads: goals for the planner, tasks for everyone else."""
+        return self.goals_stream if role == self.goal_role else self.tasks_stream
+
+    def filter_for(self, role: str) -> str:
+        return self.goal_subject() if role == self.goal_role else self.task_subject(role)
+
+    # --- configs ---------------------------------------------------------------------------
+
+    def stream_configs(self) -> list[api.StreamConfig]:
+        def cfg(name: str, subjects: list[str], retention: api.RetentionPolicy) -> api.StreamConfig:
+            return api.StreamConfig(
+                name=name, subjects=subjects, retention=retention, storage=api.StorageType.FILE,
+                num_replicas=self.replicas, duplicate_window=self.duplicate_window,
+            )
+
+        advisories = [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s}.>"
+                      for s in (self.goals_stream, self.tasks_stream)]
+        return [
+            cfg(self.goals_stream, [self.goal_subject()], api.RetentionPolicy.WORK_QUEUE),
+            cfg(self.tasks_stream, [f"{self.prefix}.task.>"], api.RetentionPolicy.WORK_QUEUE),
+            cfg(self.events_stream, [self.events_filter()], api.RetentionPolicy.LIMITS),
+            cfg(self.dlq_stream, [f"{self.prefix}.dlq.>", *advisories], api.RetentionPolicy.LIMITS),
+        ]
+
+    def consumer_config(self, role: str) -> api.ConsumerConfig:
+        name = self.consumer_name(role)
+        return api.ConsumerConfig(
+            name=name, durable_name=name, filter_subject=self.filter_for(role),
+            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.ack_wait, max_deliver=self.max_deliver, max_ack_pending=self.max_ack_pending,
+            num_replicas=self.replicas,
+        )
+
+
+async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = ()) -> None:
+    """Create or update every stream, bucket and store, and a durable pull consumer per role."""
+    try:
+        for config in topo.stream_configs():
+            await _ensure_stream(js, config)
+        await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
+                                                     storage=api.StorageType.FILE))
+        await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,
+                                                     replicas=topo.replicas, storage=api.StorageType.FILE))
+        for bucket in (topo.obj_artifacts, topo.obj_models):
+            await js.create_object_store(bucket, api.ObjectStoreConfig(replicas=topo.replicas,
+                                                                       storage=api.StorageType.FILE))
+        for role in dict.fromkeys(roles):
+            await _ensure_consumer(js, topo.stream_for(role), topo.consumer_config(role))
+    except (nats.errors.Error, TimeoutError) as exc:  # APIError is a nats.errors.Error
+        raise ProvisioningError(f"provisioning the {topo.prefix!r} topology failed: {exc!r}") from exc
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)  # identical config already there: the server answers with it
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        log.info("stream %s exists with another configuration; updating it", config.name)
+        await js.update_stream(config)
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
+    try:
+        await js.add_consumer(stream, config)  # create-or-update: a no-op when identical
+    except APIError as exc:
+        if exc.err_code not in (_CONSUMER_EXISTS, _CONSUMER_NAME_EXISTS):
+            raise
+        assert config.durable_name is not None
+        await js.consumer_info(stream, config.durable_name)  # raced another node's create: it exists now

@@ -1,0 +1,104 @@
+"""Bus: connect errors, typed publish with dedupe and trace headers, claim-check, blobs, KV, event watch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+
+from mesh.bus import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import Goal, GoalSubmitted, Step, StepCompleted, StepStarted, Task, sha256_hex
+from mesh.embedded import free_port
+from mesh.errors import BlobNotFound, NotConnected
+
+
+def _task(goal_id: str = "g1", attempt: int = 1, brief: str = "build it") -> Task:
+    step = Step(step_id="s1", role="coder", instruction="write the code")
+    return Task(task_id=Task.make_id(goal_id, "s1", attempt), goal_id=goal_id, step=step, attempt=attempt,
+                brief=brief)
+
+
+async def test_no_server_is_a_clear_not_connected(tmp_path: object) -> None:
+    settings = MeshSettings(nats_url=f"nats://127.0.0.1:{free_port()}", connect_attempts=1, reconnect_wait=0.05,
+                            connect_timeout=0.5)
+    with pytest.raises(NotConnected, match="cannot connect to NATS"):
+        await Bus.connect(settings)
+    with pytest.raises(NotConnected, match="MESH_NATS_URL"):
+        await Bus.connect(MeshSettings(nats_url=None))
+
+
+async def test_duplicate_msg_id_is_dropped(bus: Bus) -> None:
+    await bus.provision(["coder"])
+    assert await bus.dispatch(_task()) is True
+    assert await bus.dispatch(_task()) is False  # same goal.step.attempt: dropped by the stream
+    assert await bus.dispatch(_task(attempt=2)) is True  # a new attempt is a new task
+    info = await bus.js.stream_info(bus.topology.tasks_stream)
+    assert info.state.messages == 2
+
+
+async def test_publish_carries_trace_and_round_trips(bus: Bus) -> None:
+    sub = await bus.js.pull_subscribe(bus.topology.task_subject("tester"), durable="probe",
+                                      stream=bus.topology.tasks_stream)
+    trace = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "tracestate": "mesh=1"}
+    task = _task()
+    await bus.publish(bus.topology.task_subject("tester"), task, msg_id="custom-id", trace=trace)
+    [msg] = await sub.fetch(1, timeout=5)
+    assert msg.headers is not None
+    assert msg.headers["Nats-Msg-Id"] == "custom-id"
+    assert msg.headers["traceparent"] == trace["traceparent"] and msg.headers["tracestate"] == "mesh=1"
+    envelope = await bus.open(msg)
+    assert envelope.trace == trace and envelope.kind == "task" and envelope.goal_id == "g1"
+    assert envelope.message(Task) == task
+
+
+async def test_blob_of_1_5_mb_round_trips_through_the_object_store(bus: Bus) -> None:
+    data = os.urandom(1_500_000)
+    ref = await bus.put_blob(data, media_type="application/x-test", name="big.bin")
+    assert (ref.digest, ref.size, ref.media_type, ref.name) == (sha256_hex(data), len(data), "application/x-test",
+                                                                "big.bin")
+    assert await bus.put_blob(data) == ref.model_copy(update={"media_type": "application/octet-stream", "name": ""})
+    assert await bus.get_blob(ref.digest) == data
+    with pytest.raises(BlobNotFound):
+        await bus.get_blob("0" * 64)
+
+
+async def test_large_message_travels_by_claim_check(bus: Bus) -> None:
+    await bus.provision(["coder"])
+    task = _task(brief="x" * 1_500_000)  # far above claim_check_bytes and NATS' 1 MiB max_payload
+    assert await bus.dispatch(task)
+    sub = await bus.js.pull_subscribe_bind(durable="role-coder", stream=bus.topology.tasks_stream)
+    [msg] = await sub.fetch(1, timeout=5)
+    assert len(msg.data) < bus.settings.claim_check_bytes  # only the reference travelled
+    envelope = await bus.open(msg)
+    assert envelope.claim is None and envelope.message(Task) == task
+    objects = await (await bus.object_store(bus.topology.obj_artifacts)).list()
+    assert len(objects) == 1
+
+
+async def test_watch_events_yields_decoded_events_in_order(bus: Bus) -> None:
+    goal = Goal(goal_id="g7", brief="watch me")
+    sent = [GoalSubmitted(goal_id="g7", goal=goal), StepStarted(goal_id="g7", step_id="s1", role="coder"),
+            StepCompleted(goal_id="g7", step_id="s1", role="coder")]
+    await bus.emit(StepStarted(goal_id="other", step_id="s1", role="coder"))
+    for event in sent:
+        await bus.emit(event)
+    await bus.emit(sent[0])  # a duplicate event id: dropped
+    got = []
+    async with contextlib.aclosing(bus.watch_events("g7")) as events:
+        async for event in events:
+            got.append(event)
+            if len(got) == len(sent):
+                break
+    assert got == sent
+    info = await bus.js.stream_info(bus.topology.events_stream)
+    assert info.state.messages == 4
+
+
+async def test_kv_handles_are_cached(bus: Bus) -> None:
+    kv = await bus.kv(bus.topology.kv_goals)
+    assert kv is await bus.kv(bus.topology.kv_goals)
+    revision = await kv.put("g1", b"state")
+    assert (await kv.get("g1")).value == b"state"
+    await kv.update("g1", b"next", last=revision)  # compare-and-swap works on the provisioned bucket

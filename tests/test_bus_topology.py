@@ -1,0 +1,88 @@
+"""Topology names and idempotent, race-safe provisioning against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+from nats.js import api
+
+from mesh.bus import Topology, provision
+from mesh.config import MeshSettings
+
+
+def test_names_follow_the_prefix() -> None:
+    t = Topology.from_settings(MeshSettings(subject_prefix="acme", nats_url=None))
+    assert (t.goals_stream, t.tasks_stream, t.events_stream, t.dlq_stream) == (
+        "ACME_GOALS", "ACME_TASKS", "ACME_EVENTS", "ACME_DLQ")
+    assert (t.kv_goals, t.kv_nodes, t.obj_artifacts, t.obj_models) == (
+        "acme_goals", "acme_nodes", "acme_artifacts", "acme_models")
+    assert t.goal_subject() == "acme.goals"
+    assert t.task_subject("coder") == "acme.task.coder"
+    assert t.event_subject("g1", "step.completed") == "acme.event.g1.step.completed"
+    assert t.events_filter() == "acme.event.>" and t.events_filter("g1") == "acme.event.g1.>"
+    assert t.dlq_subject("coder") == "acme.dlq.coder"
+    assert t.consumer_name("coder") == "role-coder"
+    assert (t.stream_for("planner"), t.filter_for("planner")) == ("ACME_GOALS", "acme.goals")
+    assert (t.stream_for("coder"), t.filter_for("coder")) == ("ACME_TASKS", "acme.task.coder")
+
+
+async def _snapshot(js: nats.js.JetStreamContext) -> dict[str, object]:
+    """Creation times and message counts: a no-op re-provision changes none of them."""
+    streams = {s.config.name: (s.created, s.state.messages) for s in await js.streams_info()}
+    consumers = {c.name: c.created for name in ("MESH_GOALS", "MESH_TASKS") for c in await js.consumers_info(name)}
+    return {"streams": streams, "consumers": consumers}
+
+
+async def test_provisioning_twice_is_a_no_op(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    topo = Topology()
+    try:
+        await provision(js, topo, ["planner", "coder", "reviewer"])
+        await js.publish("mesh.task.coder", b"pending work")
+        before = await _snapshot(js)
+        await provision(js, topo, ["planner", "coder", "reviewer"])
+        assert await _snapshot(js) == before
+        assert set(before["streams"]) >= {  # type: ignore[call-overload]
+            "MESH_GOALS", "MESH_TASKS", "MESH_EVENTS", "MESH_DLQ", "KV_mesh_goals", "KV_mesh_nodes",
+            "OBJ_mesh_artifacts", "OBJ_mesh_models"}
+        assert set(before["consumers"]) == {"role-planner", "role-coder", "role-reviewer"}  # type: ignore[call-overload]
+        goals = await js.consumer_info("MESH_GOALS", "role-planner")
+        assert goals.config.filter_subject == "mesh.goals"
+        coder = await js.consumer_info("MESH_TASKS", "role-coder")
+        assert coder.config.filter_subject == "mesh.task.coder"
+        assert coder.config.ack_policy == api.AckPolicy.EXPLICIT
+        assert (coder.config.ack_wait, coder.config.max_deliver) == (topo.ack_wait, topo.max_deliver)
+        assert coder.num_pending == 1  # the pending task survived the second provisioning
+        nodes = await js.stream_info("KV_mesh_nodes")
+        assert nodes.config.max_age == topo.nodes_ttl
+    finally:
+        await nc.close()
+
+
+async def test_concurrent_provisioners_both_succeed(nats_url: str) -> None:
+    conns = [await nats.connect(nats_url) for _ in range(4)]
+    try:
+        await asyncio.gather(*(provision(nc.jetstream(), Topology(), ["planner", "coder", f"r{i}"])
+                               for i, nc in enumerate(conns)))
+        consumers = {c.name for c in await conns[0].jetstream().consumers_info("MESH_TASKS")}
+        assert consumers == {"role-coder", "role-r0", "role-r1", "role-r2", "role-r3"}
+    finally:
+        for nc in conns:
+            await nc.close()
+
+
+async def test_changed_topology_updates_in_place(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await provision(js, Topology(), ["coder"])
+        await js.publish("mesh.event.g1.goal.submitted", b"kept")
+        await provision(js, Topology(ack_wait=7.0, duplicate_window=30.0), ["coder"])
+        events = await js.stream_info("MESH_EVENTS")
+        assert events.config.duplicate_window == 30.0
+        assert events.state.messages == 1
+        assert (await js.consumer_info("MESH_TASKS", "role-coder")).config.ack_wait == 7.0
+    finally:
+        await nc.close()

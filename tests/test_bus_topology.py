@@ -30,7 +30,8 @@ def test_names_follow_the_prefix() -> None:
 async def _snapshot(js: nats.js.JetStreamContext) -> dict[str, object]:
     """Creation times and message counts: a no-op re-provision changes none of them."""
     streams = {s.config.name: (s.created, s.state.messages) for s in await js.streams_info()}
-    consumers = {c.name: c.created for name in ("MESH_GOALS", "MESH_TASKS") for c in await js.consumers_info(name)}
+    consumers = {c.name: c.created for name in ("MESH_GOALS", "MESH_TASKS", "MESH_EVENTS")
+                 for c in await js.consumers_info(name)}
     return {"streams": streams, "consumers": consumers}
 
 
@@ -47,9 +48,12 @@ async def test_provisioning_twice_is_a_no_op(nats_url: str) -> None:
         assert set(before["streams"]) >= {  # type: ignore[call-overload]
             "MESH_GOALS", "MESH_TASKS", "MESH_EVENTS", "MESH_DLQ", "KV_mesh_goals", "KV_mesh_nodes",
             "OBJ_mesh_artifacts", "OBJ_mesh_models"}
-        assert set(before["consumers"]) == {"role-planner", "role-coder", "role-reviewer"}  # type: ignore[call-overload]
+        assert set(before["consumers"]) == {  # type: ignore[call-overload]
+            "role-planner", "planner-outcomes", "role-coder", "role-reviewer"}
         goals = await js.consumer_info("MESH_GOALS", "role-planner")
         assert goals.config.filter_subject == "mesh.goals"
+        outcomes = await js.consumer_info("MESH_EVENTS", topo.outcomes_consumer)
+        assert outcomes.config.filter_subjects == ["mesh.event.*.step.completed", "mesh.event.*.step.failed"]
         coder = await js.consumer_info("MESH_TASKS", "role-coder")
         assert coder.config.filter_subject == "mesh.task.coder"
         assert coder.config.ack_policy == api.AckPolicy.EXPLICIT

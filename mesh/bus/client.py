@@ -90,6 +90,8 @@ class Bus:
         holder: list[Bus] = []  # the callbacks need the Bus, which needs the connected client
 
         async def on_disconnect() -> None:
+            if nc.is_closed:  # our own close() also reports a disconnect
+                return
             log.warning("NATS disconnected (%s); reconnecting", name)
 
         async def on_reconnect() -> None:

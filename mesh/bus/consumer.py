@@ -117,13 +117,14 @@ class PullConsumer:
 
         self._in_flight = 0
         self._requested = 0  # messages asked for and neither delivered nor expired yet
-        self._held: set[Msg] = set()  # delivered, not yet acked/naked/termed: they get in-progress acks
+        self._held: dict[int, Msg] = {}  # id(msg) → msg: delivered, not yet acked/naked/termed: they get in-progress acks
         self._backlog: deque[Msg] = deque()  # delivered beyond capacity (only after requests were written off)
         self._arrivals: deque[Msg] = deque()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._last_heard = time.monotonic()
         self._needs_recovery = False
+        self._reconnects = bus.reconnects
 
     @classmethod
     def for_role(cls, bus: Bus, role: str, handler: Handler, *, concurrency: int = 1, **kw: object) -> PullConsumer:
@@ -171,6 +172,11 @@ class PullConsumer:
                     raise NotConnected(f"consumer {self.durable}: the bus connection is closed")
                 await self._sleep(0.05)
                 continue
+            if self._reconnects != self._bus.reconnects:
+                # A restarted server forgot our pull requests. (A cluster peer may still hold them: then
+                # a few extra messages arrive, wait in the backlog and get in-progress acks.)
+                self._reconnects = self._bus.reconnects
+                self._requested = 0
             if self._requested and time.monotonic() - self._last_heard > _LOST_AFTER:
                 log.info("consumer %s: %d requested messages unanswered; re-requesting", self.durable,
                          self._requested)
@@ -214,7 +220,7 @@ class PullConsumer:
         """Start handlers for arrived messages while worker slots are free; hold the rest."""
         while self._arrivals:
             msg = self._arrivals.popleft()
-            self._held.add(msg)
+            self._held[id(msg)] = msg
             self._backlog.append(msg)
         while self._backlog and self._in_flight < self.concurrency:
             self._in_flight += 1
@@ -235,14 +241,14 @@ class PullConsumer:
         self._arrivals.clear()
         self._backlog.clear()
         for msg in msgs:
-            self._held.discard(msg)
+            self._held.pop(id(msg), None)
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak()
 
     async def _keep_alive(self) -> None:
         while True:
             await asyncio.sleep(self._ack_wait / 3)
-            for msg in list(self._held):
+            for msg in list(self._held.values()):
                 with contextlib.suppress(nats.errors.Error):
                     await msg.in_progress()
 
@@ -254,7 +260,7 @@ class PullConsumer:
         except Exception:  # the loop must survive anything a disposition (ack/nak/DLQ) can raise
             log.exception("consumer %s: disposing of a message failed; it will be redelivered", self.durable)
         finally:
-            self._held.discard(msg)
+            self._held.pop(id(msg), None)
             self._in_flight -= 1
             self._wake.set()
 
@@ -307,11 +313,13 @@ class PullConsumer:
         try:
             info = await self._bus.js.consumer_info(self.stream, self.durable)
         except NotFoundError:
-            if self._role is None:
-                raise BusError(f"consumer {self.durable} on {self.stream} does not exist") from None
             log.warning("consumer %s on %s is missing; re-provisioning", self.durable, self.stream)
-            await self._bus.provision([self._role])
-            info = await self._bus.js.consumer_info(self.stream, self.durable)
+            await self._bus.provision([self._role] if self._role else [])
+            try:
+                info = await self._bus.js.consumer_info(self.stream, self.durable)
+            except NotFoundError:
+                raise BusError(f"consumer {self.durable} on {self.stream} does not exist and no provisioned "
+                               "role declares it") from None
         if info.config.ack_wait:
             self._ack_wait = info.config.ack_wait
 

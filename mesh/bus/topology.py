@@ -1,6 +1,8 @@
 """The NATS topology, declared once and provisioned idempotently by every node at start.
 
     stream MESH_GOALS   mesh.goals                    work-queue; consumer role-planner
+                                                      (the planner also owns planner-outcomes on
+                                                      MESH_EVENTS: step.completed / step.failed)
     stream MESH_TASKS   mesh.task.<role>              work-queue; one durable pull consumer role-<role> per role
     stream MESH_EVENTS  mesh.event.<goal_id>.<type>   limits retention, kept (the ledger can replay it all)
     stream MESH_DLQ     mesh.dlq.<role>               limits; also captures JetStream's MAX_DELIVERIES
@@ -123,6 +125,14 @@ class Topology:
     def filter_for(self, role: str) -> str:
         return self.goal_subject() if role == self.goal_role else self.task_subject(role)
 
+    @property
+    def outcomes_consumer(self) -> str:
+        """The orchestrator's durable consumer of step outcomes on the events stream."""
+        return f"{self.goal_role}-outcomes"
+
+    def outcome_subjects(self) -> list[str]:
+        return [self.event_subject("*", "step.completed"), self.event_subject("*", "step.failed")]
+
     # --- configs ---------------------------------------------------------------------------
 
     def stream_configs(self) -> list[api.StreamConfig]:
@@ -141,14 +151,25 @@ class Topology:
             cfg(self.dlq_stream, [f"{self.prefix}.dlq.>", *advisories], api.RetentionPolicy.LIMITS),
         ]
 
-    def consumer_config(self, role: str) -> api.ConsumerConfig:
-        name = self.consumer_name(role)
-        return api.ConsumerConfig(
-            name=name, durable_name=name, filter_subject=self.filter_for(role),
-            ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=self.ack_wait, max_deliver=self.max_deliver, max_ack_pending=self.max_ack_pending,
-            num_replicas=self.replicas,
-        )
+    def consumer_configs(self, role: str) -> list[tuple[str, api.ConsumerConfig]]:
+        """(stream, config) of every durable consumer a role owns.
+
+        The goal role also owns ``outcomes_consumer``: step outcomes from the events stream, from
+        the moment it is first created (``DeliverPolicy.NEW``: older history is the ledger's business).
+        """
+        def durable(name: str, policy: api.DeliverPolicy, **filters: object) -> api.ConsumerConfig:
+            return api.ConsumerConfig(
+                name=name, durable_name=name, ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=policy,
+                ack_wait=self.ack_wait, max_deliver=self.max_deliver, max_ack_pending=self.max_ack_pending,
+                num_replicas=self.replicas, **filters,  # type: ignore[arg-type]
+            )
+
+        own = (self.stream_for(role), durable(self.consumer_name(role), api.DeliverPolicy.ALL,
+                                              filter_subject=self.filter_for(role)))
+        if role != self.goal_role:
+            return [own]
+        outcomes = durable(self.outcomes_consumer, api.DeliverPolicy.NEW, filter_subjects=self.outcome_subjects())
+        return [own, (self.events_stream, outcomes)]
 
 
 async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = ()) -> None:
@@ -164,7 +185,8 @@ async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] =
             await js.create_object_store(bucket, api.ObjectStoreConfig(replicas=topo.replicas,
                                                                        storage=api.StorageType.FILE))
         for role in dict.fromkeys(roles):
-            await _ensure_consumer(js, topo.stream_for(role), topo.consumer_config(role))
+            for stream, config in topo.consumer_configs(role):
+                await _ensure_consumer(js, stream, config)
     except (nats.errors.Error, TimeoutError) as exc:  # APIError is a nats.errors.Error
         raise ProvisioningError(f"provisioning the {topo.prefix!r} topology failed: {exc!r}") from exc
 

@@ -47,6 +47,12 @@ class MeshSettings(BaseSettings):
     max_deliver: int = Field(default=5, ge=1, description="Deliveries before a task goes to the DLQ.")
     nak_delay: float = Field(default=1.0, ge=0, description="Base delay before a retryable failure is retried.")
 
+    # --- model backends (mesh.backends) ---
+    tiers_file: Path | None = Field(default=None, description="TOML file with [tiers.<name>] endpoint tables.")
+    sim_seed: int = Field(default=0, description="Seed of the sim backend's outputs and faults.")
+    sim_faults: str = Field(default="", description='Sim fault rates, e.g. "429:0.1,500:0.05,timeout:0.02,cut:0.02".')
+    sim_latency_scale: float = Field(default=1.0, ge=0, description="Multiplies sim latencies; 0 = instant.")
+
     # --- local data ---
     data_dir: Path = Field(default=Path(".mesh"), description="Embedded server data, ledger file, caches.")
     out_dir: Path = Field(default=Path("mesh-out"), description="Where `mesh run` writes workspaces and results.")

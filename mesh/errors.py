@@ -24,7 +24,8 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   │   ├── BackendTimeout
     │   │   ├── ServerError
     │   │   ├── StreamCut
-    │   │   └── MalformedResponse
+    │   │   ├── MalformedResponse
+    │   │   └── Unreachable            (connection refused, DNS, TLS)
     │   ├── PermanentBackendError
     │   │   ├── AuthenticationFailed
     │   │   ├── BadRequest
@@ -170,6 +171,10 @@ class StreamCut(RetryableBackendError):
 
 class MalformedResponse(RetryableBackendError):
     """The backend answered with something that is not a valid response (garbage, bad JSON)."""
+
+
+class Unreachable(RetryableBackendError):
+    """The endpoint could not be reached at all (connection refused, DNS, TLS): no HTTP answer."""
 
 
 class PermanentBackendError(BackendError):

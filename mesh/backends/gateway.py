@@ -1,0 +1,334 @@
+"""``ModelGateway``: every model call of a node goes through here — budget check, per-tier
+concurrency, retries with backoff honouring Retry-After, a circuit breaker per endpoint, a
+per-call timeout, and the fallback order across tiers — and every attempt is reported through
+``on_call`` so the caller can publish it (``backend.call`` events).
+
+Error policy:
+* retryable errors (429, 5xx, overload, timeout, cut stream, garbage, unreachable) are retried on the
+  same tier with backoff, until the attempts run out or the endpoint's circuit opens; then the
+  next tier in the fallback order is tried;
+* ``BadRequest`` is the request's fault: raised at once, no retry, no fallback;
+* other permanent errors (auth, balance, context too long) are not retried but fall back — another
+  tier has another key, account or window (``ContextTooLong`` skips tiers whose window is no bigger);
+* a call the budget cannot afford is refused before it is made (``BudgetExceeded``); a cheaper tier
+  is tried next, and if none fits the refusal is raised;
+* when every tier failed: ``AllTiersFailed`` with each tier's last error; its ``retryable`` is true
+  when any of them was (trying again later may work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from mesh.backends.anthropic_compat import AnthropicBackend
+from mesh.backends.base import Backend, ChatMessage, ChatRequest, ChatResponse, ToolCallRequest
+from mesh.backends.openai_compat import OpenAIBackend
+from mesh.backends.resilience import BreakerPolicy, CircuitBreaker, RetryPolicy
+from mesh.backends.sim import SimBackend, SimWorld
+from mesh.backends.tiers import TierConfig
+from mesh.config import get_settings
+from mesh.contracts import Budget, Usage
+from mesh.errors import (
+    AllTiersFailed,
+    BackendError,
+    BackendTimeout,
+    BadRequest,
+    BudgetExceeded,
+    CircuitOpen,
+    ConfigError,
+    ContextTooLong,
+)
+from mesh.packing import estimate_tokens, messages_tokens
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One attempt, as the ``backend.call`` event reports it."""
+
+    tier: str
+    model: str
+    endpoint: str
+    usage: Usage
+    latency_ms: float
+    outcome: str  # "ok" or the error class name
+    attempt: int
+    thinking: bool
+    simulated: bool
+    error: str | None = None
+
+
+OnCall = Callable[[CallRecord], Awaitable[None] | None]
+RunTool = Callable[[ToolCallRequest], Awaitable[str]]
+
+
+class BudgetGuard:
+    """What a goal may still spend: its ``Budget`` minus ``spent``, minus calls in flight."""
+
+    def __init__(self, budget: Budget, spent: Usage | None = None) -> None:
+        self.budget = budget
+        self.spent = spent or Usage()
+        self._held_tokens = 0
+        self._held_cost = 0.0
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        if self.budget.max_tokens is None:
+            return None
+        return self.budget.max_tokens - self.spent.total_tokens - self._held_tokens
+
+    @property
+    def remaining_cost(self) -> float | None:
+        if self.budget.max_cost_usd is None:
+            return None
+        return self.budget.max_cost_usd - self.spent.cost_usd - self._held_cost
+
+    def check(self, tokens: int, cost: float, *, what: str) -> None:
+        """Raise ``BudgetExceeded`` if a call needing up to ``tokens`` / ``cost`` would overspend."""
+        tokens_left, cost_left = self.remaining_tokens, self.remaining_cost
+        if tokens_left is not None and tokens > tokens_left:
+            raise BudgetExceeded(f"{what} could use up to {tokens} tokens but the goal has {max(tokens_left, 0)} "
+                                 f"of its {self.budget.max_tokens} left")
+        if cost_left is not None and cost > cost_left:
+            raise BudgetExceeded(f"{what} could cost up to ${cost:.4f} but the goal has ${max(cost_left, 0):.4f} "
+                                 f"of its ${self.budget.max_cost_usd:.2f} left")
+
+    @contextmanager
+    def hold(self, tokens: int, cost: float, *, what: str) -> Iterator[None]:
+        """Check, then reserve the worst case while the call is in flight (parallel calls see it)."""
+        self.check(tokens, cost, what=what)
+        self._held_tokens += tokens
+        self._held_cost += cost
+        try:
+            yield
+        finally:
+            self._held_tokens -= tokens
+            self._held_cost -= cost
+
+    def charge(self, usage: Usage) -> None:
+        self.spent = self.spent + usage
+
+
+def make_backend(tier: TierConfig, world: SimWorld) -> Backend:
+    """The adapter for a tier's kind; sim tiers share one ``world``."""
+    if tier.kind == "openai":
+        return OpenAIBackend(tier)
+    if tier.kind == "anthropic":
+        return AnthropicBackend(tier)
+    return SimBackend(tier, world)
+
+
+class ModelGateway:
+    def __init__(
+        self,
+        tiers: Mapping[str, TierConfig],
+        *,
+        fallback_order: Sequence[str] = ("long_context", "swarm", "edge"),
+        on_call: OnCall | None = None,
+        seed: int | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
+        world: SimWorld | None = None,
+        backends: Mapping[str, Backend] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        unknown = [t for t in fallback_order if t not in tiers]
+        if unknown:
+            raise ConfigError(f"fallback order names unknown tiers {unknown}; configured: {sorted(tiers)}")
+        self.tiers = dict(tiers)
+        self.fallback_order = tuple(fallback_order)
+        self.retry = retry or RetryPolicy()
+        self._on_call = on_call
+        self._rng = random.Random(seed)
+        # Sim tiers share one world (MESH_SIM_* settings unless given): one fault plan, one cache.
+        self.world = world or SimWorld.from_settings(get_settings())
+        self._backends: dict[str, Backend] = dict(backends or {})
+        for name, cfg in self.tiers.items():
+            self._backends.setdefault(name, make_backend(cfg, self.world))
+        policy = breaker or BreakerPolicy()
+        self._breakers = {cfg.endpoint: CircuitBreaker(policy, clock) for cfg in self.tiers.values()}
+        self._slots = {name: asyncio.Semaphore(cfg.max_concurrency) for name, cfg in self.tiers.items()}
+
+    # --- what the router asks -------------------------------------------------------------------
+
+    def available(self, tier: str) -> bool:
+        """The tier's circuit lets calls through (a router hard constraint)."""
+        return self._breakers[self.tiers[tier].endpoint].available()
+
+    def window(self, tier: str) -> int:
+        return self.tiers[tier].context_window
+
+    # --- calls ----------------------------------------------------------------------------------
+
+    async def chat(
+        self, req: ChatRequest, tier: str, *, budget: BudgetGuard | None = None, fallback: bool = True,
+        timeout: float | None = None,
+    ) -> ChatResponse:
+        """Answer ``req`` on ``tier``, retrying and falling back as the module docstring says."""
+        if tier not in self.tiers:
+            raise ConfigError(f"unknown tier {tier!r}; configured: {sorted(self.tiers)}")
+        order = [tier] + ([t for t in self.fallback_order if t != tier] if fallback else [])
+        prompt_tokens = messages_tokens(req.messages) + sum(estimate_tokens(str(t.parameters)) for t in req.tools)
+        errors: dict[str, BackendError] = {}
+        too_long_at = 0  # the largest window that was already too small
+        for name in order:
+            cfg = self.tiers[name]
+            if cfg.context_window <= too_long_at or prompt_tokens > cfg.context_window:
+                errors[name] = ContextTooLong(
+                    f"the prompt (~{prompt_tokens} tokens) does not fit {name}'s window of {cfg.context_window}",
+                    tier=name, endpoint=cfg.endpoint)
+                too_long_at = max(too_long_at, cfg.context_window)
+                continue
+            try:
+                return await self._on_tier(req, cfg, prompt_tokens, budget, timeout or cfg.timeout)
+            except BadRequest:
+                raise
+            except BackendError as exc:
+                errors[name] = exc
+                if isinstance(exc, ContextTooLong):
+                    too_long_at = max(too_long_at, cfg.context_window)
+        if all(isinstance(e, BudgetExceeded) for e in errors.values()):
+            raise next(iter(errors.values()))
+        summary = "; ".join(f"{t}: {type(e).__name__}: {e}" for t, e in errors.items())
+        failed = AllTiersFailed(f"every tier failed — {summary}", errors)
+        failed.retryable = any(e.retryable for e in errors.values())
+        raise failed
+
+    async def _on_tier(
+        self, req: ChatRequest, cfg: TierConfig, prompt_tokens: int, budget: BudgetGuard | None, timeout: float
+    ) -> ChatResponse:
+        breaker = self._breakers[cfg.endpoint]
+        backend = self._backends[cfg.name]
+        worst_case = prompt_tokens + req.max_tokens
+        cost = cfg.prices.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=req.max_tokens)
+        attempt = 0
+        while True:
+            attempt += 1
+            if not breaker.acquire():
+                error: BackendError = CircuitOpen(f"the circuit for {cfg.endpoint} is open", tier=cfg.name,
+                                                  endpoint=cfg.endpoint)
+                await self._report(cfg, req, attempt, Usage(), 0.0, error)
+                raise error
+            start = time.perf_counter()
+            try:
+                with budget.hold(worst_case, cost, what=f"a call on {cfg.name}") if budget else _nothing():
+                    async with self._slots[cfg.name]:
+                        try:
+                            async with asyncio.timeout(timeout):
+                                resp = await backend.chat(req, timeout=timeout)
+                        except TimeoutError as exc:
+                            raise BackendTimeout(f"no answer within {timeout:g}s", tier=cfg.name,
+                                                 endpoint=cfg.endpoint) from exc
+            except BudgetExceeded as exc:
+                breaker.release()
+                exc.tier, exc.endpoint = cfg.name, cfg.endpoint
+                raise
+            except BackendError as exc:
+                exc.tier, exc.endpoint = exc.tier or cfg.name, exc.endpoint or cfg.endpoint
+                if exc.retryable:
+                    breaker.record_failure()
+                else:
+                    breaker.release()
+                await self._report(cfg, req, attempt, Usage(), (time.perf_counter() - start) * 1000, exc)
+                delay = self.retry.delay(attempt, exc, self._rng)
+                if delay is None or not breaker.available():
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                breaker.release()  # cancelled or a bug: no verdict on the endpoint
+                raise
+            breaker.record_success()
+            if budget is not None:
+                budget.charge(resp.usage)
+            await self._report(cfg, req, attempt, resp.usage, resp.latency_ms, None)
+            return resp
+
+    async def _report(self, cfg: TierConfig, req: ChatRequest, attempt: int, usage: Usage, latency_ms: float,
+                      error: BackendError | None) -> None:
+        if self._on_call is None:
+            return
+        record = CallRecord(tier=cfg.name, model=cfg.model, endpoint=cfg.endpoint, usage=usage, latency_ms=latency_ms,
+                            outcome="ok" if error is None else type(error).__name__, attempt=attempt,
+                            thinking=req.thinking, simulated=cfg.simulated, error=None if error is None else str(error))
+        result = self._on_call(record)
+        if inspect.isawaitable(result):
+            await result
+
+    # --- swarm mode -----------------------------------------------------------------------------
+
+    async def swarm(
+        self, req: ChatRequest, subtasks: Sequence[str], *, budget: BudgetGuard | None = None,
+        run_tool: RunTool | None = None, tier: str = "swarm", max_rounds: int = 8,
+    ) -> ChatResponse:
+        """Fan one step out into bounded parallel sub-agents on the swarm tier, then compose.
+
+        At most ``max_sub_agents`` sub-agents run (extra subtasks are dealt round-robin among them);
+        with ``run_tool`` each runs its own tool loop (≤ ``max_rounds`` turns) and all of them share
+        ``max_tool_calls`` — past it, tool calls are answered with a refusal. A failed sub-agent's
+        slot says so in the composition; if all fail, the first error is raised. Usage is summed
+        over every call, the composing one included.
+        """
+        if not subtasks:
+            return await self.chat(req, tier, budget=budget)
+        bounds = self.tiers[tier].swarm
+        n = min(len(subtasks), bounds.max_sub_agents)
+        groups = [list(subtasks[i::n]) for i in range(n)]
+        tool_calls_left = bounds.max_tool_calls
+        spent = Usage()
+
+        async def tool(call: ToolCallRequest) -> str:
+            nonlocal tool_calls_left
+            if run_tool is None or tool_calls_left <= 0:
+                return f"refused: the swarm's budget of {bounds.max_tool_calls} tool calls is spent"
+            tool_calls_left -= 1
+            return await run_tool(call)
+
+        async def sub_agent(i: int) -> str | BackendError:
+            nonlocal spent
+            task = "\n".join(f"- {s}" for s in groups[i])
+            messages = [*req.messages, ChatMessage(role="user", content=f"## Sub-task {i + 1}/{n}\n{task}")]
+            sub = req.model_copy(update={"json_schema": None, "tools": req.tools if run_tool else []})
+            try:
+                for _ in range(max_rounds):
+                    resp = await self.chat(sub.model_copy(update={"messages": messages}), tier, budget=budget)
+                    spent = spent + resp.usage
+                    if not resp.tool_calls:
+                        return resp.text
+                    messages = [*messages, resp.as_message()]
+                    for call in resp.tool_calls:
+                        messages.append(ChatMessage(role="tool", tool_call_id=call.id, content=await tool(call)))
+                return resp.text or f"(stopped after {max_rounds} tool rounds)"
+            except BackendError as exc:
+                return exc
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(sub_agent(i)) for i in range(n)]
+        results = [t.result() for t in tasks]
+        failures = [r for r in results if isinstance(r, BackendError)]
+        if len(failures) == n:
+            raise failures[0]
+        body = "\n\n".join(
+            f"### Sub-agent {i + 1}: {'; '.join(groups[i])[:200]}\n"
+            + (f"(failed: {type(r).__name__}: {r})" if isinstance(r, BackendError) else r)
+            for i, r in enumerate(results)
+        )
+        compose = req.model_copy(update={"tools": [], "messages": [
+            *req.messages, ChatMessage(role="user", content=f"## Sub-agent results\n{body}\n\nCompose the step's answer "
+                                                            f"from these results.")]})
+        final = await self.chat(compose, tier, budget=budget)
+        return final.model_copy(update={"usage": spent + final.usage})
+
+    async def aclose(self) -> None:
+        for backend in self._backends.values():
+            await backend.aclose()
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

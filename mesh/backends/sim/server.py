@@ -1,0 +1,185 @@
+"""``mesh sim-server``: the sim world over HTTP, OpenAI-compatible (``/v1/chat/completions``) and
+Anthropic-compatible (``/v1/messages``), so the real SDK clients are exercised end to end.
+
+One server serves every tier: the request's model name picks the tier profile (``sim-edge``,
+``sim-long-context``, ``sim-swarm``, or real names such as ``deepseek-v4-pro`` / ``kimi-k2.6``).
+Control endpoints for tests: ``GET|POST /_sim/faults`` (``{"faults": "503:1", "tier": "swarm"}``)
+and ``GET /_sim/stats``; ``GET /healthz`` for readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pydantic
+from aiohttp import web
+
+from mesh.backends.base import HINTS_HEADER, ChatRequest
+from mesh.backends.sim import wire
+from mesh.backends.sim.faults import ALL_TIERS
+from mesh.backends.sim.world import SimReply, SimWorld
+from mesh.errors import ConfigError, ContextTooLong
+
+HANG_SECONDS = 30.0  # a "timeout" fault stalls this long unless the client gives up first
+
+_WORLD = web.AppKey("world", SimWorld)
+_STATS = web.AppKey("stats", Counter)
+
+
+class _Api:
+    """What differs between the two APIs: request parsing and body/frame/error rendering."""
+
+    def __init__(self, name: str, parse: Callable[[dict[str, Any], dict[str, Any], bool], ChatRequest],
+                 full: Callable[[SimReply, str], dict[str, Any]], frames: Callable[[SimReply, str, dict[str, Any]], list[wire.Frame]],
+                 error: Callable[[int, str | None], dict[str, Any]]) -> None:
+        self.name, self.parse, self.full, self.frames, self.error = name, parse, full, frames, error
+
+
+OPENAI = _Api(
+    "openai",
+    lambda body, meta, thinking: wire.openai_request(body, default_thinking=thinking, metadata=meta),
+    wire.openai_response,
+    lambda r, model, body: wire.openai_frames(r, model, include_usage=bool((body.get("stream_options") or {}).get("include_usage"))),
+    lambda status, message: wire.openai_error(status, message, "context_length_exceeded" if message and "context length" in message else None),
+)
+ANTHROPIC = _Api(
+    "anthropic",
+    lambda body, meta, thinking: wire.anthropic_request(body, metadata=meta),
+    wire.anthropic_response,
+    lambda r, model, body: wire.anthropic_frames(r, model),
+    wire.anthropic_error,
+)
+
+
+def _error(api: _Api, status: int, message: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(api.error(status, message), status=status, headers=headers)
+
+
+async def _chat(request: web.Request, api: _Api) -> web.StreamResponse:
+    world = request.app[_WORLD]
+    stats = request.app[_STATS]
+    try:
+        body = await request.json()
+        model = str(body["model"])
+        tier = world.tier_config(model)
+        meta = json.loads(request.headers.get(HINTS_HEADER, "{}"))
+        req = api.parse(body, meta, tier.thinking)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, pydantic.ValidationError) as exc:
+        return _error(api, 400, f"invalid request body: {exc}"[:300])
+    stats[f"requests.{tier.name}"] += 1
+    stats[f"requests.{api.name}"] += 1
+    fault = world.faults.draw(tier.name)
+    if fault is not None:
+        stats[f"faults.{tier.name}.{fault}"] += 1
+    if fault == "timeout":
+        await asyncio.sleep(HANG_SECONDS)  # cancelled when the client disconnects
+        return _error(api, 504)
+    if fault is not None and fault.isdigit():
+        retry = world.faults.retry_after
+        headers = {"retry-after": str(math.ceil(retry)), "retry-after-ms": str(int(retry * 1000))} if fault == "429" else None
+        return _error(api, int(fault), headers=headers)
+    if fault == "garbage":
+        if req.stream:
+            return web.Response(text="data: {this is not json\n\ndata: [DONE]\n\n", content_type="text/event-stream")
+        return web.Response(text="<html><body>502 Bad Gateway</body></html>", content_type="application/json")
+    try:
+        reply = world.reply(req, tier, fault=fault)
+    except ContextTooLong as exc:
+        return _error(api, 400, str(exc))
+    if not req.stream:
+        await asyncio.sleep(reply.ttft + reply.usage.completion_tokens * reply.seconds_per_token)
+        return web.json_response(api.full(reply, model))
+    return await _stream(request, api.frames(reply, model, body), reply, cut=fault == "cut")
+
+
+async def _stream(request: web.Request, frames: list[wire.Frame], reply: SimReply, *, cut: bool) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    if reply.ttft:
+        await asyncio.sleep(reply.ttft)
+    stop_at = len(frames) // 2 if cut else len(frames)
+    for event, data, tokens in frames[:stop_at]:
+        await resp.write((f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode())
+        if tokens and reply.seconds_per_token:
+            await asyncio.sleep(tokens * reply.seconds_per_token)
+    if cut:  # drop the connection mid-body: the client sees an incomplete chunked response
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _openai(request: web.Request) -> web.StreamResponse:
+    return await _chat(request, OPENAI)
+
+
+async def _anthropic(request: web.Request) -> web.StreamResponse:
+    return await _chat(request, ANTHROPIC)
+
+
+async def _faults(request: web.Request) -> web.Response:
+    world = request.app[_WORLD]
+    if request.method == "POST":
+        try:
+            body = await request.json()
+            world.faults.set(str(body.get("faults", "")), str(body.get("tier", ALL_TIERS)))
+        except (json.JSONDecodeError, ConfigError, AttributeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response({"faults": world.faults.describe(), "retry_after": world.faults.retry_after})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(dict(request.app[_STATS]))
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "simulated": True})
+
+
+def make_app(world: SimWorld) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[_WORLD] = world
+    app[_STATS] = Counter()
+    app.router.add_post("/v1/chat/completions", _openai)
+    app.router.add_post("/v1/messages", _anthropic)
+    app.router.add_route("*", "/_sim/faults", _faults)
+    app.router.add_get("/_sim/stats", _stats)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+class SimServer:
+    """The sim-server on ``host:port`` (0 = a free port) inside the running event loop."""
+
+    def __init__(self, world: SimWorld, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.world = world
+        self.host, self.port = host, port
+        # handler_cancellation: a client that gives up (timeout fault) cancels its stalled handler.
+        self._runner = web.AppRunner(make_app(world), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+
+    @property
+    def url(self) -> str:
+        """Base URL for the Anthropic SDK; the OpenAI SDK's is ``url + "/v1"``."""
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> SimServer:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site.port
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> SimServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

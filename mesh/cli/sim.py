@@ -1,0 +1,50 @@
+"""`mesh sim-server`: serve the sim backend over HTTP (OpenAI- and Anthropic-compatible)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "sim-server",
+        help="serve the simulated model tiers over OpenAI- and Anthropic-compatible HTTP",
+        description="Serves /v1/chat/completions and /v1/messages; the model name picks the tier profile "
+        "(sim-edge, sim-long-context, sim-swarm). Faults: MESH_SIM_FAULTS or POST /_sim/faults.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed on start)")
+    p.add_argument("--seed", type=int, default=None, help="overrides MESH_SIM_SEED")
+    p.add_argument("--faults", default=None, help='overrides MESH_SIM_FAULTS, e.g. "429:0.1,500:0.05"')
+    p.add_argument("--latency-scale", type=float, default=None, help="overrides MESH_SIM_LATENCY_SCALE")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mesh.backends.sim import FaultPlan, SimServer, SimWorld
+    from mesh.config import get_settings
+
+    settings = get_settings()
+    seed = settings.sim_seed if args.seed is None else args.seed
+    world = SimWorld(
+        seed=seed,
+        latency_scale=settings.sim_latency_scale if args.latency_scale is None else args.latency_scale,
+        faults=FaultPlan.from_spec(settings.sim_faults if args.faults is None else args.faults, seed=seed),
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        async with SimServer(world, host=args.host, port=args.port) as server:
+            # The first line is machine-readable: tests and scripts wait for it.
+            print(f"mesh sim-server listening on {server.url} (simulated models; OpenAI base URL "
+                  f"{server.url}/v1, Anthropic base URL {server.url})", flush=True)
+            await stop.wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -53,6 +53,11 @@ class MeshSettings(BaseSettings):
     sim_faults: str = Field(default="", description='Sim fault rates, e.g. "429:0.1,500:0.05,timeout:0.02,cut:0.02".')
     sim_latency_scale: float = Field(default=1.0, ge=0, description="Multiplies sim latencies; 0 = instant.")
 
+    # --- node process ---
+    health_host: str = Field(default="0.0.0.0", description="Bind address of /healthz, /readyz, /metrics.")
+    health_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (local mesh).")
+    drain_seconds: float = Field(default=30.0, ge=0, description="Grace period for in-flight work on SIGTERM.")
+
     # --- local data ---
     data_dir: Path = Field(default=Path(".mesh"), description="Embedded server data, ledger file, caches.")
     out_dir: Path = Field(default=Path("mesh-out"), description="Where `mesh run` writes workspaces and results.")

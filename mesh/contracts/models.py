@@ -191,8 +191,10 @@ class Task(Wire):
     memory: str = Field(default="", description="The running goal memory: a short summary of progress so far.")
     position: DagPosition = Field(default_factory=DagPosition)
     remaining: Budget = Field(default_factory=Budget)
+    budget_fraction_left: float = Field(default=1.0, ge=0, le=1, description="Least left of any budget dimension.")
     prior_failures: int = Field(default=0, ge=0)
     deadline: datetime | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="The goal's options (hints for backends).")
 
     @staticmethod
     def make_id(goal_id: str, step_id: str, attempt: int) -> str:

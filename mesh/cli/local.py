@@ -1,0 +1,356 @@
+"""`mesh node | up | run | submit | watch | status | goals | show | cancel`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from mesh.cli.progress import Progress, dump_json
+from mesh.config import MeshSettings, get_settings
+from mesh.contracts import (
+    Budget,
+    Goal,
+    GoalCancelled,
+    GoalCompleted,
+    GoalFailed,
+)
+from mesh.errors import MeshError, NotConnected
+
+TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("node", help="run one role process (what a Kubernetes pod runs)")
+    p.add_argument("role")
+    p.set_defaults(handler=_node)
+
+    p = sub.add_parser("up", help="run the local mesh (embedded nats-server + one process per role) until Ctrl-C")
+    p.set_defaults(handler=lambda a: _run_async(_up(a)))
+
+    p = sub.add_parser("run", help="bring up the local mesh, run one goal to its end, write the results")
+    _goal_args(p)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: MESH_OUT_DIR/<goal id>)")
+    p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show dispatches, starts and tool calls")
+    p.set_defaults(handler=lambda a: _run_async(_run(a)))
+
+    p = sub.add_parser("submit", help="submit a goal to a running mesh and print its id")
+    _goal_args(p)
+    p.set_defaults(handler=lambda a: _run_async(_submit(a)))
+
+    p = sub.add_parser("watch", help="tail the event stream (all goals, or one)")
+    p.add_argument("goal", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--new", action="store_true", help="only events from now on")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(handler=lambda a: _run_async(_watch(a)))
+
+    p = sub.add_parser("status", help="live nodes per role and consumer lag")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=lambda a: _run_async(_status(a)))
+
+    p = sub.add_parser("goals", help="list goals and their state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=lambda a: _run_async(_goals(a)))
+
+    p = sub.add_parser("show", help="show one goal: plan, step states, usage")
+    p.add_argument("goal")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=lambda a: _run_async(_show(a)))
+
+    p = sub.add_parser("cancel", help="cancel a goal; workers stop before their next model or tool call")
+    p.add_argument("goal")
+    p.add_argument("--reason", default="cancelled by user")
+    p.set_defaults(handler=lambda a: _run_async(_cancel(a)))
+
+
+def _goal_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("brief", help="the goal, e.g. \"Build me a login system\"")
+    p.add_argument("-c", "--constraint", action="append", default=[], help="pinned constraint (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-cost", type=float, default=None, help="USD")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-wall", type=float, default=None, help="seconds")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="goal option (JSON value or string), e.g. sim_plan_steps=24")
+
+
+def _make_goal(a: argparse.Namespace) -> Goal:
+    budget = Budget()
+    for field, value in (("max_tokens", a.max_tokens), ("max_cost_usd", a.max_cost), ("max_steps", a.max_steps),
+                         ("max_wall_seconds", a.max_wall)):
+        if value is not None:
+            setattr(budget, field, value)
+    options: dict[str, Any] = {}
+    for item in a.option:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise MeshError(f"option {item!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return Goal(brief=a.brief, constraints=a.constraint, budget=budget, options=options)
+
+
+def _run_async(coro: Any) -> int:
+    from mesh.node.runtime import run_loop
+
+    return run_loop(coro)
+
+
+def _node(a: argparse.Namespace) -> int:
+    from mesh.node.runtime import run_node
+
+    return run_node(a.role)
+
+
+async def _connect(settings: MeshSettings | None = None) -> Any:
+    from mesh.bus.client import Bus
+    from mesh.embedded.local import local_nats_url
+
+    settings = settings or get_settings()
+    url = local_nats_url(settings)
+    if not url:
+        raise NotConnected("no mesh to talk to: set MESH_NATS_URL or start one with `mesh up`")
+    return await Bus.connect(settings.model_copy(update={"nats_url": url}), name="mesh-cli")
+
+
+# --- up / run -------------------------------------------------------------------------------------
+
+
+async def _start_local(settings: MeshSettings, out: Any) -> Any:
+    from mesh.backends.tiers import is_simulated, load_tiers
+    from mesh.embedded.local import LocalMesh
+    from mesh.roles.spec import default_nodes_dir, load_specs
+
+    specs = load_specs(default_nodes_dir())
+    simulated = is_simulated(load_tiers(settings))
+    if simulated:
+        print("no model endpoint configured: using the SIMULATED backend (mesh sim-server). "
+              "Outputs are simulated; see docs/BACKENDS.md to configure real endpoints.", file=out)
+    mesh = LocalMesh(settings, sorted(specs), sim_server=simulated)
+    await mesh.start()
+    print(f"local mesh up: nats {mesh.url}, {len(specs)} roles ({', '.join(sorted(specs))}); "
+          f"logs in {mesh.data_dir / 'logs'}", file=out)
+    return mesh
+
+
+async def _wait_for_nodes(bus: Any, roles: list[str], timeout: float = 60.0) -> None:
+    """Until every role has a heartbeat in KV mesh_nodes (its consumers are provisioned)."""
+    kv = await bus.kv(bus.topology.kv_nodes)
+    deadline = asyncio.get_running_loop().time() + timeout
+    watcher = await kv.watchall()
+    try:
+        seen: set[str] = set()
+        while not set(roles) <= seen:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(set(roles) - seen)} "
+                                "(see the logs folder)")
+            try:
+                entry = await watcher.updates(timeout=left)
+            except Exception:  # nats-py raises its own TimeoutError type here
+                continue
+            if entry is not None and entry.value:
+                seen.add(json.loads(entry.value)["role"])
+    finally:
+        await watcher.stop()
+
+
+async def _up(a: argparse.Namespace) -> int:
+    settings = get_settings()
+    mesh = await _start_local(settings, sys.stdout)
+    print("press Ctrl-C to stop", flush=True)
+    try:
+        await mesh.supervise()
+    finally:
+        print("stopping the local mesh…", flush=True)
+        await asyncio.shield(mesh.stop())
+    return 0
+
+
+async def _run(a: argparse.Namespace) -> int:
+    settings = get_settings()
+    goal = _make_goal(a)
+    mesh = await _start_local(settings, sys.stderr if a.json else sys.stdout)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            supervisor = tg.create_task(mesh.supervise())
+            try:
+                code = await _drive(settings.model_copy(update={"nats_url": mesh.url}), goal, a, mesh.roles)
+            finally:
+                await mesh.stop()
+            await supervisor
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
+    return code
+
+
+async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str]) -> int:
+    from mesh.bus.client import Bus
+
+    progress = Progress(as_json=a.json, verbose=a.verbose)
+    async with await Bus.connect(settings, name="mesh-run") as bus:
+        await _wait_for_nodes(bus, roles)
+        await bus.submit_goal(goal)
+        async with aclosing(bus.watch_events(goal.goal_id)) as events:
+            async for event in events:
+                progress.show(event)
+                if isinstance(event, TERMINAL_EVENTS):
+                    break
+        out = a.out or settings.out_dir / goal.goal_id
+        if isinstance(event, GoalCompleted):
+            await _write_results(bus, goal, event, out)
+            if not a.json:
+                print(f"\nresults in {out.resolve()}  (synthesis.md, workspace/, artifacts/)")
+            return 0
+        return 1
+
+
+async def _write_results(bus: Any, goal: Goal, done: GoalCompleted, out: Path) -> None:
+    from mesh.roles.goalstore import GoalStore
+    from mesh.tools.workspace import Workspace
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "synthesis.md").write_bytes(await bus.get_blob(done.result.digest))
+    if done.workspace is not None:
+        ws = await Workspace.open(done.workspace, bus.get_blob)
+        for path in ws.paths:
+            target = out / "workspace" / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(await ws.read(path))
+    state = await GoalStore(await bus.kv(bus.topology.kv_goals)).get(goal.goal_id)
+    if state is not None:
+        (out / "artifacts").mkdir(exist_ok=True)
+        for sid, st in state.steps.items():
+            for ref in st.outputs:
+                if ref.media_type.startswith("text/"):
+                    name = ref.name.replace("/", "__") or ref.digest[:16]
+                    (out / "artifacts" / f"{name}.md").write_bytes(await bus.get_blob(ref.digest))
+        (out / "goal.json").write_text(state.model_dump_json(indent=2))
+
+
+# --- talking to a running mesh -------------------------------------------------------------------
+
+
+async def _submit(a: argparse.Namespace) -> int:
+    goal = _make_goal(a)
+    async with await _connect() as bus:
+        await bus.submit_goal(goal)
+    print(goal.goal_id)
+    return 0
+
+
+async def _watch(a: argparse.Namespace) -> int:
+    progress = Progress(as_json=a.json, verbose=a.verbose)
+    async with await _connect() as bus:
+        async with aclosing(bus.watch_events(a.goal, from_start=not a.new)) as events:
+            async for event in events:
+                progress.show(event)
+                if a.goal and isinstance(event, TERMINAL_EVENTS):
+                    return 0 if isinstance(event, GoalCompleted) else 1
+    return 0
+
+
+async def _status(a: argparse.Namespace) -> int:
+    from nats.js.errors import NoKeysError
+
+    async with await _connect() as bus:
+        topo = bus.topology
+        kv = await bus.kv(topo.kv_nodes)
+        nodes: list[dict[str, Any]] = []
+        try:
+            for key in await kv.keys():
+                entry = await kv.get(key)
+                if entry.value:
+                    nodes.append(json.loads(entry.value))
+        except NoKeysError:
+            pass
+        lag: dict[str, dict[str, int]] = {}
+        for info in await bus.js.consumers_info(topo.tasks_stream) + await bus.js.consumers_info(topo.goals_stream):
+            lag[info.name] = {"pending": info.num_pending or 0, "in_flight": info.num_ack_pending or 0,
+                              "redelivered": info.num_redelivered or 0}
+    if a.json:
+        print(dump_json({"nodes": nodes, "consumers": lag}))
+        return 0
+    by_role: dict[str, list[dict[str, Any]]] = {}
+    for n in nodes:
+        by_role.setdefault(n["role"], []).append(n)
+    print(f"{'role':<14}{'nodes':>6}{'in-flight':>11}   {'consumer':<20}{'pending':>9}{'acking':>8}")
+    for role in sorted(set(by_role) | {k.removeprefix('role-') for k in lag}):
+        c = lag.get(f"role-{role}", {})
+        ns = by_role.get(role, [])
+        print(f"{role:<14}{len(ns):>6}{sum(n.get('in_flight', 0) for n in ns):>11}   "
+              f"{('role-' + role) if c else '-':<20}{c.get('pending', 0):>9}{c.get('in_flight', 0):>8}")
+    return 0
+
+
+async def _goal_store(bus: Any) -> Any:
+    from mesh.roles.goalstore import GoalStore
+
+    return GoalStore(await bus.kv(bus.topology.kv_goals))
+
+
+async def _goals(a: argparse.Namespace) -> int:
+    async with await _connect() as bus:
+        store = await _goal_store(bus)
+        states = [s for s in [await store.get(k) for k in await store.keys()] if s is not None]
+    states.sort(key=lambda s: s.started_at)
+    if a.json:
+        print(dump_json([{"goal_id": s.goal.goal_id, "status": s.status, "brief": s.goal.brief,
+                          "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd}
+                         for s in states]))
+        return 0
+    for s in states:
+        done = sum(1 for st in s.steps.values() if st.status == "completed")
+        print(f"{s.goal.goal_id}  {s.status:<10} {done:>3}/{len(s.steps):<3} steps  {s.usage.total_tokens:>9,} tok  "
+              f"${s.usage.cost_usd:8.4f}  {s.goal.brief[:60]}")
+    return 0
+
+
+async def _show(a: argparse.Namespace) -> int:
+    async with await _connect() as bus:
+        state = await (await _goal_store(bus)).get(a.goal)
+    if state is None:
+        raise MeshError(f"no goal {a.goal!r}")
+    if a.json:
+        print(state.model_dump_json(indent=2))
+        return 0
+    print(f"goal {state.goal.goal_id}: {state.status}" + (f" ({state.reason})" if state.reason else ""))
+    print(f"brief: {state.goal.brief}")
+    for c in state.goal.constraints:
+        print(f"pinned: {c}")
+    print(f"usage: {state.usage.total_tokens:,} tokens, ${state.usage.cost_usd:.4f}, {state.steps_run} steps run, "
+          f"{state.replans} replans, {state.review_rounds} review rounds")
+    for sid, st in state.steps.items():
+        deps = ",".join(st.step.depends_on) or "-"
+        print(f"  {sid:<24} {st.step.role:<12} {st.status:<10} attempt {st.attempt}  tier {st.tier or '-':<13} "
+              f"after {deps}")
+    return 0
+
+
+async def _cancel(a: argparse.Namespace) -> int:
+    from mesh.contracts import GoalCancelled as Cancelled
+
+    async with await _connect() as bus:
+        store = await _goal_store(bus)
+        if await store.get(a.goal) is None:
+            raise MeshError(f"no goal {a.goal!r}")
+
+        def cancel(s: Any) -> bool:
+            if s.done:
+                return False
+            s.finish("cancelled", a.reason)
+            return True
+
+        _, changed = await store.mutate(a.goal, cancel)
+        if changed:
+            await bus.emit(Cancelled(event_id=f"{a.goal}.cancelled", goal_id=a.goal, reason=a.reason))
+    print("cancelled" if changed else "goal already finished")
+    return 0

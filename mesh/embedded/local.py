@@ -1,0 +1,184 @@
+"""The embedded local mesh behind ``mesh up`` and ``mesh run``: a nats-server (unless MESH_NATS_URL
+points elsewhere), a sim-server when no model endpoint is configured, and one OS process per role,
+each restarted with backoff if it dies. ``stop()`` sends SIGTERM (nodes drain) and then SIGKILL.
+
+The running mesh writes ``<data_dir>/local.json`` (NATS URL, pids) so ``mesh submit``/``watch``/
+``status`` in another terminal find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from contextlib import suppress
+from pathlib import Path
+
+from mesh.config import MeshSettings
+from mesh.embedded.natsserver import EmbeddedNats, free_port
+from mesh.errors import EmbeddedServerError
+
+log = logging.getLogger(__name__)
+MAX_BACKOFF = 30.0
+
+
+class RoleProcess:
+    """One ``mesh node <role>`` child process, restarted with exponential backoff when it dies."""
+
+    def __init__(self, role: str, env: dict[str, str], log_dir: Path) -> None:
+        self.role = role
+        self.env = env
+        self.log_path = log_dir / f"{role}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.stopping = False
+
+    def spawn(self) -> None:
+        logfile = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mesh", "node", self.role], env=self.env,
+                                         stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            logfile.close()
+
+    async def supervise(self) -> None:
+        backoff = 1.0
+        while not self.stopping:
+            assert self.proc is not None
+            code = await asyncio.to_thread(self.proc.wait)
+            if self.stopping:
+                return
+            self.restarts += 1
+            log.warning("node %s exited with %s; restarting in %.0fs (see %s)", self.role, code, backoff, self.log_path)
+            await asyncio.sleep(backoff)  # restart backoff, not synchronisation
+            backoff = min(MAX_BACKOFF, backoff * 2)
+            if not self.stopping:
+                self.spawn()
+
+    def terminate(self) -> None:
+        self.stopping = True
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await asyncio.to_thread(self.proc.wait)
+
+
+class LocalMesh:
+    def __init__(self, settings: MeshSettings, roles: list[str], *, sim_server: bool) -> None:
+        self.settings = settings
+        self.roles = roles
+        self.data_dir = settings.data_dir.resolve()
+        self.nats: EmbeddedNats | None = None
+        self.sim: subprocess.Popen[bytes] | None = None
+        self.sim_url: str | None = None
+        self.want_sim = sim_server
+        self.procs: list[RoleProcess] = []
+        self.url = settings.nats_url or ""
+
+    async def start(self) -> None:
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.url:
+            self.nats = EmbeddedNats(self.data_dir / "nats", http_port=None)
+            await self.nats.start()
+            self.url = self.nats.url
+        env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
+               "MESH_DATA_DIR": str(self.data_dir)}
+        if self.want_sim:
+            env.update(await self._start_sim_server())
+        self.procs = [RoleProcess(role, env, self.data_dir / "logs") for role in self.roles]
+        for p in self.procs:
+            p.spawn()
+        (self.data_dir / "local.json").write_text(json.dumps(
+            {"nats_url": self.url, "sim_url": self.sim_url, "pid": os.getpid(),
+             "nodes": {p.role: p.proc.pid for p in self.procs if p.proc}}))
+
+    async def _start_sim_server(self) -> dict[str, str]:
+        """A sim-server on loopback, and the environment pointing every tier at it over HTTP."""
+        port = free_port()
+        self.sim_url = f"http://127.0.0.1:{port}"
+        logfile = (self.data_dir / "logs" / "sim-server.log").open("ab")
+        try:
+            self.sim = subprocess.Popen([sys.executable, "-m", "mesh", "sim-server", "--host", "127.0.0.1",
+                                         "--port", str(port)], stdout=logfile, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        finally:
+            logfile.close()
+        await _wait_http(f"{self.sim_url}/healthz", self.sim)
+        return sim_server_env(self.sim_url)
+
+    async def supervise(self) -> None:
+        """Restart dead nodes until ``stop()``; returns when every supervisor has returned."""
+        async with asyncio.TaskGroup() as tg:
+            for p in self.procs:
+                tg.create_task(p.supervise())
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        grace = self.settings.drain_seconds + 5
+        async with asyncio.TaskGroup() as tg:
+            for p in self.procs:
+                tg.create_task(p.wait(grace))
+        if self.sim and self.sim.poll() is None:
+            self.sim.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                self.sim.wait(5)
+            if self.sim.poll() is None:
+                self.sim.kill()
+        if self.nats is not None:
+            await self.nats.stop()
+        with suppress(FileNotFoundError):
+            (self.data_dir / "local.json").unlink()
+
+
+async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    import aiohttp
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while asyncio.get_running_loop().time() < deadline:
+            if proc.poll() is not None:
+                raise EmbeddedServerError(f"{url}: the server process exited with {proc.returncode}")
+            with suppress(aiohttp.ClientError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)  # polling a process that has no readiness event to await
+    raise EmbeddedServerError(f"{url} did not become ready within {timeout:.0f}s")
+
+
+def sim_server_env(url: str) -> dict[str, str]:
+    """Point every tier at a sim-server through the real OpenAI SDK path, keeping the sim profiles
+    (window, prices) so routing and cost accounting look like the real tiers."""
+    from mesh.backends.tiers import load_tiers
+
+    env: dict[str, str] = {}
+    for name, cfg in load_tiers(environ={}).items():
+        prefix = f"MESH_TIER_{name.upper()}_"
+        env |= {prefix + "KIND": "openai", prefix + "BASE_URL": f"{url}/v1", prefix + "MODEL": cfg.model,
+                prefix + "CONTEXT_WINDOW": str(cfg.context_window), prefix + "OUTPUT_RESERVE": str(cfg.output_reserve),
+                prefix + "THINKING": str(cfg.thinking).lower(), prefix + "API_KEY_ENV": "MESH_SIM_API_KEY"}
+        env |= {f"{prefix}PRICE_{p.upper()}": str(v) for p, v in cfg.prices.model_dump().items()}
+    env["MESH_SIM_API_KEY"] = "sim-local"  # the SDKs insist on a key; the sim ignores it
+    return env
+
+
+def local_nats_url(settings: MeshSettings) -> str | None:
+    """MESH_NATS_URL, else the URL of a `mesh up` running from the same data dir."""
+    if settings.nats_url:
+        return settings.nats_url
+    path = settings.data_dir / "local.json"
+    if path.exists():
+        return str(json.loads(path.read_text()).get("nats_url") or "") or None
+    return None

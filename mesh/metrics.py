@@ -1,0 +1,49 @@
+"""Prometheus metrics of one node: tasks, latencies, errors, backend tokens and cost, router choices.
+
+One registry per process (not the global default) so tests can run several nodes in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mesh.contracts.models import Usage
+
+
+class Metrics:
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.role = role
+        self.tasks = Counter("mesh_tasks_total", "Tasks handled, by outcome.", ["role", "outcome"], registry=r)
+        self.task_seconds = Histogram("mesh_task_seconds", "Task handling time.", ["role"], registry=r,
+                                      buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800))
+        self.in_flight = Gauge("mesh_tasks_in_flight", "Tasks being handled now.", ["role"], registry=r)
+        self.errors = Counter("mesh_errors_total", "Errors, by kind.", ["role", "kind"], registry=r)
+        self.backend_calls = Counter("mesh_backend_calls_total", "Backend call attempts.", ["tier", "outcome"],
+                                     registry=r)
+        self.backend_seconds = Histogram("mesh_backend_call_seconds", "Backend call latency.", ["tier"], registry=r)
+        self.tokens = Counter("mesh_backend_tokens_total", "Tokens, by tier and kind.", ["tier", "kind"], registry=r)
+        self.cost = Counter("mesh_backend_cost_usd_total", "Backend cost in USD.", ["tier"], registry=r)
+        self.routes = Counter("mesh_router_choices_total", "Router decisions.", ["role", "tier"], registry=r)
+
+    def backend_call(self, tier: str, outcome: str, usage: Usage, latency_ms: float) -> None:
+        self.backend_calls.labels(tier, outcome).inc()
+        self.backend_seconds.labels(tier).observe(latency_ms / 1000)
+        self.tokens.labels(tier, "prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(tier, "completion").inc(usage.completion_tokens)
+        self.tokens.labels(tier, "cached").inc(usage.cached_tokens)
+        self.cost.labels(tier).inc(usage.cost_usd)
+
+    def route(self, role: str, tier: str) -> None:
+        self.routes.labels(role, tier).inc()
+
+    def task_done(self, outcome: str, seconds: float) -> None:
+        self.tasks.labels(self.role, outcome).inc()
+        self.task_seconds.labels(self.role).observe(seconds)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(self.role, kind).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,188 @@
+"""``mesh node <role>``: one role process.
+
+Lifecycle: load and validate the role spec → connect and provision → serve /healthz, /readyz,
+/metrics → announce node.up and heartbeat into KV ``mesh_nodes`` → run the role's consumers →
+on SIGTERM/SIGINT stop fetching, let in-flight work finish within the grace period (what does not
+finish is handed back to JetStream for another replica) → node.down → exit 0.
+
+Every long-lived task is owned by one ``asyncio.TaskGroup``; nothing is fire-and-forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import suppress
+from typing import Any, Protocol, TypeVar
+
+from mesh import __version__
+from mesh.backends.tiers import load_tiers
+from mesh.bus.client import Bus
+from mesh.bus.consumer import PullConsumer
+from mesh.config import MeshSettings, get_settings
+from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
+from mesh.errors import NodeSpecError
+from mesh.logs import setup_json_logging
+from mesh.metrics import Metrics
+from mesh.node.health import HealthServer
+from mesh.roles.calls import ModelCaller
+from mesh.roles.goalstore import GoalStore
+from mesh.roles.orchestrator import Orchestrator
+from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
+from mesh.roles.worker import Worker
+from mesh.router.policy import RulePolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DrainTimeout(Exception):
+    """In-flight work outlived the grace period; cancelling it hands the messages back."""
+
+
+class Stoppable(Protocol):
+    in_flight: int
+
+    def stop(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+class Node:
+    def __init__(self, spec: RoleSpec, specs: dict[str, RoleSpec], settings: MeshSettings) -> None:
+        self.spec = spec
+        self.specs = specs
+        self.settings = settings
+        self.node_id = f"{spec.role}-{socket.gethostname()}-{os.getpid()}-{new_id()[:6]}"
+        self.metrics = Metrics(spec.role)
+        self.stop = asyncio.Event()
+        self.bus: Bus | None = None
+        self._stoppable: list[Stoppable] = []
+
+    def ready(self) -> bool:
+        return self.bus is not None and self.bus.connected and bool(self._stoppable)
+
+    async def run(self) -> None:
+        health = HealthServer(self.metrics, self.ready, self.settings.health_host, self.settings.health_port)
+        port = await health.start()
+        log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
+        try:
+            async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role]) as bus:
+                self.bus = bus
+                await self._serve(bus)
+        finally:
+            await health.stop()
+
+    async def _serve(self, bus: Bus) -> None:
+        topo = bus.topology
+        up = NodeUp(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role, host=socket.gethostname(),
+                    pid=os.getpid(), version=__version__)
+        await bus.emit(up)
+        runners: list[Callable[[], Awaitable[None]]] = []
+        caller: ModelCaller | None = None
+        if self.spec.kind == "recorder":
+            from mesh.roles.recorder import Recorder
+
+            recorder = Recorder(bus, self.settings, batch_size=self.spec.limits.batch_size)
+            self._stoppable.append(recorder)
+            runners.append(recorder.run)
+        else:
+            caller = ModelCaller(bus, load_tiers(self.settings), RulePolicy(), self.node_id, self.metrics)
+            goals = GoalStore(await bus.kv(topo.kv_goals))
+            dlq = topo.dlq_subject(self.spec.role)
+            if self.spec.kind == "orchestrator":
+                orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id)
+                self._stoppable += [
+                    PullConsumer(bus, stream=topo.goals_stream, durable=topo.consumer_name(self.spec.role),
+                                 handler=orch.on_goal, concurrency=self.spec.concurrency, dlq_subject=dlq),
+                    PullConsumer(bus, stream=topo.events_stream, durable=topo.outcomes_consumer,
+                                 handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq),
+                ]
+                runners.append(lambda: orch.sweep(self.stop))
+            else:
+                worker = Worker(bus, self.spec, caller, goals, self.node_id)
+                self._stoppable.append(
+                    PullConsumer(bus, stream=topo.tasks_stream, durable=topo.consumer_name(self.spec.role),
+                                 handler=worker.handle, concurrency=self.spec.concurrency, dlq_subject=dlq))
+            runners += [c.run for c in self._stoppable]
+        reason = "shutdown"
+        try:
+            async with asyncio.TaskGroup() as tg:
+                work = [tg.create_task(runner()) for runner in runners]
+                tg.create_task(self._heartbeat(bus))
+                tg.create_task(self._drain_on_stop(work))
+        except* DrainTimeout:
+            reason = "drain timeout: unfinished work handed back to JetStream"
+            log.warning(reason)
+        except* BaseException as group:
+            reason = f"crashed: {group.exceptions[0]!r}"
+            raise
+        finally:
+            with suppress(Exception):
+                await bus.emit(NodeDown(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role,
+                                        reason=reason))
+            with suppress(Exception):
+                await (await bus.kv(topo.kv_nodes)).delete(self.node_id)
+            if caller is not None:
+                await caller.gateway.aclose()
+
+    async def _drain_on_stop(self, work: list[asyncio.Task[None]]) -> None:
+        """On stop: no new fetches; in-flight work gets ``drain_seconds`` to finish."""
+        await self.stop.wait()
+        log.info("draining: no new work, waiting up to %.0fs for %d in-flight task(s)",
+                 self.settings.drain_seconds, self.in_flight)
+        for stoppable in self._stoppable:
+            stoppable.stop()
+        _, unfinished = await asyncio.wait(work, timeout=self.settings.drain_seconds)
+        if unfinished:
+            raise DrainTimeout()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self._stoppable)
+
+    async def _heartbeat(self, bus: Bus) -> None:
+        kv = await bus.kv(bus.topology.kv_nodes)
+        interval = bus.topology.nodes_ttl / 3
+        while not self.stop.is_set():
+            beat = {"node": self.node_id, "role": self.spec.role, "host": socket.gethostname(), "pid": os.getpid(),
+                    "version": __version__, "in_flight": self.in_flight}
+            try:
+                await kv.put(self.node_id, json.dumps(beat).encode())
+            except Exception as exc:  # a missed beat is not fatal; the next one may land
+                log.warning("heartbeat failed: %s", exc)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), interval)
+
+
+def run_node(role: str, settings: MeshSettings | None = None) -> int:
+    """Entry point of ``mesh node <role>``; returns the process exit code."""
+    settings = settings or get_settings()
+    specs = load_specs(default_nodes_dir())
+    if role not in specs:
+        raise NodeSpecError(f"unknown role {role!r}; roles with a spec in nodes/: {', '.join(sorted(specs))}")
+    setup_json_logging(settings.log_level, role=role)
+    node = Node(specs[role], specs, settings)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop.set)
+        await node.run()
+
+    run_loop(main())
+    return 0
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop (asyncio's own loop where uvloop is absent, e.g. Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

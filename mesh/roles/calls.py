@@ -1,0 +1,90 @@
+"""Where a role meets the model backends: route a request, call it through the gateway, and put
+every decision and call on the event stream. Shared by the orchestrator and the workers."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from mesh.backends.base import ChatRequest, ChatResponse
+from mesh.backends.gateway import BudgetGuard, CallRecord, ModelGateway
+from mesh.backends.tiers import TierConfig
+from mesh.bus.client import Bus
+from mesh.contracts import BackendCall, Budget, DagPosition, RouteDecided, RouteDecision, Usage
+from mesh.metrics import Metrics
+from mesh.roles.spec import RoleSpec
+from mesh.router.policy import RouteContext, RoutePolicy
+
+
+@dataclass(slots=True)
+class CallScope:
+    """Which goal and step the current model calls belong to (for backend.call events)."""
+
+    goal_id: str
+    step_id: str
+    role: str
+    attempt: int
+    usage: Usage
+
+
+_scope: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar("mesh_call_scope", default=None)
+
+
+class ModelCaller:
+    """One per node: owns the gateway callbacks that turn each backend attempt into an event."""
+
+    def __init__(self, bus: Bus, tiers: Mapping[str, TierConfig], policy: RoutePolicy, node_id: str,
+                 metrics: Metrics) -> None:
+        self.bus = bus
+        self.gateway = ModelGateway(tiers, on_call=self._on_call)
+        self.policy = policy
+        self.node_id = node_id
+        self.metrics = metrics
+
+    async def _on_call(self, rec: CallRecord) -> None:
+        scope = _scope.get()
+        self.metrics.backend_call(rec.tier, rec.outcome, rec.usage, rec.latency_ms)
+        if scope is None:
+            return
+        if rec.outcome == "ok":
+            scope.usage = scope.usage + rec.usage
+        await self.bus.emit(BackendCall(
+            goal_id=scope.goal_id, step_id=scope.step_id, node=self.node_id, tier=rec.tier, model=rec.model,
+            endpoint=rec.endpoint, usage=rec.usage, latency_ms=rec.latency_ms, outcome=rec.outcome,
+            attempt=rec.attempt, thinking=rec.thinking,
+        ))
+
+    def scope(self, goal_id: str, step_id: str, role: str, attempt: int) -> CallScope:
+        scope = CallScope(goal_id, step_id, role, attempt, Usage())
+        _scope.set(scope)
+        return scope
+
+    @staticmethod
+    def current_usage() -> Usage:
+        scope = _scope.get()
+        return scope.usage if scope else Usage()
+
+    async def route(self, spec: RoleSpec, *, goal_id: str, step_id: str, needed_tokens: int, difficulty: float,
+                    position: DagPosition, attempt: int, prior_failures: int, budget_fraction_left: float,
+                    event_id: str) -> RouteDecision:
+        ctx = RouteContext(
+            role=spec.role, needed_tokens=needed_tokens,
+            windows={t: self.gateway.window(t) for t in ("edge", "long_context", "swarm")},
+            available={t: self.gateway.available(t) for t in ("edge", "long_context", "swarm")},
+            preferred=spec.router.preferred, difficulty=difficulty, position=position, attempt=attempt,
+            prior_failures=prior_failures, budget_fraction_left=budget_fraction_left,
+            thinking=spec.router.thinking, swarm_capable=spec.router.swarm_fan_out > 0,
+        )
+        decision = self.policy.decide(ctx)
+        self.metrics.route(spec.role, decision.tier)
+        await self.bus.emit(RouteDecided(event_id=event_id, goal_id=goal_id, step_id=step_id, role=spec.role,
+                                         node=self.node_id, decision=decision))
+        return decision
+
+    async def chat(self, req: ChatRequest, decision: RouteDecision, remaining: Budget,
+                   check: Callable[[], Awaitable[None]]) -> ChatResponse:
+        """One routed call; ``check`` runs first (cancellation) and may raise."""
+        await check()
+        guard = BudgetGuard(remaining, spent=self.current_usage())
+        return await self.gateway.chat(req, decision.tier, budget=guard)

@@ -1,0 +1,207 @@
+"""The state of one goal as the orchestrator keeps it in KV ``mesh_goals``: plan, step states, usage.
+
+Pure data and transitions, no I/O: the orchestrator loads it, applies a transition and writes it back
+by compare-and-swap, so two planner replicas never both apply the same transition. Every transition
+is idempotent (a second ``complete`` of the same step returns False), which makes redelivered events
+and re-driven goals harmless.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from mesh.contracts.models import ArtifactRef, DagPosition, Goal, Plan, Step, Usage, Wire, utcnow
+
+StepStatus = Literal["pending", "dispatched", "completed", "failed"]
+GoalStatus = Literal["planning", "running", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+MEMORY_LINES = 24
+
+
+class StepState(Wire):
+    step: Step
+    status: StepStatus = "pending"
+    attempt: int = 0
+    outputs: list[ArtifactRef] = Field(default_factory=list)
+    verdict: str | None = None
+    tier: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    error: str | None = None
+    failures: int = 0
+    dispatched_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class GoalState(Wire):
+    goal: Goal
+    status: GoalStatus = "planning"
+    plan_version: int = 0
+    steps: dict[str, StepState] = Field(default_factory=dict)
+    usage: Usage = Field(default_factory=Usage)
+    steps_run: int = 0
+    replans: int = 0
+    review_rounds: int = 0
+    memory: list[str] = Field(default_factory=list)
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    result: ArtifactRef | None = None
+    workspace: ArtifactRef | None = None
+    reason: str | None = None
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def ready(self) -> list[str]:
+        """Pending steps whose dependencies have all completed, in plan order."""
+        return [sid for sid, st in self.steps.items()
+                if st.status == "pending" and all(self.steps[d].status == "completed" for d in st.step.depends_on)]
+
+    def all_completed(self) -> bool:
+        return bool(self.steps) and all(st.status == "completed" for st in self.steps.values())
+
+    def inputs_for(self, step_id: str) -> list[ArtifactRef]:
+        """Composition: the outputs of a step's dependencies, then its own extra inputs."""
+        st = self.steps[step_id]
+        refs = [ref for dep in st.step.depends_on for ref in self.steps[dep].outputs]
+        return refs + st.step.inputs
+
+    def position(self, step_id: str) -> DagPosition:
+        depth: dict[str, int] = {}
+
+        def depth_of(sid: str) -> int:
+            if sid not in depth:
+                deps = self.steps[sid].step.depends_on
+                depth[sid] = 1 + max((depth_of(d) for d in deps), default=-1)
+            return depth[sid]
+
+        mine = depth_of(step_id)
+        return DagPosition(
+            depth=mine,
+            fan_out=sum(1 for s in self.steps if depth_of(s) == mine),
+            dependents=sum(1 for st in self.steps.values() if step_id in st.step.depends_on),
+            total_steps=len(self.steps),
+        )
+
+    def budget_breach(self, now: datetime | None = None) -> str | None:
+        """Why the goal is over budget, or None."""
+        b = self.goal.budget
+        if b.max_tokens is not None and self.usage.total_tokens > b.max_tokens:
+            return f"token budget exceeded: {self.usage.total_tokens} > {b.max_tokens}"
+        if b.max_cost_usd is not None and self.usage.cost_usd > b.max_cost_usd:
+            return f"cost budget exceeded: ${self.usage.cost_usd:.4f} > ${b.max_cost_usd:.4f}"
+        if b.max_steps is not None and self.steps_run > b.max_steps:
+            return f"step budget exceeded: {self.steps_run} steps run > {b.max_steps}"
+        elapsed = ((now or utcnow()) - self.started_at).total_seconds()
+        if b.max_wall_seconds is not None and elapsed > b.max_wall_seconds:
+            return f"wall-time budget exceeded: {elapsed:.0f}s > {b.max_wall_seconds:.0f}s"
+        return None
+
+    def remaining_budget(self) -> dict[str, float | int | None]:
+        b = self.goal.budget
+        elapsed = (utcnow() - self.started_at).total_seconds()
+        return {
+            "max_tokens": None if b.max_tokens is None else max(1, b.max_tokens - self.usage.total_tokens),
+            "max_cost_usd": None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - self.usage.cost_usd),
+            "max_steps": None if b.max_steps is None else max(1, b.max_steps - self.steps_run),
+            "max_wall_seconds": None if b.max_wall_seconds is None else max(1.0, b.max_wall_seconds - elapsed),
+        }
+
+    # --- transitions -----------------------------------------------------------------------
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Install a (re)plan: completed steps are kept, every other step is replaced by the plan's."""
+        kept = {sid: st for sid, st in self.steps.items() if st.status == "completed"}
+        steps = dict(kept)
+        for step in plan.steps:
+            if step.step_id not in kept:
+                previous = self.steps.get(step.step_id)
+                steps[step.step_id] = StepState(step=step, attempt=previous.attempt if previous else 0,
+                                                failures=previous.failures if previous else 0)
+        self.steps = steps
+        self.plan_version = plan.version
+        self.status = "running"
+
+    def mark_dispatched(self, step_id: str) -> int:
+        st = self.steps[step_id]
+        st.status = "dispatched"
+        st.attempt += 1
+        st.dispatched_at = utcnow()
+        return st.attempt
+
+    def complete(self, step_id: str, attempt: int, outputs: list[ArtifactRef], usage: Usage,
+                 verdict: str | None, tier: str | None, summary: str) -> bool:
+        """Record a completion; False when the step is unknown, already done, or the attempt is stale."""
+        st = self.steps.get(step_id)
+        if st is None or st.status != "dispatched" or attempt != st.attempt:
+            return False
+        st.status, st.outputs, st.usage, st.verdict, st.tier = "completed", outputs, usage, verdict, tier
+        st.finished_at = utcnow()
+        self.usage = self.usage + usage
+        self.steps_run += 1
+        workspaces = [r for r in outputs if r.media_type == "application/vnd.mesh.workspace+json"]
+        if workspaces:
+            self.workspace = workspaces[-1]
+        self.remember(f"{step_id} ({st.step.role}) done: {summary}")
+        return True
+
+    def fail_attempt(self, step_id: str, attempt: int, error: str, usage: Usage) -> bool:
+        st = self.steps.get(step_id)
+        if st is None or st.status != "dispatched" or attempt != st.attempt:
+            return False
+        st.status, st.error = "failed", error
+        st.failures += 1
+        st.finished_at = utcnow()
+        self.usage = self.usage + usage
+        self.steps_run += 1
+        self.remember(f"{step_id} ({st.step.role}) FAILED: {error[:160]}")
+        return True
+
+    def add_revision(self, review_id: str) -> list[str]:
+        """Review → revision loop: a coder revision of the reviewed work and a fresh review of it.
+
+        Dependents of the review (and of the reviewed coder step) are rewired to the new pair, so the
+        rest of the plan waits for the revised, re-reviewed work. Returns the new step ids.
+        """
+        review = self.steps[review_id].step
+        coder_ids = [d for d in review.depends_on if self.steps[d].step.role == "coder"]
+        if not coder_ids:
+            return []
+        coder = self.steps[coder_ids[-1]].step
+        self.review_rounds += 1
+        n = self.review_rounds
+        base_coder = coder.revision_of or coder.step_id
+        base_review = review.revision_of or review.step_id
+        new_coder = Step(
+            step_id=f"{base_coder}-rev{n}", role="coder", depends_on=[coder.step_id, review_id],
+            instruction=f"Revise the work of step {coder.step_id}: address every note of the review.\n"
+                        f"Original instruction: {coder.instruction}",
+            acceptance=coder.acceptance, difficulty=coder.difficulty, revision_of=base_coder,
+        )
+        new_review = Step(
+            step_id=f"{base_review}-rev{n}", role=review.role, depends_on=[new_coder.step_id, review_id],
+            instruction=review.instruction, acceptance=review.acceptance, difficulty=review.difficulty,
+            revision_of=base_review,
+        )
+        swap = {review_id: new_review.step_id, coder.step_id: new_coder.step_id}
+        for st in self.steps.values():
+            if st.status == "pending":
+                st.step.depends_on = list(dict.fromkeys(swap.get(d, d) for d in st.step.depends_on))
+        self.steps[new_coder.step_id] = StepState(step=new_coder)
+        self.steps[new_review.step_id] = StepState(step=new_review)
+        self.remember(f"{review_id} requested changes: revision round {n}")
+        return [new_coder.step_id, new_review.step_id]
+
+    def finish(self, status: GoalStatus, reason: str | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.finished_at = utcnow()
+
+    def remember(self, line: str) -> None:
+        """The running goal memory: short lines, the newest kept."""
+        self.memory = (self.memory + [line.replace("\n", " ")[:240]])[-MEMORY_LINES:]

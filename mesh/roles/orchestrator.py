@@ -1,0 +1,337 @@
+"""The orchestrator (planner role): goal → plan DAG → dispatch ready steps → compose → finish.
+
+Two inputs, each a durable pull consumer shared by every planner replica:
+- goals (``MESH_GOALS``): plan the goal (bounded re-asks on an invalid plan), store it, dispatch;
+- step outcomes (``step.completed`` / ``step.failed`` on ``MESH_EVENTS``): record, compose, dispatch
+  what became ready, run review → revision loops, replan failed work, enforce budgets, finish.
+
+Every change to a goal is a pure transition of ``GoalState`` applied by compare-and-swap
+(``GoalStore.mutate``); side effects (task publishes, events) follow the successful write and are
+idempotent (dedupe ids derived from goal, step and attempt), so a replica that crashes between the
+write and the publish is repaired by the reconciliation sweep re-driving the goal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import timedelta
+from typing import Any
+
+from mesh.backends.base import ChatMessage, ChatRequest
+from mesh.bus.client import Bus
+from mesh.bus.consumer import Delivery
+from mesh.contracts import (
+    Budget,
+    DagPosition,
+    Goal,
+    GoalCompleted,
+    GoalFailed,
+    GoalPlanned,
+    GoalSubmitted,
+    Plan,
+    Step,
+    StepCompleted,
+    StepDispatched,
+    StepFailed,
+    Task,
+    utcnow,
+)
+from mesh.errors import AllTiersFailed, BackendError, BusError, PlanInvalid, RetryableBackendError
+from mesh.roles.calls import ModelCaller
+from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstore import GoalStore
+from mesh.roles.spec import RoleSpec
+
+log = logging.getLogger(__name__)
+
+PLAN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "rationale": {"type": "string"},
+        "steps": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "properties": {
+                "step_id": {"type": "string"}, "role": {"type": "string"}, "instruction": {"type": "string"},
+                "depends_on": {"type": "array", "items": {"type": "string"}},
+                "acceptance": {"type": "array", "items": {"type": "string"}},
+                "difficulty": {"type": "number"},
+            },
+            "required": ["step_id", "role", "instruction", "depends_on"],
+        }},
+    },
+    "required": ["steps"],
+}
+SWEEP_SECONDS = 5.0
+
+
+class Orchestrator:
+    def __init__(self, bus: Bus, spec: RoleSpec, roles: dict[str, RoleSpec], caller: ModelCaller,
+                 goals: GoalStore, node_id: str) -> None:
+        self.bus = bus
+        self.spec = spec
+        self.roles = {r: s for r, s in roles.items() if s.kind == "worker"}
+        self.caller = caller
+        self.goals = goals
+        self.node_id = node_id
+        self.limits = spec.limits
+        # A dispatched step with no outcome for this long is re-driven (its task re-published under the
+        # same dedupe id): longer than every delivery of the task could take.
+        topo = bus.topology
+        self.stale_after = timedelta(seconds=topo.ack_wait * (topo.max_deliver + 1) + 60)
+
+    # --- goals ---------------------------------------------------------------------------------
+
+    async def on_goal(self, delivery: Delivery) -> None:
+        goal = delivery.message(Goal)
+        gid = goal.goal_id
+        if await self.goals.create(GoalState(goal=goal)):
+            await self.bus.emit(GoalSubmitted(event_id=f"{gid}.submitted", goal_id=gid, goal=goal, node=self.node_id))
+        state = await self.goals.get(gid)
+        assert state is not None
+        if state.status == "planning":
+            await self._plan(state, attempt=delivery.attempt)
+        else:
+            await self.redrive(gid)  # a redelivered goal: make sure its dispatches went out
+
+    async def _plan(self, state: GoalState, *, attempt: int, failed: str | None = None) -> None:
+        goal = state.goal
+        try:
+            plan = await self._ask_for_plan(state, version=state.plan_version + 1, failed=failed)
+        except PlanInvalid as exc:
+            await self._finish(goal.goal_id, "failed", f"no valid plan after {self.limits.max_plan_attempts} "
+                                                       f"attempts: {exc}")
+            return
+        except (RetryableBackendError, AllTiersFailed) as exc:
+            if attempt < self.bus.topology.max_deliver and failed is None:
+                raise  # nak: plan again later
+            await self._finish(goal.goal_id, "failed", f"planning failed: {exc}")
+            return
+        except BackendError as exc:
+            await self._finish(goal.goal_id, "failed", f"planning failed: {exc}")
+            return
+
+        def install(s: GoalState) -> bool:
+            if s.done or s.plan_version >= plan.version:
+                return False
+            if failed is not None:
+                s.replans += 1
+            s.apply_plan(plan)
+            return True
+
+        state, installed = await self.goals.mutate(goal.goal_id, install)
+        if installed:
+            await self.bus.emit(GoalPlanned(event_id=f"{goal.goal_id}.planned.{plan.version}", goal_id=goal.goal_id,
+                                            plan=plan, node=self.node_id))
+        await self._advance(goal.goal_id)
+
+    async def _ask_for_plan(self, state: GoalState, *, version: int, failed: str | None) -> Plan:
+        goal = state.goal
+        roles = "\n".join(f"- {r}: {s.description}" for r, s in sorted(self.roles.items()))
+        lines = [f"## Pinned constraints\n" + "\n".join(f"- {c}" for c in goal.constraints or ["(none)"]),
+                 f"## Goal\n{goal.brief}", f"## Roles\n{roles}"]
+        if failed is not None:
+            done = [f"- {sid} ({st.step.role}): completed" for sid, st in state.steps.items()
+                    if st.status == "completed"]
+            lines.append("## Replan\nStep " + failed + " failed after retries. Completed steps (keep their ids, "
+                         "they will not run again):\n" + "\n".join(done or ["(none)"]) +
+                         "\nPlan the remaining work; you may change or replace the failed step.")
+        lines.append(f"## Output\n{self.spec.prompts.output if self.spec.prompts else ''}")
+        messages = [ChatMessage(role="system", content=f"ROLE: planner\n{self.spec.prompts.system}"),  # type: ignore[union-attr]
+                    ChatMessage(role="user", content="\n\n".join(lines))]
+        self.caller.scope(goal.goal_id, "plan", "planner", version)
+        decision = await self.caller.route(
+            self.spec, goal_id=goal.goal_id, step_id="plan", needed_tokens=sum(len(m.content) // 3 for m in messages),
+            difficulty=0.7, position=DagPosition(),
+            attempt=version, prior_failures=state.replans, budget_fraction_left=1.0,
+            event_id=f"{goal.goal_id}.route.plan.{version}",
+        )
+        error: PlanInvalid | None = None
+        for _ in range(self.limits.max_plan_attempts):
+            request = ChatRequest(messages=messages, thinking=decision.thinking, json_schema=PLAN_SCHEMA,
+                                  max_tokens=self.limits.max_output_tokens,
+                                  metadata={"role": "planner", **{k: v for k, v in goal.options.items()
+                                                                 if isinstance(v, str | int | float | bool)}})
+            response = await self.caller.chat(request, decision, _remaining(state), _no_check)
+            try:
+                return self._parse_plan(goal.goal_id, response.text, version)
+            except PlanInvalid as exc:
+                error = exc
+                messages = messages + [ChatMessage(role="assistant", content=response.text),
+                                       ChatMessage(role="user", content=f"That plan is invalid: {exc}. "
+                                                                        "Answer with a corrected plan.")]
+        assert error is not None
+        raise error
+
+    def _parse_plan(self, goal_id: str, text: str, version: int) -> Plan:
+        start, end = text.find("{"), text.rfind("}")
+        try:
+            doc = json.loads(text[start:end + 1])
+            plan = Plan(goal_id=goal_id, steps=doc["steps"], version=version, rationale=str(doc.get("rationale", "")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PlanInvalid(f"plan is not valid JSON of the plan schema: {str(exc)[:300]}") from exc
+        plan = _with_synthesis(plan)
+        plan.check(frozenset(self.roles), max_steps=self.limits.max_plan_steps)
+        return plan
+
+    # --- step outcomes -------------------------------------------------------------------------
+
+    async def on_step_event(self, delivery: Delivery) -> None:
+        event = delivery.envelope.message()
+        if isinstance(event, StepCompleted):
+            await self._on_completed(event)
+        elif isinstance(event, StepFailed):
+            await self._on_failed(event)
+
+    async def _on_completed(self, ev: StepCompleted) -> None:
+        summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
+
+        def record(s: GoalState) -> bool:
+            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary):
+                return False
+            if ev.verdict == "changes_requested" and s.review_rounds < self.limits.max_review_iterations:
+                s.add_revision(ev.step_id)
+            return True
+
+        _, changed = await self.goals.mutate(ev.goal_id, record)
+        if changed:
+            await self._advance(ev.goal_id)
+
+    async def _on_failed(self, ev: StepFailed) -> None:
+        def record(s: GoalState) -> bool:
+            return not s.done and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage)
+
+        state, changed = await self.goals.mutate(ev.goal_id, record)
+        if not changed:
+            return
+        if state.replans >= self.limits.max_replans:
+            await self._finish(ev.goal_id, "failed", f"step {ev.step_id} failed and the replan limit "
+                                                     f"({self.limits.max_replans}) is reached: {ev.error}")
+            return
+        await self._plan(state, attempt=1, failed=ev.step_id)
+
+    # --- driving ---------------------------------------------------------------------------------
+
+    async def _advance(self, goal_id: str) -> None:
+        """Budgets, completion, then dispatch every step that became ready."""
+        state = await self.goals.get(goal_id)
+        if state is None or state.done:
+            return
+        breach = state.budget_breach()
+        if breach:
+            await self._finish(goal_id, "failed", breach)
+            return
+        if state.all_completed():
+            await self._finish(goal_id, "completed")
+            return
+
+        def dispatch(s: GoalState) -> list[str]:
+            if s.done:
+                return []
+            ready = s.ready()
+            for sid in ready:
+                s.mark_dispatched(sid)
+            return ready
+
+        state, ready = await self.goals.mutate(goal_id, dispatch)
+        for sid in ready:
+            await self._publish_task(state, sid)
+
+    async def _publish_task(self, state: GoalState, step_id: str) -> None:
+        st, goal = state.steps[step_id], state.goal
+        task = Task(
+            task_id=Task.make_id(goal.goal_id, step_id, st.attempt), goal_id=goal.goal_id, step=st.step,
+            attempt=st.attempt, brief=goal.brief, constraints=goal.constraints, inputs=state.inputs_for(step_id),
+            memory="\n".join(state.memory), position=state.position(step_id), remaining=_remaining(state),
+            budget_fraction_left=_fraction_left(state), prior_failures=st.failures, options=goal.options,
+        )
+        fresh = await self.bus.dispatch(task)
+        if fresh:
+            await self.bus.emit(StepDispatched(event_id=f"{task.task_id}.dispatched", goal_id=goal.goal_id,
+                                               step_id=step_id, role=st.step.role, attempt=st.attempt,
+                                               task_id=task.task_id, node=self.node_id))
+
+    async def _finish(self, goal_id: str, status: str, reason: str | None = None) -> None:
+        def close(s: GoalState) -> bool:
+            if s.done:
+                return False
+            if status == "completed":
+                s.result = _final_output(s)
+            s.finish(status, reason)  # type: ignore[arg-type]
+            return True
+
+        state, changed = await self.goals.mutate(goal_id, close)
+        if not changed:
+            return
+        if status == "completed" and state.result is not None:
+            await self.bus.emit(GoalCompleted(event_id=f"{goal_id}.completed", goal_id=goal_id, result=state.result,
+                                              workspace=state.workspace, usage=state.usage,
+                                              steps_run=state.steps_run, node=self.node_id))
+        else:
+            await self.bus.emit(GoalFailed(event_id=f"{goal_id}.failed", goal_id=goal_id, node=self.node_id,
+                                           reason=reason or "failed", usage=state.usage))
+
+    async def redrive(self, goal_id: str) -> None:
+        """Re-publish every dispatched task (dedupe drops the ones that exist) and advance."""
+        state = await self.goals.get(goal_id)
+        if state is None or state.done:
+            return
+        for sid, st in state.steps.items():
+            if st.status == "dispatched":
+                await self._publish_task(state, sid)
+        await self._advance(goal_id)
+
+    async def sweep(self, stop: asyncio.Event) -> None:
+        """Reconciliation: wall-time budgets and stale dispatches of running goals."""
+        while not stop.is_set():
+            try:
+                for gid in await self.goals.keys():
+                    state = await self.goals.get(gid)
+                    if state is None or state.done or state.status == "planning":
+                        continue
+                    now = utcnow()
+                    stale = any(st.status == "dispatched" and st.dispatched_at is not None
+                                and now - st.dispatched_at > self.stale_after for st in state.steps.values())
+                    if stale or state.budget_breach(now):
+                        await self.redrive(gid)
+            except BusError as exc:
+                log.warning("reconciliation sweep failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
+            except TimeoutError:
+                pass
+
+
+def _with_synthesis(plan: Plan) -> Plan:
+    """Every plan ends in one synthesizer step that depends on all sinks: the goal's final artifact."""
+    if any(s.role == "synthesizer" for s in plan.steps):
+        return plan
+    needed = {d for s in plan.steps for d in s.depends_on}
+    sinks = [s.step_id for s in plan.steps if s.step_id not in needed]
+    synth = Step(step_id="synthesis", role="synthesizer", depends_on=sinks,
+                 instruction="Compose every output into the final deliverable for the goal.")
+    return plan.model_copy(update={"steps": [*plan.steps, synth]})
+
+
+def _final_output(state: GoalState) -> Any:
+    """The main output of the last completed synthesizer step (else of the last completed step)."""
+    done = [st for st in state.steps.values() if st.status == "completed" and st.outputs]
+    done.sort(key=lambda st: (st.step.role == "synthesizer", st.finished_at or utcnow()))
+    return done[-1].outputs[0] if done else None
+
+
+def _remaining(state: GoalState) -> Budget:
+    return Budget.model_validate(state.remaining_budget())
+
+
+def _fraction_left(state: GoalState) -> float:
+    b, left = state.goal.budget, state.remaining_budget()
+    fractions = [float(left[k]) / float(v) for k, v in  # type: ignore[arg-type]
+                 (("max_tokens", b.max_tokens), ("max_cost_usd", b.max_cost_usd), ("max_steps", b.max_steps))
+                 if v]
+    return max(0.0, min([1.0, *fractions]))
+
+
+async def _no_check() -> None:
+    return None

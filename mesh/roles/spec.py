@@ -1,0 +1,130 @@
+"""Role specs: ``nodes/<role>.toml`` is data, validated here at start with clear errors.
+
+A new worker role is a new TOML file and no Python: the worker runtime reads its subjects (derived
+from the role name), tools, prompts, concurrency, tier preferences and limits from the spec.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mesh.contracts.models import TIERS
+from mesh.errors import NodeSpecError
+from mesh.tools.catalog import TOOL_NAMES
+
+RoleKind = Literal["orchestrator", "worker", "recorder"]
+
+
+class _Strict(BaseModel):
+    # Specs are written by people: a typo'd key must be an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Prompts(_Strict):
+    system: str = Field(min_length=1, description="System prompt; the worker prefixes 'ROLE: <role>'.")
+    output: str = Field(default="", description="What the output must look like (appended to the step).")
+
+
+class RouterPrefs(_Strict):
+    preferred: list[str] = Field(default_factory=lambda: ["long_context", "swarm", "edge"])
+    thinking: Literal["auto", "on", "off"] = "auto"
+    swarm_fan_out: int = Field(default=0, ge=0, le=32, description="Sub-calls when routed to the swarm tier.")
+
+    @field_validator("preferred")
+    @classmethod
+    def _known_tiers(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in TIERS]
+        if unknown:
+            raise ValueError(f"unknown tier(s) {unknown}; known tiers: {list(TIERS)}")
+        return v
+
+
+class Limits(_Strict):
+    max_tool_rounds: int = Field(default=6, ge=0, le=64)
+    max_output_tokens: int = Field(default=4096, ge=16, le=262_144)
+    step_timeout_seconds: float = Field(default=900, gt=0)
+    # orchestrator only
+    max_plan_attempts: int = Field(default=3, ge=1, le=10)
+    max_review_iterations: int = Field(default=2, ge=0, le=10)
+    max_replans: int = Field(default=2, ge=0, le=10)
+    max_plan_steps: int = Field(default=200, ge=1, le=2000)
+    # recorder only
+    batch_size: int = Field(default=2000, ge=1, le=100_000)
+
+
+class RoleSpec(_Strict):
+    role: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    kind: RoleKind
+    description: str = ""
+    concurrency: int = Field(default=1, ge=1, le=256)
+    tools: list[str] = Field(default_factory=list)
+    shell_allow: list[str] = Field(default_factory=list, description="Commands shell.run may start.")
+    output_kind: str = Field(default="note", description="Artifact kind of the step's main output.")
+    verdicts: bool = Field(default=False, description="Output is a review verdict (approve / changes requested).")
+    prompts: Prompts | None = None
+    router: RouterPrefs = Field(default_factory=RouterPrefs)
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("tools")
+    @classmethod
+    def _known_tools(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in TOOL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown tool(s) {unknown}; known tools: {sorted(TOOL_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> RoleSpec:
+        if self.kind != "recorder" and self.prompts is None:
+            raise ValueError(f"a {self.kind} role needs a [prompts] table with a system prompt")
+        if self.shell_allow and "shell.run" not in self.tools:
+            raise ValueError("shell_allow is set but shell.run is not in tools")
+        return self
+
+
+def default_nodes_dir() -> Path:
+    """``MESH_NODES_DIR``, else ``nodes/`` beside the package (a source checkout), else the packaged copy."""
+    env = os.environ.get("MESH_NODES_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent.parent / "nodes", here.parent / "nodes"):
+        if candidate.is_dir():
+            return candidate
+    raise NodeSpecError("no nodes/ directory found; set MESH_NODES_DIR")
+
+
+def load_spec(path: Path) -> RoleSpec:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise NodeSpecError(f"role spec {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise NodeSpecError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        spec = RoleSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise NodeSpecError(f"{path}: invalid role spec: {problems}") from exc
+    if spec.role != path.stem:
+        raise NodeSpecError(f"{path}: role {spec.role!r} must match the file name {path.stem!r}")
+    return spec
+
+
+def load_specs(directory: Path | None = None) -> dict[str, RoleSpec]:
+    directory = directory or default_nodes_dir()
+    specs = {p.stem: load_spec(p) for p in sorted(directory.glob("*.toml"))}
+    if not specs:
+        raise NodeSpecError(f"no role specs (*.toml) in {directory}")
+    return specs
+
+
+def worker_roles(specs: dict[str, RoleSpec]) -> frozenset[str]:
+    return frozenset(r for r, s in specs.items() if s.kind == "worker")

@@ -1,0 +1,250 @@
+"""The worker role: pull a task → pack context → route → call the backend with a bounded tool loop →
+publish artifacts and events → ack.
+
+Idempotent: a redelivered task whose step is already completed (or superseded) in the goal state is
+acked without work, and every event id is derived from the task id, so a re-run inside the dedupe
+window publishes nothing twice. A worker's last delivery never just disappears: when retries are
+exhausted it publishes ``step.failed`` so the orchestrator can replan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from mesh.backends.base import ChatMessage, ChatRequest, ChatResponse, ToolSpec
+from mesh.bus.client import Bus
+from mesh.bus.consumer import Delivery
+from mesh.contracts import (
+    Artifact,
+    ArtifactCreated,
+    ArtifactRef,
+    StepCompleted,
+    StepFailed,
+    StepProgress,
+    StepStarted,
+    Task,
+    ToolCall,
+    Usage,
+)
+from mesh.errors import (
+    AllTiersFailed,
+    BusError,
+    GoalCancelled,
+    MalformedResponse,
+    MeshError,
+    RetryableBackendError,
+)
+from mesh.packing import estimate_tokens, pack
+from mesh.roles.calls import ModelCaller
+from mesh.roles.goalstore import GoalStore
+from mesh.roles.spec import RoleSpec
+from mesh.tools.toolbox import ToolBox
+from mesh.tools.workspace import MANIFEST_MEDIA_TYPE, Workspace
+
+log = logging.getLogger(__name__)
+
+VERDICT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"verdict": {"enum": ["approve", "changes_requested"]},
+                   "notes": {"type": "array", "items": {"type": "string"}}},
+    "required": ["verdict", "notes"],
+}
+MAX_INPUT_FILE_CHARS = 20_000
+
+
+class Worker:
+    def __init__(self, bus: Bus, spec: RoleSpec, caller: ModelCaller, goals: GoalStore, node_id: str) -> None:
+        self.bus = bus
+        self.spec = spec
+        self.caller = caller
+        self.goals = goals
+        self.node_id = node_id
+        self.max_deliver = bus.topology.max_deliver
+
+    async def handle(self, delivery: Delivery) -> None:
+        task = delivery.message(Task)
+        started = time.perf_counter()
+        metrics = self.caller.metrics
+        state = await self.goals.get(task.goal_id)
+        current = state.steps.get(task.step.step_id) if state else None
+        if state is None or state.done or current is None or current.status != "dispatched" \
+                or current.attempt != task.attempt:
+            log.info("skipping task %s: goal or step no longer waiting for this attempt", task.task_id)
+            metrics.task_done("skipped", time.perf_counter() - started)
+            return
+        await self.bus.emit(StepStarted(event_id=f"{task.task_id}.started.{delivery.attempt}", goal_id=task.goal_id,
+                                        step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
+                                        node=self.node_id))
+        scope = self.caller.scope(task.goal_id, task.step.step_id, self.spec.role, task.attempt)
+        try:
+            completed = await self._execute(task, delivery)
+        except GoalCancelled:
+            metrics.task_done("cancelled", time.perf_counter() - started)
+            return
+        except (RetryableBackendError, AllTiersFailed, BusError) as exc:
+            metrics.error(type(exc).__name__)
+            if delivery.attempt < self.max_deliver:
+                raise  # nak with backoff: another delivery, maybe on another replica
+            await self._fail(task, f"gave up after {delivery.attempt} deliveries: {exc}", scope.usage)
+            metrics.task_done("failed", time.perf_counter() - started)
+            return
+        except MeshError as exc:  # permanent: retrying the same task fails the same way
+            metrics.error(type(exc).__name__)
+            await self._fail(task, str(exc), scope.usage)
+            metrics.task_done("failed", time.perf_counter() - started)
+            return
+        await self.bus.emit(completed)
+        metrics.task_done("completed", time.perf_counter() - started)
+
+    async def _fail(self, task: Task, error: str, usage: Usage) -> None:
+        await self.bus.emit(StepFailed(event_id=f"{task.task_id}.failed", goal_id=task.goal_id,
+                                       step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
+                                       node=self.node_id, error=error[:2000]))
+
+    async def _check_cancelled(self, goal_id: str) -> None:
+        state = await self.goals.get(goal_id)
+        if state is None or state.status == "cancelled":
+            raise GoalCancelled(f"goal {goal_id} was cancelled")
+
+    # --- the step ----------------------------------------------------------------------------
+
+    async def _execute(self, task: Task, delivery: Delivery) -> StepCompleted:
+        step, spec = task.step, self.spec
+        workspace_ref, inputs, reviews = await self._load_inputs(task)
+        workspace = await Workspace.open(workspace_ref, self.bus.get_blob)
+        if workspace_ref is not None:
+            inputs.append(("workspace", await self._workspace_text(workspace), -1))
+        instruction = step.instruction
+        if step.revision_of and reviews:
+            instruction += "\n\n## Previous review\n" + "\n\n".join(reviews)
+        if spec.prompts and spec.prompts.output:
+            instruction += f"\n\nOutput format: {spec.prompts.output}"
+        system = f"ROLE: {spec.role}\n{spec.prompts.system if spec.prompts else ''}"
+        needed = estimate_tokens(system + instruction + task.brief + task.memory + "".join(task.constraints)) \
+            + sum(estimate_tokens(t) for _, t, _ in inputs) + spec.limits.max_output_tokens
+        decision = await self.caller.route(
+            spec, goal_id=task.goal_id, step_id=step.step_id, needed_tokens=needed, difficulty=step.difficulty,
+            position=task.position, attempt=task.attempt, prior_failures=task.prior_failures + delivery.attempt - 1,
+            budget_fraction_left=task.budget_fraction_left, event_id=f"{task.task_id}.route.{delivery.attempt}",
+        )
+        window = self.caller.gateway.window(decision.tier)
+        packed = pack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,
+                      acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
+                      output_reserve=spec.limits.max_output_tokens)
+        if packed.dropped or packed.summarised:
+            await self.bus.emit(StepProgress(
+                event_id=f"{task.task_id}.packed.{delivery.attempt}", goal_id=task.goal_id, step_id=step.step_id,
+                role=spec.role, attempt=task.attempt, node=self.node_id,
+                message=f"context packed to {packed.tokens} of {window} tokens",
+                detail={"dropped": packed.dropped, "summarised": packed.summarised, "tier": decision.tier},
+            ))
+        toolbox = ToolBox(spec.tools, workspace)
+        request = ChatRequest(
+            messages=packed.messages,
+            tools=[ToolSpec(name=n, description=d, parameters=p) for n, d, p in toolbox.specs()],
+            thinking=decision.thinking, max_tokens=spec.limits.max_output_tokens,
+            json_schema=VERDICT_SCHEMA if spec.verdicts else None,
+            metadata={"role": spec.role, "difficulty": step.difficulty, "fan_out": task.position.fan_out,
+                      "step_id": step.step_id, **_hints(task.options)},
+        )
+        response = await self._converse(task, request, decision, toolbox)
+        verdict = _parse_verdict(response.text) if spec.verdicts else None
+        outputs = await self._publish_outputs(task, response.text, workspace, workspace_ref)
+        return StepCompleted(
+            event_id=f"{task.task_id}.completed", goal_id=task.goal_id, step_id=step.step_id, role=spec.role,
+            attempt=task.attempt, node=self.node_id, outputs=outputs,
+            usage=self.caller.current_usage(), verdict=verdict, tier=decision.tier,  # type: ignore[arg-type]
+        )
+
+    async def _converse(self, task: Task, request: ChatRequest, decision: Any, toolbox: ToolBox) -> ChatResponse:
+        """The bounded tool loop (or a swarm fan-out for wide, tool-less steps)."""
+        check = lambda: self._check_cancelled(task.goal_id)  # noqa: E731 — a closure over the goal id
+        fan_out = self.spec.router.swarm_fan_out
+        if decision.tier == "swarm" and fan_out and not request.tools:
+            await check()
+            subtasks = [f"Part {i + 1} of {fan_out}: cover one distinct aspect of: {task.step.instruction}"
+                        for i in range(fan_out)]
+            return await self.caller.gateway.swarm(request, subtasks)
+        messages = list(request.messages)
+        for _round in range(self.spec.limits.max_tool_rounds + 1):
+            response = await self.caller.chat(request.model_copy(update={"messages": messages}), decision,
+                                              task.remaining, check)
+            if not response.tool_calls or _round == self.spec.limits.max_tool_rounds:
+                return response
+            messages.append(response.as_message())
+            for call in response.tool_calls:
+                await check()
+                result = await toolbox.call(call.name, call.arguments)
+                await self.bus.emit(ToolCall(
+                    event_id=f"{task.task_id}.tool.{call.id}", goal_id=task.goal_id, step_id=task.step.step_id,
+                    role=self.spec.role, node=self.node_id, tool=call.name, arguments=result.arguments,
+                    ok=result.ok, refused=result.refused, error=None if result.ok else result.content,
+                    duration_ms=result.duration_ms,
+                ))
+                messages.append(ChatMessage(role="tool", content=result.content, tool_call_id=call.id,
+                                            name=call.name))
+        raise AssertionError("unreachable: the loop returns on its last round")
+
+    async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]], list[str]]:
+        """Dependency outputs → (latest workspace, text inputs with priorities, review texts)."""
+        workspace: ArtifactRef | None = None
+        inputs: list[tuple[str, str, int]] = []
+        reviews: list[str] = []
+        for priority, ref in enumerate(task.inputs):
+            if ref.media_type == MANIFEST_MEDIA_TYPE:
+                workspace = ref
+                continue
+            text = (await self.bus.get_blob(ref.digest)).decode("utf-8", errors="replace")
+            if ref.name.endswith("/review"):
+                reviews.append(text)
+            inputs.append((ref.name or ref.digest[:12], text, priority))
+        return workspace, inputs, reviews
+
+    async def _workspace_text(self, ws: Workspace) -> str:
+        parts = [f"Files: {', '.join(ws.paths) or '(none)'}"]
+        for path in ws.paths:
+            body = (await ws.read(path)).decode("utf-8", errors="replace")
+            parts.append(f"--- {path}\n{body[:MAX_INPUT_FILE_CHARS]}")
+        return "\n".join(parts)
+
+    async def _publish_outputs(self, task: Task, text: str, ws: Workspace,
+                               ws_in: ArtifactRef | None) -> list[ArtifactRef]:
+        step, kind = task.step, self.spec.output_kind
+        parents = [r.digest for r in task.inputs]
+        main = await self.bus.put_blob(text.encode(), media_type="text/markdown", name=f"{step.step_id}/{kind}")
+        outputs = [main]
+        await self._announce(task, main, kind, parents)
+        if ws.dirty:
+            ws_out = await ws.commit(lambda data, mt, name: self.bus.put_blob(data, media_type=mt, name=name))
+            ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
+            await self._announce(task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
+            outputs.append(ws_out)
+        elif ws_in is not None:
+            outputs.append(ws_in)  # pass the workspace on so dependents still see it
+        return outputs
+
+    async def _announce(self, task: Task, ref: ArtifactRef, kind: str, parents: list[str]) -> None:
+        artifact = Artifact(ref=ref, goal_id=task.goal_id, producer_step=task.step.step_id,
+                            producer_role=self.spec.role, kind=kind, parents=parents)
+        await self.bus.emit(ArtifactCreated(event_id=f"{task.task_id}.artifact.{ref.digest[:16]}",
+                                            goal_id=task.goal_id, node=self.node_id, artifact=artifact))
+
+
+def _hints(options: dict[str, Any]) -> dict[str, Any]:
+    """Goal options that backends may read as hints (the sim's knobs, e.g. sim_plan_steps)."""
+    return {k: v for k, v in options.items() if isinstance(v, str | int | float | bool)}
+
+
+def _parse_verdict(text: str) -> str:
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        doc = json.loads(text[start:end + 1])
+        verdict = doc["verdict"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MalformedResponse(f"review is not the verdict JSON the reviewer spec asks for: {text[:200]!r}") from exc
+    if verdict not in ("approve", "changes_requested"):
+        raise MalformedResponse(f"unknown verdict {verdict!r}")
+    return str(verdict)

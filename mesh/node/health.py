@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from mesh.errors import ConfigError
 from mesh.metrics import Metrics
 
 
@@ -25,7 +26,12 @@ class HealthServer:
         """Start listening; returns the bound port (useful when asked for port 0)."""
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(f"cannot serve /healthz on {self.host}:{self.port}: {exc.strerror}; "
+                              "set MESH_HEALTH_PORT (0 picks a free port)") from exc
         server = site._server  # aiohttp exposes the bound socket only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.port

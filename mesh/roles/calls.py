@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mesh.backends.base import ChatRequest, ChatResponse
 from mesh.backends.gateway import BudgetGuard, CallRecord, ModelGateway
+from mesh.backends.sim.world import SimWorld
 from mesh.backends.tiers import TierConfig
 from mesh.bus.client import Bus
 from mesh.contracts import BackendCall, Budget, DagPosition, RouteDecided, RouteDecision, Usage
@@ -37,7 +38,7 @@ class ModelCaller:
     def __init__(self, bus: Bus, tiers: Mapping[str, TierConfig], policy: RoutePolicy, node_id: str,
                  metrics: Metrics) -> None:
         self.bus = bus
-        self.gateway = ModelGateway(tiers, on_call=self._on_call)
+        self.gateway = ModelGateway(tiers, on_call=self._on_call, world=SimWorld.from_settings(bus.settings))
         self.policy = policy
         self.node_id = node_id
         self.metrics = metrics

@@ -112,11 +112,14 @@ class Orchestrator:
             await self._finish(goal.goal_id, "failed", f"planning failed: {exc}")
             return
 
+        planning = self.caller.current_usage()
+
         def install(s: GoalState) -> bool:
             if s.done or s.plan_version >= plan.version:
                 return False
             if failed is not None:
                 s.replans += 1
+            s.usage = s.usage + planning
             s.apply_plan(plan)
             return True
 

@@ -1,0 +1,103 @@
+"""Test helpers that run real role nodes: in-process (fast, one event loop) or as subprocesses
+(`python -m mesh node <role>`, for kill -9 and SIGTERM tests). Both talk to a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+
+from mesh.bus import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import EventBase, Goal, GoalCancelled, GoalCompleted, GoalFailed
+from mesh.node.runtime import Node
+from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
+
+TERMINAL = (GoalCompleted, GoalFailed, GoalCancelled)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def role_specs(*, with_ledger: bool = False) -> dict[str, RoleSpec]:
+    specs = load_specs(default_nodes_dir())
+    return {r: s for r, s in specs.items() if with_ledger or s.kind != "recorder"}
+
+
+@asynccontextmanager
+async def in_process_mesh(settings: MeshSettings, replicas: dict[str, int] | None = None,
+                          specs: dict[str, RoleSpec] | None = None) -> AsyncIterator[list[Node]]:
+    """Every role (or the given replica counts) as in-process nodes; stopped and drained on exit."""
+    specs = specs or role_specs()
+    counts = replicas or {role: 1 for role in specs}
+    nodes = [Node(specs[role], specs, settings) for role, n in counts.items() for _ in range(n)]
+    async with asyncio.TaskGroup() as tg:
+        for node in nodes:
+            tg.create_task(node.run(), name=node.node_id)
+        try:
+            yield nodes
+        finally:
+            for node in nodes:
+                node.stop.set()
+
+
+async def run_goal(bus: Bus, goal: Goal, timeout: float = 120.0) -> list[EventBase]:
+    """Submit a goal and collect its events until it ends."""
+    events: list[EventBase] = []
+
+    async def collect() -> None:
+        async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+            async for event in stream:
+                events.append(event)
+                if isinstance(event, TERMINAL):
+                    return
+
+    watcher = asyncio.create_task(collect())
+    await bus.submit_goal(goal)
+    await asyncio.wait_for(watcher, timeout)
+    return events
+
+
+def node_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(MESH_NATS_URL=settings.nats_url or "", MESH_HEALTH_PORT="0", MESH_HEALTH_HOST="127.0.0.1",
+               MESH_ACK_WAIT=str(settings.ack_wait), MESH_NAK_DELAY=str(settings.nak_delay),
+               MESH_DATA_DIR=str(settings.data_dir), MESH_SIM_LATENCY_SCALE=str(settings.sim_latency_scale),
+               MESH_DRAIN_SECONDS=str(settings.drain_seconds), PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+class NodeProcess:
+    """`python -m mesh node <role>` as a real child process."""
+
+    def __init__(self, role: str, env: dict[str, str], log_dir: Path) -> None:
+        self.role = role
+        self.env = env
+        self.log_path = log_dir / f"{role}-{id(self):x}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mesh", "node", self.role], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -1,0 +1,99 @@
+"""End to end on real nats-server + real role nodes + the sim backend: plans, composition, review
+loops, replicas, budgets, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from mesh.bus import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import (
+    ArtifactCreated,
+    Budget,
+    Goal,
+    GoalCompleted,
+    GoalFailed,
+    GoalPlanned,
+    StepCompleted,
+    StepDispatched,
+)
+from mesh.roles.goalstore import GoalStore
+from tests.meshkit import in_process_mesh, run_goal
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def fast(settings: MeshSettings) -> MeshSettings:
+    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
+                                       "health_host": "127.0.0.1"})
+
+
+async def test_goal_runs_end_to_end_with_fan_out_review_loop_and_lineage(fast: MeshSettings, bus: Bus) -> None:
+    goal = Goal(brief="Build me a login system", constraints=["Use Python 3.11 only", "No plaintext passwords"])
+    async with in_process_mesh(fast):
+        events = await run_goal(bus, goal)
+
+    done = events[-1]
+    assert isinstance(done, GoalCompleted), events[-1]
+    plan = next(e.plan for e in events if isinstance(e, GoalPlanned))
+    layers = plan.check({"researcher", "coder", "reviewer", "tester", "synthesizer"})
+    assert len(plan.steps) >= 8
+    assert any(sum(1 for sid in layer if plan.steps[[s.step_id for s in plan.steps].index(sid)].role == "researcher")
+               >= 2 for layer in layers), "research must fan out in parallel"
+
+    completed = [e for e in events if isinstance(e, StepCompleted)]
+    by_step = Counter(e.step_id for e in completed)
+    assert all(n == 1 for n in by_step.values()), by_step
+    state = await GoalStore(await bus.kv(bus.topology.kv_goals)).get(goal.goal_id)
+    assert state is not None and set(by_step) == set(state.steps), "every step of the final DAG completed once"
+
+    # a review asked for changes, a coder revision followed, and its artifact descends from the review
+    review = next(e for e in completed if e.role == "reviewer" and e.verdict == "changes_requested")
+    revision = next(st for st in state.steps.values() if st.step.revision_of and st.step.role == "coder")
+    assert review.step_id in revision.step.depends_on
+    created = {e.artifact.ref.digest: e.artifact for e in events if isinstance(e, ArtifactCreated)}
+    revised = [a for a in created.values() if a.producer_step == revision.step.step_id]
+    assert revised and any(review.outputs[0].digest in a.parents for a in revised)
+    assert any(e.role == "reviewer" and e.verdict == "approve" for e in completed)
+
+    # the final result is the synthesis and the workspace holds the coder's files
+    synthesis = (await bus.get_blob(done.result.digest)).decode()
+    assert "Use Python 3.11 only" in synthesis
+    assert done.workspace is not None
+
+
+async def test_two_replicas_of_every_role_run_20_goals_without_duplicates(fast: MeshSettings, bus: Bus) -> None:
+    replicas = {"planner": 2, "researcher": 2, "coder": 2, "reviewer": 2, "tester": 2, "synthesizer": 2}
+    goals = [Goal(brief=f"Goal number {i}: a tiny CLI tool", constraints=[f"constraint-{i}"]) for i in range(20)]
+    async with in_process_mesh(fast, replicas):
+        results = await asyncio.gather(*(run_goal(bus, g, timeout=200) for g in goals))
+    for goal, events in zip(goals, results, strict=True):
+        assert isinstance(events[-1], GoalCompleted), (goal.goal_id, events[-1])
+        dispatched = Counter((e.step_id, e.attempt) for e in events if isinstance(e, StepDispatched))
+        completed = Counter(e.step_id for e in events if isinstance(e, StepCompleted))
+        assert max(dispatched.values()) == 1, f"a step was dispatched twice: {dispatched}"
+        assert max(completed.values()) == 1, f"a step completed twice: {completed}"
+
+
+async def test_budget_stops_a_runaway_goal_with_a_clear_reason(fast: MeshSettings, bus: Bus) -> None:
+    goal = Goal(brief="Build me a login system", budget=Budget(max_steps=3))
+    async with in_process_mesh(fast):
+        events = await run_goal(bus, goal)
+    assert isinstance(events[-1], GoalFailed)
+    assert "step budget exceeded" in events[-1].reason
+
+
+async def test_unknown_roles_in_every_plan_fail_the_goal_with_the_reason(fast: MeshSettings, bus: Bus) -> None:
+    # The sim planner names the roles it is told about; withholding the tester makes every plan invalid.
+    from tests.meshkit import role_specs
+
+    specs = {r: s for r, s in role_specs().items() if r != "tester"}
+    goal = Goal(brief="Build me a login system")
+    async with in_process_mesh(fast, specs=specs):
+        events = await run_goal(bus, goal)
+    assert isinstance(events[-1], GoalFailed)
+    assert "unknown role 'tester'" in events[-1].reason and "no valid plan" in events[-1].reason

@@ -7,7 +7,8 @@ sections ``## Pinned constraints``, ``## Goal``, ``## Step`` (instruction + acce
 
 Pinned constraints are always included verbatim — context endurance depends on it. When the rest
 does not fit ``window - output_reserve``, the lowest-priority inputs are summarised first, then
-dropped; then the memory, then the brief and previous review are summarised. If even the pinned
+dropped (each input is summarised if that alone makes room, else dropped, so higher-priority inputs
+stay whole as long as possible); then the memory, the previous review and the brief are shortened. If even the pinned
 parts do not fit, ``ContextTooLong`` is raised: the caller should have routed to a bigger window,
 which ``needed_tokens`` lets it do first.
 """
@@ -157,29 +158,22 @@ def pack(
 
     messages = render()
     over = messages_tokens(messages) - budget
-    # 1. Summarise inputs, lowest priority (then largest) first, each just enough to close the gap.
+    # 1. Inputs, lowest priority (then largest) first: summarise one if that alone closes the gap,
+    #    else drop it — a higher-priority input stays whole as long as a lower one can give way.
     for part in sorted(parts, key=lambda p: (p.priority, -p.tokens)):
         if over <= 0:
             break
         # A little slack: the whole prompt's estimate is not exactly the sum of its parts'.
         target = part.tokens - over - over // 50 - 8
-        if target < MIN_SUMMARY_TOKENS:
-            continue  # too small to be worth a summary; a candidate for dropping below
-        part.text = fit(part.text, target)
-        summarised.append(part.name)
+        if target >= MIN_SUMMARY_TOKENS:
+            part.text = fit(part.text, target)
+            summarised.append(part.name)
+        else:
+            parts.remove(part)
+            dropped.append(part.name)
         messages = render()
         over = messages_tokens(messages) - budget
-    # 2. Drop inputs, lowest priority first.
-    for part in sorted(parts, key=lambda p: (p.priority, -p.tokens)):
-        if over <= 0:
-            break
-        parts.remove(part)
-        dropped.append(part.name)
-        if part.name in summarised:
-            summarised.remove(part.name)
-        messages = render()
-        over = messages_tokens(messages) - budget
-    # 3. Shorten the memory, then the brief and the previous review; never the pinned constraints.
+    # 2. Shorten the memory, then the brief and the previous review; never the pinned constraints.
     for key in ("memory", "previous_review", "brief"):
         if over <= 0:
             break

@@ -15,6 +15,7 @@ from typing import Any
 import anthropic
 
 from mesh.backends.base import (
+    SIM_MESSAGE_PREFIX,
     ChatMessage,
     ChatRequest,
     ChatResponse,
@@ -69,10 +70,12 @@ class _Accumulator:
         self.stop: str | None = None
         self.usage: dict[str, int] = {}
         self.done = False
+        self.message_id = ""
 
     def event(self, ev: Any) -> None:
         kind = getattr(ev, "type", None)
         if kind == "message_start":
+            self.message_id = ev.message.id or ""
             self._usage(ev.message.usage)
         elif kind == "content_block_start":
             block = ev.content_block
@@ -101,7 +104,7 @@ class _Accumulator:
                               "thinking": getattr(block, "thinking", "") or "",
                               "signature": getattr(block, "signature", "") or "", "id": getattr(block, "id", ""),
                               "name": getattr(block, "name", ""), "input": getattr(block, "input", None)}
-        self.stop, self.done = msg.stop_reason, True
+        self.stop, self.done, self.message_id = msg.stop_reason, True, msg.id or ""
         self._usage(msg.usage)
 
     def _usage(self, u: Any) -> None:
@@ -183,7 +186,8 @@ class AnthropicBackend:
             text=acc.joined("text", "text"), reasoning=acc.joined("thinking", "thinking") or None,
             reasoning_signature=acc.joined("thinking", "signature") or None, tool_calls=calls, usage=usage,
             latency_ms=(time.perf_counter() - start) * 1000, finish_reason=_STOP.get(acc.stop or "", "stop"),  # type: ignore[arg-type]
-            model=self.tier.model, tier=self.tier.name, endpoint=self.tier.endpoint, simulated=self.tier.simulated,
+            model=self.tier.model, tier=self.tier.name, endpoint=self.tier.endpoint,
+            simulated=self.tier.simulated or acc.message_id.startswith(SIM_MESSAGE_PREFIX),
         )
 
     @staticmethod

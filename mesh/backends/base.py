@@ -103,6 +103,9 @@ class Backend(Protocol):
 
 
 HINTS_HEADER = "X-Mesh-Hints"
+# How an adapter tells a sim-server answer from a real one: OpenAI's system_fingerprint, Anthropic's id prefix.
+SIM_FINGERPRINT = "mesh-sim"
+SIM_MESSAGE_PREFIX = "msg_sim_"
 
 _WIRE_NAME_OK = re.compile(r"[^A-Za-z0-9_-]")
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import openai
 
 from mesh.backends.base import (
+    SIM_FINGERPRINT,
     ChatMessage,
     ChatRequest,
     ChatResponse,
@@ -53,7 +54,7 @@ DIALECTS: dict[DialectName, Dialect] = {
     "kimi": Dialect("kimi", "thinking", True, True, "max_completion_tokens", "json_object"),
     # vLLM / SGLang: thinking through the chat template (Qwen3-style enable_thinking).
     "vllm": Dialect("vllm", "chat_template_kwargs", False, True, "max_tokens", "json_schema"),
-    # Ollama, llama.cpp server, mesh sim-server and anything else: only reasoning_effort.
+    # Ollama, llama.cpp server, mesh sim-server and anything else: reasoning_effort when thinking.
     "generic": Dialect("generic", "none", False, True, "max_tokens", "json_schema"),
 }
 
@@ -117,8 +118,9 @@ class OpenAIBackend:
             extra["thinking"] = {"type": "enabled" if req.thinking else "disabled"}
         elif d.thinking_switch == "chat_template_kwargs":
             extra["chat_template_kwargs"] = {"enable_thinking": req.thinking}
-        if req.thinking and req.effort:
-            params["reasoning_effort"] = req.effort
+        if req.thinking and (req.effort or d.thinking_switch == "none"):
+            # Without another switch, reasoning_effort is how Ollama and the sim turn thinking on.
+            params["reasoning_effort"] = req.effort or "medium"
         fixed = d.name == "kimi" and any(k in self.tier.model.lower() for k in _FIXED_TEMPERATURE)
         if req.temperature is not None and d.temperature and not fixed:
             params["temperature"] = req.temperature
@@ -153,14 +155,14 @@ class OpenAIBackend:
         async with sdk_call(self.tier, timeout) as state:
             result = await self._client.chat.completions.create(**params, timeout=timeout)
             if req.stream:
-                text, reasoning, calls, finish, usage = await self._read_stream(result, names, state)
+                text, reasoning, calls, finish, usage, fingerprint = await self._read_stream(result, names, state)
             else:
-                text, reasoning, calls, finish, usage = self._read_full(result, names)
+                text, reasoning, calls, finish, usage, fingerprint = self._read_full(result, names)
         return ChatResponse(
             text=text, reasoning=reasoning, tool_calls=calls, usage=self._usage(usage, req, text, reasoning),
             latency_ms=(time.perf_counter() - start) * 1000, finish_reason=_finish(finish),
             model=self.tier.model, tier=self.tier.name, endpoint=self.tier.endpoint,
-            simulated=self.tier.simulated,
+            simulated=self.tier.simulated or fingerprint == SIM_FINGERPRINT,
         )
 
     async def _read_stream(self, stream: Any, names: ToolNames, state: Any) -> tuple[Any, ...]:
@@ -168,11 +170,12 @@ class OpenAIBackend:
         reasoning: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         finish: str | None = None
-        usage = None
+        usage = fingerprint = None
         async with stream:
             async for chunk in stream:
                 state.events += 1
                 usage = getattr(chunk, "usage", None) or usage
+                fingerprint = getattr(chunk, "system_fingerprint", None) or fingerprint
                 for choice in getattr(chunk, "choices", None) or []:
                     delta = choice.delta
                     if delta is None:
@@ -197,7 +200,7 @@ class OpenAIBackend:
                             arguments=parse_tool_arguments(c["arguments"], c["name"]))
             for i, c in sorted(calls.items())
         ]
-        return "".join(text), "".join(reasoning) or None, tool_calls, finish, usage
+        return "".join(text), "".join(reasoning) or None, tool_calls, finish, usage, fingerprint
 
     def _read_full(self, completion: Any, names: ToolNames) -> tuple[Any, ...]:
         choices = getattr(completion, "choices", None)
@@ -209,7 +212,8 @@ class OpenAIBackend:
                             arguments=parse_tool_arguments(c.function.arguments, c.function.name))
             for c in msg.tool_calls or [] if getattr(c, "function", None) is not None
         ]
-        return msg.content or "", _reasoning_of(msg), tool_calls, choices[0].finish_reason, completion.usage
+        return (msg.content or "", _reasoning_of(msg), tool_calls, choices[0].finish_reason, completion.usage,
+                completion.system_fingerprint)
 
     def _usage(self, raw: Any, req: ChatRequest, text: str, reasoning: str | None) -> Usage:
         if raw is None:  # some local servers send no usage: estimate rather than count zero

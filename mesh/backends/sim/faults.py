@@ -59,6 +59,7 @@ class FaultPlan:
     retry_after: float = 0.2
     seed: int = 0
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)  # faults left before a tier's rates clear
 
     def __post_init__(self) -> None:
         self._rng = random.Random(f"faults:{self.seed}")
@@ -69,12 +70,17 @@ class FaultPlan:
         plan.set(spec)
         return plan
 
-    def set(self, spec: str, tier: str = ALL_TIERS) -> None:
-        """Replace the rates of one tier (or the default for all); an empty spec clears them."""
+    def set(self, spec: str, tier: str = ALL_TIERS, *, limit: int | None = None) -> None:
+        """Replace the rates of one tier (or the default for all); an empty spec clears them.
+        With ``limit``, the rates clear by themselves after that many faults (a storm that ends)."""
         rates, retry_after = parse_spec(spec)
         if tier == ALL_TIERS:
             self.rates.clear()
+            self.limits.clear()
         self.rates[tier] = rates
+        self.limits.pop(tier, None)
+        if limit is not None:
+            self.limits[tier] = limit
         if retry_after is not None:
             self.retry_after = retry_after
 
@@ -83,7 +89,8 @@ class FaultPlan:
 
     def draw(self, tier: str) -> str | None:
         """The fault for the next call on ``tier``, or ``None``; counted in ``counts``."""
-        rates = self.rates.get(tier, self.rates.get(ALL_TIERS, {}))
+        source = tier if tier in self.rates else ALL_TIERS
+        rates = self.rates.get(source, {})
         if not rates:
             return None
         u = self._rng.random()
@@ -91,6 +98,11 @@ class FaultPlan:
             if u < rate:
                 tally = self.counts.setdefault(tier, {})
                 tally[kind] = tally.get(kind, 0) + 1
+                if source in self.limits:
+                    self.limits[source] -= 1
+                    if self.limits[source] <= 0:
+                        del self.limits[source]
+                        self.rates[source] = {}
                 return kind
             u -= rate
         return None

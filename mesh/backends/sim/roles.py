@@ -43,8 +43,11 @@ class Context:
         return _first_line(self.prompt.goal) or "the goal"
 
     def slug(self) -> str:
-        words = [w for w in re.findall(r"[a-z0-9]+", self.topic.lower()) if w not in _STOP]
-        return "_".join(words[:3]) or "solution"
+        return _slug(self.topic) or "solution"
+
+
+def _slug(text: str, words: int = 3) -> str:
+    return "_".join([w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOP][:words])
 
 
 def _first_line(text: str, limit: int = 160) -> str:
@@ -140,7 +143,7 @@ def _module_source(ctx: Context, part: str) -> str:
 
 def coder(ctx: Context) -> Answer:
     p = ctx.prompt
-    slug = ctx.slug() + (f"_part{ctx.rng.randint(1, 999)}" if p.subtask else "")
+    slug = ctx.slug() + (f"_{_slug(p.subtask)}" if p.subtask else "")  # sub-agents write separate files
     files = {
         f"src/{slug}.py": _module_source(ctx, ""),
         f"tests/test_{slug}.py": f'"""{MARK} tests."""\nfrom {slug} import handle\n\n\n'

@@ -3,7 +3,8 @@ Anthropic-compatible (``/v1/messages``), so the real SDK clients are exercised e
 
 One server serves every tier: the request's model name picks the tier profile (``sim-edge``,
 ``sim-long-context``, ``sim-swarm``, or real names such as ``deepseek-v4-pro`` / ``kimi-k2.6``).
-Control endpoints for tests: ``GET|POST /_sim/faults`` (``{"faults": "503:1", "tier": "swarm"}``)
+Control endpoints for tests: ``GET|POST /_sim/faults`` (``{"faults": "503:1", "tier": "swarm",
+"limit": 3}`` — ``limit`` ends the storm after that many faults)
 and ``GET /_sim/stats``; ``GET /healthz`` for readiness.
 """
 
@@ -73,6 +74,10 @@ async def _chat(request: web.Request, api: _Api) -> web.StreamResponse:
         return _error(api, 400, f"invalid request body: {exc}"[:300])
     stats[f"requests.{tier.name}"] += 1
     stats[f"requests.{api.name}"] += 1
+    # What a provider would check: reasoning sent back on assistant turns, the thinking switch.
+    stats["received.reasoning_content"] += sum(
+        1 for m in body.get("messages", []) if isinstance(m, dict) and m.get("reasoning_content"))
+    stats["received.thinking_switch"] += "thinking" in body
     fault = world.faults.draw(tier.name)
     if fault is not None:
         stats[f"faults.{tier.name}.{fault}"] += 1
@@ -128,8 +133,10 @@ async def _faults(request: web.Request) -> web.Response:
     if request.method == "POST":
         try:
             body = await request.json()
-            world.faults.set(str(body.get("faults", "")), str(body.get("tier", ALL_TIERS)))
-        except (json.JSONDecodeError, ConfigError, AttributeError) as exc:
+            limit = body.get("limit")
+            world.faults.set(str(body.get("faults", "")), str(body.get("tier", ALL_TIERS)),
+                             limit=None if limit is None else int(limit))
+        except (json.JSONDecodeError, ConfigError, AttributeError, ValueError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
     return web.json_response({"faults": world.faults.describe(), "retry_after": world.faults.retry_after})
 

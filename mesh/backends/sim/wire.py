@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from mesh.backends.base import ChatMessage, ChatRequest, ToolCallRequest, ToolSpec
+from mesh.backends.base import SIM_FINGERPRINT, SIM_MESSAGE_PREFIX, ChatMessage, ChatRequest, ToolCallRequest, ToolSpec
 from mesh.backends.sim.world import SimReply
 from mesh.packing import estimate_tokens
 
@@ -34,7 +34,7 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "\n\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return ""
 
 
@@ -95,7 +95,7 @@ def openai_response(r: SimReply, model: str) -> dict[str, Any]:
         message["tool_calls"] = _openai_calls(r)
     return {"id": _id("chatcmpl-sim-", model), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason, "logprobs": None}],
-            "usage": _openai_usage(r), "system_fingerprint": "mesh-sim"}
+            "usage": _openai_usage(r), "system_fingerprint": SIM_FINGERPRINT}
 
 
 def openai_frames(r: SimReply, model: str, *, include_usage: bool) -> list[Frame]:
@@ -103,6 +103,7 @@ def openai_frames(r: SimReply, model: str, *, include_usage: bool) -> list[Frame
 
     def chunk(delta: dict[str, Any], finish: str | None = None, tokens: int = 0) -> Frame:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": SIM_FINGERPRINT,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         return None, _dump(body), tokens
 
@@ -200,7 +201,7 @@ def _anthropic_usage(r: SimReply, *, output: bool = True) -> dict[str, Any]:
 
 
 def anthropic_response(r: SimReply, model: str) -> dict[str, Any]:
-    return {"id": _id("msg_sim_", model), "type": "message", "role": "assistant", "model": model,
+    return {"id": _id(SIM_MESSAGE_PREFIX, model), "type": "message", "role": "assistant", "model": model,
             "content": _anthropic_blocks(r), "stop_reason": _ANTHROPIC_STOP.get(r.finish_reason, "end_turn"),
             "stop_sequence": None, "usage": _anthropic_usage(r)}
 
@@ -209,7 +210,7 @@ def anthropic_frames(r: SimReply, model: str) -> list[Frame]:
     def ev(name: str, data: dict[str, Any], tokens: int = 0) -> Frame:
         return name, _dump({"type": name, **data}), tokens
 
-    start = {"id": _id("msg_sim_", model), "type": "message", "role": "assistant", "model": model, "content": [],
+    start = {"id": _id(SIM_MESSAGE_PREFIX, model), "type": "message", "role": "assistant", "model": model, "content": [],
              "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(r, output=False)}
     frames = [ev("message_start", {"message": start}), ("ping", _dump({"type": "ping"}), 0)]
     for i, block in enumerate(_anthropic_blocks(r)):

@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.backends.base import ChatRequest, ToolCallRequest
+from mesh.backends.base import ChatRequest, ToolCallRequest, ToolNames
 from mesh.backends.sim import roles
 from mesh.backends.sim.faults import FaultPlan
 from mesh.backends.sim.prompt import parse
@@ -121,11 +121,7 @@ class SimWorld:
             raise ContextTooLong(
                 f"This model's maximum context length is {tier.context_window} tokens. However, your messages "
                 f"resulted in {prompt_tokens} tokens.", tier=tier.name, endpoint=tier.endpoint, status=400)
-        digest = hashlib.sha256(
-            json.dumps([self.seed, tier.name, req.model_dump(mode="json", exclude={"stream"})], sort_keys=True,
-                       default=str).encode()
-        ).hexdigest()
-        rng = random.Random(digest)
+        rng = random.Random(self._digest(req, tier.name))
         prompt = parse(req.messages, req.tools)
         success = rng.random() < self.success_probability(req, tier, prompt_tokens)
         ans = roles.answer(roles.Context(prompt=prompt, rng=rng, success=success, metadata=req.metadata))
@@ -156,6 +152,19 @@ class SimWorld:
         return SimReply(text=text, reasoning=reasoning, tool_calls=ans.tool_calls, usage=usage, finish_reason=finish,
                         ttft=prof.ttft * self.latency_scale, seconds_per_token=self.latency_scale / prof.tokens_per_s,
                         simulated_json=is_json)
+
+    def _digest(self, req: ChatRequest, tier: str) -> str:
+        """What an answer may depend on: the content, not its transport. Tool names are compared in
+        wire form and call ids, reasoning and the stream flag are left out, so the same request gives
+        the same answer in-process, over the OpenAI API and over the Anthropic API."""
+        wire = ToolNames(req.tools)
+        content = [
+            [m.role, m.content, m.tool_call_id is not None, [[wire.wire(c.name), c.arguments] for c in m.tool_calls]]
+            for m in req.messages
+        ]
+        tools = [[wire.wire(t.name), t.parameters] for t in req.tools]
+        key = [self.seed, tier, content, tools, req.thinking, req.max_tokens, req.json_schema, req.metadata]
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     @staticmethod
     def _reasoning(role: str, instruction: str, success: bool) -> str:

@@ -1,0 +1,44 @@
+"""`mesh sim-server` as its own process: starts, answers both APIs' SDKs, stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_sim_server_subprocess() -> None:
+    env = {**os.environ, "MESH_SIM_FAULTS": "", "MESH_SIM_LATENCY_SCALE": "0"}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "mesh"), "sim-server", "--port", "0", "--seed", "3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        assert m, line
+        url = m.group(1)
+        oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = await oai.chat.completions.create(
+            model="sim-edge", messages=[{"role": "system", "content": "ROLE: researcher"},
+                                        {"role": "user", "content": "## Goal\nA todo app"}])
+        assert r.choices[0].message.content.startswith("[simulated]") and r.usage.prompt_tokens > 0
+        ant = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+        m2 = await ant.messages.create(model="sim-swarm", max_tokens=512, system="ROLE: reviewer",
+                                       messages=[{"role": "user", "content": "## Goal\nA todo app"}])
+        assert '"verdict"' in m2.content[0].text  # type: ignore[union-attr]
+        await oai.close()
+        await ant.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 10)
+    assert code == 0

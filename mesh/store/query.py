@@ -1,0 +1,236 @@
+"""Read-only queries over a ledger: a guard for untrusted SQL, limits, and the typed queries.
+
+Untrusted SQL must pass three independent walls, so one mistake is not a breach:
+
+1. DuckDB's own parser (``extract_statements``): exactly one statement, of type SELECT (which
+   includes WITH, FROM-first, DESCRIBE, SUMMARIZE, SHOW);
+2. the statement's syntax tree (``json_serialize_sql``): tables must be the ledger's own relations or
+   the query's CTEs, table functions come from a short allowlist — so no ``read_csv``, ``glob``,
+   ``read_text``, ``'file.parquet'`` scans, ``query()`` or Python-object replacement scans;
+3. the database itself, locked down before serving (``Ledger.lock_down``): no file, network or
+   extension access, configuration frozen.
+
+Every query runs on its own cursor with a time limit (the cursor is interrupted) and a row limit.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time as dtime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+from uuid import UUID
+
+import duckdb
+
+from mesh.errors import LedgerError, QueryRefused
+from mesh.store.ledger import Ledger
+
+# Table functions that touch nothing outside the query itself (or only the ledger's own catalog).
+SAFE_TABLE_FUNCTIONS = frozenset({
+    "range", "generate_series", "unnest", "json_each", "json_tree",
+    "duckdb_tables", "duckdb_columns", "duckdb_views", "duckdb_types",
+})
+# Schemas whose relations are catalog metadata, readable by anyone.
+_CATALOG_SCHEMAS = frozenset({"information_schema", "pg_catalog"})
+MAX_QUERY_CHARS = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """Rows of one query, with column names and DuckDB type names."""
+
+    columns: list[str]
+    types: list[str]
+    rows: list[tuple[Any, ...]]
+    truncated: bool = False
+    elapsed_ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready: timestamps as RFC 3339, decimals as floats, maps as objects."""
+        return {"columns": self.columns, "types": self.types, "rows": [[jsonable(v) for v in r] for r in self.rows],
+                "truncated": self.truncated, "elapsed_ms": round(self.elapsed_ms, 3)}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> QueryResult:
+        return cls(columns=list(doc["columns"]), types=list(doc["types"]), rows=[tuple(r) for r in doc["rows"]],
+                   truncated=bool(doc.get("truncated")), elapsed_ms=float(doc.get("elapsed_ms", 0.0)))
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        return (dict(zip(self.columns, row)) for row in self.rows)
+
+
+def jsonable(value: Any) -> Any:
+    """A DuckDB result value as plain JSON data."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (datetime, date, dtime)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+# --- the guard ------------------------------------------------------------------------------------
+
+
+def check_query(sql: str, relations: frozenset[str], parser: duckdb.DuckDBPyConnection,
+                catalog: str = "") -> None:
+    """Raise ``QueryRefused`` unless ``sql`` is one read-only SELECT over ``relations`` (of ``catalog``).
+
+    ``parser`` is any connection: it only serialises the syntax tree, it runs nothing.
+    """
+    if len(sql) > MAX_QUERY_CHARS:
+        raise QueryRefused(f"query of {len(sql)} characters exceeds the limit of {MAX_QUERY_CHARS}")
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRefused(f"cannot parse the query: {exc}") from exc
+    if len(statements) != 1:
+        raise QueryRefused(f"exactly one statement is accepted; got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise QueryRefused(f"only read-only SELECT/WITH queries are accepted, not {kind.name}")
+    row = parser.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchone()
+    tree = json.loads(row[0]) if row else {"error": True, "error_message": "no syntax tree"}
+    if tree.get("error"):
+        raise QueryRefused(f"query form not accepted: {tree.get('error_message', 'unknown')}")
+    nodes = list(_walk(tree["statements"]))
+    ctes = {entry["key"].lower() for node in nodes for entry in node.get("cte_map", {}).get("map", [])}
+    for node in nodes:
+        kind_ = node.get("type")
+        if kind_ == "BASE_TABLE":
+            _check_table(node, relations | ctes, catalog)
+        elif kind_ == "TABLE_FUNCTION":
+            name = str(node["function"].get("function_name", "")).lower()
+            if name not in SAFE_TABLE_FUNCTIONS:
+                raise QueryRefused(f"table function {name}() is not allowed: ledger queries may not read files, "
+                                   f"run nested SQL or load extensions (allowed: {', '.join(sorted(SAFE_TABLE_FUNCTIONS))})")
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _check_table(node: Mapping[str, Any], allowed: frozenset[str], catalog: str) -> None:
+    name, schema_ = str(node.get("table_name", "")), str(node.get("schema_name", "")).lower()
+    catalog_ = str(node.get("catalog_name", ""))
+    if catalog_ not in ("", catalog):
+        raise QueryRefused(f"unknown database {catalog_!r}: ledger queries may read only the ledger")
+    if schema_ in _CATALOG_SCHEMAS:
+        return
+    if schema_ not in ("", "main") or name.lower() not in allowed:
+        qualified = ".".join(p for p in (catalog_, schema_, name) if p)
+        raise QueryRefused(f"unknown relation {qualified!r}: ledger queries may read only the ledger's tables "
+                           f"and views ({', '.join(sorted(allowed))})")
+
+
+# --- running queries ------------------------------------------------------------------------------
+
+
+class LedgerQueries:
+    """Guarded, limited read-only queries over one ``Ledger``; safe to call from several threads.
+
+    Creating it locks the ledger down (``Ledger.lock_down``) unless ``lock_down=False`` — only for
+    trusted callers that still need parquet export from the same process.
+    """
+
+    def __init__(self, ledger: Ledger, *, timeout: float = 10.0, max_rows: int = 10_000,
+                 lock_down: bool = True) -> None:
+        self.ledger, self.timeout, self.max_rows = ledger, timeout, max_rows
+        if lock_down:
+            ledger.lock_down()
+        self._parser = ledger.cursor()
+        rows = self._parser.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()
+        self.relations = frozenset(r[0].lower() for r in rows)
+        row = self._parser.execute("SELECT current_database()").fetchone()
+        self.catalog = str(row[0]) if row else ""
+        self._parser_lock = threading.Lock()
+
+    def sql(self, sql: str, *, timeout: float | None = None, max_rows: int | None = None) -> QueryResult:
+        """Run untrusted SQL: refused unless a single read-only SELECT over the ledger's relations."""
+        with self._parser_lock:  # one cursor serves every guard check; DuckDB cursors are not shared
+            check_query(sql, self.relations, self._parser, self.catalog)
+        return self._run(sql, (), timeout=timeout, max_rows=max_rows)
+
+    def _run(self, sql: str, params: Sequence[Any] | Mapping[str, Any], *, timeout: float | None = None,
+             max_rows: int | None = None) -> QueryResult:
+        timeout = self.timeout if timeout is None else min(timeout, self.timeout)
+        max_rows = self.max_rows if max_rows is None else max(0, min(max_rows, self.max_rows))
+        cursor = self.ledger.cursor()
+        timer = threading.Timer(timeout, cursor.interrupt)
+        started = time.perf_counter()
+        timer.start()
+        try:
+            cursor.execute(sql, params)
+            rows = cursor.fetchmany(max_rows + 1)
+            description = cursor.description or []
+        except duckdb.InterruptException as exc:
+            raise QueryRefused(f"query exceeded the time limit of {timeout:g} s and was stopped") from exc
+        except duckdb.Error as exc:
+            raise LedgerError(f"query failed: {exc}") from exc
+        finally:
+            timer.cancel()
+            cursor.close()
+        return QueryResult(columns=[d[0] for d in description], types=[str(d[1]) for d in description],
+                           rows=rows[:max_rows], truncated=len(rows) > max_rows,
+                           elapsed_ms=(time.perf_counter() - started) * 1000)
+
+    # --- typed queries -----------------------------------------------------------------------------
+
+    def goal_summary(self, goal_id: str | None = None, *, limit: int = 50) -> QueryResult:
+        """One goal's summary, or the latest ``limit`` goals'."""
+        if goal_id is not None:
+            return self._run("SELECT * FROM goal_summary WHERE goal_id = ?", [goal_id])
+        return self._run("SELECT * FROM goal_summary ORDER BY submitted_at DESC NULLS LAST, goal_id LIMIT ?",
+                         [limit])
+
+    def usage(self, *, goal_id: str | None = None, by: Literal["tier", "model", "goal"] = "tier") -> QueryResult:
+        """Backend calls, tokens, cost and latency grouped by tier, model or goal (optionally of one goal)."""
+        if by not in ("tier", "model", "goal"):
+            raise QueryRefused(f"usage can be grouped by tier, model or goal, not {by!r}")
+        key = "goal_id" if by == "goal" else by
+        return self._run(
+            f"SELECT {key}, count(*) AS calls, count(*) FILTER (outcome <> 'ok') AS errors, "
+            "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
+            "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
+            "sum(cost_usd) AS cost_usd, avg(latency_ms) AS mean_latency_ms "
+            f"FROM backend_calls WHERE $goal IS NULL OR goal_id = $goal GROUP BY {key} ORDER BY cost_usd DESC, {key}",
+            {"goal": goal_id})
+
+    def routing_stats(self) -> QueryResult:
+        """Per router model and chosen tier: decisions, exploration, mean propensity, and how the
+        routed steps ended (latest attempt of each step)."""
+        return self._run(
+            """WITH outcome AS (
+                   SELECT goal_id, step_id, arg_max(status, attempt) AS status FROM steps GROUP BY ALL)
+               SELECT r.model_version, r.tier, count(*) AS decisions,
+                      count(*) FILTER (r.explored) AS explored,
+                      count(*) FILTER (r.overridden_by IS NOT NULL) AS overridden,
+                      avg(r.propensity) AS mean_propensity,
+                      avg(r.thinking::INTEGER) AS thinking_rate,
+                      count(*) FILTER (o.status = 'completed') AS steps_completed,
+                      count(*) FILTER (o.status = 'failed') AS steps_failed
+               FROM route_decisions r LEFT JOIN outcome o USING (goal_id, step_id)
+               GROUP BY ALL ORDER BY r.model_version, r.tier""", ())

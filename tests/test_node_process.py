@@ -1,0 +1,113 @@
+"""Role nodes as real OS processes: health endpoints, SIGTERM drain, kill -9 mid-step."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from contextlib import aclosing
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mesh.bus import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import Goal, GoalCompleted, NodeDown, NodeUp, StepCompleted, StepStarted
+from mesh.embedded.natsserver import free_port
+from tests.meshkit import TERMINAL, NodeProcess, in_process_mesh, node_env, role_specs
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def fast(settings: MeshSettings) -> MeshSettings:
+    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
+                                       "health_host": "127.0.0.1"})
+
+
+async def _first(bus: Bus, goal_id: str | None, kind: type, role: str | None = None) -> object:
+    async with aclosing(bus.watch_events(goal_id)) as events:
+        async for event in events:
+            if isinstance(event, kind) and (role is None or getattr(event, "role", None) == role):
+                return event
+    raise AssertionError("event stream ended")
+
+
+async def test_health_ready_and_metrics_endpoints(fast: MeshSettings, bus: Bus, tmp_path: Path) -> None:
+    port = free_port()
+    node = NodeProcess("researcher", node_env(fast, MESH_HEALTH_PORT=str(port)), tmp_path).start()
+    try:
+        await asyncio.wait_for(_first(bus, "_system", NodeUp, "researcher"), 30)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):  # readiness follows node.up by one provisioning round trip
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+            assert resp.status == 200, await resp.text()
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                text = await resp.text()
+            assert "mesh_tasks_total" in text and "mesh_backend_tokens_total" in text
+        node.signal(signal.SIGTERM)
+        assert await node.wait() == 0
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("drain_seconds", [60.0, 0.3], ids=["finishes-in-flight", "hands-back"])
+async def test_sigterm_mid_step_loses_nothing(fast: MeshSettings, bus: Bus, tmp_path: Path,
+                                              drain_seconds: float) -> None:
+    """SIGTERM to a coder mid-step: it finishes the step, or hands it back to another replica."""
+    others = {r: 1 for r in role_specs() if r != "coder"}
+    slow_coder = NodeProcess("coder", node_env(fast, MESH_SIM_LATENCY_SCALE="1.0",
+                                               MESH_DRAIN_SECONDS=str(drain_seconds)), tmp_path).start()
+    goal = Goal(brief="Build me a login system")
+    try:
+        async with in_process_mesh(fast, others):
+            started = asyncio.create_task(_first(bus, goal.goal_id, StepStarted, "coder"))
+            await bus.submit_goal(goal)
+            await asyncio.wait_for(started, 60)
+            slow_coder.signal(signal.SIGTERM)
+            assert await slow_coder.wait(90) == 0, slow_coder.log()[-2000:]
+            down = await asyncio.wait_for(_first(bus, "_system", NodeDown, "coder"), 10)
+            assert "drain timeout" in down.reason if drain_seconds < 1 else down.reason == "shutdown"  # type: ignore[attr-defined]
+            replacement = NodeProcess("coder", node_env(fast), tmp_path).start()
+            try:
+                events = []
+                async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+                    async for event in stream:
+                        events.append(event)
+                        if isinstance(event, TERMINAL):
+                            break
+            finally:
+                replacement.stop()
+    finally:
+        slow_coder.stop()
+    assert isinstance(events[-1], GoalCompleted), events[-1]
+    completed = Counter(e.step_id for e in events if isinstance(e, StepCompleted))
+    assert max(completed.values()) == 1, completed
+
+
+async def test_kill_9_of_a_worker_mid_step_is_redelivered_and_completed(fast: MeshSettings, bus: Bus,
+                                                                         tmp_path: Path) -> None:
+    others = {r: 1 for r in role_specs() if r != "reviewer"}
+    doomed = NodeProcess("reviewer", node_env(fast, MESH_SIM_LATENCY_SCALE="1.0"), tmp_path).start()
+    goal = Goal(brief="Build me a login system")
+    try:
+        async with in_process_mesh(fast, others):
+            started = asyncio.create_task(_first(bus, goal.goal_id, StepStarted, "reviewer"))
+            done = asyncio.create_task(_first(bus, goal.goal_id, GoalCompleted))
+            await bus.submit_goal(goal)
+            await asyncio.wait_for(started, 60)
+            doomed.signal(signal.SIGKILL)
+            await doomed.wait()
+            survivor = NodeProcess("reviewer", node_env(fast), tmp_path).start()
+            try:
+                await asyncio.wait_for(done, 120)
+            finally:
+                survivor.stop()
+    finally:
+        doomed.stop()

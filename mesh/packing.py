@@ -145,10 +145,10 @@ def pack(
     dropped: list[str] = []
     summarised: list[str] = []
 
-    def render() -> list[ChatMessage]:
+    def render(inputs: list[_Part]) -> list[ChatMessage]:
         user = _render_user(
             constraints=constraints, brief=texts["brief"], instruction=instruction, acceptance=acceptance,
-            previous_review=texts["previous_review"] or None, inputs=parts, memory=texts["memory"],
+            previous_review=texts["previous_review"] or None, inputs=inputs, memory=texts["memory"],
         )
         return _messages(system, user)
 
@@ -156,23 +156,30 @@ def pack(
         out = shorten(text, target)
         return out if estimate_tokens(out) <= target else truncate(out, target)
 
-    messages = render()
-    over = messages_tokens(messages) - budget
     # 1. Inputs, lowest priority (then largest) first: summarise one if that alone closes the gap,
     #    else drop it — a higher-priority input stays whole as long as a lower one can give way.
+    #    Each input is costed once with its heading; the estimate being subadditive, the sum of the
+    #    costs bounds the real total from above, so one render at the end suffices (1M tokens of
+    #    inputs pack in milliseconds, not one re-render per input).
+    cost = {id(p): estimate_tokens(f"\n\n### {p.name}\n{p.text}") for p in parts}
+    header = estimate_tokens("\n\n## Inputs\n") if parts else 0
+    over = messages_tokens(render([])) + header + sum(cost.values()) - budget
     for part in sorted(parts, key=lambda p: (p.priority, -p.tokens)):
         if over <= 0:
             break
-        # A little slack: the whole prompt's estimate is not exactly the sum of its parts'.
-        target = part.tokens - over - over // 50 - 8
+        heading = estimate_tokens(f"\n\n### {part.name}\n")
+        target = cost[id(part)] - over - heading
         if target >= MIN_SUMMARY_TOKENS:
             part.text = fit(part.text, target)
             summarised.append(part.name)
+            new_cost = estimate_tokens(f"\n\n### {part.name}\n{part.text}")
+            over -= cost[id(part)] - new_cost
         else:
             parts.remove(part)
             dropped.append(part.name)
-        messages = render()
-        over = messages_tokens(messages) - budget
+            over -= cost[id(part)] + (header if not parts else 0)
+    messages = render(parts)
+    over = messages_tokens(messages) - budget
     # 2. Shorten the memory, then the brief and the previous review; never the pinned constraints.
     for key in ("memory", "previous_review", "brief"):
         if over <= 0:
@@ -182,7 +189,7 @@ def pack(
         if text and target < estimate_tokens(text):
             texts[key] = fit(text, target)
             summarised.append(key)
-            messages = render()
+            messages = render(parts)
             over = messages_tokens(messages) - budget
     if over > 0:
         raise ContextTooLong(

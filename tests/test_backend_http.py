@@ -12,7 +12,7 @@ import httpx2
 import pytest
 
 from mesh.backends.anthropic_compat import AnthropicBackend
-from mesh.backends.base import Backend, ChatMessage, ChatRequest, ToolSpec
+from mesh.backends.base import Backend, ChatMessage, ChatRequest, ChatResponse, ToolSpec
 from mesh.backends.gateway import BudgetGuard, CallRecord, ModelGateway
 from mesh.backends.openai_compat import OpenAIBackend
 from mesh.backends.resilience import BreakerPolicy, RetryPolicy
@@ -55,7 +55,7 @@ def http_tiers(srv: SimServer, kinds: dict[str, str]) -> dict[str, TierConfig]:
 
 
 def backend(srv: SimServer, kind: str, tier: str = "long_context") -> Backend:
-    cfg = http_tiers(srv, dict.fromkeys(("edge", "long_context", "swarm"), kind))[tier]
+    cfg = http_tiers(srv, every(kind))[tier]
     return OpenAIBackend(cfg) if kind == "openai" else AnthropicBackend(cfg)
 
 
@@ -89,7 +89,19 @@ def gateway(srv: SimServer, kinds: dict[str, str], records: list[tuple[float, Ca
     return ModelGateway(http_tiers(srv, kinds), on_call=on_call, seed=1, **kw)
 
 
-ALL_OPENAI = dict.fromkeys(("edge", "long_context", "swarm"), "openai")
+def every(kind: str) -> dict[str, str]:
+    return dict.fromkeys(("edge", "long_context", "swarm"), kind)
+
+
+async def chat_long_context(srv: SimServer, kind: str, records: list[tuple[float, CallRecord]]) -> ChatResponse:
+    gw = gateway(srv, every(kind), records)
+    try:
+        return await gw.chat(coder_request(), "long_context")
+    finally:
+        await gw.aclose()
+
+
+ALL_OPENAI = every("openai")
 MIXED = {"long_context": "openai", "swarm": "anthropic", "edge": "openai"}
 
 
@@ -141,11 +153,7 @@ async def test_deepseek_dialect_sends_reasoning_back(server: SimServer) -> None:
 async def test_rate_limit_is_retried_after_retry_after(server: SimServer, kind: str) -> None:
     await set_faults(server, "429:1,retry_after:0.4", tier="long_context", limit=1)
     records: list[tuple[float, CallRecord]] = []
-    gw = gateway(server, dict.fromkeys(("edge", "long_context", "swarm"), kind), records)
-    try:
-        resp = await gw.chat(coder_request(), "long_context")
-    finally:
-        await gw.aclose()
+    resp = await chat_long_context(server, kind, records)
     assert resp.tier == "long_context"
     assert [(r.outcome, r.attempt) for _, r in records] == [("RateLimited", 1), ("ok", 2)]
     assert records[1][0] - records[0][0] >= 0.4  # waited as the server asked
@@ -177,7 +185,7 @@ async def test_5xx_storm_opens_the_circuit_and_falls_back(server: SimServer, kin
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_permanent_errors_are_not_retried(server: SimServer, kind: str) -> None:
-    kinds = dict.fromkeys(("edge", "long_context", "swarm"), kind)
+    kinds = every(kind)
     await set_faults(server, "401:1")
     records: list[tuple[float, CallRecord]] = []
     gw = gateway(server, kinds, records)
@@ -205,11 +213,7 @@ async def test_cut_stream_is_retried(server: SimServer, kind: str) -> None:
     await b.aclose()
     await set_faults(server, "cut:1", tier="long_context", limit=1)
     records: list[tuple[float, CallRecord]] = []
-    gw = gateway(server, dict.fromkeys(("edge", "long_context", "swarm"), kind), records)
-    try:
-        resp = await gw.chat(coder_request(), "long_context")
-    finally:
-        await gw.aclose()
+    resp = await chat_long_context(server, kind, records)
     assert resp.tool_calls and [r.outcome for _, r in records] == ["StreamCut", "ok"]
 
 
@@ -229,7 +233,7 @@ async def test_garbage_is_a_clear_malformed_response(server: SimServer, kind: st
 @pytest.mark.parametrize("kind", KINDS)
 async def test_timeouts_and_unreachable_endpoints(server: SimServer, kind: str) -> None:
     await set_faults(server, "timeout:1")
-    gw = gateway(server, dict.fromkeys(("edge", "long_context", "swarm"), kind),
+    gw = gateway(server, every(kind),
                  retry=RetryPolicy(max_attempts=2, base_delay=0.01))
     try:
         start = time.monotonic()
@@ -239,7 +243,7 @@ async def test_timeouts_and_unreachable_endpoints(server: SimServer, kind: str) 
         assert time.monotonic() - start < 5
     finally:
         await gw.aclose()
-    cfg = http_tiers(server, dict.fromkeys(("edge", "long_context", "swarm"), kind))["edge"]
+    cfg = http_tiers(server, every(kind))["edge"]
     dead = cfg.model_copy(update={"base_url": "http://127.0.0.1:9" + ("/v1" if kind == "openai" else "")})
     b = OpenAIBackend(dead) if kind == "openai" else AnthropicBackend(dead)
     try:

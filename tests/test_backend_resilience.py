@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import random
 
-from mesh.backends.resilience import BreakerPolicy, CircuitBreaker, CircuitState, RetryPolicy, parse_retry_after
+from mesh.backends.resilience import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitState,
+    RetryPolicy,
+    parse_retry_after,
+)
 from mesh.errors import BadRequest, RateLimited, ServerError
 
 

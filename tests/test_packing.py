@@ -13,10 +13,10 @@ SYSTEM = "ROLE: coder\nYou write code."
 
 
 def _parts(**over: object) -> dict[str, object]:
-    base: dict[str, object] = dict(
-        system=SYSTEM, constraints=["Use Python 3.11", "No network access"], brief="Build me a login system",
-        instruction="Implement the login form", acceptance=["tests pass"], inputs=[], memory="step 1 done",
-    )
+    base: dict[str, object] = {
+        "system": SYSTEM, "constraints": ["Use Python 3.11", "No network access"], "brief": "Build me a login system",
+        "instruction": "Implement the login form", "acceptance": ["tests pass"], "inputs": [], "memory": "step 1 done",
+    }
     return base | over
 
 

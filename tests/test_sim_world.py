@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jsonschema
@@ -34,7 +35,7 @@ def _reply(world: SimWorld, req: ChatRequest, tier: str = "long_context"):  # ty
 
 
 def _roles_switches(steps: list[dict[str, object]]) -> int:
-    return sum(1 for a, b in zip(steps, steps[1:], strict=False) if a["role"] != b["role"])
+    return sum(1 for a, b in itertools.pairwise(steps) if a["role"] != b["role"])
 
 
 def test_planner_plan_is_a_valid_dag_with_parallel_research() -> None:

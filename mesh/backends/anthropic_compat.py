@@ -119,7 +119,8 @@ class _Accumulator:
         calls = []
         for b in (self.blocks[i] for i in sorted(self.blocks)):
             if b["type"] == "tool_use":
-                args = b.get("input") if b.get("input") is not None else parse_tool_arguments(b["json"], b["name"])
+                given = b.get("input")
+                args = given if isinstance(given, dict) else parse_tool_arguments(b.get("json", ""), b["name"])
                 calls.append(ToolCallRequest(id=b["id"], name=self.names.mesh(b["name"]), arguments=args))
         return calls
 

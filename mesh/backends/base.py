@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -100,6 +100,14 @@ class Backend(Protocol):
     async def chat(self, req: ChatRequest, *, timeout: float) -> ChatResponse: ...
 
     async def aclose(self) -> None: ...
+
+
+class Where(TypedDict, total=False):
+    """Where a backend error happened: the keyword arguments every ``BackendError`` takes."""
+
+    tier: str | None
+    endpoint: str | None
+    status: int | None
 
 
 HINTS_HEADER = "X-Mesh-Hints"

@@ -17,6 +17,7 @@ import httpx2
 import openai
 import pydantic
 
+from mesh.backends.base import Where
 from mesh.backends.status import classify
 from mesh.backends.tiers import TierConfig
 from mesh.errors import BackendError, BackendTimeout, MalformedResponse, StreamCut, Unreachable
@@ -49,7 +50,7 @@ def _error_fields(exc: Exception) -> tuple[str | None, str | None, str]:
 async def sdk_call(tier: TierConfig, timeout: float) -> AsyncIterator[CallState]:
     """Run one SDK call under a total deadline; re-raise whatever it throws as a ``BackendError``."""
     state = CallState()
-    where = {"tier": tier.name, "endpoint": tier.endpoint}
+    where = Where(tier=tier.name, endpoint=tier.endpoint)
     try:
         async with asyncio.timeout(timeout):
             yield state
@@ -60,7 +61,7 @@ async def sdk_call(tier: TierConfig, timeout: float) -> AsyncIterator[CallState]
         etype, code, message = _error_fields(exc)
         status = exc.status_code if 400 <= exc.status_code else None  # an error event inside a 200 stream
         raise classify(status, message=message, error_type=etype, code=code, headers=exc.response.headers,
-                       **where) from exc
+                       tier=tier.name, endpoint=tier.endpoint) from exc
     except _TIMEOUTS as exc:
         raise BackendTimeout(f"no complete answer within {timeout:g}s", **where) from exc
     except _CONNECTION as exc:
@@ -69,6 +70,7 @@ async def sdk_call(tier: TierConfig, timeout: float) -> AsyncIterator[CallState]
         raise Unreachable(f"cannot reach {tier.base_url}: {exc}", **where) from exc
     except (openai.APIError, anthropic.APIError) as exc:  # an error event in the stream
         etype, code, message = _error_fields(exc)
-        raise classify(None, message=message, error_type=etype, code=code, **where) from exc
+        raise classify(None, message=message, error_type=etype, code=code, tier=tier.name,
+                       endpoint=tier.endpoint) from exc
     except _GARBAGE as exc:
         raise MalformedResponse(f"the endpoint's answer is not a valid response: {exc!r}"[:500], **where) from exc

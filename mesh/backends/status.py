@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from mesh.backends.base import Where
 from mesh.backends.resilience import parse_retry_after
 from mesh.errors import (
     AuthenticationFailed,
@@ -33,7 +34,7 @@ def classify(
     status: int | None, *, message: str, error_type: str | None = None, code: str | None = None,
     headers: Mapping[str, str] | None = None, tier: str | None = None, endpoint: str | None = None,
 ) -> BackendError:
-    where: dict[str, object] = {"tier": tier, "endpoint": endpoint, "status": status}
+    where = Where(tier=tier, endpoint=endpoint, status=status)
     kind = f"{error_type or ''} {code or ''}".lower()
     text = f"HTTP {status}: {message}" if status else message
     if status == 429 or "rate_limit" in kind:

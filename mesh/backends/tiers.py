@@ -108,18 +108,18 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 # What each tier is when nothing is configured: a sim with the real class's profile.
 SIM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "edge": dict(
-        model="sim-edge", context_window=8192, output_reserve=1024, max_concurrency=4, timeout=60.0,
-        prices=Prices(input_hit=0.0, input_miss=0.02, output=0.04),
-    ),
-    "long_context": dict(
-        model="sim-long-context", context_window=1_048_576, output_reserve=16_384, max_concurrency=8,
-        timeout=600.0, prices=KNOWN_MODELS["deepseek-v4-pro"].prices,
-    ),
-    "swarm": dict(
-        model="sim-swarm", context_window=262_144, output_reserve=16_384, max_concurrency=8, timeout=600.0,
-        prices=KNOWN_MODELS["kimi-k2.6"].prices, thinking=True,
-    ),
+    "edge": {
+        "model": "sim-edge", "context_window": 8192, "output_reserve": 1024, "max_concurrency": 4, "timeout": 60.0,
+        "prices": Prices(input_hit=0.0, input_miss=0.02, output=0.04),
+    },
+    "long_context": {
+        "model": "sim-long-context", "context_window": 1_048_576, "output_reserve": 16_384, "max_concurrency": 8,
+        "timeout": 600.0, "prices": KNOWN_MODELS["deepseek-v4-pro"].prices,
+    },
+    "swarm": {
+        "model": "sim-swarm", "context_window": 262_144, "output_reserve": 16_384, "max_concurrency": 8, "timeout": 600.0,
+        "prices": KNOWN_MODELS["kimi-k2.6"].prices, "thinking": True,
+    },
 }
 
 _ENV_FIELDS = (
@@ -148,7 +148,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _tier(name: str, override: dict[str, Any]) -> TierConfig:
+def _tier(name: Tier, override: dict[str, Any]) -> TierConfig:
     """One tier: the sim defaults, or for an endpoint the known model's window, prices and thinking
     default, then the overrides from file and environment."""
     kind = override.get("kind") or ("openai" if override.get("base_url") else "sim")

@@ -77,8 +77,8 @@ def plan_steps(n: int, topic: str, rng: random.Random) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = []
 
     def add(step_id: str, role: str, instruction: str, deps: list[str], acceptance: list[str]) -> None:
-        steps.append(dict(step_id=step_id, role=role, instruction=instruction, depends_on=deps,
-                          acceptance=acceptance, difficulty=round(rng.uniform(0.2, 0.8), 2)))
+        steps.append({"step_id": step_id, "role": role, "instruction": instruction, "depends_on": deps,
+                          "acceptance": acceptance, "difficulty": round(rng.uniform(0.2, 0.8), 2)})
 
     angles = ["requirements and user stories", "prior art, libraries and interfaces", "security, failure modes and risks"]
     phases = max(1, (n - 2 - len(angles)) // 3)

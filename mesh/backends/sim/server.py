@@ -15,7 +15,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import pydantic
 from aiohttp import web
@@ -29,7 +29,7 @@ from mesh.errors import ConfigError, ContextTooLong
 HANG_SECONDS = 30.0  # a "timeout" fault stalls this long unless the client gives up first
 
 _WORLD = web.AppKey("world", SimWorld)
-_STATS = web.AppKey("stats", Counter)
+_STATS = web.AppKey("stats", dict[str, int])
 
 
 class _Api:
@@ -142,7 +142,7 @@ async def _faults(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return web.json_response(dict(request.app[_STATS]))
+    return web.json_response(request.app[_STATS])
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -152,7 +152,7 @@ async def _healthz(request: web.Request) -> web.Response:
 def make_app(world: SimWorld) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_WORLD] = world
-    app[_STATS] = Counter()
+    app[_STATS] = Counter()  # a dict[str, int] that starts every key at 0
     app.router.add_post("/v1/chat/completions", _openai)
     app.router.add_post("/v1/messages", _anthropic)
     app.router.add_route("*", "/_sim/faults", _faults)
@@ -175,18 +175,18 @@ class SimServer:
         """Base URL for the Anthropic SDK; the OpenAI SDK's is ``url + "/v1"``."""
         return f"http://{self.host}:{self.port}"
 
-    async def start(self) -> SimServer:
+    async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = site.port
-        return self
 
     async def stop(self) -> None:
         await self._runner.cleanup()
 
-    async def __aenter__(self) -> SimServer:
-        return await self.start()
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()

@@ -13,7 +13,14 @@ import json
 import time
 from typing import Any
 
-from mesh.backends.base import SIM_FINGERPRINT, SIM_MESSAGE_PREFIX, ChatMessage, ChatRequest, ToolCallRequest, ToolSpec
+from mesh.backends.base import (
+    SIM_FINGERPRINT,
+    SIM_MESSAGE_PREFIX,
+    ChatMessage,
+    ChatRequest,
+    ToolCallRequest,
+    ToolSpec,
+)
 from mesh.backends.sim.world import SimReply
 from mesh.packing import estimate_tokens
 
@@ -210,7 +217,7 @@ def anthropic_frames(r: SimReply, model: str) -> list[Frame]:
     def ev(name: str, data: dict[str, Any], tokens: int = 0) -> Frame:
         return name, _dump({"type": name, **data}), tokens
 
-    start = {"id": _id(SIM_MESSAGE_PREFIX, model), "type": "message", "role": "assistant", "model": model, "content": [],
+    start: dict[str, Any] = {"id": _id(SIM_MESSAGE_PREFIX, model), "type": "message", "role": "assistant", "model": model, "content": [],
              "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(r, output=False)}
     frames = [ev("message_start", {"message": start}), ("ping", _dump({"type": "ping"}), 0)]
     for i, block in enumerate(_anthropic_blocks(r)):

@@ -1,0 +1,51 @@
+"""`mesh run` as a user runs it: a subprocess that brings up the embedded mesh (nats-server, sim-server,
+one process per role), runs the goal and writes the results folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(MESH_DATA_DIR=str(tmp_path / ".mesh"), MESH_OUT_DIR=str(tmp_path / "out"),
+               MESH_SIM_LATENCY_SCALE="0", MESH_DRAIN_SECONDS="5", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def test_mesh_run_completes_a_goal_and_writes_results(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh", "run", "Build me a login system", "-c", "Use Python 3.11 only"],
+        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "SIMULATED" in out  # no endpoint configured: it says so
+    assert "plan v1:" in out and "goal completed" in out and "routed to" in out
+    results = next((tmp_path / "out").iterdir())
+    assert "Use Python 3.11 only" in (results / "synthesis.md").read_text()
+    assert any((results / "workspace").rglob("*.py")), "the coder's files are in the final workspace"
+    state = json.loads((results / "goal.json").read_text())
+    assert state["status"] == "completed"
+    assert not (tmp_path / ".mesh" / "local.json").exists(), "the local mesh was stopped"
+
+
+def test_mesh_run_exits_non_zero_when_the_goal_fails(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh", "run", "Build me a login system", "--max-steps", "2", "--json"],
+        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert events[-1]["type"] == "goal.failed" and "step budget exceeded" in events[-1]["reason"]

@@ -6,9 +6,9 @@ sections ``## Pinned constraints``, ``## Goal``, ``## Step`` (instruction + acce
 ``## Previous review`` (revision steps only), ``## Inputs`` (each ``### <name>``) and ``## Memory``.
 
 Pinned constraints are always included verbatim — context endurance depends on it. When the rest
-does not fit ``window - output_reserve``, the lowest-priority inputs are summarised first, then
-dropped (each input is summarised if that alone makes room, else dropped, so higher-priority inputs
-stay whole as long as possible); then the memory, the previous review and the brief are shortened. If even the pinned
+does not fit ``window - output_reserve``, inputs are summarised lowest priority first (each just
+enough to close the gap, down to a floor), then dropped in the same order; then the memory, the
+previous review and the brief are shortened. If even the pinned
 parts do not fit, ``ContextTooLong`` is raised: the caller should have routed to a bigger window,
 which ``needed_tokens`` lets it do first.
 """
@@ -24,8 +24,10 @@ from mesh.errors import ContextTooLong
 
 # Tokens a chat template adds around each message (role markers, separators).
 MESSAGE_OVERHEAD = 4
-# A summary smaller than this says nothing useful; such an input is dropped instead.
+# Summaries are not made smaller than a tenth of the input, between these bounds: a smaller one
+# says nothing useful, and the input is dropped instead if room is still short.
 MIN_SUMMARY_TOKENS = 48
+SUMMARY_FLOOR_CAP = 1024
 
 Summariser = Callable[[str, int], str]
 
@@ -156,28 +158,34 @@ def pack(
         out = shorten(text, target)
         return out if estimate_tokens(out) <= target else truncate(out, target)
 
-    # 1. Inputs, lowest priority (then largest) first: summarise one if that alone closes the gap,
-    #    else drop it — a higher-priority input stays whole as long as a lower one can give way.
+    # 1. Inputs, lowest priority (then largest) first: summarise each just enough to close the gap,
+    #    but not below a useful floor; if that is still not enough, drop them in the same order.
     #    Each input is costed once with its heading; the estimate being subadditive, the sum of the
     #    costs bounds the real total from above, so one render at the end suffices (1M tokens of
     #    inputs pack in milliseconds, not one re-render per input).
     cost = {id(p): estimate_tokens(f"\n\n### {p.name}\n{p.text}") for p in parts}
     header = estimate_tokens("\n\n## Inputs\n") if parts else 0
     over = messages_tokens(render([])) + header + sum(cost.values()) - budget
-    for part in sorted(parts, key=lambda p: (p.priority, -p.tokens)):
+    order = sorted(parts, key=lambda p: (p.priority, -p.tokens))
+    for part in order:
         if over <= 0:
             break
-        heading = estimate_tokens(f"\n\n### {part.name}\n")
-        target = cost[id(part)] - over - heading
-        if target >= MIN_SUMMARY_TOKENS:
+        floor = max(MIN_SUMMARY_TOKENS, min(part.tokens // 10, SUMMARY_FLOOR_CAP))
+        target = max(cost[id(part)] - over - estimate_tokens(f"\n\n### {part.name}\n"), floor)
+        if target < part.tokens:
             part.text = fit(part.text, target)
             summarised.append(part.name)
             new_cost = estimate_tokens(f"\n\n### {part.name}\n{part.text}")
             over -= cost[id(part)] - new_cost
-        else:
-            parts.remove(part)
-            dropped.append(part.name)
-            over -= cost[id(part)] + (header if not parts else 0)
+            cost[id(part)] = new_cost
+    for part in order:
+        if over <= 0:
+            break
+        parts.remove(part)
+        dropped.append(part.name)
+        if part.name in summarised:
+            summarised.remove(part.name)
+        over -= cost[id(part)] + (header if not parts else 0)
     messages = render(parts)
     over = messages_tokens(messages) - budget
     # 2. Shorten the memory, then the brief and the previous review; never the pinned constraints.

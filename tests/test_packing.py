@@ -53,11 +53,15 @@ def test_lowest_priority_is_summarised_first_then_dropped() -> None:
     assert "high value words " * 400 in packed.messages[1].content
     assert "tokens truncated" in packed.messages[1].content
     assert packed.tokens <= packed.budget
-    # Much less room: the low input goes entirely, the high one is summarised.
+    # Less room: the low input is cut to its floor, then the high one is summarised too.
     fixed = needed_tokens(**_parts())  # type: ignore[arg-type]
-    packed = pack(**_parts(inputs=inputs), window=fixed + 700, output_reserve=100)  # type: ignore[arg-type]
-    assert packed.dropped == ["low"] and packed.summarised == ["high"]
+    packed = pack(**_parts(inputs=inputs), window=fixed + 900, output_reserve=100)  # type: ignore[arg-type]
+    assert packed.summarised == ["low", "high"] and packed.dropped == []
     assert packed.tokens <= packed.budget
+    # Too little room for even two floors: the low input goes entirely.
+    packed = pack(**_parts(inputs=inputs), window=fixed + 300, output_reserve=100)  # type: ignore[arg-type]
+    assert packed.dropped == ["low"] and packed.summarised == ["high"]
+    assert "high value" in packed.messages[1].content and packed.tokens <= packed.budget
 
 
 def test_custom_summariser_is_used_and_overshoot_is_cut() -> None:

@@ -30,6 +30,11 @@ class MeshSettings(BaseSettings):
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    nats_inbox_prefix: str = Field(
+        default="_INBOX",
+        description="Reply-subject prefix. Per-role users get their own (`mesh security gen`) so one role "
+                    "cannot subscribe to another's replies and pull deliveries.",
+    )
     connect_timeout: float = 5.0
     max_reconnect_attempts: int = Field(default=-1, description="-1 reconnects forever.")
     connect_attempts: int = Field(default=3, ge=1, description="Attempts per server at start before NotConnected.")
@@ -53,10 +58,28 @@ class MeshSettings(BaseSettings):
     sim_faults: str = Field(default="", description='Sim fault rates, e.g. "429:0.1,500:0.05,timeout:0.02,cut:0.02".')
     sim_latency_scale: float = Field(default=1.0, ge=0, description="Multiplies sim latencies; 0 = instant.")
 
+    # --- router (mesh.router) ---
+    router_epsilon: float = Field(default=0.05, ge=0, le=1, description="Share of routing decisions that explore.")
+    router_model: Path | None = Field(
+        default=None, description="ONNX router model to start with; unset: the packaged default.")
+
+    # --- tools (mesh.tools): limits of one shell.run command ---
+    shell_timeout: float = Field(default=120.0, gt=0, description="shell.run wall-clock limit (seconds).")
+    shell_cpu_seconds: int = Field(default=120, ge=1, description="shell.run CPU-time limit (seconds).")
+    shell_memory_mb: int = Field(default=1024, ge=64, description="shell.run address-space limit (MiB).")
+    shell_output_kb: int = Field(default=64, ge=1, description="shell.run output kept per stream (KiB).")
+
     # --- node process ---
     health_host: str = Field(default="0.0.0.0", description="Bind address of /healthz, /readyz, /metrics.")
     health_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (local mesh).")
     drain_seconds: float = Field(default=30.0, ge=0, description="Grace period for in-flight work on SIGTERM.")
+
+    # --- ledger (mesh.store, mesh.roles.recorder) ---
+    ledger_path: Path | None = Field(
+        default=None, description="The ledger's DuckDB file; unset: <data_dir>/ledger.duckdb.")
+    ledger_query_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a ledger query may run before it is stopped.")
+    ledger_max_rows: int = Field(default=10_000, ge=1, description="Rows a ledger query returns at most.")
 
     # --- local data ---
     data_dir: Path = Field(default=Path(".mesh"), description="Embedded server data, ledger file, caches.")
@@ -69,6 +92,10 @@ class MeshSettings(BaseSettings):
         if not v or any(c in v for c in " .*>\t"):
             raise ValueError("subject_prefix must be one NATS token (no spaces, dots or wildcards)")
         return v
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.ledger_path or self.data_dir / "ledger.duckdb"
 
     @property
     def servers(self) -> list[str]:

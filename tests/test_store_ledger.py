@@ -225,3 +225,12 @@ def test_a_gap_in_the_migration_path_is_refused(tmp_path: Path, monkeypatch: pyt
         Ledger(path)
     monkeypatch.undo()
     assert Ledger(path, read_only=True).schema_version == schema.SCHEMA_VERSION  # untouched
+
+
+def test_upto_moves_the_mark_past_skipped_messages(tmp_path: Path, history: Batch) -> None:
+    with Ledger(tmp_path / "l.duckdb") as ledger:
+        assert ledger.ingest(history[:10], upto=12) == 10  # 11 and 12 were dead-lettered
+        assert ledger.last_seq() == 12
+        assert ledger.ingest([], upto=15) == 0 and ledger.last_seq() == 15
+        assert ledger.ingest(history[10:20]) == 5  # 16..20
+        assert ledger.ingest([], upto=3) == 0 and ledger.last_seq() == 20

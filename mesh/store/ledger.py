@@ -27,8 +27,12 @@ class Ledger:
     """One ledger file. ``Ledger(path)`` creates it, migrates an older one, refuses a newer one.
 
     ``read_only`` opens an existing file without taking the writer's lock on it (it may not need a
-    migration then); ``":memory:"`` is a throwaway ledger.
+    migration then); ``":memory:"`` is a throwaway ledger. The writer connection belongs to whichever
+    thread calls ``ingest`` (DuckDB refuses concurrent calls on one connection); everything else
+    reads through its own ``cursor()``.
     """
+
+    schema_version: int
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = str(path)
@@ -61,10 +65,6 @@ class Ledger:
 
     # --- schema ----------------------------------------------------------------------------------
 
-    @property
-    def schema_version(self) -> int:
-        return int(self._meta(_VERSION))
-
     def _meta(self, key: str) -> str:
         row = self._con.execute("SELECT value FROM ledger_meta WHERE key = ?", [key]).fetchone()
         if row is None:
@@ -86,7 +86,7 @@ class Ledger:
             if self.read_only:
                 raise LedgerError(f"{self.path} is an empty file, not a ledger")
             self._create()
-        version = self.schema_version
+        version = int(self._meta(_VERSION))
         if version > schema.SCHEMA_VERSION:
             raise LedgerVersionError(
                 f"ledger {self.path} has schema version {version}, but this release of mesh understands "
@@ -97,6 +97,7 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path} has schema version {version} and needs a migration to "
                                   f"{schema.SCHEMA_VERSION}; open it read-write once (start the ledger)")
             self._migrate(version)
+        self.schema_version = schema.SCHEMA_VERSION
         return int(self._meta(_LAST_SEQ))
 
     def _create(self) -> None:
@@ -136,23 +137,25 @@ class Ledger:
         """The highest stream sequence stored: a consumer resumes after it."""
         return self._last_seq
 
-    def ingest(self, batch: Sequence[tuple[int, str, Event]]) -> int:
+    def ingest(self, batch: Sequence[tuple[int, str, Event]], *, upto: int | None = None) -> int:
         """Store ``(stream_seq, subject, event)`` triples and fold them into the derived tables.
 
         Rows and the new high-water mark commit in one transaction, and sequences at or below the
         stored mark are skipped, so re-ingesting a redelivered batch (crash after commit, before ack)
-        adds nothing. Returns the number of events added.
+        adds nothing. ``upto`` raises the mark past stream messages that were read but are not
+        events (dead-lettered), so they are not read again. Returns the number of events added.
         """
         if self.read_only:
             raise LedgerError(f"ledger {self.path} is open read-only")
         fresh = sorted({seq: item for item in batch if (seq := item[0]) > self._last_seq}.values(),
                        key=lambda item: item[0])
-        if not fresh:
+        hi = max(fresh[-1][0] if fresh else 0, upto or 0)
+        if hi <= self._last_seq:
             return 0
-        lo, hi = fresh[0][0], fresh[-1][0]
         with _transaction(self._con):
-            append_events(self._con, fresh)
-            fold_events(self._con, lo, hi, {item[2].type for item in fresh})
+            if fresh:
+                append_events(self._con, fresh)
+                fold_events(self._con, fresh[0][0], fresh[-1][0], {item[2].type for item in fresh})
             self._con.execute("UPDATE ledger_meta SET value = ? WHERE key = ?", [str(hi), _LAST_SEQ])
         self._last_seq = hi
         return len(fresh)

@@ -1,0 +1,197 @@
+"""The ledger's query service over NATS (a NATS micro service) and its client.
+
+Endpoints, request/reply with JSON bodies so any NATS client (``nats req``, Go, TypeScript) can ask::
+
+    <prefix>.ledger.sql            {"sql": "SELECT …", "max_rows": 100?, "timeout": 5?}
+    <prefix>.ledger.goal_summary   {"goal_id": "…"?, "limit": 50?}
+    <prefix>.ledger.usage          {"goal_id": "…"?, "by": "tier" | "model" | "goal"}
+    <prefix>.ledger.routing_stats  {}
+    <prefix>.ledger.status         {}   → {"path", "schema_version", "last_seq", "events"}
+
+A query answers ``{"columns", "types", "rows", "truncated", "elapsed_ms"}``. Errors use the micro
+protocol's ``Nats-Service-Error`` / ``-Code`` headers: 400 for a refused or malformed request, 500
+for a query that failed. The service discovers like any micro service (``nats micro ls``) under
+the name ``<prefix>-ledger``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Literal
+
+import nats.errors
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
+from nats.micro.service import Service
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mesh import __version__
+from mesh.errors import LedgerError, QueryRefused
+from mesh.store import Ledger
+from mesh.store.query import LedgerQueries, QueryResult
+
+log = logging.getLogger(__name__)
+
+_REFUSED, _FAILED = "400", "500"
+_HEADROOM = 4096  # bytes kept free under max_payload for headers and framing
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SqlRequest(_Request):
+    sql: str
+    max_rows: int | None = Field(default=None, ge=0)
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class GoalSummaryRequest(_Request):
+    goal_id: str | None = None
+    limit: int = Field(default=50, ge=1, le=10_000)
+
+
+class UsageRequest(_Request):
+    goal_id: str | None = None
+    by: Literal["tier", "model", "goal"] = "tier"
+
+
+class EmptyRequest(_Request):
+    pass
+
+
+def subject(prefix: str, endpoint: str) -> str:
+    return f"{prefix}.ledger.{endpoint}"
+
+
+class LedgerService:
+    """Serves ``LedgerQueries`` on the bus while open (``async with``). Queries run in threads, so
+    the event loop (and the recorder's ingest) keeps going while one runs; closing waits for them."""
+
+    def __init__(self, nc: Client, prefix: str, ledger: Ledger, queries: LedgerQueries) -> None:
+        self._nc, self._prefix, self._ledger, self._queries = nc, prefix, ledger, queries
+        self._service: Service | None = None
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def __aenter__(self) -> LedgerService:
+        q = self._queries
+        routes: dict[str, Callable[[Any], Any]] = {
+            "sql": lambda r: q.sql(r.sql, timeout=r.timeout, max_rows=r.max_rows).to_json(),
+            "goal_summary": lambda r: q.goal_summary(r.goal_id, limit=r.limit).to_json(),
+            "usage": lambda r: q.usage(goal_id=r.goal_id, by=r.by).to_json(),
+            "routing_stats": lambda r: q.routing_stats().to_json(),
+            "status": lambda r: self._status(),
+        }
+        models: dict[str, type[_Request]] = {"sql": SqlRequest, "goal_summary": GoalSummaryRequest,
+                                             "usage": UsageRequest}
+        self._service = await add_service(self._nc, name=f"{self._prefix}-ledger", version=__version__,
+                                          description="Read-only queries over the mesh ledger (DuckDB)")
+        group = self._service.add_group(name=f"{self._prefix}.ledger")
+        for name, run in routes.items():
+            await group.add_endpoint(name=name, handler=self._endpoint(models.get(name, EmptyRequest), run))
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._service is not None:
+            try:
+                await self._service.stop()
+            except nats.errors.Error as exc:  # a closed connection has no subscriptions left to drain
+                log.debug("ledger service stop: %r", exc)
+        await self._idle.wait()  # a query thread must not outlive the ledger it reads
+
+    def _status(self) -> dict[str, Any]:
+        cursor = self._ledger.cursor()
+        try:
+            row = cursor.execute("SELECT count(*) FROM events").fetchone()
+        finally:
+            cursor.close()
+        return {"path": self._ledger.path, "schema_version": self._ledger.schema_version,
+                "last_seq": self._ledger.last_seq(), "events": row[0] if row else 0}
+
+    def _endpoint(self, model: type[_Request], run: Callable[[Any], Any]) -> Callable[[Request], Awaitable[None]]:
+        async def handle(request: Request) -> None:
+            try:
+                body = model.model_validate_json(request.data or b"{}")
+            except ValidationError as exc:
+                await request.respond_error(_REFUSED, f"malformed request: {exc.errors(include_url=False)}"[:500])
+                return
+            self._running += 1
+            self._idle.clear()
+            try:
+                answer = await asyncio.to_thread(run, body)
+            except QueryRefused as exc:
+                await request.respond_error(_REFUSED, str(exc))
+                return
+            except LedgerError as exc:
+                await request.respond_error(_FAILED, str(exc))
+                return
+            finally:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+            await request.respond(_fit(answer, self._nc.max_payload - _HEADROOM))
+
+        return handle
+
+
+def _fit(answer: dict[str, Any], limit: int) -> bytes:
+    """The JSON answer, with trailing rows dropped (and ``truncated`` set) until it fits ``limit``."""
+    data = json.dumps(answer).encode()
+    rows = answer.get("rows")
+    if len(data) <= limit or not isinstance(rows, list):
+        return data
+    lo, hi = 0, len(rows)  # the largest row count that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(json.dumps({**answer, "rows": rows[:mid], "truncated": True}).encode()) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return json.dumps({**answer, "rows": rows[:lo], "truncated": True}).encode()
+
+
+class LedgerClient:
+    """Asks the ledger service; raises ``QueryRefused`` / ``LedgerError`` as the service decided."""
+
+    def __init__(self, nc: Client, prefix: str = "mesh", *, timeout: float = 15.0) -> None:
+        self._nc, self._prefix, self.timeout = nc, prefix, timeout
+
+    async def _ask(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        target = subject(self._prefix, endpoint)
+        try:
+            reply = await self._nc.request(target, json.dumps(body).encode(), timeout=self.timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise LedgerError(f"no ledger service answers on {target}: is the ledger node running?") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise LedgerError(f"ledger request on {target} failed: {exc!r}") from exc
+        headers = reply.headers or {}
+        if ERROR_CODE_HEADER in headers:
+            error = QueryRefused if headers[ERROR_CODE_HEADER] == _REFUSED else LedgerError
+            raise error(headers.get(ERROR_HEADER, "the ledger service refused the request"))
+        doc: dict[str, Any] = json.loads(reply.data)
+        return doc
+
+    async def sql(self, sql: str, *, max_rows: int | None = None, timeout: float | None = None) -> QueryResult:
+        return QueryResult.from_json(await self._ask("sql", SqlRequest(sql=sql, max_rows=max_rows, timeout=timeout)
+                                                     .model_dump(exclude_none=True)))
+
+    async def goal_summary(self, goal_id: str | None = None, *, limit: int = 50) -> QueryResult:
+        return QueryResult.from_json(await self._ask("goal_summary", {"goal_id": goal_id, "limit": limit}))
+
+    async def usage(self, *, goal_id: str | None = None,
+                    by: Literal["tier", "model", "goal"] = "tier") -> QueryResult:
+        return QueryResult.from_json(await self._ask("usage", {"goal_id": goal_id, "by": by}))
+
+    async def routing_stats(self) -> QueryResult:
+        return QueryResult.from_json(await self._ask("routing_stats", {}))
+
+    async def status(self) -> dict[str, Any]:
+        return await self._ask("status", {})

@@ -1,0 +1,59 @@
+"""Helpers for the ledger tests: publish synthetic event bursts, wait for the ledger, compare ledgers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from mesh.bus import Bus
+from mesh.contracts import Event, encode
+from mesh.errors import LedgerError
+from mesh.roles.ledger_service import LedgerClient
+from mesh.store import Ledger, schema
+from mesh.store.synthetic import synthetic_events
+
+Eventually = Callable[..., Awaitable[None]]
+
+
+async def publish_burst(bus: Bus, events: Sequence[Event], *, chunk: int = 1000, pause: float = 0.0) -> None:
+    """Publish events as the mesh encodes them, as fast as core NATS takes them (the stream stores
+    every message on its subjects; no per-message ack round trip), ``chunk`` at a time."""
+    topo = bus.topology
+    for i in range(0, len(events), chunk):
+        for event in events[i:i + chunk]:
+            await bus.nc.publish(topo.event_subject(event.goal_id, event.type), encode(event),
+                                 headers={"Nats-Msg-Id": event.event_id})
+        await bus.nc.flush()
+        if pause:
+            await asyncio.sleep(pause)  # shapes the burst's rate; nothing waits on it
+
+
+async def stream_last_seq(bus: Bus) -> int:
+    info = await bus.js.stream_info(bus.topology.events_stream)
+    return int(info.state.last_seq)
+
+
+async def stream_messages(bus: Bus) -> int:
+    info = await bus.js.stream_info(bus.topology.events_stream)
+    return int(info.state.messages)
+
+
+async def ledger_caught_up(client: LedgerClient, bus: Bus) -> bool:
+    """The ledger service answers and has stored up to the stream's last sequence."""
+    try:
+        status = await client.status()
+    except LedgerError:
+        return False
+    return int(status["last_seq"]) >= await stream_last_seq(bus)
+
+
+def burst(count: int, seed: int = 1) -> list[Event]:
+    return list(synthetic_events(count, seed=seed))
+
+
+def tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every table of a ledger file, rows sorted."""
+    with Ledger(path, read_only=True) as ledger:
+        cursor = ledger.cursor()
+        return {t: cursor.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in schema.TABLES}

@@ -1,0 +1,153 @@
+"""The recorder role against a real nats-server: records the stream exactly once, serves the query
+service (refusing writes, multiple statements and file access), dead-letters poison, resumes after
+a restart, and a rebuild from the stream equals the live ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from mesh.bus import Bus, DeadLetter
+from mesh.config import MeshSettings
+from mesh.errors import LedgerError, QueryRefused
+from mesh.roles.ledger_service import LedgerClient
+from mesh.roles.recorder import Recorder, rebuild
+from tests.ledgerkit import Eventually, burst, ledger_caught_up, publish_burst, stream_messages, tables
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@asynccontextmanager
+async def recording(bus: Bus, settings: MeshSettings, batch_size: int = 500) -> AsyncIterator[Recorder]:
+    recorder = Recorder(bus, settings, batch_size=batch_size)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(recorder.run())
+        await asyncio.wait_for(recorder.ready.wait(), 30)
+        try:
+            yield recorder
+        finally:
+            recorder.stop()
+
+
+@pytest.fixture
+def client(bus: Bus) -> LedgerClient:
+    return LedgerClient(bus.nc, bus.topology.prefix, timeout=10)
+
+
+async def test_records_serves_and_rebuilds_equal(bus: Bus, settings: MeshSettings, client: LedgerClient,
+                                                 eventually: Eventually, tmp_path: Path) -> None:
+    events = burst(3_000)
+    async with recording(bus, settings):
+        await publish_burst(bus, events[:1_000])
+        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await publish_burst(bus, events[1_000:], chunk=250)  # later batches of other sizes
+        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+
+        counts = await client.sql("SELECT count(*), count(DISTINCT seq), count(DISTINCT event_id) FROM events")
+        assert counts.rows == [(3_000, 3_000, 3_000)] == [(await stream_messages(bus),) * 3]
+        status = await client.status()
+        assert status["events"] == 3_000 and status["last_seq"] == 3_000
+
+        goal_id = events[-1].goal_id
+        summary = await client.goal_summary(goal_id)
+        assert [r["goal_id"] for r in summary.records()] == [goal_id]
+        usage = await client.usage()
+        assert {r["tier"] for r in usage.records()} == {"edge", "long_context", "swarm"}
+        assert (await client.routing_stats()).rows
+        limited = await client.sql("SELECT seq FROM events ORDER BY seq", max_rows=7)
+        assert [r[0] for r in limited.rows] == list(range(1, 8)) and limited.truncated
+
+    live = tables(settings.ledger_file)
+    rebuilt_path = tmp_path / "rebuilt.duckdb"
+    assert await rebuild(bus, rebuilt_path, batch_size=1_234) == 3_000
+    rebuilt = tables(rebuilt_path)
+    for table, rows in live.items():
+        assert rebuilt[table] == rows, table
+    with pytest.raises(LedgerError, match="exists"):
+        await rebuild(bus, rebuilt_path)
+
+
+QUERY_SERVICE_REFUSES = [
+    "DELETE FROM events",
+    "INSERT INTO goals (goal_id) VALUES ('x')",
+    "DROP TABLE events",
+    "SELECT 1; DELETE FROM events",
+    "SELECT count(*) FROM events; SELECT 1",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM read_parquet('/tmp/x.parquet')",
+    "SELECT * FROM glob('/*')",
+    "SELECT * FROM '/etc/passwd'",
+    "COPY events TO '/tmp/stolen.csv'",
+    "ATTACH '/tmp/other.duckdb' AS other",
+    "INSTALL httpfs",
+]
+
+
+async def test_query_service_refuses_writes_statements_and_files(bus: Bus, settings: MeshSettings,
+                                                                 client: LedgerClient,
+                                                                 eventually: Eventually) -> None:
+    async with recording(bus, settings):
+        await publish_burst(bus, burst(200))
+        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        for sql in QUERY_SERVICE_REFUSES:
+            with pytest.raises(QueryRefused):
+                await client.sql(sql)
+        with pytest.raises(QueryRefused, match="time limit"):
+            await client.sql("SELECT sum(a.range * b.range) FROM range(100000000) a, range(1000) b", timeout=0.2)
+        with pytest.raises(LedgerError, match="malformed"):
+            await client._ask("sql", {"query": "SELECT 1"})
+        # nothing was written, and the ledger still serves and records
+        assert (await client.sql("SELECT count(*) FROM events")).rows == [(200,)]
+        assert (await client.sql("SELECT count(*) FROM goals")).rows[0][0] > 0
+
+
+async def test_poison_is_dead_lettered_and_recording_goes_on(bus: Bus, settings: MeshSettings,
+                                                              client: LedgerClient, eventually: Eventually) -> None:
+    events = burst(100)
+    async with recording(bus, settings):
+        await publish_burst(bus, events[:50])
+        await bus.nc.publish(bus.topology.event_subject("g", "step.started"), b"\xc1 not msgpack")
+        await publish_burst(bus, events[50:])
+        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        assert (await client.sql("SELECT count(*), max(seq) FROM events")).rows == [(100, 101)]
+        assert (await client.sql("SELECT count(*) FROM events WHERE seq = 51")).rows == [(0,)]
+
+    sub = await bus.js.pull_subscribe(bus.topology.dlq_subject("ledger"), stream=bus.topology.dlq_stream)
+    (msg,) = await sub.fetch(1, timeout=5)
+    letter = DeadLetter.decode(msg.data)
+    assert letter.stream_seq == 51 and letter.error == "CodecError" and letter.data == b"\xc1 not msgpack"
+
+
+async def test_restart_resumes_after_the_mark(bus: Bus, settings: MeshSettings, client: LedgerClient,
+                                              eventually: Eventually) -> None:
+    events = burst(600)
+    async with recording(bus, settings):
+        await publish_burst(bus, events[:300])
+        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+    await publish_burst(bus, events[300:])  # while no ledger runs
+    async with recording(bus, settings, batch_size=128):
+        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        assert (await client.sql("SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM events")).rows == [
+            (600, 600, 1, 600)]
+
+
+async def test_rebuild_until_gives_the_ledger_as_it_was(bus: Bus, settings: MeshSettings, client: LedgerClient,
+                                                        eventually: Eventually, tmp_path: Path) -> None:
+    events = burst(400)
+    async with recording(bus, settings):
+        await publish_burst(bus, events[:250])
+        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+    then = tables(settings.ledger_file)
+    await publish_burst(bus, events[250:])
+    assert await rebuild(bus, tmp_path / "then.duckdb", until=250) == 250
+    assert tables(tmp_path / "then.duckdb") == then
+
+
+async def test_no_ledger_running_is_a_clear_error(client: LedgerClient) -> None:
+    with pytest.raises(LedgerError, match="is the ledger node running"):
+        await client.status()

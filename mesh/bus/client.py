@@ -297,7 +297,7 @@ class Bus:
 
 def _auth_options(s: MeshSettings) -> dict[str, Any]:
     """Credentials and TLS for ``nats.connect`` from settings."""
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {"inbox_prefix": s.nats_inbox_prefix}
     if s.nats_user:
         opts["user"] = s.nats_user
     if s.nats_password:

@@ -1,0 +1,220 @@
+"""Per-user NATS subject permissions, derived from the topology and the role specs.
+
+Every allow-list is built from ``Topology`` names, so a different prefix or a new role spec changes
+the permissions with it; nothing here is a hand-kept copy of a subject. What a user may do:
+
+* a **worker** pulls from its own durable consumer (``role-<role>`` on the tasks stream) and acks
+  only there; publishes the event types a worker emits, its own dead letters, artifacts (object
+  store) and its heartbeat; reads goal state (cancellation checks) but cannot write it;
+* the **orchestrator** pulls goals and step outcomes, publishes tasks to the worker roles that
+  exist, the goal-level events, and reads and writes goal state (compare-and-swap);
+* the **recorder** owns the consumers of the event stream (except the orchestrator's) and serves
+  the ledger's request/reply service (``allow_responses`` lets it answer any requester);
+* the **operator** is the CLI (submit, watch, status, goals, show, cancel, sql, router publish);
+* the **observer** may only read the event stream (an ordered, server-named consumer) and the
+  artifacts events refer to — what an outside dashboard or a Go/TypeScript client needs;
+* **admin** may do anything (break glass, topology changes by hand).
+
+Mesh processes provision the topology at start (create-or-noop; update when the code's config
+changed), so every mesh user may create, update and inspect the mesh's streams and its own durable
+consumers — never delete or purge them, and never touch another role's consumer.
+
+Replies: each user has its own inbox prefix (``_INBOX_<user>``) and may subscribe only to that, so
+one role cannot read another role's replies or pull deliveries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from mesh.bus.topology import Topology
+from mesh.contracts.events import EVENT_TYPES
+from mesh.roles.spec import RoleSpec
+
+JS_API = "$JS.API"
+
+# Which event types each kind of process emits (``mesh.event.<goal>.<type>``); the operator cancels.
+# A new event type must be given to someone here: tests fail while one is emitted by no one.
+EMITS: dict[str, frozenset[str]] = {
+    "orchestrator": frozenset({"goal.submitted", "goal.planned", "goal.completed", "goal.failed", "step.dispatched",
+                               "route.decided", "backend.call", "node.up", "node.down"}),
+    "worker": frozenset({"step.started", "step.progress", "step.completed", "step.failed", "tool.call",
+                         "artifact.created", "route.decided", "backend.call", "node.up", "node.down"}),
+    "recorder": frozenset({"node.up", "node.down"}),
+    "operator": frozenset({"goal.cancelled"}),
+}
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """A NATS user's allow-lists (everything else is refused by the server)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    deny_publish: tuple[str, ...] = ()
+    allow_responses: bool = False
+    inbox_prefix: str = "_INBOX"
+
+    def as_config(self) -> dict[str, object]:
+        """The ``permissions`` block of a user in nats-server's configuration."""
+        pub: dict[str, object] = {"allow": list(self.publish)}
+        if self.deny_publish:
+            pub["deny"] = list(self.deny_publish)
+        out: dict[str, object] = {"publish": pub, "subscribe": {"allow": list(self.subscribe)}}
+        if self.allow_responses:
+            out["allow_responses"] = True
+        return out
+
+
+@dataclass
+class _Grants:
+    """Accumulates subjects; duplicates are dropped, order kept (readable configs)."""
+
+    pub: dict[str, None] = field(default_factory=dict)
+    sub: dict[str, None] = field(default_factory=dict)
+
+    def publish(self, *subjects: str) -> None:
+        self.pub.update(dict.fromkeys(subjects))
+
+    def subscribe(self, *subjects: str) -> None:
+        self.sub.update(dict.fromkeys(subjects))
+
+
+def inbox_prefix(user: str) -> str:
+    return f"_INBOX_{user}"
+
+
+class PermissionSet:
+    """The permissions of every mesh user for one topology and set of role specs."""
+
+    def __init__(self, topo: Topology, specs: Mapping[str, RoleSpec]) -> None:
+        self.topo = topo
+        self.specs = dict(specs)
+
+    # --- building blocks -------------------------------------------------------------------------
+
+    def _buckets(self, kind: str) -> list[str]:
+        """Every KV (``kv``) or object-store (``obj``) bucket the topology names (its ``kv_*`` /
+        ``obj_*`` properties), so a bucket added there is provisionable without an edit here."""
+        return sorted({getattr(self.topo, n) for n in dir(type(self.topo)) if n.startswith(f"{kind}_")})
+
+    def _streams(self) -> list[str]:
+        return ([c.name for c in self.topo.stream_configs() if c.name] + [f"KV_{b}" for b in self._buckets("kv")]
+                + [f"OBJ_{b}" for b in self._buckets("obj")])
+
+    def _provision(self, g: _Grants) -> None:
+        """Create-or-noop (and update) of the shared topology; no delete, no purge."""
+        g.publish(*(f"{JS_API}.STREAM.{op}.{s}" for s in self._streams() for op in ("CREATE", "UPDATE", "INFO")))
+
+    def _durable(self, g: _Grants, stream: str, name: str) -> None:
+        """Create, inspect, pull from and ack one named durable consumer."""
+        g.publish(f"{JS_API}.CONSUMER.CREATE.{stream}.{name}", f"{JS_API}.CONSUMER.CREATE.{stream}.{name}.>",
+                  f"{JS_API}.CONSUMER.INFO.{stream}.{name}", f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{name}",
+                  f"$JS.ACK.{stream}.{name}.>")
+
+    def _read_stream(self, g: _Grants, stream: str) -> None:
+        """Ordered (server-named, ephemeral) consumers and direct gets: how KV keys, object reads and
+        event watches read a stream. The server names these consumers, so no durable can be hijacked."""
+        g.publish(f"{JS_API}.STREAM.INFO.{stream}", f"{JS_API}.CONSUMER.CREATE.{stream}",
+                  f"{JS_API}.CONSUMER.INFO.{stream}.*", f"{JS_API}.DIRECT.GET.{stream}",
+                  f"{JS_API}.DIRECT.GET.{stream}.>", f"{JS_API}.STREAM.MSG.GET.{stream}", f"$JS.FC.{stream}.>",
+                  f"{JS_API}.STREAM.NAMES")  # a subscribe by subject looks its stream up by name
+
+    def _kv(self, g: _Grants, bucket: str, *, write: bool) -> None:
+        self._read_stream(g, f"KV_{bucket}")
+        if write:
+            g.publish(f"$KV.{bucket}.>")
+
+    def _objects(self, g: _Grants, bucket: str, *, write: bool) -> None:
+        self._read_stream(g, f"OBJ_{bucket}")
+        if write:
+            g.publish(f"$O.{bucket}.C.>", f"$O.{bucket}.M.>")
+
+    def _events(self, g: _Grants, types: Iterable[str]) -> None:
+        g.publish(*(self.topo.event_subject("*", t) for t in sorted(types)))
+
+    def _node(self, g: _Grants, role: str, kind: str) -> None:
+        """What every ``mesh node`` process does: provision, its role's consumer, heartbeat, events,
+        dead letters, claim-checked bodies and artifacts."""
+        t = self.topo
+        self._provision(g)
+        self._durable(g, t.stream_for(role), t.consumer_name(role))
+        self._kv(g, t.kv_nodes, write=True)
+        self._objects(g, t.obj_artifacts, write=True)
+        self._events(g, EMITS[kind])
+        g.publish(t.dlq_subject(role))
+
+    # --- users -----------------------------------------------------------------------------------
+
+    def role(self, role: str) -> Permissions:
+        spec = self.specs[role]
+        t = self.topo
+        g = _Grants()
+        self._node(g, role, spec.kind)
+        allow_responses = False
+        deny: tuple[str, ...] = ()
+        if spec.kind != "recorder":  # the router runs in workers and the planner and hot-swaps its model
+            self._kv(g, t.kv_models, write=False)
+            self._objects(g, t.obj_models, write=False)
+        if spec.kind == "worker":
+            self._kv(g, t.kv_goals, write=False)
+        elif spec.kind == "orchestrator":
+            self._kv(g, t.kv_goals, write=True)
+            self._durable(g, t.events_stream, t.outcomes_consumer)
+            g.publish(*(t.task_subject(r) for r, s in sorted(self.specs.items()) if s.kind == "worker"))
+        else:  # recorder: every consumer of the event stream but the orchestrator's, and the query service
+            ev = t.events_stream
+            g.publish(f"{JS_API}.CONSUMER.CREATE.{ev}.>", f"{JS_API}.CONSUMER.INFO.{ev}.>",
+                      f"{JS_API}.CONSUMER.DELETE.{ev}.>", f"{JS_API}.CONSUMER.MSG.NEXT.{ev}.>", f"$JS.ACK.{ev}.>")
+            self._read_stream(g, ev)
+            g.subscribe(f"{t.prefix}.ledger.>", "$SRV.>")
+            deny = tuple(f"{JS_API}.CONSUMER.{op}.{ev}.{t.outcomes_consumer}{tail}"
+                         for op in ("CREATE", "DELETE") for tail in ("", ".>"))
+            allow_responses = True
+        return self._finish(role, g, deny=deny, allow_responses=allow_responses)
+
+    def operator(self) -> Permissions:
+        """The CLI against a running mesh: submit, watch, status, goals, show, cancel, ledger queries."""
+        t = self.topo
+        g = _Grants()
+        self._provision(g)
+        g.publish(t.goal_subject(), f"{t.prefix}.ledger.>", "$SRV.>")
+        self._events(g, EMITS["operator"])
+        self._read_stream(g, t.events_stream)
+        self._kv(g, t.kv_goals, write=True)
+        self._kv(g, t.kv_nodes, write=False)
+        self._objects(g, t.obj_artifacts, write=True)
+        self._kv(g, t.kv_models, write=True)  # `mesh router publish`
+        self._objects(g, t.obj_models, write=True)
+        g.publish(*(f"{JS_API}.CONSUMER.{op}.{s}{tail}" for s in (t.goals_stream, t.tasks_stream)
+                    for op, tail in (("LIST", ""), ("INFO", ".>"))))
+        return self._finish("operator", g)
+
+    def observer(self) -> Permissions:
+        """Read-only: the event stream and the artifacts its events refer to; no provisioning."""
+        g = _Grants()
+        self._read_stream(g, self.topo.events_stream)
+        self._objects(g, self.topo.obj_artifacts, write=False)
+        g.subscribe(self.topo.events_filter())  # live events without JetStream (core subscription)
+        return self._finish("observer", g)
+
+    def users(self) -> dict[str, Permissions | None]:
+        """Every user: one per role spec, operator, observer, and admin (``None``: unrestricted)."""
+        out: dict[str, Permissions | None] = {r: self.role(r) for r in sorted(self.specs)}
+        out |= {"operator": self.operator(), "observer": self.observer(), "admin": None}
+        return out
+
+    @staticmethod
+    def _finish(user: str, g: _Grants, *, deny: tuple[str, ...] = (), allow_responses: bool = False) -> Permissions:
+        inbox = inbox_prefix(user)
+        g.subscribe(f"{inbox}.>")
+        return Permissions(publish=tuple(g.pub), subscribe=tuple(g.sub), deny_publish=deny,
+                           allow_responses=allow_responses, inbox_prefix=inbox)
+
+
+def uncovered_event_types() -> set[str]:
+    """Event types of the contracts that no user may publish (a new event nobody was granted)."""
+    return set(EVENT_TYPES) - set().union(*EMITS.values())
+
+

@@ -1,0 +1,204 @@
+"""Per-role NATS users against a real nats-server running the generated authorization config:
+what a role needs works, what it does not need is refused by the server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import stat
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+import nats
+import pytest
+import yaml
+from nats.aio.client import Client
+
+from mesh.bus import Bus
+from mesh.bus.topology import Topology
+from mesh.config import MeshSettings
+from mesh.contracts import Goal, NodeUp
+from mesh.embedded import EmbeddedNats
+from mesh.errors import ConfigError, PublishError
+from mesh.roles.spec import load_specs
+from mesh.security import Credential, Generated, PermissionSet, generate
+from mesh.security.permissions import uncovered_event_types
+
+FAST_BCRYPT = 4  # the lowest bcrypt cost: the config is the same, only each connect's check is cheaper
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Generated:
+    users = PermissionSet(Topology(), load_specs()).users()
+    return generate(tmp_path_factory.mktemp("security") / "out", users, cost=FAST_BCRYPT)
+
+
+def cred(generated: Generated, user: str) -> Credential:
+    return next(c for c in generated.credentials if c.user == user)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path, generated: Generated) -> AsyncIterator[EmbeddedNats]:
+    """A nats-server whose only configuration is the generated authorization, topology provisioned by admin."""
+    conf = tmp_path / "nats.conf"
+    (tmp_path / "auth.conf").write_text(generated.auth_conf.read_text())  # includes are relative
+    conf.write_text('include "auth.conf"\n')
+    async with EmbeddedNats(tmp_path / "nats", extra_args=["-c", str(conf)]) as server:
+        admin = cred(generated, "admin")
+        async with await Bus.connect(settings_for(server.url, admin), roles=list(load_specs())):
+            pass
+        yield server
+
+
+def settings_for(url: str, c: Credential) -> MeshSettings:
+    return MeshSettings(nats_url=url, nats_user=c.user, nats_password=c.password, nats_inbox_prefix=c.inbox_prefix,
+                        connect_timeout=2.0)
+
+
+class Session:
+    """A raw client that records the errors the server sends (permission violations arrive that way)."""
+
+    def __init__(self) -> None:
+        self.nc = Client()
+        self.errors: list[str] = []
+        self.error_seen = asyncio.Event()
+
+    async def connect(self, url: str, c: Credential) -> Session:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+            self.error_seen.set()
+
+        await self.nc.connect(url, user=c.user, password=c.password, inbox_prefix=c.inbox_prefix,
+                              error_cb=on_error, allow_reconnect=False)
+        return self
+
+    async def refused(self, timeout: float = 5.0) -> str:
+        await asyncio.wait_for(self.error_seen.wait(), timeout)
+        return self.errors[-1].lower()
+
+
+@pytest.fixture
+async def session(secured: EmbeddedNats) -> AsyncIterator[Session]:
+    s = Session()
+    yield s
+    if not s.nc.is_closed:
+        await s.nc.close()
+
+
+# --- derivation ----------------------------------------------------------------------------------
+
+
+def test_every_event_type_is_granted_to_its_emitter() -> None:
+    assert uncovered_event_types() == set()
+
+
+def test_permissions_follow_the_topology_prefix() -> None:
+    perms = PermissionSet(Topology(prefix="acme"), load_specs()).role("coder")
+    assert "$JS.API.CONSUMER.MSG.NEXT.ACME_TASKS.role-coder" in perms.publish
+    assert all("mesh" not in s.lower() for s in perms.publish + perms.subscribe)
+
+
+def test_planner_publishes_tasks_only_to_worker_roles() -> None:
+    specs = load_specs()
+    perms = PermissionSet(Topology(), specs).role("planner")
+    tasks = sorted(s for s in perms.publish if s.startswith("mesh.task."))
+    assert tasks == sorted(f"mesh.task.{r}" for r, s in specs.items() if s.kind == "worker")
+
+
+# --- generated files -----------------------------------------------------------------------------
+
+
+def test_generated_files_are_private_and_hold_no_plain_password(generated: Generated) -> None:
+    conf = generated.auth_conf.read_text()
+    for c in generated.credentials:
+        assert c.password not in conf
+        assert len(c.password) >= 40
+        env = generated.env_file(c.user)
+        assert stat.S_IMODE(env.stat().st_mode) == 0o600
+        assert f"MESH_NATS_PASSWORD={c.password}\n" in env.read_text()
+        assert c.password not in repr(c)
+    assert stat.S_IMODE(generated.auth_conf.stat().st_mode) == 0o600
+    assert stat.S_IMODE((generated.out / "credentials").stat().st_mode) == 0o700
+    assert conf.count('"$2a$04$') == len(generated.credentials)
+
+
+def test_secrets_yaml_carries_the_config_and_each_users_env(generated: Generated) -> None:
+    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all((generated.out / "secrets.yaml").read_text())}
+    assert base64.b64decode(docs["nats-auth"]["data"]["auth.conf"]).decode() == generated.auth_conf.read_text()
+    for c in generated.credentials:
+        data = {k: base64.b64decode(v).decode() for k, v in docs[f"mesh-nats-{c.user}"]["data"].items()}
+        assert data == c.env()
+        assert docs[f"mesh-nats-{c.user}"]["metadata"]["namespace"] == "mesh"
+
+
+def test_gen_refuses_to_overwrite_without_force(generated: Generated) -> None:
+    with pytest.raises(ConfigError, match="--force"):
+        generate(generated.out, {"x": None})
+
+
+# --- the server enforces it ----------------------------------------------------------------------
+
+
+async def test_every_user_connects_and_a_wrong_password_is_refused(secured: EmbeddedNats,
+                                                                   generated: Generated) -> None:
+    for c in generated.credentials:
+        nc = await nats.connect(secured.url, user=c.user, password=c.password, allow_reconnect=False)
+        await nc.close()
+    with pytest.raises(Exception, match="(?i)authorization"):
+        await nats.connect(secured.url, user="coder", password="wrong", allow_reconnect=False, max_reconnect_attempts=0)
+
+
+async def test_a_role_cannot_publish_to_another_roles_task_subject(secured: EmbeddedNats, generated: Generated,
+                                                                   session: Session) -> None:
+    await session.connect(secured.url, cred(generated, "coder"))
+    js = session.nc.jetstream(timeout=1.0)
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.publish("mesh.task.researcher", b"forged")
+    assert 'permissions violation for publish to "mesh.task.researcher"' in await session.refused()
+    # the planner may: that is its job
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), provision=False) as bus:
+        ack = await bus.publish_raw("mesh.task.researcher", b"x")
+        assert ack.stream == "MESH_TASKS"
+
+
+async def test_a_role_cannot_pull_or_ack_another_roles_tasks(secured: EmbeddedNats, generated: Generated,
+                                                             session: Session) -> None:
+    await session.connect(secured.url, cred(generated, "coder"))
+    await session.nc.publish("$JS.API.CONSUMER.MSG.NEXT.MESH_TASKS.role-researcher", b'{"batch": 1}',
+                             reply=session.nc.new_inbox())
+    assert "permissions violation for publish" in await session.refused()
+    assert "role-researcher" in session.errors[-1]
+
+
+async def test_a_role_cannot_subscribe_to_what_it_does_not_need(secured: EmbeddedNats, generated: Generated,
+                                                                session: Session) -> None:
+    await session.connect(secured.url, cred(generated, "coder"))
+    await session.nc.subscribe("_INBOX_researcher.>")  # another role's replies and pull deliveries
+    assert 'permissions violation for subscription to "_inbox_researcher.>"' in await session.refused()
+    session.error_seen.clear()
+    await session.nc.subscribe("mesh.goals")
+    assert 'subscription to "mesh.goals"' in await session.refused()
+
+
+async def test_a_worker_cannot_forge_goal_events(secured: EmbeddedNats, generated: Generated) -> None:
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), provision=False) as bus:
+        await bus.publish_raw("mesh.event.g1.step.started", b"x")  # its own kind of event: allowed
+        bus.js._timeout = 1.0
+        with pytest.raises(PublishError):
+            await bus.publish_raw("mesh.event.g1.goal.completed", b"forged")
+
+
+async def test_the_observer_reads_events_and_can_change_nothing(secured: EmbeddedNats, generated: Generated,
+                                                                session: Session) -> None:
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "operator"))) as operator:
+        await operator.submit_goal(Goal(brief="observe me"))
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), provision=False) as planner:
+        await planner.emit(NodeUp(goal_id="g1", node="n1", role="planner", host="h", pid=1, version="0"))
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "observer")), provision=False) as observer:
+        async with aclosing(observer.watch_events("g1")) as events:
+            first = await asyncio.wait_for(anext(events), 5)
+        assert isinstance(first, NodeUp) and first.node == "n1"
+    await session.connect(secured.url, cred(generated, "observer"))
+    await session.nc.publish("mesh.goals", b"x")
+    assert 'publish to "mesh.goals"' in await session.refused()

@@ -169,8 +169,11 @@ async def main(requests: int, calls: int, write: bool) -> None:
         await proc.wait()
     pack_rows = packing()
     est_ms = estimate_speed()
-    body = f"""Command: `.venv/bin/python -m bench.backends --requests {requests} --calls {calls}` (2-core machine;
-sim-server in its own process with the latency model off, so these measure the HTTP + SDK + mesh path).
+    load = os.getloadavg()[0]
+    body = f"""Command: `.venv/bin/python -m bench.backends --requests {requests} --calls {calls}` (2-core machine,
+1-minute load average {load:.1f} at the end of the run; absolute figures move with load, the overhead ratio
+much less). The sim-server runs in its own process with the latency model off, so these measure the
+HTTP + SDK + mesh path, not a model.
 
 | measure | result |
 | --- | --- |

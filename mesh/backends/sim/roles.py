@@ -182,13 +182,38 @@ def reviewer(ctx: Context) -> Answer:
 
 
 def tester(ctx: Context) -> Answer:
+    """With ``shell.run`` offered: run the workspace's tests, then report what really happened.
+    Without it: a simulated report whose outcome follows the quality model."""
     p = ctx.prompt
+    run = p.tool("shell.run")
+    if run is not None and not p.tool_results:
+        src_layout = "src/" in p.inputs.get("workspace", "")  # the file list the worker packed
+        argv = ["python", "-m", "pytest", "-q", *(["-o", "pythonpath=src"] if src_layout else [])]
+        return Answer(tool_calls=[ToolCallRequest(id=f"call_{ctx.rng.getrandbits(48):012x}", name=run.name,
+                                                  arguments={"argv": argv})])
+    if p.tool_results:
+        return Answer(text=f"{MARK}\n# Test report: {p.instruction}\n\n{_run_report(p.tool_results[-1])}")
     cases = [f"test_{ctx.slug()}_{name}" for name in ("happy_path", "empty_input", "constraints", "error_path")]
     failing = set() if ctx.success else {cases[ctx.rng.randrange(1, len(cases))]}
     lines = "\n".join(f"| {c} | {'FAIL' if c in failing else 'pass'} |" for c in cases)
     verdict = "FAIL" if failing else "PASS"
     return Answer(text=f"{MARK}\n# Test report: {p.instruction}\n\nResult: {verdict} "
                        f"({len(cases) - len(failing)}/{len(cases)} passed)\n\n| case | result |\n| --- | --- |\n{lines}\n")
+
+
+def _run_report(result: str) -> str:
+    """A report from a ``shell.run`` result (JSON: exit_code, stdout, stderr — or a tool error)."""
+    try:
+        doc = json.loads(result)
+    except ValueError:
+        doc = {"error": "unreadable", "message": result[:300]}
+    if "exit_code" not in doc:
+        return f"Result: ERROR (the tests could not be run: {doc.get('message', doc)})\n"
+    code = doc["exit_code"]
+    verdict = "PASS" if code == 0 else "NO TESTS" if code == 5 else "FAIL"
+    output = (doc.get("stdout", "") + doc.get("stderr", "")).strip()
+    tail = "\n".join(output.splitlines()[-15:])
+    return f"Result: {verdict} (pytest exit code {code})\n\n```\n{tail}\n```\n"
 
 
 def synthesizer(ctx: Context) -> Answer:

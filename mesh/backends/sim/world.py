@@ -39,6 +39,8 @@ from mesh.contracts import Usage
 from mesh.errors import ContextTooLong
 from mesh.packing import estimate_tokens, messages_tokens
 
+PREFIX_CACHE_ENTRIES = 10_000
+
 
 @dataclass(frozen=True)
 class SimProfile:
@@ -143,6 +145,8 @@ class SimWorld:
         system = "".join(m.content for m in req.messages if m.role == "system")
         key = f"{tier.name}:{hashlib.sha256(system.encode()).hexdigest()}"
         cached = estimate_tokens(system) if system and key in self._seen_prefixes else 0
+        if len(self._seen_prefixes) >= PREFIX_CACHE_ENTRIES:  # a long-running server: evict all, like a cold cache
+            self._seen_prefixes.clear()
         self._seen_prefixes.add(key)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion + reasoning_tokens, cached_tokens=cached,
                       reasoning_tokens=reasoning_tokens, calls=1)

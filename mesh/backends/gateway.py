@@ -23,7 +23,7 @@ import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from mesh.backends.anthropic_compat import AnthropicBackend
@@ -216,7 +216,7 @@ class ModelGateway:
                 raise error
             start = time.perf_counter()
             try:
-                with budget.hold(worst_case, cost, what=f"a call on {cfg.name}") if budget else _nothing():
+                with budget.hold(worst_case, cost, what=f"a call on {cfg.name}") if budget else nullcontext():
                     async with self._slots[cfg.name]:
                         try:
                             async with asyncio.timeout(timeout):
@@ -327,8 +327,3 @@ class ModelGateway:
     async def aclose(self) -> None:
         for backend in self._backends.values():
             await backend.aclose()
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield

@@ -18,8 +18,12 @@ nats-py's ``PullSubscription.fetch``, for three reasons:
 
 What happens to a message, by handler outcome:
 
-* returns → ``ack`` confirmed by the server (``ack_sync``); a lost ack means a redelivery, which
-  idempotent handlers absorb;
+* returns → ``ack``. Plain acks (as nats.go sends them) by default: the server confirming each one
+  (``confirm_acks=True``, ``ack_sync``) costs a round trip per message — measured at half the
+  consumer's throughput — and buys no stronger guarantee, since a confirmation can time out just as
+  ambiguously. An ack lost with a dropped connection means one redelivery, which idempotent
+  handlers (dedupe ids, CAS state) absorb. ``run()`` flushes before it returns, so the acks of a
+  drained consumer are on the wire;
 * raises ``CodecError`` / ``SchemaViolation`` (poison: no retry can help) → dead letter + ``term``;
 * raises an exception whose ``retryable`` is ``False`` (``PermanentBackendError``…) → dead letter + ``term``;
 * raises anything else (``retryable`` True or absent) → ``nak`` with a delay of
@@ -99,6 +103,7 @@ class PullConsumer:
         nak_delay: float | None = None,
         max_nak_delay: float = 60.0,
         role: str | None = None,
+        confirm_acks: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -112,10 +117,12 @@ class PullConsumer:
         self._nak_delay = bus.settings.nak_delay if nak_delay is None else nak_delay
         self._max_nak_delay = max_nak_delay
         self._role = role
+        self._confirm_acks = confirm_acks
         self._ack_wait = bus.topology.ack_wait
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
 
         self._in_flight = 0
+        self._min_batch = max(1, concurrency // 2)
         self._requested = 0  # messages asked for and neither delivered nor expired yet
         self._held: dict[int, Msg] = {}  # id(msg) → msg: delivered, not yet acked/naked/termed: they get in-progress acks
         self._backlog: deque[Msg] = deque()  # delivered beyond capacity (only after requests were written off)
@@ -155,6 +162,8 @@ class PullConsumer:
                 await self._pull(tg, inbox)
                 await self._drain()
                 keepalive.cancel()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._bus.nc.flush(timeout=_ACK_TIMEOUT)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -182,7 +191,8 @@ class PullConsumer:
                          self._requested)
                 self._requested = 0
             free = self.concurrency - self._in_flight - self._requested - len(self._backlog)
-            if free > 0:
+            # Under load, ask in batches of at least half the slots, not one request per finished handler.
+            if free > 0 and (free >= self._min_batch or not self._requested):
                 await self._request(inbox, free)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _HEARTBEAT)
@@ -284,11 +294,17 @@ class PullConsumer:
                 await msg.nak(delay=delay)
         else:
             if not msg.is_acked:
-                try:
-                    await msg.ack_sync(timeout=_ACK_TIMEOUT)
-                except (nats.errors.Error, TimeoutError) as exc:
-                    log.warning("consumer %s: ack of seq %s unconfirmed (%r); it may be redelivered",
-                                self.durable, msg.metadata.sequence.stream, exc)
+                await self._ack(msg)
+
+    async def _ack(self, msg: Msg) -> None:
+        try:
+            if self._confirm_acks:
+                await msg.ack_sync(timeout=_ACK_TIMEOUT)
+            else:
+                await msg.ack()
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("consumer %s: ack of seq %s failed (%r); it may be redelivered", self.durable,
+                        msg.metadata.sequence.stream, exc)
 
     def backoff(self, attempt: int, exc: BaseException | None = None) -> float:
         delay = min(self._nak_delay * 2 ** (attempt - 1), self._max_nak_delay)

@@ -26,9 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from mesh.backends.anthropic_compat import AnthropicBackend
 from mesh.backends.base import Backend, ChatMessage, ChatRequest, ChatResponse, ToolCallRequest
-from mesh.backends.openai_compat import OpenAIBackend
 from mesh.backends.resilience import BreakerPolicy, CircuitBreaker, RetryPolicy
 from mesh.backends.sim import SimBackend, SimWorld
 from mesh.backends.tiers import TierConfig
@@ -115,10 +113,17 @@ class BudgetGuard:
 
 
 def make_backend(tier: TierConfig, world: SimWorld) -> Backend:
-    """The adapter for a tier's kind; sim tiers share one ``world``."""
+    """The adapter for a tier's kind; sim tiers share one ``world``.
+
+    The SDK adapters are imported here, not at module level: importing the anthropic and openai
+    SDKs costs seconds of CPU, which every node would pay at start even when no tier uses them."""
     if tier.kind == "openai":
+        from mesh.backends.openai_compat import OpenAIBackend
+
         return OpenAIBackend(tier)
     if tier.kind == "anthropic":
+        from mesh.backends.anthropic_compat import AnthropicBackend
+
         return AnthropicBackend(tier)
     return SimBackend(tier, world)
 

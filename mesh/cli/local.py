@@ -141,7 +141,7 @@ async def _start_local(settings: MeshSettings, out: Any) -> Any:
     return mesh
 
 
-async def _wait_for_nodes(bus: Any, roles: list[str], timeout: float = 60.0) -> None:
+async def _wait_for_nodes(bus: Any, roles: list[str], timeout: float = 180.0) -> None:
     """Until every role has a heartbeat in KV mesh_nodes (its consumers are provisioned)."""
     kv = await bus.kv(bus.topology.kv_nodes)
     deadline = asyncio.get_running_loop().time() + timeout

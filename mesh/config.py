@@ -40,6 +40,11 @@ class MeshSettings(BaseSettings):
     connect_attempts: int = Field(default=3, ge=1, description="Attempts per server at start before NotConnected.")
     reconnect_wait: float = 0.5
     replicas: int = Field(default=1, ge=1, le=5, description="JetStream replicas per stream (3 in a cluster).")
+    edge_domains: str = Field(
+        default="",
+        description="Comma-separated JetStream domains of edge sites (leaf nodes); a hub keeps a copy of each "
+                    "site's events in stream <PREFIX>_EVENTS_<DOMAIN>.",
+    )
 
     # --- messages ---
     max_message_bytes: int = Field(default=8 * 1024 * 1024, description="Decoded messages above this are refused.")

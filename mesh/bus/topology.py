@@ -10,6 +10,8 @@
     KV     mesh_goals   goal state, updated by CAS on revision
     KV     mesh_nodes   live-node heartbeats; entries expire after ``nodes_ttl``
     Object mesh_artifacts, mesh_models              content-addressed bytes (key = sha256 hex)
+    stream MESH_EVENTS_<DOMAIN>                       on a hub only: an edge site's events, sourced from
+                                                      that site's JetStream domain (``edge_domains``)
 
 Every stream dedupes on ``Nats-Msg-Id`` over ``duplicate_window`` (2 minutes): a re-publish with the
 same id inside that window is acknowledged as a duplicate and not stored. Task ids are
@@ -53,10 +55,12 @@ class Topology:
     nodes_ttl: float = 15.0
     goal_role: str = "planner"  # the role whose consumer reads goals instead of tasks
     max_ack_pending: int = 1000
+    edge_domains: tuple[str, ...] = ()  # JetStream domains of edge sites whose events a hub keeps
 
     @classmethod
     def from_settings(cls, s: MeshSettings) -> Topology:
-        return cls(prefix=s.subject_prefix, replicas=s.replicas, ack_wait=s.ack_wait, max_deliver=s.max_deliver)
+        return cls(prefix=s.subject_prefix, replicas=s.replicas, ack_wait=s.ack_wait, max_deliver=s.max_deliver,
+                   edge_domains=tuple(d.strip() for d in s.edge_domains.split(",") if d.strip()))
 
     # --- streams and buckets ---------------------------------------------------------------
 
@@ -78,6 +82,11 @@ class Topology:
     @property
     def dlq_stream(self) -> str:
         return self._stream("DLQ")
+
+    def edge_events_stream(self, domain: str) -> str:
+        """The hub's copy of an edge site's events: sourced from the ``events_stream`` of that site's
+        JetStream domain (a leaf node), so the site's results arrive whenever its link is up."""
+        return self._stream(f"EVENTS_{domain.upper().replace('-', '_')}")
 
     @property
     def kv_goals(self) -> str:
@@ -149,6 +158,14 @@ class Topology:
             cfg(self.tasks_stream, [f"{self.prefix}.task.>"], api.RetentionPolicy.WORK_QUEUE),
             cfg(self.events_stream, [self.events_filter()], api.RetentionPolicy.LIMITS),
             cfg(self.dlq_stream, [f"{self.prefix}.dlq.>", *advisories], api.RetentionPolicy.LIMITS),
+        ] + [
+            api.StreamConfig(  # no subjects of its own: nothing published at the hub lands here
+                name=self.edge_events_stream(domain), retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE, num_replicas=self.replicas,
+                sources=[api.StreamSource(name=self.events_stream,
+                                          external=api.ExternalStream(api=f"$JS.{domain}.API"))],
+            )
+            for domain in self.edge_domains
         ]
 
     def consumer_configs(self, role: str) -> list[tuple[str, api.ConsumerConfig]]:

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument("--namespace", default="mesh", help="namespace of the Kubernetes Secrets")
     g.add_argument("--nodes", type=Path, default=None, help="role specs folder (default: MESH_NODES_DIR / nodes/)")
     g.add_argument("--force", action="store_true", help="overwrite an earlier output: rotates every password")
+    g.add_argument("--edge", action="append", default=[], metavar="DOMAIN",
+                   help="add a leaf-node user for the edge site with this JetStream domain (repeatable)")
     g.set_defaults(handler=_gen)
 
     s = group.add_parser("perms", help="print a user's publish/subscribe allow-lists as JSON")
@@ -30,18 +32,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(handler=_perms)
 
 
-def _permission_set(nodes: Path | None) -> PermissionSet:
+def _permission_set(nodes: Path | None, edge: list[str] | None = None) -> PermissionSet:
+    """Permissions for this topology; edge sites named on the command line are linked to it (the
+    hub then provisions their event copies, which its users must be allowed to create)."""
+    import dataclasses
+
     from mesh.bus.topology import Topology
     from mesh.roles.spec import load_specs
     from mesh.security import PermissionSet
 
-    return PermissionSet(Topology.from_settings(get_settings()), load_specs(nodes))
+    topo = Topology.from_settings(get_settings())
+    topo = dataclasses.replace(topo, edge_domains=tuple(dict.fromkeys([*topo.edge_domains, *(edge or [])])))
+    return PermissionSet(topo, load_specs(nodes))
 
 
 def _gen(a: argparse.Namespace) -> int:
     from mesh.security import generate
 
-    users = _permission_set(a.nodes).users()
+    users = _permission_set(a.nodes, a.edge).users(a.edge)
     out = generate(a.out, users, namespace=a.namespace, force=a.force)
     print(f"wrote {out.auth_conf} (bcrypt hashes), {out.out / 'secrets.yaml'} and "
           f"{len(out.credentials)} credential files in {out.out / 'credentials'}")

@@ -13,7 +13,8 @@ the permissions with it; nothing here is a hand-kept copy of a subject. What a u
 * the **operator** is the CLI (submit, watch, status, goals, show, cancel, sql, router publish);
 * the **observer** may only read the event stream (an ordered, server-named consumer) and the
   artifacts events refer to — what an outside dashboard or a Go/TypeScript client needs;
-* **admin** may do anything (break glass, topology changes by hand).
+* **admin** may do anything (break glass, topology changes by hand);
+* **leaf-<domain>** is an edge site's leaf-node link: only the hub's copy of the site's events crosses.
 
 Mesh processes provision the topology at start (create-or-noop; update when the code's config
 changed), so every mesh user may create, update and inspect the mesh's streams and its own durable
@@ -83,6 +84,10 @@ class _Grants:
 
 def inbox_prefix(user: str) -> str:
     return f"_INBOX_{user}"
+
+
+def leaf_user(domain: str) -> str:
+    return f"leaf-{domain}"
 
 
 class PermissionSet:
@@ -199,10 +204,26 @@ class PermissionSet:
         g.subscribe(self.topo.events_filter())  # live events without JetStream (core subscription)
         return self._finish("observer", g)
 
-    def users(self) -> dict[str, Permissions | None]:
-        """Every user: one per role spec, operator, observer, and admin (``None``: unrestricted)."""
+    def leaf(self, domain: str) -> Permissions:
+        """An edge site's leaf-node connection to the hub. For a leaf connection, ``subscribe`` is what
+        the hub may send into the site and ``publish`` what the site may send out: here only what the
+        hub's sourcing of the site's events needs (consumer requests to the site's JetStream domain,
+        flow control in; replies and the sourced messages out). Tasks, goals, KV and objects never
+        cross, so each side's streams capture only their own traffic."""
+        ev = self.topo.events_stream
+        api = f"$JS.{domain}.API"
+        return Permissions(
+            publish=("$JSC.R.>", "$JS.S.>"),
+            subscribe=(f"{api}.CONSUMER.CREATE.{ev}", f"{api}.CONSUMER.CREATE.{ev}.>", f"{api}.CONSUMER.INFO.{ev}.>",
+                       f"{api}.CONSUMER.DELETE.{ev}.>", f"{api}.STREAM.INFO.{ev}", f"$JS.FC.{ev}.>"),
+            inbox_prefix=inbox_prefix(leaf_user(domain)))
+
+    def users(self, edge_domains: Iterable[str] = ()) -> dict[str, Permissions | None]:
+        """Every user: one per role spec, operator, observer, admin (``None``: unrestricted) and a leaf
+        user per edge site."""
         out: dict[str, Permissions | None] = {r: self.role(r) for r in sorted(self.specs)}
         out |= {"operator": self.operator(), "observer": self.observer(), "admin": None}
+        out |= {leaf_user(d): self.leaf(d) for d in edge_domains}
         return out
 
     @staticmethod

@@ -1,0 +1,171 @@
+"""An edge site on loopback: a hub nats-server and a leaf nats-server with its own JetStream domain,
+each with its own generated users; the site's planner and workers run against the leaf. A goal
+completes at the site; while the leaf's link is cut (a TCP proxy we control) the site keeps
+working, and the site's events reach the hub's copy when the link returns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing, suppress
+from pathlib import Path
+
+import pytest
+from nats.js import api
+
+from mesh.bus import Bus
+from mesh.bus.topology import Topology
+from mesh.config import MeshSettings
+from mesh.contracts import Event, Goal, GoalCompleted, GoalFailed, GoalPlanned
+from mesh.embedded import EmbeddedNats
+from mesh.embedded.local import RoleProcess
+from mesh.embedded.natsserver import free_port
+from mesh.roles.spec import load_specs
+from mesh.security import Generated, PermissionSet, generate
+from mesh.security.permissions import leaf_user
+
+DOMAIN = "edge1"
+EDGE_DENY = '["mesh.>", "$KV.>", "$O.>"]'  # the site's side of the fence: nothing of the mesh crosses by itself
+
+
+class LinkProxy:
+    """A TCP hop between the leaf and the hub that can be cut and restored (same port)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in list(self._writers):
+            w.close()
+        await self._server.wait_closed()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(pump(reader, up_writer))
+            tg.create_task(pump(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+def creds(gen: Generated, user: str) -> dict[str, str]:
+    return next(c for c in gen.credentials if c.user == user).env()
+
+
+def settings(url: str, gen: Generated, user: str, **kw: object) -> MeshSettings:
+    env = creds(gen, user)
+    return MeshSettings(nats_url=url, nats_user=env["MESH_NATS_USER"], nats_password=env["MESH_NATS_PASSWORD"],
+                        nats_inbox_prefix=env["MESH_NATS_INBOX_PREFIX"], **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, Generated, int]]:
+    specs = load_specs()
+    hub_topology = Topology(edge_domains=(DOMAIN,))
+    gen = generate(tmp_path / "hub-sec", PermissionSet(hub_topology, specs).users([DOMAIN]), cost=4)
+    leaf_port = free_port()
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "auth.conf").write_text(gen.auth_conf.read_text())
+    conf = tmp_path / "hub" / "nats.conf"
+    conf.write_text(f'jetstream {{ domain: hub }}\nleafnodes {{ listen: "127.0.0.1:{leaf_port}" }}\n'
+                    'include "auth.conf"\n')
+    async with EmbeddedNats(tmp_path / "hub" / "data", extra_args=["-c", str(conf)]) as server:
+        # hub nodes provision with MESH_EDGE_DOMAINS set: the hub's copy of the site's events
+        async with await Bus.connect(settings(server.url, gen, "operator", edge_domains=DOMAIN)):
+            pass
+        yield server, gen, leaf_port
+
+
+@pytest.mark.timeout(240)
+async def test_edge_site_works_through_a_link_outage_and_catches_the_hub_up(
+        tmp_path: Path, hub: tuple[EmbeddedNats, Generated, int]) -> None:
+    hub_server, hub_gen, hub_leaf_port = hub
+    link = LinkProxy(hub_leaf_port)
+    await link.start()
+    leaf_password = creds(hub_gen, leaf_user(DOMAIN))["MESH_NATS_PASSWORD"]
+
+    specs = load_specs()
+    edge_gen = generate(tmp_path / "edge-sec", PermissionSet(Topology(), specs).users(), cost=4)
+    site = tmp_path / "edge"
+    site.mkdir()
+    (site / "auth.conf").write_text(edge_gen.auth_conf.read_text())
+    (site / "nats.conf").write_text(
+        f"jetstream {{ domain: {DOMAIN} }}\n"
+        f'leafnodes {{ remotes: [ {{ url: "nats-leaf://{leaf_user(DOMAIN)}:{leaf_password}@127.0.0.1:{link.port}", '
+        f"deny_imports: {EDGE_DENY}, deny_exports: {EDGE_DENY} }} ] }}\n"
+        'include "auth.conf"\n')
+    roles = [r for r, s in specs.items() if s.kind != "recorder"]
+    async with EmbeddedNats(site / "data", extra_args=["-c", str(site / "nats.conf")]) as leaf:
+        base_env = {**os.environ, "MESH_NATS_URL": leaf.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
+                    "MESH_SIM_LATENCY_SCALE": "0", "MESH_DATA_DIR": str(site / "mesh")}
+        procs = [RoleProcess(r, {**base_env, **creds(edge_gen, r)}, site) for r in roles]
+        for p in procs:
+            p.spawn()
+        try:
+            async with await Bus.connect(settings(leaf.url, edge_gen, "operator")) as edge, \
+                       await Bus.connect(settings(hub_server.url, hub_gen, "operator")) as hub_bus:
+                goal = Goal(brief="Build me a login system")
+                await edge.submit_goal(goal)
+                async with aclosing(edge.watch_events(goal.goal_id)) as events:
+                    await _until(events, GoalPlanned)
+                    await link.cut()  # the site is on its own from here
+                    done = await _until(events, GoalCompleted, GoalFailed)
+                assert isinstance(done, GoalCompleted), done
+                stream = hub_bus.topology.edge_events_stream(DOMAIN)
+                completed = f"mesh.event.{goal.goal_id}.goal.completed"
+                assert await _count(hub_bus, stream, completed) == 0  # nothing crossed while cut
+
+                await link.start()
+                for _ in range(600):
+                    if await _count(hub_bus, stream, completed) == 1:
+                        break
+                    await asyncio.sleep(0.1)  # sourcing has no event to await from the outside
+                assert await _count(hub_bus, stream, completed) == 1
+                at_hub = await _count(hub_bus, stream, f"mesh.event.{goal.goal_id}.>")
+                at_edge = await _count(edge, edge.topology.events_stream, f"mesh.event.{goal.goal_id}.>")
+                assert at_hub == at_edge  # every event of the goal, not just the last one
+                # the hub's own streams saw none of it: only the sourced copy did
+                assert await _count(hub_bus, hub_bus.topology.events_stream, f"mesh.event.{goal.goal_id}.>") == 0
+                assert await _count(hub_bus, hub_bus.topology.tasks_stream, "mesh.task.>") == 0
+        finally:
+            for p in procs:
+                p.terminate()
+            await asyncio.gather(*(p.wait(40) for p in procs))
+            await link.cut()
+
+
+async def _until(events: AsyncIterator[Event], *types: type) -> Event:
+    async def first() -> Event:
+        async for event in events:
+            if isinstance(event, types):
+                return event
+        raise AssertionError("event stream ended")
+
+    return await asyncio.wait_for(first(), 120)
+
+
+async def _count(bus: Bus, stream: str, subject: str) -> int:
+    """Messages on ``subject`` in ``stream`` (the stream's per-subject totals)."""
+    info = await bus.js.stream_info(stream, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())

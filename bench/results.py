@@ -17,7 +17,7 @@ _HEADER = "# Benchmark results\n\nEach section is written by its benchmark; the 
 def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     text = path.read_text() if path.exists() else _HEADER
     section = f"## {name}\n\n_Measured {time.strftime('%Y-%m-%d %H:%M %Z')}._\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
     else:

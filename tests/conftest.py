@@ -6,6 +6,7 @@
     bus           a connected, provisioned Bus (no role consumers; pass roles to bus.provision)
     nats_cluster  a 3-node JetStream cluster (only for tests that ask for it)
     eventually    poll a condition until it holds or a timeout passes (for states with no event to await)
+    retry         repeat an operation while it raises given errors (publishing through a reconnect or election)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,6 +24,7 @@ from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedCluster, EmbeddedNats
 
 Condition = Callable[[], bool | Awaitable[bool]]
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -78,3 +81,21 @@ async def _eventually(condition: Condition, timeout: float = 10.0, interval: flo
 def eventually() -> Callable[..., Awaitable[None]]:
     """``await eventually(lambda: x > 3, timeout=5)``; the condition may be sync or async."""
     return _eventually
+
+
+async def _retry(operation: Callable[[], Awaitable[T]], *, errors: tuple[type[BaseException], ...],
+                 timeout: float = 20.0, interval: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await operation()
+        except errors:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def retry() -> Callable[..., Awaitable[object]]:
+    """``await retry(lambda: bus.dispatch(t), errors=(PublishError,))`` until it succeeds or times out."""
+    return _retry

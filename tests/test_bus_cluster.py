@@ -22,21 +22,12 @@ def _task(n: int) -> Task:
                 step=Step(step_id=f"s{n}", role="coder", instruction="do it"))
 
 
-async def _dispatch(bus: Bus, task: Task, timeout: float = 20.0) -> None:
-    """Dispatch, retrying while the cluster elects new leaders (publishes time out meanwhile)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            await bus.dispatch(task)
-            return
-        except PublishError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-
-
 async def test_r3_streams_survive_losing_a_node(nats_cluster: EmbeddedCluster, tmp_path: Path,
-                                                eventually: Callable[..., Awaitable[None]]) -> None:
+                                                eventually: Callable[..., Awaitable[None]],
+                                                retry: Callable[..., Awaitable[object]]) -> None:
+    async def dispatch(n: int) -> None:  # publishes time out while the cluster elects new leaders
+        await retry(lambda: bus.dispatch(_task(n)), errors=(PublishError,))
+
     settings = MeshSettings(nats_url=nats_cluster.url, replicas=3, ack_wait=2.0, reconnect_wait=0.1,
                             data_dir=tmp_path / "mesh")
     seen: list[str] = []
@@ -52,13 +43,13 @@ async def test_r3_streams_survive_losing_a_node(nats_cluster: EmbeddedCluster, t
         consumer = PullConsumer.for_role(bus, "coder", handler)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(consumer.run())
-            await _dispatch(bus, _task(1))
+            await dispatch(1)
             await eventually(lambda: seen == ["g1.s1.1"])
 
             connected = next(s for s in nats_cluster.servers if s.url.endswith(f":{bus.nc.connected_url.port}"))
             await connected.stop()  # the node this client talks to
-            await _dispatch(bus, _task(2))
-            await _dispatch(bus, _task(3))
+            await dispatch(2)
+            await dispatch(3)
             await eventually(lambda: sorted(seen) == ["g1.s1.1", "g1.s2.1", "g1.s3.1"], timeout=30)
             consumer.stop()
         assert bus.nc.connected_url.port != connected.port

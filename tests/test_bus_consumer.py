@@ -19,6 +19,7 @@ from mesh.errors import BadRequest, PublishError
 
 ROLE = "coder"
 Eventually = Callable[..., Awaitable[None]]
+Retry = Callable[..., Awaitable[object]]
 
 
 def task(n: int = 1, attempt: int = 1) -> Task:
@@ -242,21 +243,8 @@ async def test_stop_drains_in_flight_work(fast_bus: Bus, eventually: Eventually)
     assert info.state.messages == 0
 
 
-async def _dispatch_until_up(bus: Bus, t: Task, timeout: float = 15.0) -> None:
-    """Publish through a reconnect: the first attempts may time out while the client reconnects."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            await bus.dispatch(t)
-            return
-        except PublishError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-
-
 async def test_keeps_consuming_after_server_kill_and_restart(fast_bus: Bus, nats_server: EmbeddedNats,
-                                                             eventually: Eventually) -> None:
+                                                             eventually: Eventually, retry: Retry) -> None:
     rec = Recorder()
     async with consuming(PullConsumer.for_role(fast_bus, ROLE, rec, concurrency=2)):
         await fast_bus.dispatch(task(1))
@@ -267,8 +255,8 @@ async def test_keeps_consuming_after_server_kill_and_restart(fast_bus: Bus, nats
         await nats_server.start()  # same port, same data directory
         await eventually(lambda: fast_bus.connected, timeout=15)
 
-        await _dispatch_until_up(fast_bus, task(2))
-        await _dispatch_until_up(fast_bus, task(3))
+        for n in (2, 3):  # the first attempts may time out while the client reconnects
+            await retry(lambda n=n: fast_bus.dispatch(task(n)), errors=(PublishError,))
         await eventually(lambda: len(rec.seen) == 3, timeout=20)
     assert [t for t, _ in rec.seen] == ["g1.s1.1", "g1.s2.1", "g1.s3.1"]
 

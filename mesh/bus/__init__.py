@@ -5,4 +5,4 @@ from mesh.bus.consumer import Delivery, PullConsumer
 from mesh.bus.dlq import DLQ_REASON_HEADER, DeadLetter
 from mesh.bus.topology import Topology, provision
 
-__all__ = ["Bus", "Delivery", "PullConsumer", "DLQ_REASON_HEADER", "DeadLetter", "Topology", "provision"]
+__all__ = ["DLQ_REASON_HEADER", "Bus", "DeadLetter", "Delivery", "PullConsumer", "Topology", "provision"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self, TypeVar
 
 import nats
 import nats.errors
@@ -56,17 +56,19 @@ log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 CLAIM_MEDIA_TYPE = "application/vnd.mesh.body+msgpack"
+H = TypeVar("H")
 
 
 class Bus:
     """A connected Mesh bus. Create with ``await Bus.connect(settings)``; close with ``await bus.close()``."""
 
-    def __init__(self, nc: Client, settings: MeshSettings, topology: Topology) -> None:
+    def __init__(self, nc: Client, settings: MeshSettings, topology: Topology, *, name: str = "mesh") -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self.topology = topology
-        self.reconnects = 0  # bumped on every reconnect; pull consumers resubscribe when it changes
+        self.name = name
+        self.reconnects = 0  # bumped on every reconnect; pull consumers re-issue their pull requests
         self._roles: dict[str, None] = {}
         self._kv: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
@@ -87,46 +89,44 @@ class Bus:
         servers = settings.servers
         if not servers:
             raise NotConnected("no NATS server configured: set MESH_NATS_URL (or use `mesh up` for a local one)")
-        holder: list[Bus] = []  # the callbacks need the Bus, which needs the connected client
-
-        async def on_disconnect() -> None:
-            if nc.is_closed:  # our own close() also reports a disconnect
-                return
-            log.warning("NATS disconnected (%s); reconnecting", name)
-
-        async def on_reconnect() -> None:
-            if holder:
-                holder[0].reconnects += 1
-            log.warning("NATS reconnected (%s) to %s", name, nc.connected_url.netloc if nc.connected_url else "?")
-
-        async def on_error(exc: Exception) -> None:
-            log.debug("NATS client error (%s): %r", name, exc)
-
-        async def on_closed() -> None:
-            log.info("NATS connection closed (%s)", name)
-
-        nc = Client()
+        bus = cls(Client(), settings, Topology.from_settings(settings), name=name)
         try:
             # Bounded attempts for the first connection, so a missing server is a clear error ...
-            await nc.connect(
-                servers=servers, name=name, connect_timeout=settings.connect_timeout,
-                reconnect_time_wait=settings.reconnect_wait, max_reconnect_attempts=settings.connect_attempts,
-                disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
-                closed_cb=on_closed, **_auth_options(settings),
+            await bus.nc.connect(
+                servers=servers, name=name,
+                # nats-py annotates these as int but uses them as float seconds
+                connect_timeout=settings.connect_timeout,  # type: ignore[arg-type]
+                reconnect_time_wait=settings.reconnect_wait,  # type: ignore[arg-type]
+                max_reconnect_attempts=settings.connect_attempts,
+                disconnected_cb=bus._on_disconnect, reconnected_cb=bus._on_reconnect, error_cb=bus._on_error,
+                closed_cb=bus._on_closed, **_auth_options(settings),
             )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc!r}") from exc
         # ... then the configured policy (-1: forever) for reconnects once we have been up.
-        nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
-        bus = cls(nc, settings, Topology.from_settings(settings))
-        holder.append(bus)
+        bus.nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
         if provision:
             try:
                 await bus.provision(roles)
             except BaseException:
-                await nc.close()
+                await bus.nc.close()
                 raise
         return bus
+
+    async def _on_disconnect(self) -> None:
+        if not self.nc.is_closed:  # our own close() reports a disconnect too
+            log.warning("NATS disconnected (%s); reconnecting", self.name)
+
+    async def _on_reconnect(self) -> None:
+        self.reconnects += 1
+        url = self.nc.connected_url
+        log.warning("NATS reconnected (%s) to %s", self.name, url.netloc if url else "?")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS client error (%s): %r", self.name, exc)
+
+    async def _on_closed(self) -> None:
+        log.info("NATS connection closed (%s)", self.name)
 
     async def provision(self, roles: Iterable[str] = ()) -> None:
         """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before."""
@@ -137,7 +137,7 @@ class Bus:
         if not self.nc.is_closed:
             await self.nc.close()
 
-    async def __aenter__(self) -> Bus:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -239,7 +239,7 @@ class Bus:
                        name: str = "") -> ArtifactRef:
         """Store bytes under their sha256 (skipped when already there) and return the reference."""
         digest = sha256_hex(data)
-        store = await self._store(self.topology.obj_artifacts)
+        store = await self.object_store(self.topology.obj_artifacts)
         try:
             await store.get_info(digest)
         except (ObjectNotFoundError, NotFoundError):
@@ -254,7 +254,7 @@ class Bus:
 
     async def get_blob(self, digest: str) -> bytes:
         """The bytes stored under ``digest``, verified against it."""
-        store = await self._store(self.topology.obj_artifacts)
+        store = await self.object_store(self.topology.obj_artifacts)
         try:
             result = await store.get(digest)
         except (ObjectNotFoundError, NotFoundError) as exc:
@@ -268,31 +268,27 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
-        handle = self._kv.get(bucket)
-        if handle is None:
-            try:
-                handle = self._kv[bucket] = await self.js.key_value(bucket)
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise BusError(f"KV bucket {bucket} is not available: {exc!r}") from exc
-        return handle
+        return await _cached(self._kv, bucket, self.js.key_value, "KV bucket")
 
     async def object_store(self, bucket: str) -> ObjectStore:
         """A cached object-store handle (``topology.obj_artifacts`` / ``topology.obj_models``)."""
-        return await self._store(bucket)
-
-    async def _store(self, bucket: str) -> ObjectStore:
-        handle = self._objects.get(bucket)
-        if handle is None:
-            try:
-                handle = self._objects[bucket] = await self.js.object_store(bucket)
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise BusError(f"object store {bucket} is not available: {exc!r}") from exc
-        return handle
+        return await _cached(self._objects, bucket, self.js.object_store, "object store")
 
     async def _claim_check(self, data: bytes) -> bytes:
         envelope = open_envelope(data)
         ref = await self.put_blob(encode_body(envelope), media_type=CLAIM_MEDIA_TYPE, name=f"{envelope.kind}-body")
         return encode_claim(envelope, ref)
+
+
+async def _cached(cache: dict[str, H], bucket: str, opener: Callable[[str], Awaitable[H]], what: str) -> H:
+    """Open a bucket handle once per bus; later calls reuse it."""
+    handle = cache.get(bucket)
+    if handle is None:
+        try:
+            handle = cache[bucket] = await opener(bucket)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"{what} {bucket} is not available: {exc!r}") from exc
+    return handle
 
 
 def _auth_options(s: MeshSettings) -> dict[str, Any]:

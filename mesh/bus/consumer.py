@@ -49,7 +49,6 @@ from typing import TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
 from mesh.bus.client import Bus
@@ -66,6 +65,7 @@ _HEARTBEAT = 1.0  # idle heartbeat asked of the server on every pull request
 _EXPIRES = 10.0  # pull requests end after this and are renewed
 _LOST_AFTER = 2.5 * _HEARTBEAT  # silence after which outstanding requests count as lost
 _ACK_TIMEOUT = 5.0
+_FLUSH_TIMEOUT = 5  # nats-py types it as int seconds
 
 
 @dataclass(slots=True)
@@ -163,7 +163,7 @@ class PullConsumer:
                 await self._drain()
                 keepalive.cancel()
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self._bus.nc.flush(timeout=_ACK_TIMEOUT)
+                await self._bus.nc.flush(timeout=_FLUSH_TIMEOUT)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -282,7 +282,7 @@ class PullConsumer:
         except (CodecError, SchemaViolation) as exc:
             log.warning("consumer %s: poison message seq %s: %s", self.durable, msg.metadata.sequence.stream, exc)
             await self._dead_letter(msg, exc, attempt)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — whatever a handler raises is retried or dead-lettered
             max_deliver = self._max_deliver or self._bus.topology.max_deliver
             if getattr(exc, "retryable", None) is False or attempt >= max_deliver:
                 log.warning("consumer %s: giving up on seq %s after attempt %d: %r", self.durable,

@@ -192,8 +192,8 @@ class Topology:
 async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = ()) -> None:
     """Create or update every stream, bucket and store, and a durable pull consumer per role."""
     try:
-        for config in topo.stream_configs():
-            await _ensure_stream(js, config)
+        for stream_config in topo.stream_configs():
+            await _ensure_stream(js, stream_config)
         await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
                                                      storage=api.StorageType.FILE))
         await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,

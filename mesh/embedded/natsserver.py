@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from mesh.errors import EmbeddedServerError
 
@@ -203,7 +204,7 @@ class EmbeddedNats:
                 )
             await asyncio.sleep(0.05)
 
-    async def start(self) -> EmbeddedNats:
+    async def start(self) -> Self:
         self.spawn()
         try:
             await self.wait_ready()
@@ -238,7 +239,7 @@ class EmbeddedNats:
         await self.stop()
         await self.start()
 
-    async def __aenter__(self) -> EmbeddedNats:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -307,7 +308,7 @@ class EmbeddedCluster:
     def url(self) -> str:
         return ",".join(s.url for s in self.servers)
 
-    async def start(self) -> EmbeddedCluster:
+    async def start(self) -> Self:
         try:
             for server in self.servers:
                 server.spawn()
@@ -322,7 +323,7 @@ class EmbeddedCluster:
     async def stop(self) -> None:
         await asyncio.gather(*(s.stop() for s in self.servers))
 
-    async def __aenter__(self) -> EmbeddedCluster:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, GoalSubmitted, Step, StepCompleted, StepStarted, Task, sha256_hex
-from mesh.embedded import free_port
-from mesh.errors import BlobNotFound, NotConnected
+from mesh.embedded import EmbeddedNats, free_port
+from mesh.errors import BlobNotFound, NotConnected, PublishError
 
 
 def _task(goal_id: str = "g1", attempt: int = 1, brief: str = "build it") -> Task:
@@ -102,3 +104,26 @@ async def test_kv_handles_are_cached(bus: Bus) -> None:
     revision = await kv.put("g1", b"state")
     assert (await kv.get("g1")).value == b"state"
     await kv.update("g1", b"next", last=revision)  # compare-and-swap works on the provisioned bucket
+
+
+async def test_watch_events_survives_a_server_restart(bus: Bus, nats_server: EmbeddedNats,
+                                                      eventually: Callable[..., Awaitable[None]],
+                                                      retry: Callable[..., Awaitable[object]]) -> None:
+    got: list[str] = []
+
+    async def watch() -> None:
+        async with contextlib.aclosing(bus.watch_events("g9")) as events:
+            async for event in events:
+                got.append(event.type)
+                if len(got) == 2:
+                    return
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(watch())
+        await bus.emit(StepStarted(goal_id="g9", step_id="s1", role="coder"))
+        await eventually(lambda: got == ["step.started"])
+        nats_server.kill()
+        await nats_server.start()
+        await retry(lambda: bus.emit(StepCompleted(goal_id="g9", step_id="s1", role="coder")),
+                    errors=(PublishError,))
+        await eventually(lambda: got == ["step.started", "step.completed"], timeout=20)

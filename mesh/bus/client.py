@@ -217,7 +217,7 @@ class Bus:
         """
         policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
         sub = await self.js.subscribe(self.topology.events_filter(goal_id), stream=self.topology.events_stream,
-                                      ordered_consumer=True, deliver_policy=policy, idle_heartbeat=2.0)
+                                      ordered_consumer=True, deliver_policy=policy, idle_heartbeat=1.0)
         try:
             async for msg in sub.messages:
                 try:

@@ -13,8 +13,7 @@ duplicates nothing (the redelivered sequences are at or below the stored mark an
 The ledger file, not the consumer, is the cursor: at start the consumer is recreated to deliver
 from ``last_seq + 1``. Otherwise messages delivered to a killed process would sit out ``ack_wait``
 while newer ones flow, and the first ack-all after a restart would acknowledge them unread. For the
-same reason a gap in the sequence (a message dropped between server and client) makes the feed
-resubscribe from the mark; a gap right at a (re)start is real — retention or a deleted message.
+same reason a gap in the sequence makes the feed resubscribe from the mark (``mesh.roles.event_feed``).
 
 ``rebuild`` replays the whole stream into a fresh file through the same feed, on a temporary consumer.
 """
@@ -25,20 +24,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import nats.errors
-from nats.aio.msg import Msg
-from nats.js import api
-from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from mesh.bus import Bus, DeadLetter
 from mesh.config import MeshSettings
-from mesh.contracts import Event, new_id
-from mesh.errors import BusError, ContractError, LedgerError, SchemaViolation
+from mesh.contracts import new_id
+from mesh.errors import BusError, LedgerError
+from mesh.roles.event_feed import Batch, EventFeed
 from mesh.roles.ledger_service import LedgerService
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries
@@ -47,120 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROLE = "ledger"
-_FETCH_TIMEOUT = 1.0  # seconds a fetch waits for the first message; also how often stop() is noticed
-_ACK_WAIT = 120.0  # longer than any batch takes, so a slow commit is not redelivered meanwhile
-_YIELD_EVERY = 500  # decoded messages between event-loop yields
-
-
-@dataclass(slots=True)
-class Batch:
-    """Decoded messages above the ledger's mark, in stream order."""
-
-    events: list[tuple[int, str, Event]] = field(default_factory=list)
-    dead: list[tuple[Msg, ContractError]] = field(default_factory=list)
-    upto: int = 0  # the last stream sequence this batch covers (events and dead letters)
-    last: Msg | None = None  # the message at ``upto``: acking it acknowledges the batch
-    resync: bool = False  # a gap was found after ``upto``: resubscribe from there
-
-
-class EventFeed:
-    """Batches of ``MESH_EVENTS`` messages, in order and without gaps, from a given sequence on."""
-
-    def __init__(self, bus: Bus, *, consumer: str, durable: bool, batch_size: int) -> None:
-        self.bus, self.consumer, self.durable, self.batch_size = bus, consumer, durable, batch_size
-        self.stream = bus.topology.events_stream
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self._fresh = True  # nothing read since the consumer was (re)created
-
-    async def open(self, start: int) -> None:
-        """(Re)create the consumer to deliver from stream sequence ``start``."""
-        await self.close(delete=True)
-        config = api.ConsumerConfig(
-            name=self.consumer, durable_name=self.consumer if self.durable else None,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
-            ack_policy=api.AckPolicy.ALL, ack_wait=_ACK_WAIT, max_deliver=-1,
-            max_ack_pending=max(2 * self.batch_size, 1000), filter_subject=self.bus.topology.events_filter(),
-            inactive_threshold=None if self.durable else 60.0, num_replicas=self.bus.topology.replicas,
-        )
-        try:
-            await self.bus.js.add_consumer(self.stream, config)
-            self._sub = await self.bus.js.pull_subscribe_bind(self.consumer, stream=self.stream)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot create the ledger consumer {self.consumer} on {self.stream}: {exc!r}") from exc
-        self._fresh = True
-
-    async def close(self, *, delete: bool) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("ledger feed unsubscribe: %r", exc)
-        if delete:
-            try:
-                await self.bus.js.delete_consumer(self.stream, self.consumer)
-            except NotFoundError:
-                pass
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("could not delete consumer %s: %r", self.consumer, exc)
-
-    async def fetch(self) -> list[Msg]:
-        """Up to ``batch_size`` messages: what is there now, or what arrives within a second."""
-        assert self._sub is not None, "open() first"
-        try:
-            msgs = await self._sub.fetch(self.batch_size, timeout=_FETCH_TIMEOUT)
-        except (nats.errors.TimeoutError, TimeoutError):
-            return []
-        except nats.errors.Error as exc:  # disconnected, server restarting: the next fetch asks again
-            log.info("ledger fetch failed (%r); retrying", exc)
-            await asyncio.sleep(_FETCH_TIMEOUT)
-            return []
-        return sorted(msgs, key=lambda m: m.metadata.sequence.stream)
-
-    async def drained(self) -> bool:
-        """True when the consumer has nothing left to deliver."""
-        try:
-            info = await self.bus.js.consumer_info(self.stream, self.consumer)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot read consumer {self.consumer}: {exc!r}") from exc
-        return not info.num_pending and not info.num_ack_pending
-
-    async def decode(self, msgs: list[Msg], mark: int) -> Batch:
-        """Decode the messages after ``mark``; stop at a gap (``resync``)."""
-        batch = Batch(upto=mark)
-        for i, msg in enumerate(msgs):
-            seq = msg.metadata.sequence.stream
-            if seq <= batch.upto:
-                continue  # stored already (a redelivery), or a duplicate within the batch
-            if seq != batch.upto + 1 and not self._fresh:
-                log.warning("ledger feed: gap after seq %d (next is %d); resubscribing", batch.upto, seq)
-                batch.resync = True
-                break
-            if seq != batch.upto + 1:
-                log.warning("stream messages %d..%d no longer exist; the ledger starts at %d",
-                            batch.upto + 1, seq - 1, seq)
-            self._fresh = False
-            try:
-                envelope = await self.bus.open(msg)
-                if envelope.kind != "event":
-                    raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
-                batch.events.append((seq, msg.subject, envelope.message()))
-            except ContractError as exc:
-                batch.dead.append((msg, exc))
-            batch.upto, batch.last = seq, msg
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                await asyncio.sleep(0)  # decoding is CPU work; let queries and heartbeats run
-        return batch
-
-    async def ack(self, batch: Batch) -> None:
-        """One ack for the whole batch (ack policy ALL); a lost ack only means a harmless redelivery."""
-        if batch.last is None:
-            return
-        try:
-            await batch.last.ack()
-        except nats.errors.Error as exc:
-            log.info("ledger ack of seq %d not sent (%r); the batch will be redelivered and skipped",
-                     batch.upto, exc)
+_RETRY = 1.0  # seconds between attempts to resubscribe while NATS does not answer
 
 
 class Writer:
@@ -235,7 +117,7 @@ class Recorder:
                     await self.bus.publish_raw(dlq, letter.encode(), headers=letter.nats_headers())
             except BusError as exc:  # nothing was committed: start over from the mark once NATS answers
                 log.warning("ledger: %s; resubscribing from seq %d", exc, writer.ledger.last_seq() + 1)
-                await asyncio.sleep(_FETCH_TIMEOUT)
+                await asyncio.sleep(_RETRY)
                 batch = Batch(resync=True)
             if batch.last is not None:
                 self.in_flight = len(batch.events)
@@ -254,7 +136,7 @@ class Recorder:
                 return
             except BusError as exc:
                 log.warning("ledger: %s; retrying", exc)
-                await asyncio.sleep(_FETCH_TIMEOUT)
+                await asyncio.sleep(_RETRY)
 
 
 async def rebuild(bus: Bus, path: Path, *, until: int | None = None, batch_size: int = 5000) -> int:

@@ -41,7 +41,9 @@ from mesh.packing import estimate_tokens, pack
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
-from mesh.tools.toolbox import ToolBox
+from mesh.tools.cache import BlobCache
+from mesh.tools.shell import ShellLimits, ShellPolicy
+from mesh.tools.toolbox import LedgerQueryFn, ToolBox
 from mesh.tools.workspace import MANIFEST_MEDIA_TYPE, Workspace
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,12 @@ class Worker:
         self.goals = goals
         self.node_id = node_id
         self.max_deliver = bus.topology.max_deliver
+        s = bus.settings
+        self.blobs = BlobCache(s.data_dir / "blobs", bus.get_blob)  # workspace files, by digest, on this node
+        self.shell = ShellPolicy(frozenset(spec.shell_allow), ShellLimits(
+            timeout_seconds=s.shell_timeout, cpu_seconds=s.shell_cpu_seconds, memory_bytes=s.shell_memory_mb << 20,
+            output_bytes=s.shell_output_kb << 10))
+        self.ledger = _ledger_query(bus) if "ledger.query" in spec.tools else None
 
     async def handle(self, delivery: Delivery) -> None:
         task = delivery.message(Task)
@@ -114,9 +122,9 @@ class Worker:
     async def _execute(self, task: Task, delivery: Delivery) -> StepCompleted:
         step, spec = task.step, self.spec
         workspace_ref, inputs, reviews = await self._load_inputs(task)
-        workspace = await Workspace.open(workspace_ref, self.bus.get_blob)
+        workspace = await Workspace.open(workspace_ref, self.blobs)
         if workspace_ref is not None:
-            inputs.append(("workspace", await self._workspace_text(workspace), -1))
+            inputs.append(("workspace", await workspace.render(MAX_INPUT_FILE_CHARS), -1))
         instruction = step.instruction
         if step.revision_of and reviews:
             instruction += "\n\n## Previous review\n" + "\n\n".join(reviews)
@@ -141,16 +149,17 @@ class Worker:
                 message=f"context packed to {packed.tokens} of {window} tokens",
                 detail={"dropped": packed.dropped, "summarised": packed.summarised, "tier": decision.tier},
             ))
-        toolbox = ToolBox(spec.tools, workspace)
-        request = ChatRequest(
-            messages=packed.messages,
-            tools=[ToolSpec(name=n, description=d, parameters=p) for n, d, p in toolbox.specs()],
-            thinking=decision.thinking, max_tokens=spec.limits.max_output_tokens,
-            json_schema=VERDICT_SCHEMA if spec.verdicts else None,
-            metadata={"role": spec.role, "difficulty": step.difficulty, "fan_out": task.position.fan_out,
-                      "step_id": step.step_id, **_hints(task.options)},
-        )
-        response = await self._converse(task, request, decision, toolbox)
+        async with ToolBox(spec.tools, workspace, shell=self.shell, ledger=self.ledger,
+                           artifacts=self.blobs) as toolbox:  # closing it removes the step's temp folder
+            request = ChatRequest(
+                messages=packed.messages,
+                tools=[ToolSpec(name=n, description=d, parameters=p) for n, d, p in toolbox.specs()],
+                thinking=decision.thinking, max_tokens=spec.limits.max_output_tokens,
+                json_schema=VERDICT_SCHEMA if spec.verdicts else None,
+                metadata={"role": spec.role, "difficulty": step.difficulty, "fan_out": task.position.fan_out,
+                          "step_id": step.step_id, **_hints(task.options)},
+            )
+            response = await self._converse(task, request, decision, toolbox)
         verdict = _parse_verdict(response.text) if spec.verdicts else None
         outputs = await self._publish_outputs(task, response.text, workspace, workspace_ref)
         return StepCompleted(
@@ -203,13 +212,6 @@ class Worker:
             inputs.append((ref.name or ref.digest[:12], text, priority))
         return workspace, inputs, reviews
 
-    async def _workspace_text(self, ws: Workspace) -> str:
-        parts = [f"Files: {', '.join(ws.paths) or '(none)'}"]
-        for path in ws.paths:
-            body = (await ws.read(path)).decode("utf-8", errors="replace")
-            parts.append(f"--- {path}\n{body[:MAX_INPUT_FILE_CHARS]}")
-        return "\n".join(parts)
-
     async def _publish_outputs(self, task: Task, text: str, ws: Workspace,
                                ws_in: ArtifactRef | None) -> list[ArtifactRef]:
         step, kind = task.step, self.spec.output_kind
@@ -221,7 +223,11 @@ class Worker:
             ws_out = await ws.commit(lambda data, mt, name: self.bus.put_blob(data, media_type=mt, name=name))
             ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
             await self._announce(task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
-            outputs.append(ws_out)
+            # the change itself, for the reviewer and the tester downstream
+            diff = await self.bus.put_blob((await ws.diff()).encode(), media_type="text/x-diff",
+                                           name=f"{step.step_id}/diff")
+            await self._announce(task, diff, "diff", [d.digest for d in (ws_in, ws_out) if d is not None])
+            outputs += [ws_out, diff]
         elif ws_in is not None:
             outputs.append(ws_in)  # pass the workspace on so dependents still see it
         return outputs
@@ -231,6 +237,17 @@ class Worker:
                             producer_role=self.spec.role, kind=kind, parents=parents)
         await self.bus.emit(ArtifactCreated(event_id=f"{task.task_id}.artifact.{ref.digest[:16]}",
                                             goal_id=task.goal_id, node=self.node_id, artifact=artifact))
+
+
+def _ledger_query(bus: Bus) -> LedgerQueryFn:
+    """``ledger.query`` asks the ledger's NATS service (read-only, time- and row-limited there)."""
+    from mesh.roles.ledger_service import LedgerClient  # imports DuckDB: only for roles that query
+
+    client = LedgerClient(bus.nc, bus.topology.prefix)
+
+    async def query(sql: str, max_rows: int) -> dict[str, Any]:
+        return (await client.sql(sql, max_rows=max_rows)).to_json()
+    return query
 
 
 def _hints(options: dict[str, Any]) -> dict[str, Any]:

@@ -1,115 +1,152 @@
 """Content-addressed workspaces.
 
-A workspace is a manifest ``{path: sha256}`` stored as an artifact; its files live in the object store
-by digest, so pods share no filesystem. A step opens the workspace of its inputs, its tool calls change
-an in-memory overlay, and ``commit`` stores changed files and a new manifest whose parent is the old one.
-A failed tool call changes nothing: writes are applied to the overlay only after every check passed.
+A workspace is a manifest ``{path: sha256}`` stored as an artifact; its files live in the object
+store by digest, so pods share no filesystem. A step opens the workspace of its inputs; its tool
+calls change an in-memory copy of the file map (new content is kept by digest until commit);
+``commit`` stores the new files and a new manifest whose ``parent`` is the manifest it was opened
+from. Every change goes through ``apply``, which checks the whole resulting workspace first and
+only then swaps it in — so a tool call that fails changes nothing.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable
-from pathlib import PurePosixPath
+from collections.abc import Mapping
 
 from mesh.contracts.models import ArtifactRef, sha256_hex
 from mesh.errors import PathRefused, ToolError
+from mesh.tools.diff import diff_manifests
+from mesh.tools.manifest import MANIFEST_MEDIA_TYPE, Fetch, Manifest, Store
+from mesh.tools.paths import canonical_path, is_binary
 
-MANIFEST_MEDIA_TYPE = "application/vnd.mesh.workspace+json"
+__all__ = ["MANIFEST_MEDIA_TYPE", "MAX_FILES", "MAX_FILE_BYTES", "Workspace"]
+
 MAX_FILE_BYTES = 2 * 1024 * 1024
 MAX_FILES = 5_000
 
-Fetch = Callable[[str], Awaitable[bytes]]
-Store = Callable[[bytes, str, str], Awaitable[ArtifactRef]]  # (data, media_type, name) -> ref
-
-
-def canonical_path(raw: str) -> str:
-    """The canonical relative form of a workspace path, or ``PathRefused``."""
-    if not isinstance(raw, str) or not raw.strip():
-        raise PathRefused("path must be a non-empty string")
-    if "\x00" in raw or "\\" in raw:
-        raise PathRefused(f"path {raw!r} contains a NUL byte or a backslash")
-    path = PurePosixPath(raw)
-    if path.is_absolute():
-        raise PathRefused(f"absolute path {raw!r} refused: paths are relative to the workspace")
-    parts = [p for p in path.parts if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise PathRefused(f"path {raw!r} escapes the workspace ('..')")
-    if not parts:
-        raise PathRefused(f"path {raw!r} names the workspace itself, not a file")
-    return "/".join(parts)
-
-
-def parse_manifest(data: bytes) -> dict[str, str]:
-    try:
-        doc = json.loads(data)
-        files = doc["files"]
-        assert isinstance(files, dict)
-        return {canonical_path(p): str(d) for p, d in files.items()}
-    except (ValueError, KeyError, AssertionError, PathRefused) as exc:
-        raise ToolError(f"not a workspace manifest: {exc}") from exc
-
 
 class Workspace:
-    """A manifest plus an overlay of changed files; reads fall through to the object store."""
-
     def __init__(self, files: dict[str, str], fetch: Fetch, parent: ArtifactRef | None = None) -> None:
         self._base = dict(files)
+        self._files = dict(files)
+        self._blobs: dict[str, bytes] = {}  # content by digest: fetched, or written and not yet stored
         self._fetch = fetch
-        self._cache: dict[str, bytes] = {}
-        self._changed: dict[str, bytes] = {}
-        self.parent = parent
+        self.parent = parent  # the manifest this workspace was opened from
 
     @classmethod
     async def open(cls, ref: ArtifactRef | None, fetch: Fetch) -> Workspace:
         if ref is None:
             return cls({}, fetch)
-        return cls(parse_manifest(await fetch(ref.digest)), fetch, parent=ref)
+        return cls(Manifest.decode(await fetch(ref.digest)).files, fetch, parent=ref)
+
+    # --- state -------------------------------------------------------------------------------
 
     @property
     def paths(self) -> list[str]:
-        return sorted(set(self._base) | set(self._changed))
+        return sorted(self._files)
+
+    @property
+    def files(self) -> Mapping[str, str]:
+        """The current ``{path: digest}`` (read-only view)."""
+        return dict(self._files)
 
     @property
     def dirty(self) -> bool:
-        return bool(self._changed)
+        return self._files != self._base
 
     def digest_of(self, path: str) -> str | None:
-        if path in self._changed:
-            return sha256_hex(self._changed[path])
-        return self._base.get(path)
+        return self._files.get(canonical_path(path))
+
+    def changes(self) -> dict[str, str]:
+        """Changed paths → ``added``, ``modified`` or ``deleted``, against the opened manifest."""
+        out = {}
+        for path in sorted(self._base.keys() | self._files.keys()):
+            before, now = self._base.get(path), self._files.get(path)
+            if before != now:
+                out[path] = "added" if before is None else "deleted" if now is None else "modified"
+        return out
+
+    def manifest(self) -> Manifest:
+        return Manifest(files=dict(self._files), parent=self.parent.digest if self.parent else None)
+
+    # --- reading and changing ----------------------------------------------------------------
 
     async def read(self, raw_path: str) -> bytes:
         path = canonical_path(raw_path)
-        if path in self._changed:
-            return self._changed[path]
-        digest = self._base.get(path)
+        digest = self._files.get(path)
         if digest is None:
             raise ToolError(f"no such file: {path}")
-        if digest not in self._cache:
-            self._cache[digest] = await self._fetch(digest)
-        return self._cache[digest]
+        return await self._blob(digest)
 
     def write(self, raw_path: str, data: bytes) -> str:
         path = canonical_path(raw_path)
-        if len(data) > MAX_FILE_BYTES:
-            raise ToolError(f"{path}: {len(data)} bytes exceeds the file limit of {MAX_FILE_BYTES}")
-        if path not in self._base and path not in self._changed and len(self.paths) >= MAX_FILES:
-            raise ToolError(f"workspace already holds the maximum of {MAX_FILES} files")
-        if any(p.startswith(path + "/") for p in self.paths):
-            raise PathRefused(f"{path} is a folder of the workspace")
-        self._changed[path] = data
+        self.apply({path: data})
         return path
 
-    def diff_paths(self) -> dict[str, str]:
-        """Changed paths → 'added' or 'modified'."""
-        return {p: ("modified" if p in self._base else "added") for p in sorted(self._changed)}
+    def delete(self, raw_path: str) -> str:
+        path = canonical_path(raw_path)
+        self.apply({path: None})
+        return path
+
+    def apply(self, changes: Mapping[str, bytes | None]) -> None:
+        """Write (bytes) or delete (None) several files at once: every change and the resulting
+        workspace are checked before anything is applied."""
+        files = dict(self._files)
+        added: dict[str, bytes] = {}
+        for raw, data in changes.items():
+            path = canonical_path(raw)
+            if data is None:
+                if files.pop(path, None) is None:
+                    raise ToolError(f"no such file to delete: {path}")
+                continue
+            if len(data) > MAX_FILE_BYTES:
+                raise ToolError(f"{path}: {len(data)} bytes exceeds the file size limit of {MAX_FILE_BYTES} bytes")
+            digest = sha256_hex(data)
+            files[path] = digest
+            added[digest] = data
+        _check_shape(files)
+        self._files = files
+        self._blobs.update(added)
+
+    # --- output ------------------------------------------------------------------------------
 
     async def commit(self, store: Store) -> ArtifactRef:
-        """Store changed files and the new manifest; return the manifest's reference."""
-        files = dict(self._base)
-        for path, data in sorted(self._changed.items()):
-            ref = await store(data, "application/octet-stream", path)
-            files[path] = ref.digest
-        manifest = json.dumps({"files": dict(sorted(files.items()))}, sort_keys=True).encode()
-        return await store(manifest, MANIFEST_MEDIA_TYPE, "workspace.json")
+        """Store new file contents and the new manifest; return the manifest's reference. The same
+        files on the same parent always give the same manifest digest (idempotent re-runs)."""
+        stored = set(self._base.values())
+        for path, digest in sorted(self._files.items()):
+            if digest not in stored:
+                await store(await self._blob(digest), "application/octet-stream", path)
+                stored.add(digest)
+        return await store(self.manifest().encode(), MANIFEST_MEDIA_TYPE, "workspace.json")
+
+    async def diff(self) -> str:
+        """Unified diff from the opened manifest to the current files."""
+        return await diff_manifests(Manifest(files=self._base), self.manifest(), self._blob)
+
+    async def render(self, max_file_chars: int) -> str:
+        """The workspace as prompt text: the file list, then each text file (binary files named only)."""
+        parts = [f"Files: {', '.join(self.paths) or '(none)'}"]
+        for path in self.paths:
+            data = await self.read(path)
+            if is_binary(data):
+                parts.append(f"--- {path}\n(binary file, {len(data)} bytes)")
+            else:
+                text = data.decode()
+                cut = f"\n…[{len(text) - max_file_chars} more characters]" if len(text) > max_file_chars else ""
+                parts.append(f"--- {path}\n{text[:max_file_chars]}{cut}")
+        return "\n".join(parts)
+
+    async def _blob(self, digest: str) -> bytes:
+        data = self._blobs.get(digest)
+        if data is None:
+            data = self._blobs[digest] = await self._fetch(digest)
+        return data
+
+
+def _check_shape(files: Mapping[str, str]) -> None:
+    if len(files) > MAX_FILES:
+        raise ToolError(f"the workspace would hold {len(files)} files; the limit is {MAX_FILES}")
+    folders = {path.rsplit("/", i)[0] for path in files for i in range(1, path.count("/") + 1)}
+    clash = sorted(folders & files.keys())
+    if clash:
+        raise PathRefused(f"{clash[0]} would be both a file and a folder of the workspace")

@@ -1,0 +1,93 @@
+"""A node's on-disk cache of object-store blobs, by digest.
+
+Workspace files are content-addressed, so a file fetched once for one task serves every later
+task on the node (and every node sharing the folder: writes are atomic and names are digests, so
+concurrent writers cannot clash). The cache is itself a ``Fetch``: wrap the bus's ``get_blob`` in
+it and hand it to a workspace. Every read is checked against its digest; a damaged entry is
+dropped and fetched again. Past ``max_bytes`` the least recently used entries are evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import suppress
+from pathlib import Path
+
+from mesh.contracts.models import sha256_hex
+from mesh.errors import ToolError
+from mesh.tools.manifest import Fetch
+from mesh.tools.paths import atomic_write
+
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+
+class BlobCache:
+    def __init__(self, root: Path, fetch: Fetch, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.root = root
+        self._fetch = fetch
+        self.max_bytes = max_bytes
+        self._bytes: int | None = None  # measured on the first store
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    async def __call__(self, digest: str) -> bytes:
+        path = self.path(digest)
+        data = await asyncio.to_thread(_read_verified, path, digest)
+        if data is not None:
+            self.hits += 1
+            return data
+        self.misses += 1
+        data = await self._fetch(digest)
+        if sha256_hex(data) != digest:
+            raise ToolError(f"blob {digest} failed its digest check")
+        await asyncio.to_thread(self._store, path, data)
+        return data
+
+    def _store(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+        if self._bytes is None:
+            self._bytes = sum(size for _, size, _ in _entries(self.root))
+        else:
+            self._bytes += len(data)
+        if self._bytes > self.max_bytes:
+            self._bytes = self.prune(int(self.max_bytes * 0.8))
+
+    def prune(self, keep_bytes: int) -> int:
+        """Evict least recently used entries until at most ``keep_bytes`` remain; returns the total."""
+        entries = sorted(_entries(self.root), key=lambda e: e[2])  # oldest use first
+        total = sum(size for _, size, _ in entries)
+        for path, size, _ in entries:
+            if total <= keep_bytes:
+                break
+            with suppress(FileNotFoundError):
+                path.unlink()
+                total -= size
+        return total
+
+
+def _read_verified(path: Path, digest: str) -> bytes | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if sha256_hex(data) != digest:
+        with suppress(FileNotFoundError):
+            path.unlink()
+        return None
+    with suppress(OSError):
+        os.utime(path)  # mark as recently used, for eviction
+    return data
+
+
+def _entries(root: Path) -> list[tuple[Path, int, float]]:
+    out = []
+    for path in root.glob("??/*"):
+        with suppress(FileNotFoundError):
+            st = path.stat()
+            out.append((path, st.st_size, st.st_mtime))
+    return out

@@ -1,0 +1,150 @@
+"""Workspaces and tools through real role nodes on a real nats-server (sim backend, no latency):
+the coder's files land in the final workspace, the reviewer receives the diff, the tester runs the
+workspace's tests through shell.run and its report is an artifact; a redelivered step is idempotent;
+ledger.query reaches the ledger's query service."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from contextlib import aclosing
+
+import pytest
+
+from mesh.backends.tiers import load_tiers
+from mesh.bus import Bus
+from mesh.bus.consumer import Delivery, PullConsumer
+from mesh.config import MeshSettings
+from mesh.contracts import ArtifactCreated, Goal, GoalCompleted, Plan, Step, StepCompleted, Task, ToolCall
+from mesh.metrics import Metrics
+from mesh.roles.calls import ModelCaller
+from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstore import GoalStore
+from mesh.roles.recorder import Recorder
+from mesh.roles.worker import Worker
+from mesh.router.policy import RulePolicy
+from mesh.tools.manifest import Manifest
+from mesh.tools.toolbox import ToolBox
+from mesh.tools.workspace import Workspace
+from tests.meshkit import in_process_mesh, role_specs, run_goal
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def fast(settings: MeshSettings) -> MeshSettings:
+    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
+                                       "health_host": "127.0.0.1"})
+
+
+async def test_coder_files_reach_the_final_workspace_reviewer_gets_the_diff_tester_runs_the_tests(
+        fast: MeshSettings, bus: Bus) -> None:
+    goal = Goal(brief="Build me a login system", constraints=["Use Python 3.11 only"])
+    async with in_process_mesh(fast):
+        events = await run_goal(bus, goal)
+    done = events[-1]
+    assert isinstance(done, GoalCompleted), done
+    artifacts = [e.artifact for e in events if isinstance(e, ArtifactCreated)]
+
+    # the coder's files are in the final workspace, whose lineage goes back through the coder's manifests
+    assert done.workspace is not None
+    final = Manifest.decode(await bus.get_blob(done.workspace.digest))
+    written = {e.arguments["path"] for e in events if isinstance(e, ToolCall) and e.tool == "fs.write" and e.ok}
+    assert written and written <= final.files.keys()
+    assert any(p.startswith("src/") for p in final.files) and any(p.startswith("tests/test_") for p in final.files)
+    coder_manifests = [a for a in artifacts if a.producer_role == "coder" and a.kind == "workspace"]
+    assert final.parent in {a.ref.digest for a in coder_manifests} | {None}
+
+    # every coder step published its diff, and each review took that diff as an input
+    diffs = {a.producer_step: a for a in artifacts if a.kind == "diff"}
+    reviews = [a for a in artifacts if a.producer_role == "reviewer"]
+    assert diffs and reviews
+    for review in reviews:
+        assert any(d.ref.digest in review.parents for d in diffs.values()), review
+    first_diff = (await bus.get_blob(diffs["implement-1"].ref.digest)).decode()
+    assert "--- /dev/null\n+++ b/src/" in first_diff and "+def handle(value: str) -> str:" in first_diff
+
+    # the tester ran the workspace's tests through shell.run; its report, an artifact, says what happened
+    runs = [e for e in events if isinstance(e, ToolCall) and e.tool == "shell.run"]
+    assert runs and all(e.role == "tester" and e.ok for e in runs)
+    assert runs[0].arguments["argv"][:3] == ["python", "-m", "pytest"]
+    reports = [a for a in artifacts if a.kind == "test_report"]
+    assert reports
+    report = (await bus.get_blob(reports[-1].ref.digest)).decode()
+    assert "Result: PASS (pytest exit code 0)" in report and " passed in " in report
+    tester_done = [e for e in events if isinstance(e, StepCompleted) and e.role == "tester"]
+    assert reports[-1].ref.digest in {r.digest for e in tester_done for r in e.outputs}
+
+
+async def test_a_redelivered_tool_step_gives_the_same_manifest_and_no_second_artifact(fast: MeshSettings) -> None:
+    async with await Bus.connect(fast, name="coder-test") as bus:  # the worker's sim reads the bus's settings
+        await _redeliver_a_coder_step(bus)
+
+
+async def _redeliver_a_coder_step(bus: Bus) -> None:
+    spec = role_specs()["coder"]
+    await bus.provision(["coder"])
+    goal = Goal(brief="Build me a login system", options={"sim_quality": 1.0})
+    step = Step(step_id="implement", role="coder", instruction="Implement the login system", difficulty=0.8)
+    state = GoalState(goal=goal)
+    state.apply_plan(Plan(goal_id=goal.goal_id, steps=[step]))
+    state.mark_dispatched("implement")
+    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
+    await goals.create(state)
+    await bus.dispatch(Task(task_id=Task.make_id(goal.goal_id, "implement", 1), goal_id=goal.goal_id, step=step,
+                            brief=goal.brief, options=goal.options))
+    caller = ModelCaller(bus, load_tiers(bus.settings), RulePolicy(), "coder-test", Metrics("coder"))
+    worker = Worker(bus, spec, caller, goals, "coder-test")
+    store = await bus.object_store(bus.topology.obj_artifacts)
+    objects: list[int] = []
+
+    async def twice(delivery: Delivery) -> None:
+        """The first run's ack is lost: the same task comes again, as JetStream would redeliver it."""
+        await worker.handle(delivery)
+        objects.append(len(await store.list()))
+        await worker.handle(dataclasses.replace(delivery, attempt=2))
+        objects.append(len(await store.list()))
+        consumer.stop()
+
+    consumer = PullConsumer.for_role(bus, "coder", twice)
+    await asyncio.wait_for(consumer.run(), 60)
+    await caller.gateway.aclose()
+
+    assert objects[0] == objects[1], "the second run stored nothing new"
+    counts = (await bus.js.stream_info(bus.topology.events_stream,
+                                       subjects_filter=bus.topology.event_subject(goal.goal_id, ">"))).state.subjects
+    topic = bus.topology.event_subject
+    assert counts is not None
+    assert counts[topic(goal.goal_id, "route.decided")] == 2  # the step really ran twice
+    assert counts[topic(goal.goal_id, "step.completed")] == 1
+    assert counts[topic(goal.goal_id, "artifact.created")] == 3  # summary, workspace, diff: once each
+    async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+        async for event in stream:
+            if isinstance(event, ArtifactCreated) and event.artifact.kind == "workspace":
+                files = Manifest.decode(await bus.get_blob(event.artifact.ref.digest)).files
+                break
+    assert counts[topic(goal.goal_id, "tool.call")] == len(files) >= 2  # one fs.write per file, recorded once
+
+
+async def test_ledger_query_asks_the_ledger_service_read_only(bus: Bus, settings: MeshSettings) -> None:
+    spec = role_specs()["reviewer"]
+    spec = spec.model_copy(update={"tools": [*spec.tools, "ledger.query"]})
+    caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "reviewer-test", Metrics("reviewer"))
+    worker = Worker(bus, spec, caller, GoalStore(await bus.kv(bus.topology.kv_goals)), "reviewer-test")
+    async with ToolBox(spec.tools, Workspace({}, bus.get_blob), ledger=worker.ledger) as tools:
+        down = await tools.call("ledger.query", {"sql": "SELECT 1"})
+        assert not down.ok and "LedgerError" in json.loads(down.content)["message"]  # no ledger node yet
+
+        recorder = Recorder(bus, settings, batch_size=100)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(recorder.run())
+            await asyncio.wait_for(recorder.ready.wait(), 30)
+            try:
+                answer = await tools.call("ledger.query", {"sql": "SELECT 40 + 2 AS answer", "max_rows": 5})
+                assert answer.ok and json.loads(answer.content)["rows"] == [[42]]
+                refused = await tools.call("ledger.query", {"sql": "DELETE FROM events"})
+                assert not refused.ok and "QueryRefused" in json.loads(refused.content)["message"]
+            finally:
+                recorder.stop()
+    await caller.gateway.aclose()

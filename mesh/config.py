@@ -62,6 +62,7 @@ class MeshSettings(BaseSettings):
     sim_seed: int = Field(default=0, description="Seed of the sim backend's outputs and faults.")
     sim_faults: str = Field(default="", description='Sim fault rates, e.g. "429:0.1,500:0.05,timeout:0.02,cut:0.02".')
     sim_latency_scale: float = Field(default=1.0, ge=0, description="Multiplies sim latencies; 0 = instant.")
+    sim_latency_ms: float | None = Field(default=None, ge=0, description="Fixed sim latency per call (benchmarks).")
 
     # --- router (mesh.router) ---
     router_epsilon: float = Field(default=0.05, ge=0, le=1, description="Share of routing decisions that explore.")

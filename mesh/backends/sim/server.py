@@ -5,7 +5,8 @@ One server serves every tier: the request's model name picks the tier profile (`
 ``sim-long-context``, ``sim-swarm``, or real names such as ``deepseek-v4-pro`` / ``kimi-k2.6``).
 Control endpoints for tests: ``GET|POST /_sim/faults`` (``{"faults": "503:1", "tier": "swarm",
 "limit": 3}`` — ``limit`` ends the storm after that many faults)
-and ``GET /_sim/stats``; ``GET /healthz`` for readiness.
+``GET /_sim/stats``, and ``GET /_sim/requests`` (the last prompts received, with their hints, so a test
+can check what actually went over the wire); ``GET /healthz`` for readiness.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Self
 
@@ -30,6 +31,8 @@ HANG_SECONDS = 30.0  # a "timeout" fault stalls this long unless the client give
 
 _WORLD = web.AppKey("world", SimWorld)
 _STATS = web.AppKey("stats", dict[str, int])
+_LOG = web.AppKey("log", deque[dict[str, Any]])
+LOG_REQUESTS = 2000
 
 
 class _Api:
@@ -72,6 +75,8 @@ async def _chat(request: web.Request, api: _Api) -> web.StreamResponse:
         req = api.parse(body, meta, tier.thinking)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, pydantic.ValidationError) as exc:
         return _error(api, 400, f"invalid request body: {exc}"[:300])
+    request.app[_LOG].append({"api": api.name, "tier": tier.name, "hints": meta,
+                              "prompt": "\n".join(m.content for m in req.messages if m.role in ("system", "user"))})
     stats[f"requests.{tier.name}"] += 1
     stats[f"requests.{api.name}"] += 1
     # What a provider would check: reasoning sent back on assistant turns, the thinking switch.
@@ -145,6 +150,10 @@ async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[_STATS])
 
 
+async def _requests(request: web.Request) -> web.Response:
+    return web.json_response(list(request.app[_LOG]))
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "simulated": True})
 
@@ -152,11 +161,13 @@ async def _healthz(request: web.Request) -> web.Response:
 def make_app(world: SimWorld) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_WORLD] = world
-    app[_STATS] = Counter()  # a dict[str, int] that starts every key at 0
+    app[_STATS] = Counter()
+    app[_LOG] = deque(maxlen=LOG_REQUESTS)  # a dict[str, int] that starts every key at 0
     app.router.add_post("/v1/chat/completions", _openai)
     app.router.add_post("/v1/messages", _anthropic)
     app.router.add_route("*", "/_sim/faults", _faults)
     app.router.add_get("/_sim/stats", _stats)
+    app.router.add_get("/_sim/requests", _requests)
     app.router.add_get("/healthz", _healthz)
     return app
 

@@ -88,6 +88,7 @@ class SimReply:
 class SimWorld:
     seed: int = 0
     latency_scale: float = 1.0
+    fixed_latency: float | None = None  # seconds per call, replacing the latency model (benchmarks)
     faults: FaultPlan = field(default_factory=FaultPlan)
     quality: float | None = None  # overrides the quality model for every call
     tiers: dict[str, TierConfig] = field(default_factory=lambda: load_tiers(environ={}))
@@ -95,7 +96,9 @@ class SimWorld:
 
     @classmethod
     def from_settings(cls, settings: Any) -> SimWorld:
+        fixed = settings.sim_latency_ms
         return cls(seed=settings.sim_seed, latency_scale=settings.sim_latency_scale,
+                   fixed_latency=None if fixed is None else fixed / 1000,
                    faults=FaultPlan.from_spec(settings.sim_faults, seed=settings.sim_seed))
 
     def tier_config(self, model: str) -> TierConfig:
@@ -153,9 +156,12 @@ class SimWorld:
         usage.cost_usd = tier.prices.cost(prompt_tokens=prompt_tokens, cached_tokens=cached,
                                           completion_tokens=usage.completion_tokens)
         prof = PROFILES[tier.name]
+        if self.fixed_latency is not None:
+            ttft, per_token = self.fixed_latency, 0.0
+        else:
+            ttft, per_token = prof.ttft * self.latency_scale, self.latency_scale / prof.tokens_per_s
         return SimReply(text=text, reasoning=reasoning, tool_calls=ans.tool_calls, usage=usage, finish_reason=finish,
-                        ttft=prof.ttft * self.latency_scale, seconds_per_token=self.latency_scale / prof.tokens_per_s,
-                        simulated_json=is_json)
+                        ttft=ttft, seconds_per_token=per_token, simulated_json=is_json)
 
     def _digest(self, req: ChatRequest, tier: str) -> str:
         """What an answer may depend on: the content, not its transport. Tool names are compared in

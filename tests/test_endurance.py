@@ -1,0 +1,73 @@
+"""Context endurance: a 24-step goal through two backend failure bursts and many role switches,
+every model call going over real HTTP to the sim-server; every step's packed context must still
+carry the goal's pinned constraints (checked on what the sim-server actually received)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import aiohttp
+import pytest
+
+from mesh.backends.sim import SimWorld
+from mesh.backends.sim.server import SimServer
+from mesh.bus import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import BackendCall, Goal, GoalCompleted, GoalPlanned, StepCompleted
+from mesh.embedded.local import sim_server_env
+from tests.meshkit import TERMINAL, in_process_mesh
+
+pytestmark = pytest.mark.timeout(300)
+PINNED = ["PINNED-ALPHA: target Python 3.11 only", "PINNED-BETA: never store plaintext passwords"]
+
+
+@pytest.fixture
+async def sim_server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SimServer]:
+    async with SimServer(SimWorld(seed=7, latency_scale=0.0)) as server:
+        for key, value in sim_server_env(server.url).items():
+            monkeypatch.setenv(key, value)
+        yield server
+
+
+async def test_24_step_goal_survives_failure_bursts_and_keeps_pinned_constraints(
+        settings: MeshSettings, bus: Bus, sim_server: SimServer) -> None:
+    fast = settings.model_copy(update={"health_port": 0, "health_host": "127.0.0.1", "drain_seconds": 5.0})
+    goal = Goal(brief="Build me a login system", constraints=PINNED, options={"sim_plan_steps": 24})
+    events: list[object] = []
+    bursts = 0
+    async with aiohttp.ClientSession() as http, in_process_mesh(fast):
+        await bus.submit_goal(goal)
+        async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+            async for event in stream:
+                events.append(event)
+                completed = sum(1 for e in events if isinstance(e, StepCompleted))
+                if isinstance(event, StepCompleted) and completed in (4, 14):
+                    # a burst: the next 8 calls on every tier fail with 503 / 429, then it passes
+                    faults = "503:1" if completed == 4 else "429:1"
+                    async with http.post(f"{sim_server.url}/_sim/faults",
+                                         json={"faults": faults, "limit": 8}) as resp:
+                        assert resp.status == 200
+                    bursts += 1
+                if isinstance(event, TERMINAL):
+                    break
+        async with http.get(f"{sim_server.url}/_sim/requests") as resp:
+            received = await resp.json()
+
+    assert isinstance(events[-1], GoalCompleted), events[-1]
+    assert bursts == 2
+    failed_calls = [e for e in events if isinstance(e, BackendCall) and e.outcome != "ok"]
+    assert len(failed_calls) >= 8, "the bursts must have hit real calls"
+
+    plan = next(e.plan for e in events if isinstance(e, GoalPlanned))
+    assert len(plan.steps) >= 24
+    order = [e.role for e in events if isinstance(e, StepCompleted)]
+    switches = sum(1 for a, b in zip(order, order[1:], strict=False) if a != b)
+    assert switches >= 4, order
+
+    step_prompts = [r for r in received if r["hints"].get("role") not in (None, "planner")]
+    steps_seen = {r["hints"].get("step_id") for r in step_prompts}
+    assert {e.step_id for e in events if isinstance(e, StepCompleted)} <= steps_seen
+    for r in step_prompts:
+        for constraint in PINNED:
+            assert constraint in r["prompt"], f"step {r['hints'].get('step_id')} lost a pinned constraint"

@@ -120,6 +120,15 @@ async def test_special_files_are_refused(tools: ToolBox, ws: Workspace) -> None:
     assert ws.files == before
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+async def test_a_folder_the_command_made_unreadable_is_refused_not_taken_as_deleted(
+        tools: ToolBox, ws: Workspace) -> None:
+    before = ws.files
+    doc = error(await run(tools, "import os", "os.chmod('src', 0)"))
+    assert "folder 'src' cannot be read" in doc["message"]
+    assert ws.files == before
+
+
 async def test_a_command_past_its_timeout_is_killed_and_changes_nothing(tools: ToolBox, ws: Workspace) -> None:
     before = ws.files
     result = await run(tools, "open('half.txt', 'w').write('x')", "print('working', flush=True)",

@@ -93,7 +93,11 @@ class WorkTree:
         problems: list[str] = []
         total = 0
         top = str(self.files)
-        for dirpath, dirnames, filenames in os.walk(top):  # never follows symlinks
+
+        def unreadable(exc: OSError) -> None:  # else its files would look deleted
+            problems.append(f"folder {os.path.relpath(exc.filename or top, top)!r} cannot be read: {exc.strerror}")
+
+        for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):  # never follows symlinks
             keep = []
             for name in dirnames:
                 full = os.path.join(dirpath, name)

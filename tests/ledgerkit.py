@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from mesh.bus import Bus
+from mesh.config import MeshSettings
 from mesh.contracts import Event, encode
 from mesh.errors import LedgerError
 from mesh.roles.ledger_service import LedgerClient
+from mesh.roles.recorder import Recorder
 from mesh.store import Ledger, schema
 from mesh.store.synthetic import synthetic_events
 
@@ -57,3 +60,16 @@ def tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
     with Ledger(path, read_only=True) as ledger:
         cursor = ledger.cursor()
         return {t: cursor.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in schema.TABLES}
+
+
+@asynccontextmanager
+async def recording(bus: Bus, settings: MeshSettings, batch_size: int = 500) -> AsyncIterator[Recorder]:
+    """An in-process recorder (the ledger role) for the duration of the block."""
+    recorder = Recorder(bus, settings, batch_size=batch_size)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(recorder.run())
+        await asyncio.wait_for(recorder.ready.wait(), 30)
+        try:
+            yield recorder
+        finally:
+            recorder.stop()

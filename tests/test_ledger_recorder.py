@@ -4,9 +4,6 @@ a restart, and a rebuild from the stream equals the live ledger."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -15,22 +12,18 @@ from mesh.bus import Bus, DeadLetter
 from mesh.config import MeshSettings
 from mesh.errors import LedgerError, QueryRefused
 from mesh.roles.ledger_service import LedgerClient
-from mesh.roles.recorder import Recorder, rebuild
-from tests.ledgerkit import Eventually, burst, ledger_caught_up, publish_burst, stream_messages, tables
+from mesh.roles.recorder import rebuild
+from tests.ledgerkit import (
+    Eventually,
+    burst,
+    ledger_caught_up,
+    publish_burst,
+    recording,
+    stream_messages,
+    tables,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@asynccontextmanager
-async def recording(bus: Bus, settings: MeshSettings, batch_size: int = 500) -> AsyncIterator[Recorder]:
-    recorder = Recorder(bus, settings, batch_size=batch_size)
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(recorder.run())
-        await asyncio.wait_for(recorder.ready.wait(), 30)
-        try:
-            yield recorder
-        finally:
-            recorder.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 # Command groups, each a module in this package with `register(subparsers)`.
-COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.local", "mesh.cli.schemas", "mesh.cli.sim", "mesh.cli.security")
+COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.local", "mesh.cli.schemas", "mesh.cli.sim", "mesh.cli.security",
+                                     "mesh.cli.ledger")
 
 
 def build_parser() -> argparse.ArgumentParser:

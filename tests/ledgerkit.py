@@ -51,6 +51,11 @@ async def ledger_caught_up(client: LedgerClient, bus: Bus) -> bool:
     return int(status["last_seq"]) >= await stream_last_seq(bus)
 
 
+async def caught_up(eventually: Eventually, client: LedgerClient, bus: Bus, timeout: float = 30) -> None:
+    """Wait until the ledger has stored the whole stream."""
+    await eventually(lambda: ledger_caught_up(client, bus), timeout=timeout, message="ledger caught up")
+
+
 def burst(count: int, seed: int = 1) -> list[Event]:
     return list(synthetic_events(count, seed=seed))
 

@@ -17,7 +17,7 @@ from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.roles.ledger_service import LedgerClient
 from mesh.store import Ledger, schema
-from tests.ledgerkit import Eventually, burst, ledger_caught_up, publish_burst, recording, tables
+from tests.ledgerkit import Eventually, burst, caught_up, publish_burst, recording, tables
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ async def test_sql_status_and_rebuild_through_a_running_mesh(bus: Bus, settings:
     client = LedgerClient(bus.nc, bus.topology.prefix)
     async with recording(bus, settings):
         await publish_burst(bus, burst(300))
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
         answer = await mesh("sql", "SELECT count(*) AS n FROM events", "--json", settings=settings)
         assert answer.returncode == 0, answer.stderr
         assert json.loads(answer.stdout) == [{"n": 300}]

@@ -14,7 +14,7 @@ from mesh.config import MeshSettings
 from mesh.errors import LedgerError
 from mesh.roles.ledger_service import LedgerClient
 from mesh.roles.recorder import rebuild
-from tests.ledgerkit import Eventually, burst, ledger_caught_up, publish_burst, stream_messages, tables
+from tests.ledgerkit import Eventually, burst, caught_up, publish_burst, stream_messages, tables
 from tests.meshkit import NodeProcess, node_env
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,7 +47,7 @@ async def test_kill_9_during_a_burst_loses_and_duplicates_nothing(bus: Bus, sett
             stored_at_kill = await stream_messages(bus)
             second = NodeProcess("ledger", env, tmp_path).start()
         assert stored_at_kill < BURST
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=120, message="ledger caught up")
+        await caught_up(eventually, client, bus, timeout=120)
 
         total = await stream_messages(bus)
         assert total >= BURST + 2  # the burst, plus each ledger node's node.up

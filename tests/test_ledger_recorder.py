@@ -16,7 +16,7 @@ from mesh.roles.recorder import rebuild
 from tests.ledgerkit import (
     Eventually,
     burst,
-    ledger_caught_up,
+    caught_up,
     publish_burst,
     recording,
     stream_messages,
@@ -36,9 +36,9 @@ async def test_records_serves_and_rebuilds_equal(bus: Bus, settings: MeshSetting
     events = burst(3_000)
     async with recording(bus, settings):
         await publish_burst(bus, events[:1_000])
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
         await publish_burst(bus, events[1_000:], chunk=250)  # later batches of other sizes
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
 
         counts = await client.sql("SELECT count(*), count(DISTINCT seq), count(DISTINCT event_id) FROM events")
         assert counts.rows == [(3_000, 3_000, 3_000)] == [(await stream_messages(bus),) * 3]
@@ -86,7 +86,7 @@ async def test_query_service_refuses_writes_statements_and_files(bus: Bus, setti
                                                                  eventually: Eventually) -> None:
     async with recording(bus, settings):
         await publish_burst(bus, burst(200))
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
         for sql in QUERY_SERVICE_REFUSES:
             with pytest.raises(QueryRefused):
                 await client.sql(sql)
@@ -106,7 +106,7 @@ async def test_poison_is_dead_lettered_and_recording_goes_on(bus: Bus, settings:
         await publish_burst(bus, events[:50])
         await bus.nc.publish(bus.topology.event_subject("g", "step.started"), b"\xc1 not msgpack")
         await publish_burst(bus, events[50:])
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
         assert (await client.sql("SELECT count(*), max(seq) FROM events")).rows == [(100, 101)]
         assert (await client.sql("SELECT count(*) FROM events WHERE seq = 51")).rows == [(0,)]
 
@@ -121,10 +121,10 @@ async def test_restart_resumes_after_the_mark(bus: Bus, settings: MeshSettings, 
     events = burst(600)
     async with recording(bus, settings):
         await publish_burst(bus, events[:300])
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
     await publish_burst(bus, events[300:])  # while no ledger runs
     async with recording(bus, settings, batch_size=128):
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
         assert (await client.sql("SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM events")).rows == [
             (600, 600, 1, 600)]
 
@@ -134,7 +134,7 @@ async def test_rebuild_until_gives_the_ledger_as_it_was(bus: Bus, settings: Mesh
     events = burst(400)
     async with recording(bus, settings):
         await publish_burst(bus, events[:250])
-        await eventually(lambda: ledger_caught_up(client, bus), timeout=30, message="ledger caught up")
+        await caught_up(eventually, client, bus)
     then = tables(settings.ledger_file)
     await publish_burst(bus, events[250:])
     assert await rebuild(bus, tmp_path / "then.duckdb", until=250) == 250

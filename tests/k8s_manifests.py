@@ -142,13 +142,17 @@ def _base_name(name: str) -> str:
     return re.sub(r"-[a-z0-9]{10}$", "", name)
 
 
-def nats_config(docs: list[Doc], dest: Path, auth_conf: str) -> Path:
+def nats_config(docs: list[Doc], dest: Path, auth_conf: str, ports: dict[int, int] | None = None) -> Path:
     """The NATS pod's /etc/nats (projected: nats-config + auth.conf) written to ``dest`` for a
-    loopback server: wildcard listeners become 127.0.0.1 and container paths become ``dest``'s."""
+    loopback server: wildcard listeners become 127.0.0.1 (container ports mapped by ``ports``; the
+    client and monitoring ports and the data volume are EmbeddedNats' flags) and container paths
+    become ``dest``'s."""
     dest.mkdir(parents=True, exist_ok=True)
     files = dict(one(docs, "ConfigMap", "nats-config")["data"]) | {"auth.conf": auth_conf}
     for name, text in files.items():
         text = text.replace("0.0.0.0", "127.0.0.1").replace("/var/run/nats/", f"{dest}/")
-        text = re.sub(r"store_dir: /data\b", f"store_dir: {dest / 'jetstream'}", text)
+        for container_port, host_port in (ports or {}).items():
+            text = text.replace(f"127.0.0.1:{container_port}", f"127.0.0.1:{host_port}")
+        text = re.sub(r"\n\s*store_dir: /data\n", "\n", text)  # the volume: EmbeddedNats' -sd (both may not be set)
         (dest / name).write_text(text)
     return dest / "nats.conf"

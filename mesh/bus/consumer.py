@@ -29,7 +29,9 @@ What happens to a message, by handler outcome:
 * raises anything else (``retryable`` True or absent) → ``nak`` with a delay of
   ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``),
   until the attempt number reaches ``max_deliver``; then dead letter + ``term``;
-* the handler's task dies (cancelled, process killed) → no ack; the server redelivers after ``ack_wait``.
+* the handler is cancelled (``run()`` cancelled: shutdown, a drain timeout) → ``nak``: another
+  replica gets it at once;
+* the process dies (kill -9, OOM) → no ack; the server redelivers after ``ack_wait``.
 
 While a message is held (handler running, or waiting for a worker slot) it gets an in-progress ack
 every ``ack_wait / 3``, so a long model call is not redelivered. Dead letters: see ``mesh.bus.dlq``.
@@ -267,6 +269,10 @@ class PullConsumer:
     async def _handle(self, msg: Msg) -> None:
         try:
             await self._process(msg)
+        except asyncio.CancelledError:  # shutdown or drain timeout: hand the work back right away
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
+            raise
         except Exception:  # the loop must survive anything a disposition (ack/nak/DLQ) can raise
             log.exception("consumer %s: disposing of a message failed; it will be redelivered", self.durable)
         finally:

@@ -31,11 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = sub.add_parser("ledger", help="the ledger: status, rebuild from the stream, parquet export")
     actions = p.add_subparsers(dest="action", required=True)
-    a = actions.add_parser("status", help="the ledger service's file, schema version and last stream sequence")
+    a = actions.add_parser("status", help="the ledger's file, schema version and last stream sequence")
     a.set_defaults(handler=_status)
     a = actions.add_parser("rebuild", help="replay the event stream into a fresh ledger file")
-    a.add_argument("--out", type=Path, default=None, help="the new file (default: <data_dir>/ledger.rebuilt.duckdb)")
-    a.add_argument("--until", type=int, default=None, help="stop at this stream sequence (the ledger as it was)")
+    a.add_argument("--out", type=Path, default=None,
+                   help="the new file (default: <data_dir>/ledger.rebuilt.duckdb)")
+    a.add_argument("--until", type=int, default=None,
+                   help="stop at this stream sequence (the ledger as it was then)")
     a.set_defaults(handler=_rebuild)
     a = actions.add_parser("export", help="write every ledger table as <table>.parquet")
     a.add_argument("--parquet", type=Path, required=True, metavar="DIR", help="directory to write into")
@@ -53,7 +55,8 @@ def _sql(args: argparse.Namespace) -> int:
 
         settings = get_settings()
         with Ledger(args.file, read_only=True) as ledger:
-            queries = LedgerQueries(ledger, timeout=settings.ledger_query_timeout, max_rows=settings.ledger_max_rows)
+            queries = LedgerQueries(ledger, timeout=settings.ledger_query_timeout,
+                                    max_rows=settings.ledger_max_rows)
             result = queries.sql(args.query, max_rows=args.max_rows)
     else:
         result = _run(lambda client: client.sql(args.query, max_rows=args.max_rows))
@@ -92,7 +95,8 @@ def _export(args: argparse.Namespace) -> int:
         ledger = Ledger(path, read_only=True)
     except LedgerError as exc:
         raise LedgerError(f"{exc}\nwhile the ledger node holds the file, export a fresh copy instead: "
-                          "`mesh ledger rebuild --out COPY` then `mesh ledger export --file COPY --parquet DIR`") from exc
+                          "`mesh ledger rebuild --out COPY`, then "
+                          "`mesh ledger export --file COPY --parquet DIR`") from exc
     with ledger:
         for written in export_parquet(ledger, args.parquet):
             print(written)
@@ -109,7 +113,8 @@ async def _connect(settings: MeshSettings) -> Any:
     url = local_nats_url(settings)
     if not url:
         raise NotConnected("no mesh to talk to: set MESH_NATS_URL or start one with `mesh up`")
-    return await Bus.connect(settings.model_copy(update={"nats_url": url}), name="mesh-ledger-cli", provision=False)
+    return await Bus.connect(settings.model_copy(update={"nats_url": url}), name="mesh-ledger-cli",
+                             provision=False)
 
 
 def _run(ask: Any) -> Any:

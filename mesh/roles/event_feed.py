@@ -80,7 +80,8 @@ class EventFeed:
             await self.bus.js.add_consumer(self.stream, config)
             self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._collect)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot create the ledger consumer {self.consumer} on {self.stream}: {exc!r}") from exc
+            raise BusError(f"cannot create the ledger consumer {self.consumer} on {self.stream}: "
+                           f"{exc!r}") from exc
         self._arrived.clear()
         self._fresh = True
 

@@ -116,12 +116,14 @@ class LedgerService:
         return {"path": self._ledger.path, "schema_version": self._ledger.schema_version,
                 "last_seq": self._ledger.last_seq(), "events": row[0] if row else 0}
 
-    def _endpoint(self, model: type[_Request], run: Callable[[Any], Any]) -> Callable[[Request], Awaitable[None]]:
+    def _endpoint(self, model: type[_Request],
+                  run: Callable[[Any], Any]) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
             try:
                 body = model.model_validate_json(request.data or b"{}")
             except ValidationError as exc:
-                await request.respond_error(_REFUSED, f"malformed request: {exc.errors(include_url=False)}"[:500])
+                detail = f"malformed request: {exc.errors(include_url=False)}"
+                await request.respond_error(_REFUSED, detail[:500])
                 return
             self._running += 1
             self._idle.clear()
@@ -179,9 +181,10 @@ class LedgerClient:
         doc: dict[str, Any] = json.loads(reply.data)
         return doc
 
-    async def sql(self, sql: str, *, max_rows: int | None = None, timeout: float | None = None) -> QueryResult:
-        return QueryResult.from_json(await self._ask("sql", SqlRequest(sql=sql, max_rows=max_rows, timeout=timeout)
-                                                     .model_dump(exclude_none=True)))
+    async def sql(self, sql: str, *, max_rows: int | None = None,
+                  timeout: float | None = None) -> QueryResult:
+        request = SqlRequest(sql=sql, max_rows=max_rows, timeout=timeout)
+        return QueryResult.from_json(await self._ask("sql", request.model_dump(exclude_none=True)))
 
     async def goal_summary(self, goal_id: str | None = None, *, limit: int = 50) -> QueryResult:
         return QueryResult.from_json(await self._ask("goal_summary", {"goal_id": goal_id, "limit": limit}))

@@ -25,7 +25,10 @@ _INSERT_EVENTS = (
 
 
 def append_events(con: duckdb.DuckDBPyConnection, batch: Sequence[tuple[int, str, Event]]) -> None:
-    """Insert ``(seq, subject, event)`` rows into ``events`` as one columnar scan (caller owns the transaction)."""
+    """Insert ``(seq, subject, event)`` rows into ``events`` as one columnar scan.
+
+    The caller owns the transaction.
+    """
     columns = {
         "seq": np.fromiter((item[0] for item in batch), dtype=np.uint64, count=len(batch)),
         "subject": np.array([item[1] for item in batch], dtype=object),

@@ -118,7 +118,8 @@ class Ledger:
                 for sql in migration.sql:
                     self._con.execute(sql)
             self._rederive()
-            self._con.execute("UPDATE ledger_meta SET value = ? WHERE key = ?", [str(schema.SCHEMA_VERSION), _VERSION])
+            self._con.execute("UPDATE ledger_meta SET value = ? WHERE key = ?",
+                              [str(schema.SCHEMA_VERSION), _VERSION])
 
     def _rederive(self) -> None:
         for view in schema.VIEWS:

@@ -20,7 +20,8 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time as dtime, timedelta
+from datetime import date, datetime, timedelta
+from datetime import time as dtime
 from decimal import Decimal
 from typing import Any, Literal
 from uuid import UUID
@@ -52,13 +53,15 @@ class QueryResult:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready: timestamps as RFC 3339, decimals as floats, maps as objects."""
-        return {"columns": self.columns, "types": self.types, "rows": [[jsonable(v) for v in r] for r in self.rows],
+        return {"columns": self.columns, "types": self.types,
+                "rows": [[jsonable(v) for v in r] for r in self.rows],
                 "truncated": self.truncated, "elapsed_ms": round(self.elapsed_ms, 3)}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> QueryResult:
-        return cls(columns=list(doc["columns"]), types=list(doc["types"]), rows=[tuple(r) for r in doc["rows"]],
-                   truncated=bool(doc.get("truncated")), elapsed_ms=float(doc.get("elapsed_ms", 0.0)))
+        return cls(columns=list(doc["columns"]), types=list(doc["types"]),
+                   rows=[tuple(r) for r in doc["rows"]], truncated=bool(doc.get("truncated")),
+                   elapsed_ms=float(doc.get("elapsed_ms", 0.0)))
 
     def records(self) -> Iterator[dict[str, Any]]:
         return (dict(zip(self.columns, row)) for row in self.rows)
@@ -118,8 +121,9 @@ def check_query(sql: str, relations: frozenset[str], parser: duckdb.DuckDBPyConn
         elif kind_ == "TABLE_FUNCTION":
             name = str(node["function"].get("function_name", "")).lower()
             if name not in SAFE_TABLE_FUNCTIONS:
-                raise QueryRefused(f"table function {name}() is not allowed: ledger queries may not read files, "
-                                   f"run nested SQL or load extensions (allowed: {', '.join(sorted(SAFE_TABLE_FUNCTIONS))})")
+                allowed = ", ".join(sorted(SAFE_TABLE_FUNCTIONS))
+                raise QueryRefused(f"table function {name}() is not allowed: ledger queries may not read "
+                                   f"files, run nested SQL or load extensions (allowed: {allowed})")
 
 
 def _walk(node: Any) -> Iterator[dict[str, Any]]:
@@ -141,8 +145,8 @@ def _check_table(node: Mapping[str, Any], allowed: frozenset[str], catalog: str)
         return
     if schema_ not in ("", "main") or name.lower() not in allowed:
         qualified = ".".join(p for p in (catalog_, schema_, name) if p)
-        raise QueryRefused(f"unknown relation {qualified!r}: ledger queries may read only the ledger's tables "
-                           f"and views ({', '.join(sorted(allowed))})")
+        raise QueryRefused(f"unknown relation {qualified!r}: ledger queries may read only the ledger's "
+                           f"tables and views ({', '.join(sorted(allowed))})")
 
 
 # --- running queries ------------------------------------------------------------------------------
@@ -206,7 +210,8 @@ class LedgerQueries:
         return self._run("SELECT * FROM goal_summary ORDER BY submitted_at DESC NULLS LAST, goal_id LIMIT ?",
                          [limit])
 
-    def usage(self, *, goal_id: str | None = None, by: Literal["tier", "model", "goal"] = "tier") -> QueryResult:
+    def usage(self, *, goal_id: str | None = None,
+              by: Literal["tier", "model", "goal"] = "tier") -> QueryResult:
         """Backend calls, tokens, cost and latency grouped by tier, model or goal (optionally of one goal)."""
         if by not in ("tier", "model", "goal"):
             raise QueryRefused(f"usage can be grouped by tier, model or goal, not {by!r}")
@@ -216,7 +221,8 @@ class LedgerQueries:
             "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
             "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
             "sum(cost_usd) AS cost_usd, avg(latency_ms) AS mean_latency_ms "
-            f"FROM backend_calls WHERE $goal IS NULL OR goal_id = $goal GROUP BY {key} ORDER BY cost_usd DESC, {key}",
+            f"FROM backend_calls WHERE $goal IS NULL OR goal_id = $goal "
+            f"GROUP BY {key} ORDER BY cost_usd DESC, {key}",
             {"goal": goal_id})
 
     def routing_stats(self) -> QueryResult:

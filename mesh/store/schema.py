@@ -196,7 +196,8 @@ def _append(table: str, type_: str, shape: str, columns: str) -> Fold:
     """One row per event of ``type_``."""
     types = frozenset({type_})
     return Fold(table, types, (
-        f"INSERT INTO {table} SELECT seq, event_id, goal_id, ts, node, {columns} FROM {_source(types, shape)}"))
+        f"INSERT INTO {table} SELECT seq, event_id, goal_id, ts, node, {columns} "
+        f"FROM {_source(types, shape)}"))
 
 
 def _merge(table: str, key: str, types: frozenset[str], source: str, latest: dict[str, str],
@@ -212,8 +213,8 @@ def _merge(table: str, key: str, types: frozenset[str], source: str, latest: dic
         inner.append(f"arg_max({{{fields}}}, seq) FILTER ({group.when}) AS _g{i}")
         outer += [f"_g{i}.{name} AS {name}" for name in group.columns]
         marker = next(iter(group.columns))
-        update += [f"{name} = CASE WHEN excluded.{marker} IS NULL THEN {table}.{name} ELSE excluded.{name} END"
-                   for name in group.columns]
+        update += [f"{name} = CASE WHEN excluded.{marker} IS NULL THEN {table}.{name} "
+                   f"ELSE excluded.{name} END" for name in group.columns]
     return Fold(table, types, (
         f"INSERT INTO {table} BY NAME SELECT {key}, {', '.join(outer)} "
         f"FROM (SELECT {key}, {', '.join(inner)} FROM {source} GROUP BY ALL) "
@@ -224,7 +225,8 @@ _GOAL_TYPES = _types("goal.")
 _GOAL_JSON = (
     '{"goal":{"brief":"VARCHAR","constraints":"VARCHAR[]","budget":"JSON","options":"JSON",'
     '"submitted_at":"TIMESTAMPTZ"},"plan":"JSON",'
-    f'"result":{_REF_JSON},"workspace":{_REF_JSON},"usage":{_USAGE_JSON},"steps_run":"INTEGER","reason":"VARCHAR"}}'
+    f'"result":{_REF_JSON},"workspace":{_REF_JSON},"usage":{_USAGE_JSON},'
+    '"steps_run":"INTEGER","reason":"VARCHAR"}'
 )
 _STEP_TYPES = _types("step.")
 _STEP_JSON = (
@@ -242,8 +244,8 @@ FOLDS: tuple[Fold, ...] = (
         "updated_at": "ts",
     }, groups=(
         _Group("type = 'goal.submitted'", {
-            "submitted_at": "j.goal.submitted_at", "brief": "j.goal.brief", "constraints": "j.goal.constraints",
-            "budget": "j.goal.budget", "options": "j.goal.options"}),
+            "submitted_at": "j.goal.submitted_at", "brief": "j.goal.brief",
+            "constraints": "j.goal.constraints", "budget": "j.goal.budget", "options": "j.goal.options"}),
         _Group("type = 'goal.planned'", {
             "planned_at": "ts", "plan": "j.plan",
             "plan_version": "CAST(j.plan->>'$.version' AS INTEGER)",
@@ -281,10 +283,12 @@ FOLDS: tuple[Fold, ...] = (
             '"feature_version":"VARCHAR","features":"DOUBLE[]"}}',
             "j.step_id, j.role, j.decision.tier, j.decision.thinking, j.decision.probabilities, "
             "j.decision.thinking_probability, j.decision.propensity, j.decision.explored, "
-            "j.decision.overridden_by, j.decision.model_version, j.decision.feature_version, j.decision.features"),
+            "j.decision.overridden_by, j.decision.model_version, j.decision.feature_version, "
+            "j.decision.features"),
     _append("backend_calls", "backend.call",
-            '{"step_id":"VARCHAR","tier":"VARCHAR","model":"VARCHAR","endpoint":"VARCHAR","usage":' + _USAGE_JSON
-            + ',"latency_ms":"DOUBLE","outcome":"VARCHAR","attempt":"INTEGER","thinking":"BOOLEAN"}',
+            '{"step_id":"VARCHAR","tier":"VARCHAR","model":"VARCHAR","endpoint":"VARCHAR",'
+            '"usage":' + _USAGE_JSON + ',"latency_ms":"DOUBLE","outcome":"VARCHAR","attempt":"INTEGER",'
+            '"thinking":"BOOLEAN"}',
             "j.step_id, j.tier, j.model, j.endpoint, " + ", ".join(_USAGE.values())
             + ", j.latency_ms, j.outcome, j.attempt, j.thinking"),
     _append("tool_calls", "tool.call",
@@ -296,7 +300,8 @@ FOLDS: tuple[Fold, ...] = (
            latest={"role": "j.role", "status": "CASE type WHEN 'node.up' THEN 'up' ELSE 'down' END",
                    "last_seen": "ts"},
            groups=(
-               _Group("type = 'node.up'", {"up_at": "ts", "host": "j.host", "pid": "j.pid", "version": "j.version"}),
+               _Group("type = 'node.up'", {"up_at": "ts", "host": "j.host", "pid": "j.pid",
+                                           "version": "j.version"}),
                _Group("type = 'node.down'", {"down_at": "ts", "down_reason": "j.reason"}),
            )),
 )

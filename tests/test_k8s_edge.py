@@ -1,14 +1,16 @@
-"""An edge site on loopback: a hub nats-server and a leaf nats-server with its own JetStream domain,
-each with its own generated users; the site's planner and workers run against the leaf. A goal
-completes at the site; while the leaf's link is cut (a TCP proxy we control) the site keeps
+"""An edge site on loopback, from the manifests: a hub nats-server with the dev overlay's NATS
+configuration and a leaf nats-server with the edge overlay's (its own JetStream domain, the remote
+to the hub), each with its own generated users; the site's planner and workers run against the leaf.
+A goal completes at the site; while the leaf's link is cut (a TCP proxy we control) the site keeps
 working, and the site's events reach the hub's copy when the link returns."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
-from contextlib import aclosing, suppress
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,25 @@ from mesh.embedded.natsserver import free_port
 from mesh.roles.spec import load_specs
 from mesh.security import Generated, PermissionSet, generate
 from mesh.security.permissions import leaf_user
+from tests.k8s_manifests import nats_config, one, render
 
-DOMAIN = "edge1"
-EDGE_DENY = '["mesh.>", "$KV.>", "$O.>"]'  # the site's side of the fence: nothing of the mesh crosses by itself
+EDGE = render("edge")
+DOMAIN = re.search(r"domain: ([a-z0-9-]+)", one(EDGE, "ConfigMap", "nats-config")["data"]["topology.conf"])[1]  # type: ignore[index]
+
+
+@contextmanager
+def pod_env(**env: str) -> Iterator[None]:
+    """The NATS container's environment (downward API, Secret) while its server starts."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class LinkProxy:
@@ -85,16 +103,17 @@ async def hub(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, Generated, in
     hub_topology = Topology(edge_domains=(DOMAIN,))
     gen = generate(tmp_path / "hub-sec", PermissionSet(hub_topology, specs).users([DOMAIN]), cost=4)
     leaf_port = free_port()
-    (tmp_path / "hub").mkdir()
-    (tmp_path / "hub" / "auth.conf").write_text(gen.auth_conf.read_text())
-    conf = tmp_path / "hub" / "nats.conf"
-    conf.write_text(f'jetstream {{ domain: hub }}\nleafnodes {{ listen: "127.0.0.1:{leaf_port}" }}\n'
-                    'include "auth.conf"\n')
-    async with EmbeddedNats(tmp_path / "hub" / "data", extra_args=["-c", str(conf)]) as server:
+    conf = nats_config(render("dev"), tmp_path / "hub" / "etc-nats", gen.auth_conf.read_text(), ports={7422: leaf_port})
+    server = EmbeddedNats(tmp_path / "hub" / "data", extra_args=["-c", str(conf)])
+    with pod_env(POD_NAME="nats-0"):
+        await server.start()
+    try:
         # hub nodes provision with MESH_EDGE_DOMAINS set: the hub's copy of the site's events
         async with await Bus.connect(settings(server.url, gen, "operator", edge_domains=DOMAIN)):
             pass
         yield server, gen, leaf_port
+    finally:
+        await server.stop()
 
 
 @pytest.mark.timeout(240)
@@ -108,15 +127,13 @@ async def test_edge_site_works_through_a_link_outage_and_catches_the_hub_up(
     specs = load_specs()
     edge_gen = generate(tmp_path / "edge-sec", PermissionSet(Topology(), specs).users(), cost=4)
     site = tmp_path / "edge"
-    site.mkdir()
-    (site / "auth.conf").write_text(edge_gen.auth_conf.read_text())
-    (site / "nats.conf").write_text(
-        f"jetstream {{ domain: {DOMAIN} }}\n"
-        f'leafnodes {{ remotes: [ {{ url: "nats-leaf://{leaf_user(DOMAIN)}:{leaf_password}@127.0.0.1:{link.port}", '
-        f"deny_imports: {EDGE_DENY}, deny_exports: {EDGE_DENY} }} ] }}\n"
-        'include "auth.conf"\n')
+    conf = nats_config(EDGE, site / "etc-nats", edge_gen.auth_conf.read_text())
+    leaf = EmbeddedNats(site / "data", extra_args=["-c", str(conf)])
+    hub_url = f"nats-leaf://{leaf_user(DOMAIN)}:{leaf_password}@127.0.0.1:{link.port}"  # Secret nats-leaf-remote
+    with pod_env(POD_NAME="nats-0", HUB_LEAF_URL=hub_url):
+        await leaf.start()
     roles = [r for r, s in specs.items() if s.kind != "recorder"]
-    async with EmbeddedNats(site / "data", extra_args=["-c", str(site / "nats.conf")]) as leaf:
+    try:
         base_env = {**os.environ, "MESH_NATS_URL": leaf.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
                     "MESH_SIM_LATENCY_SCALE": "0", "MESH_DATA_DIR": str(site / "mesh")}
         procs = [RoleProcess(r, {**base_env, **creds(edge_gen, r)}, site) for r in roles]
@@ -153,6 +170,8 @@ async def test_edge_site_works_through_a_link_outage_and_catches_the_hub_up(
                 p.terminate()
             await asyncio.gather(*(p.wait(40) for p in procs))
             await link.cut()
+    finally:
+        await leaf.stop()
 
 
 async def _until(events: AsyncIterator[Event], *types: type) -> Event:

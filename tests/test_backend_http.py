@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from aiohttp import web
 
 from mesh.backends.anthropic_compat import AnthropicBackend
 from mesh.backends.base import Backend, ChatMessage, ChatRequest, ChatResponse, ToolSpec
@@ -323,3 +324,35 @@ async def test_swarm_over_http_is_bounded(server: SimServer) -> None:
     assert _calls(records, lambda r: r.tier == "swarm" and r.outcome == "ok") == 2 * bounds.max_sub_agents + 1
     assert resp.usage.calls == 2 * bounds.max_sub_agents + 1
     assert json.dumps(sorted(set(written))) and len(set(written)) == len(written)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_api_key_is_read_at_call_time(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key comes from the env var the tier names, on every call (a rotated key is used at once)."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("x-api-key") or request.headers.get("Authorization", ""))
+        return web.json_response({"error": {"type": "authentication_error", "message": "no"}}, status=401)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", record)
+    app.router.add_post("/v1/messages", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site.port}"
+    cfg = load_tiers(environ={"MESH_TIER_EDGE_BASE_URL": url + ("/v1" if kind == "openai" else ""),
+                              "MESH_TIER_EDGE_MODEL": "m", "MESH_TIER_EDGE_KIND": kind,
+                              "MESH_TIER_EDGE_API_KEY_ENV": "MESH_TEST_KEY"})["edge"]
+    b = OpenAIBackend(cfg) if kind == "openai" else AnthropicBackend(cfg)
+    try:
+        for key in ("key-one", "key-two"):
+            monkeypatch.setenv("MESH_TEST_KEY", key)
+            with pytest.raises(AuthenticationFailed):
+                await b.chat(coder_request(), timeout=5)
+    finally:
+        await b.aclose()
+        await runner.cleanup()
+    assert [s.removeprefix("Bearer ") for s in seen] == ["key-one", "key-two"]

@@ -165,6 +165,7 @@ class AnthropicBackend:
     async def chat(self, req: ChatRequest, *, timeout: float) -> ChatResponse:
         names = ToolNames(req.tools)
         acc = _Accumulator(names)
+        self._client.api_key = self.tier.api_key() or "not-needed"  # read at call time, never stored elsewhere
         start = time.perf_counter()
         async with sdk_call(self.tier, timeout) as state:
             result = await self._client.messages.create(**self._params(req, names), stream=req.stream, timeout=timeout)

@@ -104,10 +104,12 @@ class OpenAIBackend:
     def __init__(self, tier: TierConfig) -> None:
         self.tier = tier
         self.dialect = dialect_for(tier)
-        # The key is read now from the env var the tier names; local servers accept any key.
-        self._client = openai.AsyncOpenAI(
-            base_url=tier.base_url, api_key=tier.api_key() or "not-needed", max_retries=0, timeout=tier.timeout
-        )
+        # The SDK asks this provider for the key on every request: read from the env var the tier
+        # names at call time (a rotated key is picked up), never stored; local servers take any key.
+        async def api_key() -> str:
+            return tier.api_key() or "not-needed"
+
+        self._client = openai.AsyncOpenAI(base_url=tier.base_url, api_key=api_key, max_retries=0, timeout=tier.timeout)
 
     def _params(self, req: ChatRequest, names: ToolNames) -> dict[str, Any]:
         d = self.dialect

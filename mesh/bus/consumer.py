@@ -154,7 +154,7 @@ class PullConsumer:
     # --- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Consume until ``stop()``. Cancelling ``run()`` abandons in-flight messages to redelivery."""
+        """Consume until ``stop()``. Cancelling ``run()`` naks the messages in flight (redelivered at once)."""
         await self._check_consumer()
         inbox = self._bus.nc.new_inbox()
         sub = await self._bus.nc.subscribe(inbox, cb=self._on_message)

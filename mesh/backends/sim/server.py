@@ -151,7 +151,8 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 async def _requests(request: web.Request) -> web.Response:
-    return web.json_response(list(request.app[_LOG]))
+    log = request.app[_LOG]
+    return web.json_response(list(log))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -161,8 +162,8 @@ async def _healthz(request: web.Request) -> web.Response:
 def make_app(world: SimWorld) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_WORLD] = world
-    app[_STATS] = Counter()
-    app[_LOG] = deque(maxlen=LOG_REQUESTS)  # a dict[str, int] that starts every key at 0
+    app[_STATS] = Counter()  # a dict[str, int] that starts every key at 0
+    app[_LOG] = deque(maxlen=LOG_REQUESTS)
     app.router.add_post("/v1/chat/completions", _openai)
     app.router.add_post("/v1/messages", _anthropic)
     app.router.add_route("*", "/_sim/faults", _faults)

@@ -13,14 +13,15 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
-from tests.k8s_manifests import K8S, OVERLAYS, ROOT, Doc, nats_config, one, render, secrets_from, workloads
 from mesh.backends.tiers import load_tiers
 from mesh.bus.topology import Topology
 from mesh.config import MeshSettings
 from mesh.embedded.natsserver import find_nats_server
 from mesh.roles.spec import load_specs
 from mesh.security import PermissionSet, generate
+from tests.k8s_manifests import K8S, OVERLAYS, ROOT, Doc, nats_config, one, render, secrets_from, workloads
 
 K8S_VERSION = "1.37.0"  # the schemas kubernetes-validate bundles; the manifests use only GA APIs
 TARGETS = ("base", *OVERLAYS)
@@ -103,19 +104,13 @@ def test_renders_and_every_object_validates(target: str) -> None:
 
 
 def test_secret_templates_and_generated_secrets_validate(tmp_path: Path) -> None:
-    for template in sorted((K8S / "secrets").glob("*.yaml")):
-        for name in secrets_from(template):
-            assert name in ("mesh-api-keys", "nats-leaf-remote")
-        import yaml
-
-        for doc in yaml.safe_load_all(template.read_text()):
-            validate(doc)
     generated = generate(tmp_path / "sec", PermissionSet(Topology(), SPECS).users(["site-a"]), cost=4)
-    import yaml
-
-    for doc in yaml.safe_load_all((generated.out / "secrets.yaml").read_text()):
-        if doc:
-            validate(doc)
+    templates = sorted((K8S / "secrets").glob("*.yaml"))
+    assert {name for t in templates for name in secrets_from(t)} == {"mesh-api-keys", "nats-leaf-remote"}
+    for path in [*templates, generated.out / "secrets.yaml"]:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                validate(doc)
 
 
 def test_a_broken_manifest_is_caught() -> None:
@@ -227,8 +222,8 @@ def test_nats_configuration_is_accepted_by_nats_server(target: str, tmp_path: Pa
     auth = generate(tmp_path / "sec", PermissionSet(Topology(), SPECS).users(), cost=4).auth_conf.read_text()
     conf = nats_config(docs, tmp_path / "etc-nats", auth)
     env = {**os.environ, "POD_NAME": "nats-0", "HUB_LEAF_URL": "nats-leaf://leaf-site-a:pw@hub.example:7422"}
-    out = subprocess.run([str(find_nats_server()), "-t", "-c", str(conf)], capture_output=True, text=True, env=env,
-                         timeout=30)
+    out = subprocess.run([str(find_nats_server()), "-t", "-c", str(conf)], check=False, capture_output=True,
+                         text=True, env=env, timeout=30)
     assert out.returncode == 0, out.stderr
     topology = one(docs, "ConfigMap", "nats-config")["data"]["topology.conf"]
     replicas = one(docs, "StatefulSet", "nats")["spec"]["replicas"]
@@ -304,7 +299,7 @@ def test_dockerfile_runs_non_root_from_copied_specs() -> None:
     text = (ROOT / "Dockerfile").read_text()
     runtime = text[text.rindex("FROM "):]  # the last stage is the default target
     assert runtime.startswith("FROM base AS runtime")
-    assert re.search(r"^USER 10001:10001$", runtime, re.M)
+    assert re.search(r"^USER 10001:10001$", runtime, re.MULTILINE)
     assert "COPY nodes /app/nodes" in runtime and "MESH_NODES_DIR=/app/nodes" in runtime
     assert 'ENTRYPOINT ["mesh"]' in runtime  # k8s/ runs command ["mesh"], args ["node", <role>]
     assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text

@@ -14,7 +14,6 @@ from contextlib import aclosing, contextmanager, suppress
 from pathlib import Path
 
 import pytest
-from nats.js import api
 
 from mesh.bus import Bus
 from mesh.bus.topology import Topology

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 import duckdb
+import nats
 import pytest
 
 from mesh.bus import Bus
@@ -134,8 +135,8 @@ async def _run(tmp: Path, result: Run) -> None:
     docs = render(user_overlay(tmp / "overlay", result.sim_url))
 
     # Secrets: exactly what `mesh security gen` writes, and the API-key template filled in.
-    gen = subprocess.run([sys.executable, "-m", "mesh", "security", "gen", "--out", str(tmp / "sec")],
-                         capture_output=True, text=True, timeout=120)
+    gen = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mesh", "security", "gen", "--out",
+                                  str(tmp / "sec")], check=False, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0, gen.stderr
     given = secrets_from(tmp / "sec" / "secrets.yaml")
     api_keys = secrets_from(K8S / "secrets" / "api-keys.template.yaml")["mesh-api-keys"]
@@ -241,8 +242,6 @@ async def _connection_users(server: EmbeddedNats) -> dict[str, str]:
 
 
 async def _raw_events(url: str, admin: dict[str, str]) -> list[bytes]:
-    import nats
-
     nc = await nats.connect(url, user=admin["MESH_NATS_USER"], password=admin["MESH_NATS_PASSWORD"])
     try:
         js = nc.jetstream()

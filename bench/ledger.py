@@ -10,6 +10,9 @@
                       file, generated as it goes; only the ``ingest`` calls are timed.
     (4) queries       on that file: ``goal_summary`` of single goals (random sample), the latest 50 goals,
                       ``usage`` by tier and ``routing_stats``; medians and p95 of repeated runs.
+    (5) recorder      end to end: ``--recorder`` events already in ``MESH_EVENTS`` (a real nats-server),
+                      then the ledger role starts: time until they are all committed — pull, decode,
+                      ingest, ack — at the role's batch sizes.
 
 The data is ``mesh.store.synthetic``: whole goals (plan, routed steps, backend and tool calls, retries,
 artifacts with lineage), about 45 events per goal, ~400 bytes of JSON per event.
@@ -20,6 +23,7 @@ artifacts with lineage), about 45 events per goal, ~400 bytes of JSON per event.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import os
 import random
@@ -30,14 +34,18 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from bench.results import write_section
-from mesh.bus import Topology
-from mesh.contracts import Event
+from mesh.bus import Bus, Topology
+from mesh.config import MeshSettings
+from mesh.contracts import Event, encode
+from mesh.embedded import EmbeddedNats
+from mesh.roles.recorder import Recorder
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries
 from mesh.store.synthetic import synthetic_events
 
 TOPO = Topology()
 SWEEP_BATCHES = (1_000, 2_000, 10_000, 50_000)
+RECORDER_BATCHES = (2_000, 10_000)
 Item = tuple[int, str, Event]
 
 
@@ -89,7 +97,31 @@ def latency(fn: Callable[[], object], runs: int) -> tuple[float, float]:
     return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.95))]
 
 
-def main(events: int, batch: int, sweep: int, rowwise: int, write: bool) -> None:
+async def recorder_rates(root: Path, count: int) -> list[tuple[int, float]]:
+    """(batch size, events/s) of the ledger role catching up on ``count`` stored events."""
+    async with EmbeddedNats(root / "nats") as server:
+        settings = MeshSettings(nats_url=server.url, data_dir=root / "mesh")
+        async with await Bus.connect(settings, name="bench-ledger") as bus:
+            for event in synthetic_events(count, seed=2):  # core publishes: the stream stores them all
+                await bus.nc.publish(TOPO.event_subject(event.goal_id, event.type), encode(event))
+            await bus.nc.flush()
+            while (await bus.js.stream_info(bus.topology.events_stream)).state.last_seq < count:
+                await asyncio.sleep(0.05)
+            rates = []
+            for size in RECORDER_BATCHES:
+                path = root / f"recorder-{size}.duckdb"
+                recorder = Recorder(bus, settings, batch_size=size, path=path)
+                started = time.perf_counter()
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(recorder.run())
+                    while recorder.committed < count:
+                        await asyncio.sleep(0.01)
+                    rates.append((size, count / (time.perf_counter() - started)))
+                    recorder.stop()
+            return rates
+
+
+def main(events: int, batch: int, sweep: int, rowwise: int, recorder: int, write: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
@@ -113,43 +145,50 @@ def main(events: int, batch: int, sweep: int, rowwise: int, write: bool) -> None
 
         with Ledger(big) as ledger:
             queries = LedgerQueries(ledger, timeout=60, max_rows=100_000)
-            goal_ids = [r[0] for r in ledger.cursor().execute("SELECT goal_id FROM goals ORDER BY goal_id").fetchall()]
-            picks = iter(random.Random(7).choices(goal_ids, k=10_000))
-            one = latency(lambda: queries.goal_summary(next(picks)), 200)
-            latest = latency(lambda: queries.goal_summary(limit=50), 20)
-            usage = latency(lambda: queries.usage(), 20)
-            routing = latency(lambda: queries.routing_stats(), 20)
-            size_mb = os.path.getsize(big) / 2**20
-        n_goals = len(goal_ids)
+            goal_ids = [r[0] for r in ledger.cursor().execute("SELECT goal_id FROM goals").fetchall()]
+            picks = iter(random.Random(7).choices(sorted(goal_ids), k=10_000))
+            query_rows = [
+                ("`goal_summary(goal_id)`, one goal (200 random goals)",
+                 latency(lambda: queries.goal_summary(next(picks)), 200)),
+                ("`goal_summary()`, the latest 50 goals", latency(lambda: queries.goal_summary(limit=50), 20)),
+                ("`usage()` by tier, all goals", latency(lambda: queries.usage(), 20)),
+                ("`routing_stats()`, all decisions", latency(lambda: queries.routing_stats(), 20)),
+            ]
+        size_mb = os.path.getsize(big) / 2**20
+        recorder_rows = asyncio.run(recorder_rates(root, recorder))
+        print("recorder:", recorder_rows)
 
     load = os.getloadavg()[0]
-    ratio = sustained / row_rate
-    body = f"""Command: `.venv/bin/python -m bench.ledger --events {events} --batch {batch} --sweep {sweep} --rowwise {rowwise}`
-(2-core machine, 1-minute load average {load:.1f} at the end of the run; DuckDB file on local disk).
+    command = (f"`.venv/bin/python -m bench.ledger --events {events} --batch {batch} --sweep {sweep} "
+               f"--rowwise {rowwise} --recorder {recorder}`")
+    body = f"""Command: {command} (2-core machine, 1-minute load average {load:.1f} at the
+end of the run — other work shared the machine; absolute rates move with load, the ratio much less).
 Synthetic goals from `mesh.store.synthetic` (~45 events per goal, ~400 bytes of JSON per event), as
 decoded `Event` models; only the ingest calls are timed (generation: {generated:,.0f} events/s, excluded).
 
 | ingest | events/s |
 | --- | --- |
-""" + "".join(
-        f"| `Ledger.ingest`, batches of {size:,}, first {sweep:,} events (fresh file) | {rate:,.0f} |\n"
-        for size, rate in sweep_rows
-    ) + f"""| **`Ledger.ingest`, batches of {batch:,}, {count:,} events into one file (sustained)** | **{sustained:,.0f}** |
+"""
+    body += "".join(f"| `Ledger.ingest`, batches of {size:,}, first {sweep:,} events (fresh file) | {rate:,.0f} |\n"
+                    for size, rate in sweep_rows)
+    body += f"""| **`Ledger.ingest`, batches of {batch:,}, {count:,} events into one file (sustained)** | **{sustained:,.0f}** |
 | row-by-row `executemany` into `events` only, first {rowwise:,} events, 1,000 rows per transaction | {row_rate:,.0f} |
-| **batched (sustained) / row by row** | **{ratio:,.0f}×** |
+| **batched (sustained) / row by row** | **{sustained / row_rate:,.0f}×** |
 
 The batched path does strictly more work than the baseline: besides the raw `events` row it folds
 every event into the derived tables (goals, steps, artifacts, route_decisions, backend_calls,
 tool_calls, nodes) and stores the stream sequence, all in the batch's one transaction.
 Targets: ≥ 50,000 events/s and ≥ 20× row by row.
 
-| query on the {count:,}-event ledger ({n_goals:,} goals, {size_mb:,.0f} MB file) | p50 | p95 |
+| query on the {count:,}-event ledger ({len(goal_ids):,} goals, {size_mb:,.0f} MB file) | p50 | p95 |
 | --- | --- | --- |
-| `goal_summary(goal_id)`, one goal (200 random goals) | {one[0]:.1f} ms | {one[1]:.1f} ms |
-| `goal_summary()`, the latest 50 goals | {latest[0]:.1f} ms | {latest[1]:.1f} ms |
-| `usage()` by tier, all goals | {usage[0]:.1f} ms | {usage[1]:.1f} ms |
-| `routing_stats()`, all decisions | {routing[0]:.1f} ms | {routing[1]:.1f} ms |
 """
+    body += "".join(f"| {name} | {p50:.1f} ms | {p95:.1f} ms |\n" for name, (p50, p95) in query_rows)
+    body += f"""
+| ledger role end to end: {recorder:,} events waiting in `MESH_EVENTS` → committed (pull, decode, ingest, ack) | events/s |
+| --- | --- |
+"""
+    body += "".join(f"| batches of {size:,} | {rate:,.0f} |\n" for size, rate in recorder_rows)
     print(body)
     if write:
         write_section("ledger", body)
@@ -161,6 +200,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=10_000, help="batch size of the sustained run")
     parser.add_argument("--sweep", type=int, default=100_000, help="events per batch-size run")
     parser.add_argument("--rowwise", type=int, default=5_000, help="events inserted row by row")
+    parser.add_argument("--recorder", type=int, default=50_000, help="events for the end-to-end recorder run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
-    main(args.events, args.batch, args.sweep, args.rowwise, not args.no_write)
+    main(args.events, args.batch, args.sweep, args.rowwise, args.recorder, not args.no_write)

@@ -72,14 +72,15 @@ class Writer:
 
 
 class Recorder:
-    """The ledger role for the node runtime: ``run()`` until ``stop()``; ``in_flight`` is the number of
-    events being committed right now."""
+    """The ledger role for the node runtime: ``run()`` until ``stop()``. ``in_flight`` is the number of
+    events being committed right now, ``committed`` the last stream sequence in the ledger."""
 
     def __init__(self, bus: Bus, settings: MeshSettings, *, batch_size: int = 2000,
                  path: Path | None = None) -> None:
         self.bus, self.settings, self.batch_size = bus, settings, batch_size
         self.path = path or settings.ledger_file
         self.in_flight = 0
+        self.committed = 0
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the ledger is open, the service up and the feed subscribed
 
@@ -106,28 +107,51 @@ class Recorder:
             await writer.close()
 
     async def _record(self, feed: EventFeed, writer: Writer) -> None:
-        dlq = self.bus.topology.dlq_subject(ROLE)
-        while not self._stop.is_set():
-            try:
-                batch = await feed.decode(await feed.fetch(), writer.ledger.last_seq())
-                for msg, exc in batch.dead:
-                    letter = DeadLetter.from_msg(msg, reason=f"{type(exc).__name__}: {exc}",
-                                                 error=type(exc).__name__)
-                    log.warning("ledger: dead-lettering seq %d: %s", letter.stream_seq, exc)
-                    await self.bus.publish_raw(dlq, letter.encode(), headers=letter.nats_headers())
-            except BusError as exc:  # nothing was committed: start over from the mark once NATS answers
-                log.warning("ledger: %s; resubscribing from seq %d", exc, writer.ledger.last_seq() + 1)
-                await asyncio.sleep(_RETRY)
-                batch = Batch(resync=True)
-            if batch.last is not None:
-                self.in_flight = len(batch.events)
-                try:
-                    await writer.ingest(batch)
-                finally:
-                    self.in_flight = 0
-                await feed.ack(batch)
-            if batch.resync:
-                await self._reopen(feed, writer.ledger.last_seq() + 1)
+        """Fetch and decode the next batch while the previous one commits (DuckDB runs much of a
+        commit without the GIL; decoding needs it), yet commit and ack strictly in stream order."""
+        self.committed = writer.ledger.last_seq()
+        mark = self.committed  # the last sequence decoded, committed or not
+        committing: asyncio.Task[None] | None = None
+        async with asyncio.TaskGroup() as tg:
+            while not self._stop.is_set():
+                batch = await self._next(feed, mark)
+                if committing is not None:
+                    await committing
+                    committing = None
+                if batch.last is not None:
+                    mark = batch.upto
+                    committing = tg.create_task(self._commit(feed, writer, batch))
+                if batch.resync:
+                    if committing is not None:
+                        await committing
+                        committing = None
+                    mark = writer.ledger.last_seq()
+                    await self._reopen(feed, mark + 1)
+
+    async def _next(self, feed: EventFeed, mark: int) -> Batch:
+        """The next decoded batch after ``mark``, its poison already dead-lettered."""
+        try:
+            batch = await feed.decode(await feed.fetch(), mark)
+            for msg, exc in batch.dead:
+                error = type(exc).__name__
+                letter = DeadLetter.from_msg(msg, reason=f"{error}: {exc}", error=error)
+                log.warning("ledger: dead-lettering seq %d: %s", letter.stream_seq, exc)
+                await self.bus.publish_raw(self.bus.topology.dlq_subject(ROLE), letter.encode(),
+                                           headers=letter.nats_headers())
+            return batch
+        except BusError as exc:  # nothing of this batch was committed: start over from the mark
+            log.warning("ledger: %s; resubscribing", exc)
+            await asyncio.sleep(_RETRY)
+            return Batch(upto=mark, resync=True)
+
+    async def _commit(self, feed: EventFeed, writer: Writer, batch: Batch) -> None:
+        self.in_flight = len(batch.events)
+        try:
+            await writer.ingest(batch)
+        finally:
+            self.in_flight = 0
+        self.committed = batch.upto
+        await feed.ack(batch)
 
     async def _reopen(self, feed: EventFeed, start: int) -> None:
         while not self._stop.is_set():

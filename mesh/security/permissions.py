@@ -136,6 +136,14 @@ class PermissionSet:
         if write:
             g.publish(f"$O.{bucket}.C.>", f"$O.{bucket}.M.>")
 
+    def _models(self, g: _Grants, *, write: bool) -> None:
+        """The router's models: the object store and, where the topology declares one, the KV bucket
+        of the same name holding the pointers to the current model (separate namespaces in NATS)."""
+        models = self.topo.obj_models
+        self._objects(g, models, write=write)
+        if models in self._buckets("kv"):
+            self._kv(g, models, write=write)
+
     def _events(self, g: _Grants, types: Iterable[str]) -> None:
         g.publish(*(self.topo.event_subject("*", t) for t in sorted(types)))
 
@@ -160,8 +168,7 @@ class PermissionSet:
         allow_responses = False
         deny: tuple[str, ...] = ()
         if spec.kind != "recorder":  # the router runs in workers and the planner and hot-swaps its model
-            self._kv(g, t.kv_models, write=False)
-            self._objects(g, t.obj_models, write=False)
+            self._models(g, write=False)
         if spec.kind == "worker":
             self._kv(g, t.kv_goals, write=False)
         elif spec.kind == "orchestrator":
@@ -190,8 +197,7 @@ class PermissionSet:
         self._kv(g, t.kv_goals, write=True)
         self._kv(g, t.kv_nodes, write=False)
         self._objects(g, t.obj_artifacts, write=True)
-        self._kv(g, t.kv_models, write=True)  # `mesh router publish`
-        self._objects(g, t.obj_models, write=True)
+        self._models(g, write=True)  # `mesh router publish`
         g.publish(*(f"{JS_API}.CONSUMER.{op}.{s}{tail}" for s in (t.goals_stream, t.tasks_stream)
                     for op, tail in (("LIST", ""), ("INFO", ".>"))))
         return self._finish("operator", g)

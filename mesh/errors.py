@@ -41,6 +41,8 @@ only exceptions from this module, wrapping the library error it came from as ``_
     ├── LedgerError
     │   ├── QueryRefused
     │   └── LedgerVersionError
+    ├── RouterError                    routing models: training, evaluation, publishing
+    │   └── ModelRejected              a corrupt or incompatible router model (the current one stays)
     ├── NodeSpecError
     └── GoalCancelled
 """
@@ -242,6 +244,14 @@ class QueryRefused(LedgerError):
 
 class LedgerVersionError(LedgerError):
     """The ledger file's schema version is newer than this release understands."""
+
+
+class RouterError(MeshError):
+    """A router model could not be trained, evaluated or published."""
+
+
+class ModelRejected(RouterError):
+    """A router model is corrupt or incompatible (feature version, classes, outputs); it is not used."""
 
 
 class NodeSpecError(MeshError):

@@ -10,6 +10,7 @@
     KV     mesh_goals   goal state, updated by CAS on revision
     KV     mesh_nodes   live-node heartbeats; entries expire after ``nodes_ttl``
     Object mesh_artifacts, mesh_models              content-addressed bytes (key = sha256 hex)
+    KV     mesh_models  pointers into the models store (key ``router``: the current router model)
     stream MESH_EVENTS_<DOMAIN>                       on a hub only: an edge site's events, sourced from
                                                       that site's JetStream domain (``edge_domains``)
 
@@ -102,6 +103,11 @@ class Topology:
 
     @property
     def obj_models(self) -> str:
+        return f"{self.prefix}_models"
+
+    @property
+    def kv_models(self) -> str:
+        """Pointers to the current models in ``obj_models`` (KV and object buckets have separate namespaces)."""
         return f"{self.prefix}_models"
 
     # --- subjects --------------------------------------------------------------------------
@@ -198,6 +204,8 @@ async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] =
                                                      storage=api.StorageType.FILE))
         await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,
                                                      replicas=topo.replicas, storage=api.StorageType.FILE))
+        await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
+                                                     storage=api.StorageType.FILE))
         for bucket in (topo.obj_artifacts, topo.obj_models):
             await js.create_object_store(bucket, api.ObjectStoreConfig(replicas=topo.replicas,
                                                                        storage=api.StorageType.FILE))

@@ -35,7 +35,8 @@ from mesh.roles.goalstore import GoalStore
 from mesh.roles.orchestrator import Orchestrator
 from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
 from mesh.roles.worker import Worker
-from mesh.router.policy import RulePolicy
+from mesh.router.hotswap import watch_models
+from mesh.router.runtime import default_router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,7 +93,9 @@ class Node:
             self._stoppable.append(recorder)
             runners.append(recorder.run)
         else:
-            caller = ModelCaller(bus, load_tiers(self.settings), RulePolicy(), self.node_id, self.metrics)
+            router = default_router(epsilon=self.settings.router_epsilon, model_path=self.settings.router_model)
+            caller = ModelCaller(bus, load_tiers(self.settings), router, self.node_id, self.metrics)
+            runners.append(lambda: watch_models(bus, router, self.stop))
             goals = GoalStore(await bus.kv(topo.kv_goals))
             dlq = topo.dlq_subject(self.spec.role)
             if self.spec.kind == "orchestrator":

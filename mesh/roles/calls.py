@@ -6,16 +6,19 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from mesh.backends.base import ChatRequest, ChatResponse
 from mesh.backends.gateway import BudgetGuard, CallRecord, ModelGateway
 from mesh.backends.sim.world import SimWorld
 from mesh.backends.tiers import TierConfig
 from mesh.bus.client import Bus
-from mesh.contracts import BackendCall, Budget, DagPosition, RouteDecided, RouteDecision, Usage
+from mesh.contracts import TIERS, BackendCall, Budget, DagPosition, RouteDecided, RouteDecision, Usage
+from mesh.contracts.models import utcnow
 from mesh.metrics import Metrics
 from mesh.roles.spec import RoleSpec
-from mesh.router.policy import RouteContext, RoutePolicy
+from mesh.router.features import RouteContext, call_costs, deadline_pressure
+from mesh.router.policy import RoutePolicy
 
 
 @dataclass(slots=True)
@@ -68,14 +71,24 @@ class ModelCaller:
 
     async def route(self, spec: RoleSpec, *, goal_id: str, step_id: str, needed_tokens: int, difficulty: float,
                     position: DagPosition, attempt: int, prior_failures: int, budget_fraction_left: float,
-                    event_id: str) -> RouteDecision:
+                    event_id: str, instruction: str = "", remaining: Budget | None = None,
+                    deadline: datetime | None = None) -> RouteDecision:
+        """Decide the tier (and thinking) of one step attempt and put the decision on the event stream.
+        ``remaining`` (what the goal may still spend) and ``deadline`` feed the budget constraint and
+        the deadline-pressure feature."""
+        tiers = self.gateway.tiers
+        left = [s for s in ((deadline - utcnow()).total_seconds() if deadline else None,
+                            remaining.max_wall_seconds if remaining else None) if s is not None]
         ctx = RouteContext(
             role=spec.role, needed_tokens=needed_tokens,
-            windows={t: self.gateway.window(t) for t in ("edge", "long_context", "swarm")},
-            available={t: self.gateway.available(t) for t in ("edge", "long_context", "swarm")},
+            windows={t: self.gateway.window(t) for t in TIERS},
+            available={t: self.gateway.available(t) for t in TIERS},
             preferred=spec.router.preferred, difficulty=difficulty, position=position, attempt=attempt,
             prior_failures=prior_failures, budget_fraction_left=budget_fraction_left,
-            thinking=spec.router.thinking, swarm_capable=spec.router.swarm_fan_out > 0,
+            thinking=spec.router.thinking, swarm_capable=spec.router.swarm_fan_out > 0, tools=len(spec.tools),
+            deadline_pressure=deadline_pressure(min(left, default=None)), instruction=instruction,
+            costs=call_costs(tiers, needed_tokens, spec.limits.max_output_tokens),
+            remaining_usd=remaining.max_cost_usd if remaining else None,
         )
         decision = self.policy.decide(ctx)
         self.metrics.route(spec.role, decision.tier)

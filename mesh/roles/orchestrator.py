@@ -148,7 +148,7 @@ class Orchestrator:
             self.spec, goal_id=goal.goal_id, step_id="plan", needed_tokens=sum(len(m.content) // 3 for m in messages),
             difficulty=0.7, position=DagPosition(),
             attempt=version, prior_failures=state.replans, budget_fraction_left=1.0,
-            event_id=f"{goal.goal_id}.route.plan.{version}",
+            event_id=f"{goal.goal_id}.route.plan.{version}", instruction=goal.brief, remaining=_remaining(state),
         )
         error: PlanInvalid | None = None
         for _ in range(self.limits.max_plan_attempts):

@@ -137,6 +137,7 @@ class Worker:
             spec, goal_id=task.goal_id, step_id=step.step_id, needed_tokens=needed, difficulty=step.difficulty,
             position=task.position, attempt=task.attempt, prior_failures=task.prior_failures + delivery.attempt - 1,
             budget_fraction_left=task.budget_fraction_left, event_id=f"{task.task_id}.route.{delivery.attempt}",
+            instruction=step.instruction, remaining=task.remaining, deadline=task.deadline,
         )
         window = self.caller.gateway.window(decision.tier)
         packed = pack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,

@@ -21,6 +21,10 @@ from mesh.store.ingest import append_events, fold_events
 
 _LAST_SEQ = "last_seq"
 _VERSION = "schema_version"
+# DuckDB checkpoints (compresses new rows into the file and rewrites every index) once the WAL
+# passes this. Its 16 MB default means a checkpoint every ~35,000 events, each costlier as the
+# tables grow, and halves sustained ingest; the price of a bigger WAL is a longer replay on restart.
+_CHECKPOINT_THRESHOLD = "256MB"
 
 
 class Ledger:
@@ -40,7 +44,9 @@ class Ledger:
         if read_only and self.path != ":memory:" and not Path(self.path).exists():
             raise LedgerError(f"no ledger file at {self.path}")
         try:
-            self._con = duckdb.connect(self.path, read_only=read_only)
+            self._con = duckdb.connect(
+                self.path, read_only=read_only,
+                config={} if read_only else {"checkpoint_threshold": _CHECKPOINT_THRESHOLD})
         except duckdb.Error as exc:
             raise LedgerError(f"cannot open ledger {self.path} (is a ledger process already using it?): "
                               f"{exc}") from exc

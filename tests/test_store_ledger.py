@@ -141,7 +141,7 @@ def test_derived_tables_follow_a_goal(tmp_path: Path) -> None:
             "edge": (1, 1), "swarm": (1, 0)}
 
 
-@pytest.mark.parametrize(("count", "sizes"), [(250, (1,)), (3_000, (7, 300, 1, 50))])
+@pytest.mark.parametrize(("count", "sizes"), [(150, (1,)), (3_000, (7, 300, 1, 50))])
 def test_tables_do_not_depend_on_batch_boundaries(tmp_path: Path, history: Batch, count: int,
                                                   sizes: tuple[int, ...]) -> None:
     history = history[:count]

@@ -24,7 +24,7 @@ from mesh.router.dataset import load_decisions
 from mesh.router.features import FEATURE_VERSION
 from mesh.router.model import DEFAULT_MODEL, OnnxModel
 from mesh.router.runtime import Router
-from mesh.router.simenv import SimRouting, always_policy, score, uniform_policy, write_ledger
+from mesh.router.simenv import SimRouting, always_policy, routed_by, score, uniform_policy, write_ledger
 from mesh.router.train import Reward, TrainConfig, fit, to_onnx
 
 VERSION = "sim-default-1"
@@ -49,7 +49,7 @@ def main() -> None:
     onnx_bytes = to_onnx(model)
     router = Router(OnnxModel.load(onnx_bytes), epsilon=0.0)
     fresh = 10 * args.goals  # goal indices the training ledger never saw
-    scores = {"default": score(sim, lambda case: router.decide(case.ctx), args.eval_goals, start=fresh)}
+    scores = {"default": score(sim, routed_by(router), args.eval_goals, start=fresh)}
     scores |= {f"always-{t}": score(sim, always_policy(t), args.eval_goals, start=fresh) for t in TIERS}
     args.out.write_bytes(onnx_bytes)
     card = {

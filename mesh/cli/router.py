@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -120,16 +119,14 @@ def _simulate(a: argparse.Namespace) -> int:
     from mesh.roles.spec import default_nodes_dir, load_specs
     from mesh.router.model import DEFAULT_MODEL, OnnxModel
     from mesh.router.runtime import Router
-    from mesh.router.simenv import SimRouting, uniform_policy, write_ledger
+    from mesh.router.simenv import SimRouting, routed_by, uniform_policy, write_ledger
 
     sim = SimRouting(load_specs(default_nodes_dir()), seed=a.seed)
-    decide: Any
     if a.policy == "uniform":
         decide = uniform_policy(a.seed)
     else:
-        router = Router(OnnxModel.from_file(DEFAULT_MODEL if a.policy == "default" else a.policy),
-                        epsilon=a.epsilon, seed=a.seed)
-        decide = lambda case: router.decide(case.ctx)  # noqa: E731 — adapts a router to sim cases
+        decide = routed_by(Router(OnnxModel.from_file(DEFAULT_MODEL if a.policy == "default" else a.policy),
+                                  epsilon=a.epsilon, seed=a.seed))
     events = write_ledger(a.ledger, sim.run(a.goals, decide, start=a.start))
     print(f"wrote {events} events of {a.goals} goals to {a.ledger}")
     return 0

@@ -181,8 +181,8 @@ def render(report: Report) -> str:
     lines += [f"| {r.policy} | {r.success:.3f} | {r.cost:.5f} | {r.latency:.1f} | {r.matched} | {r.ess:.0f} |"
               for r in report.rows]
     best = report.row(f"always-{report.best_tier}")
-    lines += ["", f"Best single tier: **{report.best_tier}** (success {best.success:.3f}, "
-                  f"${best.cost:.5f} per decision).", "",
+    lines += ["", (f"Best single tier: **{report.best_tier}** (success {best.success:.3f}, "
+                  f"${best.cost:.5f} per decision)."), "",
               "| router | saving at 95% of its success | saving at 100% | area under cost–quality curve |",
               "| --- | ---: | ---: | ---: |"]
     for name, saving in report.savings.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import onnxruntime as ort
+import onnxruntime as ort  # type: ignore[import-untyped]
 
 from mesh.contracts.models import TIERS
 from mesh.errors import ModelRejected
@@ -44,7 +44,8 @@ _PROBES = 8
 class RouterModel(Protocol):
     """Anything that maps feature rows to (tier probabilities, thinking probabilities per tier)."""
 
-    version: str
+    @property
+    def version(self) -> str: ...
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 

@@ -20,7 +20,8 @@ from mesh.router.features import FEATURE_VERSION, RouteContext, featurize
 
 
 class RoutePolicy(Protocol):
-    version: str
+    @property
+    def version(self) -> str: ...
 
     def decide(self, ctx: RouteContext) -> RouteDecision: ...
 

@@ -65,7 +65,7 @@ class Router:
         tier_p, think_p = model.predict(x)
         probs, thinks = tier_p[0], think_p[0]
         allowed = allowed_tiers(ctx)
-        index = {t: i for i, t in enumerate(TIERS)}
+        index: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
         greedy = max(allowed.tiers, key=lambda t: probs[index[t]])
         forced = thinking_forced(ctx)
         greedy_thinking = forced if forced is not None else bool(thinks[index[greedy]] >= 0.5)

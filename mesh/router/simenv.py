@@ -53,7 +53,7 @@ from mesh.contracts import (
     Usage,
 )
 from mesh.router.features import FEATURE_VERSION, RouteContext, call_costs, deadline_pressure, featurize
-from mesh.router.policy import allowed_tiers, thinking_forced
+from mesh.router.policy import RoutePolicy, allowed_tiers, thinking_forced
 from mesh.store.ledger import Ledger
 
 if TYPE_CHECKING:
@@ -211,6 +211,11 @@ class SimRouting:
 # --- policies that need the sim world (not a model) -------------------------------------------------
 
 
+def routed_by(policy: RoutePolicy) -> Decide:
+    """Route sim cases with a mesh policy (a ``Router``, the rules), as a node would."""
+    return lambda case: policy.decide(case.ctx)
+
+
 def uniform_policy(seed: int = 0) -> Decide:
     """Uniformly random over the allowed tiers (and thinking, where the role leaves it open), with its
     propensity: the logging policy for a first, unbiased ledger."""
@@ -271,32 +276,31 @@ def attempt_events(attempt: Attempt, topology: Topology) -> Iterator[tuple[str, 
     case, d = attempt.case, attempt.decision
     t0 = _START + timedelta(seconds=attempt.started_s)
     task_id = Task.make_id(case.goal_id, case.step_id, case.attempt)
-    common = dict(goal_id=case.goal_id, node=f"sim-{case.role}")
-    step = dict(step_id=case.step_id, role=case.role, attempt=case.attempt)
-    at = t0
+    goal, node, step, role, n = case.goal_id, f"sim-{case.role}", case.step_id, case.role, case.attempt
     events: list[Event] = [
-        StepStarted(event_id=f"{task_id}.started", at=at, **common, **step),
-        RouteDecided(event_id=f"{task_id}.route.1", at=at + timedelta(milliseconds=1), step_id=case.step_id,
-                     role=case.role, decision=d, **common),
+        StepStarted(event_id=f"{task_id}.started", goal_id=goal, node=node, at=t0, step_id=step, role=role, attempt=n),
+        RouteDecided(event_id=f"{task_id}.route.1", goal_id=goal, node=node, at=t0 + timedelta(milliseconds=1),
+                     step_id=step, role=role, decision=d),
     ]
     calls = attempt.usage.calls
     share = Usage(prompt_tokens=attempt.usage.prompt_tokens // calls,
                   completion_tokens=attempt.usage.completion_tokens // calls,
                   reasoning_tokens=attempt.usage.reasoning_tokens // calls,
                   cost_usd=attempt.usage.cost_usd / calls, calls=1)
+    at = t0
     for i in range(calls):
         at = t0 + timedelta(seconds=attempt.latency_s * (i + 1) / calls, milliseconds=2)
-        events.append(BackendCall(event_id=f"{task_id}.call.{i}", at=at, step_id=case.step_id, tier=d.tier,
-                                  model=f"sim-{d.tier}", usage=share, latency_ms=attempt.latency_s * 1000 / calls,
-                                  thinking=d.thinking, **common))
+        events.append(BackendCall(event_id=f"{task_id}.call.{i}", goal_id=goal, node=node, at=at, step_id=step,
+                                  tier=d.tier, model=f"sim-{d.tier}", usage=share,
+                                  latency_ms=attempt.latency_s * 1000 / calls, thinking=d.thinking))
     end = at + timedelta(milliseconds=1)
     if attempt.success:
-        events.append(StepCompleted(event_id=f"{task_id}.completed", at=end, usage=attempt.usage, tier=d.tier,
-                                    **common, **step))
+        events.append(StepCompleted(event_id=f"{task_id}.completed", goal_id=goal, node=node, at=end, step_id=step,
+                                    role=role, attempt=n, usage=attempt.usage, tier=d.tier))
     else:
-        events.append(StepFailed(event_id=f"{task_id}.failed", at=end, retryable=True,
-                                 error="the answer did not meet the step's acceptance criteria (sim quality model)",
-                                 **common, **step))
+        events.append(StepFailed(event_id=f"{task_id}.failed", goal_id=goal, node=node, at=end, step_id=step,
+                                 role=role, attempt=n, retryable=True,
+                                 error="the answer did not meet the step's acceptance criteria (sim quality model)"))
     for event in events:
         yield topology.event_subject(case.goal_id, event.type), event
 

@@ -136,7 +136,7 @@ def fit(data: Decisions, reward: Reward, *, version: str | None = None, config: 
         source: str = "ledger") -> SklearnModel:
     """Fit the inverse-propensity-weighted reward regressor on ``data``."""
     require_extra()
-    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.ensemble import GradientBoostingRegressor  # type: ignore[import-untyped]
 
     if len(data) < MIN_DECISIONS:
         raise RouterError(f"{len(data)} decisions with outcomes; training needs at least {MIN_DECISIONS}")
@@ -160,8 +160,8 @@ def to_onnx(model: SklearnModel) -> bytes:
     require_extra()
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
+    from skl2onnx import convert_sklearn  # type: ignore[import-untyped]
+    from skl2onnx.common.data_types import FloatTensorType  # type: ignore[import-untyped]
 
     width = N_FEATURES + _N_ACTION_FEATURES
     proto = convert_sklearn(model.regressor, initial_types=[("rows", FloatTensorType([None, width]))],

@@ -38,6 +38,7 @@ TEXT_CHARS = 2000
 DEADLINE_HORIZON_S = 1800.0
 _CAP_FILL, _CAP_DAG, _CAP_RETRY = 4.0, 64.0, 8.0
 _WORD = re.compile(r"[a-z0-9]+")
+_ROLE_SLOT = {r: i for i, r in enumerate(ROLES)}  # anything else: the role_other slot after them
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_needed_tokens",
@@ -80,23 +81,26 @@ class RouteContext:
 
 
 def featurize(ctx: RouteContext) -> np.ndarray:
-    """The ``(1, N_FEATURES)`` float32 vector of ``ctx`` (spec ``FEATURE_VERSION``)."""
+    """The ``(1, N_FEATURES)`` float32 vector of ``ctx`` (spec ``FEATURE_VERSION``). Written as plain
+    list appends: it runs on every decision and is a good part of a decision's latency."""
     needed = max(ctx.needed_tokens, 0)
-    windows = [max(ctx.windows.get(t, 1), 1) for t in TIERS]
-    role = [1.0 if ctx.role == r else 0.0 for r in ROLES]
     pos = ctx.position
-    row = [
-        math.log1p(needed) / 14.0,
-        *(min(needed / w, _CAP_FILL) for w in windows),
-        *(1.0 if needed <= w else 0.0 for w in windows),
-        *(math.log1p(100.0 * ctx.costs.get(t, 0.0)) for t in TIERS),
-        *role, 0.0 if any(role) else 1.0,
-        ctx.difficulty, min(pos.depth, _CAP_DAG), min(pos.fan_out, _CAP_DAG), min(pos.dependents, _CAP_DAG),
-        math.log1p(pos.total_steps), min(ctx.attempt - 1, _CAP_RETRY), min(ctx.prior_failures, _CAP_RETRY),
-        float(ctx.tools), ctx.budget_fraction_left, ctx.deadline_pressure, 1.0 if ctx.swarm_capable else 0.0,
-        *(1.0 if ctx.thinking == p else 0.0 for p in THINKING_PREFS),
-        *text_features(ctx.instruction),
-    ]
+    row = [math.log1p(needed) / 14.0]
+    fits = []
+    for t in TIERS:
+        window = max(ctx.windows.get(t, 1), 1)
+        row.append(min(needed / window, _CAP_FILL))
+        fits.append(1.0 if needed <= window else 0.0)
+    row += fits
+    row += [math.log1p(100.0 * ctx.costs.get(t, 0.0)) for t in TIERS]
+    role = [0.0] * (len(ROLES) + 1)
+    role[_ROLE_SLOT.get(ctx.role, len(ROLES))] = 1.0
+    row += role
+    row += [ctx.difficulty, min(pos.depth, _CAP_DAG), min(pos.fan_out, _CAP_DAG), min(pos.dependents, _CAP_DAG),
+            math.log1p(pos.total_steps), min(ctx.attempt - 1, _CAP_RETRY), min(ctx.prior_failures, _CAP_RETRY),
+            ctx.tools, ctx.budget_fraction_left, ctx.deadline_pressure, 1.0 if ctx.swarm_capable else 0.0]
+    row += [1.0 if ctx.thinking == p else 0.0 for p in THINKING_PREFS]
+    row += text_features(ctx.instruction)
     return np.array(row, dtype=np.float32).reshape(1, N_FEATURES)
 
 

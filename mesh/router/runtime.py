@@ -21,8 +21,6 @@ import logging
 import random
 from pathlib import Path
 
-import numpy as np
-
 from mesh.contracts.models import TIERS, RouteDecision
 from mesh.errors import ModelRejected
 from mesh.router.features import FEATURE_VERSION, RouteContext, featurize
@@ -63,12 +61,12 @@ class Router:
             return self._rules.decide(ctx)
         x = featurize(ctx)
         tier_p, think_p = model.predict(x)
-        probs, thinks = tier_p[0], think_p[0]
+        probs = dict(zip(TIERS, tier_p[0].tolist(), strict=True))
+        thinks = dict(zip(TIERS, think_p[0].tolist(), strict=True))
         allowed = allowed_tiers(ctx)
-        index: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
-        greedy = max(allowed.tiers, key=lambda t: probs[index[t]])
+        greedy = max(allowed.tiers, key=probs.__getitem__)
         forced = thinking_forced(ctx)
-        greedy_thinking = forced if forced is not None else bool(thinks[index[greedy]] >= 0.5)
+        greedy_thinking = forced if forced is not None else thinks[greedy] >= 0.5
         choices = 1 if forced is not None else 2
         tier, thinking, explored = greedy, greedy_thinking, False
         if self.epsilon and self._rng.random() < self.epsilon:
@@ -77,15 +75,14 @@ class Router:
             explored = True
         uniform = self.epsilon / (len(allowed.tiers) * choices)
         propensity = uniform + ((1.0 - self.epsilon) if (tier, thinking) == (greedy, greedy_thinking) else 0.0)
-        top = TIERS[int(np.argmax(probs))]
         return RouteDecision(
             tier=tier,  # type: ignore[arg-type]
             thinking=thinking,
-            probabilities={t: float(probs[i]) for i, t in enumerate(TIERS)},
-            thinking_probability=min(max(float(thinks[index[tier]]), 0.0), 1.0),
+            probabilities=probs,
+            thinking_probability=min(max(thinks[tier], 0.0), 1.0),
             propensity=propensity,
             explored=explored,
-            overridden_by=allowed.excluded.get(top),
+            overridden_by=allowed.excluded.get(max(TIERS, key=probs.__getitem__)),
             model_version=model.version,
             feature_version=FEATURE_VERSION,
             features=x[0].tolist(),

@@ -40,38 +40,39 @@ from mesh.router.features import (
 from mesh.router.model import INPUT, META_FEATURE_VERSION, META_FEATURES, META_TIERS, META_VERSION, OUTPUTS
 
 MIN_DECISIONS = 50
+MASK = 1000.0  # subtracted from the reward of a tier whose window does not fit: its probability becomes 0
 _EPS = 1e-6
-_N_ACTION_FEATURES = 6  # fill and cost of the action's tier, tier one-hot, thinking
+_ROW = N_FEATURES + 6  # a regressor row: the context, then its action's tier fill and cost, tier one-hot, thinking
 
 
-def _action_encoding() -> tuple[np.ndarray, np.ndarray]:
-    """``x @ W + B`` gives, per row, the (N_ACTIONS × _N_ACTION_FEATURES) action features, flattened."""
-    w = np.zeros((N_FEATURES, N_ACTIONS * _N_ACTION_FEATURES), dtype=np.float32)
-    b = np.zeros(N_ACTIONS * _N_ACTION_FEATURES, dtype=np.float32)
+def _encodings() -> dict[str, np.ndarray]:
+    """The constant matrices that turn a context into the model's inputs and its outputs into the
+    model's answer; used alike by the scikit-learn reference and inside the exported graph."""
+    rows_w = np.zeros((N_FEATURES, N_ACTIONS * _ROW), dtype=np.float32)
+    rows_b = np.zeros(N_ACTIONS * _ROW, dtype=np.float32)
+    mask_w = np.zeros((N_FEATURES, N_ACTIONS), dtype=np.float32)
+    tier_sum = np.zeros((N_ACTIONS, len(TIERS)), dtype=np.float32)
+    thinking_on = np.zeros((N_ACTIONS, len(TIERS)), dtype=np.float32)
     for k, (tier, thinking) in enumerate(ACTIONS):
-        t, col = TIERS.index(tier), k * _N_ACTION_FEATURES
-        w[FILL_COLUMNS[t], col] = 1.0
-        w[COST_COLUMNS[t], col + 1] = 1.0
-        b[col + 2 + t] = 1.0
-        b[col + 5] = float(thinking)
-    return w, b
+        t, base = TIERS.index(tier), k * _ROW
+        rows_w[np.arange(N_FEATURES), base + np.arange(N_FEATURES)] = 1.0
+        rows_w[FILL_COLUMNS[t], base + N_FEATURES] = 1.0
+        rows_w[COST_COLUMNS[t], base + N_FEATURES + 1] = 1.0
+        rows_b[base + N_FEATURES + 2 + t] = 1.0
+        rows_b[base + N_FEATURES + 5] = float(thinking)
+        mask_w[FITS_COLUMNS[t], k] = MASK
+        tier_sum[k, t] = 1.0
+        thinking_on[k, t] = float(thinking)
+    return {"rows_w": rows_w, "rows_b": rows_b, "mask_w": mask_w,
+            "mask_b": np.full(N_ACTIONS, -MASK, dtype=np.float32), "tier_sum": tier_sum, "thinking_on": thinking_on}
 
 
-ACTION_W, ACTION_B = _action_encoding()
-# Rewards of actions on tiers whose window does not fit get MASK subtracted: such a tier gets
-# probability 0 (when no tier fits, all are masked alike, which changes nothing).
-MASK = 1000.0
-MASK_W = np.zeros((N_FEATURES, N_ACTIONS), dtype=np.float32)
-for _k, (_tier, _) in enumerate(ACTIONS):
-    MASK_W[FITS_COLUMNS[TIERS.index(_tier)], _k] = MASK
+ENC = _encodings()
 
 
 def action_rows(x: np.ndarray) -> np.ndarray:
-    """(N, N_FEATURES) contexts → (N · N_ACTIONS, N_FEATURES + 6) regressor rows, one per action."""
-    n = len(x)
-    extra = (x @ ACTION_W + ACTION_B).reshape(n, N_ACTIONS, _N_ACTION_FEATURES)
-    tiled = np.repeat(x[:, None, :], N_ACTIONS, axis=1)
-    return np.concatenate([tiled, extra], axis=2).reshape(n * N_ACTIONS, N_FEATURES + _N_ACTION_FEATURES)
+    """(N, N_FEATURES) contexts → (N · N_ACTIONS, _ROW) regressor rows, one per action."""
+    return (x @ ENC["rows_w"] + ENC["rows_b"]).reshape(-1, _ROW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +119,11 @@ class SklearnModel:
         return self.regressor.predict(action_rows(x)).reshape(len(x), N_ACTIONS)
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z = (self.rewards(x) + (x @ MASK_W - MASK)) / self.temperature
+        z = (self.rewards(x) + (x @ ENC["mask_w"] + ENC["mask_b"])) / self.temperature
         joint = np.exp(z - z.max(axis=1, keepdims=True))
-        joint = (joint / joint.sum(axis=1, keepdims=True)).reshape(-1, len(TIERS), 2)
-        tiers = joint.sum(axis=2)
-        return tiers, joint[:, :, 1] / np.maximum(tiers, _EPS)
+        joint /= joint.sum(axis=1, keepdims=True)
+        tiers = joint @ ENC["tier_sum"]
+        return tiers, (joint @ ENC["thinking_on"]) / np.maximum(tiers, _EPS)
 
 
 def require_extra() -> None:
@@ -143,7 +144,7 @@ def fit(data: Decisions, reward: Reward, *, version: str | None = None, config: 
     if len(np.unique(data.action)) < 2:
         raise RouterError("every logged decision took the same action, so nothing can be learnt about the "
                           "others: log with exploration (router_epsilon > 0) before training")
-    rows = action_rows(data.x).reshape(len(data), N_ACTIONS, -1)[np.arange(len(data)), data.action]
+    rows = action_rows(data.x).reshape(len(data), N_ACTIONS, _ROW)[np.arange(len(data)), data.action]
     weights = np.minimum(1.0 / data.propensity, config.clip)
     regressor = GradientBoostingRegressor(n_estimators=config.estimators, max_depth=config.depth,
                                           learning_rate=config.learning_rate, subsample=0.8,
@@ -163,45 +164,32 @@ def to_onnx(model: SklearnModel) -> bytes:
     from skl2onnx import convert_sklearn  # type: ignore[import-untyped]
     from skl2onnx.common.data_types import FloatTensorType  # type: ignore[import-untyped]
 
-    width = N_FEATURES + _N_ACTION_FEATURES
-    proto = convert_sklearn(model.regressor, initial_types=[("rows", FloatTensorType([None, width]))],
+    proto = convert_sklearn(model.regressor, initial_types=[("rows", FloatTensorType([None, _ROW]))],
                             target_opset={"": 17, "ai.onnx.ml": 3})
     graph = proto.graph
     (predicted,) = [o.name for o in graph.output]
     consts = {
-        "action_w": ACTION_W, "action_b": ACTION_B,
-        "action_shape": np.array([-1, N_ACTIONS, _N_ACTION_FEATURES], dtype=np.int64),
-        "tile": np.array([1, N_ACTIONS, 1], dtype=np.int64), "one": np.array([1], dtype=np.int64),
-        "rows_shape": np.array([-1, width], dtype=np.int64),
+        **ENC, "rows_shape": np.array([-1, _ROW], dtype=np.int64),
         "actions_shape": np.array([-1, N_ACTIONS], dtype=np.int64),
-        "mask_w": MASK_W, "mask": np.array(MASK, dtype=np.float32),
-        "temperature": np.array(model.temperature, dtype=np.float32),
-        "tier_by_thinking": np.array([-1, len(TIERS), 2], dtype=np.int64),
-        "thinking_axis": np.array([2], dtype=np.int64), "thinking_on": np.array(1, dtype=np.int64),
-        "eps": np.array(_EPS, dtype=np.float32),
+        "temperature": np.array(model.temperature, dtype=np.float32), "eps": np.array(_EPS, dtype=np.float32),
     }
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     node = helper.make_node
     before = [
-        node("MatMul", [INPUT, "action_w"], ["action_lin"]),
-        node("Add", ["action_lin", "action_b"], ["action_flat"]),
-        node("Reshape", ["action_flat", "action_shape"], ["action_extra"]),
-        node("Unsqueeze", [INPUT, "one"], ["context"]),
-        node("Tile", ["context", "tile"], ["contexts"]),
-        node("Concat", ["contexts", "action_extra"], ["rows3"], axis=2),
-        node("Reshape", ["rows3", "rows_shape"], ["rows"]),
+        node("MatMul", [INPUT, "rows_w"], ["rows_lin"]),
+        node("Add", ["rows_lin", "rows_b"], ["rows_flat"]),
+        node("Reshape", ["rows_flat", "rows_shape"], ["rows"]),
     ]
     tiers, thinking = OUTPUTS
     after = [
         node("Reshape", [predicted, "actions_shape"], ["rewards"]),
-        node("MatMul", [INPUT, "mask_w"], ["fit_bonus"]),
-        node("Sub", ["fit_bonus", "mask"], ["window_mask"]),
+        node("MatMul", [INPUT, "mask_w"], ["mask_lin"]),
+        node("Add", ["mask_lin", "mask_b"], ["window_mask"]),
         node("Add", ["rewards", "window_mask"], ["masked"]),
         node("Div", ["masked", "temperature"], ["logits"]),
         node("Softmax", ["logits"], ["joint"], axis=1),
-        node("Reshape", ["joint", "tier_by_thinking"], ["joint3"]),
-        node("ReduceSum", ["joint3", "thinking_axis"], [tiers], keepdims=0),
-        node("Gather", ["joint3", "thinking_on"], ["thinking_joint"], axis=2),
+        node("MatMul", ["joint", "tier_sum"], [tiers]),
+        node("MatMul", ["joint", "thinking_on"], ["thinking_joint"]),
         node("Max", [tiers, "eps"], ["tier_floor"]),
         node("Div", ["thinking_joint", "tier_floor"], [thinking]),
     ]

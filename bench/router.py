@@ -1,0 +1,172 @@
+"""bench/router: the ONNX router's decision latency vs the same model in scikit-learn, and the
+train → eval loop on ledger data from the sim world, in one run.
+
+    (1) latency     one model trained by ``mesh router train`` on a sim ledger, run two ways inside the
+                    same ``Router.decide`` (features → model → hard constraints → ε-exploration →
+                    ``RouteDecision``): its ONNX export on onnxruntime (1 intra-op, 1 inter-op thread)
+                    and the fitted scikit-learn estimator it was exported from. Contexts are real step
+                    attempts of sim goals; the two paths alternate in rounds so machine load hits both.
+                    Each decision is timed on its own (``perf_counter_ns``), feature extraction included.
+    (2) acceptance  ``mesh router simulate`` writes a ledger of sim goals routed by the packaged router
+                    with ε-exploration, ``mesh router train`` learns a candidate from 80% of the goals,
+                    ``mesh router eval`` scores it on the other 20% (off-policy). The sim world's own
+                    expected values then score the same policies on fresh goals (ground truth), with
+                    an oracle that knows the true success probabilities: the best any router can do.
+
+    .venv/bin/python -m bench.router            # writes the "router" section of bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.results import write_section
+from mesh.contracts import TIERS
+from mesh.roles.spec import default_nodes_dir, load_specs
+from mesh.router.dataset import load_decisions
+from mesh.router.features import RouteContext
+from mesh.router.model import DEFAULT_MODEL, OnnxModel, RouterModel
+from mesh.router.runtime import Router
+from mesh.router.simenv import (
+    Score,
+    SimRouting,
+    always_policy,
+    oracle_policy,
+    routed_by,
+    score,
+    uniform_policy,
+    write_ledger,
+)
+from mesh.router.train import Reward, TrainConfig, fit, to_onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def contexts(sim: SimRouting, goals: int) -> list[RouteContext]:
+    router = Router(OnnxModel.from_file(DEFAULT_MODEL), epsilon=0.2, seed=1)
+    return [a.case.ctx for a in sim.run(goals, routed_by(router), start=900_000)]
+
+
+def time_decisions(model: RouterModel, ctxs: list[RouteContext], n: int) -> np.ndarray:
+    router = Router(model, epsilon=0.05, seed=3)
+    out = np.empty(n)
+    for i, ctx in zip(range(n), itertools.cycle(ctxs), strict=False):
+        t = time.perf_counter_ns()
+        router.decide(ctx)
+        out[i] = time.perf_counter_ns() - t
+    return out / 1000.0  # µs
+
+
+def latency(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> str:
+    ledger = tmp / "latency.duckdb"
+    write_ledger(ledger, sim.run(300, uniform_policy(11)))
+    sk = fit(load_decisions(ledger), Reward(), version="bench", config=TrainConfig())
+    onnx = OnnxModel.load(to_onnx(sk))
+    ctxs = contexts(sim, 150)
+    for model in (onnx, sk):  # warm both paths before timing
+        time_decisions(model, ctxs, 200)
+    runs: dict[str, list[np.ndarray]] = {"onnx": [], "sklearn": []}
+    per_round = decisions // rounds
+    for _ in range(rounds):
+        runs["onnx"].append(time_decisions(onnx, ctxs, per_round))
+        runs["sklearn"].append(time_decisions(sk, ctxs, max(per_round // 10, 200)))
+    t = {k: np.concatenate(v) for k, v in runs.items()}
+    p = {k: (np.percentile(v, 50), np.percentile(v, 99), 1e6 / v.mean()) for k, v in t.items()}
+    rows = [f"| {name} | {len(t[key])} | {p50:.1f} µs | {p99:.1f} µs | {rate:,.0f} |"
+            for name, key, (p50, p99, rate) in (("ONNX (onnxruntime)", "onnx", p["onnx"]),
+                                                ("same model, scikit-learn", "sklearn", p["sklearn"]))]
+    trees = sk.regressor.n_estimators_
+    return "\n".join([
+        f"Model: {trees} boosted trees (depth {sk.regressor.max_depth}) over 6 (tier, thinking) actions, "
+        f"trained on {len(load_decisions(ledger))} sim decisions; {len(ctxs)} distinct contexts from sim goals; "
+        f"ε = 0.05. Decisions timed one by one through `Router.decide` (features + model + constraints + "
+        f"`RouteDecision`), {rounds} alternating rounds.", "",
+        "| path | decisions | p50 | p99 | decisions/s (1 thread) |", "| --- | ---: | ---: | ---: | ---: |", *rows, "",
+        f"ONNX vs scikit-learn: **{p['sklearn'][0] / p['onnx'][0]:.0f}× at p50, "
+        f"{p['sklearn'][1] / p['onnx'][1]:.0f}× at p99**; ONNX p99 {p['onnx'][1]:.0f} µs (target ≤ 100 µs).",
+    ])
+
+
+def mesh(*argv: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "mesh", *argv], env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        raise SystemExit(f"mesh {' '.join(argv)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def acceptance(sim_seed: int, goals: int, truth_goals: int, tmp: Path) -> str:
+    ledger, candidate = tmp / "sim-ledger.duckdb", tmp / "candidate.onnx"
+    commands = [
+        ["router", "simulate", "--ledger", str(ledger), "--goals", str(goals), "--seed", str(sim_seed),
+         "--epsilon", "0.2"],
+        ["router", "train", "--ledger", str(ledger), "--out", str(candidate), "--version", "bench-candidate"],
+        ["router", "eval", "--ledger", str(ledger), "--candidate", str(candidate)],
+    ]
+    outputs = [mesh(*c) for c in commands]
+    shown = [" ".join(["mesh", *c]).replace(str(tmp) + "/", "") for c in commands]
+    sim = SimRouting(load_specs(default_nodes_dir()), seed=sim_seed)
+    fresh = 10 * goals
+    truth: dict[str, Score] = {
+        "candidate": score(sim, routed_by(Router(OnnxModel.from_file(candidate), epsilon=0.0)), truth_goals,
+                           start=fresh),
+        "current (packaged)": score(sim, routed_by(Router(OnnxModel.from_file(DEFAULT_MODEL), epsilon=0.0)),
+                                    truth_goals, start=fresh),
+        **{f"always-{t}": score(sim, always_policy(t), truth_goals, start=fresh) for t in TIERS},
+    }
+    oracle = [(w, score(sim, oracle_policy(sim, w), truth_goals, start=fresh))
+              for w in (0.0, 3.0, 10.0, 30.0, 100.0, 300.0)]
+    best_name, best = max(((n, s) for n, s in truth.items() if n.startswith("always-")), key=lambda x: x[1].success)
+    target = 0.95 * best.success
+    reach = [s for _, s in oracle if s.success >= target]
+    cheapest = min(reach, key=lambda s: s.cost) if reach else None
+    rows = [f"| {name} | {s.success:.3f} | {s.cost:.5f} | {s.latency:.1f} |" for name, s in truth.items()]
+    rows += [f"| oracle, cost weight {w:g}/USD | {s.success:.3f} | {s.cost:.5f} | {s.latency:.1f} |" for w, s in oracle]
+    oracle_line = (f"the cheapest oracle point at ≥ 95% of {best_name}'s success costs "
+                   f"{cheapest.cost / best.cost:.0%} of it" if cheapest else "no oracle point reaches it")
+    return "\n".join([
+        "Commands (the ledger: sim goals routed by the packaged router with ε = 0.2; `train` learns on 80% "
+        "of the goals, `eval` scores the held-out 20%):", "", "```", *shown, "```", "",
+        outputs[0].strip() + "  ", outputs[1].strip(), "", outputs[2].strip(), "",
+        f"Ground truth — the sim world's expected values on {truth_goals} fresh goals (not in the ledger):", "",
+        "| policy | success | cost / decision (USD) | latency (s) |", "| --- | ---: | ---: | ---: |", *rows, "",
+        f"Best single tier: {best_name} ({best.success:.3f}); 95% of it is {target:.3f}; {oracle_line}.",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decisions", type=int, default=40_000, help="ONNX decisions timed (scikit-learn: 1/10)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--goals", type=int, default=2000, help="sim goals in the acceptance ledger")
+    parser.add_argument("--truth-goals", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=21)
+    args = parser.parse_args()
+    sim = SimRouting(load_specs(default_nodes_dir()), seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        lat = latency(sim, args.decisions, args.rounds, Path(tmp))
+        print(lat, flush=True)
+        acc = acceptance(args.seed, args.goals, args.truth_goals, Path(tmp))
+        print(acc)
+        took = time.perf_counter() - started
+    command = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    write_section("router", "\n".join([
+        f"Command: `.venv/bin/python -m bench.router {command}` ({os.cpu_count()}-core machine, shared with "
+        f"other work; {took:.0f} s).", "", "### Decision latency: ONNX vs scikit-learn", "", lat, "",
+        "### Train on the ledger, evaluate on held-out goals", "", acc,
+    ]))
+
+
+if __name__ == "__main__":
+    main()

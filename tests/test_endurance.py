@@ -14,7 +14,7 @@ from mesh.backends.sim import SimWorld
 from mesh.backends.sim.server import SimServer
 from mesh.bus import Bus
 from mesh.config import MeshSettings
-from mesh.contracts import BackendCall, Goal, GoalCompleted, GoalPlanned, StepCompleted
+from mesh.contracts import BackendCall, Goal, GoalCompleted, GoalPlanned, StepCompleted, StepFailed, StepStarted
 from mesh.embedded.local import sim_server_env
 from tests.meshkit import TERMINAL, in_process_mesh
 
@@ -71,3 +71,29 @@ async def test_24_step_goal_survives_failure_bursts_and_keeps_pinned_constraints
     for r in step_prompts:
         for constraint in PINNED:
             assert constraint in r["prompt"], f"step {r['hints'].get('step_id')} lost a pinned constraint"
+
+
+async def test_a_step_that_fails_permanently_triggers_a_bounded_replan(
+        settings: MeshSettings, bus: Bus, sim_server: SimServer) -> None:
+    fast = settings.model_copy(update={"health_port": 0, "health_host": "127.0.0.1", "drain_seconds": 5.0})
+    goal = Goal(brief="Build me a login system")
+    events: list[object] = []
+    async with aiohttp.ClientSession() as http, in_process_mesh(fast):
+        await bus.submit_goal(goal)
+        async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+            async for event in stream:
+                events.append(event)
+                if isinstance(event, StepStarted) and event.role == "coder" and event.attempt == 1:
+                    # the next call is refused as a bad request: permanent, so its step fails at once
+                    async with http.post(f"{sim_server.url}/_sim/faults",
+                                         json={"faults": "400:1", "tier": "long_context", "limit": 1}) as resp:
+                        assert resp.status == 200
+                if isinstance(event, TERMINAL):
+                    break
+    assert isinstance(events[-1], GoalCompleted), events[-1]
+    failed = [e for e in events if isinstance(e, StepFailed)]
+    assert failed, "the injected 400 must have failed a step"
+    assert any(isinstance(e, GoalPlanned) and e.plan.version == 2 for e in events), "a failure leads to a replan"
+    for f in failed:  # every failed step ran again under the new plan and completed exactly once
+        done = [e for e in events if isinstance(e, StepCompleted) and e.step_id == f.step_id]
+        assert len(done) == 1 and done[0].attempt > f.attempt, (f.step_id, [(d.attempt) for d in done])

@@ -24,6 +24,7 @@ config already exists is a no-op on the server, and a mismatch (an older topolog
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -195,25 +196,46 @@ class Topology:
         return [own, (self.events_stream, outcomes)]
 
 
+PROVISION_ATTEMPTS = 5
+
+
 async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = ()) -> None:
-    """Create or update every stream, bucket and store, and a durable pull consumer per role."""
-    try:
-        for stream_config in topo.stream_configs():
-            await _ensure_stream(js, stream_config)
-        await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
-                                                     storage=api.StorageType.FILE))
-        await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,
-                                                     replicas=topo.replicas, storage=api.StorageType.FILE))
-        await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
-                                                     storage=api.StorageType.FILE))
-        for bucket in (topo.obj_artifacts, topo.obj_models):
-            await js.create_object_store(bucket, api.ObjectStoreConfig(replicas=topo.replicas,
-                                                                       storage=api.StorageType.FILE))
-        for role in dict.fromkeys(roles):
-            for stream, config in topo.consumer_configs(role):
-                await _ensure_consumer(js, stream, config)
-    except (nats.errors.Error, TimeoutError) as exc:  # APIError is a nats.errors.Error
-        raise ProvisioningError(f"provisioning the {topo.prefix!r} topology failed: {exc!r}") from exc
+    """Create or update every stream, bucket and store, and a durable pull consumer per role.
+
+    A JetStream API timeout is retried with backoff: when a whole mesh starts at once on a busy
+    machine, the server can take longer than the client's API timeout to answer the burst, and
+    every step here is idempotent, so trying again is safe.
+    """
+    roles = list(dict.fromkeys(roles))
+    for attempt in range(1, PROVISION_ATTEMPTS + 1):
+        try:
+            await _provision_once(js, topo, roles)
+            return
+        except TimeoutError as exc:  # nats.errors.TimeoutError is one too
+            if attempt == PROVISION_ATTEMPTS:
+                raise ProvisioningError(f"provisioning the {topo.prefix!r} topology timed out "
+                                        f"{attempt} times: {exc!r}") from exc
+            log.warning("provisioning timed out (attempt %d of %d); retrying", attempt, PROVISION_ATTEMPTS)
+            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+        except nats.errors.Error as exc:  # APIError is a nats.errors.Error
+            raise ProvisioningError(f"provisioning the {topo.prefix!r} topology failed: {exc!r}") from exc
+
+
+async def _provision_once(js: JetStreamContext, topo: Topology, roles: list[str]) -> None:
+    for stream_config in topo.stream_configs():
+        await _ensure_stream(js, stream_config)
+    await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
+                                                 storage=api.StorageType.FILE))
+    await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,
+                                                 replicas=topo.replicas, storage=api.StorageType.FILE))
+    await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
+                                                 storage=api.StorageType.FILE))
+    for bucket in (topo.obj_artifacts, topo.obj_models):
+        await js.create_object_store(bucket, api.ObjectStoreConfig(replicas=topo.replicas,
+                                                                   storage=api.StorageType.FILE))
+    for role in roles:
+        for stream, config in topo.consumer_configs(role):
+            await _ensure_consumer(js, stream, config)
 
 
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:

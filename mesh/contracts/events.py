@@ -80,6 +80,7 @@ class StepFailed(StepEvent):
     type: Literal["step.failed"] = "step.failed"
     error: str
     retryable: bool = False
+    usage: Usage = Field(default_factory=Usage, description="What the failed attempts spent.")
 
 
 class RouteDecided(EventBase):

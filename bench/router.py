@@ -86,13 +86,13 @@ def latency(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> str:
                                                 ("same model, scikit-learn", "sklearn", p["sklearn"]))]
     trees = sk.regressor.n_estimators_
     return "\n".join([
-        f"Model: {trees} boosted trees (depth {sk.regressor.max_depth}) over 6 (tier, thinking) actions, "
+        (f"Model: {trees} boosted trees (depth {sk.regressor.max_depth}) over 6 (tier, thinking) actions, "
         f"trained on {len(load_decisions(ledger))} sim decisions; {len(ctxs)} distinct contexts from sim goals; "
         f"ε = 0.05. Decisions timed one by one through `Router.decide` (features + model + constraints + "
-        f"`RouteDecision`), {rounds} alternating rounds.", "",
+        f"`RouteDecision`), {rounds} alternating rounds."), "",
         "| path | decisions | p50 | p99 | decisions/s (1 thread) |", "| --- | ---: | ---: | ---: | ---: |", *rows, "",
-        f"ONNX vs scikit-learn: **{p['sklearn'][0] / p['onnx'][0]:.0f}× at p50, "
-        f"{p['sklearn'][1] / p['onnx'][1]:.0f}× at p99**; ONNX p99 {p['onnx'][1]:.0f} µs (target ≤ 100 µs).",
+        (f"ONNX vs scikit-learn: **{p['sklearn'][0] / p['onnx'][0]:.0f}× at p50, "
+        f"{p['sklearn'][1] / p['onnx'][1]:.0f}× at p99**; ONNX p99 {p['onnx'][1]:.0f} µs (target ≤ 100 µs)."),
     ])
 
 
@@ -135,8 +135,8 @@ def acceptance(sim_seed: int, goals: int, truth_goals: int, tmp: Path) -> str:
     oracle_line = (f"the cheapest oracle point at ≥ 95% of {best_name}'s success costs "
                    f"{cheapest.cost / best.cost:.0%} of it" if cheapest else "no oracle point reaches it")
     return "\n".join([
-        "Commands (the ledger: sim goals routed by the packaged router with ε = 0.2; `train` learns on 80% "
-        "of the goals, `eval` scores the held-out 20%):", "", "```", *shown, "```", "",
+        ("Commands (the ledger: sim goals routed by the packaged router with ε = 0.2; `train` learns on 80% "
+        "of the goals, `eval` scores the held-out 20%):"), "", "```", *shown, "```", "",
         outputs[0].strip() + "  ", outputs[1].strip(), "", outputs[2].strip(), "",
         f"Ground truth — the sim world's expected values on {truth_goals} fresh goals (not in the ledger):", "",
         "| policy | success | cost / decision (USD) | latency (s) |", "| --- | ---: | ---: | ---: |", *rows, "",
@@ -162,8 +162,8 @@ def main() -> None:
         took = time.perf_counter() - started
     command = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     write_section("router", "\n".join([
-        f"Command: `.venv/bin/python -m bench.router {command}` ({os.cpu_count()}-core machine, shared with "
-        f"other work; {took:.0f} s).", "", "### Decision latency: ONNX vs scikit-learn", "", lat, "",
+        (f"Command: `.venv/bin/python -m bench.router {command}` ({os.cpu_count()}-core machine, shared with "
+        f"other work; {took:.0f} s)."), "", "### Decision latency: ONNX vs scikit-learn", "", lat, "",
         "### Train on the ledger, evaluate on held-out goals", "", acc,
     ]))
 

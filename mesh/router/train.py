@@ -176,15 +176,13 @@ def to_onnx(model: SklearnModel) -> bytes:
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     node = helper.make_node
     before = [
-        node("MatMul", [INPUT, "rows_w"], ["rows_lin"]),
-        node("Add", ["rows_lin", "rows_b"], ["rows_flat"]),
+        node("Gemm", [INPUT, "rows_w", "rows_b"], ["rows_flat"]),
         node("Reshape", ["rows_flat", "rows_shape"], ["rows"]),
     ]
     tiers, thinking = OUTPUTS
     after = [
         node("Reshape", [predicted, "actions_shape"], ["rewards"]),
-        node("MatMul", [INPUT, "mask_w"], ["mask_lin"]),
-        node("Add", ["mask_lin", "mask_b"], ["window_mask"]),
+        node("Gemm", [INPUT, "mask_w", "mask_b"], ["window_mask"]),
         node("Add", ["rewards", "window_mask"], ["masked"]),
         node("Div", ["masked", "temperature"], ["logits"]),
         node("Softmax", ["logits"], ["joint"], axis=1),

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +30,7 @@ from tests.meshkit import in_process_mesh, run_goal
 from tests.routerkit import context, model_variant
 
 pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parent.parent
 Eventually = Callable[..., Awaitable[None]]
 
 
@@ -158,3 +163,21 @@ async def test_nodes_route_with_the_published_model(settings: MeshSettings, bus:
     for versions in by_node.values():  # per node: the default until the swap, the published model after
         first = versions.index("fleet-2") if "fleet-2" in versions else len(versions)
         assert set(versions[:first]) <= {"sim-default-1"} and set(versions[first:]) <= {"fleet-2"}
+
+
+async def test_mesh_router_publish(settings: MeshSettings, bus: Bus, tmp_path: Path) -> None:
+    model = tmp_path / "cli.onnx"
+    model.write_bytes(model_variant(version="cli-7"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(MESH_NATS_URL=settings.nats_url or "", PYTHONPATH=str(ROOT))
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mesh", "router", "publish", str(model)],
+                                   env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "published cli-7" in done.stdout
+    pointer = await current_pointer(bus)
+    assert pointer is not None and pointer.version == "cli-7" and pointer.digest == sha256_hex(model.read_bytes())
+    model.write_bytes(b"garbage")
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mesh", "router", "publish", str(model)],
+                                   env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "not a loadable ONNX model" in done.stderr
+    assert (await current_pointer(bus)) == pointer

@@ -30,6 +30,7 @@ from mesh.router.runtime import Router
 log = logging.getLogger(__name__)
 
 POINTER_KEY = "router"
+RETRY_SECONDS = 2.0
 
 
 class ModelPointer(BaseModel):
@@ -94,19 +95,30 @@ async def fetch_model(bus: Bus, pointer: ModelPointer) -> OnnxModel:
 
 
 async def watch_models(bus: Bus, router: Router, stop: asyncio.Event) -> None:
-    """Follow the pointer until ``stop`` is set, swapping each good model into ``router``."""
-    kv = await bus.kv(bus.topology.kv_models)
-    watcher = await kv.watch(POINTER_KEY)
-    try:
-        async with asyncio.TaskGroup() as tg:
-            following = tg.create_task(_follow(bus, router, watcher))
-            stopping = tg.create_task(stop.wait())
-            await asyncio.wait([following, stopping], return_when=asyncio.FIRST_COMPLETED)
-            following.cancel()
-            stopping.cancel()
-    finally:
-        with suppress(Exception):  # the connection may already be gone at shutdown
-            await watcher.stop()
+    """Follow the pointer until ``stop`` is set, swapping each good model into ``router``.
+
+    A watch that cannot be set up (JetStream busy or unreachable) is retried every
+    ``RETRY_SECONDS``: meanwhile the node routes on, it only misses swaps.
+    """
+    while not stop.is_set():
+        try:
+            watcher = await (await bus.kv(bus.topology.kv_models)).watch(POINTER_KEY)
+        except (BusError, nats.errors.Error, TimeoutError) as exc:
+            log.warning("cannot watch the router model pointer, retrying in %.0fs: %r", RETRY_SECONDS, exc)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETRY_SECONDS)
+            continue
+        try:
+            async with asyncio.TaskGroup() as tg:
+                following = tg.create_task(_follow(bus, router, watcher))
+                stopping = tg.create_task(stop.wait())
+                await asyncio.wait([following, stopping], return_when=asyncio.FIRST_COMPLETED)
+                following.cancel()
+                stopping.cancel()
+        finally:
+            with suppress(Exception):  # the connection may already be gone at shutdown
+                await watcher.stop()
+        return
 
 
 async def _follow(bus: Bus, router: Router, watcher: KeyValue.KeyWatcher) -> None:

@@ -84,9 +84,11 @@ def latency(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> str:
         timed(step, ctxs, 200)
     runs: dict[str, list[np.ndarray]] = {name: [] for name in paths}
     per_round = decisions // rounds
+    load_before = os.getloadavg()[0]
     for _ in range(rounds):  # alternate, so load on the machine hits every path alike
         for name, step in paths.items():
             runs[name].append(timed(step, ctxs, per_round if "ONNX" in name else max(per_round // 10, 100)))
+    load = (load_before, os.getloadavg()[0])
     t = {k: np.concatenate(v) for k, v in runs.items()}
     p = {k: (np.percentile(v, 50), np.percentile(v, 99), 1e6 / v.mean()) for k, v in t.items()}
     rows = [f"| {name} | {len(t[name])} | {p50:.1f} µs | {p99:.1f} µs | {rate:,.0f} |"
@@ -100,7 +102,8 @@ def latency(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> str:
         (f"Model: {sk.regressor.n_estimators_} boosted trees (depth {sk.regressor.max_depth}) over 6 (tier, "
          f"thinking) actions, trained on {len(data)} sim decisions; {len(ctxs)} distinct contexts from sim goals. "
          f"`Router.decide` is the whole decision (features, model, hard constraints, ε = 0.05 exploration, "
-         f"the `RouteDecision`); each call timed on its own, {rounds} alternating rounds."), "",
+         f"the `RouteDecision`); each call timed on its own, {rounds} alternating rounds. Load average of the "
+         f"machine (2 cores, shared): {load[0]:.1f} before, {load[1]:.1f} after."), "",
         "| path | calls | p50 | p99 | calls/s (1 thread) |", "| --- | ---: | ---: | ---: | ---: |", *rows, "",
         (f"ONNX vs scikit-learn — whole decision: **{ratio('`Router.decide`')}**; features + model: "
         f"{ratio('features + model')}. ONNX decision p99: {p['`Router.decide`, ONNX'][1]:.0f} µs (target ≤ 100 µs)."),

@@ -45,8 +45,8 @@ from mesh.store.query import LedgerQueries
 from mesh.store.synthetic import synthetic_events
 
 TOPO = Topology()
-SWEEP_BATCHES = (1_000, 2_000, 10_000, 50_000)
-RECORDER_BATCHES = (2_000, 10_000)
+SWEEP_BATCHES = (1_000, 2_000, 10_000, 20_000, 50_000)
+RECORDER_BATCHES = (2_000, 20_000)
 Item = tuple[int, str, Event]
 
 
@@ -223,7 +223,8 @@ Targets: ≥ 50,000 events/s and ≥ 20× row by row.
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000, help="events in the sustained run and query file")
-    parser.add_argument("--batch", type=int, default=10_000, help="batch size of the sustained run")
+    parser.add_argument("--batch", type=int, default=20_000,
+                        help="batch size of the sustained run (the ledger role's, nodes/ledger.toml)")
     parser.add_argument("--sweep", type=int, default=100_000, help="events per batch-size run")
     parser.add_argument("--rowwise", type=int, default=5_000, help="events inserted row by row")
     parser.add_argument("--recorder", type=int, default=50_000, help="events for the end-to-end recorder run")

@@ -75,7 +75,7 @@ class Recorder:
     """The ledger role for the node runtime: ``run()`` until ``stop()``. ``in_flight`` is the number of
     events being committed right now, ``committed`` the last stream sequence in the ledger."""
 
-    def __init__(self, bus: Bus, settings: MeshSettings, *, batch_size: int = 2000,
+    def __init__(self, bus: Bus, settings: MeshSettings, *, batch_size: int = 20_000,
                  path: Path | None = None) -> None:
         self.bus, self.settings, self.batch_size = bus, settings, batch_size
         self.path = path or settings.ledger_file

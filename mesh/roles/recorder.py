@@ -163,7 +163,7 @@ class Recorder:
                 await asyncio.sleep(_RETRY)
 
 
-async def rebuild(bus: Bus, path: Path, *, until: int | None = None, batch_size: int = 5000) -> int:
+async def rebuild(bus: Bus, path: Path, *, until: int | None = None, batch_size: int = 20_000) -> int:
     """Replay the event stream, from its first message to its last at call time (or to stream
     sequence ``until``: the ledger as it was then), into a new ledger file at ``path``, which must
     not exist. Poison messages are skipped (the live ledger dead-lettered them already). Returns the

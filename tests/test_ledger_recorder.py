@@ -144,3 +144,20 @@ async def test_rebuild_until_gives_the_ledger_as_it_was(bus: Bus, settings: Mesh
 async def test_no_ledger_running_is_a_clear_error(client: LedgerClient) -> None:
     with pytest.raises(LedgerError, match="is the ledger node running"):
         await client.status()
+
+
+async def test_a_recreated_stream_gets_a_new_ledger_file(bus: Bus, settings: MeshSettings, client: LedgerClient,
+                                                         eventually: Eventually) -> None:
+    """Sequences of a deleted and recreated stream start at 1 again: the old file is set aside
+    instead of skipping the new stream's first messages as already stored."""
+    async with recording(bus, settings):
+        await publish_burst(bus, burst(120, seed=1))
+        await caught_up(eventually, client, bus)
+    await bus.js.delete_stream(bus.topology.events_stream)
+    await bus.provision()
+    await publish_burst(bus, burst(80, seed=2))
+    async with recording(bus, settings):
+        await caught_up(eventually, client, bus)
+        assert (await client.sql("SELECT count(*), min(seq), max(seq) FROM events")).rows == [(80, 1, 80)]
+    (aside,) = [p for p in settings.ledger_file.parent.glob("ledger.*.duckdb") if p != settings.ledger_file]
+    assert len(tables(aside)["events"]) == 120

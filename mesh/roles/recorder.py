@@ -89,7 +89,7 @@ class Recorder:
         self._stop.set()
 
     async def run(self) -> None:
-        writer = await Writer.open(self.path)
+        writer = await self._open()
         try:
             ledger = writer.ledger
             queries = LedgerQueries(ledger, timeout=self.settings.ledger_query_timeout,
@@ -105,6 +105,32 @@ class Recorder:
                     await feed.close(delete=False)
         finally:
             await writer.close()
+
+    async def _open(self) -> Writer:
+        """The ledger file for the current events stream. A file that recorded another stream (the
+        stream was deleted and recreated, e.g. with the embedded server's data) would skip the new
+        stream's first sequences: it is set aside as ``<name>.<stream identity time>.duckdb``."""
+        try:
+            info = await self.bus.js.stream_info(self.bus.topology.events_stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the state of {self.bus.topology.events_stream}: {exc!r}") from exc
+        source = f"{info.config.name}@{info.created.isoformat()}" if info.created else None
+        writer = await Writer.open(self.path)
+        claimed = writer.ledger.source()
+        if source is None or claimed == source:
+            return writer
+        if claimed is not None:
+            await writer.close()
+            stamp = "".join(c for c in claimed.rpartition("@")[2] if c.isalnum())
+            aside = self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}")
+            for old, new in ((self.path, aside), (Path(f"{self.path}.wal"), Path(f"{aside}.wal"))):
+                if old.exists():
+                    old.rename(new)
+            log.warning("ledger %s recorded another %s (%s, now %s); set aside, starting a new file",
+                        self.path, self.bus.topology.events_stream, claimed, source)
+            writer = await Writer.open(self.path)
+        writer.ledger.claim_source(source)
+        return writer
 
     async def _record(self, feed: EventFeed, writer: Writer) -> None:
         """Fetch and decode the next batch while the previous one commits (DuckDB runs much of a

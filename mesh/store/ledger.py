@@ -21,6 +21,7 @@ from mesh.store.ingest import append_events, fold_events
 
 _LAST_SEQ = "last_seq"
 _VERSION = "schema_version"
+_SOURCE = "source"
 # DuckDB checkpoints (compresses new rows into the file and rewrites every index) once the WAL
 # passes this. Its 16 MB default means a checkpoint every ~35,000 events, each costlier as the
 # tables grow, and halves sustained ingest; the price of a bigger WAL is a longer replay on restart.
@@ -143,6 +144,15 @@ class Ledger:
     def last_seq(self) -> int:
         """The highest stream sequence stored: a consumer resumes after it."""
         return self._last_seq
+
+    def source(self) -> str | None:
+        """The identity of the stream whose sequences this ledger stores, once claimed."""
+        row = self._con.execute("SELECT value FROM ledger_meta WHERE key = ?", [_SOURCE]).fetchone()
+        return str(row[0]) if row else None
+
+    def claim_source(self, source: str) -> None:
+        """Record which stream this ledger follows: sequences mean nothing across streams."""
+        self._con.execute("INSERT OR REPLACE INTO ledger_meta VALUES (?, ?)", [_SOURCE, source])
 
     def ingest(self, batch: Sequence[tuple[int, str, Event]], *, upto: int | None = None) -> int:
         """Store ``(stream_seq, subject, event)`` triples and fold them into the derived tables.

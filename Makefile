@@ -6,7 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GOAL ?= Build me a login system
 
-.PHONY: run up test bench schemas clean
+# The edge extra compiles llama.cpp (~8 min on 2 cores; pip caches the wheel). Portable x86-64 flags
+# (AVX2/FMA/F16C, no -march=native) and no llama.cpp tools, tests or server binary: the mesh uses
+# llama-cpp-python's own server.
+EDGE_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: run up test bench schemas clean edge
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +28,9 @@ up: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+edge: $(STAMP)
+	CMAKE_ARGS="$(EDGE_CMAKE_ARGS)" $(BIN)/python -m pip install -e '.[test,bench,edge]'
 
 bench: $(STAMP)
 	$(BIN)/mesh bench

@@ -63,6 +63,9 @@ class MeshSettings(BaseSettings):
     sim_faults: str = Field(default="", description='Sim fault rates, e.g. "429:0.1,500:0.05,timeout:0.02,cut:0.02".')
     sim_latency_scale: float = Field(default=1.0, ge=0, description="Multiplies sim latencies; 0 = instant.")
     sim_latency_ms: float | None = Field(default=None, ge=0, description="Fixed sim latency per call (benchmarks).")
+    edge_model: str = Field(
+        default="auto", description='Local edge model of `mesh up`/`run`: "auto" (SmolLM2 when the edge extra is '
+        'installed), "off" (sim), or a GGUF file path.')
 
     # --- router (mesh.router) ---
     router_epsilon: float = Field(default=0.05, ge=0, le=1, description="Share of routing decisions that explore.")

@@ -11,13 +11,18 @@ enough to close the gap, down to a floor), then dropped in the same order; then 
 previous review and the brief are shortened. If even the pinned
 parts do not fit, ``ContextTooLong`` is raised: the caller should have routed to a bigger window,
 which ``needed_tokens`` lets it do first.
+
+The packing decisions are written once, as a generator that yields each ``(text, max_tokens)`` it wants
+shortened and receives the shorter text: ``pack`` drives it with a plain function (extractive by
+default), ``apack`` with a coroutine — a model call on the edge tier — so neither copy can drift.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 from mesh.backends.base import ChatMessage
 from mesh.errors import ContextTooLong
@@ -30,6 +35,11 @@ MIN_SUMMARY_TOKENS = 48
 SUMMARY_FLOOR_CAP = 1024
 
 Summariser = Callable[[str, int], str]
+AsyncSummariser = Callable[[str, int], Awaitable[str]]
+# What the packing generator yields (a text and the tokens it must fit), is sent (the shortened
+# text) and returns.
+_Packing = Generator[tuple[str, int], str, "PackedContext"]
+_Shortening = Generator[tuple[str, int], str, str]
 
 
 def estimate_tokens(text: str) -> int:
@@ -137,10 +147,38 @@ def pack(
     """Pack a step's context into ``window - output_reserve`` tokens.
 
     ``inputs`` are ``(name, text, priority)``; higher priority survives longer. ``summarise(text,
-    max_tokens)`` shortens a text (the edge tier, later); its result is truncated if it overshoots,
-    and the default is extractive truncation with a marker.
+    max_tokens)`` shortens a text; its result is truncated if it overshoots, and the default is
+    extractive truncation with a marker.
     """
+    steps = _packing(system=system, constraints=constraints, brief=brief, instruction=instruction,
+                     acceptance=acceptance, inputs=inputs, memory=memory, window=window,
+                     output_reserve=output_reserve, previous_review=previous_review)
     shorten = summarise or truncate
+    try:
+        ask = next(steps)
+        while True:
+            ask = steps.send(shorten(*ask))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def apack(*, summarise: AsyncSummariser, **context: Any) -> PackedContext:
+    """``pack`` with a summariser that is a coroutine (a model call); the other keywords are ``pack``'s."""
+    steps = _packing(**context)
+    try:
+        ask = next(steps)
+        while True:
+            ask = steps.send(await summarise(*ask))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def _packing(
+    *, system: str, constraints: list[str], brief: str, instruction: str, acceptance: list[str],
+    inputs: list[tuple[str, str, int]], memory: str, window: int, output_reserve: int,
+    previous_review: str | None = None,
+) -> _Packing:
+    """The packing decisions; yields ``(text, max_tokens)`` for each text to shorten (see module doc)."""
     budget = window - output_reserve
     parts = [_Part(n, t, p) for n, t, p in inputs]
     texts = {"memory": memory, "brief": brief, "previous_review": previous_review or ""}
@@ -154,8 +192,8 @@ def pack(
         )
         return _messages(system, user)
 
-    def fit(text: str, target: int) -> str:
-        out = shorten(text, target)
+    def fit(text: str, target: int) -> _Shortening:
+        out = yield text, target
         return out if estimate_tokens(out) <= target else truncate(out, target)
 
     # 1. Inputs, lowest priority (then largest) first: summarise each just enough to close the gap,
@@ -173,7 +211,7 @@ def pack(
         floor = max(MIN_SUMMARY_TOKENS, min(part.tokens // 10, SUMMARY_FLOOR_CAP))
         target = max(cost[id(part)] - over - estimate_tokens(f"\n\n### {part.name}\n"), floor)
         if target < part.tokens:
-            part.text = fit(part.text, target)
+            part.text = yield from fit(part.text, target)
             summarised.append(part.name)
             new_cost = estimate_tokens(f"\n\n### {part.name}\n{part.text}")
             over -= cost[id(part)] - new_cost
@@ -195,7 +233,7 @@ def pack(
         text = texts[key]
         target = max(estimate_tokens(text) - over, 0)
         if text and target < estimate_tokens(text):
-            texts[key] = fit(text, target)
+            texts[key] = yield from fit(text, target)
             summarised.append(key)
             messages = render(parts)
             over = messages_tokens(messages) - budget

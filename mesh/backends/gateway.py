@@ -209,6 +209,10 @@ class ModelGateway:
     ) -> ChatResponse:
         breaker = self._breakers[cfg.endpoint]
         backend = self._backends[cfg.name]
+        if req.max_tokens > cfg.output_reserve:
+            # A tier writes at most its output reserve: a small local model asked for 8k tokens would
+            # ramble to the end of its window while every other request queues behind it.
+            req = req.model_copy(update={"max_tokens": cfg.output_reserve})
         worst_case = prompt_tokens + req.max_tokens
         cost = cfg.prices.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=req.max_tokens)
         attempt = 0

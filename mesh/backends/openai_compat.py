@@ -4,7 +4,9 @@ SGLang, Ollama, llama.cpp's server and ``mesh sim-server``.
 They agree on the chat-completions shape and differ in a few switches, captured per ``Dialect``:
 how thinking is switched, whether reasoning text must be sent back on assistant turns that made
 tool calls (DeepSeek and Kimi reject the next turn otherwise), whether temperature may be set
-(Kimi K2.5/K2.6 fix it), the max-tokens parameter's name, and the JSON mode. Reasoning text is
+(Kimi K2.5/K2.6 fix it), the max-tokens parameter's name, and the JSON mode (llama.cpp's servers take
+the schema inside a ``json_object`` response format and enforce it with a grammar, so a small model's
+answer always parses). Reasoning text is
 read from ``reasoning_content`` (DeepSeek, Kimi, SGLang, older vLLM) or ``reasoning`` (newer vLLM,
 Ollama), in full responses and in stream deltas alike.
 """
@@ -34,17 +36,19 @@ from mesh.contracts import Usage
 from mesh.errors import MalformedResponse, StreamCut
 from mesh.packing import estimate_tokens
 
-DialectName = Literal["deepseek", "kimi", "vllm", "generic"]
+DialectName = Literal["deepseek", "kimi", "vllm", "llamacpp", "generic"]
 
 
 @dataclass(frozen=True)
 class Dialect:
     name: DialectName
-    thinking_switch: Literal["thinking", "chat_template_kwargs", "none"]
+    thinking_switch: Literal["thinking", "chat_template_kwargs", "none", "unsupported"]
     send_reasoning_back: bool
     temperature: bool
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"]
-    json_mode: Literal["json_schema", "json_object"]
+    json_mode: Literal["json_schema", "json_object", "json_object_schema"]
+    # False: the server reports no usage in streams, so answers are requested whole (exact token counts).
+    stream_usage: bool = True
 
 
 DIALECTS: dict[DialectName, Dialect] = {
@@ -54,7 +58,11 @@ DIALECTS: dict[DialectName, Dialect] = {
     "kimi": Dialect("kimi", "thinking", True, True, "max_completion_tokens", "json_object"),
     # vLLM / SGLang: thinking through the chat template (Qwen3-style enable_thinking).
     "vllm": Dialect("vllm", "chat_template_kwargs", False, True, "max_tokens", "json_schema"),
-    # Ollama, llama.cpp server, mesh sim-server and anything else: reasoning_effort when thinking.
+    # llama.cpp's server and llama-cpp-python's: {"type": "json_object", "schema": ...} becomes a grammar;
+    # the small local models served there do not think, so no thinking switch is sent.
+    # llama-cpp-python's server sends no usage in a stream; on a local server streaming gains nothing.
+    "llamacpp": Dialect("llamacpp", "unsupported", False, True, "max_tokens", "json_object_schema", False),
+    # Ollama, mesh sim-server and anything else: reasoning_effort when thinking.
     "generic": Dialect("generic", "none", False, True, "max_tokens", "json_schema"),
 }
 
@@ -70,6 +78,8 @@ def dialect_for(tier: TierConfig) -> Dialect:
         return DIALECTS["deepseek"]
     if "kimi" in where or "moonshot" in where:
         return DIALECTS["kimi"]
+    if any(k in where for k in ("llama.cpp", "llamacpp", "llama-cpp", ".gguf")):
+        return DIALECTS["llamacpp"]
     return DIALECTS["generic"]
 
 
@@ -120,7 +130,7 @@ class OpenAIBackend:
             extra["thinking"] = {"type": "enabled" if req.thinking else "disabled"}
         elif d.thinking_switch == "chat_template_kwargs":
             extra["chat_template_kwargs"] = {"enable_thinking": req.thinking}
-        if req.thinking and (req.effort or d.thinking_switch == "none"):
+        if req.thinking and d.thinking_switch != "unsupported" and (req.effort or d.thinking_switch == "none"):
             # Without another switch, reasoning_effort is how Ollama and the sim turn thinking on.
             params["reasoning_effort"] = req.effort or "medium"
         fixed = d.name == "kimi" and any(k in self.tier.model.lower() for k in _FIXED_TEMPERATURE)
@@ -137,11 +147,13 @@ class OpenAIBackend:
                 params["response_format"] = {
                     "type": "json_schema", "json_schema": {"name": "output", "schema": req.json_schema, "strict": False}
                 }
+            elif d.json_mode == "json_object_schema":
+                params["response_format"] = {"type": "json_object", "schema": req.json_schema}
             else:  # json_object mode: the schema must be in the prompt (and the word "json" with it)
                 params["response_format"] = {"type": "json_object"}
                 messages.insert(0, {"role": "system", "content": "Reply with a single JSON object matching this "
                                                                  f"JSON schema:\n{json.dumps(req.json_schema)}"})
-        if req.stream:
+        if req.stream and d.stream_usage:
             params["stream"] = True
             params["stream_options"] = {"include_usage": True}
         if extra:
@@ -156,7 +168,7 @@ class OpenAIBackend:
         start = time.perf_counter()
         async with sdk_call(self.tier, timeout) as state:
             result = await self._client.chat.completions.create(**params, timeout=timeout)
-            if req.stream:
+            if params.get("stream"):
                 text, reasoning, calls, finish, usage, fingerprint = await self._read_stream(result, names, state)
             else:
                 text, reasoning, calls, finish, usage, fingerprint = self._read_full(result, names)

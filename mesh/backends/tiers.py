@@ -61,13 +61,13 @@ class TierConfig(BaseModel):
     api_key_env: str | None = Field(default=None, description="NAME of the env var holding the key.")
     model: str
     context_window: int = Field(ge=512)
-    output_reserve: int = Field(ge=1)
+    output_reserve: int = Field(ge=1, description="Most tokens one call on this tier writes (larger asks are capped).")
     prices: Prices = Field(default_factory=Prices)
     max_concurrency: int = Field(default=8, ge=1)
     timeout: float = Field(default=300.0, gt=0, description="Seconds per call attempt.")
     thinking: bool = Field(default=False, description="Thinking on when the caller does not decide.")
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
-    dialect: Literal["deepseek", "kimi", "vllm", "generic"] | None = Field(
+    dialect: Literal["deepseek", "kimi", "vllm", "llamacpp", "generic"] | None = Field(
         default=None, description="OpenAI-compatible dialect; guessed from model and base URL when unset."
     )
 

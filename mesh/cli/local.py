@@ -125,16 +125,21 @@ async def _connect(settings: MeshSettings | None = None) -> Any:
 
 
 async def _start_local(settings: MeshSettings, out: Any) -> Any:
-    from mesh.backends.tiers import is_simulated, load_tiers
+    from mesh.backends.tiers import load_tiers
+    from mesh.embedded.edge import choose_edge
     from mesh.embedded.local import LocalMesh
     from mesh.roles.spec import default_nodes_dir, load_specs
 
     specs = load_specs(default_nodes_dir())
-    simulated = is_simulated(load_tiers(settings))
+    tiers = load_tiers(settings)
+    edge = choose_edge(settings.edge_model, tiers["edge"])
+    simulated = [t for t, cfg in tiers.items() if cfg.simulated and not (t == "edge" and edge.model)]
     if simulated:
-        print("no model endpoint configured: using the SIMULATED backend (mesh sim-server). "
-              "Outputs are simulated; see docs/BACKENDS.md to configure real endpoints.", file=out)
-    mesh = LocalMesh(settings, sorted(specs), sim_server=simulated)
+        print(f"no model endpoint configured for {', '.join(simulated)}: using the SIMULATED backend "
+              "(mesh sim-server) there. Its outputs are simulated; see docs/BACKENDS.md to configure real "
+              "endpoints.", file=out)
+    print(edge.message, file=out)
+    mesh = LocalMesh(settings, sorted(specs), sim_tiers=simulated, edge_model=edge.model)
     await mesh.start()
     print(f"local mesh up: nats {mesh.url}, {len(specs)} roles ({', '.join(sorted(specs))}); "
           f"logs in {mesh.data_dir / 'logs'}", file=out)

@@ -1,6 +1,8 @@
 """The embedded local mesh behind ``mesh up`` and ``mesh run``: a nats-server (unless MESH_NATS_URL
-points elsewhere), a sim-server when no model endpoint is configured, and one OS process per role,
-each restarted with backoff if it dies. ``stop()`` sends SIGTERM (nodes drain) and then SIGKILL.
+points elsewhere), a sim-server when no model endpoint is configured, a real edge model server when
+the ``edge`` extra is installed (``mesh.embedded.edge``; it takes the edge tier over from the sim),
+and one OS process per role, each restarted with backoff if it dies. ``stop()`` sends SIGTERM (nodes
+drain) and then SIGKILL, then stops the servers.
 
 The running mesh writes ``<data_dir>/local.json`` (NATS URL, pids) so ``mesh submit``/``watch``/
 ``status`` in another terminal find it.
@@ -15,12 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
 from mesh.config import MeshSettings
+from mesh.embedded.edge import EdgeModelServer
 from mesh.embedded.natsserver import EmbeddedNats, free_port
-from mesh.errors import EmbeddedServerError
+from mesh.embedded.readiness import wait_http
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 30.0
@@ -75,18 +79,30 @@ class RoleProcess:
 
 
 class LocalMesh:
-    def __init__(self, settings: MeshSettings, roles: list[str], *, sim_server: bool) -> None:
+    def __init__(self, settings: MeshSettings, roles: list[str], *, sim_tiers: Sequence[str] = (),
+                 edge_model: Path | None = None) -> None:
+        """``sim_tiers``: the tiers a local sim-server serves (none: no sim-server); ``edge_model``: a GGUF
+        file the edge tier is served from locally."""
         self.settings = settings
         self.roles = roles
         self.data_dir = settings.data_dir.resolve()
         self.nats: EmbeddedNats | None = None
         self.sim: subprocess.Popen[bytes] | None = None
         self.sim_url: str | None = None
-        self.want_sim = sim_server
+        self.sim_tiers = tuple(sim_tiers)
+        self.edge = EdgeModelServer(edge_model, self.data_dir / "logs" / "edge-model.log") if edge_model else None
         self.procs: list[RoleProcess] = []
         self.url = settings.nats_url or ""
 
     async def start(self) -> None:
+        """Servers, then nodes; when a part fails to come up, the parts already up are stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         if not self.url:
             self.nats = EmbeddedNats(self.data_dir / "nats", http_port=None)
@@ -94,13 +110,17 @@ class LocalMesh:
             self.url = self.nats.url
         env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
                "MESH_DATA_DIR": str(self.data_dir)}
-        if self.want_sim:
+        if self.sim_tiers:
             env.update(await self._start_sim_server())
+        if self.edge is not None:  # after the sim's env: the real model takes the edge tier over
+            await self.edge.start()
+            env.update(self.edge.tier_env())
         self.procs = [RoleProcess(role, env, self.data_dir / "logs") for role in self.roles]
         for p in self.procs:
             p.spawn()
         (self.data_dir / "local.json").write_text(json.dumps(
-            {"nats_url": self.url, "sim_url": self.sim_url, "pid": os.getpid(),
+            {"nats_url": self.url, "sim_url": self.sim_url, "edge_url": self.edge.base_url if self.edge else None,
+             "pid": os.getpid(),
              "nodes": {p.role: p.proc.pid for p in self.procs if p.proc}}))
 
     async def _start_sim_server(self) -> dict[str, str]:
@@ -114,8 +134,8 @@ class LocalMesh:
                                         stdin=subprocess.DEVNULL)
         finally:
             logfile.close()
-        await _wait_http(f"{self.sim_url}/healthz", self.sim)
-        return sim_server_env(self.sim_url)
+        await wait_http(f"{self.sim_url}/healthz", self.sim)
+        return sim_server_env(self.sim_url, self.sim_tiers)
 
     async def supervise(self) -> None:
         """Restart dead nodes until ``stop()``; returns when every supervisor has returned."""
@@ -136,35 +156,24 @@ class LocalMesh:
                 self.sim.wait(5)
             if self.sim.poll() is None:
                 self.sim.kill()
+        if self.edge is not None:
+            await self.edge.stop()
         if self.nats is not None:
             await self.nats.stop()
         with suppress(FileNotFoundError):
             (self.data_dir / "local.json").unlink()
 
 
-async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    import aiohttp
-
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with aiohttp.ClientSession() as session:
-        while asyncio.get_running_loop().time() < deadline:
-            if proc.poll() is not None:
-                raise EmbeddedServerError(f"{url}: the server process exited with {proc.returncode}")
-            with suppress(aiohttp.ClientError):
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)  # polling a process that has no readiness event to await
-    raise EmbeddedServerError(f"{url} did not become ready within {timeout:.0f}s")
-
-
-def sim_server_env(url: str) -> dict[str, str]:
-    """Point every tier at a sim-server through the real OpenAI SDK path, keeping the sim profiles
-    (window, prices) so routing and cost accounting look like the real tiers."""
+def sim_server_env(url: str, tiers: Iterable[str] | None = None) -> dict[str, str]:
+    """Point ``tiers`` (default: every tier) at a sim-server through the real OpenAI SDK path, keeping the
+    sim profiles (window, prices) so routing and cost accounting look like the real tiers."""
     from mesh.backends.tiers import load_tiers
 
     env: dict[str, str] = {}
+    wanted = None if tiers is None else set(tiers)
     for name, cfg in load_tiers(environ={}).items():
+        if wanted is not None and name not in wanted:
+            continue
         prefix = f"MESH_TIER_{name.upper()}_"
         env |= {prefix + "KIND": "openai", prefix + "BASE_URL": f"{url}/v1", prefix + "MODEL": cfg.model,
                 prefix + "CONTEXT_WINDOW": str(cfg.context_window), prefix + "OUTPUT_RESERVE": str(cfg.output_reserve),

@@ -18,7 +18,12 @@ from mesh.contracts.models import ArtifactRef, DagPosition, Goal, Plan, Step, Us
 StepStatus = Literal["pending", "dispatched", "completed", "failed"]
 GoalStatus = Literal["planning", "running", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-MEMORY_LINES = 24
+MEMORY_LINES = 24  # a hard bound; compaction keeps the memory well below it
+# Past MEMORY_COMPACT_AT lines the orchestrator has the edge tier summarise all but the newest
+# MEMORY_KEEP_RECENT into one line (``memory_to_compact`` / ``compact_memory``).
+MEMORY_COMPACT_AT = 10
+MEMORY_KEEP_RECENT = 5
+MEMORY_SUMMARY_CHARS = 1200
 
 
 class StepState(Wire):
@@ -205,3 +210,17 @@ class GoalState(Wire):
     def remember(self, line: str) -> None:
         """The running goal memory: short lines, the newest kept."""
         self.memory = (self.memory + [line.replace("\n", " ")[:240]])[-MEMORY_LINES:]
+
+    def memory_to_compact(self) -> list[str]:
+        """The oldest memory lines, once the memory has grown to ``MEMORY_COMPACT_AT`` (else none)."""
+        return self.memory[:-MEMORY_KEEP_RECENT] if len(self.memory) >= MEMORY_COMPACT_AT else []
+
+    def compact_memory(self, old: list[str], summary: str, usage: Usage) -> bool:
+        """Replace ``old`` — if they are still the oldest lines — by one line summarising them, and count
+        what the summary cost. False when the memory moved on (another replica compacted it first)."""
+        if self.done or not old or self.memory[: len(old)] != old:
+            return False
+        line = "Earlier: " + " ".join(summary.split())
+        self.memory = [line[:MEMORY_SUMMARY_CHARS], *self.memory[len(old):]]
+        self.usage = self.usage + usage
+        return True

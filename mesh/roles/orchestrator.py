@@ -9,6 +9,10 @@ Every change to a goal is a pure transition of ``GoalState`` applied by compare-
 (``GoalStore.mutate``); side effects (task publishes, events) follow the successful write and are
 idempotent (dedupe ids derived from goal, step and attempt), so a replica that crashes between the
 write and the publish is repaired by the reconciliation sweep re-driving the goal.
+
+After each step outcome the goal's running memory is kept short: once it grows, the edge tier
+summarises its oldest lines into one (the model call runs before, outside, the CAS transition,
+which only swaps the summary in if those lines are still the oldest).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from datetime import timedelta
 from typing import Any
 
 from mesh.backends.base import ChatMessage, ChatRequest
+from mesh.backends.gateway import BudgetGuard
+from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
 from mesh.contracts import (
@@ -39,6 +45,7 @@ from mesh.contracts import (
     utcnow,
 )
 from mesh.errors import AllTiersFailed, BackendError, BusError, PlanInvalid, RetryableBackendError
+from mesh.packing import estimate_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
@@ -64,6 +71,8 @@ PLAN_SCHEMA: dict[str, Any] = {
     "required": ["steps"],
 }
 SWEEP_SECONDS = 5.0
+# A memory summary is at most a third of the lines it replaces, within these bounds.
+MEMORY_SUMMARY_TOKENS = (32, 200)
 
 
 class Orchestrator:
@@ -186,6 +195,9 @@ class Orchestrator:
             await self._on_completed(event)
         elif isinstance(event, StepFailed):
             await self._on_failed(event)
+        else:
+            return
+        await self._compact_memory(event.goal_id)
 
     async def _on_completed(self, ev: StepCompleted) -> None:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
@@ -213,6 +225,20 @@ class Orchestrator:
                                                      f"({self.limits.max_replans}) is reached: {ev.error}")
             return
         await self._plan(state, attempt=1, failed=ev.step_id)
+
+    async def _compact_memory(self, goal_id: str) -> None:
+        """Summarise the oldest memory lines on the edge tier (its calls are the goal's step "memory").
+        Runs after the outcome's dispatches, so a slow edge never holds the goal up."""
+        state = await self.goals.get(goal_id)
+        if state is None or state.done or not (old := state.memory_to_compact()):
+            return
+        scope = self.caller.scope(goal_id, "memory", self.spec.role, len(state.memory))
+        summarise = EdgeSummariser(self.caller.gateway, budget=BudgetGuard(_remaining(state)), extractive_share=1.0,
+                                   label=False)
+        text = "\n".join(old)
+        low, high = MEMORY_SUMMARY_TOKENS
+        summary = await summarise(text, min(max(estimate_tokens(text) // 3, low), high))
+        await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage))
 
     # --- driving ---------------------------------------------------------------------------------
 

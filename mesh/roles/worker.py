@@ -15,6 +15,8 @@ import time
 from typing import Any
 
 from mesh.backends.base import ChatMessage, ChatRequest, ChatResponse, ToolSpec
+from mesh.backends.gateway import BudgetGuard
+from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
 from mesh.contracts import (
@@ -37,7 +39,7 @@ from mesh.errors import (
     MeshError,
     RetryableBackendError,
 )
-from mesh.packing import estimate_tokens, pack
+from mesh.packing import apack, estimate_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
@@ -48,10 +50,12 @@ from mesh.tools.workspace import MANIFEST_MEDIA_TYPE, Workspace
 
 log = logging.getLogger(__name__)
 
+# Bounded (notes, their length) so that a grammar-constrained small model always closes the JSON
+# within its output budget instead of listing notes until it is cut off.
 VERDICT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"verdict": {"enum": ["approve", "changes_requested"]},
-                   "notes": {"type": "array", "items": {"type": "string"}}},
+                   "notes": {"type": "array", "maxItems": 12, "items": {"type": "string", "maxLength": 400}}},
     "required": ["verdict", "notes"],
 }
 MAX_INPUT_FILE_CHARS = 20_000
@@ -140,9 +144,12 @@ class Worker:
             instruction=step.instruction, remaining=task.remaining, deadline=task.deadline,
         )
         window = self.caller.gateway.window(decision.tier)
-        packed = pack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,
-                      acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
-                      output_reserve=spec.limits.max_output_tokens)
+        # Inputs that do not fit are summarised by the edge tier (its calls count toward this step).
+        summarise = EdgeSummariser(self.caller.gateway,
+                                   budget=BudgetGuard(task.remaining, spent=self.caller.current_usage()))
+        packed = await apack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,
+                             acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
+                             output_reserve=spec.limits.max_output_tokens, summarise=summarise)
         if packed.dropped or packed.summarised:
             await self.bus.emit(StepProgress(
                 event_id=f"{task.task_id}.packed.{delivery.attempt}", goal_id=task.goal_id, step_id=step.step_id,
@@ -165,9 +172,9 @@ class Worker:
         outputs = await self._publish_outputs(task, response.text, workspace, workspace_ref)
         return StepCompleted(
             event_id=f"{task.task_id}.completed", goal_id=task.goal_id, step_id=step.step_id, role=spec.role,
-            attempt=task.attempt, node=self.node_id, outputs=outputs,
-            usage=self.caller.current_usage(), verdict=verdict, tier=decision.tier,  # type: ignore[arg-type]
-        )
+            attempt=task.attempt, node=self.node_id, outputs=outputs, usage=self.caller.current_usage(),
+            verdict=verdict, tier=response.tier or decision.tier,  # type: ignore[arg-type]
+        )  # tier: the one that answered, after any fallback
 
     async def _converse(self, task: Task, request: ChatRequest, decision: Any, toolbox: ToolBox) -> ChatResponse:
         """The bounded tool loop (or a swarm fan-out for wide, tool-less steps)."""

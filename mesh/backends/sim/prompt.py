@@ -38,6 +38,7 @@ class Prompt:
     previous_review: str | None = None
     subtask: str | None = None
     sub_results: str | None = None
+    text: str = ""  # a summariser's ``## Text``
     tool_results: list[str] = field(default_factory=list)
     tools: list[ToolSpec] = field(default_factory=list)
 
@@ -74,4 +75,5 @@ def parse(messages: list[ChatMessage], tools: list[ToolSpec]) -> Prompt:
     p.previous_review = secs.get("Previous review")
     p.subtask = next((v for k, v in secs.items() if k.startswith("Sub-task")), None)
     p.sub_results = secs.get("Sub-agent results")
+    p.text = secs.get("Text", "")
     return p

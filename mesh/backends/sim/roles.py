@@ -223,6 +223,14 @@ def synthesizer(ctx: Context) -> Answer:
                        f"## Deliverables\n{parts or '- (none)'}\n{_constraints_note(p)}\n## Memory\n{p.memory or '(empty)'}\n")
 
 
+def summariser(ctx: Context) -> Answer:
+    """The text's opening fifth, by whole lines (an extractive lead; the reply is cut at max_tokens)."""
+    text = ctx.prompt.text
+    limit = max(len(text) // 5, 200)
+    head = text[: text.rfind("\n", 0, limit) if len(text) > limit and "\n" in text[:limit] else limit]
+    return Answer(text=f"{MARK} {head.strip()}")
+
+
 def generic(ctx: Context) -> Answer:
     p = ctx.prompt
     return Answer(text=f"{MARK}\n{p.role.capitalize()} output for: {p.instruction}\n\nGoal: {ctx.topic}\n{_constraints_note(p)}")
@@ -230,7 +238,7 @@ def generic(ctx: Context) -> Answer:
 
 ROLES: dict[str, Callable[[Context], Answer]] = {
     "planner": planner, "researcher": researcher, "coder": coder, "reviewer": reviewer, "tester": tester,
-    "synthesizer": synthesizer,
+    "synthesizer": synthesizer, "summariser": summariser,
 }
 
 

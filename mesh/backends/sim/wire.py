@@ -75,8 +75,15 @@ def openai_request(body: dict[str, Any], *, default_thinking: bool, metadata: di
         thinking=thinking, effort=body.get("reasoning_effort"),
         max_tokens=body.get("max_completion_tokens") or body.get("max_tokens") or 4096,
         stream=bool(body.get("stream")), temperature=body.get("temperature"), metadata=metadata,
-        json_schema=(fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None,
+        json_schema=_schema_of(fmt),
     )
+
+
+def _schema_of(fmt: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema of an OpenAI ``json_schema`` response format, or of llama.cpp's ``json_object`` + ``schema``."""
+    if fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema")
+    return fmt.get("schema") if fmt.get("type") == "json_object" else None
 
 
 def _openai_usage(r: SimReply) -> dict[str, Any]:

@@ -17,14 +17,17 @@ plan without parallel research):
 clipped to [0.02, 0.98]. ``difficulty`` (0..1) and ``fan_out`` come from the request metadata;
 ``sim_quality`` in the metadata (or the world's ``quality``) overrides ``p`` outright.
 
-Latency model: time to first token (+ reasoning tokens at the decode rate when thinking) and
-then output tokens at the tier's tokens/s, all multiplied by ``latency_scale`` (0 = instant).
+Latency model: time to first token — a fixed part plus the prompt's uncached tokens at the tier's
+prefill rate (+ reasoning tokens at the decode rate when thinking) — and then output tokens at the
+tier's tokens/s, all multiplied by ``latency_scale`` (0 = instant). The hosted tiers prefill so fast
+that their fixed part covers it; the local edge model does not (see its profile).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,11 +54,21 @@ class SimProfile:
     crowding: float  # how much a nearly full window hurts
     thinking_bonus: float = 0.08
     swarm_bonus: float = 0.0
+    prefill_tokens_per_s: float = math.inf  # prompt tokens processed per second before the first token
+
+    def first_token_seconds(self, uncached_prompt_tokens: int) -> float:
+        """Unscaled time to the first token of a prompt with this many uncached tokens."""
+        return self.ttft + uncached_prompt_tokens / self.prefill_tokens_per_s
 
 
 # Edge: a small local model (SmolLM2-135M class); long_context: DeepSeek V4 class; swarm: Kimi K2.6 class.
 PROFILES: dict[str, SimProfile] = {
-    "edge": SimProfile(ttft=0.05, tokens_per_s=65.0, quality=0.62, difficulty_penalty=0.5, crowding=0.4),
+    # Calibrated from the real SmolLM2-135M-Instruct Q4_1 on llama-cpp-python's server, 2 cores (bench/edge.py,
+    # bench/RESULTS.md "edge"): time to first token of a short prompt ~0.12 s, decode ~70 tokens/s, prefill
+    # ~150 tokens/s (so a 4k-token step prompt waits ~30 s); accuracy 65% on 20 easy tasks (difficulty 0.2)
+    # and 30% on 10 harder ones (0.6), which fit quality 0.83 and difficulty_penalty 0.88.
+    "edge": SimProfile(ttft=0.12, tokens_per_s=70.0, quality=0.83, difficulty_penalty=0.88, crowding=0.4,
+                       prefill_tokens_per_s=150.0),
     "long_context": SimProfile(ttft=0.8, tokens_per_s=45.0, quality=0.92, difficulty_penalty=0.22, crowding=0.15),
     "swarm": SimProfile(ttft=0.6, tokens_per_s=55.0, quality=0.88, difficulty_penalty=0.2, crowding=0.25,
                         swarm_bonus=0.025),
@@ -159,7 +172,8 @@ class SimWorld:
         if self.fixed_latency is not None:
             ttft, per_token = self.fixed_latency, 0.0
         else:
-            ttft, per_token = prof.ttft * self.latency_scale, self.latency_scale / prof.tokens_per_s
+            ttft = prof.first_token_seconds(prompt_tokens - cached) * self.latency_scale
+            per_token = self.latency_scale / prof.tokens_per_s
         return SimReply(text=text, reasoning=reasoning, tool_calls=ans.tool_calls, usage=usage, finish_reason=finish,
                         ttft=ttft, seconds_per_token=per_token, simulated_json=is_json)
 

@@ -13,10 +13,8 @@ The edge tier then goes through the ordinary OpenAI-compatible backend (``tier_e
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from mesh.embedded.natsserver import LOOPBACK, _die_with_parent, free_port
+from mesh.embedded.child import kill_now, log_tail, spawn_logged, terminate
+from mesh.embedded.natsserver import LOOPBACK, free_port
 from mesh.embedded.readiness import wait_http
 from mesh.errors import ConfigError, EmbeddedServerError
 
@@ -93,9 +92,9 @@ def choose_edge(setting: str, edge_tier: Any) -> EdgeChoice:
 class EdgeModelServer:
     """One ``python -m llama_cpp.server`` child process on loopback. ``start()`` / ``stop()`` or ``async with``.
 
-    Its output goes to ``log_path`` (a file: a chatty server never blocks on a full pipe); readiness
-    is ``GET /v1/models`` answering 200, which the server does once the model is loaded. On Linux the
-    child is SIGTERMed if this process dies, so a crashed ``mesh up`` leaves no server behind.
+    Started, logged and stopped like the embedded nats-server (``mesh.embedded.child``: a log file,
+    its own session, SIGTERMed on Linux if this process dies); readiness is ``GET /v1/models``
+    answering 200, which the server does once the model is loaded.
     """
 
     def __init__(self, model: Path, log_path: Path, *, host: str = LOOPBACK, port: int | None = None,
@@ -138,14 +137,7 @@ class EdgeModelServer:
         if missing := missing_modules(with_model=False):
             raise EmbeddedServerError(f"cannot serve the edge model: {', '.join(missing)} missing; {INSTALL_HINT}")
         self.port = self.port or free_port(self.host)
-        cmd = self.command()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as logf:
-            logf.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
-            logf.flush()
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                          start_new_session=True,  # Ctrl-C stops it through stop(), in order
-                                          preexec_fn=_die_with_parent())  # noqa: PLW1509 (tiny, async-signal-safe)
+        self._proc = spawn_logged(self.command(), self.log_path)
         return self._proc
 
     async def start(self) -> Self:
@@ -157,7 +149,7 @@ class EdgeModelServer:
             self.kill()
             if isinstance(exc, EmbeddedServerError):
                 raise EmbeddedServerError(f"edge model server: {exc} (MESH_EDGE_MODEL=off runs without it, "
-                                          f"on a simulated edge tier)\n{self.log_tail()}") from exc
+                                          f"on a simulated edge tier)\n{log_tail(self.log_path, 12)}") from exc
             raise
         self.load_seconds = time.perf_counter() - started
         log.info("edge model server pid %s at %s (%s, ready in %.1fs)", self.pid, self.base_url, self.model.name,
@@ -166,28 +158,10 @@ class EdgeModelServer:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (uvicorn finishes and exits), SIGKILL after ``timeout``; the process is reaped either way."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
-        except TimeoutError:
-            log.warning("edge model server pid %s ignored SIGTERM for %.0fs; killing it", proc.pid, timeout)
-            self.kill()
+        await terminate(self._proc, timeout, "edge model server")
 
     def kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-    def log_tail(self, lines: int = 12) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server log)"
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+        kill_now(self._proc)
 
     def tier_env(self) -> dict[str, str]:
         """``MESH_TIER_EDGE_*``: the edge tier on this server through the OpenAI-compatible backend.

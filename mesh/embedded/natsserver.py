@@ -18,29 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from mesh.embedded.child import kill_now, log_tail, spawn_logged, terminate
 from mesh.errors import EmbeddedServerError
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 _LOG_NAME = "nats-server.log"
-_PR_SET_PDEATHSIG = 1
 
 
 def find_nats_server() -> Path:
@@ -64,21 +62,6 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec hook asking Linux to SIGTERM the child when the spawning thread dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def hook() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return hook
 
 
 @dataclass(frozen=True)
@@ -166,18 +149,7 @@ class EmbeddedNats:
             raise EmbeddedServerError(f"nats-server already running (pid {self.pid})")
         self.port = self.port or free_port(self.host)
         self.http_port = self.http_port or free_port(self.host)
-        cmd = self.command()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
-            logf.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
-            logf.flush()
-            try:
-                self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    start_new_session=True, preexec_fn=_die_with_parent(),  # noqa: PLW1509 (tiny, async-signal-safe)
-                )
-            except OSError as exc:
-                raise EmbeddedServerError(f"cannot run {cmd[0]}: {exc}") from exc
+        self._proc = spawn_logged(self.command(), self.log_path)
         log.info("nats-server pid %s on %s (monitor %s, data %s)", self._proc.pid, self.url,
                  self.monitor_url, self.data_dir)
 
@@ -215,24 +187,11 @@ class EmbeddedNats:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (JetStream flushes and closes its files), SIGKILL if it is still alive after ``timeout``."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if proc.poll() is None:
-            log.warning("nats-server pid %s ignored SIGTERM for %.0fs; killing it", proc.pid, timeout)
-            self.kill()
+        await terminate(self._proc, timeout, "nats-server")
 
     def kill(self) -> None:
         """SIGKILL now and reap it: the crash of the fault tests."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.kill()
-        proc.wait()
+        kill_now(self._proc)
 
     async def restart(self) -> None:
         """Stop (or, if already dead, just) start again on the same port and data directory."""
@@ -249,11 +208,7 @@ class EmbeddedNats:
     # --- helpers ---------------------------------------------------------------------------
 
     def log_tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server log)"
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def _port_hint(self) -> str:
         tail = self.log_tail(40)

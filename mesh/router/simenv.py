@@ -132,7 +132,7 @@ class SimRouting:
         calls = fan + 1 if fan else case.calls
         cost = calls * cfg.prices.cost(prompt_tokens=case.prompt_tokens, cached_tokens=0, completion_tokens=out)
         prof = PROFILES[tier]
-        one = prof.ttft + out / prof.tokens_per_s
+        one = prof.first_token_seconds(case.prompt_tokens) + out / prof.tokens_per_s
         return Expected(p, cost, (2 if fan else calls) * one)
 
     def _outcome(self, case: SimCase, decision: RouteDecision, rng: random.Random,

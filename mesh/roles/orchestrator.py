@@ -113,8 +113,8 @@ class Orchestrator:
                                                        f"attempts: {exc}")
             return
         except (RetryableBackendError, AllTiersFailed) as exc:
-            if attempt < self.bus.topology.max_deliver and failed is None:
-                raise  # nak: plan again later
+            if attempt < self.bus.topology.max_deliver and failed is None and exc.retryable:
+                raise  # nak: plan again later (a non-retryable error would be dead-lettered: the goal lost)
             await self._finish(goal.goal_id, "failed", f"planning failed: {exc}")
             return
         except BackendError as exc:

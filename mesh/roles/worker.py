@@ -98,7 +98,9 @@ class Worker:
             return
         except (RetryableBackendError, AllTiersFailed, BusError) as exc:
             metrics.error(type(exc).__name__)
-            if delivery.attempt < self.max_deliver:
+            # Only what the consumer loop retries may be re-raised: it dead-letters a non-retryable error
+            # (every circuit open, an unpublishable output), and the step would vanish without an outcome.
+            if delivery.attempt < self.max_deliver and getattr(exc, "retryable", True):
                 raise  # nak with backoff: another delivery, maybe on another replica
             await self._fail(task, f"gave up after {delivery.attempt} deliveries: {exc}", scope.usage)
             metrics.task_done("failed", time.perf_counter() - started)

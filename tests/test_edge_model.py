@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from mesh.packing import estimate_tokens
 pytestmark = [
     pytest.mark.skipif(bool(missing_modules()), reason=f"the edge extra is not installed (missing: "
                        f"{', '.join(missing_modules())}); install it with `make edge`"),
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(300),
 ]
 CLASSIFY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"label": {"enum": ["bug", "feature", "question"]},
                                                     "confidence": {"type": "number"}},
@@ -118,3 +120,25 @@ async def test_start_and_stop_leave_no_process_behind(tmp_path: Path) -> None:
         os.kill(pid, 0)  # reaped, not a zombie
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
+
+
+def test_mesh_run_completes_a_goal_with_a_step_on_the_real_edge_model(tmp_path: Path) -> None:
+    """`mesh run` as a user runs it, with the extra installed: the edge tier is the real model. Nodes route
+    by the role specs' preferences here (the rule policy; the router model file is absent), so the tester,
+    which prefers the edge, runs there; the long-context and swarm tiers stay simulated."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(MESH_DATA_DIR=str(tmp_path / ".mesh"), MESH_OUT_DIR=str(tmp_path / "out"), MESH_SIM_LATENCY_SCALE="0",
+               MESH_DRAIN_SECONDS="5", MESH_ROUTER_MODEL=str(tmp_path / "no-router.onnx"),
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-m", "mesh", "run", "Build me a login system", "--json"], check=False,
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "served locally by llama-cpp-python (real model)" in proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert events[-1]["type"] == "goal.completed"
+    on_edge = [e for e in events if e["type"] == "backend.call" and e["tier"] == "edge" and e["outcome"] == "ok"]
+    assert on_edge and all(e["model"] == MODEL_ALIAS for e in on_edge)
+    assert all(e["usage"]["prompt_tokens"] > 0 and e["usage"]["completion_tokens"] > 0 for e in on_edge)
+    tested = [e for e in events if e["type"] == "step.completed" and e["role"] == "tester"]
+    assert tested and tested[-1]["tier"] == "edge"
+    assert not (tmp_path / ".mesh" / "local.json").exists(), "the local mesh (edge server included) was stopped"

@@ -1,5 +1,7 @@
 """Orchestration benchmarks, one run, on a real nats-server with in-process role nodes and the sim:
 
+Tools that start processes (the tester's shell.run) are left out: they would measure pytest.
+
 1. overhead per step with a zero-latency model: the mesh's own time per step, split into
    dispatch (dependency done → step started: event → planner CAS → task publish → worker fetch)
    and worker (step started → step completed: inputs, routing, packing, events, artifacts);
@@ -23,6 +25,7 @@ from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalPlanned, StepCompleted, StepStarted
 from mesh.embedded import EmbeddedNats
+from mesh.roles.spec import RoleSpec
 from tests.meshkit import in_process_mesh, role_specs, run_goal
 
 WORKERS = ("researcher", "coder", "reviewer", "tester", "synthesizer")
@@ -53,7 +56,7 @@ def step_overheads(events: list[EventBase]) -> tuple[list[float], list[float]]:
 async def overhead(settings: MeshSettings, goals: int) -> dict[str, float]:
     dispatch: list[float] = []
     worker: list[float] = []
-    async with await Bus.connect(settings, name="bench") as bus, in_process_mesh(settings):
+    async with await Bus.connect(settings, name="bench") as bus, in_process_mesh(settings, specs=model_only_specs()):
         for i in range(goals):
             events = await run_goal(bus, Goal(brief=f"Overhead probe {i}: a key-value store"))
             d, w = step_overheads(events)
@@ -65,9 +68,21 @@ async def overhead(settings: MeshSettings, goals: int) -> dict[str, float]:
             "total_p50": statistics.median(total), "total_p99": _pct(total, 0.99)}
 
 
+def model_only_specs(concurrency: int | None = None) -> dict[str, RoleSpec]:
+    """Role specs without shell.run: the tester's real pytest run would measure pytest, not the mesh."""
+    specs = {}
+    for role, spec in role_specs().items():
+        update: dict[str, object] = {}
+        if "shell.run" in spec.tools:
+            update |= {"tools": [t for t in spec.tools if t != "shell.run"], "shell_allow": []}
+        if concurrency is not None and spec.kind == "worker":
+            update["concurrency"] = concurrency
+        specs[role] = spec.model_copy(update=update)
+    return specs
+
+
 async def throughput(settings: MeshSettings, replicas: int, goals: int) -> float:
-    specs = {r: s.model_copy(update={"concurrency": 1}) if s.kind == "worker" else s
-             for r, s in role_specs().items()}
+    specs = model_only_specs(concurrency=1)
     counts = {"planner": 1} | {r: replicas for r in WORKERS}
     async with await Bus.connect(settings, name="bench") as bus, in_process_mesh(settings, counts, specs):
         started = time.perf_counter()

@@ -7,8 +7,9 @@ Two inputs, each a durable pull consumer shared by every planner replica:
 
 Every change to a goal is a pure transition of ``GoalState`` applied by compare-and-swap
 (``GoalStore.mutate``); side effects (task publishes, events) follow the successful write and are
-idempotent (dedupe ids derived from goal, step and attempt), so a replica that crashes between the
-write and the publish is repaired by the reconciliation sweep re-driving the goal.
+idempotent (dedupe ids derived from goal, step and attempt), so a replica that crashes (or loses its
+server) between the write and the publish is repaired when its input is redelivered: the transition is
+found applied and its side effects are issued again. The reconciliation sweep re-drives stale dispatches.
 
 After each step outcome the goal's running memory is kept short: once it grows, the edge tier
 summarises its oldest lines into one (the model call runs before, outside, the CAS transition,
@@ -191,15 +192,16 @@ class Orchestrator:
 
     async def on_step_event(self, delivery: Delivery) -> None:
         event = delivery.envelope.message()
+        redelivered = delivery.attempt > 1
         if isinstance(event, StepCompleted):
-            await self._on_completed(event)
+            await self._on_completed(event, redelivered=redelivered)
         elif isinstance(event, StepFailed):
-            await self._on_failed(event)
+            await self._on_failed(event, redelivered=redelivered)
         else:
             return
         await self._compact_memory(event.goal_id)
 
-    async def _on_completed(self, ev: StepCompleted) -> None:
+    async def _on_completed(self, ev: StepCompleted, *, redelivered: bool = False) -> None:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
         def record(s: GoalState) -> bool:
@@ -209,17 +211,25 @@ class Orchestrator:
                 s.add_revision(ev.step_id)
             return True
 
-        _, changed = await self.goals.mutate(ev.goal_id, record)
+        state, changed = await self.goals.mutate(ev.goal_id, record)
         if changed:
             await self._advance(ev.goal_id)
+        elif redelivered:
+            await self._resume(state)
 
-    async def _on_failed(self, ev: StepFailed) -> None:
+    async def _on_failed(self, ev: StepFailed, *, redelivered: bool = False) -> None:
         def record(s: GoalState) -> bool:
             return not s.done and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage)
 
         state, changed = await self.goals.mutate(ev.goal_id, record)
         if not changed:
-            return
+            if not redelivered:
+                return
+            st = state.steps.get(ev.step_id)
+            if state.done or st is None or st.status != "failed" or st.attempt != ev.attempt:
+                await self._resume(state)  # recorded and replanned (or finished) before: re-issue the effects
+                return
+            # recorded before, but that delivery died before it replanned: replan now
         if state.replans >= self.limits.max_replans:
             await self._finish(ev.goal_id, "failed", f"step {ev.step_id} failed and the replan limit "
                                                      f"({self.limits.max_replans}) is reached: {ev.error}")
@@ -281,6 +291,16 @@ class Orchestrator:
                                                step_id=step_id, role=st.step.role, attempt=st.attempt,
                                                task_id=task.task_id, node=self.node_id))
 
+    async def _resume(self, state: GoalState) -> None:
+        """A redelivered outcome whose transition is already in the goal state: the delivery before it
+        wrote the state and then failed (a crash, a restarting server, a timed-out reply) before its side
+        effects went out. Issue them again — dispatches are deduped by task id, final events by event
+        id — or the goal would wait forever on steps nobody dispatched."""
+        if state.done:
+            await self._announce_end(state)
+        else:
+            await self.redrive(state.goal.goal_id)
+
     async def _finish(self, goal_id: str, status: str, reason: str | None = None) -> None:
         def close(s: GoalState) -> bool:
             if s.done:
@@ -291,15 +311,19 @@ class Orchestrator:
             return True
 
         state, changed = await self.goals.mutate(goal_id, close)
-        if not changed:
-            return
-        if status == "completed" and state.result is not None:
+        if changed:
+            await self._announce_end(state)
+
+    async def _announce_end(self, state: GoalState) -> None:
+        """The final event of a finished goal (cancellations are announced by whoever cancels)."""
+        goal_id = state.goal.goal_id
+        if state.status == "completed" and state.result is not None:
             await self.bus.emit(GoalCompleted(event_id=f"{goal_id}.completed", goal_id=goal_id, result=state.result,
                                               workspace=state.workspace, usage=state.usage,
                                               steps_run=state.steps_run, node=self.node_id))
-        else:
+        elif state.status != "cancelled":
             await self.bus.emit(GoalFailed(event_id=f"{goal_id}.failed", goal_id=goal_id, node=self.node_id,
-                                           reason=reason or "failed", usage=state.usage))
+                                           reason=state.reason or "failed", usage=state.usage))
 
     async def redrive(self, goal_id: str) -> None:
         """Re-publish every dispatched task (dedupe drops the ones that exist) and advance."""

@@ -168,6 +168,7 @@ def sim_edge_success(difficulty: float) -> float:
 async def main(write: bool, threads: int | None) -> None:
     if missing := missing_modules():
         sys.exit(f"the edge extra is not installed (missing {', '.join(missing)}): run `make edge` first")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         server = EdgeModelServer(packaged_model(), Path(tmp) / "edge-model.log", threads=threads)
         await server.start()
@@ -222,10 +223,10 @@ async def main(write: bool, threads: int | None) -> None:
          f"{quality:.2f} / {penalty:.2f} (profile: {PROFILES['edge'].quality} / {PROFILES['edge'].difficulty_penalty})"),
     ]
     table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    load = os.getloadavg()[0]
     body = (f"`.venv/bin/python -m bench.edge{f' --threads {threads}' if threads else ''}` — SmolLM2-135M-Instruct "
-            f"Q4_1 on llama-cpp-python's server ({threads or 'default'} threads), {os.cpu_count()} cores, "
-            f"1-minute load average {load:.1f} when it finished (other work shares the machine).\n\n{table}\n\n"
+            f"Q4_1 on llama-cpp-python's server ({threads or 'default'} threads), {os.cpu_count()} cores; 1-minute "
+            f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other work shares the "
+            f"machine: latency figures rise with it, accuracy does not — temperature 0).\n\n{table}\n\n"
             "Per-task results: " + ", ".join(f"{'✓' if ok else '✗'}{i + 1}" for i, ok in enumerate(correct)) + ".\n")
     print(body)
     if write:

@@ -9,7 +9,8 @@ Every change to a goal is a pure transition of ``GoalState`` applied by compare-
 (``GoalStore.mutate``); side effects (task publishes, events) follow the successful write and are
 idempotent (dedupe ids derived from goal, step and attempt), so a replica that crashes (or loses its
 server) between the write and the publish is repaired when its input is redelivered: the transition is
-found applied and its side effects are issued again. The reconciliation sweep re-drives stale dispatches.
+found applied and its side effects are issued again (``_resume``). The reconciliation sweep re-drives
+stale dispatches.
 
 After each step outcome the goal's running memory is kept short: once it grows, the edge tier
 summarises its oldest lines into one (the model call runs before, outside, the CAS transition,
@@ -192,16 +193,15 @@ class Orchestrator:
 
     async def on_step_event(self, delivery: Delivery) -> None:
         event = delivery.envelope.message()
-        redelivered = delivery.attempt > 1
         if isinstance(event, StepCompleted):
-            await self._on_completed(event, redelivered=redelivered)
+            await self._on_completed(event)
         elif isinstance(event, StepFailed):
-            await self._on_failed(event, redelivered=redelivered)
+            await self._on_failed(event)
         else:
             return
         await self._compact_memory(event.goal_id)
 
-    async def _on_completed(self, ev: StepCompleted, *, redelivered: bool = False) -> None:
+    async def _on_completed(self, ev: StepCompleted) -> None:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
         def record(s: GoalState) -> bool:
@@ -214,17 +214,15 @@ class Orchestrator:
         state, changed = await self.goals.mutate(ev.goal_id, record)
         if changed:
             await self._advance(ev.goal_id)
-        elif redelivered:
+        else:
             await self._resume(state)
 
-    async def _on_failed(self, ev: StepFailed, *, redelivered: bool = False) -> None:
+    async def _on_failed(self, ev: StepFailed) -> None:
         def record(s: GoalState) -> bool:
             return not s.done and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage)
 
         state, changed = await self.goals.mutate(ev.goal_id, record)
         if not changed:
-            if not redelivered:
-                return
             st = state.steps.get(ev.step_id)
             if state.done or st is None or st.status != "failed" or st.attempt != ev.attempt:
                 await self._resume(state)  # recorded and replanned (or finished) before: re-issue the effects
@@ -292,14 +290,21 @@ class Orchestrator:
                                                task_id=task.task_id, node=self.node_id))
 
     async def _resume(self, state: GoalState) -> None:
-        """A redelivered outcome whose transition is already in the goal state: the delivery before it
-        wrote the state and then failed (a crash, a restarting server, a timed-out reply) before its side
-        effects went out. Issue them again — dispatches are deduped by task id, final events by event
-        id — or the goal would wait forever on steps nobody dispatched."""
+        """An outcome whose transition is already in the goal state: mostly a redelivery whose first
+        delivery wrote the state and then failed (a crash, a restarting server, a timed-out reply) before
+        its side effects went out. (A server that crashed may redeliver it as a first delivery: its
+        delivery count is not to be trusted, so this runs for every such outcome.) Issue the effects
+        again, or the goal waits forever on steps nobody dispatched: the final event (deduped by event
+        id), tasks dispatched within the last half duplicate window (deduped by task id; older ones
+        are the sweep's business, and re-publishing them could start a second run), what became ready."""
         if state.done:
             await self._announce_end(state)
-        else:
-            await self.redrive(state.goal.goal_id)
+            return
+        recent = utcnow() - timedelta(seconds=self.bus.topology.duplicate_window / 2)
+        for sid, st in state.steps.items():
+            if st.status == "dispatched" and st.dispatched_at is not None and st.dispatched_at > recent:
+                await self._publish_task(state, sid)
+        await self._advance(state.goal.goal_id)
 
     async def _finish(self, goal_id: str, status: str, reason: str | None = None) -> None:
         def close(s: GoalState) -> bool:

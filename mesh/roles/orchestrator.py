@@ -294,13 +294,15 @@ class Orchestrator:
         delivery wrote the state and then failed (a crash, a restarting server, a timed-out reply) before
         its side effects went out. (A server that crashed may redeliver it as a first delivery: its
         delivery count is not to be trusted, so this runs for every such outcome.) Issue the effects
-        again, or the goal waits forever on steps nobody dispatched: the final event (deduped by event
-        id), tasks dispatched within the last half duplicate window (deduped by task id; older ones
-        are the sweep's business, and re-publishing them could start a second run), what became ready."""
-        if state.done:
-            await self._announce_end(state)
-            return
+        again, or the goal waits forever on steps nobody dispatched: what became ready, and — only when
+        they are younger than half the duplicate window, so the stream is sure to drop a copy — the
+        final event and the tasks dispatched (older tasks are the sweep's business; re-publishing them
+        could start a second run, and a straggler's outcome must not announce an old goal's end twice)."""
         recent = utcnow() - timedelta(seconds=self.bus.topology.duplicate_window / 2)
+        if state.done:
+            if state.finished_at is not None and state.finished_at > recent:
+                await self._announce_end(state)
+            return
         for sid, st in state.steps.items():
             if st.status == "dispatched" and st.dispatched_at is not None and st.dispatched_at > recent:
                 await self._publish_task(state, sid)

@@ -21,12 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Self
 
 from mesh.embedded.child import kill_now, log_tail, spawn_logged, terminate
 from mesh.embedded.natsserver import LOOPBACK, free_port
 from mesh.embedded.readiness import wait_http
 from mesh.errors import ConfigError, EmbeddedServerError
+
+if TYPE_CHECKING:
+    from mesh.backends.tiers import TierConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,10 @@ MODEL_ALIAS = "smollm2-135m-instruct"  # the name the k8s edge-model component s
 CONTEXT_WINDOW = 8192  # SmolLM2's trained context length
 INSTALL_HINT = ("install the edge extra: CMAKE_ARGS=... pip install 'mesh-agents[edge]' "
                 "(compiles llama.cpp for several minutes; `make edge` sets the flags — see docs/BACKENDS.md)")
-# A request can queue behind others on the one-model server: allow for a full 4k-token answer at ~60 tok/s.
+# The most one call writes: ~15 s at ~70 tokens/s; a small model asked for more rambles (bench/RESULTS.md).
+OUTPUT_TOKENS = 1024
+# Seconds per call: the server answers one request at a time and reads a 4k-token prompt in ~30 s, so a
+# call may wait behind a few others.
 TIER_TIMEOUT = 300.0
 
 
@@ -68,7 +74,7 @@ class EdgeChoice:
     message: str
 
 
-def choose_edge(setting: str, edge_tier: Any) -> EdgeChoice:
+def choose_edge(setting: str, edge_tier: TierConfig) -> EdgeChoice:
     """Serve a local edge model when the edge tier is not configured and ``setting`` (``MESH_EDGE_MODEL``)
     allows it: ``auto`` serves the packaged SmolLM2 if the extra is installed, a path serves that GGUF."""
     if not edge_tier.simulated:
@@ -169,7 +175,7 @@ class EdgeModelServer:
         prefix = "MESH_TIER_EDGE_"
         return {prefix + "KIND": "openai", prefix + "BASE_URL": self.base_url, prefix + "MODEL": self.alias,
                 prefix + "DIALECT": "llamacpp", prefix + "CONTEXT_WINDOW": str(self.n_ctx),
-                prefix + "OUTPUT_RESERVE": "1024", prefix + "TIMEOUT": str(TIER_TIMEOUT),
+                prefix + "OUTPUT_RESERVE": str(OUTPUT_TOKENS), prefix + "TIMEOUT": str(TIER_TIMEOUT),
                 prefix + "MAX_CONCURRENCY": "2", prefix + "THINKING": "false",
                 prefix + "API_KEY_ENV": "MESH_EDGE_MODEL_KEY", "MESH_EDGE_MODEL_KEY": "local",
                 **{f"{prefix}PRICE_{p}": "0" for p in ("INPUT_HIT", "INPUT_MISS", "OUTPUT")}}

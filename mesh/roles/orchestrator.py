@@ -47,7 +47,7 @@ from mesh.contracts import (
     utcnow,
 )
 from mesh.errors import AllTiersFailed, BackendError, BusError, PlanInvalid, RetryableBackendError
-from mesh.packing import estimate_tokens
+from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
@@ -156,7 +156,8 @@ class Orchestrator:
                     ChatMessage(role="user", content="\n\n".join(lines))]
         self.caller.scope(goal.goal_id, "plan", "planner", version)
         decision = await self.caller.route(
-            self.spec, goal_id=goal.goal_id, step_id="plan", needed_tokens=sum(len(m.content) // 3 for m in messages),
+            self.spec, goal_id=goal.goal_id, step_id="plan",
+            needed_tokens=messages_tokens(messages) + self.limits.max_output_tokens,
             difficulty=0.7, position=DagPosition(),
             attempt=version, prior_failures=state.replans, budget_fraction_left=1.0,
             event_id=f"{goal.goal_id}.route.plan.{version}", instruction=goal.brief, remaining=_remaining(state),

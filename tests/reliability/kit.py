@@ -1,0 +1,195 @@
+"""Helpers of the reliability suite: a fleet of real node processes to kill, the whole event stream
+read back, terminal events awaited for many goals, process memory, and the long-variant switch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterable
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+from nats.js import api
+
+from mesh.bus import Bus
+from mesh.contracts import Event, GoalCompleted, GoalPlanned, StepCompleted
+from mesh.errors import ContractError
+from mesh.roles.goalstore import GoalStore
+from tests.meshkit import TERMINAL, NodeProcess
+
+LONG = os.environ.get("MESH_LONG") == "1"
+_STARTED = "health endpoint on"  # logged by a node once SIGTERM is handled
+long_only = pytest.mark.skipif(not LONG, reason="long variant: set MESH_LONG=1")
+
+
+class Fleet:
+    """One ``mesh node <role>`` process per role; any of them can be killed -9 and started again."""
+
+    def __init__(self, roles: Iterable[str], env: dict[str, str], log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.env, self.log_dir = env, log_dir
+        self.nodes = {role: NodeProcess(role, env, log_dir) for role in roles}
+        self.retired: list[NodeProcess] = []  # kept alive: a log file is named by its object's id
+        self.kills: list[str] = []
+
+    def start(self) -> Fleet:
+        for node in self.nodes.values():
+            node.start()
+        return self
+
+    async def kill9(self, role: str) -> None:
+        """SIGKILL the role's process (no drain, no goodbye) and start a fresh one in its place."""
+        node = self.nodes[role]
+        node.signal(signal.SIGKILL)
+        assert await node.wait() == -signal.SIGKILL
+        self.kills.append(role)
+        self.retired.append(node)
+        self.nodes[role] = NodeProcess(role, self.env, self.log_dir).start()
+
+    async def started(self, timeout: float = 30.0) -> None:
+        """Wait until every current process has its signal handlers in place (it logged its health
+        endpoint), so a SIGTERM drains it instead of killing it mid-import."""
+        deadline = time.monotonic() + timeout
+        while not all(_STARTED in n.log() for n in self.nodes.values()):
+            assert time.monotonic() < deadline, f"nodes not started within {timeout}s:\n{self.logs()}"
+            await asyncio.sleep(0.1)
+
+    def crashed(self) -> dict[str, int]:
+        """Roles whose process exited by itself (a kill we did not send): role → exit code."""
+        return {r: n.proc.returncode for r, n in self.nodes.items() if n.proc and n.proc.poll() is not None}
+
+    async def terminate(self, roles: Iterable[str] | None = None, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM the nodes (default: all), wait for their drain; the exit codes by role."""
+        chosen = {r: self.nodes[r] for r in (roles or self.nodes)}
+        for node in chosen.values():
+            if node.proc and node.proc.poll() is None:
+                node.signal(signal.SIGTERM)
+        return {role: await node.wait(timeout) for role, node in chosen.items()}
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    def pids(self) -> dict[str, int]:
+        return {r: n.proc.pid for r, n in self.nodes.items() if n.proc and n.proc.poll() is None}
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+
+async def chaos(fleet: Fleet, stop: asyncio.Event, *, every: tuple[float, float], seed: int,
+                roles: Iterable[str] | None = None) -> None:
+    """Kill -9 (and restart) a node every ``every`` seconds until ``stop``: the roles in a fresh
+    seeded random order per round, so each of them dies once per round."""
+    rng = random.Random(seed)
+    pool = list(roles or fleet.nodes)
+    while True:
+        order = rng.sample(pool, len(pool))
+        for role in order:
+            try:
+                await asyncio.wait_for(stop.wait(), rng.uniform(*every))
+                return
+            except TimeoutError:
+                pass
+            await fleet.kill9(role)
+
+
+async def stream_events(bus: Bus) -> list[Event]:
+    """Every decodable message of the events stream, in order, up to its last sequence now."""
+    info = await bus.js.stream_info(bus.topology.events_stream)
+    last = info.state.last_seq
+    events: list[Event] = []
+    if not info.state.messages:
+        return events
+    sub = await bus.js.subscribe(bus.topology.events_filter(), stream=bus.topology.events_stream,
+                                 ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    try:
+        async for msg in sub.messages:
+            try:
+                events.append((await bus.open(msg)).message())
+            except ContractError:
+                pass
+            if msg.metadata.sequence.stream >= last:
+                break
+    finally:
+        await sub.unsubscribe()
+    return events
+
+
+async def wait_terminal(bus: Bus, goal_ids: Iterable[str], timeout: float) -> dict[str, Event]:
+    """The terminal event of each goal, from one watch of the whole stream."""
+    waiting, ends = set(goal_ids), dict[str, Event]()
+
+    async def watch() -> None:
+        async with aclosing(bus.watch_events()) as stream:
+            async for event in stream:
+                if isinstance(event, TERMINAL) and event.goal_id in waiting:
+                    ends[event.goal_id] = event
+                    waiting.discard(event.goal_id)
+                    if not waiting:
+                        return
+
+    try:
+        await asyncio.wait_for(watch(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{len(waiting)} goal(s) did not end within {timeout:.0f}s:\n"
+                             f"{await describe_goals(bus, sorted(waiting))}") from None
+    return ends
+
+
+async def steps_completed(bus: Bus, count: int, goal_id: str | None = None) -> None:
+    """Wait until ``count`` steps have completed (of one goal, or of any)."""
+    seen = 0
+    async with aclosing(bus.watch_events(goal_id)) as stream:
+        async for event in stream:
+            seen += isinstance(event, StepCompleted)
+            if seen >= count:
+                return
+
+
+async def describe_goals(bus: Bus, goal_ids: Iterable[str]) -> str:
+    """Where each goal stands in its KV state: status and every step's status/attempt (for failures)."""
+    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
+    lines = []
+    for gid in goal_ids:
+        state = await goals.get(gid)
+        if state is None:
+            lines.append(f"{gid}: no state")
+            continue
+        steps = ", ".join(f"{sid}={st.status}/{st.attempt}" for sid, st in state.steps.items())
+        lines.append(f"{gid}: {state.status} v{state.plan_version} [{steps}]")
+    return "\n".join(lines)
+
+
+def check_applied_once(events: list[Event], goal_ids: Iterable[str]) -> None:
+    """Nothing applied twice, nothing lost: per goal at most one ``step.completed`` per (step, attempt)
+    and per step id across attempts, every step of its final plan completed, one ``goal.completed``."""
+    goal_ids = set(goal_ids)
+    done = Counter((e.goal_id, e.step_id) for e in events if isinstance(e, StepCompleted) and e.goal_id in goal_ids)
+    twice = {k: n for k, n in done.items() if n > 1}
+    assert not twice, f"steps completed more than once: {twice}"
+    finals = Counter(e.goal_id for e in events if isinstance(e, GoalCompleted))
+    plans: dict[str, GoalPlanned] = {}
+    for e in events:
+        newer = isinstance(e, GoalPlanned) and (e.goal_id not in plans or e.plan.version > plans[e.goal_id].plan.version)
+        if newer and e.goal_id in goal_ids:
+            plans[e.goal_id] = e  # type: ignore[assignment]
+    for gid in goal_ids:
+        assert finals[gid] == 1, f"goal {gid}: {finals[gid]} goal.completed events"
+        assert gid in plans, f"goal {gid}: no goal.planned event"
+        missing = [s.step_id for s in plans[gid].plan.steps if (gid, s.step_id) not in done]
+        assert not missing, f"goal {gid}: planned steps without a step.completed: {missing}"
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process (``VmRSS`` from /proc; psutil is not a dependency)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")

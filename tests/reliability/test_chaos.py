@@ -1,0 +1,69 @@
+"""Chaos: every role (planner and ledger included) runs as a real process; while goals run, one of
+them is killed -9 every few seconds and started again. Every goal completes, no step is applied
+twice, nothing planned is lost, and the ledger ends with exactly the stream's messages.
+
+Default variant: 8 goals, a kill every 1.5–3 s (each role at least once). ``MESH_LONG=1``: 20 goals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh.bus import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import Goal, GoalCompleted
+from mesh.roles.ledger_service import LedgerClient
+from tests.ledgerkit import Eventually, caught_up, stream_messages
+from tests.meshkit import node_env, role_specs
+from tests.reliability.kit import LONG, Fleet, chaos, check_applied_once, stream_events, wait_terminal
+
+pytestmark = pytest.mark.timeout(900 if LONG else 300)
+
+GOALS = 20 if LONG else 8
+
+
+async def test_kill_9_of_any_node_loses_nothing_and_applies_nothing_twice(
+        bus: Bus, settings: MeshSettings, eventually: Eventually, tmp_path: Path) -> None:
+    roles = list(role_specs(with_ledger=True))
+    # 200 ms per model call: goals last long enough for every role to die mid-work at least once.
+    env = node_env(settings, MESH_SIM_LATENCY_MS="200", MESH_DRAIN_SECONDS="2")
+    fleet = Fleet(roles, env, tmp_path / "logs").start()
+    goals = [Goal(brief=f"Chaos goal {i}: build me a login system") for i in range(GOALS)]
+    goal_ids = [g.goal_id for g in goals]
+    stop = asyncio.Event()
+    started = time.monotonic()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            killer = tg.create_task(chaos(fleet, stop, every=(1.5, 3.0), seed=int(os.environ.get("MESH_CHAOS_SEED", "9"))))
+            for goal in goals:
+                await bus.submit_goal(goal)
+            try:
+                ends = await wait_terminal(bus, goal_ids, timeout=600 if LONG else 240)
+            finally:
+                stop.set()
+            await killer
+        print(f"{GOALS} goals in {time.monotonic() - started:.0f}s through {len(fleet.kills)} kills: {fleet.kills}")
+        failed = {gid: e for gid, e in ends.items() if not isinstance(e, GoalCompleted)}
+        assert not failed, failed
+        assert set(fleet.kills) >= {"planner", "ledger"}, fleet.kills
+
+        # Stop everyone but the ledger (SIGTERM: drained, node.down), so the stream stands still.
+        await fleet.started()
+        exits = await fleet.terminate([r for r in roles if r != "ledger"])
+        assert set(exits.values()) == {0}, exits
+        client = LedgerClient(bus.nc, bus.topology.prefix, timeout=10)
+        await caught_up(eventually, client, bus, timeout=60)
+        total = await stream_messages(bus)
+        counts = await client.sql("SELECT count(*), count(DISTINCT seq) FROM events")
+        assert counts.rows == [(total, total)], (counts.rows, total)
+        assert (await fleet.terminate(["ledger"])) == {"ledger": 0}
+    except BaseException:
+        print(fleet.logs())
+        raise
+    finally:
+        fleet.stop()
+    check_applied_once(await stream_events(bus), goal_ids)

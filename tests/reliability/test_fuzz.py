@@ -1,0 +1,210 @@
+"""Bad input: 10,000 fuzzed messages — random bytes, truncated msgpack, wrong types, huge fields,
+unknown versions, oversized payloads, wrong kinds, dangling claim-checks — on every task subject and
+the goal subject, published raw while a real goal runs. No node process dies, every fuzzed message
+ends in MESH_DLQ with a reason, and the real goal completes meanwhile.
+
+Payloads above the *server's* max_payload never reach a consumer: the server refuses them at
+publish time, and the publisher gets a clear error (tested on its own below)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from nats.js import api
+
+from mesh.bus import Bus, DeadLetter
+from mesh.bus.dlq import DLQ_REASON_HEADER
+from mesh.config import MeshSettings
+from mesh.contracts import ArtifactRef, Goal, GoalCompleted, Step, Task, encode, new_id, open_envelope
+from mesh.errors import MessageTooLarge, PublishError
+from tests.ledgerkit import Eventually
+from tests.meshkit import node_env, role_specs
+from tests.reliability.kit import Fleet, wait_terminal
+
+pytestmark = pytest.mark.timeout(300)
+
+FUZZ = 10_000
+STORM_SECONDS = 40.0
+MAX_MESSAGE_BYTES = 256 * 1024  # the nodes' limit here: "oversized" = above it, below the server's 1 MiB
+Payload = tuple[str, bytes]  # (kind of fuzz, bytes)
+
+
+def _valid(subject_role: str, rng: random.Random) -> dict[str, Any]:
+    """A well-formed envelope of what the subject expects, as a msgpack-ready dict."""
+    if subject_role == "planner":
+        model: Any = Goal(brief="a goal " + "x" * rng.randrange(50))
+    else:
+        gid = new_id()
+        model = Task(task_id=Task.make_id(gid, "s1", 1), goal_id=gid,
+                     step=Step(step_id="s1", role=subject_role, instruction="do it"))
+    doc: dict[str, Any] = msgpack.unpackb(encode(model), raw=False)
+    return doc
+
+
+def _wrong_types(doc: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    body = dict(doc["body"])
+    key = rng.choice(sorted(body))
+    body[key] = rng.choice([12345, -1.5, ["a", "list"], {"a": "map"}, True])  # (bytes pass as str: not wrong)
+    if key in ("constraints", "options", "inputs", "brief", "memory", "budget_fraction_left", "prior_failures",
+               "deadline", "position", "remaining", "submitted_at", "budget", "attempt"):
+        body["goal_id"] = 7  # that key may accept the value (or coerce it): break a required one too
+    return doc | {"body": body}
+
+
+def _huge_field(doc: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """A 100-200 KB value in a field bounded by the contract (ids are ≤ 64 characters)."""
+    return doc | {"body": doc["body"] | {"goal_id": "g" * rng.randrange(100_000, 200_000)}}
+
+
+def fuzz_one(role: str, rng: random.Random) -> Payload:
+    doc = _valid(role, rng)
+    kinds: list[tuple[str, int, Callable[[], bytes]]] = [
+        ("random bytes", 20, lambda: rng.randbytes(rng.randrange(0, 2048))),
+        ("truncated msgpack", 20, lambda: (b := msgpack.packb(doc))[: rng.randrange(0, len(b))]),
+        ("wrong types", 20, lambda: msgpack.packb(_wrong_types(doc, rng))),
+        ("unknown version", 10, lambda: msgpack.packb(doc | {"v": rng.choice(["2.0", "0.9", "99.1", "v1", ""])})),
+        ("not a map", 9, lambda: msgpack.packb(rng.choice([[1, 2, 3], "envelope", 42, None, b"raw"]))),
+        ("broken envelope", 10, lambda: msgpack.packb(rng.choice([
+            doc | {"body": ["not", "a", "map"]}, doc | {"ts": "yesterday"}, doc | {"trace": {"a": 1}},
+            {k: v for k, v in doc.items() if k != "kind"}, {k: v for k, v in doc.items() if k != "body"},
+            doc | {"kind": "no-such-kind"}]))),
+        ("wrong kind", 5, lambda: msgpack.packb(doc | {"kind": rng.choice(["event", "plan", "usage",
+                                                                                "goal" if role != "planner" else "task"])})),
+        ("dangling claim-check", 4, lambda: msgpack.packb({k: v for k, v in doc.items() if k != "body"} | {
+            "claim": ArtifactRef(digest=rng.randbytes(32).hex(), size=10).model_dump(mode="json")})),
+        ("huge field", 1, lambda: msgpack.packb(_huge_field(doc, rng))),
+        ("oversized", 1, lambda: msgpack.packb(doc | {"pad": b"p" * rng.randrange(MAX_MESSAGE_BYTES, 900_000)})),
+    ]
+    name, _, make = rng.choices(kinds, weights=[w for _, w, _ in kinds])[0]
+    return name, make()
+
+
+async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
+        bus: Bus, settings: MeshSettings, eventually: Eventually, tmp_path: Path) -> None:
+    roles = [r for r, s in role_specs().items()]
+    env = node_env(settings, MESH_SIM_LATENCY_SCALE="0", MESH_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES))
+    fleet = Fleet(roles, env, tmp_path / "logs").start()
+    topo = bus.topology
+    rng = random.Random(2026)
+    sent: dict[str, tuple[str, str]] = {}  # Nats-Msg-Id → (role, kind of fuzz)
+    real = Goal(brief="Build me a login system")
+    storm_over = asyncio.Event()
+
+    async def storm() -> None:
+        window = asyncio.Semaphore(64)
+
+        async def publish(role: str, kind: str, data: bytes) -> None:
+            msg_id = f"fuzz-{len(sent)}"
+            sent[msg_id] = (role, kind)
+            subject = topo.goal_subject() if role == topo.goal_role else topo.task_subject(role)
+            try:
+                await bus.publish_raw(subject, data, headers={"Nats-Msg-Id": msg_id})
+            finally:
+                window.release()
+
+        async with asyncio.TaskGroup() as tg:
+            for i in range(FUZZ):
+                if i == FUZZ // 10:
+                    await bus.submit_goal(real)  # real work, queued behind a tenth of the storm
+                role = roles[i % len(roles)]
+                await window.acquire()
+                tg.create_task(publish(role, *fuzz_one(role, rng)))
+                ahead = started + STORM_SECONDS * (i + 1) / FUZZ - time.monotonic()
+                if i % 100 == 99 and ahead > 0:
+                    await asyncio.sleep(ahead)  # the storm lasts STORM_SECONDS: the real goal runs inside it
+        storm_over.set()
+        print(f"storm published in {time.monotonic() - started:.1f}s; dead letters so far: {await _dlq_count(bus)}")
+
+    started = time.monotonic()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(storm())
+            ends = await wait_terminal(bus, [real.goal_id], timeout=180)
+            during_storm = not storm_over.is_set()
+            print(f"real goal ended after {time.monotonic() - started:.1f}s; dead letters: {await _dlq_count(bus)}")
+        assert isinstance(ends[real.goal_id], GoalCompleted), ends
+        await eventually(lambda: _all_disposed(bus, roles), timeout=120, interval=0.5, message="every message disposed")
+        print(f"{FUZZ} fuzzed messages dead-lettered {time.monotonic() - started:.0f}s after the storm began")
+        assert fleet.crashed() == {}, fleet.crashed()
+        await fleet.started()
+        assert set((await fleet.terminate()).values()) == {0}
+    except BaseException:
+        print(fleet.logs())
+        for st in (topo.goals_stream, topo.tasks_stream, topo.dlq_stream):
+            print("DIAG", st, (await bus.js.stream_info(st, subjects_filter=">")).state)
+        for r in roles:
+            ci = await bus.js.consumer_info(topo.stream_for(r), topo.consumer_name(r))
+            print("DIAG", r, ci.num_pending, ci.num_ack_pending, ci.num_redelivered, ci.delivered, ci.ack_floor)
+        raise
+    finally:
+        fleet.stop()
+
+    letters = await _read_dlq(bus)
+    lettered = {letter.headers.get("Nats-Msg-Id") for letter, _ in letters}
+    missing = Counter(sent[m][1] for m in sent if m not in lettered)
+    assert not missing, f"fuzzed messages that did not reach the DLQ, by kind: {dict(missing)}"
+    assert len(letters) == FUZZ
+    by_kind: Counter[str] = Counter()
+    for letter, headers in letters:
+        role, kind = sent[letter.headers["Nats-Msg-Id"]]
+        by_kind[kind] += 1
+        assert letter.subject == (topo.goal_subject() if role == topo.goal_role else topo.task_subject(role))
+        assert letter.reason and headers[DLQ_REASON_HEADER], letter
+        assert letter.error in ("CodecError", "SchemaViolation", "UnsupportedVersion", "MessageTooLarge"), letter
+        assert letter.num_delivered == 1, letter  # poison is recognised at once, never retried
+    assert len(by_kind) == 10, by_kind  # every kind of fuzz was sent and dead-lettered
+    assert during_storm, "the real goal must complete while the storm is still going"
+    print(dict(by_kind))
+
+
+async def _dlq_count(bus: Bus) -> int:
+    info = await bus.js.stream_info(bus.topology.dlq_stream)
+    return int(info.state.messages)
+
+
+async def _all_disposed(bus: Bus, roles: list[str]) -> bool:
+    """Every role's consumer has nothing left to deliver and nothing unacknowledged."""
+    topo = bus.topology
+    for role in roles:
+        info = await bus.js.consumer_info(topo.stream_for(role), topo.consumer_name(role))
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
+
+
+async def _read_dlq(bus: Bus) -> list[tuple[DeadLetter, dict[str, str]]]:
+    sub = await bus.js.subscribe(f"{bus.topology.prefix}.dlq.>", stream=bus.topology.dlq_stream,
+                                 ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    letters: list[tuple[DeadLetter, dict[str, str]]] = []
+    try:
+        async for msg in sub.messages:
+            letters.append((DeadLetter.decode(msg.data), dict(msg.headers or {})))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return letters
+
+
+async def test_a_payload_above_the_servers_max_payload_is_refused_at_publish(bus: Bus) -> None:
+    limit = bus.nc.max_payload
+    with pytest.raises(PublishError, match=f"{limit + 1} bytes exceed the server's max_payload of {limit}") as info:
+        await bus.publish_raw(bus.topology.task_subject("coder"), b"x" * (limit + 1))
+    assert getattr(info.value, "retryable", None) is False  # a handler raising it is dead-lettered, not retried
+    # The bus' own publish never gets there: a body above claim_check_bytes travels by reference ...
+    big = Goal(brief="y" * 90_000, constraints=["z" * 1000] * 1200)
+    await bus.submit_goal(big)
+    stored = await bus.js.get_last_msg(bus.topology.goals_stream, bus.topology.goal_subject())
+    assert stored.data is not None and len(stored.data) < bus.settings.claim_check_bytes < len(encode(big))
+    assert open_envelope(stored.data).claim is not None
+    # ... and past the configured message size it is refused before anything is sent.
+    with pytest.raises(MessageTooLarge):
+        encode(big, max_bytes=1_000_000)

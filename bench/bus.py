@@ -36,6 +36,7 @@ import nats
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
 from nats.aio.msg import Msg
+from pydantic import BaseModel
 
 from bench.results import write_section
 from mesh.bus import Bus, Delivery, PullConsumer, Topology, provision
@@ -120,7 +121,7 @@ async def run_raw(url: str, n: int, payload: bytes) -> float:
 # --- (b) the mesh -----------------------------------------------------------------------------
 
 
-async def run_mesh(url: str, n: int, event: StepCompleted) -> float:
+async def run_mesh(url: str, n: int, event: BaseModel) -> float:
     settings = MeshSettings(nats_url=url, subject_prefix="mesh")
     async with await Bus.connect(settings, name="bench", roles=[ROLE]) as bus:
         counter = Counter(n)

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,26 @@ def timed(step: Callable[[RouteContext], object], ctxs: list[RouteContext], n: i
     return out / 1000.0
 
 
-def latency(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> str:
+@dataclass
+class Latency:
+    """Per path (name → (p50 µs, p99 µs, calls/s)), and what the model and the run were."""
+
+    paths: dict[str, tuple[float, float, float]]
+    calls: dict[str, int]
+    trees: int
+    depth: int
+    trained_on: int
+    contexts: int
+    rounds: int
+    load: tuple[float, float]
+
+    def ratio(self, kind: str) -> tuple[float, float]:
+        """scikit-learn / ONNX at p50 and p99 for ``kind`` (`Router.decide` or features + model)."""
+        on, sk = self.paths[f"{kind}, ONNX"], self.paths[f"{kind}, scikit-learn"]
+        return sk[0] / on[0], sk[1] / on[1]
+
+
+def latency_figures(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> Latency:
     ledger = tmp / "latency.duckdb"
     write_ledger(ledger, sim.run(300, uniform_policy(11)))
     data = load_decisions(ledger)
@@ -88,25 +108,33 @@ def latency(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> str:
     for _ in range(rounds):  # alternate, so load on the machine hits every path alike
         for name, step in paths.items():
             runs[name].append(timed(step, ctxs, per_round if "ONNX" in name else max(per_round // 10, 100)))
-    load = (load_before, os.getloadavg()[0])
     t = {k: np.concatenate(v) for k, v in runs.items()}
-    p = {k: (np.percentile(v, 50), np.percentile(v, 99), 1e6 / v.mean()) for k, v in t.items()}
-    rows = [f"| {name} | {len(t[name])} | {p50:.1f} µs | {p99:.1f} µs | {rate:,.0f} |"
-            for name, (p50, p99, rate) in p.items()]
+    return Latency(
+        paths={k: (float(np.percentile(v, 50)), float(np.percentile(v, 99)), 1e6 / float(v.mean()))
+               for k, v in t.items()},
+        calls={k: len(v) for k, v in t.items()}, trees=sk.regressor.n_estimators_, depth=sk.regressor.max_depth,
+        trained_on=len(data), contexts=len(ctxs), rounds=rounds, load=(load_before, os.getloadavg()[0]))
+
+
+def latency(sim: SimRouting, decisions: int, rounds: int, tmp: Path) -> str:
+    lat = latency_figures(sim, decisions, rounds, tmp)
+    rows = [f"| {name} | {lat.calls[name]} | {p50:.1f} µs | {p99:.1f} µs | {rate:,.0f} |"
+            for name, (p50, p99, rate) in lat.paths.items()]
 
     def ratio(kind: str) -> str:
-        on, sk_ = p[f"{kind}, ONNX"], p[f"{kind}, scikit-learn"]
-        return f"{sk_[0] / on[0]:.1f}× at p50, {sk_[1] / on[1]:.1f}× at p99"
+        p50, p99 = lat.ratio(kind)
+        return f"{p50:.1f}× at p50, {p99:.1f}× at p99"
 
     return "\n".join([
-        (f"Model: {sk.regressor.n_estimators_} boosted trees (depth {sk.regressor.max_depth}) over 6 (tier, "
-         f"thinking) actions, trained on {len(data)} sim decisions; {len(ctxs)} distinct contexts from sim goals. "
-         f"`Router.decide` is the whole decision (features, model, hard constraints, ε = 0.05 exploration, "
+        (f"Model: {lat.trees} boosted trees (depth {lat.depth}) over 6 (tier, "
+         f"thinking) actions, trained on {lat.trained_on} sim decisions; {lat.contexts} distinct contexts from sim "
+         f"goals. `Router.decide` is the whole decision (features, model, hard constraints, ε = 0.05 exploration, "
          f"the `RouteDecision`); each call timed on its own, {rounds} alternating rounds. Load average of the "
-         f"machine (2 cores, shared): {load[0]:.1f} before, {load[1]:.1f} after."), "",
+         f"machine (2 cores, shared): {lat.load[0]:.1f} before, {lat.load[1]:.1f} after."), "",
         "| path | calls | p50 | p99 | calls/s (1 thread) |", "| --- | ---: | ---: | ---: | ---: |", *rows, "",
         (f"ONNX vs scikit-learn — whole decision: **{ratio('`Router.decide`')}**; features + model: "
-        f"{ratio('features + model')}. ONNX decision p99: {p['`Router.decide`, ONNX'][1]:.0f} µs (target ≤ 100 µs)."),
+         f"{ratio('features + model')}. ONNX decision p99: {lat.paths['`Router.decide`, ONNX'][1]:.0f} µs "
+         "(target ≤ 100 µs)."),
     ])
 
 

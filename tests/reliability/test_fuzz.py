@@ -121,7 +121,6 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
                 if i % 100 == 99 and ahead > 0:
                     await asyncio.sleep(ahead)  # the storm lasts STORM_SECONDS: the real goal runs inside it
         storm_over.set()
-        print(f"storm published in {time.monotonic() - started:.1f}s; dead letters so far: {await _dlq_count(bus)}")
 
     started = time.monotonic()
     try:
@@ -129,20 +128,20 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
             tg.create_task(storm())
             ends = await wait_terminal(bus, [real.goal_id], timeout=180)
             during_storm = not storm_over.is_set()
-            print(f"real goal ended after {time.monotonic() - started:.1f}s; dead letters: {await _dlq_count(bus)}")
+            goal_seconds = time.monotonic() - started
         assert isinstance(ends[real.goal_id], GoalCompleted), ends
         await eventually(lambda: _all_disposed(bus, roles), timeout=120, interval=0.5, message="every message disposed")
-        print(f"{FUZZ} fuzzed messages dead-lettered {time.monotonic() - started:.0f}s after the storm began")
+        disposed_seconds = time.monotonic() - started
         assert fleet.crashed() == {}, fleet.crashed()
         await fleet.started()
         assert set((await fleet.terminate()).values()) == {0}
     except BaseException:
         print(fleet.logs())
         for st in (topo.goals_stream, topo.tasks_stream, topo.dlq_stream):
-            print("DIAG", st, (await bus.js.stream_info(st, subjects_filter=">")).state)
+            print(st, (await bus.js.stream_info(st, subjects_filter=">")).state)
         for r in roles:
             ci = await bus.js.consumer_info(topo.stream_for(r), topo.consumer_name(r))
-            print("DIAG", r, ci.num_pending, ci.num_ack_pending, ci.num_redelivered, ci.delivered, ci.ack_floor)
+            print(r, "pending", ci.num_pending, "ack pending", ci.num_ack_pending, "redelivered", ci.num_redelivered)
         raise
     finally:
         fleet.stop()
@@ -162,12 +161,10 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
         assert letter.num_delivered == 1, letter  # poison is recognised at once, never retried
     assert len(by_kind) == 10, by_kind  # every kind of fuzz was sent and dead-lettered
     assert during_storm, "the real goal must complete while the storm is still going"
-    print(dict(by_kind))
-
-
-async def _dlq_count(bus: Bus) -> int:
-    info = await bus.js.stream_info(bus.topology.dlq_stream)
-    return int(info.state.messages)
+    print(f"figure: fuzz: {FUZZ:,} bad messages over {STORM_SECONDS:.0f} s on {len(roles) - 1} task subjects and the goal "
+          f"subject ({', '.join(f'{k} {n}' for k, n in by_kind.most_common())}): {len(letters):,} dead letters, each "
+          f"with its reason, on first delivery; no node died; a real goal completed during the storm "
+          f"({goal_seconds:.0f} s); every message disposed of after {disposed_seconds:.0f} s")
 
 
 async def _all_disposed(bus: Bus, roles: list[str]) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from datetime import datetime, timedelta
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 import aiohttp
 import pytest
@@ -32,12 +32,13 @@ from mesh.contracts import (
 )
 from mesh.embedded.local import sim_server_env
 from tests.meshkit import in_process_mesh
-from tests.reliability.kit import steps_completed, stream_events, wait_terminal
+from tests.reliability.kit import LONG, steps_completed, stream_events, wait_terminal
 
 pytestmark = pytest.mark.timeout(240)
 
 CALL_TIMEOUT = 1.0  # each tier's per-attempt timeout: a "timeout" fault costs this much
 WALL_SECONDS = 120.0  # the doomed goals' wall-time budget
+GOALS = 6 if LONG else 3
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ async def _stats(server: SimServer) -> dict[str, int]:
 
 async def test_a_30_percent_storm_of_429_5xx_and_timeouts(bus: Bus, fast: MeshSettings, sim: SimServer) -> None:
     await _faults(sim, "429:0.1,503:0.05,500:0.05,timeout:0.1,retry_after:0.2")
-    goals = [Goal(brief=f"Storm goal {i}: build me a login system") for i in range(3)]
+    goals = [Goal(brief=f"Storm goal {i}: build me a login system") for i in range(GOALS)]
     async with in_process_mesh(fast):
         for goal in goals:
             await bus.submit_goal(goal)
@@ -84,13 +85,15 @@ async def test_a_30_percent_storm_of_429_5xx_and_timeouts(bus: Bus, fast: MeshSe
     assert 0.2 < sum(faults.values()) / requests < 0.4, (faults, requests)  # the storm was real
     outcomes = Counter(e.outcome for e in await stream_events(bus) if isinstance(e, BackendCall))
     assert {"RateLimited", "Overloaded", "ServerError", "BackendTimeout"} <= set(outcomes), outcomes
+    print(f"figure: backend storm: {sum(faults.values())} of {requests} HTTP calls failed "
+          f"({', '.join(f'{k} {n}' for k, n in faults.most_common())}): {GOALS} goals completed")
 
 
 async def test_one_tier_down_opens_its_circuit_and_work_falls_back(bus: Bus, fast: MeshSettings,
                                                                    sim: SimServer) -> None:
     down = "long_context"  # the tier the router prefers for most roles
     await _faults(sim, "503:1", tier=down)
-    goals = [Goal(brief=f"Fallback goal {i}: build me a login system") for i in range(2)]
+    goals = [Goal(brief=f"Fallback goal {i}: build me a login system") for i in range(GOALS)]
     async with in_process_mesh(fast):
         for goal in goals:
             await bus.submit_goal(goal)
@@ -122,6 +125,9 @@ async def test_one_tier_down_opens_its_circuit_and_work_falls_back(bus: Bus, fas
                and timedelta(0) < e.at - opened[e.node] < timedelta(seconds=breaker.reset_after)]
     assert steered, f"no routing decision after a circuit opened (opened on {sorted(map(str, opened))})"
     assert all(e.decision.tier != down for e in steered), Counter(e.decision.tier for e in steered)
+    print(f"figure: {down} down: its {sum(on_down.values())} calls failed ({dict(on_down)}), its circuit opened on "
+          f"{len(opened)} node(s), {len(rescued)} steps fell back to another tier, {len(steered)} later routing "
+          f"decisions avoided it; {GOALS} goals completed")
 
 
 async def test_every_tier_down_fails_goals_cleanly_and_fast(bus: Bus, fast: MeshSettings, sim: SimServer) -> None:
@@ -140,5 +146,6 @@ async def test_every_tier_down_fails_goals_cleanly_and_fast(bus: Bus, fast: Mesh
         end = ends[goal.goal_id]
         assert isinstance(end, GoalFailed), end
         assert "every tier failed" in end.reason and ("Overloaded" in end.reason or "CircuitOpen" in end.reason), end.reason
-    print(f"both goals failed cleanly {elapsed:.1f}s after every tier went down")
+    print(f"figure: every tier down: 2 goals (one mid-run, one new) failed cleanly {elapsed:.1f} s later "
+          f"(wall budget {WALL_SECONDS:.0f} s), reason: {ends[before.goal_id].reason[:90]}…")
     assert elapsed < WALL_SECONDS / 2  # no hang: failing takes retries, not the whole budget

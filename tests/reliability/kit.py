@@ -17,7 +17,7 @@ import pytest
 from nats.js import api
 
 from mesh.bus import Bus
-from mesh.contracts import Event, GoalCompleted, GoalPlanned, StepCompleted
+from mesh.contracts import Event, GoalCompleted, GoalPlanned, StepCompleted, StepFailed, StepStarted
 from mesh.errors import ContractError
 from mesh.roles.goalstore import GoalStore
 from tests.meshkit import TERMINAL, NodeProcess
@@ -83,12 +83,36 @@ class Fleet:
                          for p in sorted(self.log_dir.glob("*.log")))
 
 
+class Activity:
+    """Which worker roles have a step in flight right now, followed on the event stream, so a kill can
+    be aimed at a worker mid-step rather than at an idle one."""
+
+    def __init__(self, workers: Iterable[str]) -> None:
+        self.running: dict[str, set[tuple[str, str, int]]] = {role: set() for role in workers}
+
+    async def follow(self, bus: Bus) -> None:
+        """Track steps until cancelled."""
+        async with aclosing(bus.watch_events(from_start=False)) as stream:
+            async for e in stream:
+                if isinstance(e, StepStarted | StepCompleted | StepFailed) and e.role in self.running:
+                    step = (e.goal_id, e.step_id, e.attempt)
+                    if isinstance(e, StepStarted):
+                        self.running[e.role].add(step)
+                    else:
+                        self.running[e.role].discard(step)
+
+    def busy(self, role: str) -> bool:
+        """A worker with a step in flight; any other role (planner, ledger) is always worth killing."""
+        return role not in self.running or bool(self.running[role])
+
+
 async def chaos(fleet: Fleet, stop: asyncio.Event, *, every: tuple[float, float], seed: int,
-                roles: Iterable[str] | None = None) -> None:
+                activity: Activity | None = None, aim_for: float = 5.0) -> None:
     """Kill -9 (and restart) a node every ``every`` seconds until ``stop``: the roles in a fresh
-    seeded random order per round, so each of them dies once per round."""
+    seeded random order per round, so each of them dies once per round. With ``activity``, a worker
+    is killed once it has a step in flight (waiting up to ``aim_for`` seconds for one)."""
     rng = random.Random(seed)
-    pool = list(roles or fleet.nodes)
+    pool = list(fleet.nodes)
     while True:
         order = rng.sample(pool, len(pool))
         for role in order:
@@ -97,6 +121,9 @@ async def chaos(fleet: Fleet, stop: asyncio.Event, *, every: tuple[float, float]
                 return
             except TimeoutError:
                 pass
+            deadline = time.monotonic() + aim_for
+            while activity is not None and not activity.busy(role) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # polling the tracked state: there is no event for "busy"
             await fleet.kill9(role)
 
 

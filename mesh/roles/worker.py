@@ -116,7 +116,7 @@ class Worker:
     async def _fail(self, task: Task, error: str, usage: Usage) -> None:
         await self.bus.emit(StepFailed(event_id=f"{task.task_id}.failed", goal_id=task.goal_id,
                                        step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
-                                       node=self.node_id, error=error[:2000]))
+                                       node=self.node_id, error=error[:2000], usage=usage))
 
     async def _check_cancelled(self, goal_id: str) -> None:
         state = await self.goals.get(goal_id)

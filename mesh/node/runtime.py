@@ -26,7 +26,7 @@ from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
-from mesh.errors import NodeSpecError
+from mesh.errors import NodeSpecError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
 from mesh.node.health import HealthServer
@@ -40,6 +40,7 @@ from mesh.router.runtime import default_router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ANNOUNCE_ATTEMPTS = 5
 
 
 class DrainTimeout(Exception):
@@ -83,7 +84,7 @@ class Node:
         topo = bus.topology
         up = NodeUp(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role, host=socket.gethostname(),
                     pid=os.getpid(), version=__version__)
-        await bus.emit(up)
+        await _announce(bus, up)
         runners: list[Callable[[], Awaitable[None]]] = []
         caller: ModelCaller | None = None
         if self.spec.kind == "recorder":
@@ -161,6 +162,21 @@ class Node:
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)
+
+
+async def _announce(bus: Bus, up: NodeUp) -> None:
+    """Publish node.up, retrying while the server is too busy to acknowledge in time: a node that just
+    connected must not die of one slow ack (the fault suite's storms on a loaded machine saw it). The
+    event keeps its id, so a retry whose first attempt did land is dropped as a duplicate."""
+    for attempt in range(1, ANNOUNCE_ATTEMPTS + 1):
+        try:
+            await bus.emit(up)
+            return
+        except PublishError as exc:
+            if attempt == ANNOUNCE_ATTEMPTS or getattr(exc, "retryable", True) is False:
+                raise
+            log.warning("node.up not acknowledged (attempt %d of %d): %s", attempt, ANNOUNCE_ATTEMPTS, exc)
+            await asyncio.sleep(0.5 * attempt)
 
 
 def run_node(role: str, settings: MeshSettings | None = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -39,45 +39,47 @@ def _mesh_settings(settings: MeshSettings, **update: object) -> MeshSettings:
                                        "drain_seconds": 5.0, **update})
 
 
-async def test_nats_server_killed_and_restarted_mid_run(settings: MeshSettings, nats_server: EmbeddedNats) -> None:
+async def _through_a_fault(settings: MeshSettings, fault: Callable[[Bus], Awaitable[str]]) -> None:
+    """GOALS goals on an in-process mesh; once GOALS steps have completed, ``fault`` strikes (and says what
+    it did). Every goal must complete, each step once."""
     fast = _mesh_settings(settings)
-    goals = [Goal(brief=f"Restart goal {i}: build me a login system") for i in range(GOALS)]
+    goals = [Goal(brief=f"Fault goal {i}: build me a login system") for i in range(GOALS)]
     async with await Bus.connect(fast, name="test") as bus, in_process_mesh(fast):
         for goal in goals:
             await bus.submit_goal(goal)
         await asyncio.wait_for(steps_completed(bus, GOALS), 60)
+        what = await fault(bus)
+        started = time.monotonic()
+        ends = await wait_terminal(bus, [g.goal_id for g in goals], timeout=150)
+        elapsed = time.monotonic() - started
+        assert all(isinstance(e, GoalCompleted) for e in ends.values()), ends
+        check_applied_once(await stream_events(bus), [g.goal_id for g in goals])
+    print(f"figure: {what}: {GOALS} goals completed, the last {elapsed:.1f} s after it, each step once")
+
+
+async def test_nats_server_killed_and_restarted_mid_run(settings: MeshSettings, nats_server: EmbeddedNats) -> None:
+    async def restart(bus: Bus) -> str:
         nats_server.kill()  # SIGKILL: no flush, no goodbye; the file store is what survives
         await asyncio.sleep(DOWN_SECONDS)
         await nats_server.start()
-        started = time.monotonic()
-        ends = await wait_terminal(bus, [g.goal_id for g in goals], timeout=150)
-        print(f"figure: nats-server killed -9 mid-run and restarted on its file store: {GOALS} goals completed, "
-              f"the last {time.monotonic() - started:.1f} s after the restart, each step once")
-        assert all(isinstance(e, GoalCompleted) for e in ends.values()), ends
-        check_applied_once(await stream_events(bus), [g.goal_id for g in goals])
+        return "nats-server killed -9 mid-run and restarted on its file store"
+
+    await _through_a_fault(settings, restart)
 
 
 async def test_losing_one_cluster_member_mid_run(nats_cluster: EmbeddedCluster, tmp_path: Path) -> None:
     settings = MeshSettings(nats_url=nats_cluster.url, replicas=3, data_dir=tmp_path / "mesh", ack_wait=2.0,
                             nak_delay=0.1, reconnect_wait=0.1, connect_timeout=2.0)
-    fast = _mesh_settings(settings)
-    goals = [Goal(brief=f"Cluster goal {i}: build me a login system") for i in range(GOALS)]
-    async with await Bus.connect(fast, name="test") as bus, in_process_mesh(fast):
+
+    async def lose_the_leader(bus: Bus) -> str:
         info = await bus.js.stream_info(bus.topology.tasks_stream)
         assert info.config.num_replicas == 3 and info.cluster is not None
-        for goal in goals:
-            await bus.submit_goal(goal)
-        await asyncio.wait_for(steps_completed(bus, GOALS), 60)
         # The member leading the task stream: its loss forces an election mid-dispatch.
-        leader = (await bus.js.stream_info(bus.topology.tasks_stream)).cluster.leader  # type: ignore[union-attr]
-        victim = next(s for s in nats_cluster.servers if s.server_name == leader)
+        victim = next(s for s in nats_cluster.servers if s.server_name == info.cluster.leader)
         await victim.stop()
-        started = time.monotonic()
-        ends = await wait_terminal(bus, [g.goal_id for g in goals], timeout=150)
-        print(f"figure: 3-node cluster (R3), the task stream's leader {leader} stopped mid-run: {GOALS} goals "
-              f"completed, the last {time.monotonic() - started:.1f} s later, each step once")
-        assert all(isinstance(e, GoalCompleted) for e in ends.values()), ends
-        check_applied_once(await stream_events(bus), [g.goal_id for g in goals])
+        return f"3-node cluster (R3), the task stream's leader {info.cluster.leader} stopped mid-run"
+
+    await _through_a_fault(settings, lose_the_leader)
 
 
 # --- the crash window between a goal-state write and its side effects ---------------------------------

@@ -62,6 +62,16 @@ async def _faults(server: SimServer, faults: str, tier: str | None = None) -> No
         assert resp.status == 200, await resp.text()
 
 
+async def _all_complete(bus: Bus, settings: MeshSettings) -> None:
+    """GOALS goals through an in-process mesh; every one must complete."""
+    goals = [Goal(brief=f"Storm goal {i}: build me a login system") for i in range(GOALS)]
+    async with in_process_mesh(settings):
+        for goal in goals:
+            await bus.submit_goal(goal)
+        ends = await wait_terminal(bus, [g.goal_id for g in goals], timeout=180)
+    assert all(isinstance(e, GoalCompleted) for e in ends.values()), ends
+
+
 async def _stats(server: SimServer) -> dict[str, int]:
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/_sim/stats") as resp:
         return dict(await resp.json())
@@ -69,12 +79,7 @@ async def _stats(server: SimServer) -> dict[str, int]:
 
 async def test_a_30_percent_storm_of_429_5xx_and_timeouts(bus: Bus, fast: MeshSettings, sim: SimServer) -> None:
     await _faults(sim, "429:0.1,503:0.05,500:0.05,timeout:0.1,retry_after:0.2")
-    goals = [Goal(brief=f"Storm goal {i}: build me a login system") for i in range(GOALS)]
-    async with in_process_mesh(fast):
-        for goal in goals:
-            await bus.submit_goal(goal)
-        ends = await wait_terminal(bus, [g.goal_id for g in goals], timeout=180)
-    assert all(isinstance(e, GoalCompleted) for e in ends.values()), ends
+    await _all_complete(bus, fast)
     stats = await _stats(sim)
     requests = sum(v for k, v in stats.items() if k.startswith("requests.") and k.split(".")[1] in TIERS)
     faults: Counter[str] = Counter()
@@ -93,12 +98,7 @@ async def test_one_tier_down_opens_its_circuit_and_work_falls_back(bus: Bus, fas
                                                                    sim: SimServer) -> None:
     down = "long_context"  # the tier the router prefers for most roles
     await _faults(sim, "503:1", tier=down)
-    goals = [Goal(brief=f"Fallback goal {i}: build me a login system") for i in range(GOALS)]
-    async with in_process_mesh(fast):
-        for goal in goals:
-            await bus.submit_goal(goal)
-        ends = await wait_terminal(bus, [g.goal_id for g in goals], timeout=180)
-    assert all(isinstance(e, GoalCompleted) for e in ends.values()), ends
+    await _all_complete(bus, fast)
     events = await stream_events(bus)
     calls = [e for e in events if isinstance(e, BackendCall)]
     on_down = Counter(e.outcome for e in calls if e.tier == down)

@@ -36,6 +36,7 @@ class Fleet:
         self.nodes = {role: NodeProcess(role, env, log_dir) for role in roles}
         self.retired: list[NodeProcess] = []  # kept alive: a log file is named by its object's id
         self.kills: list[str] = []
+        self._killed = asyncio.Condition()
 
     def start(self) -> Fleet:
         for node in self.nodes.values():
@@ -47,9 +48,16 @@ class Fleet:
         node = self.nodes[role]
         node.signal(signal.SIGKILL)
         assert await node.wait() == -signal.SIGKILL
-        self.kills.append(role)
         self.retired.append(node)
         self.nodes[role] = NodeProcess(role, self.env, self.log_dir).start()
+        async with self._killed:
+            self.kills.append(role)
+            self._killed.notify_all()
+
+    async def next_kill(self, seen: int) -> None:
+        """Wait until more than ``seen`` kills have happened."""
+        async with self._killed:
+            await self._killed.wait_for(lambda: len(self.kills) > seen)
 
     async def started(self, timeout: float = 30.0) -> None:
         """Wait until every current process has its signal handlers in place (it logged its health

@@ -222,7 +222,7 @@ def run_suite() -> list[str]:
     proc = subprocess.run([sys.executable, "-m", "pytest", "tests/reliability", "-s", "-q", "-p", "no:cacheprovider",
                            "-k", "not soak"], cwd=ROOT, env=os.environ | {"MESH_LONG": "1"},
                           capture_output=True, text=True, check=False)
-    figures = [m.group(1) for m in re.finditer(r"^figure: (.*)$", proc.stdout, re.MULTILINE)]
+    figures = re.findall(r"figure: (.*)$", proc.stdout, re.MULTILINE)  # pytest may print a "." before it
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "no output"
     return [*figures, f"pytest: {summary}"]
 

@@ -1,4 +1,10 @@
-"""Goal state in KV ``mesh_goals``, changed only by compare-and-swap on the entry's revision."""
+"""Goal state in KV ``mesh_goals``, changed only by compare-and-swap on the entry's revision.
+
+A store remembers the latest entry it read or wrote per goal, so a replica that keeps writing the
+same goal (the planner, one outcome after another) swaps against that revision without reading
+first. The remembered copy is only trusted for a write: the CAS refuses it when anyone wrote since,
+and a change that finds nothing to do on it is decided again on a fresh read.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +19,29 @@ from mesh.roles.goalstate import GoalState
 
 T = TypeVar("T")
 MAX_CAS_ATTEMPTS = 50
+REMEMBERED_GOALS = 1024
 
 
 class GoalStore:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        self._latest: dict[str, tuple[int, bytes]] = {}  # goal id → (revision, value), oldest first
 
     async def get(self, goal_id: str) -> GoalState | None:
         try:
-            entry = await self.kv.get(goal_id)
+            _, value = await self._read(goal_id)
         except KeyNotFoundError:
             return None
-        return GoalState.model_validate_json(entry.value) if entry.value else None
+        return GoalState.model_validate_json(value) if value else None
 
     async def create(self, state: GoalState) -> bool:
         """Store a new goal; False when another replica created it first."""
+        value = state.model_dump_json().encode()
         try:
-            await self.kv.create(state.goal.goal_id, state.model_dump_json().encode())
+            revision = await self.kv.create(state.goal.goal_id, value)
         except KeyWrongLastSequenceError:
             return False
+        self._remember(state.goal.goal_id, revision, value)
         return True
 
     async def mutate(self, goal_id: str, change: Callable[[GoalState], T]) -> tuple[GoalState, T]:
@@ -41,16 +51,24 @@ class GoalStore:
         of the state it is given. Its return value (e.g. which steps it dispatched) is returned with
         the state that was stored; a ``None``-returning no-op change writes nothing.
         """
+        entry = self._latest.get(goal_id)
         for _ in range(MAX_CAS_ATTEMPTS):
-            entry = await self.kv.get(goal_id)
-            state = GoalState.model_validate_json(entry.value or b"")
+            remembered = entry is not None
+            revision, value = entry or await self._read(goal_id)
+            state = GoalState.model_validate_json(value)
             outcome = change(state)
             if outcome is None or outcome == [] or outcome is False:
+                if remembered:  # maybe stale: only the latest state may say there is nothing to do
+                    entry = None
+                    continue
                 return state, outcome
+            value = state.model_dump_json().encode()
             try:
-                await self.kv.update(goal_id, state.model_dump_json().encode(), last=entry.revision)
+                revision = await self.kv.update(goal_id, value, last=revision)
             except KeyWrongLastSequenceError:
+                entry = None
                 continue
+            self._remember(goal_id, revision, value)
             return state, outcome
         raise BusError(f"goal {goal_id}: {MAX_CAS_ATTEMPTS} compare-and-swap attempts lost to other writers")
 
@@ -59,3 +77,15 @@ class GoalStore:
             return list(await self.kv.keys())
         except NoKeysError:
             return []
+
+    async def _read(self, goal_id: str) -> tuple[int, bytes]:
+        entry = await self.kv.get(goal_id)
+        assert entry.revision is not None
+        self._remember(goal_id, entry.revision, entry.value or b"")
+        return entry.revision, entry.value or b""
+
+    def _remember(self, goal_id: str, revision: int, value: bytes) -> None:
+        self._latest.pop(goal_id, None)
+        self._latest[goal_id] = (revision, value)
+        if len(self._latest) > REMEMBERED_GOALS:
+            del self._latest[next(iter(self._latest))]

@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from mesh.aio import together
 from mesh.backends.base import ChatMessage, ChatRequest
 from mesh.backends.gateway import BudgetGuard
 from mesh.backends.summarise import EdgeSummariser
@@ -111,16 +114,16 @@ class Orchestrator:
         try:
             plan = await self._ask_for_plan(state, version=state.plan_version + 1, failed=failed)
         except PlanInvalid as exc:
-            await self._finish(goal.goal_id, "failed", f"no valid plan after {self.limits.max_plan_attempts} "
-                                                       f"attempts: {exc}")
+            await self._fail_goal(goal.goal_id, f"no valid plan after {self.limits.max_plan_attempts} "
+                                                f"attempts: {exc}")
             return
         except (RetryableBackendError, AllTiersFailed) as exc:
             if attempt < self.bus.topology.max_deliver and failed is None and exc.retryable:
                 raise  # nak: plan again later (a non-retryable error would be dead-lettered: the goal lost)
-            await self._finish(goal.goal_id, "failed", f"planning failed: {exc}")
+            await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
         except BackendError as exc:
-            await self._finish(goal.goal_id, "failed", f"planning failed: {exc}")
+            await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
 
         planning = self.caller.current_usage()
@@ -195,14 +198,14 @@ class Orchestrator:
     async def on_step_event(self, delivery: Delivery) -> None:
         event = delivery.envelope.message()
         if isinstance(event, StepCompleted):
-            await self._on_completed(event)
+            state = await self._on_completed(event)
         elif isinstance(event, StepFailed):
-            await self._on_failed(event)
+            state = await self._on_failed(event)
         else:
             return
-        await self._compact_memory(event.goal_id)
+        await self._compact_memory(state)
 
-    async def _on_completed(self, ev: StepCompleted) -> None:
+    async def _on_completed(self, ev: StepCompleted) -> GoalState:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
         def record(s: GoalState) -> bool:
@@ -212,13 +215,12 @@ class Orchestrator:
                 s.add_revision(ev.step_id)
             return True
 
-        state, changed = await self.goals.mutate(ev.goal_id, record)
-        if changed:
-            await self._advance(ev.goal_id)
-        else:
+        state, recorded = await self._advance(ev.goal_id, record)
+        if not recorded:
             await self._resume(state)
+        return state
 
-    async def _on_failed(self, ev: StepFailed) -> None:
+    async def _on_failed(self, ev: StepFailed) -> GoalState:
         def record(s: GoalState) -> bool:
             return not s.done and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage)
 
@@ -227,20 +229,22 @@ class Orchestrator:
             st = state.steps.get(ev.step_id)
             if state.done or st is None or st.status != "failed" or st.attempt != ev.attempt:
                 await self._resume(state)  # recorded and replanned (or finished) before: re-issue the effects
-                return
+                return state
             # recorded before, but that delivery died before it replanned: replan now
         if state.replans >= self.limits.max_replans:
-            await self._finish(ev.goal_id, "failed", f"step {ev.step_id} failed and the replan limit "
-                                                     f"({self.limits.max_replans}) is reached: {ev.error}")
-            return
+            await self._fail_goal(ev.goal_id, f"step {ev.step_id} failed and the replan limit "
+                                              f"({self.limits.max_replans}) is reached: {ev.error}")
+            return state
         await self._plan(state, attempt=1, failed=ev.step_id)
+        return state
 
-    async def _compact_memory(self, goal_id: str) -> None:
+    async def _compact_memory(self, state: GoalState) -> None:
         """Summarise the oldest memory lines on the edge tier (its calls are the goal's step "memory").
-        Runs after the outcome's dispatches, so a slow edge never holds the goal up."""
-        state = await self.goals.get(goal_id)
-        if state is None or state.done or not (old := state.memory_to_compact()):
+        Runs after the outcome's dispatches, so a slow edge never holds the goal up. ``state`` may be a
+        step behind: the swap below only applies while those lines are still the oldest."""
+        if state.done or not (old := state.memory_to_compact()):
             return
+        goal_id = state.goal.goal_id
         scope = self.caller.scope(goal_id, "memory", self.spec.role, len(state.memory))
         summarise = EdgeSummariser(self.caller.gateway, budget=BudgetGuard(_remaining(state)), extractive_share=1.0,
                                    label=False)
@@ -251,30 +255,22 @@ class Orchestrator:
 
     # --- driving ---------------------------------------------------------------------------------
 
-    async def _advance(self, goal_id: str) -> None:
-        """Budgets, completion, then dispatch every step that became ready."""
-        state = await self.goals.get(goal_id)
-        if state is None or state.done:
-            return
-        breach = state.budget_breach()
-        if breach:
-            await self._finish(goal_id, "failed", breach)
-            return
-        if state.all_completed():
-            await self._finish(goal_id, "completed")
-            return
+    async def _advance(self, goal_id: str, record: Callable[[GoalState], bool] | None = None) -> tuple[GoalState, bool]:
+        """In one compare-and-swap: ``record`` (an outcome's transition, when given), then budgets,
+        completion and the dispatch of every step that became ready; then their side effects.
+        Returns the state and whether anything was written (``record`` applied)."""
 
-        def dispatch(s: GoalState) -> list[str]:
-            if s.done:
-                return []
-            ready = s.ready()
-            for sid in ready:
-                s.mark_dispatched(sid)
-            return ready
+        def move(s: GoalState) -> _Moves | None:
+            if record is not None and not record(s):
+                return None
+            return _forward(s) or (_Moves([]) if record is not None else None)
 
-        state, ready = await self.goals.mutate(goal_id, dispatch)
-        for sid in ready:
-            await self._publish_task(state, sid)
+        state, moves = await self.goals.mutate(goal_id, move)
+        if moves is not None and moves.finished:
+            await self._announce_end(state)
+        elif moves is not None:  # the tasks go out together, each followed by its event
+            await together(*(self._publish_task(state, sid) for sid in moves.ready))
+        return state, moves is not None
 
     async def _publish_task(self, state: GoalState, step_id: str) -> None:
         st, goal = state.steps[step_id], state.goal
@@ -309,13 +305,11 @@ class Orchestrator:
                 await self._publish_task(state, sid)
         await self._advance(state.goal.goal_id)
 
-    async def _finish(self, goal_id: str, status: str, reason: str | None = None) -> None:
+    async def _fail_goal(self, goal_id: str, reason: str) -> None:
         def close(s: GoalState) -> bool:
             if s.done:
                 return False
-            if status == "completed":
-                s.result = _final_output(s)
-            s.finish(status, reason)  # type: ignore[arg-type]
+            s.finish("failed", reason)
             return True
 
         state, changed = await self.goals.mutate(goal_id, close)
@@ -362,6 +356,31 @@ class Orchestrator:
                 await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
             except TimeoutError:
                 pass
+
+
+@dataclass(slots=True)
+class _Moves:
+    """What one advance did to a goal: the steps it dispatched, or that it finished the goal."""
+
+    ready: list[str]
+    finished: bool = False
+
+
+def _forward(s: GoalState) -> _Moves | None:
+    """Budgets, completion, then every ready step marked dispatched; None when nothing changed."""
+    if s.done:
+        return None
+    if breach := s.budget_breach():
+        s.finish("failed", breach)
+        return _Moves([], finished=True)
+    if s.all_completed():
+        s.result = _final_output(s)
+        s.finish("completed")
+        return _Moves([], finished=True)
+    ready = s.ready()
+    for sid in ready:
+        s.mark_dispatched(sid)
+    return _Moves(ready) if ready else None
 
 
 def _with_synthesis(plan: Plan) -> Plan:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from mesh.bus import Bus
+from mesh.bus.outbox import Outbox
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, GoalSubmitted, Step, StepCompleted, StepStarted, Task, sha256_hex
 from mesh.embedded import EmbeddedNats, free_port
@@ -64,6 +65,25 @@ async def test_blob_of_1_5_mb_round_trips_through_the_object_store(bus: Bus) -> 
     assert await bus.get_blob(ref.digest) == data
     with pytest.raises(BlobNotFound):
         await bus.get_blob("0" * 64)
+
+
+async def test_small_blob_round_trips_in_one_chunk(bus: Bus) -> None:
+    ref = await bus.put_blob(b"notes", media_type="text/markdown", name="s1/note")
+    assert await bus.get_blob(ref.digest) == b"notes"
+
+
+async def test_outbox_stores_every_event_before_settle_returns(bus: Bus) -> None:
+    sent = [StepStarted(goal_id="g8", step_id="s1", role="coder"),
+            StepCompleted(goal_id="g8", step_id="s1", role="coder")]
+    async with Outbox(bus) as outbox:
+        for event in [*sent, sent[0]]:  # the duplicate is dropped by the stream, and acked as such
+            await outbox.emit(event)
+        await outbox.settle()
+        info = await bus.js.stream_info(bus.topology.events_stream)
+        assert info.state.messages == 2
+    await bus.close()
+    with pytest.raises(NotConnected):
+        await Outbox(bus).emit(sent[0])
 
 
 async def test_large_message_travels_by_claim_check(bus: Bus) -> None:

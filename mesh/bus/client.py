@@ -13,9 +13,13 @@ The raw clients stay reachable (``bus.nc``, ``bus.js``) for anything this layer 
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -25,8 +29,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError, ObjectNotFoundError
-from nats.js.kv import KeyValue
-from nats.js.object_store import ObjectStore
+from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
+from nats.js.object_store import (
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_DEFAULT_CHUNK_SIZE,
+    OBJ_DIGEST_TEMPLATE,
+    OBJ_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+    ObjectStore,
+)
 from pydantic import BaseModel
 
 from mesh.bus.topology import Topology, provision
@@ -163,12 +174,18 @@ class Bus:
         ``msg_id`` is the dedupe id (default: the envelope's fresh id). ``trace`` is the W3C trace
         context to continue; a new trace starts when it is missing.
         """
+        data, headers = await self._encode(message, msg_id, trace)
+        return await self.publish_raw(subject, data, headers=headers)
+
+    async def _encode(self, message: BaseModel, msg_id: str | None,
+                      trace: dict[str, str] | None) -> tuple[bytes, dict[str, str]]:
+        """The envelope (claim-checked when too big) and its headers."""
         envelope_id = new_id()
         trace = trace or {"traceparent": new_traceparent()}
         data = encode(message, msg_id=envelope_id, trace=trace, max_bytes=self.settings.max_message_bytes)
         if len(data) > self.settings.claim_check_bytes:
             data = await self._claim_check(data)
-        return await self.publish_raw(subject, data, headers={MSG_ID_HEADER: msg_id or envelope_id, **trace})
+        return data, {MSG_ID_HEADER: msg_id or envelope_id, **trace}
 
     async def publish_raw(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None) -> api.PubAck:
         """JetStream publish of ready bytes, with the bus' error mapping."""
@@ -188,6 +205,18 @@ class Bus:
         """Publish an event on its goal's event subject; deduped by ``event_id``."""
         subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
         await self.publish(subject, event, msg_id=event.event_id)
+
+    async def emit_async(self, event: EventBase) -> asyncio.Future[api.PubAck]:
+        """Like ``emit``, but returns once the event is sent: the future resolves with the stream's ack.
+        Whoever calls this owns the future (``mesh.bus.outbox.Outbox`` awaits or cancels it)."""
+        data, headers = await self._encode(event, event.event_id, None)
+        subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
+        try:
+            return await self.js.publish_async(subject, data, headers=headers)
+        except nats.errors.ConnectionClosedError as exc:
+            raise NotConnected(f"publish to {subject}: the connection is closed") from exc
+        except nats.errors.Error as exc:
+            raise PublishError(f"publish to {subject} failed: {exc!r}") from exc
 
     async def submit_goal(self, goal: Goal) -> None:
         await self.publish(self.topology.goal_subject(), goal, msg_id=goal.goal_id)
@@ -249,8 +278,11 @@ class Bus:
             await store.get_info(digest)
         except (ObjectNotFoundError, NotFoundError):
             try:
-                await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
-                                                                  headers={"Content-Type": media_type}))
+                if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
+                    await self._put_chunk(data, digest, media_type, name)
+                else:
+                    await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
+                                                                      headers={"Content-Type": media_type}))
             except (nats.errors.Error, TimeoutError) as exc:
                 raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
         except (nats.errors.Error, TimeoutError) as exc:
@@ -259,17 +291,39 @@ class Bus:
 
     async def get_blob(self, digest: str) -> bytes:
         """The bytes stored under ``digest``, verified against it."""
-        store = await self.object_store(self.topology.obj_artifacts)
+        bucket = self.topology.obj_artifacts
+        store = await self.object_store(bucket)
         try:
-            result = await store.get(digest)
+            info = await store.get_info(digest)
+            if info.chunks == 1 and not info.is_link():
+                # One chunk (every blob up to 128 KiB): read it directly instead of through an ordered
+                # consumer, which costs a consumer create and delete on the server per read.
+                chunk = await self.js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket),
+                                                   OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid))
+                data = bytes(chunk.data or b"")
+            else:
+                data = bytes((await store.get(digest)).data or b"")
         except (ObjectNotFoundError, NotFoundError) as exc:
-            raise BlobNotFound(f"no blob {digest} in {self.topology.obj_artifacts}") from exc
+            raise BlobNotFound(f"no blob {digest} in {bucket}") from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"reading blob {digest} failed: {exc!r}") from exc
-        data = bytes(result.data or b"")
         if sha256_hex(data) != digest:
             raise BusError(f"blob {digest} failed its digest check ({len(data)} bytes read)")
         return data
+
+    async def _put_chunk(self, data: bytes, digest: str, media_type: str, name: str) -> None:
+        """A new blob of one chunk, written as ``ObjectStore.put`` writes it (chunk, then the meta that
+        points at it) minus its own existence lookup, which ``put_blob`` has just done."""
+        bucket, nuid = self.topology.obj_artifacts, new_id()
+        await self.js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data)
+        sha = base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()
+        info = api.ObjectInfo(name=digest, description=name or None, headers={"Content-Type": media_type},
+                              bucket=bucket, nuid=nuid, size=len(data), chunks=1, mtime=datetime.now(UTC).isoformat(),
+                              options=api.ObjectMetaOptions(max_chunk_size=OBJ_DEFAULT_CHUNK_SIZE),
+                              digest=OBJ_DIGEST_TEMPLATE.format(digest=sha))
+        meta = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
+        await self.js.publish(meta, json.dumps(info.as_dict()).encode(),
+                              headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
 
     async def kv(self, bucket: str) -> KeyValue:
         """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""

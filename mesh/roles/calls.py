@@ -13,7 +13,17 @@ from mesh.backends.gateway import BudgetGuard, CallRecord, ModelGateway
 from mesh.backends.sim.world import SimWorld
 from mesh.backends.tiers import TierConfig
 from mesh.bus.client import Bus
-from mesh.contracts import TIERS, BackendCall, Budget, DagPosition, RouteDecided, RouteDecision, Usage
+from mesh.bus.outbox import Outbox
+from mesh.contracts import (
+    TIERS,
+    BackendCall,
+    Budget,
+    DagPosition,
+    EventBase,
+    RouteDecided,
+    RouteDecision,
+    Usage,
+)
 from mesh.contracts.models import utcnow
 from mesh.metrics import Metrics
 from mesh.roles.spec import RoleSpec
@@ -23,13 +33,15 @@ from mesh.router.policy import RoutePolicy
 
 @dataclass(slots=True)
 class CallScope:
-    """Which goal and step the current model calls belong to (for backend.call events)."""
+    """Which goal and step the current model calls belong to (for backend.call events), and the
+    outbox their events go through (None: each is published and its ack awaited on the spot)."""
 
     goal_id: str
     step_id: str
     role: str
     attempt: int
     usage: Usage
+    outbox: Outbox | None = None
 
 
 _scope: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar("mesh_call_scope", default=None)
@@ -53,16 +65,23 @@ class ModelCaller:
             return
         if rec.outcome == "ok":
             scope.usage = scope.usage + rec.usage
-        await self.bus.emit(BackendCall(
+        await self._emit(BackendCall(
             goal_id=scope.goal_id, step_id=scope.step_id, node=self.node_id, tier=rec.tier, model=rec.model,
             endpoint=rec.endpoint, usage=rec.usage, latency_ms=rec.latency_ms, outcome=rec.outcome,
             attempt=rec.attempt, thinking=rec.thinking,
         ))
 
-    def scope(self, goal_id: str, step_id: str, role: str, attempt: int) -> CallScope:
-        scope = CallScope(goal_id, step_id, role, attempt, Usage())
+    def scope(self, goal_id: str, step_id: str, role: str, attempt: int, outbox: Outbox | None = None) -> CallScope:
+        scope = CallScope(goal_id, step_id, role, attempt, Usage(), outbox)
         _scope.set(scope)
         return scope
+
+    async def _emit(self, event: EventBase) -> None:
+        scope = _scope.get()
+        if scope is not None and scope.outbox is not None:
+            await scope.outbox.emit(event)
+        else:
+            await self.bus.emit(event)
 
     @staticmethod
     def current_usage() -> Usage:
@@ -92,7 +111,7 @@ class ModelCaller:
         )
         decision = self.policy.decide(ctx)
         self.metrics.route(spec.role, decision.tier)
-        await self.bus.emit(RouteDecided(event_id=event_id, goal_id=goal_id, step_id=step_id, role=spec.role,
+        await self._emit(RouteDecided(event_id=event_id, goal_id=goal_id, step_id=step_id, role=spec.role,
                                          node=self.node_id, decision=decision))
         return decision
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mesh.aio import together
 from mesh.backends.base import ChatMessage, ChatRequest, ChatResponse, ToolSpec
 from mesh.backends.gateway import BudgetGuard
 from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
+from mesh.bus.outbox import Outbox
 from mesh.contracts import (
     Artifact,
     ArtifactCreated,
@@ -59,6 +62,7 @@ VERDICT_SCHEMA: dict[str, Any] = {
     "required": ["verdict", "notes"],
 }
 MAX_INPUT_FILE_CHARS = 20_000
+CANCEL_RECHECK_SECONDS = 0.5
 
 
 class Worker:
@@ -87,45 +91,60 @@ class Worker:
             log.info("skipping task %s: goal or step no longer waiting for this attempt", task.task_id)
             metrics.task_done("skipped", time.perf_counter() - started)
             return
-        await self.bus.emit(StepStarted(event_id=f"{task.task_id}.started.{delivery.attempt}", goal_id=task.goal_id,
-                                        step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
-                                        node=self.node_id))
-        scope = self.caller.scope(task.goal_id, task.step.step_id, self.spec.role, task.attempt)
-        try:
-            completed = await self._execute(task, delivery)
-        except GoalCancelled:
-            metrics.task_done("cancelled", time.perf_counter() - started)
-            return
-        except (RetryableBackendError, AllTiersFailed, BusError) as exc:
-            metrics.error(type(exc).__name__)
-            # Only what the consumer loop retries may be re-raised: it dead-letters a non-retryable error
-            # (every circuit open, an unpublishable output), and the step would vanish without an outcome.
-            if delivery.attempt < self.max_deliver and getattr(exc, "retryable", True):
-                raise  # nak with backoff: another delivery, maybe on another replica
-            await self._fail(task, f"gave up after {delivery.attempt} deliveries: {exc}", scope.usage)
-            metrics.task_done("failed", time.perf_counter() - started)
-            return
-        except MeshError as exc:  # permanent: retrying the same task fails the same way
-            metrics.error(type(exc).__name__)
-            await self._fail(task, str(exc), scope.usage)
-            metrics.task_done("failed", time.perf_counter() - started)
-            return
+        async with Outbox(self.bus) as outbox:  # the step's events; their acks are awaited before its outcome
+            await outbox.emit(StepStarted(event_id=f"{task.task_id}.started.{delivery.attempt}", goal_id=task.goal_id,
+                                          step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
+                                          node=self.node_id))
+            scope = self.caller.scope(task.goal_id, task.step.step_id, self.spec.role, task.attempt, outbox)
+            try:
+                completed = await self._execute(task, delivery, outbox, self._cancel_check(task.goal_id))
+            except GoalCancelled:
+                metrics.task_done("cancelled", time.perf_counter() - started)
+                return
+            except (RetryableBackendError, AllTiersFailed, BusError) as exc:
+                metrics.error(type(exc).__name__)
+                # Only what the consumer loop retries may be re-raised: it dead-letters a non-retryable error
+                # (every circuit open, an unpublishable output), and the step would vanish without an outcome.
+                if delivery.attempt < self.max_deliver and getattr(exc, "retryable", True):
+                    raise  # nak with backoff: another delivery, maybe on another replica
+                await self._fail(task, f"gave up after {delivery.attempt} deliveries: {exc}", scope.usage, outbox)
+                metrics.task_done("failed", time.perf_counter() - started)
+                return
+            except MeshError as exc:  # permanent: retrying the same task fails the same way
+                metrics.error(type(exc).__name__)
+                await self._fail(task, str(exc), scope.usage, outbox)
+                metrics.task_done("failed", time.perf_counter() - started)
+                return
+            await outbox.settle()
         await self.bus.emit(completed)
         metrics.task_done("completed", time.perf_counter() - started)
 
-    async def _fail(self, task: Task, error: str, usage: Usage) -> None:
+    async def _fail(self, task: Task, error: str, usage: Usage, outbox: Outbox) -> None:
+        await outbox.settle()
         await self.bus.emit(StepFailed(event_id=f"{task.task_id}.failed", goal_id=task.goal_id,
                                        step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
                                        node=self.node_id, error=error[:2000], usage=usage))
 
-    async def _check_cancelled(self, goal_id: str) -> None:
-        state = await self.goals.get(goal_id)
-        if state is None or state.status == "cancelled":
-            raise GoalCancelled(f"goal {goal_id} was cancelled")
+    def _cancel_check(self, goal_id: str) -> Callable[[], Awaitable[None]]:
+        """Raises ``GoalCancelled`` before a model call or tool once the goal is cancelled. A state read
+        younger than ``CANCEL_RECHECK_SECONDS`` (the task's own check, the last call's) answers for the
+        next one: a burst of tool calls costs one read, a cancellation is seen within that long."""
+        checked = time.monotonic()  # made right after handle() read the goal state
+
+        async def check() -> None:
+            nonlocal checked
+            if time.monotonic() - checked < CANCEL_RECHECK_SECONDS:
+                return
+            state = await self.goals.get(goal_id)
+            if state is None or state.status == "cancelled":
+                raise GoalCancelled(f"goal {goal_id} was cancelled")
+            checked = time.monotonic()
+        return check
 
     # --- the step ----------------------------------------------------------------------------
 
-    async def _execute(self, task: Task, delivery: Delivery) -> StepCompleted:
+    async def _execute(self, task: Task, delivery: Delivery, outbox: Outbox,
+                       check: Callable[[], Awaitable[None]]) -> StepCompleted:
         step, spec = task.step, self.spec
         workspace_ref, inputs, reviews = await self._load_inputs(task)
         workspace = await Workspace.open(workspace_ref, self.blobs)
@@ -153,7 +172,7 @@ class Worker:
                              acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
                              output_reserve=spec.limits.max_output_tokens, summarise=summarise)
         if packed.dropped or packed.summarised:
-            await self.bus.emit(StepProgress(
+            await outbox.emit(StepProgress(
                 event_id=f"{task.task_id}.packed.{delivery.attempt}", goal_id=task.goal_id, step_id=step.step_id,
                 role=spec.role, attempt=task.attempt, node=self.node_id,
                 message=f"context packed to {packed.tokens} of {window} tokens",
@@ -169,18 +188,18 @@ class Worker:
                 metadata={"role": spec.role, "difficulty": step.difficulty, "fan_out": task.position.fan_out,
                           "step_id": step.step_id, **_hints(task.options)},
             )
-            response = await self._converse(task, request, decision, toolbox)
+            response = await self._converse(task, request, decision, toolbox, outbox, check)
         verdict = _parse_verdict(response.text) if spec.verdicts else None
-        outputs = await self._publish_outputs(task, response.text, workspace, workspace_ref)
+        outputs = await self._publish_outputs(task, response.text, workspace, workspace_ref, outbox)
         return StepCompleted(
             event_id=f"{task.task_id}.completed", goal_id=task.goal_id, step_id=step.step_id, role=spec.role,
             attempt=task.attempt, node=self.node_id, outputs=outputs, usage=self.caller.current_usage(),
             verdict=verdict, tier=response.tier or decision.tier,  # type: ignore[arg-type]
         )  # tier: the one that answered, after any fallback
 
-    async def _converse(self, task: Task, request: ChatRequest, decision: Any, toolbox: ToolBox) -> ChatResponse:
+    async def _converse(self, task: Task, request: ChatRequest, decision: Any, toolbox: ToolBox,
+                        outbox: Outbox, check: Callable[[], Awaitable[None]]) -> ChatResponse:
         """The bounded tool loop (or a swarm fan-out for wide, tool-less steps)."""
-        check = lambda: self._check_cancelled(task.goal_id)  # noqa: E731 — a closure over the goal id
         fan_out = self.spec.router.swarm_fan_out
         if decision.tier == "swarm" and fan_out and not request.tools:
             await check()
@@ -197,7 +216,7 @@ class Worker:
             for call in response.tool_calls:
                 await check()
                 result = await toolbox.call(call.name, call.arguments)
-                await self.bus.emit(ToolCall(
+                await outbox.emit(ToolCall(
                     event_id=f"{task.task_id}.tool.{call.id}", goal_id=task.goal_id, step_id=task.step.step_id,
                     role=self.spec.role, node=self.node_id, tool=call.name, arguments=result.arguments,
                     ok=result.ok, refused=result.refused, error=None if result.ok else result.content,
@@ -209,43 +228,42 @@ class Worker:
 
     async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]], list[str]]:
         """Dependency outputs → (latest workspace, text inputs with priorities, review texts)."""
-        workspace: ArtifactRef | None = None
+        workspace = next((r for r in reversed(task.inputs) if r.media_type == MANIFEST_MEDIA_TYPE), None)
+        texts = [(p, r) for p, r in enumerate(task.inputs) if r.media_type != MANIFEST_MEDIA_TYPE]
+        blobs = await together(*(self.bus.get_blob(ref.digest) for _, ref in texts))
         inputs: list[tuple[str, str, int]] = []
         reviews: list[str] = []
-        for priority, ref in enumerate(task.inputs):
-            if ref.media_type == MANIFEST_MEDIA_TYPE:
-                workspace = ref
-                continue
-            text = (await self.bus.get_blob(ref.digest)).decode("utf-8", errors="replace")
+        for (priority, ref), blob in zip(texts, blobs, strict=True):
+            text = blob.decode("utf-8", errors="replace")
             if ref.name.endswith("/review"):
                 reviews.append(text)
             inputs.append((ref.name or ref.digest[:12], text, priority))
         return workspace, inputs, reviews
 
-    async def _publish_outputs(self, task: Task, text: str, ws: Workspace,
-                               ws_in: ArtifactRef | None) -> list[ArtifactRef]:
+    async def _publish_outputs(self, task: Task, text: str, ws: Workspace, ws_in: ArtifactRef | None,
+                               outbox: Outbox) -> list[ArtifactRef]:
         step, kind = task.step, self.spec.output_kind
         parents = [r.digest for r in task.inputs]
         main = await self.bus.put_blob(text.encode(), media_type="text/markdown", name=f"{step.step_id}/{kind}")
         outputs = [main]
-        await self._announce(task, main, kind, parents)
+        await self._announce(outbox, task, main, kind, parents)
         if ws.dirty:
             ws_out = await ws.commit(lambda data, mt, name: self.bus.put_blob(data, media_type=mt, name=name))
             ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
-            await self._announce(task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
+            await self._announce(outbox, task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
             # the change itself, for the reviewer and the tester downstream
             diff = await self.bus.put_blob((await ws.diff()).encode(), media_type="text/x-diff",
                                            name=f"{step.step_id}/diff")
-            await self._announce(task, diff, "diff", [d.digest for d in (ws_in, ws_out) if d is not None])
+            await self._announce(outbox, task, diff, "diff", [d.digest for d in (ws_in, ws_out) if d is not None])
             outputs += [ws_out, diff]
         elif ws_in is not None:
             outputs.append(ws_in)  # pass the workspace on so dependents still see it
         return outputs
 
-    async def _announce(self, task: Task, ref: ArtifactRef, kind: str, parents: list[str]) -> None:
+    async def _announce(self, outbox: Outbox, task: Task, ref: ArtifactRef, kind: str, parents: list[str]) -> None:
         artifact = Artifact(ref=ref, goal_id=task.goal_id, producer_step=task.step.step_id,
                             producer_role=self.spec.role, kind=kind, parents=parents)
-        await self.bus.emit(ArtifactCreated(event_id=f"{task.task_id}.artifact.{ref.digest[:16]}",
+        await outbox.emit(ArtifactCreated(event_id=f"{task.task_id}.artifact.{ref.digest[:16]}",
                                             goal_id=task.goal_id, node=self.node_id, artifact=artifact))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from mesh.aio import together
 from mesh.contracts.models import ArtifactRef, sha256_hex
 from mesh.errors import PathRefused, ToolError
 from mesh.tools.diff import diff_manifests
@@ -112,12 +113,16 @@ class Workspace:
     async def commit(self, store: Store) -> ArtifactRef:
         """Store new file contents and the new manifest; return the manifest's reference. The same
         files on the same parent always give the same manifest digest (idempotent re-runs)."""
-        stored = set(self._base.values())
+        stored, new = set(self._base.values()), dict[str, str]()  # digest → its first path
         for path, digest in sorted(self._files.items()):
             if digest not in stored:
-                await store(await self._blob(digest), "application/octet-stream", path)
-                stored.add(digest)
+                new.setdefault(digest, path)
+        # the files concurrently (a round trip each to the store), the manifest only once they are all in
+        await together(*(self._store_file(store, digest, path) for digest, path in new.items()))
         return await store(self.manifest().encode(), MANIFEST_MEDIA_TYPE, "workspace.json")
+
+    async def _store_file(self, store: Store, digest: str, path: str) -> None:
+        await store(await self._blob(digest), "application/octet-stream", path)
 
     async def diff(self) -> str:
         """Unified diff from the opened manifest to the current files."""

@@ -40,6 +40,7 @@ from nats.js.object_store import (
 )
 from pydantic import BaseModel
 
+from mesh.aio import together
 from mesh.bus.topology import Topology, provision
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts.codec import (
@@ -275,18 +276,13 @@ class Bus:
         digest = sha256_hex(data)
         store = await self.object_store(self.topology.obj_artifacts)
         try:
-            await store.get_info(digest)
-        except (ObjectNotFoundError, NotFoundError):
-            try:
-                if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
-                    await self._put_chunk(data, digest, media_type, name)
-                else:
-                    await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
-                                                                      headers={"Content-Type": media_type}))
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
+            if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
+                await self._put_chunk(store, data, digest, media_type, name)
+            elif not await _exists(store, digest):
+                await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
+                                                                  headers={"Content-Type": media_type}))
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"object store lookup of {digest} failed: {exc!r}") from exc
+            raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
         return ArtifactRef(digest=digest, media_type=media_type, size=len(data), name=name)
 
     async def get_blob(self, digest: str) -> bytes:
@@ -299,7 +295,8 @@ class Bus:
                 # One chunk (every blob up to 128 KiB): read it directly instead of through an ordered
                 # consumer, which costs a consumer create and delete on the server per read.
                 chunk = await self.js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket),
-                                                   OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid))
+                                                   OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
+                                                   direct=True)  # object stores allow direct gets
                 data = bytes(chunk.data or b"")
             else:
                 data = bytes((await store.get(digest)).data or b"")
@@ -311,11 +308,16 @@ class Bus:
             raise BusError(f"blob {digest} failed its digest check ({len(data)} bytes read)")
         return data
 
-    async def _put_chunk(self, data: bytes, digest: str, media_type: str, name: str) -> None:
-        """A new blob of one chunk, written as ``ObjectStore.put`` writes it (chunk, then the meta that
-        points at it) minus its own existence lookup, which ``put_blob`` has just done."""
+    async def _put_chunk(self, store: ObjectStore, data: bytes, digest: str, media_type: str, name: str) -> None:
+        """A blob of one chunk, written as ``ObjectStore.put`` writes it (chunk, then the meta that points
+        at it), but with the existence lookup sent alongside the chunk rather than before it: one round
+        trip less. A blob that was already there leaves that chunk unreferenced (≤ 128 KiB, and only
+        when the same bytes are stored again)."""
         bucket, nuid = self.topology.obj_artifacts, new_id()
-        await self.js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data)
+        exists, _ = await together(_exists(store, digest),
+                                   self.js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
+        if exists:
+            return
         sha = base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()
         info = api.ObjectInfo(name=digest, description=name or None, headers={"Content-Type": media_type},
                               bucket=bucket, nuid=nuid, size=len(data), chunks=1, mtime=datetime.now(UTC).isoformat(),
@@ -348,6 +350,14 @@ async def _cached(cache: dict[str, H], bucket: str, opener: Callable[[str], Awai
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"{what} {bucket} is not available: {exc!r}") from exc
     return handle
+
+
+async def _exists(store: ObjectStore, name: str) -> bool:
+    try:
+        await store.get_info(name)
+    except (ObjectNotFoundError, NotFoundError):
+        return False
+    return True
 
 
 def _auth_options(s: MeshSettings) -> dict[str, Any]:

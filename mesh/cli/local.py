@@ -146,28 +146,6 @@ async def _start_local(settings: MeshSettings, out: Any) -> Any:
     return mesh
 
 
-async def _wait_for_nodes(bus: Any, roles: list[str], timeout: float = 180.0) -> None:
-    """Until every role has a heartbeat in KV mesh_nodes (its consumers are provisioned)."""
-    kv = await bus.kv(bus.topology.kv_nodes)
-    deadline = asyncio.get_running_loop().time() + timeout
-    watcher = await kv.watchall()
-    try:
-        seen: set[str] = set()
-        while not set(roles) <= seen:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(set(roles) - seen)} "
-                                "(see the logs folder)")
-            try:
-                entry = await watcher.updates(timeout=left)
-            except Exception:  # nats-py raises its own TimeoutError type here
-                continue
-            if entry is not None and entry.value:
-                seen.add(json.loads(entry.value)["role"])
-    finally:
-        await watcher.stop()
-
-
 async def _up(a: argparse.Namespace) -> int:
     settings = get_settings()
     mesh = await _start_local(settings, sys.stdout)
@@ -199,10 +177,11 @@ async def _run(a: argparse.Namespace) -> int:
 
 async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str]) -> int:
     from mesh.bus.client import Bus
+    from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
     async with await Bus.connect(settings, name="mesh-run") as bus:
-        await _wait_for_nodes(bus, roles)
+        await wait_for_roles(bus, roles)
         await bus.submit_goal(goal)
         async with aclosing(bus.watch_events(goal.goal_id)) as events:
             async for event in events:

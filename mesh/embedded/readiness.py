@@ -1,13 +1,20 @@
-"""Waiting for a child HTTP server to come up: the embedded sim-server and edge model server emit no
-readiness event, so their health URL is polled until it answers 200, the process dies, or time runs out."""
+"""Waiting for parts of a local mesh to come up. The embedded sim-server and edge model server emit no
+readiness event, so their health URL is polled until it answers 200, the process dies, or time runs out.
+Role nodes do announce themselves: ``wait_for_roles`` watches their heartbeats in KV ``mesh_nodes``."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
+from collections.abc import Iterable
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
-from mesh.errors import EmbeddedServerError
+from mesh.errors import EmbeddedServerError, MeshError
+
+if TYPE_CHECKING:
+    from mesh.bus.client import Bus
 
 
 async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -25,3 +32,24 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20
                         return
             await asyncio.sleep(0.05)  # polling a process that has no readiness event to await
     raise EmbeddedServerError(f"{url} did not become ready within {timeout:.0f}s")
+
+
+async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0) -> None:
+    """Return once every role has a node heartbeat in KV ``mesh_nodes``: its node is connected, its durable
+    consumers are provisioned and its consumer loops have started."""
+    kv = await bus.kv(bus.topology.kv_nodes)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    missing = set(roles)
+    watcher = await kv.watchall()
+    try:
+        while missing:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(missing)} (see the nodes' logs)")
+            with suppress(TimeoutError):  # nats-py's, a TimeoutError subclass: the deadline check above reports it
+                entry = await watcher.updates(timeout=left)
+                if entry is not None and entry.value:  # (a deleted key has no value)
+                    missing.discard(json.loads(entry.value)["role"])
+    finally:
+        await watcher.stop()

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from contextlib import aclosing
 from pathlib import Path
 
-import pytest
 from nats.js import api
 
 from mesh.bus import Bus
@@ -24,7 +23,6 @@ from tests.meshkit import TERMINAL, NodeProcess
 
 LONG = os.environ.get("MESH_LONG") == "1"
 _STARTED = "health endpoint on"  # logged by a node once SIGTERM is handled
-long_only = pytest.mark.skipif(not LONG, reason="long variant: set MESH_LONG=1")
 
 
 class Fleet:

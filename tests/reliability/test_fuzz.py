@@ -9,10 +9,11 @@ publish time, and the publisher gets a clear error (tested on its own below)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ from mesh.bus import Bus, DeadLetter
 from mesh.bus.dlq import DLQ_REASON_HEADER
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, Goal, GoalCompleted, Step, Task, encode, new_id, open_envelope
+from mesh.embedded.readiness import wait_for_roles
 from mesh.errors import MessageTooLarge, PublishError
 from tests.ledgerkit import Eventually
 from tests.meshkit import node_env, role_specs
-from tests.reliability.kit import Fleet, long_only, wait_terminal
+from tests.reliability.kit import Fleet, wait_terminal
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,6 +37,7 @@ FUZZ = 10_000
 STORM_SECONDS = 40.0
 MAX_MESSAGE_BYTES = 256 * 1024  # the nodes' limit here: "oversized" = above it, below the server's 1 MiB
 Payload = tuple[str, bytes]  # (kind of fuzz, bytes)
+Retry = Callable[..., Awaitable[object]]
 
 
 def _valid(subject_role: str, rng: random.Random) -> dict[str, Any]:
@@ -87,19 +90,15 @@ def fuzz_one(role: str, rng: random.Random) -> Payload:
     return name, make()
 
 
-# Long-only for now: it failed once in a fresh-clone `make test` on a loaded machine at the end of
-# session 1 and could not be diagnosed in time; run it with MESH_LONG=1.
-@long_only
 async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
-        bus: Bus, settings: MeshSettings, eventually: Eventually, tmp_path: Path) -> None:
+        bus: Bus, settings: MeshSettings, eventually: Eventually, retry: Retry, tmp_path: Path) -> None:
     roles = [r for r, s in role_specs().items()]
     env = node_env(settings, MESH_SIM_LATENCY_SCALE="0", MESH_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES))
-    fleet = Fleet(roles, env, tmp_path / "logs").start()
     topo = bus.topology
     rng = random.Random(2026)
     sent: dict[str, tuple[str, str]] = {}  # Nats-Msg-Id → (role, kind of fuzz)
     real = Goal(brief="Build me a login system")
-    storm_over = asyncio.Event()
+    goal_over = asyncio.Event()
 
     async def storm() -> None:
         window = asyncio.Semaphore(64)
@@ -108,35 +107,43 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
             msg_id = f"fuzz-{len(sent)}"
             sent[msg_id] = (role, kind)
             subject = topo.goal_subject() if role == topo.goal_role else topo.task_subject(role)
-            try:
-                await bus.publish_raw(subject, data, headers={"Nats-Msg-Id": msg_id})
+            try:  # an ack that times out on a loaded machine is ambiguous: publish again, the msg id dedupes
+                await retry(lambda: bus.publish_raw(subject, data, headers={"Nats-Msg-Id": msg_id}),
+                            errors=(PublishError,))
             finally:
                 window.release()
 
         async with asyncio.TaskGroup() as tg:
-            for i in range(FUZZ):
+            # FUZZ messages over STORM_SECONDS, and on at that rate until the real goal has ended: however
+            # long it takes on this machine, it runs inside the storm.
+            for i in itertools.count():
+                if i >= FUZZ and goal_over.is_set():
+                    break
                 if i == FUZZ // 10:
-                    await bus.submit_goal(real)  # real work, queued behind a tenth of the storm
+                    await retry(lambda: bus.submit_goal(real), errors=(PublishError,))  # behind a tenth of the storm
                 role = roles[i % len(roles)]
                 await window.acquire()
                 tg.create_task(publish(role, *fuzz_one(role, rng)))
                 ahead = started + STORM_SECONDS * (i + 1) / FUZZ - time.monotonic()
                 if i % 100 == 99 and ahead > 0:
-                    await asyncio.sleep(ahead)  # the storm lasts STORM_SECONDS: the real goal runs inside it
-        storm_over.set()
+                    await asyncio.sleep(ahead)  # pacing the storm, not waiting for anything
 
-    started = time.monotonic()
+    fleet = Fleet(roles, env, tmp_path / "logs").start()
     try:
+        # The storm starts on a running mesh: starting 6 node processes takes tens of seconds on a loaded
+        # machine with a cold bytecode cache (a fresh clone), longer than the whole storm.
+        await wait_for_roles(bus, roles)
+        started = time.monotonic()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(storm())
             ends = await wait_terminal(bus, [real.goal_id], timeout=180)
-            during_storm = not storm_over.is_set()
             goal_seconds = time.monotonic() - started
+            goal_over.set()
+        storm_seconds = time.monotonic() - started
         assert isinstance(ends[real.goal_id], GoalCompleted), ends
         await eventually(lambda: _all_disposed(bus, roles), timeout=120, interval=0.5, message="every message disposed")
         disposed_seconds = time.monotonic() - started
         assert fleet.crashed() == {}, fleet.crashed()
-        await fleet.started()
         assert set((await fleet.terminate()).values()) == {0}
     except BaseException:
         print(fleet.logs())
@@ -153,7 +160,7 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
     lettered = {letter.headers.get("Nats-Msg-Id") for letter, _ in letters}
     missing = Counter(sent[m][1] for m in sent if m not in lettered)
     assert not missing, f"fuzzed messages that did not reach the DLQ, by kind: {dict(missing)}"
-    assert len(letters) == FUZZ
+    assert len(letters) == len(sent) >= FUZZ
     by_kind: Counter[str] = Counter()
     for letter, headers in letters:
         role, kind = sent[letter.headers["Nats-Msg-Id"]]
@@ -163,8 +170,7 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
         assert letter.error in ("CodecError", "SchemaViolation", "UnsupportedVersion", "MessageTooLarge"), letter
         assert letter.num_delivered == 1, letter  # poison is recognised at once, never retried
     assert len(by_kind) == 10, by_kind  # every kind of fuzz was sent and dead-lettered
-    assert during_storm, "the real goal must complete while the storm is still going"
-    print(f"figure: fuzz: {FUZZ:,} bad messages over {STORM_SECONDS:.0f} s on {len(roles) - 1} task subjects and the goal "
+    print(f"figure: fuzz: {len(sent):,} bad messages over {storm_seconds:.0f} s on {len(roles) - 1} task subjects and the goal "
           f"subject ({', '.join(f'{k} {n}' for k, n in by_kind.most_common())}): {len(letters):,} dead letters, each "
           f"with its reason, on first delivery; no node died; a real goal completed during the storm "
           f"({goal_seconds:.0f} s); every message disposed of after {disposed_seconds:.0f} s")

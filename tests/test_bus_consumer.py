@@ -202,6 +202,34 @@ async def test_exhausted_and_permanent_failures_are_dead_lettered(fast_bus: Bus,
     assert letters["RuntimeError"].num_delivered == 3 and "always broken" in letters["RuntimeError"].reason
 
 
+async def test_giving_up_is_announced_before_the_letter_even_when_the_announcement_fails(
+        fast_bus: Bus, eventually: Eventually) -> None:
+    heard: list[tuple[str, int, str, int]] = []
+
+    async def give_up(delivery: Delivery, exc: BaseException) -> None:
+        t = delivery.message(Task)
+        letters = (await fast_bus.js.stream_info(fast_bus.topology.dlq_stream)).state.messages
+        heard.append((t.task_id, delivery.attempt, type(exc).__name__, letters))
+        if t.step.step_id == "s2":
+            raise RuntimeError("the announcement itself fails")
+
+    subject = fast_bus.topology.task_subject(ROLE)
+    await fast_bus.publish_raw(subject, b"\xc1 poison is not announced: it has no task")
+    await fast_bus.dispatch(task(1))
+    await fast_bus.dispatch(task(2))
+    rec = Recorder(fail=lambda d: RuntimeError("broken") if d.message(Task).step.step_id == "s1"
+                   else BadRequest("HTTP 400"))
+    consumer = PullConsumer.for_role(fast_bus, ROLE, rec, max_deliver=2, nak_delay=0.01, on_give_up=give_up)
+    async with consuming(consumer):
+        await eventually(lambda: len(heard) == 2)
+        letters = {d.error: d for d, _ in await dlq_letters(fast_bus, 3)}
+    # Told once per message given up, on its last delivery; the letters stored by then are the poison's
+    # and the other one's if it was given up first — never its own.
+    assert sorted(h[:3] for h in heard) == [("g1.s1.1", 2, "RuntimeError"), ("g1.s2.1", 1, "BadRequest")]
+    assert [h[3] for h in heard] == [1, 2]
+    assert set(letters) == {"CodecError", "RuntimeError", "BadRequest"}  # a failing announcement loses nothing
+
+
 async def test_never_holds_more_than_its_workers(fast_bus: Bus, eventually: Eventually) -> None:
     ack_pending: list[int] = []
 

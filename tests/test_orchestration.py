@@ -19,8 +19,11 @@ from mesh.contracts import (
     GoalPlanned,
     StepCompleted,
     StepDispatched,
+    StepFailed,
 )
 from mesh.roles.goalstore import GoalStore
+from mesh.roles.orchestrator import Orchestrator
+from mesh.roles.worker import Worker
 from tests.meshkit import in_process_mesh, run_goal
 
 pytestmark = pytest.mark.timeout(240)
@@ -97,3 +100,38 @@ async def test_unknown_roles_in_every_plan_fail_the_goal_with_the_reason(fast: M
         events = await run_goal(bus, goal)
     assert isinstance(events[-1], GoalFailed)
     assert "unknown role 'tester'" in events[-1].reason and "no valid plan" in events[-1].reason
+
+
+# A bug (an exception no retry fixes) in a role's handler must end the goal with the reason, not leave
+# it waiting forever on a message that went to the DLQ. The bug is injected into the code under test;
+# the bus, the state and the other nodes are real.
+
+async def test_a_planner_bug_fails_the_goal_with_the_reason(fast: MeshSettings, bus: Bus,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(self: Orchestrator, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("a planner bug")
+
+    monkeypatch.setattr(Orchestrator, "_ask_for_plan", broken)
+    async with in_process_mesh(fast.model_copy(update={"max_deliver": 2})):
+        events = await run_goal(bus, Goal(brief="Build me a login system"), timeout=60)
+    assert isinstance(events[-1], GoalFailed)
+    assert events[-1].reason == "planning failed: RuntimeError: a planner bug"
+
+
+async def test_a_worker_bug_fails_the_step_then_the_goal_with_the_reason(fast: MeshSettings, bus: Bus,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    execute = Worker._execute
+
+    async def broken_coder(self: Worker, *args: object, **kwargs: object) -> object:
+        if self.spec.role == "coder":
+            raise RuntimeError("a coder bug")
+        return await execute(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Worker, "_execute", broken_coder)
+    async with in_process_mesh(fast.model_copy(update={"max_deliver": 2})):
+        events = await run_goal(bus, Goal(brief="Build me a login system"), timeout=120)
+    failed = [e for e in events if isinstance(e, StepFailed)]
+    assert failed and all(e.role == "coder" for e in failed)
+    assert failed[0].error == "gave up after 2 deliveries: RuntimeError: a coder bug"
+    assert isinstance(events[-1], GoalFailed)
+    assert "replan limit" in events[-1].reason and "RuntimeError: a coder bug" in events[-1].reason

@@ -29,6 +29,8 @@ What happens to a message, by handler outcome:
 * raises anything else (``retryable`` True or absent) → ``nak`` with a delay of
   ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``),
   until the attempt number reaches ``max_deliver``; then dead letter + ``term``;
+* whenever the loop gives up on a message it could decode, ``on_give_up`` (if given) hears of it
+  first, so the role can fail the step or goal it stood for with the reason;
 * the handler is cancelled (``run()`` cancelled: shutdown, a drain timeout) → ``nak``: another
   replica gets it at once;
 * the process dies (kill -9, OOM) → no ack; the server redelivers after ``ack_wait``.
@@ -62,11 +64,16 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M")
 Handler = Callable[["Delivery"], Awaitable[None]]
+# Told when the loop gives up on a decoded message (a non-retryable error, or its last delivery), just
+# before the message is dead-lettered: the role announces the outcome (a step or goal failed with the
+# reason) so that the work it stood for does not wait forever on a message nobody will deliver again.
+GiveUp = Callable[["Delivery", BaseException], Awaitable[None]]
 
 _HEARTBEAT = 1.0  # idle heartbeat asked of the server on every pull request
 _EXPIRES = 10.0  # pull requests end after this and are renewed
 _LOST_AFTER = 2.5 * _HEARTBEAT  # silence after which outstanding requests count as lost
 _ACK_TIMEOUT = 5.0
+_DLQ_PUBLISH_TRIES = 4
 _FLUSH_TIMEOUT = 5  # nats-py types it as int seconds
 
 
@@ -106,6 +113,7 @@ class PullConsumer:
         max_nak_delay: float = 60.0,
         role: str | None = None,
         confirm_acks: bool = False,
+        on_give_up: GiveUp | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -120,6 +128,7 @@ class PullConsumer:
         self._max_nak_delay = max_nak_delay
         self._role = role
         self._confirm_acks = confirm_acks
+        self._on_give_up = on_give_up
         self._ack_wait = bus.topology.ack_wait
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
 
@@ -282,9 +291,11 @@ class PullConsumer:
 
     async def _process(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
+        delivery: Delivery | None = None
         try:
             envelope = await self._bus.open(msg)
-            await self._handler(Delivery(envelope=envelope, msg=msg, attempt=attempt, subject=msg.subject))
+            delivery = Delivery(envelope=envelope, msg=msg, attempt=attempt, subject=msg.subject)
+            await self._handler(delivery)
         except (CodecError, SchemaViolation) as exc:
             log.warning("consumer %s: poison message seq %s: %s", self.durable, msg.metadata.sequence.stream, exc)
             await self._dead_letter(msg, exc, attempt)
@@ -293,6 +304,8 @@ class PullConsumer:
             if getattr(exc, "retryable", None) is False or attempt >= max_deliver:
                 log.warning("consumer %s: giving up on seq %s after attempt %d: %r", self.durable,
                             msg.metadata.sequence.stream, attempt, exc)
+                if delivery is not None:
+                    await self._announce_give_up(delivery, exc)
                 await self._dead_letter(msg, exc, attempt)
             else:
                 delay = self.backoff(attempt, exc)
@@ -317,15 +330,30 @@ class PullConsumer:
         retry_after = getattr(exc, "retry_after", None)
         return max(delay, float(retry_after)) if isinstance(retry_after, (int, float)) else delay
 
+    async def _announce_give_up(self, delivery: Delivery, exc: BaseException) -> None:
+        if self._on_give_up is None:
+            return
+        try:
+            await self._on_give_up(delivery, exc)
+        except Exception:  # noqa: BLE001 — the letter still goes to the DLQ, where an operator finds it
+            log.exception("consumer %s: announcing that seq %s was given up failed", self.durable,
+                          delivery.msg.metadata.sequence.stream)
+
     async def _dead_letter(self, msg: Msg, exc: BaseException, attempt: int) -> None:
         letter = DeadLetter.from_msg(msg, reason=f"{type(exc).__name__}: {exc}", error=type(exc).__name__)
-        try:
-            await self._bus.publish_raw(self._dlq_subject, letter.encode(), headers=letter.nats_headers())
-        except BusError as pub_exc:
-            log.error("consumer %s: dead-lettering seq %s failed (%s); retrying it later", self.durable,
-                      letter.stream_seq, pub_exc)
-            await msg.nak(delay=self.backoff(attempt))
-            return
+        # Retried in place while the message is held: a nak on its last delivery would leave it
+        # undeliverable and out of the DLQ. The letter's id dedupes a publish that landed unacked.
+        for tries in range(1, _DLQ_PUBLISH_TRIES + 1):
+            try:
+                await self._bus.publish_raw(self._dlq_subject, letter.encode(), headers=letter.nats_headers())
+                break
+            except BusError as pub_exc:
+                if tries == _DLQ_PUBLISH_TRIES:
+                    log.error("consumer %s: dead-lettering seq %s failed %d times (%s); it will be redelivered",
+                              self.durable, letter.stream_seq, tries, pub_exc)
+                    await msg.nak(delay=self.backoff(attempt))
+                    return
+                await self._sleep(self.backoff(tries))
         await msg.term()
 
     # --- recovery --------------------------------------------------------------------------

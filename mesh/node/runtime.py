@@ -103,7 +103,8 @@ class Node:
                 orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id)
                 self._stoppable += [
                     PullConsumer(bus, stream=topo.goals_stream, durable=topo.consumer_name(self.spec.role),
-                                 handler=orch.on_goal, concurrency=self.spec.concurrency, dlq_subject=dlq),
+                                 handler=orch.on_goal, concurrency=self.spec.concurrency, dlq_subject=dlq,
+                                 on_give_up=orch.give_up_goal),
                     PullConsumer(bus, stream=topo.events_stream, durable=topo.outcomes_consumer,
                                  handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq),
                 ]
@@ -112,7 +113,8 @@ class Node:
                 worker = Worker(bus, self.spec, caller, goals, self.node_id)
                 self._stoppable.append(
                     PullConsumer(bus, stream=topo.tasks_stream, durable=topo.consumer_name(self.spec.role),
-                                 handler=worker.handle, concurrency=self.spec.concurrency, dlq_subject=dlq))
+                                 handler=worker.handle, concurrency=self.spec.concurrency, dlq_subject=dlq,
+                                 on_give_up=worker.give_up))
             runners += [c.run for c in self._stoppable]
         reason = "shutdown"
         try:

@@ -109,6 +109,15 @@ class Orchestrator:
         else:
             await self.redrive(gid)  # a redelivered goal: make sure its dispatches went out
 
+    async def give_up_goal(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consumer gives up on a goal message (a bug, an error no retry fixes): the goal fails with
+        the reason. Nothing else would end it: the sweep leaves goals that are still planning alone."""
+        goal = delivery.message(Goal)
+        await self.goals.create(GoalState(goal=goal))
+        state = await self.goals.get(goal.goal_id)
+        if state is not None and state.status == "planning":  # a running goal is the sweep's to look after
+            await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000])
+
     async def _plan(self, state: GoalState, *, attempt: int, failed: str | None = None) -> None:
         goal = state.goal
         try:

@@ -119,6 +119,15 @@ class Worker:
         await self.bus.emit(completed)
         metrics.task_done("completed", time.perf_counter() - started)
 
+    async def give_up(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consumer gives up on a task the handler could not deal with (a bug, an error no retry
+        fixes): the step fails with the reason, so the orchestrator replans instead of the sweep
+        re-driving the same failure until the goal's wall budget runs out."""
+        task = delivery.message(Task)
+        async with Outbox(self.bus) as outbox:
+            await self._fail(task, f"gave up after {delivery.attempt} deliveries: {type(exc).__name__}: {exc}",
+                             Usage(), outbox)
+
     async def _fail(self, task: Task, error: str, usage: Usage, outbox: Outbox) -> None:
         await outbox.settle()
         await self.bus.emit(StepFailed(event_id=f"{task.task_id}.failed", goal_id=task.goal_id,

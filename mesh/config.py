@@ -46,6 +46,12 @@ class MeshSettings(BaseSettings):
                     "site's events in stream <PREFIX>_EVENTS_<DOMAIN>.",
     )
 
+    events_max_age: float = Field(
+        default=0, ge=0,
+        description="Seconds the event stream keeps an event; 0 keeps every one (the ledger can replay them all). "
+                    "Set it in production once the ledger and its backups are the record: nats-server's memory "
+                    "grows with the stream. The ledger must never fall this far behind.")
+
     # --- messages ---
     max_message_bytes: int = Field(default=8 * 1024 * 1024, description="Decoded messages above this are refused.")
     claim_check_bytes: int = Field(

@@ -9,6 +9,7 @@ from nats.js import api
 
 from mesh.bus import Topology, provision
 from mesh.config import MeshSettings
+from tests.ledgerkit import Eventually
 
 
 def test_names_follow_the_prefix() -> None:
@@ -88,5 +89,23 @@ async def test_changed_topology_updates_in_place(nats_url: str) -> None:
         assert events.config.duplicate_window == 30.0
         assert events.state.messages == 1
         assert (await js.consumer_info("MESH_TASKS", "role-coder")).config.ack_wait == 7.0
+    finally:
+        await nc.close()
+
+
+async def test_events_expire_after_the_configured_age(nats_url: str, eventually: Eventually) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await provision(js, Topology(), ["coder"])
+        await js.publish("mesh.event.g1.goal.submitted", b"kept while the stream keeps everything")
+        await provision(js, Topology(events_max_age=1.0), ["coder"])
+        events = await js.stream_info("MESH_EVENTS")
+        assert (events.config.max_age, events.config.duplicate_window) == (1.0, 1.0)
+
+        async def expired() -> bool:
+            return (await js.stream_info("MESH_EVENTS")).state.messages == 0
+
+        await eventually(expired, timeout=10)
     finally:
         await nc.close()

@@ -58,11 +58,13 @@ class Topology:
     goal_role: str = "planner"  # the role whose consumer reads goals instead of tasks
     max_ack_pending: int = 1000
     edge_domains: tuple[str, ...] = ()  # JetStream domains of edge sites whose events a hub keeps
+    events_max_age: float = 0.0  # seconds the events stream keeps an event; 0 = forever
 
     @classmethod
     def from_settings(cls, s: MeshSettings) -> Topology:
         return cls(prefix=s.subject_prefix, replicas=s.replicas, ack_wait=s.ack_wait, max_deliver=s.max_deliver,
-                   edge_domains=tuple(d.strip() for d in s.edge_domains.split(",") if d.strip()))
+                   edge_domains=tuple(d.strip() for d in s.edge_domains.split(",") if d.strip()),
+                   events_max_age=s.events_max_age)
 
     # --- streams and buckets ---------------------------------------------------------------
 
@@ -152,10 +154,13 @@ class Topology:
     # --- configs ---------------------------------------------------------------------------
 
     def stream_configs(self) -> list[api.StreamConfig]:
-        def cfg(name: str, subjects: list[str], retention: api.RetentionPolicy) -> api.StreamConfig:
+        def cfg(name: str, subjects: list[str], retention: api.RetentionPolicy,
+                max_age: float | None = None) -> api.StreamConfig:
             return api.StreamConfig(
                 name=name, subjects=subjects, retention=retention, storage=api.StorageType.FILE,
-                num_replicas=self.replicas, duplicate_window=self.duplicate_window,
+                num_replicas=self.replicas, max_age=max_age,
+                # the server refuses a duplicate window longer than the stream keeps messages
+                duplicate_window=min(self.duplicate_window, max_age) if max_age else self.duplicate_window,
             )
 
         advisories = [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s}.>"
@@ -163,7 +168,7 @@ class Topology:
         return [
             cfg(self.goals_stream, [self.goal_subject()], api.RetentionPolicy.WORK_QUEUE),
             cfg(self.tasks_stream, [f"{self.prefix}.task.>"], api.RetentionPolicy.WORK_QUEUE),
-            cfg(self.events_stream, [self.events_filter()], api.RetentionPolicy.LIMITS),
+            cfg(self.events_stream, [self.events_filter()], api.RetentionPolicy.LIMITS, self.events_max_age or None),
             cfg(self.dlq_stream, [f"{self.prefix}.dlq.>", *advisories], api.RetentionPolicy.LIMITS),
         ] + [
             api.StreamConfig(  # no subjects of its own: nothing published at the hub lands here

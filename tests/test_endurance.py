@@ -14,7 +14,15 @@ from mesh.backends.sim import SimWorld
 from mesh.backends.sim.server import SimServer
 from mesh.bus import Bus
 from mesh.config import MeshSettings
-from mesh.contracts import BackendCall, Goal, GoalCompleted, GoalPlanned, StepCompleted, StepFailed, StepStarted
+from mesh.contracts import (
+    BackendCall,
+    Goal,
+    GoalCompleted,
+    GoalPlanned,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+)
 from mesh.embedded.local import sim_server_env
 from tests.meshkit import TERMINAL, in_process_mesh
 

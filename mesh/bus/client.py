@@ -18,7 +18,7 @@ import base64
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -243,7 +243,7 @@ class Bus:
             envelope.claim = None
         return envelope
 
-    async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncIterator[Event]:
+    async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncGenerator[Event, None]:
         """Decoded events of one goal (or all), in stream order, from an ordered ephemeral consumer.
 
         The ordered consumer recreates itself after gaps and missed heartbeats, so a watch survives

@@ -335,7 +335,7 @@ class PullConsumer:
             return
         try:
             await self._on_give_up(delivery, exc)
-        except Exception:  # noqa: BLE001 — the letter still goes to the DLQ, where an operator finds it
+        except Exception:
             log.exception("consumer %s: announcing that seq %s was given up failed", self.durable,
                           delivery.msg.metadata.sequence.stream)
 

@@ -30,8 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import nats.errors
-from nats.js import JetStreamContext
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import APIError
 
 from mesh.config import MeshSettings

@@ -7,7 +7,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
-from mesh.contracts.models import Artifact, ArtifactRef, Goal, Plan, RouteDecision, Token, Usage, Wire, new_id, utcnow
+from mesh.contracts.models import (
+    Artifact,
+    ArtifactRef,
+    Goal,
+    Plan,
+    RouteDecision,
+    Token,
+    Usage,
+    Wire,
+    new_id,
+    utcnow,
+)
 
 
 class EventBase(Wire):

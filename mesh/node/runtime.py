@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import Any, Protocol, TypeVar
 
@@ -48,7 +48,8 @@ class DrainTimeout(Exception):
 
 
 class Stoppable(Protocol):
-    in_flight: int
+    @property
+    def in_flight(self) -> int: ...
 
     def stop(self) -> None: ...
 
@@ -85,7 +86,7 @@ class Node:
         up = NodeUp(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role, host=socket.gethostname(),
                     pid=os.getpid(), version=__version__)
         await _announce(bus, up)
-        runners: list[Callable[[], Awaitable[None]]] = []
+        runners: list[Callable[[], Coroutine[Any, Any, None]]] = []
         caller: ModelCaller | None = None
         if self.spec.kind == "recorder":
             from mesh.roles.recorder import Recorder

@@ -155,7 +155,7 @@ class Orchestrator:
     async def _ask_for_plan(self, state: GoalState, *, version: int, failed: str | None) -> Plan:
         goal = state.goal
         roles = "\n".join(f"- {r}: {s.description}" for r, s in sorted(self.roles.items()))
-        lines = [f"## Pinned constraints\n" + "\n".join(f"- {c}" for c in goal.constraints or ["(none)"]),
+        lines = ["## Pinned constraints\n" + "\n".join(f"- {c}" for c in goal.constraints or ["(none)"]),
                  f"## Goal\n{goal.brief}", f"## Roles\n{roles}"]
         if failed is not None:
             done = [f"- {sid} ({st.step.role}): completed" for sid, st in state.steps.items()
@@ -205,7 +205,7 @@ class Orchestrator:
     # --- step outcomes -------------------------------------------------------------------------
 
     async def on_step_event(self, delivery: Delivery) -> None:
-        event = delivery.envelope.message()
+        event: object = delivery.envelope.message()
         if isinstance(event, StepCompleted):
             state = await self._on_completed(event)
         elif isinstance(event, StepFailed):

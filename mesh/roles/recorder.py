@@ -212,8 +212,8 @@ async def rebuild(bus: Bus, path: Path, *, until: int | None = None, batch_size:
                 break  # the stream's tail was deleted after we looked
             batch = await feed.decode([m for m in msgs if m.metadata.sequence.stream <= target],
                                       writer.ledger.last_seq())
-            for msg, exc in batch.dead:
-                log.warning("rebuild: skipping seq %d: %s", msg.metadata.sequence.stream, exc)
+            for msg, reason in batch.dead:
+                log.warning("rebuild: skipping seq %d: %s", msg.metadata.sequence.stream, reason)
             if batch.last is not None:
                 await writer.ingest(batch)
                 await feed.ack(batch)  # frees max_ack_pending for the next batch

@@ -4,4 +4,4 @@ queries and parquet export. Knows the contracts, nothing of the bus."""
 from mesh.store.ledger import Ledger
 from mesh.store.schema import SCHEMA_VERSION, TABLES
 
-__all__ = ["Ledger", "SCHEMA_VERSION", "TABLES"]
+__all__ = ["SCHEMA_VERSION", "TABLES", "Ledger"]

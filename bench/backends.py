@@ -112,7 +112,7 @@ async def overhead(url: str, calls: int) -> dict[str, float]:
     wire = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
 
     async def bare_call() -> None:
-        stream = await bare.chat.completions.create(model=tier.model, messages=wire, stream=True,  # type: ignore[arg-type]
+        stream = await bare.chat.completions.create(model=tier.model, messages=wire, stream=True,  # type: ignore[call-overload]
                                                     stream_options={"include_usage": True}, max_tokens=2048)
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(parts)

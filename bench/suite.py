@@ -123,16 +123,19 @@ def ledger_rows(scale: float) -> list[Row]:
 
 
 async def orchestration_rows(scale: float) -> list[Row]:
-    async with _server() as url:
-        base = MeshSettings(nats_url=url, data_dir=Path(tempfile.mkdtemp(prefix="mesh-suite-orch-")), health_port=0,
-                            health_host="127.0.0.1", drain_seconds=5.0, sim_latency_scale=0.0)
-        over = await orchestration.overhead(base, goals=max(1, int(3 * scale)))
-        slow = base.model_copy(update={"sim_latency_ms": 50.0, "sim_latency_scale": 1.0})
-        goals = max(2, int(8 * scale))
-        one = await orchestration.throughput(slow, 1, goals=goals)
-        four = await orchestration.throughput(slow, 4, goals=goals)
+    with tempfile.TemporaryDirectory(prefix="mesh-suite-orch-") as tmp:
+        work = Path(tmp)
+        async with EmbeddedNats(work / "nats") as server:
+            assert server.pid is not None
+            base = MeshSettings(nats_url=server.url, data_dir=work / "mesh", health_port=0, health_host="127.0.0.1",
+                                drain_seconds=5.0, sim_latency_scale=0.0)
+            over = await orchestration.overhead(base, server.pid, max(1, int(3 * scale)), work / "overhead")
+            slow = base.model_copy(update={"sim_latency_ms": 50.0, "sim_latency_scale": 1.0})
+            goals = max(8, int(32 * scale))  # enough runnable steps for 4 replicas of every role
+            one = (await orchestration.throughput(slow, server.pid, 1, goals, work / "one")).steps_per_s
+            four = (await orchestration.throughput(slow, server.pid, 4, goals, work / "four")).steps_per_s
     return [
-        Row(f"orchestration: steps/s with 4 vs 1 replica per worker role (50 ms model calls, {goals} goals)",
+        Row(f"orchestration: steps/s with 4 vs 1 node process per worker role (50 ms model calls, {goals} goals)",
             f"{four:.1f} steps/s", f"{one:.1f} steps/s", four / one, "× 1 replica", 3.0),
         Row(f"orchestration overhead per step, p50 ({over['steps']} steps, zero-latency model; dispatch "
             f"{over['dispatch_p50']:.1f} + worker {over['worker_p50']:.1f} ms) vs the 10 ms target",

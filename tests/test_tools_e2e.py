@@ -77,6 +77,27 @@ async def test_coder_files_reach_the_final_workspace_reviewer_gets_the_diff_test
     assert reports[-1].ref.digest in {r.digest for e in tester_done for r in e.outputs}
 
 
+async def test_a_failing_test_run_sends_the_code_back_and_the_revision_is_tested_again(
+        fast: MeshSettings, bus: Bus) -> None:
+    # sim_tests=fail_first: the coder's first version has a bug its own test catches; a revision fixes it.
+    goal = Goal(brief="Build me a login system", options={"sim_tests": "fail_first", "sim_review": "approve"})
+    async with in_process_mesh(fast):
+        events = await run_goal(bus, goal)
+    assert isinstance(events[-1], GoalCompleted), events[-1]
+    tests = [e for e in events if isinstance(e, StepCompleted) and e.role == "tester"]
+    # the verdict is pytest's exit status: the first run failed, the run on the revised code passed
+    assert tests[0].verdict == "changes_requested" and tests[-1].verdict == "approve"
+    assert tests[-1].step_id.startswith(tests[0].step_id + "-rev")
+    coders = [e.step_id for e in events if isinstance(e, StepCompleted) and e.role == "coder"]
+    assert any("-rev" in c for c in coders), coders
+    reports = [(await bus.get_blob(e.artifact.ref.digest)).decode() for e in events
+               if isinstance(e, ArtifactCreated) and e.artifact.kind == "test_report"]
+    assert "Result: FAIL (pytest exit code 1)" in reports[0] and "Result: PASS (pytest exit code 0)" in reports[-1]
+    final = Manifest.decode(await bus.get_blob(events[-1].workspace.digest))  # type: ignore[union-attr]
+    sources = [(await bus.get_blob(d)).decode() for p, d in final.files.items() if p.startswith("src/")]
+    assert sources and all("return value.strip()" in src for src in sources)
+
+
 async def test_a_redelivered_tool_step_gives_the_same_manifest_and_no_second_artifact(fast: MeshSettings) -> None:
     async with await Bus.connect(fast, name="coder-test") as bus:  # the worker's sim reads the bus's settings
         await _redeliver_a_coder_step(bus)

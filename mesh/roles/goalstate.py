@@ -184,12 +184,13 @@ class GoalState(Wire):
         base_review = review.revision_of or review.step_id
         new_coder = Step(
             step_id=f"{base_coder}-rev{n}", role="coder", depends_on=[coder.step_id, review_id],
-            instruction=f"Revise the work of step {coder.step_id}: address every note of the review.\n"
+            instruction=f"Revise the work of step {coder.step_id}: address every note of step {review_id}'s "
+                        f"{'test report' if review.role == 'tester' else 'review'}.\n"
                         f"Original instruction: {coder.instruction}",
             acceptance=coder.acceptance, difficulty=coder.difficulty, revision_of=base_coder,
         )
-        new_review = Step(
-            step_id=f"{base_review}-rev{n}", role=review.role, depends_on=[new_coder.step_id, review_id],
+        new_review = Step(  # the revised code last: a step works on the last workspace among its inputs
+            step_id=f"{base_review}-rev{n}", role=review.role, depends_on=[review_id, new_coder.step_id],
             instruction=review.instruction, acceptance=review.acceptance, difficulty=review.difficulty,
             revision_of=base_review,
         )

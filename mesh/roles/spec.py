@@ -66,6 +66,9 @@ class RoleSpec(_Strict):
     shell_allow: list[str] = Field(default_factory=list, description="Commands shell.run may start.")
     output_kind: str = Field(default="note", description="Artifact kind of the step's main output.")
     verdicts: bool = Field(default=False, description="Output is a review verdict (approve / changes requested).")
+    verdict_from_tests: bool = Field(
+        default=False, description="The step's verdict is the exit status of the last command it ran with "
+                                   "shell.run: a failing test run requests changes, like a review does.")
     prompts: Prompts | None = None
     router: RouterPrefs = Field(default_factory=RouterPrefs)
     limits: Limits = Field(default_factory=Limits)
@@ -84,6 +87,8 @@ class RoleSpec(_Strict):
             raise ValueError(f"a {self.kind} role needs a [prompts] table with a system prompt")
         if self.shell_allow and "shell.run" not in self.tools:
             raise ValueError("shell_allow is set but shell.run is not in tools")
+        if self.verdict_from_tests and ("shell.run" not in self.tools or self.verdicts):
+            raise ValueError("verdict_from_tests needs shell.run in tools and excludes verdicts")
         return self
 
 

@@ -63,6 +63,8 @@ VERDICT_SCHEMA: dict[str, Any] = {
 }
 MAX_INPUT_FILE_CHARS = 20_000
 CANCEL_RECHECK_SECONDS = 0.5
+# Outputs (named "<step>/<kind>") that a revision step is asked to address: reviews and test reports.
+FEEDBACK_KINDS = ("/review", "/test_report")
 
 
 class Worker:
@@ -198,7 +200,9 @@ class Worker:
                           "step_id": step.step_id, **_hints(task.options)},
             )
             response = await self._converse(task, request, decision, toolbox, outbox, check)
-        verdict = _parse_verdict(response.text) if spec.verdicts else None
+            tests_exit = toolbox.last_exit_code
+        verdict = _parse_verdict(response.text) if spec.verdicts else _test_verdict(tests_exit) \
+            if spec.verdict_from_tests else None
         outputs = await self._publish_outputs(task, response.text, workspace, workspace_ref, outbox)
         return StepCompleted(
             event_id=f"{task.task_id}.completed", goal_id=task.goal_id, step_id=step.step_id, role=spec.role,
@@ -244,7 +248,7 @@ class Worker:
         reviews: list[str] = []
         for (priority, ref), blob in zip(texts, blobs, strict=True):
             text = blob.decode("utf-8", errors="replace")
-            if ref.name.endswith("/review"):
+            if ref.name.endswith(FEEDBACK_KINDS):
                 reviews.append(text)
             inputs.append((ref.name or ref.digest[:12], text, priority))
         return workspace, inputs, reviews
@@ -290,6 +294,14 @@ def _ledger_query(bus: Bus) -> LedgerQueryFn:
 def _hints(options: dict[str, Any]) -> dict[str, Any]:
     """Goal options that backends may read as hints (the sim's knobs, e.g. sim_plan_steps)."""
     return {k: v for k, v in options.items() if isinstance(v, str | int | float | bool)}
+
+
+def _test_verdict(exit_code: int | None) -> str | None:
+    """A tester's verdict from what really ran, not from what the model says about it: changes are
+    requested when the last test command failed (pytest's 5, "no tests collected", counts as failed)."""
+    if exit_code is None:
+        return None
+    return "approve" if exit_code == 0 else "changes_requested"
 
 
 def _parse_verdict(text: str) -> str:

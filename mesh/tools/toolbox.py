@@ -73,6 +73,7 @@ class ToolBox:
         self._ledger = ledger
         self._artifacts = artifacts
         self._tree: WorkTree | None = None
+        self.last_exit_code: int | None = None  # of the last command shell.run ran (None: none ran)
 
     async def __aenter__(self) -> Self:
         return self
@@ -177,6 +178,7 @@ class ToolBox:
             tree.discard()  # a killed or cancelled command's leftovers are not kept
             raise
         changed = await tree.absorb(self.workspace)
+        self.last_exit_code = result.exit_code
         return json.dumps({**result.to_json(), "changed": changed})
 
     async def _ledger_query(self, a: LedgerQuery) -> str:

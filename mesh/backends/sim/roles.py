@@ -136,9 +136,12 @@ def _module_source(ctx: Context, part: str) -> str:
     rules = "\n".join(f"# Constraint: {c}" for c in p.constraints)
     fix = "\n# Revised after review: " + _first_line(p.previous_review or "", 120) if p.previous_review else ""
     check = "    if not value:\n        raise ValueError(\"value must not be empty\")\n" if ctx.success else ""
+    # Goal option sim_tests=fail_first: the first version has a bug its own test catches; a revision
+    # (which has feedback to address) fixes it.
+    buggy = ctx.metadata.get("sim_tests") == "fail_first" and not p.previous_review
     return (f'"""{MARK} {ctx.topic}{part}."""\n{rules}{fix}\n\n\n'
             f"def handle(value: str) -> str:\n    \"\"\"Entry point for: {p.instruction[:60]}.\"\"\"\n"
-            f"{check}    return value.strip()\n")
+            f"{check}    return {'value' if buggy else 'value.strip()'}\n")
 
 
 def coder(ctx: Context) -> Answer:

@@ -234,6 +234,10 @@ class ToolTimeout(ToolError):
     """A tool exceeded its time limit and was stopped."""
 
 
+class WorkspaceConflict(ToolError):
+    """A step's inputs carry workspaces that changed the same file differently."""
+
+
 class LedgerError(MeshError):
     """A ledger operation failed."""
 

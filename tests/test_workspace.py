@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from mesh.contracts.models import ArtifactRef, sha256_hex
-from mesh.errors import PathRefused, ToolError
+from mesh.errors import PathRefused, ToolError, WorkspaceConflict
 from mesh.tools.cache import BlobCache
 from mesh.tools.diff import diff_manifests
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE, Manifest
+from mesh.tools.merge import resolve_workspace
 from mesh.tools.paths import TEMP_PREFIX, canonical_path
 from mesh.tools.workspace import MAX_FILE_BYTES, Workspace
 
@@ -77,6 +78,49 @@ async def test_commit_is_content_addressed_records_its_parent_and_repeats_exactl
     same = await Workspace.open(base, blobs.fetch)
     same.write("src/app.py", b"print('hi')\n")  # identical content: nothing changed
     assert not same.dirty and same.changes() == {}
+
+
+async def _derive(blobs: Blobs, parent: ArtifactRef | None, name: str, changes: dict[str, bytes | None]) -> ArtifactRef:
+    ws = await Workspace.open(parent, blobs.fetch)
+    ws.apply(changes)
+    ref = await ws.commit(blobs.store)
+    return ref.model_copy(update={"name": f"{name}/workspace"})
+
+
+async def test_a_step_works_on_the_newest_workspace_whatever_the_input_order() -> None:
+    blobs = Blobs()
+    base = await _derive(blobs, None, "implement-1", {"app.py": b"v1\n"})
+    revised = await _derive(blobs, base, "implement-1-rev1", {"app.py": b"v2\n"})
+    again = await _derive(blobs, revised, "implement-1-rev2", {"app.py": b"v3\n"})
+    for inputs in ([base, again, revised], [again, base], [revised, base, base]):
+        newest = max(inputs, key=[base, revised, again].index)
+        assert await resolve_workspace(inputs, blobs.fetch, blobs.store) == newest
+    assert await resolve_workspace([], blobs.fetch, blobs.store) is None
+
+
+async def test_parallel_branches_are_merged_from_their_common_ancestor() -> None:
+    blobs = Blobs()
+    base = await _derive(blobs, None, "spec", {"app.py": b"v1\n", "old.md": b"x\n", "shared.txt": b"s\n"})
+    left = await _derive(blobs, base, "implement-a", {"app.py": b"v2\n", "a.py": b"a\n", "shared.txt": b"t\n"})
+    right = await _derive(blobs, base, "implement-b", {"b.py": b"b\n", "old.md": None, "shared.txt": b"t\n"})
+    merged_ref = await resolve_workspace([left, right], blobs.fetch, blobs.store)
+    assert merged_ref is not None and merged_ref.media_type == MANIFEST_MEDIA_TYPE
+    merged = Manifest.decode(blobs.data[merged_ref.digest])
+    assert merged.files == {p: sha256_hex(d) for p, d in
+                            {"app.py": b"v2\n", "a.py": b"a\n", "b.py": b"b\n", "shared.txt": b"t\n"}.items()}
+    assert merged.parent == left.digest  # lineage continues through the first branch
+
+
+async def test_branches_that_change_one_file_differently_are_a_conflict_naming_it() -> None:
+    blobs = Blobs()
+    base = await _derive(blobs, None, "spec", {"app.py": b"v1\n"})
+    left = await _derive(blobs, base, "implement-a", {"app.py": b"left\n"})
+    right = await _derive(blobs, base, "implement-b", {"app.py": None})
+    with pytest.raises(WorkspaceConflict, match=r"app\.py \(steps implement-a/workspace and implement-b/workspace\)"):
+        await resolve_workspace([left, right], blobs.fetch, blobs.store)
+    unrelated = await _derive(blobs, None, "other", {"app.py": b"mine\n"})
+    with pytest.raises(WorkspaceConflict):  # no common ancestor: both added app.py, differently
+        await resolve_workspace([base, unrelated], blobs.fetch, blobs.store)
 
 
 async def test_a_failing_change_leaves_the_workspace_as_it_was() -> None:

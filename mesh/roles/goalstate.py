@@ -189,8 +189,8 @@ class GoalState(Wire):
                         f"Original instruction: {coder.instruction}",
             acceptance=coder.acceptance, difficulty=coder.difficulty, revision_of=base_coder,
         )
-        new_review = Step(  # the revised code last: a step works on the last workspace among its inputs
-            step_id=f"{base_review}-rev{n}", role=review.role, depends_on=[review_id, new_coder.step_id],
+        new_review = Step(
+            step_id=f"{base_review}-rev{n}", role=review.role, depends_on=[new_coder.step_id, review_id],
             instruction=review.instruction, acceptance=review.acceptance, difficulty=review.difficulty,
             revision_of=base_review,
         )

@@ -47,6 +47,7 @@ from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
 from mesh.tools.cache import BlobCache
+from mesh.tools.merge import resolve_workspace
 from mesh.tools.shell import ShellLimits, ShellPolicy
 from mesh.tools.toolbox import LedgerQueryFn, ToolBox
 from mesh.tools.workspace import MANIFEST_MEDIA_TYPE, Workspace
@@ -240,8 +241,9 @@ class Worker:
         raise AssertionError("unreachable: the loop returns on its last round")
 
     async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]], list[str]]:
-        """Dependency outputs → (latest workspace, text inputs with priorities, review texts)."""
-        workspace = next((r for r in reversed(task.inputs) if r.media_type == MANIFEST_MEDIA_TYPE), None)
+        """Dependency outputs → (the workspace to work on, text inputs with priorities, feedback texts)."""
+        workspace = await resolve_workspace([r for r in task.inputs if r.media_type == MANIFEST_MEDIA_TYPE],
+                                            self.blobs, self._store)
         texts = [(p, r) for p, r in enumerate(task.inputs) if r.media_type != MANIFEST_MEDIA_TYPE]
         blobs = await together(*(self.bus.get_blob(ref.digest) for _, ref in texts))
         inputs: list[tuple[str, str, int]] = []
@@ -261,7 +263,7 @@ class Worker:
         outputs = [main]
         await self._announce(outbox, task, main, kind, parents)
         if ws.dirty:
-            ws_out = await ws.commit(lambda data, mt, name: self.bus.put_blob(data, media_type=mt, name=name))
+            ws_out = await ws.commit(self._store)
             ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
             await self._announce(outbox, task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
             # the change itself, for the reviewer and the tester downstream
@@ -272,6 +274,9 @@ class Worker:
         elif ws_in is not None:
             outputs.append(ws_in)  # pass the workspace on so dependents still see it
         return outputs
+
+    async def _store(self, data: bytes, media_type: str, name: str) -> ArtifactRef:
+        return await self.bus.put_blob(data, media_type=media_type, name=name)
 
     async def _announce(self, outbox: Outbox, task: Task, ref: ArtifactRef, kind: str, parents: list[str]) -> None:
         artifact = Artifact(ref=ref, goal_id=task.goal_id, producer_step=task.step.step_id,

@@ -356,3 +356,19 @@ async def test_api_key_is_read_at_call_time(kind: str, monkeypatch: pytest.Monke
         await b.aclose()
         await runner.cleanup()
     assert [s.removeprefix("Bearer ") for s in seen] == ["key-one", "key-two"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_hints_reach_the_endpoint_only_when_the_tier_sends_them(server: SimServer, kind: str) -> None:
+    """Goal options travel as X-Mesh-Hints to the sim-server (send_hints), never to a provider by default."""
+    req = coder_request(metadata={"role": "coder", "sim_review": "approve", "difficulty": 0.3})
+    for send in (False, True):
+        cfg = http_tiers(server, every(kind))["long_context"].model_copy(update={"send_hints": send})
+        b = OpenAIBackend(cfg) if kind == "openai" else AnthropicBackend(cfg)
+        try:
+            await b.chat(req, timeout=5)
+        finally:
+            await b.aclose()
+    async with httpx2.AsyncClient() as client:
+        received = (await client.get(f"{server.url}/_sim/requests")).json()
+    assert [r["hints"] for r in received[-2:]] == [{}, {"role": "coder", "sim_review": "approve", "difficulty": 0.3}]

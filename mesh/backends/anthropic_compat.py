@@ -158,7 +158,7 @@ class AnthropicBackend:
             params["output_config"] = output
         if req.temperature is not None and not req.thinking:  # thinking requires the default temperature
             params["extra_body"] = {"temperature": req.temperature}
-        if headers := hint_header(req.metadata):
+        if self.tier.send_hints and (headers := hint_header(req.metadata)):
             params["extra_headers"] = headers
         return params
 

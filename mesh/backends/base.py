@@ -66,7 +66,7 @@ class ChatRequest(_Model):
     metadata: dict[str, Any] = Field(
         default_factory=dict,
         description="Hints that are not part of the prompt (difficulty, fan_out, sim_* options). Small scalars "
-        "travel to HTTP endpoints in the X-Mesh-Hints header, which real providers ignore.",
+        "travel to HTTP endpoints in the X-Mesh-Hints header when the tier has send_hints (the sim-server).",
     )
 
 

@@ -158,7 +158,7 @@ class OpenAIBackend:
             params["stream_options"] = {"include_usage": True}
         if extra:
             params["extra_body"] = extra
-        if headers := hint_header(req.metadata):
+        if self.tier.send_hints and (headers := hint_header(req.metadata)):
             params["extra_headers"] = headers
         return params
 

@@ -66,6 +66,9 @@ class TierConfig(BaseModel):
     max_concurrency: int = Field(default=8, ge=1)
     timeout: float = Field(default=300.0, gt=0, description="Seconds per call attempt.")
     thinking: bool = Field(default=False, description="Thinking on when the caller does not decide.")
+    send_hints: bool = Field(
+        default=False, description="Send the request's small scalar metadata (role, difficulty, goal options) "
+                                   "as an X-Mesh-Hints header: the sim-server reads it, real providers need not see it.")
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     dialect: Literal["deepseek", "kimi", "vllm", "llamacpp", "generic"] | None = Field(
         default=None, description="OpenAI-compatible dialect; guessed from model and base URL when unset."
@@ -124,7 +127,7 @@ SIM_DEFAULTS: dict[str, dict[str, Any]] = {
 
 _ENV_FIELDS = (
     "kind", "base_url", "api_key_env", "model", "context_window", "output_reserve", "max_concurrency",
-    "timeout", "thinking", "dialect",
+    "timeout", "thinking", "dialect", "send_hints",
 )
 
 

@@ -177,7 +177,8 @@ def sim_server_env(url: str, tiers: Iterable[str] | None = None) -> dict[str, st
         prefix = f"MESH_TIER_{name.upper()}_"
         env |= {prefix + "KIND": "openai", prefix + "BASE_URL": f"{url}/v1", prefix + "MODEL": cfg.model,
                 prefix + "CONTEXT_WINDOW": str(cfg.context_window), prefix + "OUTPUT_RESERVE": str(cfg.output_reserve),
-                prefix + "THINKING": str(cfg.thinking).lower(), prefix + "API_KEY_ENV": "MESH_SIM_API_KEY"}
+                prefix + "THINKING": str(cfg.thinking).lower(), prefix + "API_KEY_ENV": "MESH_SIM_API_KEY",
+                prefix + "SEND_HINTS": "true"}
         env |= {f"{prefix}PRICE_{p.upper()}": str(v) for p, v in cfg.prices.model_dump().items()}
     env["MESH_SIM_API_KEY"] = "sim-local"  # the SDKs insist on a key; the sim ignores it
     return env

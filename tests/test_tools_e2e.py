@@ -16,7 +16,17 @@ from mesh.backends.tiers import load_tiers
 from mesh.bus import Bus
 from mesh.bus.consumer import Delivery, PullConsumer
 from mesh.config import MeshSettings
-from mesh.contracts import ArtifactCreated, Goal, GoalCompleted, Plan, Step, StepCompleted, Task, ToolCall
+from mesh.contracts import (
+    ArtifactCreated,
+    ArtifactRef,
+    Goal,
+    GoalCompleted,
+    Plan,
+    Step,
+    StepCompleted,
+    Task,
+    ToolCall,
+)
 from mesh.metrics import Metrics
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -98,25 +108,29 @@ async def test_a_failing_test_run_sends_the_code_back_and_the_revision_is_tested
     assert sources and all("return value.strip()" in src for src in sources)
 
 
+async def _one_coder_step(bus: Bus, step: Step, inputs: list[ArtifactRef]) -> tuple[Goal, Worker, ModelCaller]:
+    """A goal whose plan is ``step`` alone, dispatched (state in KV, task on the bus), and a coder worker."""
+    goal = Goal(brief="Build me a login system", options={"sim_quality": 1.0})
+    state = GoalState(goal=goal)
+    state.apply_plan(Plan(goal_id=goal.goal_id, steps=[step]))
+    state.mark_dispatched(step.step_id)
+    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
+    await goals.create(state)
+    await bus.dispatch(Task(task_id=Task.make_id(goal.goal_id, step.step_id, 1), goal_id=goal.goal_id, step=step,
+                            brief=goal.brief, options=goal.options, inputs=inputs))
+    caller = ModelCaller(bus, load_tiers(bus.settings), RulePolicy(), "coder-test", Metrics("coder"))
+    return goal, Worker(bus, role_specs()["coder"], caller, goals, "coder-test"), caller
+
+
 async def test_a_redelivered_tool_step_gives_the_same_manifest_and_no_second_artifact(fast: MeshSettings) -> None:
     async with await Bus.connect(fast, name="coder-test") as bus:  # the worker's sim reads the bus's settings
         await _redeliver_a_coder_step(bus)
 
 
 async def _redeliver_a_coder_step(bus: Bus) -> None:
-    spec = role_specs()["coder"]
     await bus.provision(["coder"])
-    goal = Goal(brief="Build me a login system", options={"sim_quality": 1.0})
     step = Step(step_id="implement", role="coder", instruction="Implement the login system", difficulty=0.8)
-    state = GoalState(goal=goal)
-    state.apply_plan(Plan(goal_id=goal.goal_id, steps=[step]))
-    state.mark_dispatched("implement")
-    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
-    await goals.create(state)
-    await bus.dispatch(Task(task_id=Task.make_id(goal.goal_id, "implement", 1), goal_id=goal.goal_id, step=step,
-                            brief=goal.brief, options=goal.options))
-    caller = ModelCaller(bus, load_tiers(bus.settings), RulePolicy(), "coder-test", Metrics("coder"))
-    worker = Worker(bus, spec, caller, goals, "coder-test")
+    goal, worker, caller = await _one_coder_step(bus, step, [])
     store = await bus.object_store(bus.topology.obj_artifacts)
     objects: list[int] = []
 
@@ -146,6 +160,47 @@ async def _redeliver_a_coder_step(bus: Bus) -> None:
                 files = Manifest.decode(await bus.get_blob(event.artifact.ref.digest)).files
                 break
     assert counts[topic(goal.goal_id, "tool.call")] == len(files) >= 2  # one fs.write per file, recorded once
+
+
+async def test_a_step_after_parallel_coder_branches_works_on_their_merge_and_announces_it(fast: MeshSettings) -> None:
+    async with await Bus.connect(fast, name="coder-test") as bus:
+        await bus.provision(["coder"])
+
+        async def store(data: bytes, media_type: str, name: str) -> ArtifactRef:
+            return await bus.put_blob(data, media_type=media_type, name=name)
+
+        root = Workspace({}, bus.get_blob)
+        root.write("README.md", b"shared\n")
+        base = await root.commit(store)
+        branches = []
+        for name in ("a", "b"):
+            ws = await Workspace.open(base, bus.get_blob)
+            ws.write(f"{name}.py", f"{name} = 1\n".encode())
+            branches.append((await ws.commit(store)).model_copy(update={"name": f"implement-{name}/workspace"}))
+
+        goal, worker, caller = await _one_coder_step(bus, Step(step_id="join", role="coder",
+                                                              instruction="Join the two parts"), branches)
+
+        async def once(delivery: Delivery) -> None:
+            await worker.handle(delivery)
+            consumer.stop()
+
+        consumer = PullConsumer.for_role(bus, "coder", once)
+        await asyncio.wait_for(consumer.run(), 60)
+        await caller.gateway.aclose()
+
+        workspaces: list[ArtifactCreated] = []
+        async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+            async for event in stream:
+                if isinstance(event, ArtifactCreated) and event.artifact.kind == "workspace":
+                    workspaces.append(event)
+                if isinstance(event, StepCompleted):
+                    break
+        merged, written = (w.artifact for w in workspaces)
+        assert sorted(merged.parents) == sorted(b.digest for b in branches)  # lineage: the merge of both branches
+        assert written.parents == [merged.ref.digest]
+        files = Manifest.decode(await bus.get_blob(written.ref.digest)).files
+    assert {"README.md", "a.py", "b.py"} <= files.keys() and any(p.startswith("src/") for p in files)
 
 
 async def test_ledger_query_asks_the_ledger_service_read_only(bus: Bus, settings: MeshSettings) -> None:

@@ -159,6 +159,9 @@ class Worker:
                        check: Callable[[], Awaitable[None]]) -> StepCompleted:
         step, spec = task.step, self.spec
         workspace_ref, inputs, reviews = await self._load_inputs(task)
+        branches = sorted({r.digest for r in task.inputs if r.media_type == MANIFEST_MEDIA_TYPE})
+        if workspace_ref is not None and workspace_ref.digest not in branches:  # merged: the ledger's lineage needs it
+            await self._announce(outbox, task, workspace_ref, "workspace", branches)
         workspace = await Workspace.open(workspace_ref, self.blobs)
         if workspace_ref is not None:
             inputs.append(("workspace", await workspace.render(MAX_INPUT_FILE_CHARS), -1))

@@ -114,9 +114,8 @@ class Orchestrator:
         the reason. Nothing else would end it: the sweep leaves goals that are still planning alone."""
         goal = delivery.message(Goal)
         await self.goals.create(GoalState(goal=goal))
-        state = await self.goals.get(goal.goal_id)
-        if state is not None and state.status == "planning":  # a running goal is the sweep's to look after
-            await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000])
+        # only while planning: a running goal is the sweep's to look after
+        await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000], planning=True)
 
     async def _plan(self, state: GoalState, *, attempt: int, failed: str | None = None) -> None:
         goal = state.goal
@@ -314,9 +313,10 @@ class Orchestrator:
                 await self._publish_task(state, sid)
         await self._advance(state.goal.goal_id)
 
-    async def _fail_goal(self, goal_id: str, reason: str) -> None:
+    async def _fail_goal(self, goal_id: str, reason: str, *, planning: bool = False) -> None:
+        """Fail the goal (with ``planning``: only if it is still planning), in the same CAS as the check."""
         def close(s: GoalState) -> bool:
-            if s.done:
+            if s.done or (planning and s.status != "planning"):
                 return False
             s.finish("failed", reason)
             return True

@@ -17,15 +17,18 @@ from mesh.tools.manifest import MANIFEST_MEDIA_TYPE, Fetch, Manifest, Store
 MAX_ANCESTRY = 1024  # manifests walked back per branch: far beyond any goal's revisions
 
 
-async def _lineage(digest: str, fetch: Fetch) -> list[tuple[str, Manifest]]:
-    """The manifest and its ancestors, newest first."""
+async def _lineage(digest: str, fetch: Fetch, until: set[str]) -> list[tuple[str, Manifest]]:
+    """The manifest and its ancestors, newest first — stopping once every digest of ``until`` is among
+    them (the common case, a revision and the code before it, is one hop, not a walk to the root)."""
     line: list[tuple[str, Manifest]] = []
+    seen: set[str] = set()
     current: str | None = digest
-    while current is not None:
+    while current is not None and not until <= seen:
         if len(line) == MAX_ANCESTRY:
             raise ToolError(f"workspace {digest[:12]} has more than {MAX_ANCESTRY} ancestors")
         manifest = Manifest.decode(await fetch(current))
         line.append((current, manifest))
+        seen.add(current)
         current = manifest.parent
     return line
 
@@ -35,11 +38,14 @@ async def resolve_workspace(refs: list[ArtifactRef], fetch: Fetch, store: Store)
     distinct = list({ref.digest: ref for ref in refs}.values())
     if len(distinct) <= 1:
         return distinct[0] if distinct else None
-    lines = {ref.digest: await _lineage(ref.digest, fetch) for ref in distinct}
-    ancestors = {d: {a for a, _ in line} for d, line in lines.items()}
+    digests = {ref.digest for ref in distinct}
+    lines: dict[str, list[tuple[str, Manifest]]] = {}
     for ref in distinct:
-        if all(other.digest in ancestors[ref.digest] for other in distinct):
+        lines[ref.digest] = await _lineage(ref.digest, fetch, until=digests)
+        if digests <= {a for a, _ in lines[ref.digest]}:
             return ref
+    # No branch descends from all the others, so each walk above went to its root: merge.
+    ancestors = {d: {a for a, _ in line} for d, line in lines.items()}
     first = distinct[0].digest
     base = next((m.files for a, m in lines[first] if all(a in ancestors[d] for d in ancestors)), {})
     merged, changed_by = dict(base), dict[str, tuple[str, str | None]]()

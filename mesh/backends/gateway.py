@@ -168,6 +168,20 @@ class ModelGateway:
     def window(self, tier: str) -> int:
         return self.tiers[tier].context_window
 
+    def native_tools(self, tier: str) -> bool:
+        """Whether the tier's server does function calling (else the worker uses the text protocol)."""
+        cfg = self.tiers[tier]
+        if cfg.tools is not None:
+            return cfg.tools
+        dialect = getattr(self._backends[tier], "dialect", None)  # OpenAI-compatible adapters know theirs
+        return getattr(dialect, "name", None) != "llamacpp"
+
+    def room(self, tier: str, prompt_tokens: int) -> int:
+        """The most one answer on ``tier`` may write: its output reserve, within what the window leaves
+        after the prompt (a local server refuses prompt + max_tokens beyond its context)."""
+        cfg = self.tiers[tier]
+        return max(1, min(cfg.output_reserve, cfg.context_window - prompt_tokens))
+
     # --- calls ----------------------------------------------------------------------------------
 
     async def chat(
@@ -209,10 +223,10 @@ class ModelGateway:
     ) -> ChatResponse:
         breaker = self._breakers[cfg.endpoint]
         backend = self._backends[cfg.name]
-        if req.max_tokens > cfg.output_reserve:
+        if req.max_tokens > (room := self.room(cfg.name, prompt_tokens)):
             # A tier writes at most its output reserve: a small local model asked for 8k tokens would
             # ramble to the end of its window while every other request queues behind it.
-            req = req.model_copy(update={"max_tokens": cfg.output_reserve})
+            req = req.model_copy(update={"max_tokens": room})
         worst_case = prompt_tokens + req.max_tokens
         cost = cfg.prices.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=req.max_tokens)
         attempt = 0

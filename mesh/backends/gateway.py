@@ -31,7 +31,7 @@ from mesh.backends.resilience import BreakerPolicy, CircuitBreaker, RetryPolicy
 from mesh.backends.sim import SimBackend, SimWorld
 from mesh.backends.tiers import TierConfig
 from mesh.config import get_settings
-from mesh.contracts import Budget, Usage
+from mesh.contracts import Budget, Usage, prompt
 from mesh.errors import (
     AllTiersFailed,
     BackendError,
@@ -300,8 +300,8 @@ class ModelGateway:
 
         async def sub_agent(i: int) -> str | BackendError:
             nonlocal spent
-            task = "\n".join(f"- {s}" for s in groups[i])
-            messages = [*req.messages, ChatMessage(role="user", content=f"## Sub-task {i + 1}/{n}\n{task}")]
+            messages = [*req.messages, ChatMessage(role="user", content=prompt.section(prompt.sub_task(i, n),
+                                                                                       prompt.bullets(groups[i])))]
             sub = req.model_copy(update={"json_schema": None, "tools": req.tools if run_tool else []})
             try:
                 for _ in range(max_rounds):
@@ -322,14 +322,14 @@ class ModelGateway:
         failures = [r for r in results if isinstance(r, BackendError)]
         if len(failures) == n:
             raise failures[0]
-        body = "\n\n".join(
-            f"### Sub-agent {i + 1}: {'; '.join(groups[i])[:200]}\n"
-            + (f"(failed: {type(r).__name__}: {r})" if isinstance(r, BackendError) else r)
+        body = prompt.nested(
+            (f"Sub-agent {i + 1}: {'; '.join(groups[i])[:200]}",
+             f"(failed: {type(r).__name__}: {r})" if isinstance(r, BackendError) else r)
             for i, r in enumerate(results)
         )
         compose = req.model_copy(update={"tools": [], "messages": [
-            *req.messages, ChatMessage(role="user", content=f"## Sub-agent results\n{body}\n\nCompose the step's answer "
-                                                            f"from these results.")]})
+            *req.messages, ChatMessage(role="user", content=prompt.section(prompt.SUB_RESULTS, body)
+                                       + "\n\nCompose the step's answer from these results.")]})
         final = await self.chat(compose, tier, budget=budget)
         return final.model_copy(update={"usage": spent + final.usage})
 

@@ -47,6 +47,7 @@ from mesh.contracts import (
     StepDispatched,
     StepFailed,
     Task,
+    prompt,
     utcnow,
 )
 from mesh.errors import AllTiersFailed, BackendError, BusError, PlanInvalid, RetryableBackendError
@@ -153,18 +154,18 @@ class Orchestrator:
 
     async def _ask_for_plan(self, state: GoalState, *, version: int, failed: str | None) -> Plan:
         goal = state.goal
-        roles = "\n".join(f"- {r}: {s.description}" for r, s in sorted(self.roles.items()))
-        lines = ["## Pinned constraints\n" + "\n".join(f"- {c}" for c in goal.constraints or ["(none)"]),
-                 f"## Goal\n{goal.brief}", f"## Roles\n{roles}"]
+        roles = prompt.bullets(f"{r}: {s.description}" for r, s in sorted(self.roles.items()))
+        sections = [(prompt.CONSTRAINTS, prompt.bullets(goal.constraints or [prompt.NONE])), (prompt.GOAL, goal.brief),
+                    (prompt.ROLES, roles)]
         if failed is not None:
-            done = [f"- {sid} ({st.step.role}): completed" for sid, st in state.steps.items()
+            done = [f"{sid} ({st.step.role}): completed" for sid, st in state.steps.items()
                     if st.status == "completed"]
-            lines.append("## Replan\nStep " + failed + " failed after retries. Completed steps (keep their ids, "
-                         "they will not run again):\n" + "\n".join(done or ["(none)"]) +
-                         "\nPlan the remaining work; you may change or replace the failed step.")
-        lines.append(f"## Output\n{self.spec.prompts.output if self.spec.prompts else ''}")
-        messages = [ChatMessage(role="system", content=f"ROLE: planner\n{self.spec.prompts.system}"),  # type: ignore[union-attr]
-                    ChatMessage(role="user", content="\n\n".join(lines))]
+            sections.append((prompt.REPLAN, "Step " + failed + " failed after retries. Completed steps (keep their "
+                             "ids, they will not run again):\n" + prompt.bullets(done or [prompt.NONE]) +
+                             "\nPlan the remaining work; you may change or replace the failed step."))
+        sections.append((prompt.OUTPUT, self.spec.prompts.output if self.spec.prompts else ""))
+        messages = [ChatMessage(role="system", content=prompt.system("planner", self.spec.prompts.system)),  # type: ignore[union-attr]
+                    ChatMessage(role="user", content=prompt.render(sections))]
         self.caller.scope(goal.goal_id, "plan", "planner", version)
         decision = await self.caller.route(
             self.spec, goal_id=goal.goal_id, step_id="plan",

@@ -33,6 +33,7 @@ from mesh.contracts import (
     Task,
     ToolCall,
     Usage,
+    prompt,
 )
 from mesh.errors import (
     AllTiersFailed,
@@ -165,14 +166,17 @@ class Worker:
         workspace = await Workspace.open(workspace_ref, self.blobs)
         if workspace_ref is not None:
             inputs.append(("workspace", await workspace.render(MAX_INPUT_FILE_CHARS), -1))
+        # A revision addresses the feedback it depends on: packed as its own section, above every other input.
+        feedback = [(name, text, len(task.inputs) + priority) for name, text, priority in reviews] \
+            if step.revision_of else []
+        if feedback:
+            inputs = [i for i in inputs if i[0] not in {name for name, _, _ in feedback}]
         instruction = step.instruction
-        if step.revision_of and reviews:
-            instruction += "\n\n## Previous review\n" + "\n\n".join(reviews)
         if spec.prompts and spec.prompts.output:
             instruction += f"\n\nOutput format: {spec.prompts.output}"
-        system = f"ROLE: {spec.role}\n{spec.prompts.system if spec.prompts else ''}"
+        system = prompt.system(spec.role, spec.prompts.system if spec.prompts else "")
         needed = estimate_tokens(system + instruction + task.brief + task.memory + "".join(task.constraints)) \
-            + sum(estimate_tokens(t) for _, t, _ in inputs) + spec.limits.max_output_tokens
+            + sum(estimate_tokens(t) for _, t, _ in inputs + feedback) + spec.limits.max_output_tokens
         decision = await self.caller.route(
             spec, goal_id=task.goal_id, step_id=step.step_id, needed_tokens=needed, difficulty=step.difficulty,
             position=task.position, attempt=task.attempt, prior_failures=task.prior_failures + delivery.attempt - 1,
@@ -185,7 +189,7 @@ class Worker:
                                    budget=BudgetGuard(task.remaining, spent=self.caller.current_usage()))
         packed = await apack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,
                              acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
-                             output_reserve=spec.limits.max_output_tokens, summarise=summarise)
+                             output_reserve=spec.limits.max_output_tokens, summarise=summarise, feedback=feedback)
         if packed.dropped or packed.summarised:
             await outbox.emit(StepProgress(
                 event_id=f"{task.task_id}.packed.{delivery.attempt}", goal_id=task.goal_id, step_id=step.step_id,
@@ -243,19 +247,20 @@ class Worker:
                                             name=call.name))
         raise AssertionError("unreachable: the loop returns on its last round")
 
-    async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]], list[str]]:
-        """Dependency outputs → (the workspace to work on, text inputs with priorities, feedback texts)."""
+    async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]],
+                                                      list[tuple[str, str, int]]]:
+        """Dependency outputs → (the workspace to work on, text inputs with priorities, the feedback among them)."""
         workspace = await resolve_workspace([r for r in task.inputs if r.media_type == MANIFEST_MEDIA_TYPE],
                                             self.blobs, self._store)
         texts = [(p, r) for p, r in enumerate(task.inputs) if r.media_type != MANIFEST_MEDIA_TYPE]
         blobs = await together(*(self.bus.get_blob(ref.digest) for _, ref in texts))
         inputs: list[tuple[str, str, int]] = []
-        reviews: list[str] = []
+        reviews: list[tuple[str, str, int]] = []
         for (priority, ref), blob in zip(texts, blobs, strict=True):
-            text = blob.decode("utf-8", errors="replace")
+            item = (ref.name or ref.digest[:12], blob.decode("utf-8", errors="replace"), priority)
             if ref.name.endswith(FEEDBACK_KINDS):
-                reviews.append(text)
-            inputs.append((ref.name or ref.digest[:12], text, priority))
+                reviews.append(item)
+            inputs.append(item)
         return workspace, inputs, reviews
 
     async def _publish_outputs(self, task: Task, text: str, ws: Workspace, ws_in: ArtifactRef | None,

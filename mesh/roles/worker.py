@@ -26,6 +26,7 @@ from mesh.contracts import (
     Artifact,
     ArtifactCreated,
     ArtifactRef,
+    RouteDecision,
     StepCompleted,
     StepFailed,
     StepProgress,
@@ -218,15 +219,14 @@ class Worker:
             verdict=verdict, tier=response.tier or decision.tier,  # type: ignore[arg-type]
         )  # tier: the one that answered, after any fallback
 
-    async def _converse(self, task: Task, request: ChatRequest, decision: Any, toolbox: ToolBox,
+    async def _converse(self, task: Task, request: ChatRequest, decision: RouteDecision, toolbox: ToolBox,
                         outbox: Outbox, check: Callable[[], Awaitable[None]]) -> ChatResponse:
         """The bounded tool loop (or a swarm fan-out for wide, tool-less steps)."""
         fan_out = self.spec.router.swarm_fan_out
         if decision.tier == "swarm" and fan_out and not request.tools:
-            await check()
             subtasks = [f"Part {i + 1} of {fan_out}: cover one distinct aspect of: {task.step.instruction}"
                         for i in range(fan_out)]
-            return await self.caller.gateway.swarm(request, subtasks)
+            return await self.caller.swarm(request, subtasks, decision, task.remaining, check)
         messages = list(request.messages)
         for _round in range(self.spec.limits.max_tool_rounds + 1):
             response = await self.caller.chat(request.model_copy(update={"messages": messages}), decision,

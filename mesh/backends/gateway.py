@@ -12,8 +12,8 @@ Error policy:
   tier has another key, account or window (``ContextTooLong`` skips tiers whose window is no bigger);
 * a call the budget cannot afford is refused before it is made (``BudgetExceeded``); a cheaper tier
   is tried next, and if none fits the refusal is raised;
-* when every tier failed: ``AllTiersFailed`` with each tier's last error; its ``retryable`` is true
-  when any of them was (trying again later may work).
+* when every tier failed: ``AllTiersFailed`` with each tier's last error — ``AllTiersUnavailable``
+  (retryable: trying again later may work) when any of them was retryable.
 """
 
 from __future__ import annotations
@@ -210,9 +210,7 @@ class ModelGateway:
         if all(isinstance(e, BudgetExceeded) for e in errors.values()):
             raise next(iter(errors.values()))
         summary = "; ".join(f"{t}: {type(e).__name__}: {e}" for t, e in errors.items())
-        failed = AllTiersFailed(f"every tier failed — {summary}", errors)
-        failed.retryable = any(e.retryable for e in errors.values())
-        raise failed
+        raise AllTiersFailed.of(f"every tier failed — {summary}", errors)
 
     async def _on_tier(
         self, req: ChatRequest, cfg: TierConfig, prompt_tokens: int, budget: BudgetGuard | None, timeout: float,

@@ -51,7 +51,7 @@ from mesh.contracts import (
     utcnow,
 )
 from mesh.contracts.options import validate_options
-from mesh.errors import AllTiersFailed, BackendError, BusError, OptionInvalid, PlanInvalid, RetryableBackendError
+from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -112,7 +112,7 @@ class Orchestrator:
             except OptionInvalid as exc:  # a door that did not check (a client library, a hand-made message)
                 await self._fail_goal(gid, str(exc), planning=True)
                 return
-            await self._plan(state, attempt=delivery.attempt)
+            await self._plan(state, delivery=delivery)
         else:
             await self.redrive(gid)  # a redelivered goal: make sure its dispatches went out
 
@@ -124,7 +124,17 @@ class Orchestrator:
         # only while planning: a running goal is the sweep's to look after
         await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000], planning=True)
 
-    async def _plan(self, state: GoalState, *, attempt: int, failed: str | None = None) -> None:
+    async def give_up_outcome(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consumer gives up on a step outcome it could not record (a bug, an error no retry fixes):
+        the goal fails with the reason instead of waiting on a step whose outcome will never count."""
+        event: object = delivery.envelope.message()
+        if isinstance(event, StepCompleted | StepFailed):
+            await self._fail_goal(event.goal_id, f"the outcome of step {event.step_id} could not be recorded: "
+                                                 f"{type(exc).__name__}: {exc}"[:2000])
+
+    async def _plan(self, state: GoalState, *, delivery: Delivery | None, failed: str | None = None) -> None:
+        """Plan (``failed``: replan) the goal. ``delivery`` is the goal message's, retried by re-raising
+        while its consumer would retry it; a replan (None) is never retried that way."""
         goal = state.goal
         try:
             plan = await self._ask_for_plan(state, version=state.plan_version + 1, failed=failed)
@@ -132,12 +142,9 @@ class Orchestrator:
             await self._fail_goal(goal.goal_id, f"no valid plan after {self.limits.max_plan_attempts} "
                                                 f"attempts: {exc}")
             return
-        except (RetryableBackendError, AllTiersFailed) as exc:
-            if attempt < self.bus.topology.max_deliver and failed is None and exc.retryable:
-                raise  # nak: plan again later (a non-retryable error would be dead-lettered: the goal lost)
-            await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
-            return
         except BackendError as exc:
+            if delivery is not None and not delivery.gives_up(exc):
+                raise  # nak: plan again later
             await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
 
@@ -250,7 +257,7 @@ class Orchestrator:
             await self._fail_goal(ev.goal_id, f"step {ev.step_id} failed and the replan limit "
                                               f"({self.limits.max_replans}) is reached: {ev.error}")
             return state
-        await self._plan(state, attempt=1, failed=ev.step_id)
+        await self._plan(state, delivery=None, failed=ev.step_id)
         return state
 
     async def _compact_memory(self, state: GoalState) -> None:

@@ -36,14 +36,7 @@ from mesh.contracts import (
     Usage,
     prompt,
 )
-from mesh.errors import (
-    AllTiersFailed,
-    BusError,
-    GoalCancelled,
-    MalformedResponse,
-    MeshError,
-    RetryableBackendError,
-)
+from mesh.errors import GoalCancelled, MalformedResponse, MeshError
 from mesh.packing import apack, estimate_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
@@ -77,7 +70,6 @@ class Worker:
         self.caller = caller
         self.goals = goals
         self.node_id = node_id
-        self.max_deliver = bus.topology.max_deliver
         s = bus.settings
         self.blobs = BlobCache(s.data_dir / "blobs", bus.get_blob)  # workspace files, by digest, on this node
         self.shell = ShellPolicy(frozenset(spec.shell_allow), ShellLimits(
@@ -106,18 +98,13 @@ class Worker:
             except GoalCancelled:
                 metrics.task_done("cancelled", time.perf_counter() - started)
                 return
-            except (RetryableBackendError, AllTiersFailed, BusError) as exc:
+            except MeshError as exc:
                 metrics.error(type(exc).__name__)
-                # Only what the consumer loop retries may be re-raised: it dead-letters a non-retryable error
-                # (every circuit open, an unpublishable output), and the step would vanish without an outcome.
-                if delivery.attempt < self.max_deliver and getattr(exc, "retryable", True):
+                if not delivery.gives_up(exc):
                     raise  # nak with backoff: another delivery, maybe on another replica
-                await self._fail(task, f"gave up after {delivery.attempt} deliveries: {exc}", scope.usage, outbox)
-                metrics.task_done("failed", time.perf_counter() - started)
-                return
-            except MeshError as exc:  # permanent: retrying the same task fails the same way
-                metrics.error(type(exc).__name__)
-                await self._fail(task, str(exc), scope.usage, outbox)
+                # Given up: the step fails here, with what it spent (the consumer's give_up knows neither).
+                reason = f"gave up after {delivery.attempt} deliveries: {exc}" if exc.retryable else str(exc)
+                await self._fail(task, reason, scope.usage, outbox)
                 metrics.task_done("failed", time.perf_counter() - started)
                 return
             await outbox.settle()

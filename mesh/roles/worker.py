@@ -46,7 +46,7 @@ from mesh.packing import apack, estimate_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
-from mesh.tools.cache import BlobCache
+from mesh.tools.cache import BlobCache, MemoryCache
 from mesh.tools.merge import resolve_workspace
 from mesh.tools.shell import ShellLimits, ShellPolicy
 from mesh.tools.toolbox import LedgerQueryFn, ToolBox
@@ -77,7 +77,8 @@ class Worker:
         self.node_id = node_id
         self.max_deliver = bus.topology.max_deliver
         s = bus.settings
-        self.blobs = BlobCache(s.data_dir / "blobs", bus.get_blob)  # workspace files, by digest, on this node
+        # workspace files, by digest: recent ones in memory, the rest on this node's disk
+        self.blobs = MemoryCache(BlobCache(s.data_dir / "blobs", bus.get_blob))
         self.shell = ShellPolicy(frozenset(spec.shell_allow), ShellLimits(
             timeout_seconds=s.shell_timeout, cpu_seconds=s.shell_cpu_seconds, memory_bytes=s.shell_memory_mb << 20,
             output_bytes=s.shell_output_kb << 10))

@@ -88,7 +88,7 @@ class Worker:
         task = delivery.message(Task)
         started = time.perf_counter()
         metrics = self.caller.metrics
-        state = await self.goals.get(task.goal_id)
+        state = await self.goals.progress(task.goal_id)
         current = state.steps.get(task.step.step_id) if state else None
         if state is None or state.done or current is None or current.status != "dispatched" \
                 or current.attempt != task.attempt:
@@ -148,7 +148,7 @@ class Worker:
             nonlocal checked
             if time.monotonic() - checked < CANCEL_RECHECK_SECONDS:
                 return
-            state = await self.goals.get(goal_id)
+            state = await self.goals.progress(goal_id)
             if state is None or state.status == "cancelled":
                 raise GoalCancelled(f"goal {goal_id} was cancelled")
             checked = time.monotonic()

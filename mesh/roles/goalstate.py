@@ -40,6 +40,26 @@ class StepState(Wire):
     finished_at: datetime | None = None
 
 
+class StepProgressView(Wire):
+    """What a worker checks of one step: its status and attempt."""
+
+    status: StepStatus = "pending"
+    attempt: int = 0
+
+
+class GoalProgressView(Wire):
+    """The part of a stored ``GoalState`` a worker checks before and during a step. Validating only
+    this (the rest of the document is skipped, not turned into models) costs a fraction of the whole
+    state, which grows with every step — the full parse was a large share of a step's worker CPU."""
+
+    status: GoalStatus = "planning"
+    steps: dict[str, StepProgressView] = Field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
 class GoalState(Wire):
     goal: Goal
     status: GoalStatus = "planning"

@@ -42,7 +42,7 @@ from mesh.packing import apack, estimate_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
-from mesh.tools.cache import BlobCache
+from mesh.tools.cache import BlobCache, MemoryCache
 from mesh.tools.merge import resolve_workspace
 from mesh.tools.sandbox import select as select_sandbox
 from mesh.tools.shell import ShellLimits, ShellPolicy
@@ -82,7 +82,8 @@ class Worker:
         self.goals = goals
         self.node_id = node_id
         s = bus.settings
-        self.blobs = BlobCache(s.data_dir / "blobs", bus.get_blob)  # workspace files, by digest, on this node
+        # workspace files, by digest: recent ones in memory, the rest on this node's disk
+        self.blobs = MemoryCache(BlobCache(s.data_dir / "blobs", bus.get_blob))
         self.shell = shell_policy(spec, s)
         self.ledger = _ledger_query(bus) if "ledger.query" in spec.tools else None
 
@@ -90,7 +91,7 @@ class Worker:
         task = delivery.message(Task)
         started = time.perf_counter()
         metrics = self.caller.metrics
-        state = await self.goals.get(task.goal_id)
+        state = await self.goals.progress(task.goal_id)
         current = state.steps.get(task.step.step_id) if state else None
         if state is None or state.done or current is None or current.status != "dispatched" \
                 or current.attempt != task.attempt:
@@ -145,7 +146,7 @@ class Worker:
             nonlocal checked
             if time.monotonic() - checked < CANCEL_RECHECK_SECONDS:
                 return
-            state = await self.goals.get(goal_id)
+            state = await self.goals.progress(goal_id)
             if state is None or state.status == "cancelled":
                 raise GoalCancelled(f"goal {goal_id} was cancelled")
             checked = time.monotonic()

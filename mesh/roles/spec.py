@@ -69,6 +69,8 @@ class RoleSpec(_Strict):
     concurrency: int = Field(default=1, ge=1, le=256)
     tools: list[str] = Field(default_factory=list)
     shell_allow: list[str] = Field(default_factory=list, description="Commands shell.run may start.")
+    shell_network: bool = Field(default=False, description="shell.run commands may use the network (off: the "
+                                                           "sandbox has no network at all).")
     output_kind: str = Field(default="note", pattern=r"^[a-z][a-z0-9_]{0,31}$",
                              description="Artifact kind of the step's main output (an orchestrator's: plan).")
     verdicts: bool = Field(default=False, description="Output is a review verdict (approve / changes requested).")
@@ -97,8 +99,8 @@ class RoleSpec(_Strict):
     def _kind_needs(self) -> RoleSpec:
         if self.kind != "recorder" and self.prompts is None:
             raise ValueError(f"a {self.kind} role needs a [prompts] table with a system prompt")
-        if self.shell_allow and "shell.run" not in self.tools:
-            raise ValueError("shell_allow is set but shell.run is not in tools")
+        if (self.shell_allow or self.shell_network) and "shell.run" not in self.tools:
+            raise ValueError("shell_allow or shell_network is set but shell.run is not in tools")
         if self.verdict_from_tests and ("shell.run" not in self.tools or self.verdicts):
             raise ValueError("verdict_from_tests needs shell.run in tools and excludes verdicts")
         if (self.revises or self.synthesizes) and self.kind != "worker":

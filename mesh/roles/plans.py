@@ -2,10 +2,9 @@
 model cannot write one within its attempts.
 
 The fallback is built from the worker role specs, by what each role does rather than by its name:
-research (a tool-less role writing notes) → implement (a role with ``fs.write``) → review (``verdicts``)
-→ test (``verdict_from_tests``) → synthesize (``output_kind = "synthesis"``), sized by the goal. A
-phase with no role to do it is left out; ``_with_synthesis`` (the orchestrator) adds the final step
-when no synthesizer exists.
+research (a tool-less role writing notes) → implement (a role that ``revises``, i.e. writes the work a
+review sends back) → review (``verdicts``) → test (``verdict_from_tests``) → synthesize (``synthesizes``),
+sized by the goal. A phase with no role to do it is left out.
 """
 
 from __future__ import annotations
@@ -36,10 +35,10 @@ def fallback_plan(goal: Goal, roles: Mapping[str, RoleSpec], *, version: int, re
     """research → implement → review → test → synthesize from the specs, sized by the goal's brief."""
     workers = {r: s for r, s in roles.items() if s.kind == "worker"}
     research = min([r for r, s in workers.items() if not s.tools and s.output_kind == "note"], default=None)
-    implement = min([r for r, s in workers.items() if "fs.write" in s.tools], default=None)
+    implement = min([r for r, s in workers.items() if s.revises], default=None)
     review = min([r for r, s in workers.items() if s.verdicts], default=None)
     test = min([r for r, s in workers.items() if s.verdict_from_tests], default=None)
-    synthesize = min([r for r, s in workers.items() if s.output_kind == "synthesis"], default=None)
+    synthesize = min([r for r, s in workers.items() if s.synthesizes], default=None)
     size = 1 + len(goal.brief.split()) // WORDS_PER_PART
     topic = " ".join(goal.brief.split())[:400]
     steps: list[Step] = []

@@ -15,6 +15,8 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   ├── NotConnected
     │   ├── ProvisioningError
     │   ├── PublishError
+    │   │   ├── PayloadTooLarge        above the server's max_payload: never retryable
+    │   │   └── NoStreamForSubject     no stream takes the subject (a role nobody serves)
     │   ├── BlobNotFound               no object under that digest in the object store
     │   └── EmbeddedServerError
     ├── BackendError                   model I/O
@@ -115,6 +117,20 @@ class ProvisioningError(BusError):
 
 class PublishError(BusError):
     """A publish was not acknowledged by JetStream."""
+
+
+class PayloadTooLarge(PublishError):
+    """The server refuses a message above its ``max_payload``: the same bytes can never be published,
+    so a consumer gives up on the message at once instead of retrying it."""
+
+    retryable = False
+
+
+class NoStreamForSubject(PublishError):
+    """No stream takes the subject (JetStream answered "no responders"): nothing would ever consume it.
+    Retrying cannot help until the topology changes (a role gets workers and is provisioned)."""
+
+    retryable = False
 
 
 class BlobNotFound(BusError):

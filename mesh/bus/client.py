@@ -28,7 +28,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
 from nats.js.object_store import (
     OBJ_CHUNKS_PRE_TEMPLATE,
@@ -59,7 +59,9 @@ from mesh.errors import (
     BusError,
     CodecError,
     ContractError,
+    NoStreamForSubject,
     NotConnected,
+    PayloadTooLarge,
     PublishError,
     SchemaViolation,
 )
@@ -190,13 +192,19 @@ class Bus:
 
     async def publish_raw(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None) -> api.PubAck:
         """JetStream publish of ready bytes, with the bus' error mapping."""
+        # nats-py checks the payload alone, the server payload + headers: a message over the limit by its
+        # headers would reach the server, which answers by closing the whole connection.
+        size = len(data) + _headers_size(headers)
+        if size > self.nc.max_payload:
+            raise PayloadTooLarge(f"publish to {subject} refused: {size} bytes exceed the server's "
+                                  f"max_payload of {self.nc.max_payload} bytes")
         try:
             return await self.js.publish(subject, data, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # refused before sending: no retry can help
-            error = PublishError(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
-                                 f"max_payload of {self.nc.max_payload} bytes")
-            error.retryable = False  # type: ignore[attr-defined]  # the consumer loop dead-letters, not retries
-            raise error from exc
+            raise PayloadTooLarge(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
+                                  f"max_payload of {self.nc.max_payload} bytes") from exc
+        except NoStreamResponseError as exc:
+            raise NoStreamForSubject(f"publish to {subject}: no stream takes this subject") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc
         except (nats.errors.Error, TimeoutError) as exc:
@@ -358,6 +366,13 @@ async def _exists(store: ObjectStore, name: str) -> bool:
     except (ObjectNotFoundError, NotFoundError):
         return False
     return True
+
+
+def _headers_size(headers: dict[str, str] | None) -> int:
+    """Bytes of the headers block as nats-py writes it (``NATS/1.0``, ``key: value`` lines, a blank line)."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k.encode()) + len(str(v).encode()) + 4 for k, v in headers.items())
 
 
 def _auth_options(s: MeshSettings) -> dict[str, Any]:

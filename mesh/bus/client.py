@@ -142,10 +142,11 @@ class Bus:
     async def _on_closed(self) -> None:
         log.info("NATS connection closed (%s)", self.name)
 
-    async def provision(self, roles: Iterable[str] = ()) -> None:
-        """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before."""
+    async def provision(self, roles: Iterable[str] = (), *, prune: bool = False) -> None:
+        """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before;
+        ``prune``: also delete consumers of roles that are no worker (``mesh.bus.topology``)."""
         self._roles.update(dict.fromkeys(roles))
-        await provision(self.js, self.topology, self._roles)
+        await provision(self.js, self.topology, self._roles, prune=prune)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -231,8 +232,15 @@ class Bus:
         await self.publish(self.topology.goal_subject(), goal, msg_id=goal.goal_id)
 
     async def dispatch(self, task: Task) -> bool:
-        """Publish a task to its role; False when the stream already had it (a duplicate task id)."""
-        ack = await self.publish(self.topology.task_subject(task.step.role), task, msg_id=task.task_id)
+        """Publish a task to its role; False when the stream already had it (a duplicate task id).
+        ``NoStreamForSubject`` when the role is no worker role of the topology: nothing would take it."""
+        role = task.step.role
+        try:
+            ack = await self.publish(self.topology.task_subject(role), task, msg_id=task.task_id)
+        except NoStreamForSubject as exc:
+            raise NoStreamForSubject(
+                f"no worker serves role {role!r}: {self.topology.task_subject(role)} has no stream (the tasks "
+                f"stream takes the worker roles of the role specs: {', '.join(self.topology.task_roles)})") from exc
         return not ack.duplicate
 
     # --- receive ---------------------------------------------------------------------------

@@ -6,13 +6,13 @@ from the role name), tools, prompts, concurrency, tier preferences and limits fr
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh.config import default_nodes_dir
 from mesh.contracts.models import TIERS
 from mesh.errors import NodeSpecError
 from mesh.tools.catalog import TOOL_NAMES
@@ -90,18 +90,6 @@ class RoleSpec(_Strict):
         if self.verdict_from_tests and ("shell.run" not in self.tools or self.verdicts):
             raise ValueError("verdict_from_tests needs shell.run in tools and excludes verdicts")
         return self
-
-
-def default_nodes_dir() -> Path:
-    """``MESH_NODES_DIR``, else ``nodes/`` beside the package (a source checkout), else the packaged copy."""
-    env = os.environ.get("MESH_NODES_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / "nodes", here.parent / "nodes"):
-        if candidate.is_dir():
-            return candidate
-    raise NodeSpecError("no nodes/ directory found; set MESH_NODES_DIR")
 
 
 def load_spec(path: Path) -> RoleSpec:

@@ -61,7 +61,7 @@ from mesh.errors import (
     ContractError,
     NoStreamForSubject,
     NotConnected,
-    PayloadTooLarge,
+    PayloadRefused,
     PublishError,
     SchemaViolation,
 )
@@ -197,13 +197,13 @@ class Bus:
         # headers would reach the server, which answers by closing the whole connection.
         size = len(data) + _headers_size(headers)
         if size > self.nc.max_payload:
-            raise PayloadTooLarge(f"publish to {subject} refused: {size} bytes exceed the server's "
-                                  f"max_payload of {self.nc.max_payload} bytes")
+            raise PayloadRefused(f"publish to {subject} refused: {size} bytes exceed the server's "
+                                 f"max_payload of {self.nc.max_payload} bytes")
         try:
             return await self.js.publish(subject, data, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # refused before sending: no retry can help
-            raise PayloadTooLarge(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
-                                  f"max_payload of {self.nc.max_payload} bytes") from exc
+            raise PayloadRefused(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
+                                 f"max_payload of {self.nc.max_payload} bytes") from exc
         except NoStreamResponseError as exc:
             raise NoStreamForSubject(f"publish to {subject}: no stream takes this subject") from exc
         except nats.errors.ConnectionClosedError as exc:

@@ -49,7 +49,14 @@ from mesh.contracts import (
     Task,
     utcnow,
 )
-from mesh.errors import AllTiersFailed, BackendError, BusError, PlanInvalid, RetryableBackendError
+from mesh.errors import (
+    AllTiersFailed,
+    BackendError,
+    BusError,
+    PlanInvalid,
+    RetryableBackendError,
+    SimulationNotAllowed,
+)
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -130,11 +137,12 @@ class Orchestrator:
                 raise  # nak: plan again later (a non-retryable error would be dead-lettered: the goal lost)
             await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
-        except BackendError as exc:
+        except (BackendError, SimulationNotAllowed) as exc:
             await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
 
         planning = self.caller.current_usage()
+        simulated = self.caller.current_simulated()
 
         def install(s: GoalState) -> bool:
             if s.done or s.plan_version >= plan.version:
@@ -142,6 +150,7 @@ class Orchestrator:
             if failed is not None:
                 s.replans += 1
             s.usage = s.usage + planning
+            s.simulated = s.simulated or simulated
             s.apply_plan(plan)
             return True
 
@@ -216,11 +225,16 @@ class Orchestrator:
     async def _on_completed(self, ev: StepCompleted) -> GoalState:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
+        tests = ev.quality.source == "tests"
+
         def record(s: GoalState) -> bool:
-            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary):
+            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
+                                        simulated=ev.simulated, quality=ev.quality):
                 return False
-            if ev.verdict == "changes_requested" and s.review_rounds < self.limits.max_review_iterations:
-                s.add_revision(ev.step_id)
+            used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
+                (s.review_rounds, self.limits.max_review_iterations)
+            if ev.verdict == "changes_requested" and used < budget:
+                s.add_revision(ev.step_id, tests=tests)
             return True
 
         state, recorded = await self._advance(ev.goal_id, record)
@@ -259,7 +273,8 @@ class Orchestrator:
         text = "\n".join(old)
         low, high = MEMORY_SUMMARY_TOKENS
         summary = await summarise(text, min(max(estimate_tokens(text) // 3, low), high))
-        await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage))
+        await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage,
+                                                                    simulated=scope.simulated))
 
     # --- driving ---------------------------------------------------------------------------------
 
@@ -331,10 +346,12 @@ class Orchestrator:
         if state.status == "completed" and state.result is not None:
             await self.bus.emit(GoalCompleted(event_id=f"{goal_id}.completed", goal_id=goal_id, result=state.result,
                                               workspace=state.workspace, usage=state.usage,
-                                              steps_run=state.steps_run, node=self.node_id))
+                                              steps_run=state.steps_run, node=self.node_id,
+                                              simulated=state.simulated, quality=state.quality()))
         elif state.status != "cancelled":
             await self.bus.emit(GoalFailed(event_id=f"{goal_id}.failed", goal_id=goal_id, node=self.node_id,
-                                           reason=state.reason or "failed", usage=state.usage))
+                                           reason=state.reason or "failed", usage=state.usage,
+                                           simulated=state.simulated, quality=state.quality()))
 
     async def redrive(self, goal_id: str) -> None:
         """Re-publish every dispatched task (dedupe drops the ones that exist) and advance."""
@@ -384,12 +401,21 @@ def _forward(s: GoalState) -> _Moves | None:
         return _Moves([], finished=True)
     if s.all_completed():
         s.result = _final_output(s)
-        s.finish("completed")
+        if s.quality().tests == "failed" and not _accepts_failing_tests(s.goal.options):
+            s.finish("failed", f"tests still failing after {s.test_rounds} revisions")
+        else:
+            s.finish("completed")
         return _Moves([], finished=True)
     ready = s.ready()
     for sid in ready:
         s.mark_dispatched(sid)
     return _Moves(ready) if ready else None
+
+
+def _accepts_failing_tests(options: dict[str, Any]) -> bool:
+    """Goal option ``accept_failing_tests``: complete even though the last test run failed."""
+    value = options.get("accept_failing_tests", False)
+    return value is True or str(value).lower() in ("true", "1", "yes")
 
 
 def _with_synthesis(plan: Plan) -> Plan:

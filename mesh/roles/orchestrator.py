@@ -378,10 +378,19 @@ class Orchestrator:
 
     async def sweep(self, stop: asyncio.Event) -> None:
         """Reconciliation: wall-time budgets and stale dispatches of running goals."""
+        # Goals seen finished: a finished goal never runs again, so it is not read (and parsed) again every
+        # sweep: the bucket keeps every goal, so reading them all cost more with every goal ever run.
+        finished: set[str] = set()
         while not stop.is_set():
             try:
-                for gid in await self.goals.keys():
+                keys = await self.goals.keys()
+                finished.intersection_update(keys)  # bounded by the bucket
+                for gid in keys:
+                    if gid in finished:
+                        continue
                     state = await self.goals.get(gid)
+                    if state is not None and state.done:
+                        finished.add(gid)
                     if state is None or state.done or state.status == "planning":
                         continue
                     now = utcnow()

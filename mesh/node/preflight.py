@@ -14,9 +14,8 @@ import shutil
 from collections.abc import Mapping
 
 from mesh.backends.tiers import TierConfig, load_tiers
-from mesh.config import MeshSettings
+from mesh.config import MeshSettings, default_nodes_dir
 from mesh.errors import ConfigError, MeshError, NodeSpecError
-from mesh.config import default_nodes_dir
 from mesh.roles.spec import RoleSpec, load_specs
 from mesh.tools.shell import SAFE_PATH
 

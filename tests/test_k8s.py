@@ -302,6 +302,7 @@ def test_dockerfile_runs_non_root_from_copied_specs() -> None:
     assert re.search(r"^USER 10001:10001$", runtime, re.MULTILINE)
     assert "COPY nodes /app/nodes" in runtime and "MESH_NODES_DIR=/app/nodes" in runtime
     assert 'ENTRYPOINT ["mesh"]' in runtime  # k8s/ runs command ["mesh"], args ["node", <role>]
+    assert "install -y --no-install-recommends bubblewrap" in runtime  # the sandbox of shell.run
     assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     for needed in ("pyproject.toml", "README.md", "mesh/", "nodes/"):

@@ -107,17 +107,18 @@ async def overhead(settings: MeshSettings, server_pid: int, goals: int, work: Pa
 
 
 def model_only_specs(concurrency: int | None = None) -> dict[str, RoleSpec]:
-    """Role specs without shell.run: the tester's real pytest run would measure pytest, not the mesh."""
+    """Role specs without shell.run: the tester's real pytest run would measure pytest, not the mesh.
+    A verdict from tests goes with it (it reads shell.run's exit status). Validated here, as the nodes
+    will validate them: a spec they would refuse fails the bench at once, not after a 60 s wait."""
     specs = {}
     for role, spec in role_specs().items():
         update: dict[str, object] = {}
         if "shell.run" in spec.tools:
-            # verdict_from_tests needs shell.run (the spec refuses it otherwise): the verdict comes from the model
             update |= {"tools": [t for t in spec.tools if t != "shell.run"], "shell_allow": [],
                        "verdict_from_tests": False}
         if concurrency is not None and spec.kind == "worker":
             update["concurrency"] = concurrency
-        specs[role] = spec.model_copy(update=update)
+        specs[role] = RoleSpec.model_validate(spec.model_dump() | update)
     return specs
 
 

@@ -20,7 +20,8 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     │   ├── NotConnected
     │   ├── ProvisioningError
     │   ├── PublishError
-    │   │   └── PayloadRefused         (not [R]) above the server's max_payload: refused before sending
+    │   │   ├── PayloadRefused         (not [R]) above the server's max_payload: refused before sending
+    │   │   └── NoStreamForSubject     (not [R]) no stream takes the subject (a role nobody serves)
     │   ├── BlobNotFound               no object under that digest in the object store
     │   └── EmbeddedServerError
     ├── BackendError                   model I/O
@@ -143,6 +144,13 @@ class PublishError(BusError):
 
 class PayloadRefused(PublishError):
     """A message above the server's ``max_payload``: refused before it was sent, so no retry can help."""
+
+    retryable = False
+
+
+class NoStreamForSubject(PublishError):
+    """No stream takes the subject (JetStream answered "no responders"): nothing would ever consume it.
+    Retrying cannot help until the topology changes (a role gets workers and is provisioned)."""
 
     retryable = False
 

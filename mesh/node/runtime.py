@@ -33,7 +33,7 @@ from mesh.node.health import HealthServer
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.orchestrator import Orchestrator
-from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
+from mesh.roles.spec import RoleSpec, default_nodes_dir, feedback_kinds, load_specs
 from mesh.roles.worker import Worker
 from mesh.router.hotswap import watch_models
 from mesh.router.runtime import default_router
@@ -121,7 +121,7 @@ class Node:
                 ]
                 runners.append(lambda: orch.sweep(self.stop))
             else:
-                worker = Worker(bus, self.spec, caller, goals, self.node_id)
+                worker = Worker(bus, self.spec, caller, goals, self.node_id, feedback_kinds=feedback_kinds(self.specs))
                 self._stoppable.append(
                     PullConsumer(bus, stream=topo.tasks_stream, durable=topo.consumer_name(self.spec.role),
                                  handler=worker.handle, concurrency=self.spec.concurrency, dlq_subject=dlq,

@@ -61,8 +61,6 @@ VERDICT_SCHEMA: dict[str, Any] = {
 }
 MAX_INPUT_FILE_CHARS = 20_000
 CANCEL_RECHECK_SECONDS = 0.5
-# Outputs (named "<step>/<kind>") that a revision step is asked to address: reviews and test reports.
-FEEDBACK_KINDS = ("/review", "/test_report")
 
 
 def shell_policy(spec: RoleSpec, s: MeshSettings) -> ShellPolicy:
@@ -75,9 +73,13 @@ def shell_policy(spec: RoleSpec, s: MeshSettings) -> ShellPolicy:
 
 
 class Worker:
-    def __init__(self, bus: Bus, spec: RoleSpec, caller: ModelCaller, goals: GoalStore, node_id: str) -> None:
+    def __init__(self, bus: Bus, spec: RoleSpec, caller: ModelCaller, goals: GoalStore, node_id: str, *,
+                 feedback_kinds: frozenset[str]) -> None:
         self.bus = bus
         self.spec = spec
+        # Outputs (named "<step>/<kind>") that a revision addresses: the kinds of the roles that give
+        # feedback (``spec.feedback_kinds``: reviews, test reports).
+        self.feedback_kinds = feedback_kinds
         self.caller = caller
         self.goals = goals
         self.node_id = node_id
@@ -172,7 +174,7 @@ class Worker:
         instruction = step.instruction
         if spec.prompts and spec.prompts.output:
             instruction += f"\n\nOutput format: {spec.prompts.output}"
-        system = prompt.system(spec.role, spec.prompts.system if spec.prompts else "")
+        system = prompt.system(spec.role, spec.output_kind, spec.prompts.system if spec.prompts else "")
         needed = estimate_tokens(system + instruction + task.brief + task.memory + "".join(task.constraints)) \
             + sum(estimate_tokens(t) for _, t, _ in inputs + feedback) + spec.limits.max_output_tokens
         decision = await self.caller.route(
@@ -255,7 +257,7 @@ class Worker:
         reviews: list[tuple[str, str, int]] = []
         for (priority, ref), blob in zip(texts, blobs, strict=True):
             item = (ref.name or ref.digest[:12], blob.decode("utf-8", errors="replace"), priority)
-            if ref.name.endswith(FEEDBACK_KINDS):
+            if ref.name.rpartition("/")[2] in self.feedback_kinds:
                 reviews.append(item)
             inputs.append(item)
         return workspace, inputs, reviews

@@ -92,7 +92,7 @@ def _make_goal(a: argparse.Namespace) -> Goal:
 
 
 def _run_async(coro: Any) -> int:
-    from mesh.node.runtime import run_loop
+    from mesh.aio import run_loop
 
     return run_loop(coro)
 

@@ -18,10 +18,10 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh import __version__
-from mesh.backends.tiers import load_tiers
+from mesh.aio import run_loop
 from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
 from mesh.config import MeshSettings, get_settings
@@ -30,18 +30,14 @@ from mesh.errors import NodeSpecError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
 from mesh.node.health import HealthServer
-from mesh.roles.calls import ModelCaller
-from mesh.roles.goalstore import GoalStore
-from mesh.roles.orchestrator import Orchestrator
 from mesh.roles.spec import RoleSpec, default_nodes_dir, feedback_kinds, load_specs
-from mesh.roles.worker import Worker
-from mesh.router.hotswap import watch_models
-from mesh.router.runtime import default_router
 from mesh.tools.sandbox import harden_process
 from mesh.tools.sandbox import select as select_sandbox
 
+if TYPE_CHECKING:
+    from mesh.roles.calls import ModelCaller
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 ANNOUNCE_ATTEMPTS = 5
 
 
@@ -104,6 +100,15 @@ class Node:
             self._stoppable.append(recorder)
             runners.append(recorder.run)
         else:
+            # Imported here: a recorder needs none of the model SDKs, the router's onnxruntime or the roles.
+            from mesh.backends.tiers import load_tiers
+            from mesh.roles.calls import ModelCaller
+            from mesh.roles.goalstore import GoalStore
+            from mesh.roles.orchestrator import Orchestrator
+            from mesh.roles.worker import Worker
+            from mesh.router.hotswap import watch_models
+            from mesh.router.runtime import default_router
+
             router = default_router(epsilon=self.settings.router_epsilon, model_path=self.settings.router_model)
             caller = ModelCaller(bus, load_tiers(self.settings), router, self.node_id, self.metrics)
             runners.append(lambda: watch_models(bus, router, self.stop))
@@ -213,11 +218,3 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
     run_loop(main())
     return 0
 
-
-def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop (asyncio's own loop where uvloop is absent, e.g. Windows)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)

@@ -31,7 +31,7 @@ print(json.dumps({{"code": code, "loaded": [m for m in {HEAVY!r} if m in sys.mod
 def _probe(code: str, args: list[str], nats_url: str) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(MESH_NATS_URL=nats_url, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return doc

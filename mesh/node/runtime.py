@@ -29,6 +29,7 @@ from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
 from mesh.errors import NodeSpecError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
+from mesh.node.beats import HEARTBEAT_SECONDS, beat
 from mesh.node.health import HealthServer
 from mesh.roles.spec import RoleSpec, default_nodes_dir, feedback_kinds, load_specs
 from mesh.tools.sandbox import harden_process
@@ -77,7 +78,11 @@ class Node:
                 log.warning(box.warning)
         health = HealthServer(self.metrics, self.ready, self.settings.health_host, self.settings.health_port,
                               detail=detail)
-        port = await health.start()
+        # In Kubernetes the probes expect the configured port: a busy one stays an error there.
+        port = await health.start(any_port_if_busy="KUBERNETES_SERVICE_HOST" not in os.environ)
+        if port != self.settings.health_port and self.settings.health_port:
+            log.warning("port %d is in use: serving /healthz, /readyz and /metrics on port %d instead",
+                        self.settings.health_port, port)
         log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
         try:
             async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role]) as bus:
@@ -170,12 +175,12 @@ class Node:
 
     async def _heartbeat(self, bus: Bus) -> None:
         kv = await bus.kv(bus.topology.kv_nodes)
-        interval = bus.topology.nodes_ttl / 3
+        interval = min(HEARTBEAT_SECONDS, bus.topology.nodes_ttl / 3)
         while not self.stop.is_set():
-            beat = {"node": self.node_id, "role": self.spec.role, "host": socket.gethostname(), "pid": os.getpid(),
-                    "version": __version__, "in_flight": self.in_flight}
+            doc = beat(self.node_id, self.spec.role, socket.gethostname(), os.getpid(), __version__, self.in_flight,
+                       every=interval)
             try:
-                await kv.put(self.node_id, json.dumps(beat).encode())
+                await kv.put(self.node_id, json.dumps(doc).encode())
             except Exception as exc:  # a missed beat is not fatal; the next one may land
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):

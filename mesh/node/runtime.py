@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh import __version__
 from mesh.aio import run_loop
+from mesh.backends.tiers import load_tiers
 from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
 from mesh.config import MeshSettings, get_settings
@@ -107,7 +108,6 @@ class Node:
             runners.append(recorder.run)
         else:
             # Imported here: a recorder needs none of the model SDKs, the router's onnxruntime or the roles.
-            from mesh.backends.tiers import load_tiers
             from mesh.roles.calls import ModelCaller
             from mesh.roles.goalstore import GoalStore
             from mesh.roles.orchestrator import Orchestrator

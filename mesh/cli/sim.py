@@ -19,15 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seed", type=int, default=None, help="overrides MESH_SIM_SEED")
     p.add_argument("--faults", default=None, help='overrides MESH_SIM_FAULTS, e.g. "429:0.1,500:0.05"')
     p.add_argument("--latency-scale", type=float, default=None, help="overrides MESH_SIM_LATENCY_SCALE")
-<<<<<<< HEAD
     p.add_argument("--print-env", action="store_true",
                    help="once listening, print the environment that points a hand-started `mesh node` at this "
                         "server (shell `export` lines, ending with '# end of environment'; the first line becomes a "
                         "comment, so the output can be sourced)")
-=======
     p.add_argument("--pose-as-real", action="store_true",
                    help="answer without the sim marks (fingerprint, id prefix), as a real provider would: for tests")
->>>>>>> main
     p.set_defaults(handler=_serve)
 
 

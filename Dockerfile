@@ -52,6 +52,10 @@ CMD ["--host", "0.0.0.0", "--port", "8000"]
 
 # --- runtime (default): the mesh ------------------------------------------------------------------
 FROM base AS runtime
+# bubblewrap: the sandbox of shell.run (namespaces, where the cluster allows them; else the fallback —
+# docs/TOOLS.md). setpriv/unshare (util-linux) are in the base image already.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 COPY nodes /app/nodes
 ENV MESH_NODES_DIR=/app/nodes \

@@ -15,7 +15,8 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     │   │   └── MessageTooLarge
     │   ├── SchemaViolation            a well-formed envelope whose body fails validation
     │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
-    │   └── OptionInvalid              a goal option that is unknown or out of range
+    │   ├── OptionInvalid              a goal option that is unknown or out of range
+    │   └── OutputInvalid              a model's answer that is not the structured output asked for
     ├── BusError [R]                   NATS
     │   ├── NotConnected
     │   ├── ProvisioningError
@@ -119,6 +120,10 @@ class PlanInvalid(ContractError):
 
 class OptionInvalid(ContractError):
     """A goal option that is not in the registry (``mesh/contracts/options.py``) or not of its type and range."""
+
+
+class OutputInvalid(ContractError):
+    """A model's answer that is not the structured output asked for (not JSON, truncated, fails its schema)."""
 
 
 # --- bus -------------------------------------------------------------------------------------

@@ -172,6 +172,20 @@ class ModelGateway:
     def window(self, tier: str) -> int:
         return self.tiers[tier].context_window
 
+    def native_tools(self, tier: str) -> bool:
+        """Whether the tier's server does function calling (else the worker uses the text protocol)."""
+        cfg = self.tiers[tier]
+        if cfg.tools is not None:
+            return cfg.tools
+        dialect = getattr(self._backends[tier], "dialect", None)  # OpenAI-compatible adapters know theirs
+        return getattr(dialect, "name", None) != "llamacpp"
+
+    def room(self, tier: str, prompt_tokens: int) -> int:
+        """The most one answer on ``tier`` may write: its output reserve, within what the window leaves
+        after the prompt (a local server refuses prompt + max_tokens beyond its context)."""
+        cfg = self.tiers[tier]
+        return max(1, min(cfg.output_reserve, cfg.context_window - prompt_tokens))
+
     # --- calls ----------------------------------------------------------------------------------
 
     def worst_case(self, tier: str, prompt_tokens: int, max_tokens: int) -> tuple[int, float]:
@@ -218,10 +232,10 @@ class ModelGateway:
     ) -> ChatResponse:
         breaker = self._breakers[cfg.endpoint]
         backend = self._backends[cfg.name]
-        if req.max_tokens > cfg.output_reserve:
+        if req.max_tokens > (room := self.room(cfg.name, prompt_tokens)):
             # A tier writes at most its output reserve: a small local model asked for 8k tokens would
             # ramble to the end of its window while every other request queues behind it.
-            req = req.model_copy(update={"max_tokens": cfg.output_reserve})
+            req = req.model_copy(update={"max_tokens": room})
         worst_case, cost = self.worst_case(cfg.name, prompt_tokens, req.max_tokens)
         attempt = 0
         while True:

@@ -36,6 +36,11 @@ class GoalSubmitted(EventBase):
 class GoalPlanned(EventBase):
     type: Literal["goal.planned"] = "goal.planned"
     plan: Plan
+    source: Literal["model", "fallback"] = Field(
+        default="model", description="model: the planner's model wrote the plan; fallback: it could not within its "
+                                     "attempts and the plan was built from the role specs (schema 1.1).")
+    note: str = Field(default="", max_length=2000, description="Why the planner fell back, or how many of the "
+                                                               "model's answers were truncated or invalid first.")
 
 
 class GoalCompleted(EventBase):

@@ -10,8 +10,8 @@ weaker fallback — chosen once per process and reported with every run (docs/TO
 * **fallback** (no user namespaces, e.g. most Kubernetes pods under the RuntimeDefault seccomp
   profile): the run shares the node's uid and view of the host; the node makes itself non-dumpable
   (same-uid processes cannot read its ``/proc`` files) and the subreaper of whatever a run leaves
-  behind; the shim kills every descendant when the command ends. Files the node can read stay
-  readable to the run and the network stays reachable — the warning says so.
+  behind; the shim kills every descendant when the command ends; with the network off a seccomp
+  filter refuses new sockets. Files the node can read stay readable to the run — the warning says so.
 
 A root node never runs commands as root: they drop to ``SANDBOX_UID`` (``RLIMIT_NPROC`` does not bind
 root), and the per-task folder is handed to that uid.
@@ -91,9 +91,9 @@ class Sandbox:
     def warning(self) -> str | None:
         if self.mode == "bwrap":
             return None
-        return (f"shell.run runs in the fallback sandbox ({self.reason}): commands share the node's uid, can read "
-                "every file the node can and reach the network; bubblewrap with user namespaces gives them "
-                "none of that (docs/TOOLS.md)")
+        return (f"shell.run runs in the fallback sandbox ({self.reason}): commands share the node's uid and view "
+                "of the host, so they can read every file the node can; bubblewrap with user namespaces gives "
+                "them none of that (docs/TOOLS.md)")
 
     def describe(self) -> dict[str, str]:
         """For /readyz and `mesh tools run`."""

@@ -38,6 +38,8 @@ def test_mesh_run_completes_a_goal_and_writes_results(tmp_path: Path) -> None:
     assert any((results / "workspace").rglob("*.py")), "the coder's files are in the final workspace"
     state = json.loads((results / "goal.json").read_text())
     assert state["status"] == "completed"
+    assert state["simulated"] is True and "simulated" in (results / "SIMULATED").read_text()
+    assert "sim$" in out and "goal completed" in out and "[SIMULATED" in out  # no cost passes as plain dollars
     assert not (tmp_path / ".mesh" / "local.json").exists(), "the local mesh was stopped"
 
 
@@ -49,3 +51,17 @@ def test_mesh_run_exits_non_zero_when_the_goal_fails(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert events[-1]["type"] == "goal.failed" and "step budget exceeded" in events[-1]["reason"]
+
+
+def test_mesh_run_exits_non_zero_when_the_tests_still_fail(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh", "run", "Build me a login system", "-o", "sim_tests=fail_always",
+         "-o", "sim_review=approve", "--json"],
+        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    end = events[-1]
+    assert end["type"] == "goal.failed" and end["reason"] == "tests still failing after 2 revisions"
+    assert end["simulated"] is True and end["quality"]["tests"] == "failed"
+    assert all(e["simulated"] for e in events if e["type"] == "backend.call")

@@ -4,7 +4,8 @@
 #   docker build -t mesh:dev .                                  # the mesh (default target)
 #   docker build --target edge-model -t mesh-edge-model:dev .   # llama-cpp-python + SmolLM2-135M
 #
-# Runtime dependencies only: the package without its test/bench extras, no compiler in the image.
+# Runtime dependencies only: the package with its tester extra (pytest for the tester role), without its
+# test/bench extras, no compiler in the image.
 
 ARG PYTHON=python:3.11-slim-bookworm
 
@@ -16,7 +17,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mesh ./mesh
-RUN pip install --no-compile . && python -m compileall -q /opt/venv
+# The tester extra: pytest, which the tester role runs (nodes/tester.toml shell_allow); tests/test_image_install.py
+# installs the package the same way and runs `mesh node tester --check` there.
+RUN pip install --no-compile ".[tester]" && python -m compileall -q /opt/venv
 
 # --- build-edge: the edge model server (compiles llama.cpp: several minutes) -------------------
 FROM build AS build-edge

@@ -78,6 +78,9 @@ class MeshSettings(BaseSettings):
         'installed), "off" (sim), or a GGUF file path.')
 
     # --- router (mesh.router) ---
+    allow_sim: bool = Field(
+        default=False, description="Allow simulated tiers and sim-server answers (`mesh up`/`mesh run`, tests and "
+                                   "benchmarks set it). Unset, a node refuses sim tiers and a simulated answer fails.")
     router_epsilon: float = Field(default=0.05, ge=0, le=1, description="Share of routing decisions that explore.")
     router_model: Path | None = Field(
         default=None, description="ONNX router model to start with; unset: the packaged default.")

@@ -9,6 +9,7 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
 
     MeshError
     ├── ConfigError
+    │   └── SimulationNotAllowed       a simulated tier or answer without MESH_ALLOW_SIM=1
     ├── ContractError                  wire contracts and plans
     │   ├── CodecError                 bytes that are not a Mesh envelope
     │   │   ├── UnsupportedVersion
@@ -76,6 +77,16 @@ def retryable(exc: BaseException) -> bool:
 
 class ConfigError(MeshError):
     """Configuration is missing or invalid."""
+
+
+class SimulationNotAllowed(ConfigError):
+    """A tier is (or answered as) a simulator while ``MESH_ALLOW_SIM`` is not set: outside the embedded
+    default, fabricated answers must never pass as real work. Not retryable: it is the mesh's setup."""
+
+    def __init__(self, tier: str, why: str) -> None:
+        super().__init__(f"tier {tier!r} is simulated ({why}); set MESH_ALLOW_SIM=1 to allow simulated "
+                         "backends, or configure a real endpoint for it (docs/BACKENDS.md)")
+        self.tier = tier
 
 
 # --- contracts -------------------------------------------------------------------------------

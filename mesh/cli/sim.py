@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seed", type=int, default=None, help="overrides MESH_SIM_SEED")
     p.add_argument("--faults", default=None, help='overrides MESH_SIM_FAULTS, e.g. "429:0.1,500:0.05"')
     p.add_argument("--latency-scale", type=float, default=None, help="overrides MESH_SIM_LATENCY_SCALE")
+    p.add_argument("--pose-as-real", action="store_true",
+                   help="answer without the sim marks (fingerprint, id prefix), as a real provider would: for tests")
     p.set_defaults(handler=_serve)
 
 
@@ -37,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        async with SimServer(world, host=args.host, port=args.port) as server:
+        async with SimServer(world, host=args.host, port=args.port, pose_as_real=args.pose_as_real) as server:
             # The first line is machine-readable: tests and scripts wait for it.
             print(f"mesh sim-server listening on {server.url} (simulated models; OpenAI base URL "
                   f"{server.url}/v1, Anthropic base URL {server.url})", flush=True)

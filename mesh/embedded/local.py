@@ -108,8 +108,9 @@ class LocalMesh:
             self.nats = EmbeddedNats(self.data_dir / "nats", http_port=None)
             await self.nats.start()
             self.url = self.nats.url
+        # MESH_ALLOW_SIM: the embedded default is where simulation is allowed (and said so on screen).
         env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
-               "MESH_DATA_DIR": str(self.data_dir)}
+               "MESH_DATA_DIR": str(self.data_dir), "MESH_ALLOW_SIM": "1"}
         await self._provision()
         if self.sim_tiers:
             env.update(await self._start_sim_server())
@@ -189,7 +190,7 @@ def sim_server_env(url: str, tiers: Iterable[str] | None = None) -> dict[str, st
         env |= {prefix + "KIND": "openai", prefix + "BASE_URL": f"{url}/v1", prefix + "MODEL": cfg.model,
                 prefix + "CONTEXT_WINDOW": str(cfg.context_window), prefix + "OUTPUT_RESERVE": str(cfg.output_reserve),
                 prefix + "THINKING": str(cfg.thinking).lower(), prefix + "API_KEY_ENV": "MESH_SIM_API_KEY",
-                prefix + "SEND_HINTS": "true"}
+                prefix + "SEND_HINTS": "true", prefix + "SIM": "true"}
         env |= {f"{prefix}PRICE_{p.upper()}": str(v) for p, v in cfg.prices.model_dump().items()}
     env["MESH_SIM_API_KEY"] = "sim-local"  # the SDKs insist on a key; the sim ignores it
     return env

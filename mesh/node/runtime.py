@@ -26,14 +26,15 @@ from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
-from mesh.errors import NodeSpecError, PublishError
+from mesh.errors import ConfigError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
 from mesh.node.health import HealthServer
+from mesh.node.preflight import load_role, spec_problems
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.orchestrator import Orchestrator
-from mesh.roles.spec import RoleSpec, default_nodes_dir, feedback_kinds, load_specs
+from mesh.roles.spec import RoleSpec, feedback_kinds
 from mesh.roles.worker import Worker
 from mesh.router.hotswap import watch_models
 from mesh.router.runtime import default_router
@@ -193,16 +194,22 @@ async def _announce(bus: Bus, up: NodeUp) -> None:
 
 
 def run_node(role: str, settings: MeshSettings | None = None) -> int:
-    """Entry point of ``mesh node <role>``; returns the process exit code."""
+    """Entry point of ``mesh node <role>``; returns the process exit code. The preflight's findings
+    (``mesh node <role> --check``) stop the node before it serves anything."""
     settings = settings or get_settings()
-    specs = load_specs(default_nodes_dir())
-    if role not in specs:
-        raise NodeSpecError(f"unknown role {role!r}; roles with a spec in nodes/: {', '.join(sorted(specs))}")
+    spec, specs = load_role(role)
+    if problems := spec_problems(spec, settings):
+        raise ConfigError(f"node {role} cannot start:\n  " + "\n  ".join(problems))
     setup_json_logging(settings.log_level, role=role)
+    if settings.allow_sim and spec.kind != "recorder":
+        sims = [t for t, cfg in load_tiers(settings).items() if cfg.simulated]
+        if sims:
+            log.warning("tiers %s are SIMULATED (MESH_ALLOW_SIM=1): their outputs are not a real model's",
+                        ", ".join(sims))
     # A node process is non-dumpable (a same-uid tool run cannot read its environment) and the subreaper
     # of whatever a run leaves behind; not in Node.run, which tests also run inside the test process.
     harden_process()
-    node = Node(specs[role], specs, settings)
+    node = Node(spec, specs, settings)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

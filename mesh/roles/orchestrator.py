@@ -51,7 +51,7 @@ from mesh.contracts import (
     utcnow,
 )
 from mesh.contracts.options import validate_options
-from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid
+from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid, SimulationNotAllowed
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -146,13 +146,14 @@ class Orchestrator:
         except PlanInvalid as exc:  # not even a fallback plan: no role can take any phase
             await self._fail_goal(goal.goal_id, f"no plan: {exc}")
             return
-        except BackendError as exc:
+        except (BackendError, SimulationNotAllowed) as exc:  # the latter: never retried (not retryable)
             if delivery is not None and not delivery.gives_up(exc):
                 raise  # nak: plan again later
             await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
 
         planning = self.caller.current_usage()
+        simulated = self.caller.current_simulated()
 
         def install(s: GoalState) -> bool:
             if s.done or s.plan_version >= plan.version:
@@ -160,6 +161,7 @@ class Orchestrator:
             if failed is not None:
                 s.replans += 1
             s.usage = s.usage + planning
+            s.simulated = s.simulated or simulated
             s.apply_plan(plan)
             return True
 
@@ -234,13 +236,18 @@ class Orchestrator:
     async def _on_completed(self, ev: StepCompleted) -> GoalState:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
+        tests = ev.quality.source == "tests"
+
         def record(s: GoalState) -> bool:
-            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary):
+            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
+                                        simulated=ev.simulated, quality=ev.quality):
                 return False
-            if ev.verdict == "changes_requested" and s.review_rounds < self.limits.max_review_iterations:
+            used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
+                (s.review_rounds, self.limits.max_review_iterations)
+            if ev.verdict == "changes_requested" and used < budget:
                 reviewer = self.roles.get(ev.role)
                 s.add_revision(ev.step_id, self.revisers,
-                               reviewer.output_kind.replace("_", " ") if reviewer else "review")
+                               reviewer.output_kind.replace("_", " ") if reviewer else "review", tests=tests)
             return True
 
         state, recorded = await self._advance(ev.goal_id, record)
@@ -279,7 +286,8 @@ class Orchestrator:
         text = "\n".join(old)
         low, high = MEMORY_SUMMARY_TOKENS
         summary = await summarise(text, min(max(estimate_tokens(text) // 3, low), high))
-        await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage))
+        await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage,
+                                                                    simulated=scope.simulated))
 
     # --- driving ---------------------------------------------------------------------------------
 
@@ -351,10 +359,12 @@ class Orchestrator:
         if state.status == "completed" and state.result is not None:
             await self.bus.emit(GoalCompleted(event_id=f"{goal_id}.completed", goal_id=goal_id, result=state.result,
                                               workspace=state.workspace, usage=state.usage,
-                                              steps_run=state.steps_run, node=self.node_id))
+                                              steps_run=state.steps_run, node=self.node_id,
+                                              simulated=state.simulated, quality=state.quality()))
         elif state.status != "cancelled":
             await self.bus.emit(GoalFailed(event_id=f"{goal_id}.failed", goal_id=goal_id, node=self.node_id,
-                                           reason=state.reason or "failed", usage=state.usage))
+                                           reason=state.reason or "failed", usage=state.usage,
+                                           simulated=state.simulated, quality=state.quality()))
 
     async def redrive(self, goal_id: str) -> None:
         """Re-publish every dispatched task (dedupe drops the ones that exist) and advance."""
@@ -413,12 +423,21 @@ def _forward(s: GoalState, synthesizer: str) -> _Moves | None:
         return _Moves([], finished=True)
     if s.all_completed():
         s.result = _final_output(s, synthesizer)
-        s.finish("completed")
+        if s.quality().tests == "failed" and not _accepts_failing_tests(s.goal.options):
+            s.finish("failed", f"tests still failing after {s.test_rounds} revisions")
+        else:
+            s.finish("completed")
         return _Moves([], finished=True)
     ready = s.ready()
     for sid in ready:
         s.mark_dispatched(sid)
     return _Moves(ready) if ready else None
+
+
+def _accepts_failing_tests(options: dict[str, Any]) -> bool:
+    """Goal option ``accept_failing_tests`` (a bool, checked by the options registry): complete even though
+    the last test run failed."""
+    return options.get("accept_failing_tests") is True
 
 
 def _with_synthesis(plan: Plan, role: str) -> Plan:

@@ -31,6 +31,7 @@ from mesh.contracts import (
     StepCompleted,
     StepFailed,
     StepProgress,
+    StepQuality,
     StepStarted,
     Task,
     ToolCall,
@@ -231,6 +232,7 @@ class Worker:
             event_id=f"{task.task_id}.completed", goal_id=task.goal_id, step_id=step.step_id, role=spec.role,
             attempt=task.attempt, node=self.node_id, outputs=outputs, usage=self.caller.current_usage(),
             verdict=verdict, tier=response.tier or decision.tier,  # type: ignore[arg-type]
+            simulated=self.caller.current_simulated(), quality=_quality(spec, verdict, tests_exit, task.inputs),
         )  # tier: the one that answered, after any fallback
 
     async def _converse(self, task: Task, request: ChatRequest, decision: RouteDecision, toolbox: ToolBox,
@@ -375,6 +377,17 @@ def _test_verdict(exit_code: int | None) -> str | None:
     if exit_code is None:
         return None
     return "approve" if exit_code == 0 else "changes_requested"
+
+
+def _quality(spec: RoleSpec, verdict: str | None, tests_exit: int | None, inputs: list[ArtifactRef]) -> StepQuality:
+    """The step's grade and its source: a review's verdict or the last test run, about the work of the
+    steps that produced the workspace it judged (named ``<step>/workspace``); nothing judged, no grade."""
+    if verdict is None:
+        return StepQuality()
+    judged = list(dict.fromkeys(r.name.split("/")[0] for r in inputs
+                                if r.media_type == MANIFEST_MEDIA_TYPE and "/" in r.name))
+    return StepQuality(grade=1.0 if verdict == "approve" else 0.0, source="review" if spec.verdicts else "tests",
+                       exit_code=None if spec.verdicts else tests_exit, judged=judged)
 
 
 def _verdict_of(doc: Any) -> str:

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.timeout(300)
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    # MESH_EDGE_MODEL=off: with the edge extra installed a local mesh would serve the edge tier from
+    # SmolLM2; these tests are about the CLI on the sim (tests/test_real_model.py runs the real model)
     env.update(MESH_DATA_DIR=str(tmp_path / ".mesh"), MESH_OUT_DIR=str(tmp_path / "out"),
-               MESH_SIM_LATENCY_SCALE="0", MESH_DRAIN_SECONDS="5", PYTHONPATH=str(ROOT))
+               MESH_SIM_LATENCY_SCALE="0", MESH_DRAIN_SECONDS="5", MESH_EDGE_MODEL="off", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
 

@@ -94,7 +94,7 @@ def _make_goal(a: argparse.Namespace) -> Goal:
 
 
 def _run_async(coro: Any) -> int:
-    from mesh.node.runtime import run_loop
+    from mesh.aio import run_loop
 
     return run_loop(coro)
 
@@ -271,9 +271,16 @@ async def _status(a: argparse.Namespace) -> int:
         for info in await bus.js.consumers_info(topo.tasks_stream) + await bus.js.consumers_info(topo.goals_stream):
             lag[info.name] = {"pending": info.num_pending or 0, "in_flight": info.num_ack_pending or 0,
                               "redelivered": info.num_redelivered or 0}
+    from mesh.node.beats import overdue
+
+    # A killed node's entry outlives it until the bucket's TTL: one whose beats stopped is not listed.
+    silent = [n for n in nodes if overdue(n)]
+    nodes = [n for n in nodes if n not in silent]
     if a.json:
-        print(dump_json({"nodes": nodes, "consumers": lag}))
+        print(dump_json({"nodes": nodes, "overdue": silent, "consumers": lag}))
         return 0
+    if silent:
+        print(f"no heartbeat lately (stopped or killed): {', '.join(sorted(n['node'] for n in silent))}")
     by_role: dict[str, list[dict[str, Any]]] = {}
     for n in nodes:
         by_role.setdefault(n["role"], []).append(n)

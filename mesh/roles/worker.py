@@ -329,21 +329,22 @@ class Worker:
                                outbox: Outbox) -> list[ArtifactRef]:
         step, kind = task.step, self.spec.output_kind
         parents = [r.digest for r in task.inputs]
-        main = await self.bus.put_blob(text.encode(), media_type="text/markdown", name=f"{step.step_id}/{kind}")
-        outputs = [main]
+        put_main = self.bus.put_blob(text.encode(), media_type="text/markdown", name=f"{step.step_id}/{kind}")
+        if not ws.dirty:
+            main = await put_main
+            await self._announce(outbox, task, main, kind, parents)
+            return [main] if ws_in is None else [main, ws_in]  # pass the workspace on so dependents still see it
+        # The text, the workspace and the change itself (for the reviewer and the tester downstream) are
+        # stored concurrently, not one round trip after another; they are announced in this order.
+        main, ws_out, diff = await together(put_main, ws.commit(self._store), self._store_diff(ws, step.step_id))
+        ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
         await self._announce(outbox, task, main, kind, parents)
-        if ws.dirty:
-            ws_out = await ws.commit(self._store)
-            ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
-            await self._announce(outbox, task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
-            # the change itself, for the reviewer and the tester downstream
-            diff = await self.bus.put_blob((await ws.diff()).encode(), media_type="text/x-diff",
-                                           name=f"{step.step_id}/diff")
-            await self._announce(outbox, task, diff, "diff", [d.digest for d in (ws_in, ws_out) if d is not None])
-            outputs += [ws_out, diff]
-        elif ws_in is not None:
-            outputs.append(ws_in)  # pass the workspace on so dependents still see it
-        return outputs
+        await self._announce(outbox, task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
+        await self._announce(outbox, task, diff, "diff", [d.digest for d in (ws_in, ws_out) if d is not None])
+        return [main, ws_out, diff]
+
+    async def _store_diff(self, ws: Workspace, step_id: str) -> ArtifactRef:
+        return await self.bus.put_blob((await ws.diff()).encode(), media_type="text/x-diff", name=f"{step_id}/diff")
 
     async def _store(self, data: bytes, media_type: str, name: str) -> ArtifactRef:
         return await self.bus.put_blob(data, media_type=media_type, name=name)

@@ -186,16 +186,26 @@ def _probe(bwrap: str) -> str | None:
     return None
 
 
+def make_undumpable() -> None:
+    """A same-uid process (a fallback run) can no longer read this process's ``/proc`` files — environ,
+    memory, fds — nor ptrace it. Every ``mesh`` command does this: `mesh up`/`run` hold the same
+    secrets as their nodes."""
+    _prctl(PR_SET_DUMPABLE, 0)
+
+
 def harden_process() -> None:
-    """For node processes: not dumpable, so a same-uid run cannot read this process's ``/proc`` files
-    (environ, mem, fds), and the subreaper of what a run leaves once its shim is gone (swept after
-    each run). Call it only where this process starts no children of its own besides runs."""
+    """For node processes: undumpable, and the subreaper of what a run leaves once its shim is gone
+    (swept after each run). Only where this process starts no children of its own besides runs."""
     global _hardened
-    libc = ctypes.CDLL(None, use_errno=True)
-    for option in (PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER):
-        if libc.prctl(option, 0 if option == PR_SET_DUMPABLE else 1, 0, 0, 0) != 0:
-            raise ConfigError(f"prctl({option}) failed: {os.strerror(ctypes.get_errno())}")
+    make_undumpable()
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _hardened = True
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise ConfigError(f"prctl({option}, {value}) failed: {os.strerror(ctypes.get_errno())}")
 
 
 def track(pid: int) -> None:

@@ -10,7 +10,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from mesh.cli.progress import Progress, dump_json
+from mesh.cli.progress import SIM_NOTE, Progress, cost, dump_json
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import (
     Budget,
@@ -28,6 +28,8 @@ TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("node", help="run one role process (what a Kubernetes pod runs)")
     p.add_argument("role")
+    p.add_argument("--check", action="store_true",
+                   help="preflight only: role spec, shell_allow programs, tier keys and sims, the bus; exit 1 on a problem")
     p.set_defaults(handler=_node)
 
     p = sub.add_parser("up", help="run the local mesh (embedded nats-server + one process per role) until Ctrl-C")
@@ -92,7 +94,7 @@ def _make_goal(a: argparse.Namespace) -> Goal:
 
 
 def _run_async(coro: Any) -> int:
-    from mesh.node.runtime import run_loop
+    from mesh.aio import run_loop
 
     return run_loop(coro)
 
@@ -100,7 +102,20 @@ def _run_async(coro: Any) -> int:
 def _node(a: argparse.Namespace) -> int:
     from mesh.node.runtime import run_node
 
+    if a.check:
+        return _run_async(_check(a.role))
     return run_node(a.role)
+
+
+async def _check(role: str) -> int:
+    from mesh.node.preflight import check
+
+    problems = await check(role, get_settings())
+    for line in problems:
+        print(f"{role}: {line}", file=sys.stderr)
+    if not problems:
+        print(f"{role}: preflight ok")
+    return 1 if problems else 0
 
 
 async def _connect(settings: MeshSettings | None = None) -> Any:
@@ -195,6 +210,9 @@ async def _write_results(bus: Any, goal: Goal, done: GoalCompleted, out: Path) -
     from mesh.tools.workspace import Workspace
 
     out.mkdir(parents=True, exist_ok=True)
+    if done.simulated:
+        (out / "SIMULATED").write_text("Some or all of this goal's model calls were answered by the simulated backend "
+                                       "(mesh sim-server), not a real model: the outputs and costs are simulated.\n")
     (out / "synthesis.md").write_bytes(await bus.get_blob(done.result.digest))
     if done.workspace is not None:
         ws = await Workspace.open(done.workspace, bus.get_blob)
@@ -253,9 +271,16 @@ async def _status(a: argparse.Namespace) -> int:
         for info in await bus.js.consumers_info(topo.tasks_stream) + await bus.js.consumers_info(topo.goals_stream):
             lag[info.name] = {"pending": info.num_pending or 0, "in_flight": info.num_ack_pending or 0,
                               "redelivered": info.num_redelivered or 0}
+    from mesh.node.beats import overdue
+
+    # A killed node's entry outlives it until the bucket's TTL: one whose beats stopped is not listed.
+    silent = [n for n in nodes if overdue(n)]
+    nodes = [n for n in nodes if n not in silent]
     if a.json:
-        print(dump_json({"nodes": nodes, "consumers": lag}))
+        print(dump_json({"nodes": nodes, "overdue": silent, "consumers": lag}))
         return 0
+    if silent:
+        print(f"no heartbeat lately (stopped or killed): {', '.join(sorted(n['node'] for n in silent))}")
     by_role: dict[str, list[dict[str, Any]]] = {}
     for n in nodes:
         by_role.setdefault(n["role"], []).append(n)
@@ -281,13 +306,14 @@ async def _goals(a: argparse.Namespace) -> int:
     states.sort(key=lambda s: s.started_at)
     if a.json:
         print(dump_json([{"goal_id": s.goal.goal_id, "status": s.status, "brief": s.goal.brief,
-                          "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd}
+                          "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd,
+                          "simulated": s.simulated}
                          for s in states]))
         return 0
     for s in states:
         done = sum(1 for st in s.steps.values() if st.status == "completed")
         print(f"{s.goal.goal_id}  {s.status:<10} {done:>3}/{len(s.steps):<3} steps  {s.usage.total_tokens:>9,} tok  "
-              f"${s.usage.cost_usd:8.4f}  {s.goal.brief[:60]}")
+              f"{cost(s.usage, s.simulated):>12}  {'SIMULATED  ' if s.simulated else ''}{s.goal.brief[:60]}")
     return 0
 
 
@@ -303,12 +329,18 @@ async def _show(a: argparse.Namespace) -> int:
     print(f"brief: {state.goal.brief}")
     for c in state.goal.constraints:
         print(f"pinned: {c}")
-    print(f"usage: {state.usage.total_tokens:,} tokens, ${state.usage.cost_usd:.4f}, {state.steps_run} steps run, "
-          f"{state.replans} replans, {state.review_rounds} review rounds")
+    print(f"usage: {state.usage.total_tokens:,} tokens, {cost(state.usage, state.simulated)}, {state.steps_run} steps "
+          f"run, {state.replans} replans, {state.review_rounds} review rounds, {state.test_rounds} test revisions")
+    if state.simulated:
+        print(SIM_NOTE.strip())
+    if state.done:
+        q = state.quality()
+        print(f"quality: tests {q.tests}" + (f" (exit {q.tests_exit_code})" if q.tests_exit_code is not None else "")
+              + f", reviews {', '.join(q.reviews) or '-'}")
     for sid, st in state.steps.items():
         deps = ",".join(st.step.depends_on) or "-"
         print(f"  {sid:<24} {st.step.role:<12} {st.status:<10} attempt {st.attempt}  tier {st.tier or '-':<13} "
-              f"after {deps}")
+              f"{'sim ' if st.simulated else ''}after {deps}")
     return 0
 
 

@@ -66,8 +66,10 @@ OPTIONS: dict[str, GoalOption] = {o.name: o for o in (
                minimum=0, maximum=1),
     GoalOption("sim_review", "str", "the simulated reviewer's policy", "sim backend",
                choices=("first_changes", "approve", "changes")),
-    GoalOption("sim_tests", "str", "fail_first: the simulated coder's first version fails its tests", "sim backend",
-               choices=("fail_first",)),
+    GoalOption("sim_tests", "str", "fail_first: the simulated coder's first version fails its tests; fail_always: "
+               "every version does", "sim backend", choices=("fail_first", "fail_always")),
+    GoalOption("accept_failing_tests", "bool", "complete the goal even though its last test run failed (its quality "
+               "record says tests: failed); by default such a goal fails", "planner"),
 )}
 
 

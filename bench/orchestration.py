@@ -38,7 +38,7 @@ from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalPlanned, StepCompleted, StepStarted
 from mesh.embedded import EmbeddedNats
-from mesh.node.runtime import run_loop
+from mesh.aio import run_loop
 from mesh.roles.spec import RoleSpec
 from tests.meshkit import NodeProcess, node_env, role_specs, run_goal
 

@@ -18,9 +18,10 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh import __version__
+from mesh.aio import run_loop
 from mesh.backends.tiers import load_tiers
 from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
@@ -29,20 +30,17 @@ from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
 from mesh.errors import ConfigError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
+from mesh.node.beats import HEARTBEAT_SECONDS, beat
 from mesh.node.health import HealthServer
 from mesh.node.preflight import load_role, spec_problems
-from mesh.roles.calls import ModelCaller
-from mesh.roles.goalstore import GoalStore
-from mesh.roles.orchestrator import Orchestrator
 from mesh.roles.spec import RoleSpec, feedback_kinds
-from mesh.roles.worker import Worker
-from mesh.router.hotswap import watch_models
-from mesh.router.runtime import default_router
 from mesh.tools.sandbox import harden_process
 from mesh.tools.sandbox import select as select_sandbox
 
+if TYPE_CHECKING:
+    from mesh.roles.calls import ModelCaller
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 ANNOUNCE_ATTEMPTS = 5
 
 
@@ -82,7 +80,11 @@ class Node:
                 log.warning(box.warning)
         health = HealthServer(self.metrics, self.ready, self.settings.health_host, self.settings.health_port,
                               detail=detail)
-        port = await health.start()
+        # In Kubernetes the probes expect the configured port: a busy one stays an error there.
+        port = await health.start(any_port_if_busy="KUBERNETES_SERVICE_HOST" not in os.environ)
+        if port != self.settings.health_port and self.settings.health_port:
+            log.warning("port %d is in use: serving /healthz, /readyz and /metrics on port %d instead",
+                        self.settings.health_port, port)
         log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
         try:
             async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role]) as bus:
@@ -105,6 +107,14 @@ class Node:
             self._stoppable.append(recorder)
             runners.append(recorder.run)
         else:
+            # Imported here: a recorder needs none of the model SDKs, the router's onnxruntime or the roles.
+            from mesh.roles.calls import ModelCaller
+            from mesh.roles.goalstore import GoalStore
+            from mesh.roles.orchestrator import Orchestrator
+            from mesh.roles.worker import Worker
+            from mesh.router.hotswap import watch_models
+            from mesh.router.runtime import default_router
+
             router = default_router(epsilon=self.settings.router_epsilon, model_path=self.settings.router_model)
             caller = ModelCaller(bus, load_tiers(self.settings), router, self.node_id, self.metrics)
             runners.append(lambda: watch_models(bus, router, self.stop))
@@ -166,12 +176,12 @@ class Node:
 
     async def _heartbeat(self, bus: Bus) -> None:
         kv = await bus.kv(bus.topology.kv_nodes)
-        interval = bus.topology.nodes_ttl / 3
+        interval = min(HEARTBEAT_SECONDS, bus.topology.nodes_ttl / 3)
         while not self.stop.is_set():
-            beat = {"node": self.node_id, "role": self.spec.role, "host": socket.gethostname(), "pid": os.getpid(),
-                    "version": __version__, "in_flight": self.in_flight}
+            doc = beat(self.node_id, self.spec.role, socket.gethostname(), os.getpid(), __version__, self.in_flight,
+                       every=interval)
             try:
-                await kv.put(self.node_id, json.dumps(beat).encode())
+                await kv.put(self.node_id, json.dumps(doc).encode())
             except Exception as exc:  # a missed beat is not fatal; the next one may land
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):
@@ -220,11 +230,3 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
     run_loop(main())
     return 0
 
-
-def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop (asyncio's own loop where uvloop is absent, e.g. Windows)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)

@@ -76,6 +76,9 @@ class MeshSettings(BaseSettings):
     edge_model: str = Field(
         default="auto", description='Local edge model of `mesh up`/`run`: "auto" (SmolLM2 when the edge extra is '
         'installed), "off" (sim), or a GGUF file path.')
+    tiers: str = Field(
+        default="", description='"local": `mesh up`/`run` serve EVERY tier from the local edge model (SmolLM2, the '
+        'edge extra), or an OpenAI-compatible base URL: every tier on that server; empty: each tier as configured.')
 
     # --- router (mesh.router) ---
     allow_sim: bool = Field(

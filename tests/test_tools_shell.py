@@ -121,12 +121,14 @@ async def test_special_files_are_refused(tools: ToolBox, ws: Workspace) -> None:
     assert ws.files == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
 async def test_a_folder_the_command_made_unreadable_is_refused_not_taken_as_deleted(
         tools: ToolBox, ws: Workspace) -> None:
     before = ws.files
-    doc = error(await run(tools, "import os", "os.chmod('src', 0)"))
-    assert "folder 'src' cannot be read" in doc["message"]
+    result = await run(tools, "import os", "os.chmod('src', 0)")
+    if os.geteuid() == 0:  # a root node reads any folder (its commands run as uid 65534): nothing is lost
+        assert output(result)["changed"] == {}
+    else:
+        assert "folder 'src' cannot be read" in error(result)["message"]
     assert ws.files == before
 
 

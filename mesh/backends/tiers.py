@@ -73,6 +73,9 @@ class TierConfig(BaseModel):
         default=False, description="The endpoint is a simulator (a mesh sim-server) although spoken to over HTTP: "
                                    "its answers are simulated whatever they say.")
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Sampling temperature when the request sets none (0: deterministic).")
+    seed: int | None = Field(default=None, description="Sampling seed sent to servers that take one (llama.cpp, vLLM).")
     tools: bool | None = Field(
         default=None, description="Native tool calling: true, false (tool use is asked for as text: fenced file "
                                   "blocks, diffs, run blocks — mesh/tools/textproto.py), or unset = discovered "
@@ -136,7 +139,7 @@ SIM_DEFAULTS: dict[str, dict[str, Any]] = {
 
 _ENV_FIELDS = (
     "kind", "base_url", "api_key_env", "model", "context_window", "output_reserve", "max_concurrency",
-    "timeout", "thinking", "dialect", "send_hints", "tools", "sim",
+    "timeout", "thinking", "dialect", "send_hints", "tools", "temperature", "seed", "sim",
 )
 
 

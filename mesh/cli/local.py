@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from contextlib import aclosing
 from pathlib import Path
@@ -20,7 +21,7 @@ from mesh.contracts import (
     GoalFailed,
 )
 from mesh.contracts.options import parse_option
-from mesh.errors import MeshError, NotConnected
+from mesh.errors import ConfigError, MeshError, NotConnected
 
 TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 
@@ -40,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", type=Path, default=None, help="output folder (default: MESH_OUT_DIR/<goal id>)")
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
     p.add_argument("-v", "--verbose", action="store_true", help="also show dispatches, starts and tool calls")
+    p.add_argument("--all-tiers", metavar="local|URL", default=None,
+                   help="every tier on one model: 'local' = the local SmolLM2 (edge extra), or an OpenAI-compatible "
+                        "base URL (its first model); the same as MESH_TIERS")
     p.set_defaults(handler=lambda a: _run_async(_run(a)))
 
     p = sub.add_parser("submit", help="submit a goal to a running mesh and print its id")
@@ -139,19 +143,54 @@ async def _start_local(settings: MeshSettings, out: Any) -> Any:
     from mesh.roles.spec import default_nodes_dir, load_specs
 
     specs = load_specs(default_nodes_dir())
+    if settings.tiers and settings.tiers != "local":
+        os.environ.update(one_server_env(settings.tiers))  # the nodes inherit it
     tiers = load_tiers(settings)
     edge = choose_edge(settings.edge_model, tiers["edge"])
-    simulated = [t for t, cfg in tiers.items() if cfg.simulated and not (t == "edge" and edge.model)]
+    model_tiers = ["edge"]
+    if settings.tiers == "local":
+        if edge.model is None:
+            raise ConfigError(f"MESH_TIERS=local serves every tier from the local edge model, but: {edge.message}")
+        model_tiers = list(tiers)
+        print(f"every tier: {edge.model.name}, served locally by llama-cpp-python (MESH_TIERS=local)", file=out)
+    simulated = [t for t, cfg in tiers.items() if cfg.simulated and not (t in model_tiers and edge.model)]
     if simulated:
         print(f"no model endpoint configured for {', '.join(simulated)}: using the SIMULATED backend "
               "(mesh sim-server) there. Its outputs are simulated; see docs/BACKENDS.md to configure real "
               "endpoints.", file=out)
     print(edge.message, file=out)
-    mesh = LocalMesh(settings, sorted(specs), sim_tiers=simulated, edge_model=edge.model)
+    mesh = LocalMesh(settings, sorted(specs), sim_tiers=simulated, edge_model=edge.model, model_tiers=model_tiers)
     await mesh.start()
     print(f"local mesh up: nats {mesh.url}, {len(specs)} roles ({', '.join(sorted(specs))}); "
           f"logs in {mesh.data_dir / 'logs'}", file=out)
     return mesh
+
+
+def one_server_env(base_url: str) -> dict[str, str]:
+    """``MESH_TIER_<T>_*`` pointing every tier at one OpenAI-compatible server, on the first model it lists
+    (``GET <base_url>/models``): the one-step setup for a single local server (llama.cpp, Ollama, vLLM)."""
+    import urllib.request
+
+    from mesh.contracts import TIERS
+
+    url = base_url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/models", timeout=10) as resp:
+            models = [m["id"] for m in json.loads(resp.read())["data"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--all-tiers {base_url}: cannot list its models at {url}/models: {exc}") from exc
+    if not models:
+        raise ConfigError(f"--all-tiers {base_url}: the server lists no model")
+    env = {"MESH_ONE_SERVER_KEY": "local"}
+    for tier in TIERS:
+        prefix = f"MESH_TIER_{tier.upper()}_"
+        env |= {prefix + "KIND": "openai", prefix + "BASE_URL": url, prefix + "MODEL": models[0],
+                prefix + "API_KEY_ENV": "MESH_ONE_SERVER_KEY",
+                # the server does not say its context: a small local model's, unless configured
+                prefix + "CONTEXT_WINDOW": os.environ.get(prefix + "CONTEXT_WINDOW", "8192"),
+                prefix + "OUTPUT_RESERVE": os.environ.get(prefix + "OUTPUT_RESERVE", "1024"),
+                **{f"{prefix}PRICE_{p}": "0" for p in ("INPUT_HIT", "INPUT_MISS", "OUTPUT")}}
+    return env
 
 
 async def _up(a: argparse.Namespace) -> int:
@@ -168,6 +207,8 @@ async def _up(a: argparse.Namespace) -> int:
 
 async def _run(a: argparse.Namespace) -> int:
     settings = get_settings()
+    if a.all_tiers:
+        settings = settings.model_copy(update={"tiers": a.all_tiers})
     goal = _make_goal(a)
     mesh = await _start_local(settings, sys.stderr if a.json else sys.stdout)
     try:

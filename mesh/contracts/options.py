@@ -60,6 +60,9 @@ def _num(x: float) -> str:
 
 
 OPTIONS: dict[str, GoalOption] = {o.name: o for o in (
+    GoalOption("swarm", "bool", "false: no swarm fan-out (a step routed to the swarm tier is one call)", "worker"),
+    GoalOption("max_revisions", "int", "at most this many revisions after reviews and after failing tests (each "
+               "below the planner spec's own limits)", "planner", minimum=0, maximum=10),
     GoalOption("sim_plan_steps", "int", "how many steps the simulated planner plans (the plan limit is 200)",
                "sim backend", minimum=8, maximum=200),
     GoalOption("sim_quality", "float", "forced success probability of every simulated answer", "sim backend",

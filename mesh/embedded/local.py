@@ -80,9 +80,9 @@ class RoleProcess:
 
 class LocalMesh:
     def __init__(self, settings: MeshSettings, roles: list[str], *, sim_tiers: Sequence[str] = (),
-                 edge_model: Path | None = None) -> None:
+                 edge_model: Path | None = None, model_tiers: Sequence[str] = ("edge",)) -> None:
         """``sim_tiers``: the tiers a local sim-server serves (none: no sim-server); ``edge_model``: a GGUF
-        file the edge tier is served from locally."""
+        file served locally, for ``model_tiers`` (the edge tier; every tier with ``MESH_TIERS=local``)."""
         self.settings = settings
         self.roles = roles
         self.data_dir = settings.data_dir.resolve()
@@ -91,6 +91,7 @@ class LocalMesh:
         self.sim_url: str | None = None
         self.sim_tiers = tuple(sim_tiers)
         self.edge = EdgeModelServer(edge_model, self.data_dir / "logs" / "edge-model.log") if edge_model else None
+        self.model_tiers = tuple(model_tiers)
         self.procs: list[RoleProcess] = []
         self.url = settings.nats_url or ""
 
@@ -116,7 +117,7 @@ class LocalMesh:
             env.update(await self._start_sim_server())
         if self.edge is not None:  # after the sim's env: the real model takes the edge tier over
             await self.edge.start()
-            env.update(self.edge.tier_env())
+            env.update(self.edge.tier_env(self.model_tiers))
         self.procs = [RoleProcess(role, env, self.data_dir / "logs") for role in self.roles]
         for p in self.procs:
             p.spawn()

@@ -244,6 +244,7 @@ class Orchestrator:
                 return False
             used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
                 (s.review_rounds, self.limits.max_review_iterations)
+            budget = min(budget, s.goal.options.get("max_revisions", budget))  # a goal may cap its revisions
             if ev.verdict == "changes_requested" and used < budget:
                 reviewer = self.roles.get(ev.role)
                 s.add_revision(ev.step_id, self.revisers,

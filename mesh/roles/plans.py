@@ -9,6 +9,7 @@ sized by the goal. A phase with no role to do it is left out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from mesh.contracts import Goal, Plan, Step
 from mesh.errors import PlanInvalid
 from mesh.roles.spec import RoleSpec
 
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]+")
 # A brief this many words long adds one research question and one implementation part (up to the caps).
 WORDS_PER_PART = 40
 MAX_RESEARCH = 3
@@ -23,12 +25,32 @@ MAX_PARTS = 3
 
 
 def plan_from_doc(doc: Any, *, goal_id: str, version: int) -> Plan:
-    """The plan in a parsed answer: an object with ``steps`` (pydantic checks every field)."""
+    """The plan in a parsed answer: an object with ``steps`` (pydantic checks every field). Step ids are
+    read leniently ("Step 1" → "Step-1", consistently in ``depends_on``); everything else is strict."""
     if isinstance(doc, list):  # a bare list of steps: the object around it was left out
         doc = {"steps": doc}
     if not isinstance(doc, dict) or "steps" not in doc:
         raise PlanInvalid('the plan must be a JSON object with a "steps" array')
-    return Plan(goal_id=goal_id, steps=doc["steps"], version=version, rationale=str(doc.get("rationale", "")))
+    steps = doc["steps"]
+    if isinstance(steps, list):
+        steps = [_slug_ids(s) if isinstance(s, dict) else s for s in steps]
+    return Plan(goal_id=goal_id, steps=steps, version=version, rationale=str(doc.get("rationale", "")))
+
+
+def _slug_ids(step: dict[str, Any]) -> dict[str, Any]:
+    out = dict(step)
+    if isinstance(out.get("step_id"), str | int):
+        out["step_id"] = _slug(str(out["step_id"]))
+    deps = out.get("depends_on")
+    if isinstance(deps, str | int):  # one dependency, not in a list
+        deps = [deps]
+    if isinstance(deps, list):
+        out["depends_on"] = [_slug(str(d)) if isinstance(d, str | int) else d for d in deps]
+    return out
+
+
+def _slug(text: str) -> str:
+    return _NOT_TOKEN.sub("-", text.strip()).strip("-")[:64] or text
 
 
 def fallback_plan(goal: Goal, roles: Mapping[str, RoleSpec], *, version: int, reason: str) -> Plan:

@@ -190,6 +190,8 @@ class Worker:
             instruction=step.instruction, remaining=task.remaining, deadline=task.deadline,
         )
         window = self.caller.gateway.window(decision.tier)
+        # what one answer on this tier may write (a small model's reserve, not the role's 8k): packing leaves it free
+        max_out = min(spec.limits.max_output_tokens, self.caller.gateway.tiers[decision.tier].output_reserve)
         native = self.caller.gateway.native_tools(decision.tier)
         if not native and (protocol := protocol_prompt(frozenset(spec.tools))):
             instruction += "\n\n" + protocol  # no function calling on this tier: tool use is written as text
@@ -198,7 +200,7 @@ class Worker:
                                    budget=BudgetGuard(task.remaining, spent=self.caller.current_usage()))
         packed = await apack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,
                              acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
-                             output_reserve=spec.limits.max_output_tokens, summarise=summarise, feedback=feedback)
+                             output_reserve=max_out, summarise=summarise, feedback=feedback)
         if packed.dropped or packed.summarised:
             await outbox.emit(StepProgress(
                 event_id=f"{task.task_id}.packed.{delivery.attempt}", goal_id=task.goal_id, step_id=step.step_id,
@@ -211,7 +213,7 @@ class Worker:
             request = ChatRequest(
                 messages=packed.messages,
                 tools=[ToolSpec(name=n, description=d, parameters=p) for n, d, p in toolbox.specs()] if native else [],
-                thinking=decision.thinking, max_tokens=spec.limits.max_output_tokens,
+                thinking=decision.thinking, max_tokens=max_out,
                 json_schema=VERDICT_SCHEMA if spec.verdicts else None,
                 metadata={"role": spec.role, "difficulty": step.difficulty, "fan_out": task.position.fan_out,
                           "step_id": step.step_id, **_hints(task.options)},
@@ -239,7 +241,7 @@ class Worker:
                         outbox: Outbox, check: Callable[[], Awaitable[None]]) -> ChatResponse:
         """The bounded tool loop (or a swarm fan-out for wide, tool-less steps)."""
         fan_out = self.spec.router.swarm_fan_out
-        if decision.tier == "swarm" and fan_out and not request.tools:
+        if decision.tier == "swarm" and fan_out and not request.tools and task.options.get("swarm", True):
             subtasks = [f"Part {i + 1} of {fan_out}: cover one distinct aspect of: {task.step.instruction}"
                         for i in range(fan_out)]
             return await self.caller.swarm(request, subtasks, decision, task.remaining, check)

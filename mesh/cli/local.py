@@ -229,14 +229,24 @@ async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, role
     from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
-    async with await Bus.connect(settings, name="mesh-run") as bus:
-        await wait_for_roles(bus, roles)
+    say = sys.stderr if a.json else sys.stdout
+
+    def starting(missing: list[str]) -> None:
+        up = len(roles) - len(missing)
+        print(f"nodes up: {up} of {len(roles)}" + (f"; waiting for {', '.join(missing)}" if missing else ""),
+              file=say, flush=True)
+
+    async with await Bus.connect(settings, name="mesh-run", provision=False) as bus:  # the local mesh provisioned
+        # Submitted while the nodes still start: the goal waits in its stream for the planner.
         await bus.submit_goal(goal)
-        async with aclosing(bus.watch_events(goal.goal_id)) as events:
-            async for event in events:
-                progress.show(event)
-                if isinstance(event, TERMINAL_EVENTS):
-                    break
+        async with asyncio.TaskGroup() as tg:
+            nodes = tg.create_task(wait_for_roles(bus, roles, report=starting))
+            async with aclosing(bus.watch_events(goal.goal_id)) as events:
+                async for event in events:
+                    progress.show(event)
+                    if isinstance(event, TERMINAL_EVENTS):
+                        break
+            nodes.cancel()
         out = a.out or settings.out_dir / goal.goal_id
         if isinstance(event, GoalCompleted):
             await _write_results(bus, goal, event, out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -34,16 +34,24 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20
     raise EmbeddedServerError(f"{url} did not become ready within {timeout:.0f}s")
 
 
-async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0) -> None:
+async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0,
+                         report: Callable[[list[str]], None] | None = None) -> None:
     """Return once every role has a node heartbeat in KV ``mesh_nodes``: its node is connected, its durable
-    consumers are provisioned and its consumer loops have started."""
+    consumers are provisioned and its consumer loops have started. ``report`` hears the roles still
+    missing at the start and whenever that changes (the last time with none)."""
     kv = await bus.kv(bus.topology.kv_nodes)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     missing = set(roles)
     watcher = await kv.watchall()
+    told: list[str] | None = None
     try:
-        while missing:
+        while True:
+            if report is not None and sorted(missing) != told:
+                told = sorted(missing)
+                report(told)
+            if not missing:
+                return
             left = deadline - loop.time()
             if left <= 0:
                 raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(missing)} (see the nodes' logs)")

@@ -264,3 +264,7 @@ class NodeSpecError(MeshError):
 
 class GoalCancelled(MeshError):
     """The goal was cancelled; the current step stops before its next model or tool call."""
+
+
+class UnknownGoal(MeshError):
+    """A client asked about a goal the mesh has no state for."""

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
+from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import nats
@@ -28,7 +30,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NoKeysError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
 from nats.js.object_store import (
     OBJ_CHUNKS_PRE_TEMPLATE,
@@ -69,6 +71,34 @@ log = logging.getLogger(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 CLAIM_MEDIA_TYPE = "application/vnd.mesh.body+msgpack"
 H = TypeVar("H")
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    """One KV value and the revision to swap against."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """A durable consumer's backlog."""
+
+    name: str
+    pending: int  # stored, not yet delivered
+    in_flight: int  # delivered, not yet acknowledged
+    redelivered: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    name: str
+    created: datetime | None  # tells a recreated stream from the one a reader knew
+    first_seq: int
+    last_seq: int
+    messages: int
 
 
 class Bus:
@@ -244,15 +274,30 @@ class Bus:
         return envelope
 
     async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncGenerator[Event, None]:
-        """Decoded events of one goal (or all), in stream order, from an ordered ephemeral consumer.
+        """Decoded events of one goal (or all) in stream order: ``events`` without the sequences."""
+        async with contextlib.aclosing(self.events(goal_id, from_seq=1 if from_start else None)) as feed:
+            async for _, event in feed:
+                yield event
 
-        The ordered consumer recreates itself after gaps and missed heartbeats, so a watch survives
-        reconnects and server restarts. Undecodable events are logged and skipped. Close the
-        iterator (``contextlib.aclosing``) to remove the consumer.
+    async def events(self, goal_id: str | None = None, *,
+                     from_seq: int | None = 1) -> AsyncGenerator[tuple[int, Event], None]:
+        """(stream sequence, event) of one goal (or all), in stream order, from sequence ``from_seq`` on
+        (``None``: only events published from now on). Resume after sequence ``n`` with ``from_seq=n + 1``:
+        no gap, no duplicate.
+
+        An ordered ephemeral consumer, which recreates itself after the last sequence it delivered when
+        it misses a message or heartbeats, so a watch survives reconnects and server restarts.
+        Undecodable events are logged and skipped. Close the iterator (``contextlib.aclosing``) to
+        remove the consumer.
         """
-        policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
+        if from_seq is None:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+        elif from_seq <= 1:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        else:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq)
         sub = await self.js.subscribe(self.topology.events_filter(goal_id), stream=self.topology.events_stream,
-                                      ordered_consumer=True, deliver_policy=policy, idle_heartbeat=1.0)
+                                      ordered_consumer=True, idle_heartbeat=1.0, config=config)
         try:
             async for msg in sub.messages:
                 try:
@@ -263,7 +308,7 @@ class Bus:
                 except ContractError as exc:
                     log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
                     continue
-                yield event
+                yield msg.metadata.sequence.stream, event
         finally:
             if not self.nc.is_closed:
                 await sub.unsubscribe()
@@ -326,6 +371,103 @@ class Bus:
         meta = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
         await self.js.publish(meta, json.dumps(info.as_dict()).encode(),
                               headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+
+    # --- stream and consumer state -------------------------------------------------------------
+
+    async def stream_state(self, stream: str) -> StreamState:
+        try:
+            info = await self.js.stream_info(stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the state of {stream}: {exc!r}") from exc
+        return StreamState(name=info.config.name or stream, created=info.created, first_seq=info.state.first_seq,
+                           last_seq=info.state.last_seq, messages=info.state.messages)
+
+    async def consumers(self, stream: str) -> list[ConsumerState]:
+        """The backlog of every consumer on ``stream``."""
+        try:
+            infos = await self.js.consumers_info(stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot list the consumers of {stream}: {exc!r}") from exc
+        return [ConsumerState(name=i.name, pending=i.num_pending or 0, in_flight=i.num_ack_pending or 0,
+                              redelivered=i.num_redelivered or 0) for i in infos]
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        """The key's latest value, or None when it does not exist (or was deleted)."""
+        kv = await self.kv(bucket)
+        try:
+            entry = await kv.get(key)
+        except NotFoundError:  # KeyNotFoundError and KeyDeletedError are NotFoundErrors
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"reading {bucket}/{key} failed: {exc!r}") from exc
+        assert entry.revision is not None
+        return KvEntry(key, entry.value or b"", entry.revision)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        """Store a new key; its revision, or None when the key exists already."""
+        kv = await self.kv(bucket)
+        try:
+            return await kv.create(key, value)
+        except KeyWrongLastSequenceError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"creating {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_swap(self, bucket: str, key: str, value: bytes, *, revision: int) -> int | None:
+        """Compare-and-swap: write only if ``revision`` is still the key's latest. The new revision, or
+        None when someone wrote since."""
+        kv = await self.kv(bucket)
+        try:
+            return await kv.update(key, value, last=revision)
+        except KeyWrongLastSequenceError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"updating {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        """Unconditional write (heartbeats, pointers); the new revision."""
+        kv = await self.kv(bucket)
+        try:
+            return await kv.put(key, value)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"writing {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        kv = await self.kv(bucket)
+        try:
+            await kv.delete(key)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"deleting {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_keys(self, bucket: str) -> list[str]:
+        kv = await self.kv(bucket)
+        try:
+            return list(await kv.keys())
+        except NoKeysError:
+            return []
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"listing {bucket} failed: {exc!r}") from exc
+
+    async def kv_entries(self, bucket: str) -> list[KvEntry]:
+        """Every live entry of a bucket (keys that vanish while it is read are left out)."""
+        entries = await together(*(self.kv_get(bucket, key) for key in await self.kv_keys(bucket)))
+        return [e for e in entries if e is not None]
+
+    async def kv_watch(self, bucket: str, key: str = ">") -> AsyncGenerator[bytes, None]:
+        """The key's value now (if any) and every later value written; deletes are skipped. The default
+        key ``>`` watches every key of the bucket."""
+        kv = await self.kv(bucket)
+        try:
+            watcher = await kv.watch(key)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot watch {bucket}/{key}: {exc!r}") from exc
+        try:
+            async for entry in watcher:
+                if entry is not None and entry.operation is None and entry.value:
+                    yield entry.value  # None: the "caught up" marker; an operation: a delete or purge
+        finally:
+            with contextlib.suppress(Exception):  # the connection may already be gone at shutdown
+                await watcher.stop()
 
     async def kv(self, bucket: str) -> KeyValue:
         """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""

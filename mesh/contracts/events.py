@@ -55,6 +55,7 @@ class GoalFailed(EventBase):
 class GoalCancelled(EventBase):
     type: Literal["goal.cancelled"] = "goal.cancelled"
     reason: str = "cancelled by user"
+    by: str = Field(default="", description="who asked for the cancellation")
 
 
 class StepEvent(EventBase):

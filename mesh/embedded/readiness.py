@@ -8,7 +8,7 @@ import asyncio
 import json
 import subprocess
 from collections.abc import Iterable
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from typing import TYPE_CHECKING
 
 from mesh.errors import EmbeddedServerError, MeshError
@@ -37,19 +37,14 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20
 async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0) -> None:
     """Return once every role has a node heartbeat in KV ``mesh_nodes``: its node is connected, its durable
     consumers are provisioned and its consumer loops have started."""
-    kv = await bus.kv(bus.topology.kv_nodes)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     missing = set(roles)
-    watcher = await kv.watchall()
+    if not missing:
+        return
     try:
-        while missing:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(missing)} (see the nodes' logs)")
-            with suppress(TimeoutError):  # nats-py's, a TimeoutError subclass: the deadline check above reports it
-                entry = await watcher.updates(timeout=left)
-                if entry is not None and entry.value:  # (a deleted key has no value)
-                    missing.discard(json.loads(entry.value)["role"])
-    finally:
-        await watcher.stop()
+        async with asyncio.timeout(timeout), aclosing(bus.kv_watch(bus.topology.kv_nodes)) as beats:
+            async for beat in beats:
+                missing.discard(json.loads(beat)["role"])
+                if not missing:
+                    return
+    except TimeoutError:
+        raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(missing)} (see the nodes' logs)") from None

@@ -98,7 +98,7 @@ class Node:
             router = default_router(epsilon=self.settings.router_epsilon, model_path=self.settings.router_model)
             caller = ModelCaller(bus, load_tiers(self.settings), router, self.node_id, self.metrics)
             runners.append(lambda: watch_models(bus, router, self.stop))
-            goals = GoalStore(await bus.kv(topo.kv_goals))
+            goals = GoalStore(bus)
             dlq = topo.dlq_subject(self.spec.role)
             if self.spec.kind == "orchestrator":
                 orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id)
@@ -108,6 +108,8 @@ class Node:
                                  on_give_up=orch.give_up_goal),
                     PullConsumer(bus, stream=topo.events_stream, durable=topo.outcomes_consumer,
                                  handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq),
+                    PullConsumer(bus, stream=topo.control_stream, durable=topo.control_consumer,
+                                 handler=orch.on_command, concurrency=self.spec.concurrency, dlq_subject=dlq),
                 ]
                 runners.append(lambda: orch.sweep(self.stop))
             else:
@@ -134,7 +136,7 @@ class Node:
                 await bus.emit(NodeDown(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role,
                                         reason=reason))
             with suppress(Exception):
-                await (await bus.kv(topo.kv_nodes)).delete(self.node_id)
+                await bus.kv_delete(topo.kv_nodes, self.node_id)
             if caller is not None:
                 await caller.gateway.aclose()
 
@@ -154,13 +156,12 @@ class Node:
         return sum(s.in_flight for s in self._stoppable)
 
     async def _heartbeat(self, bus: Bus) -> None:
-        kv = await bus.kv(bus.topology.kv_nodes)
         interval = bus.topology.nodes_ttl / 3
         while not self.stop.is_set():
             beat = {"node": self.node_id, "role": self.spec.role, "host": socket.gethostname(), "pid": os.getpid(),
                     "version": __version__, "in_flight": self.in_flight}
             try:
-                await kv.put(self.node_id, json.dumps(beat).encode())
+                await bus.kv_put(bus.topology.kv_nodes, self.node_id, json.dumps(beat).encode())
             except Exception as exc:  # a missed beat is not fatal; the next one may land
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):

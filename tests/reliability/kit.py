@@ -188,7 +188,7 @@ async def steps_completed(bus: Bus, count: int, goal_id: str | None = None) -> N
 
 async def describe_goals(bus: Bus, goal_ids: Iterable[str]) -> str:
     """Where each goal stands in its KV state: status and every step's status/attempt (for failures)."""
-    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
+    goals = GoalStore(bus)
     lines = []
     for gid in goal_ids:
         state = await goals.get(gid)

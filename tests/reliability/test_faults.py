@@ -90,7 +90,7 @@ async def orchestrator(bus: Bus, settings: MeshSettings) -> AsyncIterator[Orches
     specs = role_specs()
     caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "planner-test", Metrics("planner"))
     try:
-        yield Orchestrator(bus, specs["planner"], specs, caller, GoalStore(await bus.kv(bus.topology.kv_goals)),
+        yield Orchestrator(bus, specs["planner"], specs, caller, GoalStore(bus),
                            "planner-test")
     finally:
         await caller.gateway.aclose()

@@ -72,7 +72,7 @@ class Recorder:
 
 
 async def dlq_letters(bus: Bus, count: int) -> list[tuple[DeadLetter, dict[str, str]]]:
-    sub = await bus.js.pull_subscribe(bus.topology.dlq_subject(ROLE), stream=bus.topology.dlq_stream)
+    sub = await bus._js.pull_subscribe(bus.topology.dlq_subject(ROLE), stream=bus.topology.dlq_stream)
     msgs = await sub.fetch(count, timeout=5)
     await sub.unsubscribe()
     return [(DeadLetter.decode(m.data), dict(m.headers or {})) for m in msgs]
@@ -83,7 +83,7 @@ async def test_handled_message_is_acked(fast_bus: Bus, eventually: Eventually) -
     await fast_bus.dispatch(task(1))
     async with consuming(PullConsumer.for_role(fast_bus, ROLE, rec)):
         await eventually(lambda: rec.seen == [("g1.s1.1", 1)])
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0  # work-queue: the confirmed ack removed it
 
 
@@ -95,7 +95,7 @@ async def test_long_handler_is_not_redelivered(fast_bus: Bus, eventually: Eventu
         await eventually(lambda: rec.running == 0, timeout=10)
     assert runner.done()
     assert rec.seen == [("g1.s1.1", 1)]
-    info = await fast_bus.js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
+    info = await fast_bus._js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
     assert (info.num_redelivered, info.num_ack_pending, info.num_pending) == (0, 0, 0)
 
 
@@ -169,7 +169,7 @@ async def test_poison_goes_to_dlq_and_the_loop_keeps_consuming(fast_bus: Bus, ev
     assert "not a msgpack message" in letters[0][0].reason
     assert "expected Task, got Goal" in letters[1][0].reason
     assert letters[1][1][DLQ_REASON_HEADER].startswith("SchemaViolation: ")
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0  # poison was terminated, not left to redeliver
 
 
@@ -181,7 +181,7 @@ async def test_transient_failure_is_retried_with_backoff(fast_bus: Bus, eventual
         await eventually(lambda: [a for _, a in rec.seen] == [1, 2, 3])
     assert consumer.backoff(1) == 0.05 and consumer.backoff(3) == 0.2
     assert consumer.backoff(30) == 60.0  # capped
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0
 
 
@@ -208,7 +208,7 @@ async def test_giving_up_is_announced_before_the_letter_even_when_the_announceme
 
     async def give_up(delivery: Delivery, exc: BaseException) -> None:
         t = delivery.message(Task)
-        letters = (await fast_bus.js.stream_info(fast_bus.topology.dlq_stream)).state.messages
+        letters = (await fast_bus._js.stream_info(fast_bus.topology.dlq_stream)).state.messages
         heard.append((t.task_id, delivery.attempt, type(exc).__name__, letters))
         if t.step.step_id == "s2":
             raise RuntimeError("the announcement itself fails")
@@ -235,7 +235,7 @@ async def test_never_holds_more_than_its_workers(fast_bus: Bus, eventually: Even
 
     class Probe(Recorder):
         async def __call__(self, delivery: Delivery) -> None:
-            info = await fast_bus.js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
+            info = await fast_bus._js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
             ack_pending.append(info.num_ack_pending or 0)
             await super().__call__(delivery)
 
@@ -267,7 +267,7 @@ async def test_stop_drains_in_flight_work(fast_bus: Bus, eventually: Eventually)
     release.set()
     await asyncio.wait_for(runner, 5)
     assert done == ["g1.s1.1"]
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0
 
 

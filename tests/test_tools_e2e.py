@@ -147,7 +147,7 @@ async def _redeliver_a_coder_step(bus: Bus) -> None:
     await caller.gateway.aclose()
 
     assert objects[0] == objects[1], "the second run stored nothing new"
-    counts = (await bus.js.stream_info(bus.topology.events_stream,
+    counts = (await bus._js.stream_info(bus.topology.events_stream,
                                        subjects_filter=bus.topology.event_subject(goal.goal_id, ">"))).state.subjects
     topic = bus.topology.event_subject
     assert counts is not None

@@ -8,7 +8,7 @@ Claim-check: an encoded message above ``settings.claim_check_bytes`` (default 25
 NATS' 1 MiB max_payload) has its body moved to the ``<prefix>_artifacts`` object store under its
 sha256; the message carries an ``ArtifactRef`` instead. ``Bus.open`` resolves it transparently.
 
-The raw clients stay reachable (``bus.nc``, ``bus.js``) for anything this layer does not wrap.
+The raw clients stay reachable (``bus._nc``, ``bus.js``) for anything this layer does not wrap.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import nats
@@ -105,8 +105,8 @@ class Bus:
     """A connected Mesh bus. Create with ``await Bus.connect(settings)``; close with ``await bus.close()``."""
 
     def __init__(self, nc: Client, settings: MeshSettings, topology: Topology, *, name: str = "mesh") -> None:
-        self.nc = nc
-        self.js: JetStreamContext = nc.jetstream()
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self.topology = topology
         self.name = name
@@ -134,7 +134,7 @@ class Bus:
         bus = cls(Client(), settings, Topology.from_settings(settings), name=name)
         try:
             # Bounded attempts for the first connection, so a missing server is a clear error ...
-            await bus.nc.connect(
+            await bus._nc.connect(
                 servers=servers, name=name,
                 # nats-py annotates these as int but uses them as float seconds
                 connect_timeout=settings.connect_timeout,  # type: ignore[arg-type]
@@ -146,22 +146,22 @@ class Bus:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc!r}") from exc
         # ... then the configured policy (-1: forever) for reconnects once we have been up.
-        bus.nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
+        bus._nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
         if provision:
             try:
                 await bus.provision(roles)
             except BaseException:
-                await bus.nc.close()
+                await bus._nc.close()
                 raise
         return bus
 
     async def _on_disconnect(self) -> None:
-        if not self.nc.is_closed:  # our own close() reports a disconnect too
+        if not self._nc.is_closed:  # our own close() reports a disconnect too
             log.warning("NATS disconnected (%s); reconnecting", self.name)
 
     async def _on_reconnect(self) -> None:
         self.reconnects += 1
-        url = self.nc.connected_url
+        url = self._nc.connected_url
         log.warning("NATS reconnected (%s) to %s", self.name, url.netloc if url else "?")
 
     async def _on_error(self, exc: Exception) -> None:
@@ -173,11 +173,11 @@ class Bus:
     async def provision(self, roles: Iterable[str] = ()) -> None:
         """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before."""
         self._roles.update(dict.fromkeys(roles))
-        await provision(self.js, self.topology, self._roles)
+        await provision(self._js, self.topology, self._roles)
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
-            await self.nc.close()
+        if not self._nc.is_closed:
+            await self._nc.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -188,7 +188,16 @@ class Bus:
 
     @property
     def connected(self) -> bool:
-        return bool(self.nc.is_connected)
+        return bool(self._nc.is_connected)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._nc.is_closed)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server accepts (bytes)."""
+        return int(self._nc.max_payload)
 
     # --- publish ---------------------------------------------------------------------------
 
@@ -221,10 +230,10 @@ class Bus:
     async def publish_raw(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None) -> api.PubAck:
         """JetStream publish of ready bytes, with the bus' error mapping."""
         try:
-            return await self.js.publish(subject, data, headers=headers)
+            return await self._js.publish(subject, data, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # refused before sending: no retry can help
             error = PublishError(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
-                                 f"max_payload of {self.nc.max_payload} bytes")
+                                 f"max_payload of {self._nc.max_payload} bytes")
             error.retryable = False  # type: ignore[attr-defined]  # the consumer loop dead-letters, not retries
             raise error from exc
         except nats.errors.ConnectionClosedError as exc:
@@ -243,7 +252,7 @@ class Bus:
         data, headers = await self._encode(event, event.event_id, None)
         subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
         try:
-            return await self.js.publish_async(subject, data, headers=headers)
+            return await self._js.publish_async(subject, data, headers=headers)
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc
         except nats.errors.Error as exc:
@@ -296,7 +305,7 @@ class Bus:
             config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
         else:
             config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq)
-        sub = await self.js.subscribe(self.topology.events_filter(goal_id), stream=self.topology.events_stream,
+        sub = await self._js.subscribe(self.topology.events_filter(goal_id), stream=self.topology.events_stream,
                                       ordered_consumer=True, idle_heartbeat=1.0, config=config)
         try:
             async for msg in sub.messages:
@@ -310,19 +319,21 @@ class Bus:
                     continue
                 yield msg.metadata.sequence.stream, event
         finally:
-            if not self.nc.is_closed:
+            if not self._nc.is_closed:
                 await sub.unsubscribe()
 
     # --- objects and KV --------------------------------------------------------------------
 
     async def put_blob(self, data: bytes, *, media_type: str = "application/octet-stream",
-                       name: str = "") -> ArtifactRef:
-        """Store bytes under their sha256 (skipped when already there) and return the reference."""
+                       name: str = "", bucket: str | None = None) -> ArtifactRef:
+        """Store bytes under their sha256 (skipped when already there) and return the reference.
+        ``bucket``: an object store other than the artifacts (``topology.obj_models``)."""
         digest = sha256_hex(data)
-        store = await self.object_store(self.topology.obj_artifacts)
+        bucket = bucket or self.topology.obj_artifacts
+        store = await self.object_store(bucket)
         try:
             if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
-                await self._put_chunk(store, data, digest, media_type, name)
+                await self._put_chunk(store, bucket, data, digest, media_type, name)
             elif not await _exists(store, digest):
                 await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
                                                                   headers={"Content-Type": media_type}))
@@ -330,16 +341,16 @@ class Bus:
             raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
         return ArtifactRef(digest=digest, media_type=media_type, size=len(data), name=name)
 
-    async def get_blob(self, digest: str) -> bytes:
+    async def get_blob(self, digest: str, *, bucket: str | None = None) -> bytes:
         """The bytes stored under ``digest``, verified against it."""
-        bucket = self.topology.obj_artifacts
+        bucket = bucket or self.topology.obj_artifacts
         store = await self.object_store(bucket)
         try:
             info = await store.get_info(digest)
             if info.chunks == 1 and not info.is_link():
                 # One chunk (every blob up to 128 KiB): read it directly instead of through an ordered
                 # consumer, which costs a consumer create and delete on the server per read.
-                chunk = await self.js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket),
+                chunk = await self._js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket),
                                                    OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
                                                    direct=True)  # object stores allow direct gets
                 data = bytes(chunk.data or b"")
@@ -353,14 +364,15 @@ class Bus:
             raise BusError(f"blob {digest} failed its digest check ({len(data)} bytes read)")
         return data
 
-    async def _put_chunk(self, store: ObjectStore, data: bytes, digest: str, media_type: str, name: str) -> None:
+    async def _put_chunk(self, store: ObjectStore, bucket: str, data: bytes, digest: str, media_type: str,
+                         name: str) -> None:
         """A blob of one chunk, written as ``ObjectStore.put`` writes it (chunk, then the meta that points
         at it), but with the existence lookup sent alongside the chunk rather than before it: one round
         trip less. A blob that was already there leaves that chunk unreferenced (≤ 128 KiB, and only
         when the same bytes are stored again)."""
-        bucket, nuid = self.topology.obj_artifacts, new_id()
+        nuid = new_id()
         exists, _ = await together(_exists(store, digest),
-                                   self.js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
+                                   self._js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
         if exists:
             return
         sha = base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()
@@ -369,14 +381,14 @@ class Bus:
                               options=api.ObjectMetaOptions(max_chunk_size=OBJ_DEFAULT_CHUNK_SIZE),
                               digest=OBJ_DIGEST_TEMPLATE.format(digest=sha))
         meta = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
-        await self.js.publish(meta, json.dumps(info.as_dict()).encode(),
+        await self._js.publish(meta, json.dumps(info.as_dict()).encode(),
                               headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
 
     # --- stream and consumer state -------------------------------------------------------------
 
     async def stream_state(self, stream: str) -> StreamState:
         try:
-            info = await self.js.stream_info(stream)
+            info = await self._js.stream_info(stream)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read the state of {stream}: {exc!r}") from exc
         return StreamState(name=info.config.name or stream, created=info.created, first_seq=info.state.first_seq,
@@ -385,7 +397,7 @@ class Bus:
     async def consumers(self, stream: str) -> list[ConsumerState]:
         """The backlog of every consumer on ``stream``."""
         try:
-            infos = await self.js.consumers_info(stream)
+            infos = await self._js.consumers_info(stream)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot list the consumers of {stream}: {exc!r}") from exc
         return [ConsumerState(name=i.name, pending=i.num_pending or 0, in_flight=i.num_ack_pending or 0,
@@ -471,11 +483,11 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
-        return await _cached(self._kv, bucket, self.js.key_value, "KV bucket")
+        return await _cached(self._kv, bucket, self._js.key_value, "KV bucket")
 
     async def object_store(self, bucket: str) -> ObjectStore:
         """A cached object-store handle (``topology.obj_artifacts`` / ``topology.obj_models``)."""
-        return await _cached(self._objects, bucket, self.js.object_store, "object store")
+        return await _cached(self._objects, bucket, self._js.object_store, "object store")
 
     async def _claim_check(self, data: bytes) -> bytes:
         envelope = open_envelope(data)

@@ -36,6 +36,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError
 
 from mesh.config import MeshSettings
+from mesh.contracts.events import event_subject
 from mesh.errors import ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,7 @@ class Topology:
         return f"{self.prefix}.task.{role}"
 
     def event_subject(self, goal_id: str, type: str) -> str:
-        """``type`` is dotted (``step.completed``), so filters like ``mesh.event.*.step.>`` work."""
-        return f"{self.prefix}.event.{goal_id}.{type}"
+        return event_subject(self.prefix, goal_id, type)
 
     def events_filter(self, goal_id: str | None = None) -> str:
         return f"{self.prefix}.event.{goal_id}.>" if goal_id else f"{self.prefix}.event.>"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.aio import together
-
 from mesh.cli.progress import Progress, dump_json
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import (
@@ -260,7 +259,9 @@ async def _outcome(client: MeshClient, goal_id: str) -> str:
     final = None
     async for _, final in client.watch(goal_id, until_final=True):
         pass
-    return {GoalCompleted: "completed", GoalFailed: "failed", GoalCancelled: "cancelled"}[type(final)]
+    if isinstance(final, GoalCompleted):
+        return "completed"
+    return "cancelled" if isinstance(final, GoalCancelled) else "failed"
 
 
 async def _watch(a: argparse.Namespace) -> int:

@@ -102,7 +102,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 def _publish(a: argparse.Namespace) -> int:
     from mesh.cli.local import _client, _run_async
-    from mesh.router.hotswap import publish_model
+    from mesh.roles.hotswap import publish_model
 
     data = a.file.read_bytes()
 

@@ -174,3 +174,9 @@ EVENT_TYPES: tuple[str, ...] = tuple(
 )
 # Node events are not about a goal; they use this goal id so every event has a subject.
 SYSTEM_GOAL_ID = "_system"
+
+
+def event_subject(prefix: str, goal_id: str, type: str) -> str:
+    """The subject an event travels on: ``<prefix>.event.<goal_id>.<type>``. ``type`` is dotted
+    (``step.completed``), so filters like ``mesh.event.*.step.>`` work."""
+    return f"{prefix}.event.{goal_id}.{type}"

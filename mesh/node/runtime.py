@@ -32,10 +32,10 @@ from mesh.metrics import Metrics
 from mesh.node.health import HealthServer
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
+from mesh.roles.hotswap import watch_models
 from mesh.roles.orchestrator import Orchestrator
 from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
 from mesh.roles.worker import Worker
-from mesh.router.hotswap import watch_models
 from mesh.router.runtime import default_router
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,6 @@ from mesh.backends.base import ChatRequest
 from mesh.backends.sim import roles as sim_roles
 from mesh.backends.sim.world import PROFILES, SimWorld
 from mesh.backends.tiers import TierConfig
-from mesh.bus.topology import Topology
 from mesh.contracts import (
     TIERS,
     BackendCall,
@@ -52,6 +51,7 @@ from mesh.contracts import (
     Task,
     Usage,
 )
+from mesh.contracts.events import event_subject
 from mesh.router.features import FEATURE_VERSION, RouteContext, call_costs, deadline_pressure, featurize
 from mesh.router.policy import RoutePolicy, allowed_tiers, thinking_forced
 from mesh.store.ledger import Ledger
@@ -271,7 +271,7 @@ def oracle_policy(sim: SimRouting, cost_weight: float) -> Decide:
 # --- ledgers ------------------------------------------------------------------------------------------
 
 
-def attempt_events(attempt: Attempt, topology: Topology) -> Iterator[tuple[str, Event]]:
+def attempt_events(attempt: Attempt, prefix: str = "mesh") -> Iterator[tuple[str, Event]]:
     """The events a worker publishes for one step attempt, with times on the goal's clock."""
     case, d = attempt.case, attempt.decision
     t0 = _START + timedelta(seconds=attempt.started_s)
@@ -302,17 +302,16 @@ def attempt_events(attempt: Attempt, topology: Topology) -> Iterator[tuple[str, 
                                  role=role, attempt=n, retryable=True,
                                  error="the answer did not meet the step's acceptance criteria (sim quality model)"))
     for event in events:
-        yield topology.event_subject(case.goal_id, event.type), event
+        yield event_subject(prefix, case.goal_id, event.type), event
 
 
 def write_ledger(path: str | Path, attempts: Iterator[Attempt] | Sequence[Attempt], *, batch: int = 20_000) -> int:
     """Append the events of ``attempts`` to the ledger at ``path``; return the number of events."""
-    topology = Topology()
     with Ledger(path) as ledger:
         first = seq = ledger.last_seq()
         pending: list[tuple[int, str, Event]] = []
         for attempt in attempts:
-            for subject, event in attempt_events(attempt, topology):
+            for subject, event in attempt_events(attempt):
                 seq += 1
                 pending.append((seq, subject, event))
             if len(pending) >= batch:

@@ -135,12 +135,12 @@ async def chaos(fleet: Fleet, stop: asyncio.Event, *, every: tuple[float, float]
 
 async def stream_events(bus: Bus) -> list[Event]:
     """Every decodable message of the events stream, in order, up to its last sequence now."""
-    info = await bus.js.stream_info(bus.topology.events_stream)
+    info = await bus._js.stream_info(bus.topology.events_stream)
     last = info.state.last_seq
     events: list[Event] = []
     if not info.state.messages:
         return events
-    sub = await bus.js.subscribe(bus.topology.events_filter(), stream=bus.topology.events_stream,
+    sub = await bus._js.subscribe(bus.topology.events_filter(), stream=bus.topology.events_stream,
                                  ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
     try:
         async for msg in sub.messages:

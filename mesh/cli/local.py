@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import getpass
 import json
+import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=_node)
 
     p = sub.add_parser("up", help="run the local mesh (embedded nats-server + one process per role) until Ctrl-C")
-    p.set_defaults(handler=lambda a: _run_async(_up(a)))
+    p.set_defaults(handler=lambda a: _run_async(_until_signalled(_up(a))))
 
     p = sub.add_parser("run", help="bring up the local mesh, run one goal to its end, write the results")
     _goal_args(p)
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", type=Path, default=None, help="output folder (default: MESH_OUT_DIR/<goal id>)")
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
     p.add_argument("-v", "--verbose", action="store_true", help="also show dispatches, starts and tool calls")
-    p.set_defaults(handler=lambda a: _run_async(_run(a)))
+    p.set_defaults(handler=lambda a: _run_async(_until_signalled(_run(a))))
 
     p = sub.add_parser("submit", help="submit a goal (or a file of goals) to a running mesh and print the ids")
     _goal_args(p, brief_required=False)
@@ -165,6 +166,32 @@ async def _start_local(settings: MeshSettings, out: Any) -> Any:
     print(f"local mesh up: nats {mesh.url}, {len(specs)} roles ({', '.join(sorted(specs))}); "
           f"logs in {mesh.data_dir / 'logs'}", file=out)
     return mesh
+
+
+async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
+    """Run ``work``; SIGTERM and SIGHUP (systemd, Docker, ``timeout``, a closed terminal) stop it as Ctrl-C
+    does: the task is cancelled, so the local mesh drains and stops every child before the command exits
+    with 128 + the signal number. (The children also die with this process if it is killed -9.)"""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not received:  # a second signal does not interrupt the drain
+            received.append(sig)
+            task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        return 128 + received[0]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
 
 
 async def _up(a: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from collections.abc import Iterable
 from contextlib import aclosing, suppress
 from typing import TYPE_CHECKING
@@ -15,17 +14,18 @@ from mesh.errors import EmbeddedServerError, MeshError
 
 if TYPE_CHECKING:
     from mesh.bus.client import Bus
+    from mesh.embedded.child import ChildProcess
 
 
-async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+async def wait_http(url: str, proc: ChildProcess, timeout: float = 20.0) -> None:
     """Return once ``GET url`` answers 200; ``EmbeddedServerError`` if ``proc`` exits or ``timeout`` passes."""
     import aiohttp
 
     deadline = asyncio.get_running_loop().time() + timeout
     async with aiohttp.ClientSession() as session:
         while asyncio.get_running_loop().time() < deadline:
-            if proc.poll() is not None:
-                raise EmbeddedServerError(f"{url}: the server process exited with {proc.returncode}")
+            if not proc.running:
+                raise EmbeddedServerError(f"{url}: the {proc.what} process exited with {proc.returncode}")
             with suppress(aiohttp.ClientError):
                 async with session.get(url) as resp:
                     if resp.status == 200:

@@ -3,6 +3,10 @@
 Like httpx, callers catch broadly (``MeshError``) or narrowly (``RateLimited``). Every layer raises
 only exceptions from this module, wrapping the library error it came from as ``__cause__``.
 
+Whether trying the same thing again later may succeed is a property of the class (``retryable``,
+marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it for any exception
+(an exception from outside the tree — a bug — counts as retryable: a redelivery may run elsewhere).
+
     MeshError
     ├── ConfigError
     ├── ContractError                  wire contracts and plans
@@ -10,15 +14,17 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   │   ├── UnsupportedVersion
     │   │   └── MessageTooLarge
     │   ├── SchemaViolation            a well-formed envelope whose body fails validation
-    │   └── PlanInvalid                cyclic, unknown role, unknown dependency, too large
-    ├── BusError                       NATS
+    │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
+    │   └── OptionInvalid              a goal option that is unknown or out of range
+    ├── BusError [R]                   NATS
     │   ├── NotConnected
     │   ├── ProvisioningError
     │   ├── PublishError
+    │   │   └── PayloadRefused         (not [R]) above the server's max_payload: refused before sending
     │   ├── BlobNotFound               no object under that digest in the object store
     │   └── EmbeddedServerError
     ├── BackendError                   model I/O
-    │   ├── RetryableBackendError
+    │   ├── RetryableBackendError [R]
     │   │   ├── RateLimited            (retry_after)
     │   │   ├── Overloaded
     │   │   ├── BackendTimeout
@@ -33,7 +39,8 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   │   └── InsufficientBalance
     │   ├── CircuitOpen
     │   ├── BudgetExceeded
-    │   └── AllTiersFailed
+    │   └── AllTiersFailed             every tier failed, none with a retryable error
+    │       └── AllTiersUnavailable [R]  every tier failed, at least one with a retryable error
     ├── ToolError
     │   ├── ToolRefused
     │   ├── PathRefused
@@ -49,9 +56,20 @@ only exceptions from this module, wrapping the library error it came from as ``_
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class MeshError(Exception):
     """Base of every error Mesh raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a later attempt at the same work may succeed: the class's say for a ``MeshError``; any
+    other exception is a bug or a library error that escaped its wrapping, which another delivery
+    (maybe on another node) may not meet again."""
+    return exc.retryable if isinstance(exc, MeshError) else True
 
 
 class ConfigError(MeshError):
@@ -98,11 +116,17 @@ class PlanInvalid(ContractError):
     """A plan DAG that cannot be executed: cyclic, unknown role or dependency, too large."""
 
 
+class OptionInvalid(ContractError):
+    """A goal option that is not in the registry (``mesh/contracts/options.py``) or not of its type and range."""
+
+
 # --- bus -------------------------------------------------------------------------------------
 
 
 class BusError(MeshError):
     """A NATS operation failed."""
+
+    retryable = True
 
 
 class NotConnected(BusError):
@@ -115,6 +139,12 @@ class ProvisioningError(BusError):
 
 class PublishError(BusError):
     """A publish was not acknowledged by JetStream."""
+
+
+class PayloadRefused(PublishError):
+    """A message above the server's ``max_payload``: refused before it was sent, so no retry can help."""
+
+    retryable = False
 
 
 class BlobNotFound(BusError):
@@ -130,8 +160,6 @@ class EmbeddedServerError(BusError):
 
 class BackendError(MeshError):
     """A model backend call failed. ``tier`` and ``endpoint`` say where, when known."""
-
-    retryable: bool = False
 
     def __init__(self, message: str, *, tier: str | None = None, endpoint: str | None = None,
                  status: int | None = None) -> None:
@@ -213,6 +241,18 @@ class AllTiersFailed(BackendError):
     def __init__(self, message: str, errors: dict[str, BackendError]) -> None:
         super().__init__(message)
         self.errors = errors
+
+    @staticmethod
+    def of(message: str, errors: dict[str, BackendError]) -> AllTiersFailed:
+        """``AllTiersUnavailable`` when any tier's error was retryable (trying later may work), else this."""
+        cls = AllTiersUnavailable if any(e.retryable for e in errors.values()) else AllTiersFailed
+        return cls(message, errors)
+
+
+class AllTiersUnavailable(AllTiersFailed):
+    """Every tier failed, at least one of them for a reason that may pass (rate limits, outages)."""
+
+    retryable = True
 
 
 # --- tools, ledger, nodes ----------------------------------------------------------------------

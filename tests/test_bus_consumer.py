@@ -11,11 +11,21 @@ from contextlib import asynccontextmanager
 import pytest
 
 from mesh.bus import Bus, DeadLetter, Delivery, PullConsumer
+from mesh.bus.consumer import gives_up
 from mesh.bus.dlq import DLQ_REASON_HEADER
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, Step, Task, encode
 from mesh.embedded import EmbeddedNats
-from mesh.errors import BadRequest, PublishError
+from mesh.errors import (
+    AllTiersFailed,
+    AllTiersUnavailable,
+    BadRequest,
+    OptionInvalid,
+    PayloadRefused,
+    PublishError,
+    RateLimited,
+    retryable,
+)
 
 ROLE = "coder"
 Eventually = Callable[..., Awaitable[None]]
@@ -296,3 +306,17 @@ def test_dead_letter_round_trips() -> None:
     assert DeadLetter.decode(letter.encode()) == letter
     assert letter.nats_headers() == {DLQ_REASON_HEADER: "CodecError: bad bytes", "Nats-Msg-Id": "dlq.S.7"}
     assert encode(task()) != letter.encode()
+
+
+def test_retry_is_a_property_of_the_error_class() -> None:
+    """One rule for every consumer and role: the class says whether a retry can help, the delivery
+    count says whether one is left; nothing patches ``retryable`` onto an instance."""
+    tiers = {"edge": RateLimited("429"), "long_context": BadRequest("400")}
+    assert AllTiersFailed.of("x", tiers).retryable and isinstance(AllTiersFailed.of("x", tiers), AllTiersUnavailable)
+    assert not AllTiersFailed.of("x", {"edge": BadRequest("400")}).retryable
+    assert retryable(PublishError("no ack")) and not retryable(PayloadRefused("too big"))
+    assert retryable(RuntimeError("a bug")) and not retryable(OptionInvalid("bad option"))
+    assert not gives_up(RateLimited("429"), attempt=2, max_deliver=3)
+    assert gives_up(RateLimited("429"), attempt=3, max_deliver=3)
+    assert gives_up(BadRequest("400"), attempt=1, max_deliver=3)
+    assert "retryable" not in vars(AllTiersFailed.of("x", tiers))  # the class's, not the instance's

@@ -62,6 +62,7 @@ from mesh.errors import (
     CodecError,
     ContractError,
     NotConnected,
+    PayloadRefused,
     PublishError,
     SchemaViolation,
 )
@@ -232,10 +233,8 @@ class Bus:
         try:
             return await self._js.publish(subject, data, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # refused before sending: no retry can help
-            error = PublishError(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
-                                 f"max_payload of {self._nc.max_payload} bytes")
-            error.retryable = False  # type: ignore[attr-defined]  # the consumer loop dead-letters, not retries
-            raise error from exc
+            raise PayloadRefused(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
+                                 f"max_payload of {self._nc.max_payload} bytes") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc
         except (nats.errors.Error, TimeoutError) as exc:

@@ -25,10 +25,10 @@ What happens to a message, by handler outcome:
   handlers (dedupe ids, CAS state) absorb. ``run()`` flushes before it returns, so the acks of a
   drained consumer are on the wire;
 * raises ``CodecError`` / ``SchemaViolation`` (poison: no retry can help) → dead letter + ``term``;
-* raises an exception whose ``retryable`` is ``False`` (``PermanentBackendError``…) → dead letter + ``term``;
-* raises anything else (``retryable`` True or absent) → ``nak`` with a delay of
-  ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``),
-  until the attempt number reaches ``max_deliver``; then dead letter + ``term``;
+* raises anything else → ``Delivery.gives_up`` decides, the one rule every role asks too: an error
+  whose class is not retryable (``mesh.errors.retryable``: ``PermanentBackendError``…), or the
+  delivery numbered ``max_deliver``, → dead letter + ``term``; otherwise ``nak`` with a delay of
+  ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``);
 * whenever the loop gives up on a message it could decode, ``on_give_up`` (if given) hears of it
   first, so the role can fail the step or goal it stood for with the reason;
 * the handler is cancelled (``run()`` cancelled: shutdown, a drain timeout) → ``nak``: another
@@ -58,7 +58,7 @@ from mesh.bus.client import Bus
 from mesh.bus.dlq import DeadLetter
 from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts.codec import Envelope
-from mesh.errors import BusError, CodecError, NotConnected, SchemaViolation
+from mesh.errors import BusError, CodecError, NotConnected, SchemaViolation, retryable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,11 @@ Handler = Callable[["Delivery"], Awaitable[None]]
 # before the message is dead-lettered: the role announces the outcome (a step or goal failed with the
 # reason) so that the work it stood for does not wait forever on a message nobody will deliver again.
 GiveUp = Callable[["Delivery", BaseException], Awaitable[None]]
+
+def gives_up(exc: BaseException, attempt: int, max_deliver: int) -> bool:
+    """No retry for an error whose class says retrying cannot help, nor after the last delivery."""
+    return not retryable(exc) or attempt >= max_deliver
+
 
 _HEARTBEAT = 1.0  # idle heartbeat asked of the server on every pull request
 _EXPIRES = 10.0  # pull requests end after this and are renewed
@@ -79,16 +84,23 @@ _FLUSH_TIMEOUT = 5  # nats-py types it as int seconds
 
 @dataclass(slots=True)
 class Delivery:
-    """One delivered message: its envelope (claim-check resolved), the raw NATS message, which attempt."""
+    """One delivered message: its envelope (claim-check resolved), the raw NATS message, which attempt
+    of how many the consumer makes."""
 
     envelope: Envelope
     msg: Msg
     attempt: int
     subject: str
+    max_deliver: int
 
     def message(self, expect: type[M]) -> M:
         """The validated body; ``SchemaViolation`` (poison) when it does not match ``expect``."""
         return self.envelope.message(expect)
+
+    def gives_up(self, exc: BaseException) -> bool:
+        """Whether the consumer gives up on this message if the handler raises ``exc``: the one retry rule.
+        A role that must announce an outcome asks this first and re-raises only what will be retried."""
+        return gives_up(exc, self.attempt, self.max_deliver)
 
     async def progress(self) -> None:
         """An explicit in-progress ack (the loop sends them on its own every ack_wait / 3)."""
@@ -283,17 +295,18 @@ class PullConsumer:
 
     async def _process(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
+        max_deliver = self._max_deliver or self._bus.topology.max_deliver
         delivery: Delivery | None = None
         try:
             envelope = await self._bus.open(msg)
-            delivery = Delivery(envelope=envelope, msg=msg, attempt=attempt, subject=msg.subject)
+            delivery = Delivery(envelope=envelope, msg=msg, attempt=attempt, subject=msg.subject,
+                                max_deliver=max_deliver)
             await self._handler(delivery)
         except (CodecError, SchemaViolation) as exc:
             log.warning("consumer %s: poison message seq %s: %s", self.durable, msg.metadata.sequence.stream, exc)
             await self._dead_letter(msg, exc, attempt)
         except Exception as exc:  # noqa: BLE001 — whatever a handler raises is retried or dead-lettered
-            max_deliver = self._max_deliver or self._bus.topology.max_deliver
-            if getattr(exc, "retryable", None) is False or attempt >= max_deliver:
+            if gives_up(exc, attempt, max_deliver):
                 log.warning("consumer %s: giving up on seq %s after attempt %d: %r", self.durable,
                             msg.metadata.sequence.stream, attempt, exc)
                 if delivery is not None:

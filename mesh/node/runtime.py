@@ -107,7 +107,8 @@ class Node:
                                  handler=orch.on_goal, concurrency=self.spec.concurrency, dlq_subject=dlq,
                                  on_give_up=orch.give_up_goal),
                     PullConsumer(bus, stream=topo.events_stream, durable=topo.outcomes_consumer,
-                                 handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq),
+                                 handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq,
+                                 on_give_up=orch.give_up_outcome),
                     PullConsumer(bus, stream=topo.control_stream, durable=topo.control_consumer,
                                  handler=orch.on_command, concurrency=self.spec.concurrency, dlq_subject=dlq),
                 ]
@@ -177,7 +178,7 @@ async def _announce(bus: Bus, up: NodeUp) -> None:
             await bus.emit(up)
             return
         except PublishError as exc:
-            if attempt == ANNOUNCE_ATTEMPTS or getattr(exc, "retryable", True) is False:
+            if attempt == ANNOUNCE_ATTEMPTS or not exc.retryable:
                 raise
             log.warning("node.up not acknowledged (attempt %d of %d): %s", attempt, ANNOUNCE_ATTEMPTS, exc)
             await asyncio.sleep(0.5 * attempt)

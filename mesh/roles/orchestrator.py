@@ -49,9 +49,11 @@ from mesh.contracts import (
     StepDispatched,
     StepFailed,
     Task,
+    prompt,
     utcnow,
 )
-from mesh.errors import AllTiersFailed, BackendError, BusError, PlanInvalid, RetryableBackendError
+from mesh.contracts.options import validate_options
+from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -107,7 +109,12 @@ class Orchestrator:
         state = await self.goals.get(gid)
         assert state is not None
         if state.status == "planning":
-            await self._plan(state, attempt=delivery.attempt)
+            try:
+                validate_options(goal.options)
+            except OptionInvalid as exc:  # a door that did not check (a client library, a hand-made message)
+                await self._fail_goal(gid, str(exc), planning=True)
+                return
+            await self._plan(state, delivery=delivery)
         else:
             await self.redrive(gid)  # a redelivered goal: make sure its dispatches went out
 
@@ -139,7 +146,17 @@ class Orchestrator:
             await self.bus.emit(GoalCancelled(event_id=f"{gid}.cancelled", goal_id=gid, reason=state.reason or reason,
                                               by=command.by))
 
-    async def _plan(self, state: GoalState, *, attempt: int, failed: str | None = None) -> None:
+    async def give_up_outcome(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consumer gives up on a step outcome it could not record (a bug, an error no retry fixes):
+        the goal fails with the reason instead of waiting on a step whose outcome will never count."""
+        event: object = delivery.envelope.message()
+        if isinstance(event, StepCompleted | StepFailed):
+            await self._fail_goal(event.goal_id, f"the outcome of step {event.step_id} could not be recorded: "
+                                                 f"{type(exc).__name__}: {exc}"[:2000])
+
+    async def _plan(self, state: GoalState, *, delivery: Delivery | None, failed: str | None = None) -> None:
+        """Plan (``failed``: replan) the goal. ``delivery`` is the goal message's, retried by re-raising
+        while its consumer would retry it; a replan (None) is never retried that way."""
         goal = state.goal
         try:
             plan = await self._ask_for_plan(state, version=state.plan_version + 1, failed=failed)
@@ -147,12 +164,9 @@ class Orchestrator:
             await self._fail_goal(goal.goal_id, f"no valid plan after {self.limits.max_plan_attempts} "
                                                 f"attempts: {exc}")
             return
-        except (RetryableBackendError, AllTiersFailed) as exc:
-            if attempt < self.bus.topology.max_deliver and failed is None and exc.retryable:
-                raise  # nak: plan again later (a non-retryable error would be dead-lettered: the goal lost)
-            await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
-            return
         except BackendError as exc:
+            if delivery is not None and not delivery.gives_up(exc):
+                raise  # nak: plan again later
             await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
 
@@ -175,18 +189,18 @@ class Orchestrator:
 
     async def _ask_for_plan(self, state: GoalState, *, version: int, failed: str | None) -> Plan:
         goal = state.goal
-        roles = "\n".join(f"- {r}: {s.description}" for r, s in sorted(self.roles.items()))
-        lines = ["## Pinned constraints\n" + "\n".join(f"- {c}" for c in goal.constraints or ["(none)"]),
-                 f"## Goal\n{goal.brief}", f"## Roles\n{roles}"]
+        roles = prompt.bullets(f"{r}: {s.description}" for r, s in sorted(self.roles.items()))
+        sections = [(prompt.CONSTRAINTS, prompt.bullets(goal.constraints or [prompt.NONE])), (prompt.GOAL, goal.brief),
+                    (prompt.ROLES, roles)]
         if failed is not None:
-            done = [f"- {sid} ({st.step.role}): completed" for sid, st in state.steps.items()
+            done = [f"{sid} ({st.step.role}): completed" for sid, st in state.steps.items()
                     if st.status == "completed"]
-            lines.append("## Replan\nStep " + failed + " failed after retries. Completed steps (keep their ids, "
-                         "they will not run again):\n" + "\n".join(done or ["(none)"]) +
-                         "\nPlan the remaining work; you may change or replace the failed step.")
-        lines.append(f"## Output\n{self.spec.prompts.output if self.spec.prompts else ''}")
-        messages = [ChatMessage(role="system", content=f"ROLE: planner\n{self.spec.prompts.system}"),  # type: ignore[union-attr]
-                    ChatMessage(role="user", content="\n\n".join(lines))]
+            sections.append((prompt.REPLAN, "Step " + failed + " failed after retries. Completed steps (keep their "
+                             "ids, they will not run again):\n" + prompt.bullets(done or [prompt.NONE]) +
+                             "\nPlan the remaining work; you may change or replace the failed step."))
+        sections.append((prompt.OUTPUT, self.spec.prompts.output if self.spec.prompts else ""))
+        messages = [ChatMessage(role="system", content=prompt.system("planner", self.spec.prompts.system)),  # type: ignore[union-attr]
+                    ChatMessage(role="user", content=prompt.render(sections))]
         self.caller.scope(goal.goal_id, "plan", "planner", version)
         decision = await self.caller.route(
             self.spec, goal_id=goal.goal_id, step_id="plan",
@@ -265,7 +279,7 @@ class Orchestrator:
             await self._fail_goal(ev.goal_id, f"step {ev.step_id} failed and the replan limit "
                                               f"({self.limits.max_replans}) is reached: {ev.error}")
             return state
-        await self._plan(state, attempt=1, failed=ev.step_id)
+        await self._plan(state, delivery=None, failed=ev.step_id)
         return state
 
     async def _compact_memory(self, state: GoalState) -> None:

@@ -26,7 +26,7 @@ from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
-from mesh.errors import NodeSpecError, PublishError
+from mesh.errors import BusError, NodeSpecError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
 from mesh.node.health import HealthServer
@@ -163,7 +163,7 @@ class Node:
                     "version": __version__, "in_flight": self.in_flight}
             try:
                 await bus.kv_put(bus.topology.kv_nodes, self.node_id, json.dumps(beat).encode())
-            except Exception as exc:  # a missed beat is not fatal; the next one may land
+            except BusError as exc:  # a missed beat is not fatal; the next one may land
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)

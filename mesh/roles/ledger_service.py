@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -77,7 +77,7 @@ class LedgerService:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def __aenter__(self) -> LedgerService:
+    async def __aenter__(self) -> Self:
         q = self._queries
         routes: dict[str, Callable[[Any], Any]] = {
             "sql": lambda r: q.sql(r.sql, timeout=r.timeout, max_rows=r.max_rows).to_json(),

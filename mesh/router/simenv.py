@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mesh.backends.base import ChatRequest
 from mesh.backends.sim import roles as sim_roles
@@ -56,8 +56,33 @@ from mesh.router.features import FEATURE_VERSION, RouteContext, call_costs, dead
 from mesh.router.policy import RoutePolicy, allowed_tiers, thinking_forced
 from mesh.store.ledger import Ledger
 
-if TYPE_CHECKING:
-    from mesh.roles.spec import RoleSpec
+
+class _Limits(Protocol):
+    @property
+    def max_output_tokens(self) -> int: ...
+
+
+class _RouterPrefs(Protocol):
+    @property
+    def preferred(self) -> Sequence[str]: ...
+    @property
+    def thinking(self) -> str: ...
+    @property
+    def swarm_fan_out(self) -> int: ...
+
+
+class RoleSpec(Protocol):
+    """What the routing environment reads of a role spec (``mesh.roles.spec.RoleSpec`` is one; the router
+    layer stays below the roles)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def tools(self) -> Sequence[str]: ...
+    @property
+    def limits(self) -> _Limits: ...
+    @property
+    def router(self) -> _RouterPrefs: ...
 
 TOPICS = (
     "Build me a login system", "Write a CSV to Parquet converter", "Add rate limiting to the public API",

@@ -23,5 +23,6 @@ CHECKS = {
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_no_violations(check: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # import-linter analyses the `mesh` it can import: this one
-    proc = subprocess.run(CHECKS[check], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(CHECKS[check], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
+                          check=False)
     assert proc.returncode == 0, f"{check} found violations:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +84,12 @@ class MeshSettings(BaseSettings):
     shell_cpu_seconds: int = Field(default=120, ge=1, description="shell.run CPU-time limit (seconds).")
     shell_memory_mb: int = Field(default=1024, ge=64, description="shell.run address-space limit (MiB).")
     shell_output_kb: int = Field(default=64, ge=1, description="shell.run output kept per stream (KiB).")
+    shell_processes: int = Field(default=128, ge=8, description="shell.run processes (threads) at once.")
+    shell_open_files: int = Field(default=512, ge=16, description="shell.run open files per process.")
+    sandbox: Literal["auto", "bwrap", "fallback"] = Field(
+        default="auto", description='Where shell.run commands run: "auto" (bubblewrap namespaces where the host '
+        'allows them, else the weaker fallback, with a warning), "bwrap" (required: the node will not start '
+        'without it), "fallback" (docs/TOOLS.md).')
 
     # --- node process ---
     health_host: str = Field(default="0.0.0.0", description="Bind address of /healthz, /readyz, /metrics.")

@@ -112,7 +112,10 @@ def test_prompt_protocol_round_trip() -> None:
     assert secs[prompt.GOAL] == "Build it" and secs["Sub-task 2/3"] == "- one\n- two"
     assert prompt.sections(secs[prompt.INPUTS], level=3) == {"a": "x\ny", "b": "z"}
     assert prompt.parse_bullets(secs["Sub-task 2/3"]) == ["one", "two"]
-    assert prompt.role_of(prompt.system("Coder", "You write code.")) == "coder"
+    system = prompt.system("Coder", "code", "You write code.")
+    assert (prompt.role_of(system), prompt.kind_of(system)) == ("coder", "code")
+    roles = prompt.bullets([prompt.role_line("developer", "code", "Writes it."), prompt.role_line("qa", "review", "")])
+    assert prompt.parse_roles(roles) == {"code": "developer", "review": "qa"}
 
 
 def test_truncate_respects_limit() -> None:

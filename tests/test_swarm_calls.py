@@ -18,6 +18,7 @@ from mesh.metrics import Metrics
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
+from mesh.roles.spec import feedback_kinds
 from mesh.roles.worker import CANCEL_RECHECK_SECONDS, Worker
 from mesh.router.policy import RulePolicy
 from tests.meshkit import role_specs
@@ -29,7 +30,7 @@ PARTS = ["auth", "storage", "api", "docs"]
 
 def _request() -> ChatRequest:
     return ChatRequest(max_tokens=1024, messages=[
-        ChatMessage(role="system", content=prompt.system("researcher", "You research.")),
+        ChatMessage(role="system", content=prompt.system("researcher", "note", "You research.")),
         ChatMessage(role="user", content=prompt.render([(prompt.GOAL, "Build a login system"),
                                                         (prompt.STEP, "Research the options")]))])
 
@@ -53,7 +54,8 @@ async def test_a_goal_cancelled_during_a_swarm_step_stops_its_remaining_sub_agen
     async with await Bus.connect(slow, name="test") as bus:
         store, gid = await _goal(bus)
         caller = ModelCaller(bus, _tiers(slow, swarm_slots=1), RulePolicy(), "test-node", Metrics("researcher"))
-        worker = Worker(bus, role_specs()["researcher"], caller, store, "test-node")
+        specs = role_specs()
+        worker = Worker(bus, specs["researcher"], caller, store, "test-node", feedback_kinds=feedback_kinds(specs))
         scope = caller.scope(gid, "research-1", "researcher", 1)
         check = worker._cancel_check(gid)  # as a task's handler makes it, right after reading the goal state
         swarm = asyncio.create_task(caller.swarm(_request(), PARTS, SWARM, Budget(), check))

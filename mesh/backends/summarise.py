@@ -32,7 +32,7 @@ MIN_REPLY_TOKENS = 16
 # When at least this share of a text may stay, keeping it verbatim (head + tail) loses less than
 # rewriting it — and costs no model call.
 EXTRACTIVE_SHARE = 0.5
-SYSTEM = prompt.system("summariser", "You summarise text for another assistant. Keep names, file paths, "
+SYSTEM = prompt.system("summariser", "summary", "You summarise text for another assistant. Keep names, file paths, "
                        "identifiers, numbers, decisions, requirements and failures; drop everything else. Write "
                        "plain sentences, no preamble.")
 

@@ -2,8 +2,10 @@
 
 A prompt is plain markdown a real model reads as an ordinary prompt, with a structure the sim reads
 back (as a model would, from the text, not from side channels): the system message starts with
-``ROLE: <role>``; the user message is a run of ``## <Section>`` blocks, inputs and sub-agent results
-nested as ``### <name>``. The section titles are the names below; everything that writes a prompt
+``ROLE: <role>`` and ``OUTPUT KIND: <kind>`` (what the role produces: plan, note, code, review…, so
+that a reader can tell what a role is without knowing its name); the user message is a run of
+``## <Section>`` blocks, inputs and sub-agent results nested as ``### <name>``; a plan request lists
+the roles in ``## Roles`` as ``- <role> (<kind>): <description>``. The section titles are the names below; everything that writes a prompt
 (packing, the planner, the swarm fan-out, the summariser) renders them with ``render`` and
 ``section``, and the sim parses them with ``sections`` — so writer and reader cannot drift.
 """
@@ -33,6 +35,8 @@ ACCEPTANCE = "Acceptance:"
 NONE = "(none)"
 
 _ROLE = re.compile(r"^\s*ROLE:\s*([A-Za-z0-9_-]+)", re.MULTILINE)
+_KIND = re.compile(r"^\s*OUTPUT KIND:\s*([A-Za-z0-9_]+)", re.MULTILINE)
+_ROLE_LINE = re.compile(r"^\s*-\s+([A-Za-z0-9_-]+) \(([A-Za-z0-9_]+)\):", re.MULTILINE)
 _SECTION = re.compile(r"^## (.+)$", re.MULTILINE)
 _SUBSECTION = re.compile(r"^### (.+)$", re.MULTILINE)
 _BULLET = re.compile(r"^\s*[-*]\s+(.*\S)\s*$", re.MULTILINE)
@@ -41,9 +45,14 @@ _BULLET = re.compile(r"^\s*[-*]\s+(.*\S)\s*$", re.MULTILINE)
 # --- writing -----------------------------------------------------------------------------------
 
 
-def system(role: str, prompt: str) -> str:
-    """A system message: the role line, then the role's prompt."""
-    return f"ROLE: {role}\n{prompt}"
+def system(role: str, kind: str, prompt: str) -> str:
+    """A system message: the role and its output kind, then the role's prompt."""
+    return f"ROLE: {role}\nOUTPUT KIND: {kind}\n{prompt}"
+
+
+def role_line(role: str, kind: str, description: str) -> str:
+    """One role of a plan request's ``Roles`` section (a bullet's text)."""
+    return f"{role} ({kind}): {description}"
 
 
 def section(title: str, body: str) -> str:
@@ -94,6 +103,20 @@ def role_of(system_text: str) -> str | None:
     """The role named by a system message's ``ROLE:`` line (lower-cased), if any."""
     m = _ROLE.search(system_text)
     return m.group(1).lower() if m else None
+
+
+def kind_of(system_text: str) -> str | None:
+    """The output kind named by a system message's ``OUTPUT KIND:`` line, if any."""
+    m = _KIND.search(system_text)
+    return m.group(1).lower() if m else None
+
+
+def parse_roles(body: str) -> dict[str, str]:
+    """A ``Roles`` section → {output kind: role} (the first role of each kind)."""
+    out: dict[str, str] = {}
+    for role, kind in _ROLE_LINE.findall(body):
+        out.setdefault(kind, role)
+    return out
 
 
 def parse_bullets(text: str) -> list[str]:

@@ -99,7 +99,7 @@ class ModelCaller:
         left = [s for s in ((deadline - utcnow()).total_seconds() if deadline else None,
                             remaining.max_wall_seconds if remaining else None) if s is not None]
         ctx = RouteContext(
-            role=spec.role, needed_tokens=needed_tokens,
+            role=spec.role, output_kind=spec.output_kind, needed_tokens=needed_tokens,
             windows={t: self.gateway.window(t) for t in TIERS},
             available={t: self.gateway.available(t) for t in TIERS},
             preferred=spec.router.preferred, difficulty=difficulty, position=position, attempt=attempt,

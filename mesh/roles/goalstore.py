@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from mesh.bus.client import Bus
 from mesh.errors import BusError
-from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstate import GoalProgressView, GoalState
 
 T = TypeVar("T")
 MAX_CAS_ATTEMPTS = 50
@@ -29,6 +29,11 @@ class GoalStore:
     async def get(self, goal_id: str) -> GoalState | None:
         entry = await self._read(goal_id)
         return GoalState.model_validate_json(entry[1]) if entry is not None and entry[1] else None
+
+    async def progress(self, goal_id: str) -> GoalProgressView | None:
+        """The goal's status and its steps' status and attempt, without parsing the rest (see the view)."""
+        entry = await self._read(goal_id)
+        return GoalProgressView.model_validate_json(entry[1]) if entry is not None and entry[1] else None
 
     async def create(self, state: GoalState) -> bool:
         """Store a new goal; False when another replica created it first."""

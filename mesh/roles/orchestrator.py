@@ -58,7 +58,7 @@ from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
-from mesh.roles.spec import RoleSpec
+from mesh.roles.spec import RoleSpec, revising_roles, synthesizing_role
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class Orchestrator:
         self.bus = bus
         self.spec = spec
         self.roles = {r: s for r, s in roles.items() if s.kind == "worker"}
+        # The jobs the plan hands out, by what the role specs say (never by role name).
+        self.synthesizer = synthesizing_role(self.roles)
+        self.revisers = revising_roles(self.roles)
         self.caller = caller
         self.goals = goals
         self.node_id = node_id
@@ -189,7 +192,7 @@ class Orchestrator:
 
     async def _ask_for_plan(self, state: GoalState, *, version: int, failed: str | None) -> Plan:
         goal = state.goal
-        roles = prompt.bullets(f"{r}: {s.description}" for r, s in sorted(self.roles.items()))
+        roles = prompt.bullets(prompt.role_line(r, s.output_kind, s.description) for r, s in sorted(self.roles.items()))
         sections = [(prompt.CONSTRAINTS, prompt.bullets(goal.constraints or [prompt.NONE])), (prompt.GOAL, goal.brief),
                     (prompt.ROLES, roles)]
         if failed is not None:
@@ -199,9 +202,10 @@ class Orchestrator:
                              "ids, they will not run again):\n" + prompt.bullets(done or [prompt.NONE]) +
                              "\nPlan the remaining work; you may change or replace the failed step."))
         sections.append((prompt.OUTPUT, self.spec.prompts.output if self.spec.prompts else ""))
-        messages = [ChatMessage(role="system", content=prompt.system("planner", self.spec.prompts.system)),  # type: ignore[union-attr]
+        messages = [ChatMessage(role="system", content=prompt.system(self.spec.role, self.spec.output_kind,
+                                                                     self.spec.prompts.system)),  # type: ignore[union-attr]
                     ChatMessage(role="user", content=prompt.render(sections))]
-        self.caller.scope(goal.goal_id, "plan", "planner", version)
+        self.caller.scope(goal.goal_id, "plan", self.spec.role, version)
         decision = await self.caller.route(
             self.spec, goal_id=goal.goal_id, step_id="plan",
             needed_tokens=messages_tokens(messages) + self.limits.max_output_tokens,
@@ -213,7 +217,7 @@ class Orchestrator:
         for _ in range(self.limits.max_plan_attempts):
             request = ChatRequest(messages=messages, thinking=decision.thinking, json_schema=PLAN_SCHEMA,
                                   max_tokens=self.limits.max_output_tokens,
-                                  metadata={"role": "planner", **{k: v for k, v in goal.options.items()
+                                  metadata={"role": self.spec.role, **{k: v for k, v in goal.options.items()
                                                                  if isinstance(v, str | int | float | bool)}})
             response = await self.caller.chat(request, decision, _remaining(state), _no_check)
             try:
@@ -233,7 +237,7 @@ class Orchestrator:
             plan = Plan(goal_id=goal_id, steps=doc["steps"], version=version, rationale=str(doc.get("rationale", "")))
         except (ValueError, KeyError, TypeError) as exc:
             raise PlanInvalid(f"plan is not valid JSON of the plan schema: {str(exc)[:300]}") from exc
-        plan = _with_synthesis(plan)
+        plan = _with_synthesis(plan, self.synthesizer)
         plan.check(frozenset(self.roles), max_steps=self.limits.max_plan_steps)
         return plan
 
@@ -256,7 +260,9 @@ class Orchestrator:
             if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary):
                 return False
             if ev.verdict == "changes_requested" and s.review_rounds < self.limits.max_review_iterations:
-                s.add_revision(ev.step_id)
+                reviewer = self.roles.get(ev.role)
+                s.add_revision(ev.step_id, self.revisers,
+                               reviewer.output_kind.replace("_", " ") if reviewer else "review")
             return True
 
         state, recorded = await self._advance(ev.goal_id, record)
@@ -307,7 +313,7 @@ class Orchestrator:
         def move(s: GoalState) -> _Moves | None:
             if record is not None and not record(s):
                 return None
-            return _forward(s) or (_Moves([]) if record is not None else None)
+            return _forward(s, self.synthesizer) or (_Moves([]) if record is not None else None)
 
         state, moves = await self.goals.mutate(goal_id, move)
         if moves is not None and moves.finished:
@@ -411,7 +417,7 @@ class _Moves:
     finished: bool = False
 
 
-def _forward(s: GoalState) -> _Moves | None:
+def _forward(s: GoalState, synthesizer: str) -> _Moves | None:
     """Budgets, completion, then every ready step marked dispatched; None when nothing changed."""
     if s.done:
         return None
@@ -419,7 +425,7 @@ def _forward(s: GoalState) -> _Moves | None:
         s.finish("failed", breach)
         return _Moves([], finished=True)
     if s.all_completed():
-        s.result = _final_output(s)
+        s.result = _final_output(s, synthesizer)
         s.finish("completed")
         return _Moves([], finished=True)
     ready = s.ready()
@@ -428,21 +434,22 @@ def _forward(s: GoalState) -> _Moves | None:
     return _Moves(ready) if ready else None
 
 
-def _with_synthesis(plan: Plan) -> Plan:
-    """Every plan ends in one synthesizer step that depends on all sinks: the goal's final artifact."""
-    if any(s.role == "synthesizer" for s in plan.steps):
+def _with_synthesis(plan: Plan, role: str) -> Plan:
+    """Every plan ends in one step of the synthesizing ``role`` that depends on all sinks: the goal's
+    final artifact."""
+    if any(s.role == role for s in plan.steps):
         return plan
     needed = {d for s in plan.steps for d in s.depends_on}
     sinks = [s.step_id for s in plan.steps if s.step_id not in needed]
-    synth = Step(step_id="synthesis", role="synthesizer", depends_on=sinks,
+    synth = Step(step_id="synthesis", role=role, depends_on=sinks,
                  instruction="Compose every output into the final deliverable for the goal.")
     return plan.model_copy(update={"steps": [*plan.steps, synth]})
 
 
-def _final_output(state: GoalState) -> Any:
-    """The main output of the last completed synthesizer step (else of the last completed step)."""
+def _final_output(state: GoalState, synthesizer: str) -> Any:
+    """The main output of the last completed step of the ``synthesizer`` role (else of the last completed step)."""
     done = [st for st in state.steps.values() if st.status == "completed" and st.outputs]
-    done.sort(key=lambda st: (st.step.role == "synthesizer", st.finished_at or utcnow()))
+    done.sort(key=lambda st: (st.step.role == synthesizer, st.finished_at or utcnow()))
     return done[-1].outputs[0] if done else None
 
 

@@ -22,6 +22,7 @@ from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
 from mesh.bus.outbox import Outbox
+from mesh.config import MeshSettings
 from mesh.contracts import (
     Artifact,
     ArtifactCreated,
@@ -41,8 +42,9 @@ from mesh.packing import apack, estimate_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
-from mesh.tools.cache import BlobCache
+from mesh.tools.cache import BlobCache, MemoryCache
 from mesh.tools.merge import resolve_workspace
+from mesh.tools.sandbox import select as select_sandbox
 from mesh.tools.shell import ShellLimits, ShellPolicy
 from mesh.tools.toolbox import LedgerQueryFn, ToolBox
 from mesh.tools.workspace import MANIFEST_MEDIA_TYPE, Workspace
@@ -59,29 +61,39 @@ VERDICT_SCHEMA: dict[str, Any] = {
 }
 MAX_INPUT_FILE_CHARS = 20_000
 CANCEL_RECHECK_SECONDS = 0.5
-# Outputs (named "<step>/<kind>") that a revision step is asked to address: reviews and test reports.
-FEEDBACK_KINDS = ("/review", "/test_report")
+
+
+def shell_policy(spec: RoleSpec, s: MeshSettings) -> ShellPolicy:
+    """What the role's ``shell.run`` may start, within which limits, in which sandbox (probed here, once)."""
+    limits = ShellLimits(timeout_seconds=s.shell_timeout, cpu_seconds=s.shell_cpu_seconds,
+                         memory_bytes=s.shell_memory_mb << 20, output_bytes=s.shell_output_kb << 10,
+                         processes=s.shell_processes, open_files=s.shell_open_files)
+    return ShellPolicy(frozenset(spec.shell_allow), limits, network=spec.shell_network,
+                       sandbox=select_sandbox(s.sandbox) if "shell.run" in spec.tools else None)
 
 
 class Worker:
-    def __init__(self, bus: Bus, spec: RoleSpec, caller: ModelCaller, goals: GoalStore, node_id: str) -> None:
+    def __init__(self, bus: Bus, spec: RoleSpec, caller: ModelCaller, goals: GoalStore, node_id: str, *,
+                 feedback_kinds: frozenset[str]) -> None:
         self.bus = bus
         self.spec = spec
+        # Outputs (named "<step>/<kind>") that a revision addresses: the kinds of the roles that give
+        # feedback (``spec.feedback_kinds``: reviews, test reports).
+        self.feedback_kinds = feedback_kinds
         self.caller = caller
         self.goals = goals
         self.node_id = node_id
         s = bus.settings
-        self.blobs = BlobCache(s.data_dir / "blobs", bus.get_blob)  # workspace files, by digest, on this node
-        self.shell = ShellPolicy(frozenset(spec.shell_allow), ShellLimits(
-            timeout_seconds=s.shell_timeout, cpu_seconds=s.shell_cpu_seconds, memory_bytes=s.shell_memory_mb << 20,
-            output_bytes=s.shell_output_kb << 10))
+        # workspace files, by digest: recent ones in memory, the rest on this node's disk
+        self.blobs = MemoryCache(BlobCache(s.data_dir / "blobs", bus.get_blob))
+        self.shell = shell_policy(spec, s)
         self.ledger = _ledger_query(bus) if "ledger.query" in spec.tools else None
 
     async def handle(self, delivery: Delivery) -> None:
         task = delivery.message(Task)
         started = time.perf_counter()
         metrics = self.caller.metrics
-        state = await self.goals.get(task.goal_id)
+        state = await self.goals.progress(task.goal_id)
         current = state.steps.get(task.step.step_id) if state else None
         if state is None or state.done or current is None or current.status != "dispatched" \
                 or current.attempt != task.attempt:
@@ -136,7 +148,7 @@ class Worker:
             nonlocal checked
             if time.monotonic() - checked < CANCEL_RECHECK_SECONDS:
                 return
-            state = await self.goals.get(goal_id)
+            state = await self.goals.progress(goal_id)
             if state is None or state.status == "cancelled":
                 raise GoalCancelled(f"goal {goal_id} was cancelled")
             checked = time.monotonic()
@@ -162,7 +174,7 @@ class Worker:
         instruction = step.instruction
         if spec.prompts and spec.prompts.output:
             instruction += f"\n\nOutput format: {spec.prompts.output}"
-        system = prompt.system(spec.role, spec.prompts.system if spec.prompts else "")
+        system = prompt.system(spec.role, spec.output_kind, spec.prompts.system if spec.prompts else "")
         needed = estimate_tokens(system + instruction + task.brief + task.memory + "".join(task.constraints)) \
             + sum(estimate_tokens(t) for _, t, _ in inputs + feedback) + spec.limits.max_output_tokens
         decision = await self.caller.route(
@@ -228,7 +240,7 @@ class Worker:
                     event_id=f"{task.task_id}.tool.{call.id}", goal_id=task.goal_id, step_id=task.step.step_id,
                     role=self.spec.role, node=self.node_id, tool=call.name, arguments=result.arguments,
                     ok=result.ok, refused=result.refused, error=None if result.ok else result.content,
-                    duration_ms=result.duration_ms,
+                    duration_ms=result.duration_ms, sandbox=result.sandbox,
                 ))
                 messages.append(ChatMessage(role="tool", content=result.content, tool_call_id=call.id,
                                             name=call.name))
@@ -245,7 +257,7 @@ class Worker:
         reviews: list[tuple[str, str, int]] = []
         for (priority, ref), blob in zip(texts, blobs, strict=True):
             item = (ref.name or ref.digest[:12], blob.decode("utf-8", errors="replace"), priority)
-            if ref.name.endswith(FEEDBACK_KINDS):
+            if ref.name.rpartition("/")[2] in self.feedback_kinds:
                 reviews.append(item)
             inputs.append(item)
         return workspace, inputs, reviews

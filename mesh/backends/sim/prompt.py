@@ -13,6 +13,8 @@ from mesh.contracts import prompt as protocol
 @dataclass
 class Prompt:
     role: str = "assistant"
+    kind: str | None = None  # what the role produces (``OUTPUT KIND:``): plan, note, code, review, …
+    roles: dict[str, str] = field(default_factory=dict)  # a plan request's roles: output kind → role
     constraints: list[str] = field(default_factory=list)
     goal: str = ""
     step: str = ""
@@ -38,7 +40,9 @@ class Prompt:
 
 def parse(messages: list[ChatMessage], tools: list[ToolSpec]) -> Prompt:
     p = Prompt(tools=list(tools))
-    p.role = protocol.role_of("\n".join(m.content for m in messages if m.role == "system")) or p.role
+    system = "\n".join(m.content for m in messages if m.role == "system")
+    p.role = protocol.role_of(system) or p.role
+    p.kind = protocol.kind_of(system)
     # The last user turn carries the step; tool results after it mean the model already acted.
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     user = messages[last_user].content if last_user >= 0 else ""
@@ -52,6 +56,7 @@ def parse(messages: list[ChatMessage], tools: list[ToolSpec]) -> Prompt:
     p.acceptance = protocol.parse_bullets(acceptance)
     p.inputs = _nested(secs.get(protocol.INPUTS, ""))
     p.memory = secs.get(protocol.MEMORY, "")
+    p.roles = protocol.parse_roles(secs.get(protocol.ROLES, ""))
     if protocol.PREVIOUS_REVIEW in secs:  # the feedback texts, without their ``### <name>`` headings
         p.previous_review = "\n\n".join(_nested(secs[protocol.PREVIOUS_REVIEW]).values())
     p.subtask = next((v for k, v in secs.items() if k.startswith(protocol.SUB_TASK)), None)

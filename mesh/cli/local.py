@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from mesh.client import MeshClient
 
 TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
+CANCEL_WAIT_SECONDS = 30.0  # how long `mesh cancel` waits to report how the goal ended
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -355,7 +356,13 @@ async def _cancel(a: argparse.Namespace) -> int:
         if not await client.cancel(a.goal, by=_who(), reason=a.reason):
             print("goal already finished")
             return 0
-        outcome = await _outcome(client, a.goal)
+        try:
+            async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                outcome = await _outcome(client, a.goal)
+        except TimeoutError:
+            print(f"cancel requested; the planner has not applied it within {CANCEL_WAIT_SECONDS:.0f}s "
+                  "(it will when it is back)")
+            return 0
     print("cancelled" if outcome == "cancelled" else f"goal already finished ({outcome})")
     return 0
 

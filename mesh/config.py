@@ -5,12 +5,15 @@ Secrets (NATS passwords, tokens, API keys) are ``SecretStr`` so they never print
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mesh.errors import NodeSpecError
 
 
 class MeshSettings(BaseSettings):
@@ -73,8 +76,14 @@ class MeshSettings(BaseSettings):
     edge_model: str = Field(
         default="auto", description='Local edge model of `mesh up`/`run`: "auto" (SmolLM2 when the edge extra is '
         'installed), "off" (sim), or a GGUF file path.')
+    tiers: str = Field(
+        default="", description='"local": `mesh up`/`run` serve EVERY tier from the local edge model (SmolLM2, the '
+        'edge extra), or an OpenAI-compatible base URL: every tier on that server; empty: each tier as configured.')
 
     # --- router (mesh.router) ---
+    allow_sim: bool = Field(
+        default=False, description="Allow simulated tiers and sim-server answers (`mesh up`/`mesh run`, tests and "
+                                   "benchmarks set it). Unset, a node refuses sim tiers and a simulated answer fails.")
     router_epsilon: float = Field(default=0.05, ge=0, le=1, description="Share of routing decisions that explore.")
     router_model: Path | None = Field(
         default=None, description="ONNX router model to start with; unset: the packaged default.")
@@ -128,3 +137,16 @@ class MeshSettings(BaseSettings):
 def get_settings() -> MeshSettings:
     """The process-wide settings, read from the environment on first use."""
     return MeshSettings()
+
+
+def default_nodes_dir() -> Path:
+    """The role specs' folder: ``MESH_NODES_DIR``, else ``nodes/`` beside the package (a source checkout),
+    else the packaged copy."""
+    env = os.environ.get("MESH_NODES_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "nodes", here / "nodes"):
+        if candidate.is_dir():
+            return candidate
+    raise NodeSpecError("no nodes/ directory found; set MESH_NODES_DIR")

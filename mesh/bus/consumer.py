@@ -26,7 +26,7 @@ What happens to a message, by handler outcome:
   drained consumer are on the wire;
 * raises ``CodecError`` / ``SchemaViolation`` (poison: no retry can help) → dead letter + ``term``;
 * raises anything else → ``Delivery.gives_up`` decides, the one rule every role asks too: an error
-  whose class is not retryable (``mesh.errors.retryable``: ``PermanentBackendError``…), or the
+  whose class is not retryable (``mesh.errors.retryable``: ``PermanentBackendError``, ``PayloadRefused``…), or the
   delivery numbered ``max_deliver``, → dead letter + ``term``; otherwise ``nak`` with a delay of
   ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``);
 * whenever the loop gives up on a message it could decode, ``on_give_up`` (if given) hears of it
@@ -58,7 +58,7 @@ from mesh.bus.client import Bus
 from mesh.bus.dlq import DeadLetter
 from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts.codec import Envelope
-from mesh.errors import BusError, CodecError, NotConnected, SchemaViolation, retryable
+from mesh.errors import BusError, CodecError, NotConnected, PayloadRefused, SchemaViolation, retryable
 
 log = logging.getLogger(__name__)
 
@@ -345,13 +345,18 @@ class PullConsumer:
                           delivery.msg.metadata.sequence.stream)
 
     async def _dead_letter(self, msg: Msg, exc: BaseException, attempt: int) -> None:
-        letter = DeadLetter.from_msg(msg, reason=f"{type(exc).__name__}: {exc}", error=type(exc).__name__)
+        letter = await self._sealed(
+            DeadLetter.from_msg(msg, reason=f"{type(exc).__name__}: {exc}", error=type(exc).__name__))
         # Retried in place while the message is held: a nak on its last delivery would leave it
         # undeliverable and out of the DLQ. The letter's id dedupes a publish that landed unacked.
         for tries in range(1, _DLQ_PUBLISH_TRIES + 1):
             try:
                 await self._bus.publish_raw(self._dlq_subject, letter.encode(), headers=letter.nats_headers())
                 break
+            except PayloadRefused:  # over the limit (huge original headers, a claim-check threshold near it): cut, it is not
+                log.warning("consumer %s: dead letter of seq %s too large; sending it truncated", self.durable,
+                            letter.stream_seq)
+                letter = letter.truncated()
             except BusError as pub_exc:
                 if tries == _DLQ_PUBLISH_TRIES:
                     log.error("consumer %s: dead-lettering seq %s failed %d times (%s); it will be redelivered",
@@ -360,6 +365,19 @@ class PullConsumer:
                     return
                 await self._sleep(self.backoff(tries))
         await msg.term()
+
+    async def _sealed(self, letter: DeadLetter) -> DeadLetter:
+        """The letter, with an original above the claim-check threshold moved to the object store:
+        wrapped whole, an original near the server's max_payload would make a letter it refuses."""
+        if letter.size <= self._bus.settings.claim_check_bytes:
+            return letter
+        try:
+            ref = await self._bus.put_blob(letter.data, name=f"dlq-{letter.stream}-{letter.stream_seq}")
+        except BusError as exc:
+            log.warning("consumer %s: storing the original of seq %s failed (%s); its letter is truncated",
+                        self.durable, letter.stream_seq, exc)
+            return letter.truncated()
+        return letter.claim_checked(ref.digest)
 
     # --- recovery --------------------------------------------------------------------------
 

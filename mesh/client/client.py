@@ -27,15 +27,17 @@ from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 from mesh.tools.workspace import Workspace
 
 FINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
+SIMULATED_NOTE = ("Some or all of this goal's model calls were answered by the simulated backend (mesh sim-server), "
+                  "not a real model: the outputs and costs are simulated.\n")
 # Folders an uploaded workspace leaves out: version control and caches, never the project itself.
 SKIPPED_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache",
                           "node_modules", ".venv"})
 
 
 class NodeInfo(BaseModel):
-    """A live node, from its heartbeat in KV ``mesh_nodes``."""
+    """A live node, from its heartbeat in KV ``mesh_nodes`` (what else the beat says is kept, e.g. its time)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     node: str
     role: str
@@ -55,8 +57,11 @@ class GoalResults:
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name → bytes of each text output
 
     def write(self, folder: Path) -> None:
-        """``synthesis.md``, ``workspace/``, ``artifacts/`` and ``goal.json`` under ``folder``."""
+        """``synthesis.md``, ``workspace/``, ``artifacts/`` and ``goal.json`` under ``folder`` (and ``SIMULATED``
+        when simulated model calls made any of it)."""
         folder.mkdir(parents=True, exist_ok=True)
+        if self.state.simulated:
+            (folder / "SIMULATED").write_text(SIMULATED_NOTE)
         if self.synthesis is not None:
             (folder / "synthesis.md").write_text(self.synthesis)
         for path, data in self.workspace.items():

@@ -10,13 +10,13 @@ result (``synthesizes``), which outputs are feedback (those of roles with ``verd
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh.config import default_nodes_dir
 from mesh.contracts.models import TIERS
 from mesh.errors import NodeSpecError
 from mesh.tools.catalog import TOOL_NAMES
@@ -56,6 +56,8 @@ class Limits(_Strict):
     # orchestrator only
     max_plan_attempts: int = Field(default=3, ge=1, le=10)
     max_review_iterations: int = Field(default=2, ge=0, le=10)
+    max_test_revisions: int = Field(default=2, ge=0, le=10, description="Revisions failing tests may ask for; "
+                                    "a budget apart from the reviews' (max_review_iterations).")
     max_replans: int = Field(default=2, ge=0, le=10)
     max_plan_steps: int = Field(default=200, ge=1, le=2000)
     # recorder only
@@ -113,18 +115,6 @@ class RoleSpec(_Strict):
     def gives_feedback(self) -> bool:
         """Its output is a verdict on other work (a review, a test report) that a revision addresses."""
         return self.verdicts or self.verdict_from_tests
-
-
-def default_nodes_dir() -> Path:
-    """``MESH_NODES_DIR``, else ``nodes/`` beside the package (a source checkout), else the packaged copy."""
-    env = os.environ.get("MESH_NODES_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / "nodes", here.parent / "nodes"):
-        if candidate.is_dir():
-            return candidate
-    raise NodeSpecError("no nodes/ directory found; set MESH_NODES_DIR")
 
 
 def load_spec(path: Path) -> RoleSpec:

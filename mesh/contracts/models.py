@@ -85,6 +85,8 @@ class Goal(Wire):
     budget: Budget = Field(default_factory=Budget)
     options: dict[str, Any] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
+    submitter: str | None = Field(default=None, max_length=128,
+                                  description="Who submitted it: the gateway token's name, when it came that way.")
 
 
 class ArtifactRef(Wire):

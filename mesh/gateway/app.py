@@ -1,0 +1,127 @@
+"""The gateway's ASGI app and its server: one Starlette app with four faces over one ``MeshClient``.
+
+    /v1/goals…            Mesh API (mesh_api.py)         /v1/models, /v1/chat/completions  OpenAI (openai_api.py)
+    /a2a, /.well-known/…  A2A v1.0 JSON-RPC (a2a_api.py) /mcp                              MCP (mcp_api.py)
+
+The gateway holds no goal state: every answer is read from the mesh, every stream is a view of the event
+stream from a sequence, so any replica can serve any client and resume any stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mesh.config import MeshSettings
+from mesh.errors import MeshError, RequestRefused
+from mesh.gateway import a2a_api, mcp_api, mesh_api, openai_api
+from mesh.gateway.auth import GuardMiddleware, RateLimiter, TokenStore, error_body, require_safe_bind
+from mesh.gateway.goals import Desk
+
+if TYPE_CHECKING:
+    from mesh.client import MeshClient
+
+log = logging.getLogger(__name__)
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestRefused)
+    headers = {"Retry-After": str(max(1, round(float(exc.extra["retry_after"]))))} \
+        if "retry_after" in exc.extra else None  # type: ignore[arg-type]
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+
+async def _mesh_error(request: Request, exc: Exception) -> Response:
+    log.warning("gateway: %s %s failed: %r", request.method, request.url.path, exc)
+    return JSONResponse(error_body(RequestRefused(f"the mesh could not answer: {exc}", status=503,
+                                                  type="server_error", code="mesh_unavailable")), status_code=503)
+
+
+async def _healthz(request: Request) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+def build_app(client: MeshClient, settings: MeshSettings, tokens: TokenStore | None = None) -> Starlette:
+    """The app for ``client``; the caller owns the client's connection."""
+    tokens = tokens if tokens is not None else TokenStore.load(settings.gateway_tokens_file)
+    desk = Desk(client)
+    mcp = mcp_api.McpFace(desk)
+    a2a = a2a_api.A2aFace(desk, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with mcp.running():
+            yield
+
+    app = Starlette(
+        routes=[Route("/healthz", _healthz, methods=["GET"]), *mesh_api.ROUTES, *openai_api.ROUTES,
+                *a2a.routes(), *mcp.routes()],
+        middleware=[Middleware(GuardMiddleware, tokens=tokens, limiter=RateLimiter(settings.gateway_rate_per_minute),
+                               max_body=settings.gateway_max_body_bytes)],
+        exception_handlers={RequestRefused: _refused, MeshError: _mesh_error},
+        lifespan=lifespan,
+    )
+    app.state.desk = desk
+    app.state.keepalive = settings.gateway_keepalive
+    app.state.request_timeout = settings.gateway_request_timeout
+    return app
+
+
+@dataclass
+class Gateway:
+    """A running gateway server; ``url`` once ``started`` is set."""
+
+    server: uvicorn.Server
+    sock: socket.socket
+
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the server starts so that port 0 has its real number at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise MeshError(f"cannot bind the gateway to {host}:{port}: {exc.strerror}; set MESH_GATEWAY_PORT "
+                        "(0 picks a free port)") from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def make_gateway(client: MeshClient, settings: MeshSettings, host: str, port: int) -> Gateway:
+    tokens = TokenStore.load(settings.gateway_tokens_file)
+    require_safe_bind(host, tokens)
+    app = build_app(client, settings, tokens)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=2)
+    return Gateway(uvicorn.Server(config), bind(host, port))
+
+
+async def serve(settings: MeshSettings, host: str, port: int, *, started: asyncio.Event | None = None) -> None:
+    """``mesh gateway``: connect a MeshClient and serve until cancelled or signalled."""
+    from mesh.client import MeshClient
+
+    async with MeshClient.connect(settings) as client:
+        gateway = make_gateway(client, settings, host, port)
+        print(f"mesh gateway on {gateway.url}", flush=True)
+        await gateway.server.serve(sockets=[gateway.sock])

@@ -10,7 +10,8 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   │   ├── UnsupportedVersion
     │   │   └── MessageTooLarge
     │   ├── SchemaViolation            a well-formed envelope whose body fails validation
-    │   └── PlanInvalid                cyclic, unknown role, unknown dependency, too large
+    │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
+    │   └── OptionInvalid              a goal option that is unknown or out of range
     ├── BusError                       NATS
     │   ├── NotConnected
     │   ├── ProvisioningError
@@ -97,6 +98,10 @@ class SchemaViolation(ContractError):
 
 class PlanInvalid(ContractError):
     """A plan DAG that cannot be executed: cyclic, unknown role or dependency, too large."""
+
+
+class OptionInvalid(ContractError):
+    """A goal option that is not in the registry (``mesh/contracts/options.py``) or not of its type and range."""
 
 
 # --- bus -------------------------------------------------------------------------------------

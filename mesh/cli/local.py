@@ -19,6 +19,7 @@ from mesh.contracts import (
     GoalCompleted,
     GoalFailed,
 )
+from mesh.contracts.options import parse_option
 from mesh.errors import MeshError, NotConnected
 
 TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
@@ -77,7 +78,7 @@ def _goal_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-wall", type=float, default=None, help="seconds")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="goal option (JSON value or string), e.g. sim_plan_steps=24")
+                   help="goal option, e.g. sim_plan_steps=24 (the registry: mesh/contracts/options.py)")
 
 
 def _make_goal(a: argparse.Namespace) -> Goal:
@@ -86,15 +87,7 @@ def _make_goal(a: argparse.Namespace) -> Goal:
                          ("max_wall_seconds", a.max_wall)):
         if value is not None:
             setattr(budget, field, value)
-    options: dict[str, Any] = {}
-    for item in a.option:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise MeshError(f"option {item!r} is not KEY=VALUE")
-        try:
-            options[key] = json.loads(raw)
-        except ValueError:
-            options[key] = raw
+    options = dict(parse_option(item) for item in a.option)
     return Goal(brief=a.brief, constraints=a.constraint, budget=budget, options=options)
 
 

@@ -49,7 +49,8 @@ from mesh.contracts import (
     Task,
     utcnow,
 )
-from mesh.errors import AllTiersFailed, BackendError, BusError, PlanInvalid, RetryableBackendError
+from mesh.contracts.options import validate_options
+from mesh.errors import AllTiersFailed, BackendError, BusError, OptionInvalid, PlanInvalid, RetryableBackendError
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -105,6 +106,11 @@ class Orchestrator:
         state = await self.goals.get(gid)
         assert state is not None
         if state.status == "planning":
+            try:
+                validate_options(goal.options)
+            except OptionInvalid as exc:  # a door that did not check (a client library, a hand-made message)
+                await self._fail_goal(gid, str(exc), planning=True)
+                return
             await self._plan(state, attempt=delivery.attempt)
         else:
             await self.redrive(gid)  # a redelivered goal: make sure its dispatches went out

@@ -1,0 +1,100 @@
+"""Goal options: the registry of every ``Goal.options`` key — its type, bounds, meaning and the
+component that reads it — and the one validator the doors (``mesh run -o``, ``mesh submit -o``) and
+the planner use, so a misspelt or out-of-range option is refused with a clear error instead of
+being silently ignored or clamped.
+
+``Goal.options`` itself stays a free dict on the wire (a newer minor version may add options an
+older reader does not know); validation happens where a goal enters the mesh. To add an option,
+add one ``GoalOption`` to ``OPTIONS`` (and say in ``reader`` who acts on it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mesh.errors import OptionInvalid
+
+OptionType = Literal["int", "float", "bool", "str"]
+
+
+@dataclass(frozen=True, slots=True)
+class GoalOption:
+    name: str
+    type: OptionType
+    doc: str
+    reader: str  # the component that acts on it, e.g. "sim backend", "planner"
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any) -> Any:
+        """``value`` as this option's type; ``OptionInvalid`` naming the option and what it takes."""
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, int | float) and not isinstance(value, bool),
+              "bool": isinstance(value, bool), "str": isinstance(value, str)}[self.type]
+        if not ok:
+            raise OptionInvalid(f"goal option {self.name!r} takes {self.describe()}; got {value!r}")
+        if self.choices and value not in self.choices:
+            raise OptionInvalid(f"goal option {self.name!r} takes {self.describe()}; got {value!r}")
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise OptionInvalid(f"goal option {self.name!r} takes {self.describe()}; got {value!r}")
+        return float(value) if self.type == "float" else value
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        kind = "an int" if self.type == "int" else f"a {self.type}"
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            return f"{kind} from {_num(low)} to {_num(high)}"
+        if low is not None or high is not None:
+            return f"{kind} {'≥ ' + _num(low) if low is not None else '≤ ' + _num(high)}"  # type: ignore[arg-type]
+        return kind
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+OPTIONS: dict[str, GoalOption] = {o.name: o for o in (
+    GoalOption("sim_plan_steps", "int", "how many steps the simulated planner plans (the plan limit is 200)",
+               "sim backend", minimum=8, maximum=200),
+    GoalOption("sim_quality", "float", "forced success probability of every simulated answer", "sim backend",
+               minimum=0, maximum=1),
+    GoalOption("sim_review", "str", "the simulated reviewer's policy", "sim backend",
+               choices=("first_changes", "approve", "changes")),
+    GoalOption("sim_tests", "str", "fail_first: the simulated coder's first version fails its tests", "sim backend",
+               choices=("fail_first",)),
+)}
+
+
+def validate_options(options: Mapping[str, Any], registry: Mapping[str, GoalOption] = OPTIONS) -> dict[str, Any]:
+    """Every option checked against the registry; the first problem raises ``OptionInvalid``."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        option = registry.get(name)
+        if option is None:
+            raise OptionInvalid(f"unknown goal option {name!r}; known options: {', '.join(sorted(registry))}")
+        out[name] = option.check(value)
+    return out
+
+
+def parse_option(item: str, registry: Mapping[str, GoalOption] = OPTIONS) -> tuple[str, Any]:
+    """``KEY=VALUE`` from the command line: the value read as the option's type (JSON for numbers and
+    booleans, the raw text for strings), then checked."""
+    name, sep, raw = item.partition("=")
+    if not sep:
+        raise OptionInvalid(f"option {item!r} is not KEY=VALUE")
+    option = registry.get(name)
+    if option is None:
+        raise OptionInvalid(f"unknown goal option {name!r}; known options: {', '.join(sorted(registry))}")
+    value: Any = raw
+    if option.type != "str":
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise OptionInvalid(f"goal option {name!r} takes {option.describe()}; got {raw!r}") from exc
+    return name, option.check(value)

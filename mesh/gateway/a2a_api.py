@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
-from a2a.helpers.proto_helpers import get_message_text, new_text_message
+from a2a.helpers.proto_helpers import get_message_text, new_data_part, new_text_message
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.request_handler import RequestHandler
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
@@ -74,7 +74,7 @@ from mesh.contracts import ArtifactCreated, Event, GoalCancelled, GoalCompleted,
 from mesh.contracts.http import GoalRequest
 from mesh.errors import RequestRefused
 from mesh.gateway.auth import Principal
-from mesh.gateway.goals import TERMINAL, Desk, describe
+from mesh.gateway.goals import Desk, describe
 
 if TYPE_CHECKING:
     from mesh.roles.goalstate import GoalState
@@ -154,8 +154,8 @@ class MeshRequestHandler(RequestHandler):
     async def _as_updates(self, gid: str, event: Event) -> list[TaskStatusUpdateEvent | TaskArtifactUpdateEvent]:
         if isinstance(event, ArtifactCreated):
             ref, art = event.artifact.ref, event.artifact
-            part = Part(data={"digest": ref.digest, "media_type": ref.media_type, "size": ref.size,
-                              "kind": art.kind, "step_id": art.producer_step or ""}, media_type="application/json")
+            part = new_data_part({"digest": ref.digest, "media_type": ref.media_type, "size": ref.size,
+                                  "kind": art.kind, "step_id": art.producer_step or ""}, "application/json")
             return [TaskArtifactUpdateEvent(task_id=gid, context_id=gid, artifact=Artifact(
                 artifact_id=ref.digest, name=ref.name or art.kind, description=f"{art.kind} from "
                 f"{art.producer_step or 'the goal'}", parts=[part]), last_chunk=True)]

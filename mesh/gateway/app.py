@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mesh.config import MeshSettings
-from mesh.errors import MeshError, RequestRefused
+from mesh.errors import ConfigError, MeshError, RequestRefused
 from mesh.gateway import a2a_api, mcp_api, mesh_api, openai_api
 from mesh.gateway.auth import GuardMiddleware, RateLimiter, TokenStore, error_body, require_safe_bind
 from mesh.gateway.goals import Desk
@@ -79,9 +79,18 @@ def build_app(client: MeshClient, settings: MeshSettings, tokens: TokenStore | N
     return app
 
 
+class _EmbeddedServer(uvicorn.Server):
+    """A server inside another program's event loop (`mesh up`, `mesh run`, tests): that program owns the
+    signals, so Ctrl-C stays its KeyboardInterrupt instead of a uvicorn shutdown."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 @dataclass
 class Gateway:
-    """A running gateway server; ``url`` once ``started`` is set."""
+    """A gateway server and its listening socket (bound already, so port 0 has its number)."""
 
     server: uvicorn.Server
     sock: socket.socket
@@ -89,11 +98,10 @@ class Gateway:
     @property
     def url(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the server starts so that port 0 has its real number at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -101,27 +109,43 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise MeshError(f"cannot bind the gateway to {host}:{port}: {exc.strerror}; set MESH_GATEWAY_PORT "
-                        "(0 picks a free port)") from exc
+        raise ConfigError(f"cannot bind the gateway to {host}:{port}: {exc.strerror}; set MESH_GATEWAY_PORT "
+                          "(0 picks a free port)") from exc
     sock.listen(2048)
     sock.setblocking(False)
     return sock
 
 
-def make_gateway(client: MeshClient, settings: MeshSettings, host: str, port: int) -> Gateway:
+def make_gateway(client: MeshClient, settings: MeshSettings, host: str, port: int, *,
+                 embedded: bool = True) -> Gateway:
+    """Checks the bind (no tokens: loopback only), builds the app, binds the socket."""
     tokens = TokenStore.load(settings.gateway_tokens_file)
     require_safe_bind(host, tokens)
-    app = build_app(client, settings, tokens)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=2)
-    return Gateway(uvicorn.Server(config), bind(host, port))
+    config = uvicorn.Config(build_app(client, settings, tokens), log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=2)
+    server = _EmbeddedServer(config) if embedded else uvicorn.Server(config)
+    return Gateway(server, bind(host, port))
 
 
-async def serve(settings: MeshSettings, host: str, port: int, *, started: asyncio.Event | None = None) -> None:
-    """``mesh gateway``: connect a MeshClient and serve until cancelled or signalled."""
+@asynccontextmanager
+async def running(client: MeshClient, settings: MeshSettings, host: str = "127.0.0.1",
+                  port: int = 0) -> AsyncIterator[Gateway]:
+    """A gateway serving in this event loop until the block ends. Clients may connect at once: the socket
+    listens before the server starts, and connections wait in its backlog until it accepts them."""
+    gateway = make_gateway(client, settings, host, port)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(gateway.server.serve(sockets=[gateway.sock]))
+        try:
+            yield gateway
+        finally:
+            gateway.server.should_exit = True
+
+
+async def serve(settings: MeshSettings, host: str, port: int) -> None:
+    """`mesh gateway`: connect a MeshClient and serve until SIGINT/SIGTERM (uvicorn drains, then stops)."""
     from mesh.client import MeshClient
 
-    async with MeshClient.connect(settings) as client:
-        gateway = make_gateway(client, settings, host, port)
+    async with MeshClient.connect(settings, name="mesh-gateway") as client:
+        gateway = make_gateway(client, settings, host, port, embedded=False)
         print(f"mesh gateway on {gateway.url}", flush=True)
         await gateway.server.serve(sockets=[gateway.sock])

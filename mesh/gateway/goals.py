@@ -32,7 +32,8 @@ from mesh.contracts import (
     StepStarted,
 )
 from mesh.contracts.http import GoalRequest, GoalSummary
-from mesh.errors import RequestRefused
+from mesh.contracts.options import validate_options
+from mesh.errors import OptionInvalid, RequestRefused
 from mesh.gateway.auth import Principal
 
 if TYPE_CHECKING:
@@ -58,8 +59,12 @@ class Desk:
     async def submit(self, who: Principal, request: GoalRequest, *, idempotency_key: str | None = None,
                      workspace: Path | None = None) -> tuple[str, bool]:
         """Submit a goal for ``who``; (goal id, replayed). Budget caps are checked before anything is sent."""
+        try:
+            options = validate_options(request.options)
+        except OptionInvalid as exc:
+            raise RequestRefused(str(exc), param="options") from exc
         goal = Goal(brief=request.brief, constraints=request.constraints, budget=who.budget(request.budget),
-                    options=request.options, submitter=who.name)
+                    options=options, submitter=who.name)
         if idempotency_key is not None:
             goal.goal_id = idempotent_goal_id(who.name, idempotency_key)
             if await self.client.goal(goal.goal_id) is not None:

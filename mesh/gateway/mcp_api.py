@@ -11,20 +11,38 @@ goals. Stateless HTTP with JSON responses: any replica answers any call, as with
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.routing import Route
 
 from mesh.contracts.http import BudgetRequest, GoalRequest
+from mesh.errors import RequestRefused
 from mesh.gateway.auth import Principal
 from mesh.gateway.goals import Desk, event_json, summary
 
 MAX_EVENTS = 500
+T = TypeVar("T")
+
+
+def _refusals_as_tool_errors(tool: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A refused request (unknown goal, over a cap, bad option) reaches the model as the tool's error text;
+    anything else stays a crash the SDK logs."""
+
+    @functools.wraps(tool)
+    async def call(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await tool(*args, **kwargs)
+        except RequestRefused as exc:
+            raise ToolError(str(exc)) from exc
+
+    return call
 
 
 def _caller(ctx: Context) -> Principal:
@@ -39,7 +57,7 @@ class McpFace:
             "mesh", instructions="Mesh runs long goals on an agent mesh: submit_goal, then poll goal_status or "
                                  "goal_events (from the last sequence you saw) until done, then goal_result.")
         for tool in (self.submit_goal, self.goal_status, self.goal_events, self.cancel_goal, self.goal_result):
-            self.server.tool()(tool)
+            self.server.tool()(_refusals_as_tool_errors(tool))
         # The gateway's own guard authenticates; DNS-rebinding checks would refuse every non-loopback Host.
         self.server.streamable_http_app(stateless_http=True, json_response=True,
                                         transport_security=TransportSecuritySettings(
@@ -74,7 +92,6 @@ class McpFace:
                           wait_seconds: float = 1.0) -> dict[str, Any]:
         """Events of a goal after stream sequence `after` (0: from the start), oldest first: at most `limit`,
         returning once `wait_seconds` pass without a new one. Pass the last `seq` you got as `after` next time."""
-        await self.desk.state(goal_id)
         limit = max(1, min(limit, MAX_EVENTS))
         events: list[dict[str, Any]] = []
         async with aclosing(self.desk.events(goal_id, after)) as feed:

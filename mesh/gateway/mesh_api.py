@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,12 +23,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mesh.contracts.http import CancelRequest, GoalAccepted, GoalList, GoalRequest
-from mesh.errors import RequestRefused
-from mesh.gateway.auth import Principal
+from mesh.errors import MeshError, RequestRefused
+from mesh.gateway.auth import Principal, error_body
 from mesh.gateway.goals import Desk, event_json, pack_folder, scratch_dir, unpack_workspace
 from mesh.gateway.sse import KEEPALIVE, EventStreamResponse, frame, with_silences
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 def principal(request: Request) -> Principal:
@@ -104,20 +106,27 @@ def resume_position(request: Request) -> int:
 
 
 async def goal_events(request: Request) -> Response:
+    # No 404 for a goal without state: one just submitted has none until the planner takes it up, and its
+    # events are worth waiting for (keep-alives fill the wait).
     goal_id, d = request.path_params["goal_id"], desk(request)
-    await d.state(goal_id)  # 404 before the stream starts
     after = resume_position(request)
     await d.check_position(after)
     interval: float = request.app.state.keepalive
 
     async def body() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"
-        async for item in with_silences(d.events(goal_id, after), interval):
-            if item is None:
-                yield KEEPALIVE
-            else:
-                seq, event = item
-                yield frame(event_json(event), event=event.type, id=seq)
+        try:
+            async for item in with_silences(d.events(goal_id, after), interval):
+                if item is None:
+                    yield KEEPALIVE
+                else:
+                    seq, event = item
+                    yield frame(event_json(event), event=event.type, id=seq)
+        except MeshError as exc:  # the status line went out already: say it in the stream, then end it
+            log.warning("event stream of %s failed: %r", goal_id, exc)
+            yield frame(error_body(RequestRefused(f"the event stream failed: {exc}; reconnect with Last-Event-ID",
+                                                  status=503, type="server_error", code="stream_failed")),
+                        event="error")
 
     return EventStreamResponse(body(), headers={"X-Mesh-Goal-Id": goal_id})
 

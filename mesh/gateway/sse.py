@@ -39,11 +39,12 @@ async def with_silences(source: AsyncIterable[T], interval: float) -> AsyncItera
             async with aclosing(aiter(source)) as items:  # type: ignore[type-var]
                 async for item in items:
                     await queue.put(item)
-        except Exception as exc:  # handed to the reader, which raises it as itself
+        except Exception as exc:  # noqa: BLE001 — handed to the reader, which raises it as itself
             await queue.put(exc)
             return
         await queue.put(_END)
 
+    failed: Exception | None = None
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(pump())
         try:
@@ -55,12 +56,15 @@ async def with_silences(source: AsyncIterable[T], interval: float) -> AsyncItera
                     yield None
                     continue
                 if item is _END:
-                    return
+                    break
                 if isinstance(item, Exception):
-                    raise item
+                    failed = item  # raised below, as itself rather than inside the TaskGroup's group
+                    break
                 yield item  # type: ignore[misc]
         finally:
             task.cancel()
+    if failed is not None:
+        raise failed
 
 
 class EventStreamResponse(StreamingResponse):

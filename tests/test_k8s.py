@@ -106,7 +106,8 @@ def test_renders_and_every_object_validates(target: str) -> None:
 def test_secret_templates_and_generated_secrets_validate(tmp_path: Path) -> None:
     generated = generate(tmp_path / "sec", PermissionSet(Topology(), SPECS).users(["site-a"]), cost=4)
     templates = sorted((K8S / "secrets").glob("*.yaml"))
-    assert {name for t in templates for name in secrets_from(t)} == {"mesh-api-keys", "nats-leaf-remote"}
+    assert {name for t in templates for name in secrets_from(t)} == {"mesh-api-keys", "nats-leaf-remote",
+                                                                     "mesh-gateway-tokens"}
     for path in [*templates, generated.out / "secrets.yaml"]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
@@ -239,8 +240,11 @@ def test_prod_scales_every_role_on_its_consumer_lag() -> None:
     nats_monitor = next(p["containerPort"] for p in pod_spec(one(docs, "StatefulSet", "nats"))["containers"][0]["ports"]
                         if p["name"] == "monitor")
     scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment" and role_of(d)}
     assert set(scaled) == set(deployments)
+    # the gateway is no consumer: it scales on CPU (its HPA in base)
+    gateway = one(docs, "HorizontalPodAutoscaler", "mesh-gateway")["spec"]
+    assert gateway["scaleTargetRef"]["name"] == "mesh-gateway" and gateway["metrics"][0]["resource"]["name"] == "cpu"
     for name, so in scaled.items():
         role = role_of(deployments[name])
         assert role is not None

@@ -205,7 +205,7 @@ class MeshRequestHandler(RequestHandler):
             await self._task(params.id)  # TaskNotFound before the stream
         else:
             # The snapshot reflects at most what the stream holds now; updates go on from there.
-            after = await self.desk.client.last_event_seq()
+            _, after = await self.desk.client.event_positions()
             task = await self._task(params.id)
             task.metadata.update({SEQ: after})
             yield task

@@ -92,7 +92,7 @@ class Desk:
         earliest one it has: resuming from there would silently skip what was dropped."""
         if after <= 0:
             return
-        earliest = await self.client.first_event_seq()
+        earliest, _ = await self.client.event_positions()
         if after + 1 < earliest:
             raise RequestRefused(f"events after sequence {after} are no longer kept (the stream starts at "
                                  f"{earliest}); the goal's state is at its status URL", status=410,

@@ -53,6 +53,11 @@ async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "alive"})
 
 
+async def _readyz(request: Request) -> Response:
+    ready = request.app.state.desk.client.bus.connected
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
 def build_app(client: MeshClient, settings: MeshSettings, tokens: TokenStore | None = None) -> Starlette:
     """The app for ``client``; the caller owns the client's connection."""
     tokens = tokens if tokens is not None else TokenStore.load(settings.gateway_tokens_file)
@@ -66,7 +71,8 @@ def build_app(client: MeshClient, settings: MeshSettings, tokens: TokenStore | N
             yield
 
     app = Starlette(
-        routes=[Route("/healthz", _healthz, methods=["GET"]), *mesh_api.ROUTES, *openai_api.ROUTES,
+        routes=[Route("/healthz", _healthz, methods=["GET"]), Route("/readyz", _readyz, methods=["GET"]),
+                *mesh_api.ROUTES, *openai_api.ROUTES,
                 *a2a.routes(), *mcp.routes()],
         middleware=[Middleware(GuardMiddleware, tokens=tokens, limiter=RateLimiter(settings.gateway_rate_per_minute),
                                max_body=settings.gateway_max_body_bytes)],

@@ -35,7 +35,7 @@ from mesh.contracts.http import BudgetRequest
 from mesh.errors import ConfigError, RequestRefused
 
 # Reachable without a token: liveness and the documents that say how to authenticate.
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/.well-known/agent-card.json", "/.well-known/agent.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/.well-known/agent-card.json", "/.well-known/agent.json"})
 CAP_FIELDS = ("max_tokens", "max_cost_usd", "max_steps", "max_wall_seconds")
 
 

@@ -85,7 +85,7 @@ async def latency(bus: Bus, client: MeshClient, http: httpx.AsyncClient, n: int,
     ready = {k: asyncio.Event() for k in ages}
 
     async def via_watch() -> None:
-        async with aclosing(client.watch(goal, from_seq=None, until_final=True)) as feed:
+        async with aclosing(client.watch(goal, from_seq=0, until_final=True)) as feed:
             async for _, event in feed:
                 if isinstance(event, StepProgress) and event.message == "warm-up":
                     ready["watch"].set()

@@ -8,6 +8,7 @@ of a ratio run in the same process, interleaved where the module does so.
 
     mesh bench                      # = .venv/bin/python -m bench.suite; writes the "suite" section
     mesh bench --scale 4            # bigger samples (slower, steadier)
+    mesh bench --scale 0.01 --replicas 2 --no-write   # a smoke run of every group (~1-2 min)
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def ledger_rows(scale: float) -> list[Row]:
     ]
 
 
-async def orchestration_rows(scale: float) -> list[Row]:
+async def orchestration_rows(scale: float, replicas: int = 4) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="mesh-suite-orch-") as tmp:
         work = Path(tmp)
         async with EmbeddedNats(work / "nats") as server:
@@ -131,12 +132,13 @@ async def orchestration_rows(scale: float) -> list[Row]:
                                 drain_seconds=5.0, sim_latency_scale=0.0)
             over = await orchestration.overhead(base, server.pid, max(1, int(3 * scale)), work / "overhead")
             slow = base.model_copy(update={"sim_latency_ms": 50.0, "sim_latency_scale": 1.0})
-            goals = max(8, int(32 * scale))  # enough runnable steps for 4 replicas of every role
+            goals = max(2 * replicas, int(32 * scale))  # enough runnable steps for every replica of every role
             one = (await orchestration.throughput(slow, server.pid, 1, goals, work / "one")).steps_per_s
-            four = (await orchestration.throughput(slow, server.pid, 4, goals, work / "four")).steps_per_s
+            many = (await orchestration.throughput(slow, server.pid, replicas, goals, work / "many")).steps_per_s
     return [
-        Row(f"orchestration: steps/s with 4 vs 1 node process per worker role (50 ms model calls, {goals} goals)",
-            f"{four:.1f} steps/s", f"{one:.1f} steps/s", four / one, "× 1 replica", 3.0),
+        Row(f"orchestration: steps/s with {replicas} vs 1 node process per worker role (50 ms model calls, "
+            f"{goals} goals)", f"{many:.1f} steps/s", f"{one:.1f} steps/s", many / one, "× 1 replica",
+            3.0 if replicas == 4 else None),
         Row(f"orchestration overhead per step, p50 ({over['steps']} steps, zero-latency model; dispatch "
             f"{over['dispatch_p50']:.1f} + worker {over['worker_p50']:.1f} ms) vs the 10 ms target",
             f"{over['total_p50']:.1f} ms", "10 ms", over["total_p50"] / 10, "× target", 1.0, higher_is_better=False),
@@ -175,7 +177,7 @@ GROUPS: dict[str, Callable[[float], object]] = {
 }
 
 
-def run(scale: float, only: list[str] | None = None) -> tuple[list[Row], dict[str, float]]:
+def run(scale: float, only: list[str] | None = None, replicas: int = 4) -> tuple[list[Row], dict[str, float]]:
     """Every group's rows, and the seconds each group took."""
     rows: list[Row] = []
     took: dict[str, float] = {}
@@ -183,7 +185,7 @@ def run(scale: float, only: list[str] | None = None) -> tuple[list[Row], dict[st
         if only and name not in only:
             continue
         started = time.perf_counter()
-        out = group(scale)
+        out = orchestration_rows(scale, replicas) if group is orchestration_rows else group(scale)
         rows += asyncio.run(out) if asyncio.iscoroutine(out) else out  # type: ignore[arg-type]
         took[name] = time.perf_counter() - started
         print(f"{name}: {took[name]:.0f}s", file=sys.stderr, flush=True)
@@ -199,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mesh bench", description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every sample size")
     parser.add_argument("--only", nargs="*", choices=list(GROUPS), help="run only these groups")
+    parser.add_argument("--replicas", type=int, default=4,
+                        help="worker replicas compared with one in the orchestration group (the target is for 4)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
-    rows, took = run(args.scale, args.only)
+    if args.replicas < 2:
+        parser.error("--replicas must be at least 2")
+    rows, took = run(args.scale, args.only, args.replicas)
     args_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
     text = "\n".join([
         (f"Command: `mesh bench{args_text}` (= `.venv/bin/python -m bench.suite{args_text}`), "
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
          "section and docs/RELIABILITY.md."),
     ])
     print(table(rows))
-    if not args.no_write and not args.only:
+    if not args.no_write and not args.only and args.replicas == 4:
         write_section("suite", text)
     return 0
 

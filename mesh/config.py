@@ -5,11 +5,15 @@ Secrets (NATS passwords, tokens, API keys) are ``SecretStr`` so they never print
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mesh.errors import NodeSpecError
 
 
 class MeshSettings(BaseSettings):
@@ -83,6 +87,12 @@ class MeshSettings(BaseSettings):
     shell_cpu_seconds: int = Field(default=120, ge=1, description="shell.run CPU-time limit (seconds).")
     shell_memory_mb: int = Field(default=1024, ge=64, description="shell.run address-space limit (MiB).")
     shell_output_kb: int = Field(default=64, ge=1, description="shell.run output kept per stream (KiB).")
+    shell_processes: int = Field(default=128, ge=8, description="shell.run processes (threads) at once.")
+    shell_open_files: int = Field(default=512, ge=16, description="shell.run open files per process.")
+    sandbox: Literal["auto", "bwrap", "fallback"] = Field(
+        default="auto", description='Where shell.run commands run: "auto" (bubblewrap namespaces where the host '
+        'allows them, else the weaker fallback, with a warning), "bwrap" (required: the node will not start '
+        'without it), "fallback" (docs/TOOLS.md).')
 
     # --- node process ---
     health_host: str = Field(default="0.0.0.0", description="Bind address of /healthz, /readyz, /metrics.")
@@ -134,3 +144,16 @@ class MeshSettings(BaseSettings):
 def get_settings() -> MeshSettings:
     """The process-wide settings, read from the environment on first use."""
     return MeshSettings()
+
+
+def default_nodes_dir() -> Path:
+    """The role specs' folder: ``MESH_NODES_DIR``, else ``nodes/`` beside the package (a source checkout),
+    else the packaged copy."""
+    env = os.environ.get("MESH_NODES_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "nodes", here / "nodes"):
+        if candidate.is_dir():
+            return candidate
+    raise NodeSpecError("no nodes/ directory found; set MESH_NODES_DIR")

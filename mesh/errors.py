@@ -3,6 +3,10 @@
 Like httpx, callers catch broadly (``MeshError``) or narrowly (``RateLimited``). Every layer raises
 only exceptions from this module, wrapping the library error it came from as ``__cause__``.
 
+Whether trying the same thing again later may succeed is a property of the class (``retryable``,
+marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it for any exception
+(an exception from outside the tree — a bug — counts as retryable: a redelivery may run elsewhere).
+
     MeshError
     ├── ConfigError
     ├── ContractError                  wire contracts and plans
@@ -12,14 +16,16 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   ├── SchemaViolation            a well-formed envelope whose body fails validation
     │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
     │   └── OptionInvalid              a goal option that is unknown or out of range
-    ├── BusError                       NATS
+    ├── BusError [R]                   NATS
     │   ├── NotConnected
     │   ├── ProvisioningError
     │   ├── PublishError
+    │   │   ├── PayloadRefused         (not [R]) above the server's max_payload: refused before sending
+    │   │   └── NoStreamForSubject     (not [R]) no stream takes the subject (a role nobody serves)
     │   ├── BlobNotFound               no object under that digest in the object store
     │   └── EmbeddedServerError
     ├── BackendError                   model I/O
-    │   ├── RetryableBackendError
+    │   ├── RetryableBackendError [R]
     │   │   ├── RateLimited            (retry_after)
     │   │   ├── Overloaded
     │   │   ├── BackendTimeout
@@ -34,7 +40,8 @@ only exceptions from this module, wrapping the library error it came from as ``_
     │   │   └── InsufficientBalance
     │   ├── CircuitOpen
     │   ├── BudgetExceeded
-    │   └── AllTiersFailed
+    │   └── AllTiersFailed             every tier failed, none with a retryable error
+    │       └── AllTiersUnavailable [R]  every tier failed, at least one with a retryable error
     ├── ToolError
     │   ├── ToolRefused
     │   ├── PathRefused
@@ -51,9 +58,20 @@ only exceptions from this module, wrapping the library error it came from as ``_
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class MeshError(Exception):
     """Base of every error Mesh raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a later attempt at the same work may succeed: the class's say for a ``MeshError``; any
+    other exception is a bug or a library error that escaped its wrapping, which another delivery
+    (maybe on another node) may not meet again."""
+    return exc.retryable if isinstance(exc, MeshError) else True
 
 
 class ConfigError(MeshError):
@@ -110,6 +128,8 @@ class OptionInvalid(ContractError):
 class BusError(MeshError):
     """A NATS operation failed."""
 
+    retryable = True
+
 
 class NotConnected(BusError):
     """The bus is not connected (never was, or closed)."""
@@ -121,6 +141,19 @@ class ProvisioningError(BusError):
 
 class PublishError(BusError):
     """A publish was not acknowledged by JetStream."""
+
+
+class PayloadRefused(PublishError):
+    """A message above the server's ``max_payload``: refused before it was sent, so no retry can help."""
+
+    retryable = False
+
+
+class NoStreamForSubject(PublishError):
+    """No stream takes the subject (JetStream answered "no responders"): nothing would ever consume it.
+    Retrying cannot help until the topology changes (a role gets workers and is provisioned)."""
+
+    retryable = False
 
 
 class BlobNotFound(BusError):
@@ -136,8 +169,6 @@ class EmbeddedServerError(BusError):
 
 class BackendError(MeshError):
     """A model backend call failed. ``tier`` and ``endpoint`` say where, when known."""
-
-    retryable: bool = False
 
     def __init__(self, message: str, *, tier: str | None = None, endpoint: str | None = None,
                  status: int | None = None) -> None:
@@ -219,6 +250,18 @@ class AllTiersFailed(BackendError):
     def __init__(self, message: str, errors: dict[str, BackendError]) -> None:
         super().__init__(message)
         self.errors = errors
+
+    @staticmethod
+    def of(message: str, errors: dict[str, BackendError]) -> AllTiersFailed:
+        """``AllTiersUnavailable`` when any tier's error was retryable (trying later may work), else this."""
+        cls = AllTiersUnavailable if any(e.retryable for e in errors.values()) else AllTiersFailed
+        return cls(message, errors)
+
+
+class AllTiersUnavailable(AllTiersFailed):
+    """Every tier failed, at least one of them for a reason that may pass (rate limits, outages)."""
+
+    retryable = True
 
 
 # --- tools, ledger, nodes ----------------------------------------------------------------------

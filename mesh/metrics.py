@@ -5,6 +5,8 @@ One registry per process (not the global default) so tests can run several nodes
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mesh.contracts.models import Usage
@@ -26,14 +28,24 @@ class Metrics:
         self.tokens = Counter("mesh_backend_tokens_total", "Tokens, by tier and kind.", ["tier", "kind"], registry=r)
         self.cost = Counter("mesh_backend_cost_usd_total", "Backend cost in USD.", ["tier"], registry=r)
         self.routes = Counter("mesh_router_choices_total", "Router decisions.", ["role", "tier"], registry=r)
+        # (tier, outcome) → its labelled children: ``labels()`` takes a lock and builds the key on every
+        # call, six times per backend call; tiers and outcomes (error class names) are few.
+        self._call_children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def backend_call(self, tier: str, outcome: str, usage: Usage, latency_ms: float) -> None:
-        self.backend_calls.labels(tier, outcome).inc()
-        self.backend_seconds.labels(tier).observe(latency_ms / 1000)
-        self.tokens.labels(tier, "prompt").inc(usage.prompt_tokens)
-        self.tokens.labels(tier, "completion").inc(usage.completion_tokens)
-        self.tokens.labels(tier, "cached").inc(usage.cached_tokens)
-        self.cost.labels(tier).inc(usage.cost_usd)
+        children = self._call_children.get((tier, outcome))
+        if children is None:
+            children = self._call_children[(tier, outcome)] = (
+                self.backend_calls.labels(tier, outcome), self.backend_seconds.labels(tier),
+                self.tokens.labels(tier, "prompt"), self.tokens.labels(tier, "completion"),
+                self.tokens.labels(tier, "cached"), self.cost.labels(tier))
+        calls, seconds, prompt, completion, cached, cost = children
+        calls.inc()
+        seconds.observe(latency_ms / 1000)
+        prompt.inc(usage.prompt_tokens)
+        completion.inc(usage.completion_tokens)
+        cached.inc(usage.cached_tokens)
+        cost.inc(usage.cost_usd)
 
     def route(self, role: str, tier: str) -> None:
         self.routes.labels(role, tier).inc()

@@ -1,14 +1,15 @@
 """Context packing: one step's prompt, built from the goal's state, within a model's window.
 
-The prompt protocol (the sim reads it; real models read it as an ordinary prompt):
-the system message is the role prompt (first line ``ROLE: <role>``); the user message has the
+The prompt protocol is ``mesh.contracts.prompt`` (the sim reads it; real models read it as an ordinary
+prompt): the system message is the role prompt (first line ``ROLE: <role>``); the user message has the
 sections ``## Pinned constraints``, ``## Goal``, ``## Step`` (instruction + acceptance),
-``## Previous review`` (revision steps only), ``## Inputs`` (each ``### <name>``) and ``## Memory``.
+``## Previous review`` (the feedback a revision addresses, each ``### <name>``), ``## Inputs`` (each
+``### <name>``) and ``## Memory``.
 
 Pinned constraints are always included verbatim — context endurance depends on it. When the rest
-does not fit ``window - output_reserve``, inputs are summarised lowest priority first (each just
-enough to close the gap, down to a floor), then dropped in the same order; then the memory, the
-previous review and the brief are shortened. If even the pinned
+does not fit ``window - output_reserve``, inputs — the feedback inputs among them, under their own
+priority — are summarised lowest priority first (each just enough to close the gap, down to a
+floor), then dropped in the same order; then the memory and the brief are shortened. If even the pinned
 parts do not fit, ``ContextTooLong`` is raised: the caller should have routed to a bigger window,
 which ``needed_tokens`` lets it do first.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.backends.base import ChatMessage
+from mesh.contracts import prompt
 from mesh.errors import ContextTooLong
 
 # Tokens a chat template adds around each message (role markers, separators).
@@ -97,30 +99,29 @@ class _Part:
     name: str
     text: str
     priority: int = 0
+    section: str = prompt.INPUTS  # or prompt.PREVIOUS_REVIEW: feedback a revision addresses
 
     @property
     def tokens(self) -> int:
         return estimate_tokens(self.text)
 
 
-def _bullets(items: list[str]) -> str:
-    return "\n".join(f"- {i}" for i in items)
+def _parts(inputs: list[tuple[str, str, int]], feedback: list[tuple[str, str, int]]) -> list[_Part]:
+    return [_Part(n, t, p) for n, t, p in inputs] + [_Part(n, t, p, prompt.PREVIOUS_REVIEW) for n, t, p in feedback]
 
 
 def _render_user(
-    *, constraints: list[str], brief: str, instruction: str, acceptance: list[str], previous_review: str | None,
-    inputs: list[_Part], memory: str,
+    *, constraints: list[str], brief: str, instruction: str, acceptance: list[str], inputs: list[_Part], memory: str,
 ) -> str:
-    sections = [f"## Pinned constraints\n{_bullets(constraints) or '- (none)'}", f"## Goal\n{brief}"]
-    step = instruction + (f"\n\nAcceptance:\n{_bullets(acceptance)}" if acceptance else "")
-    sections.append(f"## Step\n{step}")
-    if previous_review:
-        sections.append(f"## Previous review\n{previous_review}")
-    if inputs:
-        sections.append("## Inputs\n" + "\n\n".join(f"### {p.name}\n{p.text}" for p in inputs))
+    sections = [(prompt.CONSTRAINTS, prompt.bullets(constraints) or f"- {prompt.NONE}"), (prompt.GOAL, brief)]
+    step = instruction + (f"\n\n{prompt.ACCEPTANCE}\n{prompt.bullets(acceptance)}" if acceptance else "")
+    sections.append((prompt.STEP, step))
+    for title in (prompt.PREVIOUS_REVIEW, prompt.INPUTS):
+        if group := [(p.name, p.text) for p in inputs if p.section == title]:
+            sections.append((title, prompt.nested(group)))
     if memory:
-        sections.append(f"## Memory\n{memory}")
-    return "\n\n".join(sections)
+        sections.append((prompt.MEMORY, memory))
+    return prompt.render(sections)
 
 
 def _messages(system: str, user: str) -> list[ChatMessage]:
@@ -129,30 +130,30 @@ def _messages(system: str, user: str) -> list[ChatMessage]:
 
 def needed_tokens(
     *, system: str, constraints: list[str], brief: str, instruction: str, acceptance: list[str],
-    inputs: list[tuple[str, str, int]], memory: str, previous_review: str | None = None,
+    inputs: list[tuple[str, str, int]], memory: str, feedback: list[tuple[str, str, int]] | None = None,
 ) -> int:
     """Prompt tokens with nothing cut: a tier fits when this plus its output reserve ≤ its window."""
-    user = _render_user(
-        constraints=constraints, brief=brief, instruction=instruction, acceptance=acceptance,
-        previous_review=previous_review, inputs=[_Part(n, t, p) for n, t, p in inputs], memory=memory,
-    )
+    user = _render_user(constraints=constraints, brief=brief, instruction=instruction, acceptance=acceptance,
+                        inputs=_parts(inputs, feedback or []), memory=memory)
     return messages_tokens(_messages(system, user))
 
 
 def pack(
     *, system: str, constraints: list[str], brief: str, instruction: str, acceptance: list[str],
     inputs: list[tuple[str, str, int]], memory: str, window: int, output_reserve: int,
-    summarise: Summariser | None = None, previous_review: str | None = None,
+    summarise: Summariser | None = None, feedback: list[tuple[str, str, int]] | None = None,
 ) -> PackedContext:
     """Pack a step's context into ``window - output_reserve`` tokens.
 
-    ``inputs`` are ``(name, text, priority)``; higher priority survives longer. ``summarise(text,
+    ``inputs`` are ``(name, text, priority)``; higher priority survives longer. ``feedback`` (same form:
+    the reviews and test reports a revision addresses) is packed like the inputs, under its own
+    priorities, and rendered as the ``Previous review`` section. ``summarise(text,
     max_tokens)`` shortens a text; its result is truncated if it overshoots, and the default is
     extractive truncation with a marker.
     """
     steps = _packing(system=system, constraints=constraints, brief=brief, instruction=instruction,
                      acceptance=acceptance, inputs=inputs, memory=memory, window=window,
-                     output_reserve=output_reserve, previous_review=previous_review)
+                     output_reserve=output_reserve, feedback=feedback)
     shorten = summarise or truncate
     try:
         ask = next(steps)
@@ -176,20 +177,18 @@ async def apack(*, summarise: AsyncSummariser, **context: Any) -> PackedContext:
 def _packing(
     *, system: str, constraints: list[str], brief: str, instruction: str, acceptance: list[str],
     inputs: list[tuple[str, str, int]], memory: str, window: int, output_reserve: int,
-    previous_review: str | None = None,
+    feedback: list[tuple[str, str, int]] | None = None,
 ) -> _Packing:
     """The packing decisions; yields ``(text, max_tokens)`` for each text to shorten (see module doc)."""
     budget = window - output_reserve
-    parts = [_Part(n, t, p) for n, t, p in inputs]
-    texts = {"memory": memory, "brief": brief, "previous_review": previous_review or ""}
+    parts = _parts(inputs, feedback or [])
+    texts = {"memory": memory, "brief": brief}
     dropped: list[str] = []
     summarised: list[str] = []
 
     def render(inputs: list[_Part]) -> list[ChatMessage]:
-        user = _render_user(
-            constraints=constraints, brief=texts["brief"], instruction=instruction, acceptance=acceptance,
-            previous_review=texts["previous_review"] or None, inputs=inputs, memory=texts["memory"],
-        )
+        user = _render_user(constraints=constraints, brief=texts["brief"], instruction=instruction,
+                            acceptance=acceptance, inputs=inputs, memory=texts["memory"])
         return _messages(system, user)
 
     def fit(text: str, target: int) -> _Shortening:
@@ -202,8 +201,8 @@ def _packing(
     #    costs bounds the real total from above, so one render at the end suffices (1M tokens of
     #    inputs pack in milliseconds, not one re-render per input).
     cost = {id(p): estimate_tokens(f"\n\n### {p.name}\n{p.text}") for p in parts}
-    header = estimate_tokens("\n\n## Inputs\n") if parts else 0
-    over = messages_tokens(render([])) + header + sum(cost.values()) - budget
+    header = {s: estimate_tokens(f"\n\n## {s}\n") for s in {p.section for p in parts}}  # per section present
+    over = messages_tokens(render([])) + sum(header.values()) + sum(cost.values()) - budget
     order = sorted(parts, key=lambda p: (p.priority, -p.tokens))
     for part in order:
         if over <= 0:
@@ -223,11 +222,11 @@ def _packing(
         dropped.append(part.name)
         if part.name in summarised:
             summarised.remove(part.name)
-        over -= cost[id(part)] + (header if not parts else 0)
+        over -= cost[id(part)] + (header[part.section] if all(p.section != part.section for p in parts) else 0)
     messages = render(parts)
     over = messages_tokens(messages) - budget
-    # 2. Shorten the memory, then the brief and the previous review; never the pinned constraints.
-    for key in ("memory", "previous_review", "brief"):
+    # 2. Shorten the memory, then the brief; never the pinned constraints.
+    for key in ("memory", "brief"):
         if over <= 0:
             break
         text = texts[key]

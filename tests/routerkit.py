@@ -10,6 +10,9 @@ from mesh.router.features import RouteContext, call_costs
 from mesh.router.model import DEFAULT_MODEL, META_FEATURE_VERSION, META_VERSION, OUTPUTS
 
 TIER_CONFIGS = load_tiers(environ={})
+# The default team's output kinds by role name (what the router sees of a role); other names keep their own.
+KIND_OF = {"planner": "plan", "researcher": "note", "coder": "code", "reviewer": "review", "tester": "test_report",
+           "synthesizer": "synthesis"}
 
 
 def context(role: str = "tester", prompt: int = 2000, output: int = 4096, difficulty: float = 0.5, *,
@@ -18,7 +21,7 @@ def context(role: str = "tester", prompt: int = 2000, output: int = 4096, diffic
             instruction: str = "Test the implementation for: Build me a login system") -> RouteContext:
     needed = prompt + output
     return RouteContext(
-        role=role, needed_tokens=needed, windows={t: c.context_window for t, c in TIER_CONFIGS.items()},
+        role=role, output_kind=KIND_OF.get(role, role), needed_tokens=needed, windows={t: c.context_window for t, c in TIER_CONFIGS.items()},
         available=available or {t: True for t in TIERS}, preferred=["long_context", "swarm", "edge"],
         difficulty=difficulty, position=DagPosition(depth=2, fan_out=fan_out, dependents=1, total_steps=12),
         attempt=attempt, prior_failures=attempt - 1, thinking=thinking, swarm_capable=swarm_capable, tools=tools,

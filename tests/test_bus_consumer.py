@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import random
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
+import msgpack
 import pytest
 
 from mesh.bus import Bus, DeadLetter, Delivery, PullConsumer
+from mesh.bus.consumer import gives_up
 from mesh.bus.dlq import DLQ_REASON_HEADER
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, Step, Task, encode
 from mesh.embedded import EmbeddedNats
-from mesh.errors import BadRequest, PublishError
+from mesh.errors import (
+    AllTiersFailed,
+    AllTiersUnavailable,
+    BadRequest,
+    BlobNotFound,
+    OptionInvalid,
+    PayloadRefused,
+    PublishError,
+    RateLimited,
+    retryable,
+)
+from tests.reliability.kit import padded_to
 
 ROLE = "coder"
 Eventually = Callable[..., Awaitable[None]]
@@ -173,6 +190,77 @@ async def test_poison_goes_to_dlq_and_the_loop_keeps_consuming(fast_bus: Bus, ev
     assert info.state.messages == 0  # poison was terminated, not left to redeliver
 
 
+async def test_poison_near_the_servers_max_payload_reaches_the_dlq_at_once_by_claim_check(
+        settings: MeshSettings, eventually: Eventually) -> None:
+    """20 hostile task messages 300-2,000 bytes under the server's real 1 MiB limit, half on the goal
+    subject: a letter wrapping one whole would exceed the limit. Each is dead-lettered on its first
+    delivery with its reason, its original retrievable by claim-check, and a goal queued behind them
+    is taken at once (the planner's 4 slots are not held by messages that can never be lettered)."""
+    async with await Bus.connect(settings, roles=["planner", ROLE]) as bus:
+        topo, limit = bus.topology, bus.nc.max_payload
+        assert limit == 1024 * 1024  # the server's own default, not lowered for the test
+        rng = random.Random(14)
+        sent: dict[str, bytes] = {}
+        for i in range(20):
+            subject = topo.goal_subject() if i % 2 else topo.task_subject(ROLE)
+            doc: dict[str, Any] = msgpack.unpackb(encode(task(i)), raw=False)
+            sent[f"hostile-{i}"] = data = padded_to(doc, limit - rng.randrange(300, 2001))
+            await bus.publish_raw(subject, data, headers={"Nats-Msg-Id": f"hostile-{i}"})
+        goal = Goal(brief="a real goal behind the hostile ones")
+        await bus.submit_goal(goal)
+        goals: list[tuple[str, int]] = []
+
+        async def on_goal(d: Delivery) -> None:
+            goals.append((d.message(Goal).goal_id, d.attempt))
+
+        async def on_task(d: Delivery) -> None:
+            d.message(Task)
+
+        started = time.monotonic()
+        async with consuming(PullConsumer.for_role(bus, "planner", on_goal, concurrency=4)), \
+                consuming(PullConsumer.for_role(bus, ROLE, on_task, concurrency=2)):
+            await eventually(lambda: goals == [(goal.goal_id, 1)], timeout=30, message="the real goal taken")
+            await eventually(lambda: _stored(bus, topo.dlq_stream, 20), timeout=30, message="20 letters")
+        seconds = time.monotonic() - started
+        sub = await bus.js.pull_subscribe(f"{topo.prefix}.dlq.>", stream=topo.dlq_stream)
+        msgs = await sub.fetch(20, timeout=5)
+        for m in msgs:
+            letter = DeadLetter.decode(m.data)
+            original = sent[letter.headers["Nats-Msg-Id"]]
+            assert (letter.error, letter.num_delivered, letter.claim, letter.size) == \
+                ("SchemaViolation", 1, True, len(original)), letter.reason
+            assert letter.reason and m.headers and m.headers[DLQ_REASON_HEADER].startswith("SchemaViolation: ")
+            assert len(m.data) < bus.settings.claim_check_bytes and letter.data == original[:len(letter.data)]
+            assert await letter.original(bus.get_blob) == original
+        for stream in (topo.goals_stream, topo.tasks_stream):
+            assert (await bus.js.stream_info(stream)).state.messages == 0  # each one terminated, none left
+    print(f"figure: 20 poison messages 300-2,000 bytes under 1 MiB: all dead-lettered by claim-check in {seconds:.1f} s")
+
+
+async def _stored(bus: Bus, stream: str, count: int) -> bool:
+    return (await bus.js.stream_info(stream)).state.messages >= count
+
+
+async def test_a_letter_refused_for_size_goes_out_truncated_with_its_digest(
+        settings: MeshSettings, eventually: Eventually) -> None:
+    """With a claim-check threshold above the server's limit (misconfigured), the whole letter of a
+    near-limit original is refused for size, which no retry can change: it goes out at once, cut to
+    the original's preview and digest."""
+    big_claims = settings.model_copy(update={"claim_check_bytes": 4 * 1024 * 1024})
+    async with await Bus.connect(big_claims, roles=[ROLE]) as bus:
+        doc: dict[str, Any] = msgpack.unpackb(encode(task()), raw=False)
+        original = padded_to(doc, bus.nc.max_payload - 500)
+        await bus.publish_raw(bus.topology.task_subject(ROLE), original)
+        async with consuming(PullConsumer.for_role(bus, ROLE, Recorder())):
+            await eventually(lambda: _stored(bus, bus.topology.dlq_stream, 1), timeout=10)
+        [(letter, _)] = await dlq_letters(bus, 1)
+    assert (letter.error, letter.num_delivered, letter.claim, letter.size) == \
+        ("SchemaViolation", 1, False, len(original))
+    assert letter.data == original[:1024] and letter.sha256 == hashlib.sha256(original).hexdigest()
+    with pytest.raises(BlobNotFound, match="was not stored"):
+        await letter.original(bus.get_blob)
+
+
 async def test_transient_failure_is_retried_with_backoff(fast_bus: Bus, eventually: Eventually) -> None:
     rec = Recorder(fail=lambda d: RuntimeError("flaky") if d.attempt < 3 else None)
     await fast_bus.dispatch(task(1))
@@ -296,3 +384,17 @@ def test_dead_letter_round_trips() -> None:
     assert DeadLetter.decode(letter.encode()) == letter
     assert letter.nats_headers() == {DLQ_REASON_HEADER: "CodecError: bad bytes", "Nats-Msg-Id": "dlq.S.7"}
     assert encode(task()) != letter.encode()
+
+
+def test_retry_is_a_property_of_the_error_class() -> None:
+    """One rule for every consumer and role: the class says whether a retry can help, the delivery
+    count says whether one is left; nothing patches ``retryable`` onto an instance."""
+    tiers = {"edge": RateLimited("429"), "long_context": BadRequest("400")}
+    assert AllTiersFailed.of("x", tiers).retryable and isinstance(AllTiersFailed.of("x", tiers), AllTiersUnavailable)
+    assert not AllTiersFailed.of("x", {"edge": BadRequest("400")}).retryable
+    assert retryable(PublishError("no ack")) and not retryable(PayloadRefused("too big"))
+    assert retryable(RuntimeError("a bug")) and not retryable(OptionInvalid("bad option"))
+    assert not gives_up(RateLimited("429"), attempt=2, max_deliver=3)
+    assert gives_up(RateLimited("429"), attempt=3, max_deliver=3)
+    assert gives_up(BadRequest("400"), attempt=1, max_deliver=3)
+    assert "retryable" not in vars(AllTiersFailed.of("x", tiers))  # the class's, not the instance's

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import pytest
 from nats.js import api
 
-from mesh.bus import Topology, provision
+from mesh.bus import Bus, Topology, provision
 from mesh.config import MeshSettings
+from mesh.contracts import Step, Task
+from mesh.errors import NoStreamForSubject
+from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
 
 
@@ -69,7 +73,8 @@ async def test_provisioning_twice_is_a_no_op(nats_url: str) -> None:
 async def test_concurrent_provisioners_both_succeed(nats_url: str) -> None:
     conns = [await nats.connect(nats_url) for _ in range(4)]
     try:
-        await asyncio.gather(*(provision(nc.jetstream(), Topology(), ["planner", "coder", f"r{i}"])
+        topo = Topology(task_roles=("coder", "r0", "r1", "r2", "r3"))
+        await asyncio.gather(*(provision(nc.jetstream(), topo, ["planner", "coder", f"r{i}"])
                                for i, nc in enumerate(conns)))
         consumers = {c.name for c in await conns[0].jetstream().consumers_info("MESH_TASKS")}
         assert consumers == {"role-coder", "role-r0", "role-r1", "role-r2", "role-r3"}
@@ -107,5 +112,47 @@ async def test_events_expire_after_the_configured_age(nats_url: str, eventually:
             return (await js.stream_info("MESH_EVENTS")).state.messages == 0
 
         await eventually(expired, timeout=10)
+    finally:
+        await nc.close()
+
+
+async def test_the_tasks_stream_takes_the_worker_roles_only(bus: Bus) -> None:
+    """A task for a role no worker serves (the planner, the ledger, a typo) gets no stream and a clear
+    error at the publisher, instead of waiting in a work-queue stream that nobody consumes."""
+    workers = sorted(r for r, s in load_specs().items() if s.kind == "worker")
+    assert sorted(bus.topology.task_roles) == workers and "planner" not in workers and "ledger" not in workers
+    info = await bus.js.stream_info(bus.topology.tasks_stream)
+    assert sorted(info.config.subjects or []) == [f"mesh.task.{r}" for r in workers]
+    for role in ("planner", "ledger", "nosuchrole"):
+        with pytest.raises(NoStreamForSubject, match=f"mesh.task.{role}: no stream takes this subject"):
+            await bus.publish_raw(bus.topology.task_subject(role), b"stray")
+        task = Task(task_id=Task.make_id("g1", "s1", 1), goal_id="g1",
+                    step=Step(step_id="s1", role=role, instruction="do it"))
+        with pytest.raises(NoStreamForSubject, match=f"no worker serves role '{role}'") as caught:
+            await bus.dispatch(task)
+        assert caught.value.retryable is False
+    assert (await bus.js.stream_info(bus.topology.tasks_stream)).state.messages == 0
+    await bus.dispatch(Task(task_id=Task.make_id("g1", "s1", 1), goal_id="g1",
+                            step=Step(step_id="s1", role="coder", instruction="do it")))
+
+
+async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consumers(nats_url: str) -> None:
+    """A server provisioned by an older release (``mesh.task.>``, a ``role-ledger`` consumer that nothing
+    read) is brought to the worker roles' subjects, and the ledger gets no consumer on the tasks stream."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await js.add_stream(api.StreamConfig(name="MESH_TASKS", subjects=["mesh.task.>"],
+                                             retention=api.RetentionPolicy.WORK_QUEUE))
+        await js.add_consumer("MESH_TASKS", api.ConsumerConfig(
+            durable_name="role-ledger", filter_subject="mesh.task.ledger", ack_policy=api.AckPolicy.EXPLICIT))
+        topo = Topology(task_roles=("coder", "tester"))
+        assert topo.consumer_configs("ledger") == []
+        await provision(js, topo, ["planner", "coder", "ledger"])  # a node: no deletes
+        assert {c.name for c in await js.consumers_info("MESH_TASKS")} == {"role-coder", "role-ledger"}
+        await provision(js, topo, ["planner", "coder", "ledger"], prune=True)  # `mesh up`, an admin
+        info = await js.stream_info("MESH_TASKS")
+        assert info.config.subjects == ["mesh.task.coder", "mesh.task.tester"]
+        assert {c.name for c in await js.consumers_info("MESH_TASKS")} == {"role-coder"}
     finally:
         await nc.close()

@@ -86,8 +86,10 @@ async def test_sql_status_and_rebuild_through_a_running_mesh(bus: Bus, settings:
         assert json.loads(answer.stdout) == [{"n": 300}]
         refused = await mesh("sql", "SELECT 1; DROP TABLE events", settings=settings)
         assert refused.returncode == 1 and "exactly one statement" in refused.stderr
-        status = json.loads((await mesh("ledger", "status", settings=settings)).stdout)
+        status = json.loads((await mesh("ledger", "status", "--json", settings=settings)).stdout)
         assert status["last_seq"] == 300 and status["schema_version"] == schema.SCHEMA_VERSION
+        text = (await mesh("ledger", "status", settings=settings)).stdout  # for people: one key per line
+        assert any(line.split() == ["last_seq", "300"] for line in text.splitlines()), text
     out = tmp_path / "copy.duckdb"
     rebuilt = await mesh("ledger", "rebuild", "--out", str(out), settings=settings)
     assert rebuilt.returncode == 0, rebuilt.stderr

@@ -118,6 +118,20 @@ async def test_a_planner_bug_fails_the_goal_with_the_reason(fast: MeshSettings, 
     assert events[-1].reason == "planning failed: RuntimeError: a planner bug"
 
 
+async def test_a_planner_bug_on_a_step_outcome_fails_the_goal_with_the_reason(
+        fast: MeshSettings, bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outcomes consumer has a give-up hook too: an outcome the planner cannot record ends the goal."""
+    async def broken(self: Orchestrator, ev: StepCompleted) -> object:
+        raise RuntimeError("an outcome bug")
+
+    monkeypatch.setattr(Orchestrator, "_on_completed", broken)
+    async with in_process_mesh(fast.model_copy(update={"max_deliver": 2})):
+        events = await run_goal(bus, Goal(brief="Build me a login system"), timeout=60)
+    assert isinstance(events[-1], GoalFailed)
+    assert events[-1].reason.startswith("the outcome of step research-")
+    assert events[-1].reason.endswith("could not be recorded: RuntimeError: an outcome bug")
+
+
 async def test_a_worker_bug_fails_the_step_then_the_goal_with_the_reason(fast: MeshSettings, bus: Bus,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     execute = Worker._execute

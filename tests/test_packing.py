@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.contracts import prompt
 from mesh.errors import ContextTooLong
 from mesh.packing import estimate_tokens, messages_tokens, needed_tokens, pack, truncate
 
@@ -83,8 +84,38 @@ def test_pinned_parts_too_big_raise_context_too_long() -> None:
 
 
 def test_previous_review_section() -> None:
-    packed = pack(**_parts(previous_review="changes_requested: add tests"), window=8192, output_reserve=512)  # type: ignore[arg-type]
-    assert "## Previous review\nchanges_requested: add tests" in packed.messages[1].content
+    packed = pack(**_parts(feedback=[("review-1/review", "changes_requested: add tests", 9)]), window=8192,  # type: ignore[arg-type]
+                  output_reserve=512)
+    assert "## Previous review\n### review-1/review\nchanges_requested: add tests" in packed.messages[1].content
+
+
+def test_previous_review_is_a_packed_input_with_its_priority() -> None:
+    """Feedback is not pasted into the instruction: it gives way like an input, after the inputs of
+    lower priority, so a long review can no longer make a revision's context impossible to pack."""
+    feedback = [("review-1/review", "note " * 800, 9)]
+    inputs = [("research-1", "notes " * 800, 1)]
+    fixed = needed_tokens(**_parts())  # type: ignore[arg-type]
+    packed = pack(**_parts(inputs=inputs, feedback=feedback), window=fixed + 1300, output_reserve=100)  # type: ignore[arg-type]
+    user = packed.messages[1].content
+    assert "research-1" in packed.summarised + packed.dropped and "review-1/review" not in packed.summarised
+    assert "## Previous review\n### review-1/review\n" + "note " * 10 in user
+    tight = pack(**_parts(inputs=inputs, feedback=feedback), window=fixed + 400, output_reserve=100)  # type: ignore[arg-type]
+    assert "review-1/review" in tight.summarised and tight.tokens <= tight.budget
+    assert "Implement the login form\n" in tight.messages[1].content  # the instruction itself is untouched
+
+
+def test_prompt_protocol_round_trip() -> None:
+    """One module writes the sections and reads them back (the sim's parser is this reader)."""
+    text = prompt.render([(prompt.GOAL, "Build it"), (prompt.INPUTS, prompt.nested([("a", "x\ny"), ("b", "z")])),
+                          (prompt.sub_task(1, 3), prompt.bullets(["one", "two"]))])
+    secs = prompt.sections(text)
+    assert secs[prompt.GOAL] == "Build it" and secs["Sub-task 2/3"] == "- one\n- two"
+    assert prompt.sections(secs[prompt.INPUTS], level=3) == {"a": "x\ny", "b": "z"}
+    assert prompt.parse_bullets(secs["Sub-task 2/3"]) == ["one", "two"]
+    system = prompt.system("Coder", "code", "You write code.")
+    assert (prompt.role_of(system), prompt.kind_of(system)) == ("coder", "code")
+    roles = prompt.bullets([prompt.role_line("developer", "code", "Writes it."), prompt.role_line("qa", "review", "")])
+    assert prompt.parse_roles(roles) == {"code": "developer", "review": "qa"}
 
 
 def test_truncate_respects_limit() -> None:

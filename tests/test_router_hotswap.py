@@ -23,6 +23,7 @@ from mesh.errors import ModelRejected
 from mesh.metrics import Metrics
 from mesh.roles.calls import ModelCaller
 from mesh.roles.spec import default_nodes_dir, load_specs
+from mesh.router.features import FEATURE_VERSION
 from mesh.router.hotswap import POINTER_KEY, ModelPointer, current_pointer, publish_model, watch_models
 from mesh.router.model import DEFAULT_MODEL
 from mesh.router.runtime import Router, default_router
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 Eventually = Callable[..., Awaitable[None]]
 
 
-async def _put_raw(bus: Bus, data: bytes, version: str, feature_version: str = "route-f1") -> None:
+async def _put_raw(bus: Bus, data: bytes, version: str, feature_version: str = FEATURE_VERSION) -> None:
     """What a broken or foreign publisher might do: store any bytes and move the pointer to them."""
     digest = sha256_hex(data)
     await (await bus.object_store(bus.topology.obj_models)).put(digest, data)
@@ -49,7 +50,7 @@ async def test_publish_moves_the_pointer_and_a_watching_router_swaps(bus: Bus, e
         tg.create_task(watch_models(bus, router, stop))
         pointer = await publish_model(bus, model_variant(version="v2"))
         await eventually(lambda: router.version == "v2", message="swap to v2")
-        assert (await current_pointer(bus)) == pointer and pointer.feature_version == "route-f1"
+        assert (await current_pointer(bus)) == pointer and pointer.feature_version == FEATURE_VERSION
         again = await publish_model(bus, model_variant(version="v2"))  # same bytes: stored once, pointer moves
         assert again.digest == pointer.digest
         stop.set()
@@ -95,7 +96,7 @@ async def test_a_bad_published_model_is_rejected_and_the_current_one_kept(
 async def test_a_pointer_to_a_missing_object_is_rejected(bus: Bus, eventually: Eventually,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     router, stop = default_router(epsilon=0.0), asyncio.Event()
-    pointer = ModelPointer(digest="0" * 64, version="ghost", feature_version="route-f1", size=10)
+    pointer = ModelPointer(digest="0" * 64, version="ghost", feature_version=FEATURE_VERSION, size=10)
     with caplog.at_level(logging.ERROR, logger="mesh.router.hotswap"):
         async with asyncio.TaskGroup() as tg:
             tg.create_task(watch_models(bus, router, stop))
@@ -155,7 +156,7 @@ async def test_nodes_route_with_the_published_model(settings: MeshSettings, bus:
         await publish_model(bus, model_variant(version="fleet-2"))
         events = await run_goal(bus, Goal(brief="Build me a login system"))
     decided = [e for e in events if isinstance(e, RouteDecided)]
-    assert decided and all(e.decision.feature_version == "route-f1" for e in decided)
+    assert decided and all(e.decision.feature_version == FEATURE_VERSION for e in decided)
     by_node: dict[str, list[str]] = {}
     for e in decided:
         by_node.setdefault(e.node or "", []).append(e.decision.model_version)

@@ -52,11 +52,11 @@ def test_features_follow_the_versioned_spec() -> None:
     x = featurize(context("coder", prompt=6000, output=8192, tools=3, instruction="Implement the spec"))
     assert x.shape == (1, N_FEATURES) == (1, len(FEATURE_NAMES)) and x.dtype == np.float32
     row = dict(zip(FEATURE_NAMES, x[0].tolist(), strict=True))
-    assert row["role_coder"] == 1.0 and row["role_other"] == 0.0 and row["tools"] == 3.0
+    assert row["kind_code"] == 1.0 and row["kind_other"] == 0.0 and row["tools"] == 3.0
     assert row["fits_edge"] == 0.0 and row["fits_long_context"] == 1.0  # 14192 needed, edge window 8192
     assert row["fill_edge"] == pytest.approx(14192 / 8192, rel=1e-6)
     assert row["log_cost_long_context"] > row["log_cost_swarm"] > row["log_cost_edge"] > 0
-    assert featurize(context(role="translator"))[0][FEATURE_NAMES.index("role_other")] == 1.0
+    assert featurize(context(role="translator"))[0][FEATURE_NAMES.index("kind_other")] == 1.0
     # hashed text: deterministic across calls (CRC-32, not Python's salted hash), normalised, sensitive
     assert text_features("Review the login code") == text_features("review the LOGIN code!")
     assert np.linalg.norm(text_features("Review the login code")) == pytest.approx(1.0)

@@ -26,7 +26,7 @@ def _req(role: str, *, previous_review: str | None = None, brief: str = "Build m
     packed = pack(system=f"ROLE: {role}\nYou are the {role}.", constraints=["Use Python 3.11", "No plaintext passwords"],
                   brief=brief, instruction=f"Do the {role} step", acceptance=["done"],
                   inputs=[("implement-1", "def login(): ...", 1)], memory="", window=100_000, output_reserve=4096,
-                  previous_review=previous_review)
+                  feedback=[("review-1/review", previous_review, 9)] if previous_review is not None else [])
     return ChatRequest(messages=packed.messages, **kw)  # type: ignore[arg-type]
 
 

@@ -32,6 +32,7 @@ from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.recorder import Recorder
+from mesh.roles.spec import feedback_kinds
 from mesh.roles.worker import Worker
 from mesh.router.policy import RulePolicy
 from mesh.tools.manifest import Manifest
@@ -119,7 +120,8 @@ async def _one_coder_step(bus: Bus, step: Step, inputs: list[ArtifactRef]) -> tu
     await bus.dispatch(Task(task_id=Task.make_id(goal.goal_id, step.step_id, 1), goal_id=goal.goal_id, step=step,
                             brief=goal.brief, options=goal.options, inputs=inputs))
     caller = ModelCaller(bus, load_tiers(bus.settings), RulePolicy(), "coder-test", Metrics("coder"))
-    return goal, Worker(bus, role_specs()["coder"], caller, goals, "coder-test"), caller
+    specs = role_specs()
+    return goal, Worker(bus, specs["coder"], caller, goals, "coder-test", feedback_kinds=feedback_kinds(specs)), caller
 
 
 async def test_a_redelivered_tool_step_gives_the_same_manifest_and_no_second_artifact(fast: MeshSettings) -> None:
@@ -207,7 +209,8 @@ async def test_ledger_query_asks_the_ledger_service_read_only(bus: Bus, settings
     spec = role_specs()["reviewer"]
     spec = spec.model_copy(update={"tools": [*spec.tools, "ledger.query"]})
     caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "reviewer-test", Metrics("reviewer"))
-    worker = Worker(bus, spec, caller, GoalStore(await bus.kv(bus.topology.kv_goals)), "reviewer-test")
+    worker = Worker(bus, spec, caller, GoalStore(await bus.kv(bus.topology.kv_goals)), "reviewer-test",
+                    feedback_kinds=frozenset())
     async with ToolBox(spec.tools, Workspace({}, bus.get_blob), ledger=worker.ledger) as tools:
         down = await tools.call("ledger.query", {"sql": "SELECT 1"})
         assert not down.ok and "LedgerError" in json.loads(down.content)["message"]  # no ledger node yet

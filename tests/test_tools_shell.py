@@ -193,3 +193,48 @@ async def test_the_per_task_folder_is_removed_when_the_toolbox_closes(ws: Worksp
         os.chmod(root / "ws" / "src", 0o500)  # a command may take away permissions; cleanup still works
         assert root.is_dir()
     assert not root.exists()
+
+
+# --- the sandbox ------------------------------------------------------------------------------------
+
+
+async def test_a_link_planted_in_a_cache_folder_is_refused_and_never_written_through(
+        tools: ToolBox, ws: Workspace, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    before = ws.files
+    doc = error(await run(tools, "import os", "os.makedirs('src/__pycache__')",
+                          f"os.symlink({str(outside)!r}, 'src/__pycache__/escape')"))
+    assert doc["error"] == "PathRefused" and "'src/__pycache__/escape' escapes the workspace" in doc["message"]
+    assert ws.files == before
+    # a later sync of a file under that path goes into the rebuilt folder, never through the link
+    assert (await tools.call("fs.write", {"path": "src/__pycache__/escape/pwned.txt", "content": "x"})).ok
+    assert output(await run(tools, "print(open('src/__pycache__/escape/pwned.txt').read())"))["stdout"] == "x\n"
+    assert list(outside.iterdir()) == []
+
+
+async def test_a_link_left_in_the_folder_is_not_written_through(ws: Workspace, tmp_path: Path) -> None:
+    """Defence in depth: even a link the scan never saw stops a sync rather than being followed."""
+    from mesh.errors import PathRefused
+    from mesh.tools.worktree import WorkTree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree = WorkTree(tmp_path / "work")
+    try:
+        await tree.sync(ws)
+        os.symlink(outside, tree.files / "cache")
+        ws.write("cache/pwned.txt", b"x")
+        with pytest.raises(PathRefused, match="link out of the workspace"):
+            await tree.sync(ws)
+        assert list(outside.iterdir()) == []
+    finally:
+        await tree.close()
+
+
+async def test_every_run_reports_its_sandbox_and_leaves_nothing_running(tools: ToolBox) -> None:
+    result = await run(tools, "import os, time", "if os.fork() == 0:", "    os.setsid(); time.sleep(60)",
+                       "print(os.getpid())")
+    out = output(result)
+    assert result.sandbox == out["sandbox"] == tools.shell.box().mode
+    assert out["killed"] == 1 and "were killed" in out["stderr"]

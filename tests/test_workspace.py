@@ -14,7 +14,7 @@ import pytest
 
 from mesh.contracts.models import ArtifactRef, sha256_hex
 from mesh.errors import PathRefused, ToolError, WorkspaceConflict
-from mesh.tools.cache import BlobCache
+from mesh.tools.cache import BlobCache, MemoryCache
 from mesh.tools.diff import diff_manifests
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE, Manifest
 from mesh.tools.merge import resolve_workspace
@@ -201,6 +201,28 @@ async def test_blob_cache_evicts_least_recently_used_entries(tmp_path: Path) -> 
         await cache(ref.digest)
     kept = [r for r in refs if cache.path(r.digest).exists()]
     assert sum(r.size for r in kept) <= 1000 and refs[-1] in kept
+
+
+async def test_memory_cache_serves_recent_blobs_without_fetching_and_stays_within_its_bound() -> None:
+    blobs = Blobs()
+    refs = [await blobs.store(bytes([i]) * 100, "", str(i)) for i in range(9)]
+    cache = MemoryCache(blobs.fetch, max_bytes=800)  # eight entries of 100 bytes (an eighth each, the most kept)
+    assert await cache(refs[0].digest) == bytes([0]) * 100
+    assert await cache(refs[0].digest) == bytes([0]) * 100
+    assert blobs.fetches == 1
+    big = await blobs.store(b"x" * 101, "", "big")  # over an eighth of the bound: passed through, not kept
+    await cache(big.digest)
+    await cache(big.digest)
+    assert blobs.fetches == 3
+    for ref in refs[1:8]:  # now full: eight entries
+        await cache(ref.digest)
+    await cache(refs[0].digest)  # used again, so refs[1] is the least recently used
+    await cache(refs[8].digest)  # a ninth entry evicts it
+    assert blobs.fetches == 3 + 8
+    await cache(refs[0].digest)
+    assert blobs.fetches == 3 + 8
+    await cache(refs[1].digest)
+    assert blobs.fetches == 3 + 8 + 1
 
 
 _SLOW_WRITER = """

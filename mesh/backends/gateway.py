@@ -12,8 +12,8 @@ Error policy:
   tier has another key, account or window (``ContextTooLong`` skips tiers whose window is no bigger);
 * a call the budget cannot afford is refused before it is made (``BudgetExceeded``); a cheaper tier
   is tried next, and if none fits the refusal is raised;
-* when every tier failed: ``AllTiersFailed`` with each tier's last error; its ``retryable`` is true
-  when any of them was (trying again later may work).
+* when every tier failed: ``AllTiersFailed`` with each tier's last error — ``AllTiersUnavailable``
+  (retryable: trying again later may work) when any of them was retryable.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+from mesh.aio import together
 from mesh.backends.base import Backend, ChatMessage, ChatRequest, ChatResponse, ToolCallRequest
 from mesh.backends.resilience import BreakerPolicy, CircuitBreaker, RetryPolicy
 from mesh.backends.sim import SimBackend, SimWorld
 from mesh.backends.tiers import TierConfig
 from mesh.config import get_settings
-from mesh.contracts import Budget, Usage
+from mesh.contracts import Budget, Usage, prompt
 from mesh.errors import (
     AllTiersFailed,
     BackendError,
@@ -63,6 +64,9 @@ class CallRecord:
 
 OnCall = Callable[[CallRecord], Awaitable[None] | None]
 RunTool = Callable[[ToolCallRequest], Awaitable[str]]
+# Awaited right before each attempt is sent (inside the tier's concurrency slot); it may raise to stop
+# the call — the caller's cancellation check (``GoalCancelled``).
+BeforeCall = Callable[[], Awaitable[None]]
 
 
 class BudgetGuard:
@@ -170,9 +174,15 @@ class ModelGateway:
 
     # --- calls ----------------------------------------------------------------------------------
 
+    def worst_case(self, tier: str, prompt_tokens: int, max_tokens: int) -> tuple[int, float]:
+        """Tokens and USD a call on ``tier`` may use at most: what the budget guard holds for it."""
+        cfg = self.tiers[tier]
+        out = min(max_tokens, cfg.output_reserve)
+        return prompt_tokens + out, cfg.prices.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=out)
+
     async def chat(
         self, req: ChatRequest, tier: str, *, budget: BudgetGuard | None = None, fallback: bool = True,
-        timeout: float | None = None,
+        timeout: float | None = None, before_call: BeforeCall | None = None,
     ) -> ChatResponse:
         """Answer ``req`` on ``tier``, retrying and falling back as the module docstring says."""
         if tier not in self.tiers:
@@ -190,7 +200,7 @@ class ModelGateway:
                 too_long_at = max(too_long_at, cfg.context_window)
                 continue
             try:
-                return await self._on_tier(req, cfg, prompt_tokens, budget, timeout or cfg.timeout)
+                return await self._on_tier(req, cfg, prompt_tokens, budget, timeout or cfg.timeout, before_call)
             except BadRequest:
                 raise
             except BackendError as exc:
@@ -200,12 +210,11 @@ class ModelGateway:
         if all(isinstance(e, BudgetExceeded) for e in errors.values()):
             raise next(iter(errors.values()))
         summary = "; ".join(f"{t}: {type(e).__name__}: {e}" for t, e in errors.items())
-        failed = AllTiersFailed(f"every tier failed — {summary}", errors)
-        failed.retryable = any(e.retryable for e in errors.values())
-        raise failed
+        raise AllTiersFailed.of(f"every tier failed — {summary}", errors)
 
     async def _on_tier(
-        self, req: ChatRequest, cfg: TierConfig, prompt_tokens: int, budget: BudgetGuard | None, timeout: float
+        self, req: ChatRequest, cfg: TierConfig, prompt_tokens: int, budget: BudgetGuard | None, timeout: float,
+        before_call: BeforeCall | None,
     ) -> ChatResponse:
         breaker = self._breakers[cfg.endpoint]
         backend = self._backends[cfg.name]
@@ -213,8 +222,7 @@ class ModelGateway:
             # A tier writes at most its output reserve: a small local model asked for 8k tokens would
             # ramble to the end of its window while every other request queues behind it.
             req = req.model_copy(update={"max_tokens": cfg.output_reserve})
-        worst_case = prompt_tokens + req.max_tokens
-        cost = cfg.prices.cost(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=req.max_tokens)
+        worst_case, cost = self.worst_case(cfg.name, prompt_tokens, req.max_tokens)
         attempt = 0
         while True:
             attempt += 1
@@ -227,6 +235,8 @@ class ModelGateway:
             try:
                 with budget.hold(worst_case, cost, what=f"a call on {cfg.name}") if budget else nullcontext():
                     async with self._slots[cfg.name]:
+                        if before_call is not None:
+                            await before_call()
                         try:
                             async with asyncio.timeout(timeout):
                                 resp = await backend.chat(req, timeout=timeout)
@@ -274,6 +284,7 @@ class ModelGateway:
     async def swarm(
         self, req: ChatRequest, subtasks: Sequence[str], *, budget: BudgetGuard | None = None,
         run_tool: RunTool | None = None, tier: str = "swarm", max_rounds: int = 8,
+        before_call: BeforeCall | None = None,
     ) -> ChatResponse:
         """Fan one step out into bounded parallel sub-agents on the swarm tier, then compose.
 
@@ -281,13 +292,17 @@ class ModelGateway:
         with ``run_tool`` each runs its own tool loop (≤ ``max_rounds`` turns) and all of them share
         ``max_tool_calls`` — past it, tool calls are answered with a refusal. A failed sub-agent's
         slot says so in the composition; if all fail, the first error is raised. Usage is summed
-        over every call, the composing one included.
+        over every call, the composing one included. With a ``budget``, a swarm whose first round and
+        composition could not all be afforded is refused (``BudgetExceeded``) before any call is made;
+        ``before_call`` runs before every call (an error it raises stops every sub-agent).
         """
         if not subtasks:
-            return await self.chat(req, tier, budget=budget)
+            return await self.chat(req, tier, budget=budget, before_call=before_call)
         bounds = self.tiers[tier].swarm
         n = min(len(subtasks), bounds.max_sub_agents)
         groups = [list(subtasks[i::n]) for i in range(n)]
+        if budget is not None:
+            self._afford_swarm(req, groups, tier, budget)
         tool_calls_left = bounds.max_tool_calls
         spent = Usage()
 
@@ -300,12 +315,13 @@ class ModelGateway:
 
         async def sub_agent(i: int) -> str | BackendError:
             nonlocal spent
-            task = "\n".join(f"- {s}" for s in groups[i])
-            messages = [*req.messages, ChatMessage(role="user", content=f"## Sub-task {i + 1}/{n}\n{task}")]
+            messages = [*req.messages, ChatMessage(role="user", content=prompt.section(prompt.sub_task(i, n),
+                                                                                       prompt.bullets(groups[i])))]
             sub = req.model_copy(update={"json_schema": None, "tools": req.tools if run_tool else []})
             try:
                 for _ in range(max_rounds):
-                    resp = await self.chat(sub.model_copy(update={"messages": messages}), tier, budget=budget)
+                    resp = await self.chat(sub.model_copy(update={"messages": messages}), tier, budget=budget,
+                                           before_call=before_call)
                     spent = spent + resp.usage
                     if not resp.tool_calls:
                         return resp.text
@@ -316,22 +332,30 @@ class ModelGateway:
             except BackendError as exc:
                 return exc
 
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(sub_agent(i)) for i in range(n)]
-        results = [t.result() for t in tasks]
+        results = await together(*(sub_agent(i) for i in range(n)))
         failures = [r for r in results if isinstance(r, BackendError)]
         if len(failures) == n:
             raise failures[0]
-        body = "\n\n".join(
-            f"### Sub-agent {i + 1}: {'; '.join(groups[i])[:200]}\n"
-            + (f"(failed: {type(r).__name__}: {r})" if isinstance(r, BackendError) else r)
+        body = prompt.nested(
+            (f"Sub-agent {i + 1}: {'; '.join(groups[i])[:200]}",
+             f"(failed: {type(r).__name__}: {r})" if isinstance(r, BackendError) else r)
             for i, r in enumerate(results)
         )
         compose = req.model_copy(update={"tools": [], "messages": [
-            *req.messages, ChatMessage(role="user", content=f"## Sub-agent results\n{body}\n\nCompose the step's answer "
-                                                            f"from these results.")]})
-        final = await self.chat(compose, tier, budget=budget)
+            *req.messages, ChatMessage(role="user", content=prompt.section(prompt.SUB_RESULTS, body)
+                                       + "\n\nCompose the step's answer from these results.")]})
+        final = await self.chat(compose, tier, budget=budget, before_call=before_call)
         return final.model_copy(update={"usage": spent + final.usage})
+
+    def _afford_swarm(self, req: ChatRequest, groups: list[list[str]], tier: str, budget: BudgetGuard) -> None:
+        """``BudgetExceeded`` unless the budget covers every sub-agent's first call and the composition
+        (which reads every sub-agent's answer) at their worst case."""
+        base = messages_tokens(req.messages) + sum(estimate_tokens(str(t.parameters)) for t in req.tools)
+        out = min(req.max_tokens, self.tiers[tier].output_reserve)
+        calls = [self.worst_case(tier, base + estimate_tokens(prompt.bullets(g)) + 16, req.max_tokens) for g in groups]
+        calls.append(self.worst_case(tier, base + len(groups) * out, req.max_tokens))
+        budget.check(sum(t for t, _ in calls), sum(c for _, c in calls),
+                     what=f"a swarm of {len(groups)} sub-agents and its composition on {tier}")
 
     async def aclose(self) -> None:
         for backend in self._backends.values():

@@ -13,6 +13,7 @@ import logging
 
 from mesh.backends.base import ChatMessage, ChatRequest
 from mesh.backends.gateway import BudgetGuard, ModelGateway
+from mesh.contracts import prompt
 from mesh.errors import BackendError
 from mesh.packing import estimate_tokens, messages_tokens, truncate
 
@@ -31,8 +32,9 @@ MIN_REPLY_TOKENS = 16
 # When at least this share of a text may stay, keeping it verbatim (head + tail) loses less than
 # rewriting it — and costs no model call.
 EXTRACTIVE_SHARE = 0.5
-SYSTEM = ("ROLE: summariser\nYou summarise text for another assistant. Keep names, file paths, identifiers, "
-          "numbers, decisions, requirements and failures; drop everything else. Write plain sentences, no preamble.")
+SYSTEM = prompt.system("summariser", "summary", "You summarise text for another assistant. Keep names, file paths, "
+                       "identifiers, numbers, decisions, requirements and failures; drop everything else. Write "
+                       "plain sentences, no preamble.")
 
 
 class EdgeSummariser:
@@ -62,7 +64,7 @@ class EdgeSummariser:
         reply = min(max_tokens - estimate_tokens(head), SUMMARY_MAX_TOKENS)
         if max_tokens >= size * self.extractive_share or reply < MIN_REPLY_TOKENS:
             return truncate(text, max_tokens)
-        instruction = f"Summarise the text below in at most {reply * 3 // 4} words.\n\n## Text\n"
+        instruction = f"Summarise the text below in at most {reply * 3 // 4} words.\n\n" + prompt.section(prompt.TEXT, "")
         frame = [ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=instruction)]
         # What does not fit the edge window (or would take too long to read) is cut extractively first.
         room = min(self.gateway.window(self.tier) - reply - messages_tokens(frame) - 16, self.max_source_tokens)

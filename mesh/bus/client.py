@@ -28,7 +28,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
 from nats.js.object_store import (
     OBJ_CHUNKS_PRE_TEMPLATE,
@@ -59,7 +59,9 @@ from mesh.errors import (
     BusError,
     CodecError,
     ContractError,
+    NoStreamForSubject,
     NotConnected,
+    PayloadRefused,
     PublishError,
     SchemaViolation,
 )
@@ -140,10 +142,11 @@ class Bus:
     async def _on_closed(self) -> None:
         log.info("NATS connection closed (%s)", self.name)
 
-    async def provision(self, roles: Iterable[str] = ()) -> None:
-        """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before."""
+    async def provision(self, roles: Iterable[str] = (), *, prune: bool = False) -> None:
+        """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before;
+        ``prune``: also delete consumers of roles that are no worker (``mesh.bus.topology``)."""
         self._roles.update(dict.fromkeys(roles))
-        await provision(self.js, self.topology, self._roles)
+        await provision(self.js, self.topology, self._roles, prune=prune)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -190,13 +193,19 @@ class Bus:
 
     async def publish_raw(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None) -> api.PubAck:
         """JetStream publish of ready bytes, with the bus' error mapping."""
+        # nats-py checks the payload alone, the server payload + headers: a message over the limit by its
+        # headers would reach the server, which answers by closing the whole connection.
+        size = len(data) + _headers_size(headers)
+        if size > self.nc.max_payload:
+            raise PayloadRefused(f"publish to {subject} refused: {size} bytes exceed the server's "
+                                 f"max_payload of {self.nc.max_payload} bytes")
         try:
             return await self.js.publish(subject, data, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # refused before sending: no retry can help
-            error = PublishError(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
-                                 f"max_payload of {self.nc.max_payload} bytes")
-            error.retryable = False  # type: ignore[attr-defined]  # the consumer loop dead-letters, not retries
-            raise error from exc
+            raise PayloadRefused(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
+                                 f"max_payload of {self.nc.max_payload} bytes") from exc
+        except NoStreamResponseError as exc:
+            raise NoStreamForSubject(f"publish to {subject}: no stream takes this subject") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc
         except (nats.errors.Error, TimeoutError) as exc:
@@ -223,8 +232,15 @@ class Bus:
         await self.publish(self.topology.goal_subject(), goal, msg_id=goal.goal_id)
 
     async def dispatch(self, task: Task) -> bool:
-        """Publish a task to its role; False when the stream already had it (a duplicate task id)."""
-        ack = await self.publish(self.topology.task_subject(task.step.role), task, msg_id=task.task_id)
+        """Publish a task to its role; False when the stream already had it (a duplicate task id).
+        ``NoStreamForSubject`` when the role is no worker role of the topology: nothing would take it."""
+        role = task.step.role
+        try:
+            ack = await self.publish(self.topology.task_subject(role), task, msg_id=task.task_id)
+        except NoStreamForSubject as exc:
+            raise NoStreamForSubject(
+                f"no worker serves role {role!r}: {self.topology.task_subject(role)} has no stream (the tasks "
+                f"stream takes the worker roles of the role specs: {', '.join(self.topology.task_roles)})") from exc
         return not ack.duplicate
 
     # --- receive ---------------------------------------------------------------------------
@@ -278,7 +294,7 @@ class Bus:
         try:
             if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
                 await self._put_chunk(store, data, digest, media_type, name)
-            elif not await _exists(store, digest):
+            elif await self._blob_meta(digest, direct=True) is None:
                 await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
                                                                   headers={"Content-Type": media_type}))
         except (nats.errors.Error, TimeoutError) as exc:
@@ -290,7 +306,10 @@ class Bus:
         bucket = self.topology.obj_artifacts
         store = await self.object_store(bucket)
         try:
-            info = await store.get_info(digest)
+            # A replica that has not caught up may miss a blob just stored: the stream leader confirms a miss.
+            info = await self._blob_meta(digest, direct=True) or await self._blob_meta(digest, direct=False)
+            if info is None:
+                raise BlobNotFound(f"no blob {digest} in {bucket}")
             if info.chunks == 1 and not info.is_link():
                 # One chunk (every blob up to 128 KiB): read it directly instead of through an ordered
                 # consumer, which costs a consumer create and delete on the server per read.
@@ -314,9 +333,9 @@ class Bus:
         trip less. A blob that was already there leaves that chunk unreferenced (≤ 128 KiB, and only
         when the same bytes are stored again)."""
         bucket, nuid = self.topology.obj_artifacts, new_id()
-        exists, _ = await together(_exists(store, digest),
+        exists, _ = await together(self._blob_meta(digest, direct=True),
                                    self.js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
-        if exists:
+        if exists is not None:  # (a replica behind the leader may say no: then the blob is stored again)
             return
         sha = base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()
         info = api.ObjectInfo(name=digest, description=name or None, headers={"Content-Type": media_type},
@@ -326,6 +345,22 @@ class Bus:
         meta = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
         await self.js.publish(meta, json.dumps(info.as_dict()).encode(),
                               headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+
+    async def _blob_meta(self, digest: str, *, direct: bool) -> api.ObjectInfo | None:
+        """A blob's meta, None when there is none: what ``ObjectStore.get_info`` reads, but optionally by
+        a direct get, which the server answers without a JSON API request and the client reads without
+        decoding base64 and headers — it was the largest share of a blob lookup's CPU on both sides."""
+        bucket = self.topology.obj_artifacts
+        subject = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
+        try:
+            msg = await self.js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket), subject, direct=direct)
+        except NotFoundError:
+            return None
+        try:
+            info = api.ObjectInfo.from_response(json.loads(msg.data or b""))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BusError(f"blob {digest} has unreadable meta: {exc!r}") from exc
+        return None if info.deleted else info
 
     async def kv(self, bucket: str) -> KeyValue:
         """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
@@ -352,12 +387,11 @@ async def _cached(cache: dict[str, H], bucket: str, opener: Callable[[str], Awai
     return handle
 
 
-async def _exists(store: ObjectStore, name: str) -> bool:
-    try:
-        await store.get_info(name)
-    except (ObjectNotFoundError, NotFoundError):
-        return False
-    return True
+def _headers_size(headers: dict[str, str] | None) -> int:
+    """Bytes of the headers block as nats-py writes it (``NATS/1.0``, ``key: value`` lines, a blank line)."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k.encode()) + len(str(v).encode()) + 4 for k, v in headers.items())
 
 
 def _auth_options(s: MeshSettings) -> dict[str, Any]:

@@ -25,10 +25,10 @@ What happens to a message, by handler outcome:
   handlers (dedupe ids, CAS state) absorb. ``run()`` flushes before it returns, so the acks of a
   drained consumer are on the wire;
 * raises ``CodecError`` / ``SchemaViolation`` (poison: no retry can help) → dead letter + ``term``;
-* raises an exception whose ``retryable`` is ``False`` (``PermanentBackendError``…) → dead letter + ``term``;
-* raises anything else (``retryable`` True or absent) → ``nak`` with a delay of
-  ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``),
-  until the attempt number reaches ``max_deliver``; then dead letter + ``term``;
+* raises anything else → ``Delivery.gives_up`` decides, the one rule every role asks too: an error
+  whose class is not retryable (``mesh.errors.retryable``: ``PermanentBackendError``, ``PayloadRefused``…), or the
+  delivery numbered ``max_deliver``, → dead letter + ``term``; otherwise ``nak`` with a delay of
+  ``nak_delay × 2^(attempt-1)`` (at least a ``RateLimited.retry_after``, at most ``max_nak_delay``);
 * whenever the loop gives up on a message it could decode, ``on_give_up`` (if given) hears of it
   first, so the role can fail the step or goal it stood for with the reason;
 * the handler is cancelled (``run()`` cancelled: shutdown, a drain timeout) → ``nak``: another
@@ -58,7 +58,7 @@ from nats.js.errors import NotFoundError
 from mesh.bus.client import Bus
 from mesh.bus.dlq import DeadLetter
 from mesh.contracts.codec import Envelope
-from mesh.errors import BusError, CodecError, NotConnected, SchemaViolation
+from mesh.errors import BusError, CodecError, NotConnected, PayloadRefused, SchemaViolation, retryable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,11 @@ Handler = Callable[["Delivery"], Awaitable[None]]
 # before the message is dead-lettered: the role announces the outcome (a step or goal failed with the
 # reason) so that the work it stood for does not wait forever on a message nobody will deliver again.
 GiveUp = Callable[["Delivery", BaseException], Awaitable[None]]
+
+def gives_up(exc: BaseException, attempt: int, max_deliver: int) -> bool:
+    """No retry for an error whose class says retrying cannot help, nor after the last delivery."""
+    return not retryable(exc) or attempt >= max_deliver
+
 
 _HEARTBEAT = 1.0  # idle heartbeat asked of the server on every pull request
 _EXPIRES = 10.0  # pull requests end after this and are renewed
@@ -79,16 +84,23 @@ _FLUSH_TIMEOUT = 5  # nats-py types it as int seconds
 
 @dataclass(slots=True)
 class Delivery:
-    """One delivered message: its envelope (claim-check resolved), the raw NATS message, which attempt."""
+    """One delivered message: its envelope (claim-check resolved), the raw NATS message, which attempt
+    of how many the consumer makes."""
 
     envelope: Envelope
     msg: Msg
     attempt: int
     subject: str
+    max_deliver: int
 
     def message(self, expect: type[M]) -> M:
         """The validated body; ``SchemaViolation`` (poison) when it does not match ``expect``."""
         return self.envelope.message(expect)
+
+    def gives_up(self, exc: BaseException) -> bool:
+        """Whether the consumer gives up on this message if the handler raises ``exc``: the one retry rule.
+        A role that must announce an outcome asks this first and re-raises only what will be retried."""
+        return gives_up(exc, self.attempt, self.max_deliver)
 
     async def progress(self) -> None:
         """An explicit in-progress ack (the loop sends them on its own every ack_wait / 3)."""
@@ -291,17 +303,18 @@ class PullConsumer:
 
     async def _process(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
+        max_deliver = self._max_deliver or self._bus.topology.max_deliver
         delivery: Delivery | None = None
         try:
             envelope = await self._bus.open(msg)
-            delivery = Delivery(envelope=envelope, msg=msg, attempt=attempt, subject=msg.subject)
+            delivery = Delivery(envelope=envelope, msg=msg, attempt=attempt, subject=msg.subject,
+                                max_deliver=max_deliver)
             await self._handler(delivery)
         except (CodecError, SchemaViolation) as exc:
             log.warning("consumer %s: poison message seq %s: %s", self.durable, msg.metadata.sequence.stream, exc)
             await self._dead_letter(msg, exc, attempt)
         except Exception as exc:  # noqa: BLE001 — whatever a handler raises is retried or dead-lettered
-            max_deliver = self._max_deliver or self._bus.topology.max_deliver
-            if getattr(exc, "retryable", None) is False or attempt >= max_deliver:
+            if gives_up(exc, attempt, max_deliver):
                 log.warning("consumer %s: giving up on seq %s after attempt %d: %r", self.durable,
                             msg.metadata.sequence.stream, attempt, exc)
                 if delivery is not None:
@@ -340,13 +353,18 @@ class PullConsumer:
                           delivery.msg.metadata.sequence.stream)
 
     async def _dead_letter(self, msg: Msg, exc: BaseException, attempt: int) -> None:
-        letter = DeadLetter.from_msg(msg, reason=f"{type(exc).__name__}: {exc}", error=type(exc).__name__)
+        letter = await self._sealed(
+            DeadLetter.from_msg(msg, reason=f"{type(exc).__name__}: {exc}", error=type(exc).__name__))
         # Retried in place while the message is held: a nak on its last delivery would leave it
         # undeliverable and out of the DLQ. The letter's id dedupes a publish that landed unacked.
         for tries in range(1, _DLQ_PUBLISH_TRIES + 1):
             try:
                 await self._bus.publish_raw(self._dlq_subject, letter.encode(), headers=letter.nats_headers())
                 break
+            except PayloadRefused:  # over the limit (huge original headers, a claim-check threshold near it): cut, it is not
+                log.warning("consumer %s: dead letter of seq %s too large; sending it truncated", self.durable,
+                            letter.stream_seq)
+                letter = letter.truncated()
             except BusError as pub_exc:
                 if tries == _DLQ_PUBLISH_TRIES:
                     log.error("consumer %s: dead-lettering seq %s failed %d times (%s); it will be redelivered",
@@ -355,6 +373,19 @@ class PullConsumer:
                     return
                 await self._sleep(self.backoff(tries))
         await msg.term()
+
+    async def _sealed(self, letter: DeadLetter) -> DeadLetter:
+        """The letter, with an original above the claim-check threshold moved to the object store:
+        wrapped whole, an original near the server's max_payload would make a letter it refuses."""
+        if letter.size <= self._bus.settings.claim_check_bytes:
+            return letter
+        try:
+            ref = await self._bus.put_blob(letter.data, name=f"dlq-{letter.stream}-{letter.stream_seq}")
+        except BusError as exc:
+            log.warning("consumer %s: storing the original of seq %s failed (%s); its letter is truncated",
+                        self.durable, letter.stream_seq, exc)
+            return letter.truncated()
+        return letter.claim_checked(ref.digest)
 
     # --- recovery --------------------------------------------------------------------------
 

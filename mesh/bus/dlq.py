@@ -10,10 +10,17 @@ The payload is one msgpack map::
      "stream_seq": 42, "consumer": "role-coder", "num_delivered": 1,
      "headers": {...},                                          the original NATS headers
      "data": b"...",                                            the original bytes, untouched
-     "at": "2026-...Z"}
+     "at": "2026-...Z",
+     "size": 1048000, "sha256": "", "claim": False}             the original's size; see below
 
 with headers ``Mesh-Dlq-Reason`` (the reason, one line, truncated) and
 ``Nats-Msg-Id = dlq.<stream>.<stream_seq>`` so a retried dead-lettering is stored once.
+
+A letter must fit the server's max_payload, and the original alone may nearly fill it. So an original
+above the claim-check threshold travels by claim-check (``claim_checked``): ``data`` keeps its first
+``PREVIEW_BYTES``, ``sha256`` names the whole of it in the artifacts object store (``original()`` reads
+it back). When even storing it fails, the letter goes out ``truncated``: the preview and the digest,
+``claim`` false — the reason and the evidence of what arrived, rather than no letter at all.
 
 The DLQ stream also captures JetStream's own ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>``
 advisories (JSON, on those subjects) for messages whose consumer died on every delivery.
@@ -21,17 +28,21 @@ advisories (JSON, on those subjects) for messages whose consumer died on every d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import msgpack
 from nats.aio.msg import Msg
 
-from mesh.errors import CodecError
+from mesh.errors import BlobNotFound, CodecError
 
 DLQ_REASON_HEADER = "Mesh-Dlq-Reason"
+PREVIEW_BYTES = 1024  # of an original that travels by claim-check or is cut
 _MAX_HEADER_REASON = 200
+_MAX_HEADER_VALUE = 256  # of an original header, in a letter that had to shrink
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,9 @@ class DeadLetter:
     data: bytes
     headers: dict[str, str] = field(default_factory=dict)
     at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    size: int = 0  # of the original
+    sha256: str = ""  # of the original, when ``data`` holds only its first PREVIEW_BYTES
+    claim: bool = False  # the original is in the artifacts object store under ``sha256``
 
     @classmethod
     def from_msg(cls, msg: Msg, *, reason: str, error: str) -> DeadLetter:
@@ -53,8 +67,34 @@ class DeadLetter:
         return cls(
             reason=reason, error=error, stream=meta.stream, subject=msg.subject,
             stream_seq=meta.sequence.stream, consumer=meta.consumer, num_delivered=meta.num_delivered,
-            data=bytes(msg.data), headers=dict(msg.headers or {}),
+            data=bytes(msg.data), headers=dict(msg.headers or {}), size=len(msg.data),
         )
+
+    def claim_checked(self, sha256: str) -> DeadLetter:
+        """This letter with the original stored under ``sha256``: only a preview travels."""
+        return replace(self, data=self.data[:PREVIEW_BYTES], sha256=sha256, claim=True)
+
+    def truncated(self) -> DeadLetter:
+        """This letter cut to fit any payload limit: the original's preview and digest, short headers."""
+        return replace(self, data=self.data[:PREVIEW_BYTES], claim=False,
+                       sha256=self.sha256 or hashlib.sha256(self.data).hexdigest(),
+                       headers={k[:_MAX_HEADER_VALUE]: v[:_MAX_HEADER_VALUE]
+                                for k, v in list(self.headers.items())[:32]})
+
+    @property
+    def whole(self) -> bool:
+        """``data`` is the whole original."""
+        return not self.sha256
+
+    async def original(self, get_blob: Callable[[str], Awaitable[bytes]]) -> bytes:
+        """The original bytes, read from the object store when they travelled by claim-check
+        (``get_blob`` = ``Bus.get_blob``). ``BlobNotFound`` for a truncated letter's lost original."""
+        if self.whole:
+            return self.data
+        if not self.claim:
+            raise BlobNotFound(f"the original of {self.msg_id} ({self.size} bytes, sha256 {self.sha256}) was not "
+                               f"stored; the letter holds its first {len(self.data)} bytes")
+        return await get_blob(self.sha256)
 
     @property
     def msg_id(self) -> str:

@@ -3,7 +3,8 @@
     stream MESH_GOALS   mesh.goals                    work-queue; consumer role-planner
                                                       (the planner also owns planner-outcomes on
                                                       MESH_EVENTS: step.completed / step.failed)
-    stream MESH_TASKS   mesh.task.<role>              work-queue; one durable pull consumer role-<role> per role
+    stream MESH_TASKS   mesh.task.<role>              work-queue; one subject and one durable pull consumer
+                                                      role-<role> per WORKER role of the role specs
     stream MESH_EVENTS  mesh.event.<goal_id>.<type>   limits retention, kept (the ledger can replay it all)
     stream MESH_DLQ     mesh.dlq.<role>               limits; also captures JetStream's MAX_DELIVERIES
                                                       advisories for the goal and task streams
@@ -20,21 +21,30 @@ same id inside that window is acknowledged as a duplicate and not stored. Task i
 
 Provisioning is safe when many nodes start at once: creating a stream or consumer whose identical
 config already exists is a no-op on the server, and a mismatch (an older topology) is updated.
+
+Why MESH_TASKS lists its subjects instead of taking ``mesh.task.>``: a work-queue stream keeps what
+no consumer takes, so a task for a role nobody serves (``mesh.task.planner``, a typo) would wait there
+forever, neither consumed nor dead-lettered. Listing the worker roles' subjects makes such a publish
+fail at the publisher (``NoStreamForSubject``). Only worker roles get a consumer there; provisioning
+with ``prune`` (an admin act: ``mesh up`` before its nodes start — role users may not delete) removes
+``role-*`` consumers on the stream of roles that are not workers (the ledger once had one it never read).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats.errors
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
-from mesh.config import MeshSettings
-from mesh.errors import ProvisioningError
+from mesh.config import MeshSettings, default_nodes_dir
+from mesh.errors import NodeSpecError, ProvisioningError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,20 @@ log = logging.getLogger(__name__)
 _STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 _CONSUMER_EXISTS = 10148  # "consumer already exists" (a create raced another create)
 _CONSUMER_NAME_EXISTS = 10013
+
+
+def worker_roles(directory: Path | None = None) -> tuple[str, ...]:
+    """The roles whose spec in ``directory`` (default: the role specs' folder) is of kind ``worker``.
+    Only ``role`` and ``kind`` are read here; a node validates its whole spec when it starts."""
+    roles = []
+    for path in sorted((directory or default_nodes_dir()).glob("*.toml")):
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise NodeSpecError(f"{path}: not a readable TOML role spec: {exc}") from exc
+        if doc.get("kind") == "worker":
+            roles.append(str(doc.get("role", path.stem)))
+    return tuple(roles)
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,7 @@ class Topology:
     max_ack_pending: int = 1000
     edge_domains: tuple[str, ...] = ()  # JetStream domains of edge sites whose events a hub keeps
     events_max_age: float = 0.0  # seconds the events stream keeps an event; 0 = forever
+    task_roles: tuple[str, ...] = field(default_factory=worker_roles)  # the tasks stream's roles
 
     @classmethod
     def from_settings(cls, s: MeshSettings) -> Topology:
@@ -139,6 +164,9 @@ class Topology:
         """The stream a role's consumer reads: goals for the planner, tasks for everyone else."""
         return self.goals_stream if role == self.goal_role else self.tasks_stream
 
+    def task_subjects(self) -> list[str]:
+        return [self.task_subject(role) for role in self.task_roles]
+
     def filter_for(self, role: str) -> str:
         return self.goal_subject() if role == self.goal_role else self.task_subject(role)
 
@@ -166,7 +194,7 @@ class Topology:
                       for s in (self.goals_stream, self.tasks_stream)]
         return [
             cfg(self.goals_stream, [self.goal_subject()], api.RetentionPolicy.WORK_QUEUE),
-            cfg(self.tasks_stream, [f"{self.prefix}.task.>"], api.RetentionPolicy.WORK_QUEUE),
+            cfg(self.tasks_stream, self.task_subjects(), api.RetentionPolicy.WORK_QUEUE),
             cfg(self.events_stream, [self.events_filter()], api.RetentionPolicy.LIMITS, self.events_max_age or None),
             cfg(self.dlq_stream, [f"{self.prefix}.dlq.>", *advisories], api.RetentionPolicy.LIMITS),
         ] + [
@@ -184,6 +212,7 @@ class Topology:
 
         The goal role also owns ``outcomes_consumer``: step outcomes from the events stream, from
         the moment it is first created (``DeliverPolicy.NEW``: older history is the ledger's business).
+        A role that is neither (the recorder) owns none here: it reads the events stream its own way.
         """
         def durable(name: str, policy: api.DeliverPolicy, **filters: object) -> api.ConsumerConfig:
             return api.ConsumerConfig(
@@ -194,8 +223,10 @@ class Topology:
 
         own = (self.stream_for(role), durable(self.consumer_name(role), api.DeliverPolicy.ALL,
                                               filter_subject=self.filter_for(role)))
-        if role != self.goal_role:
+        if role in self.task_roles:
             return [own]
+        if role != self.goal_role:
+            return []
         outcomes = durable(self.outcomes_consumer, api.DeliverPolicy.NEW, filter_subjects=self.outcome_subjects())
         return [own, (self.events_stream, outcomes)]
 
@@ -203,8 +234,9 @@ class Topology:
 PROVISION_ATTEMPTS = 5
 
 
-async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = ()) -> None:
-    """Create or update every stream, bucket and store, and a durable pull consumer per role.
+async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = (), *, prune: bool = False) -> None:
+    """Create or update every stream, bucket and store, and a durable pull consumer per role; with
+    ``prune``, delete the tasks stream's consumers of roles that are no worker role.
 
     A JetStream API timeout is retried with backoff: when a whole mesh starts at once on a busy
     machine, the server can take longer than the client's API timeout to answer the burst, and
@@ -214,6 +246,8 @@ async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] =
     for attempt in range(1, PROVISION_ATTEMPTS + 1):
         try:
             await _provision_once(js, topo, roles)
+            if prune:
+                await _drop_stray_consumers(js, topo)
             return
         except TimeoutError as exc:  # nats.errors.TimeoutError is one too
             if attempt == PROVISION_ATTEMPTS:
@@ -250,6 +284,19 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
             raise
         log.info("stream %s exists with another configuration; updating it", config.name)
         await js.update_stream(config)
+
+
+async def _drop_stray_consumers(js: JetStreamContext, topo: Topology) -> None:
+    """Delete ``role-*`` consumers on the tasks stream whose role is no worker: nothing reaches them."""
+    wanted = {topo.consumer_name(role) for role in topo.task_roles}
+    for info in await js.consumers_info(topo.tasks_stream):
+        if info.name.startswith(topo.consumer_name("")) and info.name not in wanted:
+            log.info("deleting consumer %s on %s: %s is not a worker role", info.name, topo.tasks_stream,
+                     info.name.removeprefix(topo.consumer_name("")))
+            try:
+                await js.delete_consumer(topo.tasks_stream, info.name)
+            except NotFoundError:  # another node deleted it first
+                pass
 
 
 async def _ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:

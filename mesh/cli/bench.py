@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every sample size (default 1: a few minutes)")
     p.add_argument("--only", nargs="*", metavar="GROUP", help="bus, router, ledger, orchestration, backends")
+    p.add_argument("--replicas", type=int, default=4,
+                   help="worker replicas compared with one in the orchestration group (default 4, the target's)")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     p.set_defaults(handler=_bench)
 
@@ -38,8 +40,8 @@ def _bench(args: argparse.Namespace) -> int:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     suite = importlib.import_module("bench.suite")
-    argv = ["--scale", str(args.scale)] + (["--only", *args.only] if args.only else []) \
-        + (["--no-write"] if args.no_write else [])
+    argv = ["--scale", str(args.scale), "--replicas", str(args.replicas)] \
+        + (["--only", *args.only] if args.only else []) + (["--no-write"] if args.no_write else [])
     return int(suite.main(argv))
 
 

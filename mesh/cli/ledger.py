@@ -12,11 +12,13 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mesh.config import MeshSettings, get_settings
 from mesh.errors import LedgerError, NotConnected
-from mesh.store.query import QueryResult, jsonable
+
+if TYPE_CHECKING:  # the store imports DuckDB: only the commands that read a ledger file load it
+    from mesh.store.query import QueryResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("ledger", help="the ledger: status, rebuild from the stream, parquet export")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("status", help="the ledger's file, schema version and last stream sequence")
+    a.add_argument("--json", action="store_true", help="one JSON object")
     a.set_defaults(handler=_status)
     a = actions.add_parser("rebuild", help="replay the event stream into a fresh ledger file")
     a.add_argument("--out", type=Path, default=None,
@@ -65,7 +68,13 @@ def _sql(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    print(json.dumps(_run(lambda client: client.status()), indent=2))
+    status = _run(lambda client: client.status())
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    width = max(map(len, status), default=0)
+    for key, value in status.items():
+        print(f"{key:<{width}}  {value if isinstance(value, str) else json.dumps(value)}")
     return 0
 
 
@@ -134,6 +143,8 @@ def _run(ask: Any) -> Any:
 
 def print_result(result: QueryResult, out: TextIO, form: str) -> None:
     """A query result as an aligned text table, JSON records or CSV."""
+    from mesh.store.query import jsonable
+
     if form == "json":
         json.dump([{k: jsonable(v) for k, v in r.items()} for r in result.records()], out, indent=2)
         out.write("\n")
@@ -155,6 +166,8 @@ def print_result(result: QueryResult, out: TextIO, form: str) -> None:
 
 
 def _cell(value: Any) -> str:
+    from mesh.store.query import jsonable
+
     value = jsonable(value)
     if value is None:
         return ""

@@ -39,7 +39,7 @@ from mesh.contracts.models import (
 )
 from mesh.errors import CodecError, MessageTooLarge, SchemaViolation, UnsupportedVersion
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_MAJOR = 1
 
 # kind -> how to validate its body. Events validate through the discriminated union.

@@ -124,6 +124,9 @@ class ToolCall(EventBase):
     refused: bool = False
     error: str | None = None
     duration_ms: float = 0.0
+    sandbox: Literal["bwrap", "fallback"] | None = Field(
+        default=None, description="shell.run: the sandbox the command ran in (docs/TOOLS.md); "
+                                  "fallback is the weaker one. Since 1.1.")
 
 
 class ArtifactCreated(EventBase):

@@ -110,6 +110,7 @@ class LocalMesh:
             self.url = self.nats.url
         env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
                "MESH_DATA_DIR": str(self.data_dir)}
+        await self._provision()
         if self.sim_tiers:
             env.update(await self._start_sim_server())
         if self.edge is not None:  # after the sim's env: the real model takes the edge tier over
@@ -122,6 +123,16 @@ class LocalMesh:
             {"nats_url": self.url, "sim_url": self.sim_url, "edge_url": self.edge.base_url if self.edge else None,
              "pid": os.getpid(),
              "nodes": {p.role: p.proc.pid for p in self.procs if p.proc}}))
+
+    async def _provision(self) -> None:
+        """The topology, provisioned once before any node starts, so every node's own provisioning is a
+        no-op; on our own server as its admin: consumers an older release left behind are pruned (on a
+        server given by MESH_NATS_URL that is its operator's act — role users may not delete)."""
+        from mesh.bus.client import Bus
+
+        async with await Bus.connect(self.settings.model_copy(update={"nats_url": self.url}), name="mesh-up",
+                                     provision=False) as bus:
+            await bus.provision(self.roles, prune=self.nats is not None)
 
     async def _start_sim_server(self) -> dict[str, str]:
         """A sim-server on loopback, and the environment pointing every tier at it over HTTP."""

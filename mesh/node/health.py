@@ -1,8 +1,10 @@
-"""The node's HTTP endpoint: /healthz (alive), /readyz (connected and provisioned), /metrics."""
+"""The node's HTTP endpoint: /healthz (alive), /readyz (connected and provisioned; details such as the
+shell.run sandbox in use), /metrics."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -11,9 +13,11 @@ from mesh.metrics import Metrics
 
 
 class HealthServer:
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int,
+                 detail: dict[str, Any] | None = None) -> None:
         self.metrics = metrics
         self.ready = ready
+        self.detail = detail or {}  # shown by /readyz beside "ready" (e.g. the shell.run sandbox and its warning)
         self.host = host
         self.port = port
         app = web.Application()
@@ -45,7 +49,7 @@ class HealthServer:
 
     async def _readyz(self, _: web.Request) -> web.Response:
         ok = self.ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        return web.json_response({"ready": ok, **self.detail}, status=200 if ok else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")

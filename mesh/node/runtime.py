@@ -33,10 +33,12 @@ from mesh.node.health import HealthServer
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.orchestrator import Orchestrator
-from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
+from mesh.roles.spec import RoleSpec, default_nodes_dir, feedback_kinds, load_specs
 from mesh.roles.worker import Worker
 from mesh.router.hotswap import watch_models
 from mesh.router.runtime import default_router
+from mesh.tools.sandbox import harden_process
+from mesh.tools.sandbox import select as select_sandbox
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,7 +73,14 @@ class Node:
         return self.bus is not None and self.bus.connected and bool(self._stoppable)
 
     async def run(self) -> None:
-        health = HealthServer(self.metrics, self.ready, self.settings.health_host, self.settings.health_port)
+        detail: dict[str, Any] = {}
+        if "shell.run" in self.spec.tools:
+            box = await asyncio.to_thread(select_sandbox, self.settings.sandbox)  # ConfigError if required and absent
+            detail["sandbox"] = box.describe()
+            if box.warning:
+                log.warning(box.warning)
+        health = HealthServer(self.metrics, self.ready, self.settings.health_host, self.settings.health_port,
+                              detail=detail)
         port = await health.start()
         log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
         try:
@@ -107,11 +116,12 @@ class Node:
                                  handler=orch.on_goal, concurrency=self.spec.concurrency, dlq_subject=dlq,
                                  on_give_up=orch.give_up_goal),
                     PullConsumer(bus, stream=topo.events_stream, durable=topo.outcomes_consumer,
-                                 handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq),
+                                 handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq,
+                                 on_give_up=orch.give_up_outcome),
                 ]
                 runners.append(lambda: orch.sweep(self.stop))
             else:
-                worker = Worker(bus, self.spec, caller, goals, self.node_id)
+                worker = Worker(bus, self.spec, caller, goals, self.node_id, feedback_kinds=feedback_kinds(self.specs))
                 self._stoppable.append(
                     PullConsumer(bus, stream=topo.tasks_stream, durable=topo.consumer_name(self.spec.role),
                                  handler=worker.handle, concurrency=self.spec.concurrency, dlq_subject=dlq,
@@ -176,7 +186,7 @@ async def _announce(bus: Bus, up: NodeUp) -> None:
             await bus.emit(up)
             return
         except PublishError as exc:
-            if attempt == ANNOUNCE_ATTEMPTS or getattr(exc, "retryable", True) is False:
+            if attempt == ANNOUNCE_ATTEMPTS or not exc.retryable:
                 raise
             log.warning("node.up not acknowledged (attempt %d of %d): %s", attempt, ANNOUNCE_ATTEMPTS, exc)
             await asyncio.sleep(0.5 * attempt)
@@ -189,6 +199,9 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
     if role not in specs:
         raise NodeSpecError(f"unknown role {role!r}; roles with a spec in nodes/: {', '.join(sorted(specs))}")
     setup_json_logging(settings.log_level, role=role)
+    # A node process is non-dumpable (a same-uid tool run cannot read its environment) and the subreaper
+    # of whatever a run leaves behind; not in Node.run, which tests also run inside the test process.
+    harden_process()
     node = Node(specs[role], specs, settings)
 
     async def main() -> None:

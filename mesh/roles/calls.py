@@ -99,7 +99,7 @@ class ModelCaller:
         left = [s for s in ((deadline - utcnow()).total_seconds() if deadline else None,
                             remaining.max_wall_seconds if remaining else None) if s is not None]
         ctx = RouteContext(
-            role=spec.role, needed_tokens=needed_tokens,
+            role=spec.role, output_kind=spec.output_kind, needed_tokens=needed_tokens,
             windows={t: self.gateway.window(t) for t in TIERS},
             available={t: self.gateway.available(t) for t in TIERS},
             preferred=spec.router.preferred, difficulty=difficulty, position=position, attempt=attempt,
@@ -117,7 +117,16 @@ class ModelCaller:
 
     async def chat(self, req: ChatRequest, decision: RouteDecision, remaining: Budget,
                    check: Callable[[], Awaitable[None]]) -> ChatResponse:
-        """One routed call; ``check`` runs first (cancellation) and may raise."""
+        """One routed call; ``check`` (cancellation) runs before each attempt and may raise."""
         await check()
         guard = BudgetGuard(remaining, spent=self.current_usage())
-        return await self.gateway.chat(req, decision.tier, budget=guard)
+        return await self.gateway.chat(req, decision.tier, budget=guard, before_call=check)
+
+    async def swarm(self, req: ChatRequest, subtasks: list[str], decision: RouteDecision, remaining: Budget,
+                    check: Callable[[], Awaitable[None]]) -> ChatResponse:
+        """A routed swarm fan-out under the same guards as ``chat``: refused before it spends when the
+        goal cannot afford its sub-agents and their composition, ``check`` before every sub-agent call
+        (a cancellation stops the sub-agents still running and the composition)."""
+        await check()
+        guard = BudgetGuard(remaining, spent=self.current_usage())
+        return await self.gateway.swarm(req, subtasks, tier=decision.tier, budget=guard, before_call=check)

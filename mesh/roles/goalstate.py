@@ -8,6 +8,7 @@ and re-driven goals harmless.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Literal
 
@@ -38,6 +39,26 @@ class StepState(Wire):
     failures: int = 0
     dispatched_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class StepProgressView(Wire):
+    """What a worker checks of one step: its status and attempt."""
+
+    status: StepStatus = "pending"
+    attempt: int = 0
+
+
+class GoalProgressView(Wire):
+    """The part of a stored ``GoalState`` a worker checks before and during a step. Validating only
+    this (the rest of the document is skipped, not turned into models) costs a fraction of the whole
+    state, which grows with every step — the full parse was a large share of a step's worker CPU."""
+
+    status: GoalStatus = "planning"
+    steps: dict[str, StepProgressView] = Field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
 
 
 class GoalState(Wire):
@@ -167,14 +188,17 @@ class GoalState(Wire):
         self.remember(f"{step_id} ({st.step.role}) FAILED: {error[:160]}")
         return True
 
-    def add_revision(self, review_id: str) -> list[str]:
-        """Review → revision loop: a coder revision of the reviewed work and a fresh review of it.
+    def add_revision(self, review_id: str, revisers: Collection[str], feedback: str) -> list[str]:
+        """Review → revision loop: a revision of the reviewed work and a fresh review of it.
 
-        Dependents of the review (and of the reviewed coder step) are rewired to the new pair, so the
-        rest of the plan waits for the revised, re-reviewed work. Returns the new step ids.
+        The reviewed work is the review's latest dependency of a role in ``revisers`` (the roles whose
+        spec says ``revises``); its revision is a step of that same role. ``feedback`` names what the
+        review produced ("review", "test report"). Dependents of the review (and of the reviewed step)
+        are rewired to the new pair, so the rest of the plan waits for the revised, re-reviewed work.
+        Returns the new step ids.
         """
         review = self.steps[review_id].step
-        coder_ids = [d for d in review.depends_on if self.steps[d].step.role == "coder"]
+        coder_ids = [d for d in review.depends_on if self.steps[d].step.role in revisers]
         if not coder_ids:
             return []
         coder = self.steps[coder_ids[-1]].step
@@ -183,10 +207,9 @@ class GoalState(Wire):
         base_coder = coder.revision_of or coder.step_id
         base_review = review.revision_of or review.step_id
         new_coder = Step(
-            step_id=f"{base_coder}-rev{n}", role="coder", depends_on=[coder.step_id, review_id],
+            step_id=f"{base_coder}-rev{n}", role=coder.role, depends_on=[coder.step_id, review_id],
             instruction=f"Revise the work of step {coder.step_id}: address every note of step {review_id}'s "
-                        f"{'test report' if review.role == 'tester' else 'review'}.\n"
-                        f"Original instruction: {coder.instruction}",
+                        f"{feedback}.\nOriginal instruction: {coder.instruction}",
             acceptance=coder.acceptance, difficulty=coder.difficulty, revision_of=base_coder,
         )
         new_review = Step(

@@ -15,7 +15,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysEr
 from nats.js.kv import KeyValue
 
 from mesh.errors import BusError
-from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstate import GoalProgressView, GoalState
 
 T = TypeVar("T")
 MAX_CAS_ATTEMPTS = 50
@@ -33,6 +33,14 @@ class GoalStore:
         except KeyNotFoundError:
             return None
         return GoalState.model_validate_json(value) if value else None
+
+    async def progress(self, goal_id: str) -> GoalProgressView | None:
+        """The goal's status and its steps' status and attempt, without parsing the rest (see the view)."""
+        try:
+            _, value = await self._read(goal_id)
+        except KeyNotFoundError:
+            return None
+        return GoalProgressView.model_validate_json(value) if value else None
 
     async def create(self, state: GoalState) -> bool:
         """Store a new goal; False when another replica created it first."""

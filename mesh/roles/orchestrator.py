@@ -47,15 +47,16 @@ from mesh.contracts import (
     StepDispatched,
     StepFailed,
     Task,
+    prompt,
     utcnow,
 )
 from mesh.contracts.options import validate_options
-from mesh.errors import AllTiersFailed, BackendError, BusError, OptionInvalid, PlanInvalid, RetryableBackendError
+from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
-from mesh.roles.spec import RoleSpec
+from mesh.roles.spec import RoleSpec, revising_roles, synthesizing_role
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class Orchestrator:
         self.bus = bus
         self.spec = spec
         self.roles = {r: s for r, s in roles.items() if s.kind == "worker"}
+        # The jobs the plan hands out, by what the role specs say (never by role name).
+        self.synthesizer = synthesizing_role(self.roles)
+        self.revisers = revising_roles(self.roles)
         self.caller = caller
         self.goals = goals
         self.node_id = node_id
@@ -111,7 +115,7 @@ class Orchestrator:
             except OptionInvalid as exc:  # a door that did not check (a client library, a hand-made message)
                 await self._fail_goal(gid, str(exc), planning=True)
                 return
-            await self._plan(state, attempt=delivery.attempt)
+            await self._plan(state, delivery=delivery)
         else:
             await self.redrive(gid)  # a redelivered goal: make sure its dispatches went out
 
@@ -123,7 +127,17 @@ class Orchestrator:
         # only while planning: a running goal is the sweep's to look after
         await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000], planning=True)
 
-    async def _plan(self, state: GoalState, *, attempt: int, failed: str | None = None) -> None:
+    async def give_up_outcome(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consumer gives up on a step outcome it could not record (a bug, an error no retry fixes):
+        the goal fails with the reason instead of waiting on a step whose outcome will never count."""
+        event: object = delivery.envelope.message()
+        if isinstance(event, StepCompleted | StepFailed):
+            await self._fail_goal(event.goal_id, f"the outcome of step {event.step_id} could not be recorded: "
+                                                 f"{type(exc).__name__}: {exc}"[:2000])
+
+    async def _plan(self, state: GoalState, *, delivery: Delivery | None, failed: str | None = None) -> None:
+        """Plan (``failed``: replan) the goal. ``delivery`` is the goal message's, retried by re-raising
+        while its consumer would retry it; a replan (None) is never retried that way."""
         goal = state.goal
         try:
             plan = await self._ask_for_plan(state, version=state.plan_version + 1, failed=failed)
@@ -131,12 +145,9 @@ class Orchestrator:
             await self._fail_goal(goal.goal_id, f"no valid plan after {self.limits.max_plan_attempts} "
                                                 f"attempts: {exc}")
             return
-        except (RetryableBackendError, AllTiersFailed) as exc:
-            if attempt < self.bus.topology.max_deliver and failed is None and exc.retryable:
-                raise  # nak: plan again later (a non-retryable error would be dead-lettered: the goal lost)
-            await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
-            return
         except BackendError as exc:
+            if delivery is not None and not delivery.gives_up(exc):
+                raise  # nak: plan again later
             await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
 
@@ -159,19 +170,20 @@ class Orchestrator:
 
     async def _ask_for_plan(self, state: GoalState, *, version: int, failed: str | None) -> Plan:
         goal = state.goal
-        roles = "\n".join(f"- {r}: {s.description}" for r, s in sorted(self.roles.items()))
-        lines = ["## Pinned constraints\n" + "\n".join(f"- {c}" for c in goal.constraints or ["(none)"]),
-                 f"## Goal\n{goal.brief}", f"## Roles\n{roles}"]
+        roles = prompt.bullets(prompt.role_line(r, s.output_kind, s.description) for r, s in sorted(self.roles.items()))
+        sections = [(prompt.CONSTRAINTS, prompt.bullets(goal.constraints or [prompt.NONE])), (prompt.GOAL, goal.brief),
+                    (prompt.ROLES, roles)]
         if failed is not None:
-            done = [f"- {sid} ({st.step.role}): completed" for sid, st in state.steps.items()
+            done = [f"{sid} ({st.step.role}): completed" for sid, st in state.steps.items()
                     if st.status == "completed"]
-            lines.append("## Replan\nStep " + failed + " failed after retries. Completed steps (keep their ids, "
-                         "they will not run again):\n" + "\n".join(done or ["(none)"]) +
-                         "\nPlan the remaining work; you may change or replace the failed step.")
-        lines.append(f"## Output\n{self.spec.prompts.output if self.spec.prompts else ''}")
-        messages = [ChatMessage(role="system", content=f"ROLE: planner\n{self.spec.prompts.system}"),  # type: ignore[union-attr]
-                    ChatMessage(role="user", content="\n\n".join(lines))]
-        self.caller.scope(goal.goal_id, "plan", "planner", version)
+            sections.append((prompt.REPLAN, "Step " + failed + " failed after retries. Completed steps (keep their "
+                             "ids, they will not run again):\n" + prompt.bullets(done or [prompt.NONE]) +
+                             "\nPlan the remaining work; you may change or replace the failed step."))
+        sections.append((prompt.OUTPUT, self.spec.prompts.output if self.spec.prompts else ""))
+        messages = [ChatMessage(role="system", content=prompt.system(self.spec.role, self.spec.output_kind,
+                                                                     self.spec.prompts.system)),  # type: ignore[union-attr]
+                    ChatMessage(role="user", content=prompt.render(sections))]
+        self.caller.scope(goal.goal_id, "plan", self.spec.role, version)
         decision = await self.caller.route(
             self.spec, goal_id=goal.goal_id, step_id="plan",
             needed_tokens=messages_tokens(messages) + self.limits.max_output_tokens,
@@ -183,7 +195,7 @@ class Orchestrator:
         for _ in range(self.limits.max_plan_attempts):
             request = ChatRequest(messages=messages, thinking=decision.thinking, json_schema=PLAN_SCHEMA,
                                   max_tokens=self.limits.max_output_tokens,
-                                  metadata={"role": "planner", **{k: v for k, v in goal.options.items()
+                                  metadata={"role": self.spec.role, **{k: v for k, v in goal.options.items()
                                                                  if isinstance(v, str | int | float | bool)}})
             response = await self.caller.chat(request, decision, _remaining(state), _no_check)
             try:
@@ -203,7 +215,7 @@ class Orchestrator:
             plan = Plan(goal_id=goal_id, steps=doc["steps"], version=version, rationale=str(doc.get("rationale", "")))
         except (ValueError, KeyError, TypeError) as exc:
             raise PlanInvalid(f"plan is not valid JSON of the plan schema: {str(exc)[:300]}") from exc
-        plan = _with_synthesis(plan)
+        plan = _with_synthesis(plan, self.synthesizer)
         plan.check(frozenset(self.roles), max_steps=self.limits.max_plan_steps)
         return plan
 
@@ -226,7 +238,9 @@ class Orchestrator:
             if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary):
                 return False
             if ev.verdict == "changes_requested" and s.review_rounds < self.limits.max_review_iterations:
-                s.add_revision(ev.step_id)
+                reviewer = self.roles.get(ev.role)
+                s.add_revision(ev.step_id, self.revisers,
+                               reviewer.output_kind.replace("_", " ") if reviewer else "review")
             return True
 
         state, recorded = await self._advance(ev.goal_id, record)
@@ -249,7 +263,7 @@ class Orchestrator:
             await self._fail_goal(ev.goal_id, f"step {ev.step_id} failed and the replan limit "
                                               f"({self.limits.max_replans}) is reached: {ev.error}")
             return state
-        await self._plan(state, attempt=1, failed=ev.step_id)
+        await self._plan(state, delivery=None, failed=ev.step_id)
         return state
 
     async def _compact_memory(self, state: GoalState) -> None:
@@ -277,7 +291,7 @@ class Orchestrator:
         def move(s: GoalState) -> _Moves | None:
             if record is not None and not record(s):
                 return None
-            return _forward(s) or (_Moves([]) if record is not None else None)
+            return _forward(s, self.synthesizer) or (_Moves([]) if record is not None else None)
 
         state, moves = await self.goals.mutate(goal_id, move)
         if moves is not None and moves.finished:
@@ -354,10 +368,19 @@ class Orchestrator:
 
     async def sweep(self, stop: asyncio.Event) -> None:
         """Reconciliation: wall-time budgets and stale dispatches of running goals."""
+        # Goals seen finished: a finished goal never runs again, so it is not read (and parsed) again every
+        # sweep: the bucket keeps every goal, so reading them all cost more with every goal ever run.
+        finished: set[str] = set()
         while not stop.is_set():
             try:
-                for gid in await self.goals.keys():
+                keys = await self.goals.keys()
+                finished.intersection_update(keys)  # bounded by the bucket
+                for gid in keys:
+                    if gid in finished:
+                        continue
                     state = await self.goals.get(gid)
+                    if state is not None and state.done:
+                        finished.add(gid)
                     if state is None or state.done or state.status == "planning":
                         continue
                     now = utcnow()
@@ -381,7 +404,7 @@ class _Moves:
     finished: bool = False
 
 
-def _forward(s: GoalState) -> _Moves | None:
+def _forward(s: GoalState, synthesizer: str) -> _Moves | None:
     """Budgets, completion, then every ready step marked dispatched; None when nothing changed."""
     if s.done:
         return None
@@ -389,7 +412,7 @@ def _forward(s: GoalState) -> _Moves | None:
         s.finish("failed", breach)
         return _Moves([], finished=True)
     if s.all_completed():
-        s.result = _final_output(s)
+        s.result = _final_output(s, synthesizer)
         s.finish("completed")
         return _Moves([], finished=True)
     ready = s.ready()
@@ -398,21 +421,22 @@ def _forward(s: GoalState) -> _Moves | None:
     return _Moves(ready) if ready else None
 
 
-def _with_synthesis(plan: Plan) -> Plan:
-    """Every plan ends in one synthesizer step that depends on all sinks: the goal's final artifact."""
-    if any(s.role == "synthesizer" for s in plan.steps):
+def _with_synthesis(plan: Plan, role: str) -> Plan:
+    """Every plan ends in one step of the synthesizing ``role`` that depends on all sinks: the goal's
+    final artifact."""
+    if any(s.role == role for s in plan.steps):
         return plan
     needed = {d for s in plan.steps for d in s.depends_on}
     sinks = [s.step_id for s in plan.steps if s.step_id not in needed]
-    synth = Step(step_id="synthesis", role="synthesizer", depends_on=sinks,
+    synth = Step(step_id="synthesis", role=role, depends_on=sinks,
                  instruction="Compose every output into the final deliverable for the goal.")
     return plan.model_copy(update={"steps": [*plan.steps, synth]})
 
 
-def _final_output(state: GoalState) -> Any:
-    """The main output of the last completed synthesizer step (else of the last completed step)."""
+def _final_output(state: GoalState, synthesizer: str) -> Any:
+    """The main output of the last completed step of the ``synthesizer`` role (else of the last completed step)."""
     done = [st for st in state.steps.values() if st.status == "completed" and st.outputs]
-    done.sort(key=lambda st: (st.step.role == "synthesizer", st.finished_at or utcnow()))
+    done.sort(key=lambda st: (st.step.role == synthesizer, st.finished_at or utcnow()))
     return done[-1].outputs[0] if done else None
 
 

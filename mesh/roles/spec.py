@@ -1,23 +1,28 @@
 """Role specs: ``nodes/<role>.toml`` is data, validated here at start with clear errors.
 
 A new worker role is a new TOML file and no Python: the worker runtime reads its subjects (derived
-from the role name), tools, prompts, concurrency, tier preferences and limits from the spec.
+from the role name), tools, prompts, concurrency, tier preferences and limits from the spec. The jobs
+the planner hands out are spec fields too, never role names: which role's work is revised when a
+review or a failing test requests changes (``revises``), which role ends every plan with the goal's
+result (``synthesizes``), which outputs are feedback (those of roles with ``verdicts`` or
+``verdict_from_tests``); the orchestrator kind plans. Renaming a role is renaming its file.
 """
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh.config import default_nodes_dir
 from mesh.contracts.models import TIERS
 from mesh.errors import NodeSpecError
 from mesh.tools.catalog import TOOL_NAMES
 
 RoleKind = Literal["orchestrator", "worker", "recorder"]
+PLAN_KIND = "plan"  # what an orchestrator produces
 
 
 class _Strict(BaseModel):
@@ -64,11 +69,20 @@ class RoleSpec(_Strict):
     concurrency: int = Field(default=1, ge=1, le=256)
     tools: list[str] = Field(default_factory=list)
     shell_allow: list[str] = Field(default_factory=list, description="Commands shell.run may start.")
-    output_kind: str = Field(default="note", description="Artifact kind of the step's main output.")
+    shell_network: bool = Field(default=False, description="shell.run commands may use the network (off: the "
+                                                           "sandbox has no network at all).")
+    output_kind: str = Field(default="note", pattern=r"^[a-z][a-z0-9_]{0,31}$",
+                             description="Artifact kind of the step's main output (an orchestrator's: plan).")
     verdicts: bool = Field(default=False, description="Output is a review verdict (approve / changes requested).")
     verdict_from_tests: bool = Field(
         default=False, description="The step's verdict is the exit status of the last command it ran with "
                                    "shell.run: a failing test run requests changes, like a review does.")
+    revises: bool = Field(
+        default=False, description="When a review or a failing test run requests changes to a step of this "
+                                   "role, a revision step of this role addresses them (and is checked again).")
+    synthesizes: bool = Field(
+        default=False, description="Every plan ends in a step of this role that depends on all the others; "
+                                   "its output is the goal's result.")
     prompts: Prompts | None = None
     router: RouterPrefs = Field(default_factory=RouterPrefs)
     limits: Limits = Field(default_factory=Limits)
@@ -85,23 +99,20 @@ class RoleSpec(_Strict):
     def _kind_needs(self) -> RoleSpec:
         if self.kind != "recorder" and self.prompts is None:
             raise ValueError(f"a {self.kind} role needs a [prompts] table with a system prompt")
-        if self.shell_allow and "shell.run" not in self.tools:
-            raise ValueError("shell_allow is set but shell.run is not in tools")
+        if (self.shell_allow or self.shell_network) and "shell.run" not in self.tools:
+            raise ValueError("shell_allow or shell_network is set but shell.run is not in tools")
         if self.verdict_from_tests and ("shell.run" not in self.tools or self.verdicts):
             raise ValueError("verdict_from_tests needs shell.run in tools and excludes verdicts")
+        if (self.revises or self.synthesizes) and self.kind != "worker":
+            raise ValueError("revises and synthesizes are jobs of worker roles")
+        if self.kind == "orchestrator" and "output_kind" not in self.model_fields_set:
+            self.output_kind = PLAN_KIND
         return self
 
-
-def default_nodes_dir() -> Path:
-    """``MESH_NODES_DIR``, else ``nodes/`` beside the package (a source checkout), else the packaged copy."""
-    env = os.environ.get("MESH_NODES_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / "nodes", here.parent / "nodes"):
-        if candidate.is_dir():
-            return candidate
-    raise NodeSpecError("no nodes/ directory found; set MESH_NODES_DIR")
+    @property
+    def gives_feedback(self) -> bool:
+        """Its output is a verdict on other work (a review, a test report) that a revision addresses."""
+        return self.verdicts or self.verdict_from_tests
 
 
 def load_spec(path: Path) -> RoleSpec:
@@ -128,7 +139,27 @@ def load_specs(directory: Path | None = None) -> dict[str, RoleSpec]:
     specs = {p.stem: load_spec(p) for p in sorted(directory.glob("*.toml"))}
     if not specs:
         raise NodeSpecError(f"no role specs (*.toml) in {directory}")
+    if len(synthesizers := [r for r, s in specs.items() if s.synthesizes]) > 1:
+        raise NodeSpecError(f"{directory}: only one role may synthesize; {', '.join(synthesizers)} do")
     return specs
+
+
+def synthesizing_role(specs: dict[str, RoleSpec]) -> str:
+    """The role that ends every plan (``synthesizes = true``); ``NodeSpecError`` when none does."""
+    role = next((r for r, s in specs.items() if s.synthesizes), None)
+    if role is None:
+        raise NodeSpecError("no role spec has synthesizes = true: a planner needs a role to end every plan")
+    return role
+
+
+def revising_roles(specs: dict[str, RoleSpec]) -> frozenset[str]:
+    """Roles whose work a review or a failing test sends back for a revision (``revises = true``)."""
+    return frozenset(r for r, s in specs.items() if s.revises)
+
+
+def feedback_kinds(specs: dict[str, RoleSpec]) -> frozenset[str]:
+    """Output kinds that are feedback a revision addresses (reviews, test reports)."""
+    return frozenset(s.output_kind for s in specs.values() if s.gives_feedback)
 
 
 def worker_roles(specs: dict[str, RoleSpec]) -> frozenset[str]:

@@ -22,10 +22,12 @@ from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
 from mesh.bus.outbox import Outbox
+from mesh.config import MeshSettings
 from mesh.contracts import (
     Artifact,
     ArtifactCreated,
     ArtifactRef,
+    RouteDecision,
     StepCompleted,
     StepFailed,
     StepProgress,
@@ -33,21 +35,16 @@ from mesh.contracts import (
     Task,
     ToolCall,
     Usage,
+    prompt,
 )
-from mesh.errors import (
-    AllTiersFailed,
-    BusError,
-    GoalCancelled,
-    MalformedResponse,
-    MeshError,
-    RetryableBackendError,
-)
+from mesh.errors import GoalCancelled, MalformedResponse, MeshError
 from mesh.packing import apack, estimate_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
-from mesh.tools.cache import BlobCache
+from mesh.tools.cache import BlobCache, MemoryCache
 from mesh.tools.merge import resolve_workspace
+from mesh.tools.sandbox import select as select_sandbox
 from mesh.tools.shell import ShellLimits, ShellPolicy
 from mesh.tools.toolbox import LedgerQueryFn, ToolBox
 from mesh.tools.workspace import MANIFEST_MEDIA_TYPE, Workspace
@@ -64,30 +61,39 @@ VERDICT_SCHEMA: dict[str, Any] = {
 }
 MAX_INPUT_FILE_CHARS = 20_000
 CANCEL_RECHECK_SECONDS = 0.5
-# Outputs (named "<step>/<kind>") that a revision step is asked to address: reviews and test reports.
-FEEDBACK_KINDS = ("/review", "/test_report")
+
+
+def shell_policy(spec: RoleSpec, s: MeshSettings) -> ShellPolicy:
+    """What the role's ``shell.run`` may start, within which limits, in which sandbox (probed here, once)."""
+    limits = ShellLimits(timeout_seconds=s.shell_timeout, cpu_seconds=s.shell_cpu_seconds,
+                         memory_bytes=s.shell_memory_mb << 20, output_bytes=s.shell_output_kb << 10,
+                         processes=s.shell_processes, open_files=s.shell_open_files)
+    return ShellPolicy(frozenset(spec.shell_allow), limits, network=spec.shell_network,
+                       sandbox=select_sandbox(s.sandbox) if "shell.run" in spec.tools else None)
 
 
 class Worker:
-    def __init__(self, bus: Bus, spec: RoleSpec, caller: ModelCaller, goals: GoalStore, node_id: str) -> None:
+    def __init__(self, bus: Bus, spec: RoleSpec, caller: ModelCaller, goals: GoalStore, node_id: str, *,
+                 feedback_kinds: frozenset[str]) -> None:
         self.bus = bus
         self.spec = spec
+        # Outputs (named "<step>/<kind>") that a revision addresses: the kinds of the roles that give
+        # feedback (``spec.feedback_kinds``: reviews, test reports).
+        self.feedback_kinds = feedback_kinds
         self.caller = caller
         self.goals = goals
         self.node_id = node_id
-        self.max_deliver = bus.topology.max_deliver
         s = bus.settings
-        self.blobs = BlobCache(s.data_dir / "blobs", bus.get_blob)  # workspace files, by digest, on this node
-        self.shell = ShellPolicy(frozenset(spec.shell_allow), ShellLimits(
-            timeout_seconds=s.shell_timeout, cpu_seconds=s.shell_cpu_seconds, memory_bytes=s.shell_memory_mb << 20,
-            output_bytes=s.shell_output_kb << 10))
+        # workspace files, by digest: recent ones in memory, the rest on this node's disk
+        self.blobs = MemoryCache(BlobCache(s.data_dir / "blobs", bus.get_blob))
+        self.shell = shell_policy(spec, s)
         self.ledger = _ledger_query(bus) if "ledger.query" in spec.tools else None
 
     async def handle(self, delivery: Delivery) -> None:
         task = delivery.message(Task)
         started = time.perf_counter()
         metrics = self.caller.metrics
-        state = await self.goals.get(task.goal_id)
+        state = await self.goals.progress(task.goal_id)
         current = state.steps.get(task.step.step_id) if state else None
         if state is None or state.done or current is None or current.status != "dispatched" \
                 or current.attempt != task.attempt:
@@ -104,18 +110,13 @@ class Worker:
             except GoalCancelled:
                 metrics.task_done("cancelled", time.perf_counter() - started)
                 return
-            except (RetryableBackendError, AllTiersFailed, BusError) as exc:
+            except MeshError as exc:
                 metrics.error(type(exc).__name__)
-                # Only what the consumer loop retries may be re-raised: it dead-letters a non-retryable error
-                # (every circuit open, an unpublishable output), and the step would vanish without an outcome.
-                if delivery.attempt < self.max_deliver and getattr(exc, "retryable", True):
+                if not delivery.gives_up(exc):
                     raise  # nak with backoff: another delivery, maybe on another replica
-                await self._fail(task, f"gave up after {delivery.attempt} deliveries: {exc}", scope.usage, outbox)
-                metrics.task_done("failed", time.perf_counter() - started)
-                return
-            except MeshError as exc:  # permanent: retrying the same task fails the same way
-                metrics.error(type(exc).__name__)
-                await self._fail(task, str(exc), scope.usage, outbox)
+                # Given up: the step fails here, with what it spent (the consumer's give_up knows neither).
+                reason = f"gave up after {delivery.attempt} deliveries: {exc}" if exc.retryable else str(exc)
+                await self._fail(task, reason, scope.usage, outbox)
                 metrics.task_done("failed", time.perf_counter() - started)
                 return
             await outbox.settle()
@@ -147,7 +148,7 @@ class Worker:
             nonlocal checked
             if time.monotonic() - checked < CANCEL_RECHECK_SECONDS:
                 return
-            state = await self.goals.get(goal_id)
+            state = await self.goals.progress(goal_id)
             if state is None or state.status == "cancelled":
                 raise GoalCancelled(f"goal {goal_id} was cancelled")
             checked = time.monotonic()
@@ -165,14 +166,17 @@ class Worker:
         workspace = await Workspace.open(workspace_ref, self.blobs)
         if workspace_ref is not None:
             inputs.append(("workspace", await workspace.render(MAX_INPUT_FILE_CHARS), -1))
+        # A revision addresses the feedback it depends on: packed as its own section, above every other input.
+        feedback = [(name, text, len(task.inputs) + priority) for name, text, priority in reviews] \
+            if step.revision_of else []
+        if feedback:
+            inputs = [i for i in inputs if i[0] not in {name for name, _, _ in feedback}]
         instruction = step.instruction
-        if step.revision_of and reviews:
-            instruction += "\n\n## Previous review\n" + "\n\n".join(reviews)
         if spec.prompts and spec.prompts.output:
             instruction += f"\n\nOutput format: {spec.prompts.output}"
-        system = f"ROLE: {spec.role}\n{spec.prompts.system if spec.prompts else ''}"
+        system = prompt.system(spec.role, spec.output_kind, spec.prompts.system if spec.prompts else "")
         needed = estimate_tokens(system + instruction + task.brief + task.memory + "".join(task.constraints)) \
-            + sum(estimate_tokens(t) for _, t, _ in inputs) + spec.limits.max_output_tokens
+            + sum(estimate_tokens(t) for _, t, _ in inputs + feedback) + spec.limits.max_output_tokens
         decision = await self.caller.route(
             spec, goal_id=task.goal_id, step_id=step.step_id, needed_tokens=needed, difficulty=step.difficulty,
             position=task.position, attempt=task.attempt, prior_failures=task.prior_failures + delivery.attempt - 1,
@@ -185,7 +189,7 @@ class Worker:
                                    budget=BudgetGuard(task.remaining, spent=self.caller.current_usage()))
         packed = await apack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,
                              acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
-                             output_reserve=spec.limits.max_output_tokens, summarise=summarise)
+                             output_reserve=spec.limits.max_output_tokens, summarise=summarise, feedback=feedback)
         if packed.dropped or packed.summarised:
             await outbox.emit(StepProgress(
                 event_id=f"{task.task_id}.packed.{delivery.attempt}", goal_id=task.goal_id, step_id=step.step_id,
@@ -214,15 +218,14 @@ class Worker:
             verdict=verdict, tier=response.tier or decision.tier,  # type: ignore[arg-type]
         )  # tier: the one that answered, after any fallback
 
-    async def _converse(self, task: Task, request: ChatRequest, decision: Any, toolbox: ToolBox,
+    async def _converse(self, task: Task, request: ChatRequest, decision: RouteDecision, toolbox: ToolBox,
                         outbox: Outbox, check: Callable[[], Awaitable[None]]) -> ChatResponse:
         """The bounded tool loop (or a swarm fan-out for wide, tool-less steps)."""
         fan_out = self.spec.router.swarm_fan_out
         if decision.tier == "swarm" and fan_out and not request.tools:
-            await check()
             subtasks = [f"Part {i + 1} of {fan_out}: cover one distinct aspect of: {task.step.instruction}"
                         for i in range(fan_out)]
-            return await self.caller.gateway.swarm(request, subtasks)
+            return await self.caller.swarm(request, subtasks, decision, task.remaining, check)
         messages = list(request.messages)
         for _round in range(self.spec.limits.max_tool_rounds + 1):
             response = await self.caller.chat(request.model_copy(update={"messages": messages}), decision,
@@ -237,25 +240,26 @@ class Worker:
                     event_id=f"{task.task_id}.tool.{call.id}", goal_id=task.goal_id, step_id=task.step.step_id,
                     role=self.spec.role, node=self.node_id, tool=call.name, arguments=result.arguments,
                     ok=result.ok, refused=result.refused, error=None if result.ok else result.content,
-                    duration_ms=result.duration_ms,
+                    duration_ms=result.duration_ms, sandbox=result.sandbox,
                 ))
                 messages.append(ChatMessage(role="tool", content=result.content, tool_call_id=call.id,
                                             name=call.name))
         raise AssertionError("unreachable: the loop returns on its last round")
 
-    async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]], list[str]]:
-        """Dependency outputs → (the workspace to work on, text inputs with priorities, feedback texts)."""
+    async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]],
+                                                      list[tuple[str, str, int]]]:
+        """Dependency outputs → (the workspace to work on, text inputs with priorities, the feedback among them)."""
         workspace = await resolve_workspace([r for r in task.inputs if r.media_type == MANIFEST_MEDIA_TYPE],
                                             self.blobs, self._store)
         texts = [(p, r) for p, r in enumerate(task.inputs) if r.media_type != MANIFEST_MEDIA_TYPE]
         blobs = await together(*(self.bus.get_blob(ref.digest) for _, ref in texts))
         inputs: list[tuple[str, str, int]] = []
-        reviews: list[str] = []
+        reviews: list[tuple[str, str, int]] = []
         for (priority, ref), blob in zip(texts, blobs, strict=True):
-            text = blob.decode("utf-8", errors="replace")
-            if ref.name.endswith(FEEDBACK_KINDS):
-                reviews.append(text)
-            inputs.append((ref.name or ref.digest[:12], text, priority))
+            item = (ref.name or ref.digest[:12], blob.decode("utf-8", errors="replace"), priority)
+            if ref.name.rpartition("/")[2] in self.feedback_kinds:
+                reviews.append(item)
+            inputs.append(item)
         return workspace, inputs, reviews
 
     async def _publish_outputs(self, task: Task, text: str, ws: Workspace, ws_in: ArtifactRef | None,

@@ -3,11 +3,13 @@ model sees — at decision time in every node and, from the logged ``route.decid
 training time. A model records the ``FEATURE_VERSION`` it was trained on and a node refuses a model
 of another version, so changing anything below (order, scaling, hashing) means bumping the version.
 
-Version ``route-f1`` (``FEATURE_NAMES`` lists the 47 columns in order):
+Version ``route-f2`` (``FEATURE_NAMES`` lists the 47 columns in order):
 
 * size — ``log1p(needed_tokens) / 14``; per tier the fill ``needed / window`` (capped at 4), whether
   it fits, and ``log1p(100 · worst-case USD of the call)``;
-* role — one-hot over the default roles, anything else is ``role_other`` (a TOML-only role shares it);
+* role — what the role *is*, never its name (a renamed role routes as before): one-hot of its output
+  kind (``plan`` for the orchestrator; any kind not listed is ``kind_other``), with its tool count,
+  swarm capability and thinking preference below;
 * step — difficulty; DAG depth, layer width (fan-out), dependents (each capped at 64) and
   ``log1p(total steps)``; ``attempt − 1`` and prior failures (capped at 8); tools the role may call;
 * budget and time — the least fraction left of any goal budget; deadline pressure
@@ -30,20 +32,22 @@ import numpy as np
 from mesh.backends.tiers import TierConfig
 from mesh.contracts.models import TIERS, DagPosition
 
-FEATURE_VERSION = "route-f1"
-ROLES: tuple[str, ...] = ("planner", "researcher", "coder", "reviewer", "tester", "synthesizer")
+FEATURE_VERSION = "route-f2"
+# f1 one-hot encoded the default roles' names; f2 encodes their output kinds (the same columns for the
+# default team, which has one role per kind), so that routing follows what a role is.
+OUTPUT_KINDS: tuple[str, ...] = ("plan", "note", "code", "review", "test_report", "synthesis")
 THINKING_PREFS: tuple[str, ...] = ("on", "off", "auto")
 TEXT_BUCKETS = 16
 TEXT_CHARS = 2000
 DEADLINE_HORIZON_S = 1800.0
 _CAP_FILL, _CAP_DAG, _CAP_RETRY = 4.0, 64.0, 8.0
 _WORD = re.compile(r"[a-z0-9]+")
-_ROLE_SLOT = {r: i for i, r in enumerate(ROLES)}  # anything else: the role_other slot after them
+_KIND_SLOT = {k: i for i, k in enumerate(OUTPUT_KINDS)}  # anything else: the kind_other slot after them
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_needed_tokens",
     *(f"fill_{t}" for t in TIERS), *(f"fits_{t}" for t in TIERS), *(f"log_cost_{t}" for t in TIERS),
-    *(f"role_{r}" for r in ROLES), "role_other",
+    *(f"kind_{k}" for k in OUTPUT_KINDS), "kind_other",
     "difficulty", "depth", "fan_out", "dependents", "log_total_steps", "retry", "prior_failures", "tools",
     "budget_fraction_left", "deadline_pressure", "swarm_capable",
     *(f"thinking_{p}" for p in THINKING_PREFS),
@@ -61,7 +65,7 @@ THINKING_COLUMNS = {p: FEATURE_NAMES.index(f"thinking_{p}") for p in THINKING_PR
 class RouteContext:
     """Everything a policy may look at for one decision; built by ``ModelCaller.route``."""
 
-    role: str
+    role: str  # for logs and metrics only: routing never looks at the name
     needed_tokens: int
     windows: dict[str, int]
     available: dict[str, bool]
@@ -78,6 +82,7 @@ class RouteContext:
     instruction: str = ""
     costs: dict[str, float] = field(default_factory=dict)  # worst-case USD of the call, per tier
     remaining_usd: float | None = None  # what the goal may still spend; None = unlimited
+    output_kind: str = "note"  # what the role produces (its spec's output_kind; "plan" for the planner)
 
 
 def featurize(ctx: RouteContext) -> np.ndarray:
@@ -93,9 +98,9 @@ def featurize(ctx: RouteContext) -> np.ndarray:
         fits.append(1.0 if needed <= window else 0.0)
     row += fits
     row += [math.log1p(100.0 * ctx.costs.get(t, 0.0)) for t in TIERS]
-    role = [0.0] * (len(ROLES) + 1)
-    role[_ROLE_SLOT.get(ctx.role, len(ROLES))] = 1.0
-    row += role
+    kind = [0.0] * (len(OUTPUT_KINDS) + 1)
+    kind[_KIND_SLOT.get(ctx.output_kind, len(OUTPUT_KINDS))] = 1.0
+    row += kind
     row += [ctx.difficulty, min(pos.depth, _CAP_DAG), min(pos.fan_out, _CAP_DAG), min(pos.dependents, _CAP_DAG),
             math.log1p(pos.total_steps), min(ctx.attempt - 1, _CAP_RETRY), min(ctx.prior_failures, _CAP_RETRY),
             ctx.tools, ctx.budget_fraction_left, ctx.deadline_pressure, 1.0 if ctx.swarm_capable else 0.0]

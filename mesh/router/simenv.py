@@ -68,8 +68,10 @@ TOPICS = (
     "Write a command-line tool to rename photos by date",
 )
 REASONING_TOKENS = 80  # the sim's reasoning text is a short template: ~70-80 tokens
-COMPLETION = {"researcher": (300, 900), "coder": (800, 2500), "reviewer": (150, 400), "tester": (200, 500),
-              "synthesizer": (400, 1200)}
+# Output tokens of a step, by its role's output kind.
+COMPLETION = {"note": (300, 900), "code": (800, 2500), "review": (150, 400), "test_report": (200, 500),
+              "synthesis": (400, 1200)}
+_PHASED = frozenset({"code", "review", "test_report"})  # kinds whose steps come in implement → review → test phases
 _START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -112,6 +114,7 @@ class SimRouting:
     def __init__(self, specs: Mapping[str, RoleSpec], *, seed: int = 0, max_attempts: int = 3,
                  tiers: Mapping[str, TierConfig] | None = None) -> None:
         self.specs = {r: s for r, s in specs.items() if s.kind == "worker"}
+        self.team = {s.output_kind: r for r, s in sorted(self.specs.items(), reverse=True)}  # kind → (first) role
         self.world = SimWorld(seed=seed)
         self.tiers = dict(tiers or self.world.tiers)
         self.seed = seed
@@ -156,7 +159,7 @@ class SimRouting:
         rng = random.Random(f"{self.seed}/{index}")
         goal_id = self.goal_id(index)
         topic = rng.choice(TOPICS)
-        steps = [Step(**s) for s in sim_roles.plan_steps(rng.randint(8, 20), topic, rng)]
+        steps = [Step(**s) for s in sim_roles.plan_steps(rng.randint(8, 20), topic, rng, self.team)]
         layers = Plan(goal_id=goal_id, steps=steps).check(set(self.specs))
         by_id = {s.step_id: s for s in steps}
         budget = rng.uniform(0.5, 5.0)
@@ -169,17 +172,18 @@ class SimRouting:
             for step_id in layer:
                 step = by_id[step_id]
                 spec = self.specs[step.role]
-                phase = int(step_id.rsplit("-", 1)[1]) if step.role in ("coder", "reviewer", "tester") else 0
+                kind = spec.output_kind
+                phase = int(step_id.rsplit("-", 1)[1]) if kind in _PHASED else 0
                 prompt = (rng.randint(400, 1200) + sum(outputs.get(d, 0) for d in step.depends_on)
-                          + 1500 * phase + (corpus if step.role == "researcher" and step_id != "spec" else 0))
-                low, high = COMPLETION.get(step.role, (300, 900))
+                          + 1500 * phase + (corpus if kind == "note" and step_id != "spec" else 0))
+                low, high = COMPLETION.get(kind, (300, 900))
                 completion = rng.randint(low, high)
                 position = DagPosition(depth=depth, fan_out=len(layer), total_steps=len(steps),
                                        dependents=sum(step_id in s.depends_on for s in steps))
                 for attempt in range(1, self.max_attempts + 1):
                     needed = prompt + spec.limits.max_output_tokens
                     ctx = RouteContext(
-                        role=step.role, needed_tokens=needed,
+                        role=step.role, output_kind=kind, needed_tokens=needed,
                         windows={t: cfg.context_window for t, cfg in self.tiers.items()},
                         available={t: True for t in TIERS}, preferred=list(spec.router.preferred),
                         difficulty=step.difficulty, position=position, attempt=attempt,

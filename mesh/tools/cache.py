@@ -5,12 +5,17 @@ task on the node (and every node sharing the folder: writes are atomic and names
 concurrent writers cannot clash). The cache is itself a ``Fetch``: wrap the bus's ``get_blob`` in
 it and hand it to a workspace. Every read is checked against its digest; a damaged entry is
 dropped and fetched again. Past ``max_bytes`` the least recently used entries are evicted.
+
+``MemoryCache`` keeps the most recently used blobs in memory in front of it: every step of a goal reads
+the same manifest and files again (the lineage walk, the workspace, the prompt), and each disk read is
+a thread hop, a digest check and a utime — the largest share of a step's CPU in the worker before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from contextlib import suppress
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from mesh.tools.manifest import Fetch
 from mesh.tools.paths import atomic_write
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+DEFAULT_MEMORY_BYTES = 64 * 1024 * 1024
 
 
 class BlobCache:
@@ -68,6 +74,31 @@ class BlobCache:
                 path.unlink()
                 total -= size
         return total
+
+
+class MemoryCache:
+    """A ``Fetch`` that keeps up to ``max_bytes`` of recently used blobs in memory in front of another
+    ``Fetch`` (a ``BlobCache``). Entries are only ever what that one returned, already digest-checked,
+    and are immutable by their digest, so a memory hit needs no check."""
+
+    def __init__(self, fetch: Fetch, *, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self._fetch = fetch
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self._entries: OrderedDict[str, bytes] = OrderedDict()  # digest → data, least recently used first
+
+    async def __call__(self, digest: str) -> bytes:
+        data = self._entries.get(digest)
+        if data is not None:
+            self._entries.move_to_end(digest)
+            return data
+        data = await self._fetch(digest)
+        if len(data) <= self.max_bytes // 8:  # a few huge blobs must not flush everything else
+            self._entries[digest] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._entries.popitem(last=False)[1])
+        return data
 
 
 def _read_verified(path: Path, digest: str) -> bytes | None:

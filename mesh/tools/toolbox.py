@@ -9,6 +9,7 @@ The bus stays outside: blob fetches, the ledger and artifacts come in as callabl
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import time
@@ -36,7 +37,8 @@ from mesh.tools.catalog import (
 from mesh.tools.manifest import Fetch
 from mesh.tools.patch import apply_patch, parse_patch
 from mesh.tools.paths import canonical_path, is_binary
-from mesh.tools.shell import ShellPolicy, run_command, sandbox_env
+from mesh.tools.sandbox import SandboxMode
+from mesh.tools.shell import ShellPolicy, run_command
 from mesh.tools.workspace import Workspace
 from mesh.tools.worktree import WorkTree
 
@@ -57,6 +59,7 @@ class ToolResult:
     refused: bool = False
     duration_ms: float = 0.0
     arguments: dict[str, Any] = field(default_factory=dict)
+    sandbox: SandboxMode | None = None  # shell.run: the sandbox the command ran in
 
 
 class ToolBox:
@@ -94,6 +97,7 @@ class ToolBox:
 
     async def call(self, name: str, arguments: dict[str, Any]) -> ToolResult:
         started = time.perf_counter()
+        sandbox = self.shell.box().mode if name == "shell.run" and name in self.allowed else None
         try:
             if name not in self.allowed:
                 raise ToolRefused(f"tool {name!r} is not allowed for this role; allowed: {sorted(self.allowed)}")
@@ -107,6 +111,7 @@ class ToolBox:
         except ToolError as exc:
             error = {"ok": False, "error": type(exc).__name__, "message": str(exc), "workspace_changed": False}
             result = ToolResult(name, False, json.dumps(error), refused=isinstance(exc, ToolRefused))
+        result.sandbox = sandbox
         result.duration_ms = (time.perf_counter() - started) * 1000
         result.arguments = {k: _short(v) for k, v in arguments.items()}
         return result
@@ -171,9 +176,11 @@ class ToolBox:
             self._tree = WorkTree(self._work_dir)
         tree = self._tree
         await tree.sync(self.workspace)
+        sandbox = self.shell.box()
         try:
-            result = await run_command(program, a.argv, cwd=tree.files, env=sandbox_env(tree.home, tree.tmp),
-                                       limits=self.shell.limits, timeout=a.timeout_seconds or None)
+            await asyncio.to_thread(sandbox.hand_over, tree.dirs, tree.root)
+            result = await run_command(program, a.argv, dirs=tree.dirs, sandbox=sandbox, limits=self.shell.limits,
+                                       network=self.shell.network, timeout=a.timeout_seconds or None)
         except BaseException:
             tree.discard()  # a killed or cancelled command's leftovers are not kept
             raise

@@ -4,11 +4,12 @@
 Layout: ``<root>/ws`` holds the files (the command's cwd); ``<root>/home`` and ``<root>/tmp`` are
 its ``HOME`` and ``TMPDIR``, outside the workspace so caches and temp files do not come back.
 Files are written with ``atomic_write`` and only where the workspace differs from what the
-folder is known to hold. Reading back (``absorb``) walks the folder without following links and
-refuses the lot if it finds a symlink (one pointing out of the workspace is called out as an
-escape), a device file, FIFO or socket, an oversize file, a name that is not a canonical UTF-8
-path, or too many files/bytes. A refused or failed read-back leaves the workspace as it was, and
-the folder is rebuilt from the workspace before the next command.
+folder is known to hold, never through a link. Reading back (``absorb``) walks the whole folder —
+the ignored caches too — without following links and refuses the lot if it finds a symlink (one
+pointing out of the workspace is called out as an escape), a device file, FIFO or socket, an
+oversize file, a name that is not a canonical UTF-8 path, or too many files/bytes. A refused or
+failed read-back leaves the workspace as it was, and the folder is rebuilt from the workspace
+before the next command.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from pathlib import Path
 from mesh.contracts.models import sha256_hex
 from mesh.errors import PathRefused
 from mesh.tools.paths import atomic_write, canonical_path
+from mesh.tools.sandbox import RunDirs
 from mesh.tools.workspace import MAX_FILE_BYTES, MAX_FILES, Workspace
 
-# Caches that tools write next to sources; they are not part of the work and are not read back.
+# Caches that tools write next to sources; they are not part of the work and are not read back
+# (but they are scanned: a link planted in one would otherwise stay for a later sync to write through).
 IGNORED_DIRS = frozenset({"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"})
 MAX_TOTAL_BYTES = 256 * 1024 * 1024
 MAX_PROBLEMS_SHOWN = 10
@@ -41,6 +44,10 @@ class WorkTree:
         for d in (self.files, self.home, self.tmp):
             d.mkdir()
         self._synced: dict[str, str] | None = {}  # what the folder holds; None: unknown, rebuild it
+
+    @property
+    def dirs(self) -> RunDirs:
+        return RunDirs(self.files, self.home, self.tmp)
 
     async def sync(self, ws: Workspace) -> None:
         """Make the folder hold exactly the workspace's files."""
@@ -57,13 +64,22 @@ class WorkTree:
 
     def _write(self, writes: dict[str, bytes], deletes: list[str]) -> None:
         for rel in deletes:
-            (self.files / rel).unlink(missing_ok=True)
+            self._inside(rel).unlink(missing_ok=True)
         for rel, data in writes.items():
-            path = self.files / rel
+            path = self._inside(rel)
             if path.is_dir() and not path.is_symlink():  # an emptied folder where a file now goes
                 _rmtree(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
+
+    def _inside(self, rel: str) -> Path:
+        """``files/rel``, refused if a folder on the way is a link (the scan refuses them; this holds anyway)."""
+        path = self.files / rel
+        top = os.path.realpath(self.files)
+        parent = os.path.realpath(path.parent)
+        if parent != top and not parent.startswith(top + os.sep):
+            raise PathRefused(f"{rel!r}: a folder on its path is a link out of the workspace; not written")
+        return path
 
     def discard(self) -> None:
         """Forget what the folder holds: it is rebuilt from the workspace before the next command."""
@@ -98,12 +114,13 @@ class WorkTree:
             problems.append(f"folder {os.path.relpath(exc.filename or top, top)!r} cannot be read: {exc.strerror}")
 
         for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):  # never follows symlinks
+            cache = any(part in IGNORED_DIRS for part in Path(os.path.relpath(dirpath, top)).parts)
             keep = []
             for name in dirnames:
                 full = os.path.join(dirpath, name)
                 if os.path.islink(full):
                     problems.append(self._link_problem(full))
-                elif name not in IGNORED_DIRS:
+                else:
                     keep.append(name)
             dirnames[:] = keep
             for name in filenames:
@@ -116,6 +133,8 @@ class WorkTree:
                         continue
                     if not stat.S_ISREG(st.st_mode):
                         problems.append(f"{rel!r} is a device file, FIFO or socket")
+                        continue
+                    if cache:  # checked for links and special files above, never read back
                         continue
                     if st.st_size > MAX_FILE_BYTES:
                         problems.append(f"{rel}: {st.st_size} bytes exceeds the file size limit of {MAX_FILE_BYTES}")

@@ -12,7 +12,9 @@ from collections import Counter
 from collections.abc import Iterable
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
+import msgpack
 from nats.js import api
 
 from mesh.bus import Bus
@@ -23,6 +25,16 @@ from tests.meshkit import TERMINAL, NodeProcess
 
 LONG = os.environ.get("MESH_LONG") == "1"
 _STARTED = "health endpoint on"  # logged by a node once SIGTERM is handled
+
+
+def padded_to(doc: dict[str, Any], size: int) -> bytes:
+    """``doc`` (an envelope as a msgpack map) packed to exactly ``size`` bytes by padding its body's
+    ``goal_id``: ids are at most 64 characters, so the message is poison (a schema violation)."""
+    pad = 70_000  # msgpack's str32 from 65,536 characters on: the header length stays the same
+    base = len(msgpack.packb(doc | {"body": doc["body"] | {"goal_id": "g" * pad}}))
+    data: bytes = msgpack.packb(doc | {"body": doc["body"] | {"goal_id": "g" * (pad + size - base)}})
+    assert len(data) == size, (len(data), size)
+    return data
 
 
 class Fleet:

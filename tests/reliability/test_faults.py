@@ -105,7 +105,8 @@ async def _outcome_delivery(bus: Bus, event: StepCompleted, attempt: int) -> Del
         msg = (await sub.fetch(1, timeout=5))[0]
     finally:
         await sub.unsubscribe()
-    return Delivery(envelope=await bus.open(msg), msg=msg, attempt=attempt, subject=msg.subject)
+    return Delivery(envelope=await bus.open(msg), msg=msg, attempt=attempt, subject=msg.subject,
+                    max_deliver=bus.topology.max_deliver)
 
 
 async def _tasks_for(bus: Bus, role: str) -> list[str]:

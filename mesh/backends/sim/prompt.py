@@ -1,4 +1,4 @@
-"""Reading the mesh prompt protocol back out of a conversation (see ``mesh.packing``): the sim
+"""Reading the mesh prompt protocol (``mesh.contracts.prompt``) back out of a conversation: the sim
 answers from what the prompt says, as a model would, not from side channels."""
 
 from __future__ import annotations
@@ -7,28 +7,14 @@ import re
 from dataclasses import dataclass, field
 
 from mesh.backends.base import ChatMessage, ToolSpec
-
-_ROLE = re.compile(r"^\s*ROLE:\s*([A-Za-z0-9_-]+)", re.MULTILINE)
-_SECTION = re.compile(r"^## (.+)$", re.MULTILINE)
-_SUBSECTION = re.compile(r"^### (.+)$", re.MULTILINE)
-_BULLET = re.compile(r"^\s*[-*]\s+(.*\S)\s*$", re.MULTILINE)
-
-
-def sections(text: str, pattern: re.Pattern[str] = _SECTION) -> dict[str, str]:
-    """``## Title`` → body, in order; text before the first heading is under ``""``."""
-    out: dict[str, str] = {}
-    marks = list(pattern.finditer(text))
-    if not marks or marks[0].start() > 0:
-        out[""] = text[: marks[0].start() if marks else len(text)].strip()
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        out[m.group(1).strip()] = text[m.end() : end].strip()
-    return out
+from mesh.contracts import prompt as protocol
 
 
 @dataclass
 class Prompt:
     role: str = "assistant"
+    kind: str | None = None  # what the role produces (``OUTPUT KIND:``): plan, note, code, review, …
+    roles: dict[str, str] = field(default_factory=dict)  # a plan request's roles: output kind → role
     constraints: list[str] = field(default_factory=list)
     goal: str = ""
     step: str = ""
@@ -55,25 +41,29 @@ class Prompt:
 def parse(messages: list[ChatMessage], tools: list[ToolSpec]) -> Prompt:
     p = Prompt(tools=list(tools))
     system = "\n".join(m.content for m in messages if m.role == "system")
-    if m := _ROLE.search(system):
-        p.role = m.group(1).lower()
+    p.role = protocol.role_of(system) or p.role
+    p.kind = protocol.kind_of(system)
     # The last user turn carries the step; tool results after it mean the model already acted.
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     user = messages[last_user].content if last_user >= 0 else ""
     p.tool_results = [m.content for m in messages[last_user + 1 :] if m.role == "tool"]
     first_user = next((m.content for m in messages if m.role == "user"), "")
-    secs = sections(first_user) | sections(user)
-    p.constraints = _BULLET.findall(secs.get("Pinned constraints", ""))
-    p.constraints = [c for c in p.constraints if c != "(none)"]
-    p.goal = secs.get("Goal", "") or secs.get("", "")
-    step = secs.get("Step", "")
-    head, _, acceptance = step.partition("Acceptance:")
+    secs = protocol.sections(first_user) | protocol.sections(user)
+    p.constraints = protocol.parse_bullets(secs.get(protocol.CONSTRAINTS, ""))
+    p.goal = secs.get(protocol.GOAL, "") or secs.get("", "")
+    head, _, acceptance = secs.get(protocol.STEP, "").partition(protocol.ACCEPTANCE)
     p.step = head.strip()
-    p.acceptance = _BULLET.findall(acceptance)
-    p.inputs = {k: v for k, v in sections(secs.get("Inputs", ""), _SUBSECTION).items() if k}
-    p.memory = secs.get("Memory", "")
-    p.previous_review = secs.get("Previous review")
-    p.subtask = next((v for k, v in secs.items() if k.startswith("Sub-task")), None)
-    p.sub_results = secs.get("Sub-agent results")
-    p.text = secs.get("Text", "")
+    p.acceptance = protocol.parse_bullets(acceptance)
+    p.inputs = _nested(secs.get(protocol.INPUTS, ""))
+    p.memory = secs.get(protocol.MEMORY, "")
+    p.roles = protocol.parse_roles(secs.get(protocol.ROLES, ""))
+    if protocol.PREVIOUS_REVIEW in secs:  # the feedback texts, without their ``### <name>`` headings
+        p.previous_review = "\n\n".join(_nested(secs[protocol.PREVIOUS_REVIEW]).values())
+    p.subtask = next((v for k, v in secs.items() if k.startswith(protocol.SUB_TASK)), None)
+    p.sub_results = secs.get(protocol.SUB_RESULTS)
+    p.text = secs.get(protocol.TEXT, "")
     return p
+
+
+def _nested(body: str) -> dict[str, str]:
+    return {k: v for k, v in protocol.sections(body, level=3).items() if k}

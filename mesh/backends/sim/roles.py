@@ -1,6 +1,10 @@
-"""What the sim answers for each role: well-formed plans, notes, file-writing tool calls, reviews,
-test reports and syntheses, shaped by the prompt and by whether the quality model let the call
-succeed. Every prose answer starts with ``[simulated]``; every JSON answer has ``"simulated": true``.
+"""What the sim answers for each kind of role: well-formed plans, notes, file-writing tool calls,
+reviews, test reports and syntheses, shaped by the prompt and by whether the quality model let the
+call succeed. Every prose answer starts with ``[simulated]``; every JSON answer has ``"simulated": true``.
+
+A role is answered by what it produces (the prompt's ``OUTPUT KIND``), never by its name, and the
+sim planner staffs its plans with the roles the plan request lists for each kind: renaming a role in
+``nodes/`` changes nothing here. A prompt that names no kind is read by the default team's role names.
 """
 
 from __future__ import annotations
@@ -71,10 +75,19 @@ def _plan_size(ctx: Context) -> int:
     return max(8, min(int(asked or 8), 200))
 
 
-def plan_steps(n: int, topic: str, rng: random.Random) -> list[dict[str, Any]]:
+# The default team: output kind → role name (``nodes/``).
+DEFAULT_TEAM: dict[str, str] = {"plan": "planner", "note": "researcher", "code": "coder", "review": "reviewer",
+                                "test_report": "tester", "synthesis": "synthesizer", "summary": "summariser"}
+
+
+def plan_steps(n: int, topic: str, rng: random.Random, team: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """A DAG of ``n`` (≥ 8) steps: parallel research, a spec, then implement → review → test
-    phases (each phase builds on the last), and a synthesis that depends on the final phase."""
+    phases (each phase builds on the last), and a synthesis that depends on the final phase.
+    ``team`` (output kind → role) staffs them; the default team fills any kind it lacks."""
     steps: list[dict[str, Any]] = []
+    staff = DEFAULT_TEAM | (team or {})
+    researcher, coder, reviewer = staff["note"], staff["code"], staff["review"]
+    tester, synthesizer = staff["test_report"], staff["synthesis"]
 
     def add(step_id: str, role: str, instruction: str, deps: list[str], acceptance: list[str]) -> None:
         steps.append({"step_id": step_id, "role": role, "instruction": instruction, "depends_on": deps,
@@ -87,26 +100,26 @@ def plan_steps(n: int, topic: str, rng: random.Random) -> list[dict[str, Any]]:
     research = []
     for i, angle in enumerate(angles):
         research.append(f"research-{i + 1}")
-        add(research[-1], "researcher", f"Research {angle} for: {topic}", [], [f"Notes cover {angle}", "Sources are named"])
-    add("spec", "researcher", f"Consolidate the research into a specification for: {topic}", research,
+        add(research[-1], researcher, f"Research {angle} for: {topic}", [], [f"Notes cover {angle}", "Sources are named"])
+    add("spec", researcher, f"Consolidate the research into a specification for: {topic}", research,
         ["Every requirement is testable", "Pinned constraints are restated"])
     previous = "spec"
     for k in range(1, phases + 1):
         part = f" (part {k} of {phases})" if phases > 1 else ""
-        add(f"implement-{k}", "coder", f"Implement the specification{part} for: {topic}", [previous],
+        add(f"implement-{k}", coder, f"Implement the specification{part} for: {topic}", [previous],
             ["Code and tests are written to the workspace", "Pinned constraints hold"])
-        add(f"review-{k}", "reviewer", f"Review the implementation{part}", [f"implement-{k}"],
+        add(f"review-{k}", reviewer, f"Review the implementation{part}", [f"implement-{k}"],
             ["Verdict with concrete notes"])
-        add(f"test-{k}", "tester", f"Test the implementation{part}", [f"implement-{k}", f"review-{k}"],
+        add(f"test-{k}", tester, f"Test the implementation{part}", [f"implement-{k}", f"review-{k}"],
             ["Test report with pass/fail per case"])
         previous = f"test-{k}"
-    add("synthesize", "synthesizer", f"Synthesise the final deliverable for: {topic}", [previous, "spec"],
+    add("synthesize", synthesizer, f"Synthesise the final deliverable for: {topic}", [previous, "spec"],
         ["Summarises what was built and how the constraints were met"])
     return steps
 
 
 def planner(ctx: Context) -> Answer:
-    steps = plan_steps(_plan_size(ctx), ctx.topic, ctx.rng)
+    steps = plan_steps(_plan_size(ctx), ctx.topic, ctx.rng, ctx.prompt.roles)
     if not ctx.success:  # a weaker plan: still valid, but without the parallel research fan-out
         for s in steps:
             if s["step_id"].startswith("research-") and s["step_id"] != "research-1":
@@ -239,14 +252,16 @@ def generic(ctx: Context) -> Answer:
     return Answer(text=f"{MARK}\n{p.role.capitalize()} output for: {p.instruction}\n\nGoal: {ctx.topic}\n{_constraints_note(p)}")
 
 
-ROLES: dict[str, Callable[[Context], Answer]] = {
-    "planner": planner, "researcher": researcher, "coder": coder, "reviewer": reviewer, "tester": tester,
-    "synthesizer": synthesizer, "summariser": summariser,
+KINDS: dict[str, Callable[[Context], Answer]] = {
+    "plan": planner, "note": researcher, "code": coder, "review": reviewer, "test_report": tester,
+    "synthesis": synthesizer, "summary": summariser,
 }
+_KIND_OF_DEFAULT_ROLE = {role: kind for kind, role in DEFAULT_TEAM.items()}
 
 
 def answer(ctx: Context) -> Answer:
-    """The role's answer; a swarm's composing call (``## Sub-agent results``) is a synthesis."""
-    if ctx.prompt.sub_results is not None:
+    """The answer for the role's output kind; a swarm's composing call (``## Sub-agent results``) is a synthesis."""
+    p = ctx.prompt
+    if p.sub_results is not None:
         return synthesizer(ctx)
-    return ROLES.get(ctx.prompt.role, generic)(ctx)
+    return KINDS.get(p.kind or _KIND_OF_DEFAULT_ROLE.get(p.role, ""), generic)(ctx)

@@ -89,3 +89,27 @@ async def test_a_non_loopback_bind_needs_tokens(settings: MeshSettings, tmp_path
         path, _ = tokens_file(tmp_path)
         gw = make_gateway(client, settings.model_copy(update={"gateway_tokens_file": path}), "127.0.0.1", 0)
         gw.sock.close()  # with tokens it would serve any address; bound on loopback here only
+
+
+def test_token_command_output_and_the_k8s_template_load(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mesh.gateway.auth import TokenStore
+    from tests.meshkit import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "mesh", "gateway", "token", "ops", "--max-cost", "2.5", "--rate", "30"],
+                         capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT)}).stdout
+    token = out.splitlines()[0].rsplit(" ", 1)[1]
+    (tmp_path / "t.toml").write_text(out)
+    who = TokenStore.load(tmp_path / "t.toml").principal(f"Bearer {token}")
+    assert (who.name, who.caps.max_cost_usd, who.requests_per_minute) == ("ops", 2.5, 30.0)
+    assert token not in out.split("\n", 1)[1]  # only its hash is in the entry
+    secret = yaml.safe_load((ROOT / "k8s" / "secrets" / "gateway-tokens.template.yaml").read_text())
+    (tmp_path / "k.toml").write_text(secret["stringData"]["tokens.toml"])
+    assert TokenStore.load(tmp_path / "k.toml")
+    (tmp_path / "bad.toml").write_text('[[token]]\nname = "x"\nsha256 = "nothex"\n')
+    with pytest.raises(ConfigError, match="bad.toml"):
+        TokenStore.load(tmp_path / "bad.toml")

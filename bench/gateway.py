@@ -30,10 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from mesh.client import MeshClient
 
 from bench.results import write_section
 from mesh.bus import Bus
-from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, GoalCompleted, StepProgress, new_id
 from mesh.embedded import EmbeddedNats
@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace) -> str:
             port = free_port()
             env = {**os.environ, "MESH_NATS_URL": server.url, "MESH_DATA_DIR": str(Path(tmp) / "mesh"),
                    "MESH_LOG_LEVEL": "WARNING"}
-            gateway = subprocess.Popen([sys.executable, "-m", "mesh", "gateway", "--port", str(port)], env=env,
+            gateway = subprocess.Popen([sys.executable, "-m", "mesh", "gateway", "--port", str(port)], env=env,  # noqa: ASYNC220 — a child for the whole run
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 url = f"http://127.0.0.1:{port}"
@@ -159,16 +159,16 @@ async def run(args: argparse.Namespace) -> str:
     load = os.getloadavg()[0]
     rows = [
         "| measure | result |", "| --- | --- |",
-        f"| event age at a `MeshClient.watch` (what `mesh watch` reads), p50 / p99 | "
-        f"{pct(ages['watch'], .5):.2f} / {pct(ages['watch'], .99):.2f} ms |",
-        f"| event age at an SSE client through the gateway, p50 / p99 | "
-        f"{pct(ages['sse'], .5):.2f} / {pct(ages['sse'], .99):.2f} ms |",
+        (f"| event age at a `MeshClient.watch` (what `mesh watch` reads), p50 / p99 | "
+        f"{pct(ages['watch'], .5):.2f} / {pct(ages['watch'], .99):.2f} ms |"),
+        (f"| event age at an SSE client through the gateway, p50 / p99 | "
+        f"{pct(ages['sse'], .5):.2f} / {pct(ages['sse'], .99):.2f} ms |"),
         f"| gateway's share, p50 | +{pct(ages['sse'], .5) - pct(ages['watch'], .5):.2f} ms |",
-        f"| {args.clients} SSE clients × {args.fan_events} events at {args.fan_rate:g}/s: gateway CPU per delivered "
-        f"event | {cpu / max(delivered, 1) * 1e6:.0f} µs ({cpu:.2f} s CPU for {delivered:,} deliveries) |",
+        (f"| {args.clients} SSE clients × {args.fan_events} events at {args.fan_rate:g}/s: gateway CPU per delivered "
+        f"event | {cpu / max(delivered, 1) * 1e6:.0f} µs ({cpu:.2f} s CPU for {delivered:,} deliveries) |"),
         f"| clients that got every event | {sum(g == args.fan_events for g in got)} of {args.clients} |",
-        f"| event age at those clients, p50 / p99; last event's age, worst client | "
-        f"{pct(all_ages, .5):.1f} / {pct(all_ages, .99):.1f} ms; {max(last):.1f} ms |",
+        (f"| event age at those clients, p50 / p99; last event's age, worst client | "
+        f"{pct(all_ages, .5):.1f} / {pct(all_ages, .99):.1f} ms; {max(last):.1f} ms |"),
     ]
     return (f"Command: `.venv/bin/python -m bench.gateway --events {args.events} --rate {args.rate:g} --clients "
             f"{args.clients} --fan-events {args.fan_events} --fan-rate {args.fan_rate:g}` (2-core machine shared "

@@ -17,7 +17,7 @@ from tests.gatewaykit import fast, gateway, tokens_file
 from tests.meshkit import ROOT
 
 DOC = ROOT / "docs" / "GATEWAY.md"
-BLOCKS = re.findall(r"```(sh|python)\n(.*?)```", DOC.read_text(), flags=re.S)
+BLOCKS = re.findall(r"```(sh|python)\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
 
 
 def test_the_page_has_its_examples() -> None:

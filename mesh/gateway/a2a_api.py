@@ -83,10 +83,10 @@ RPC_PATH = "/a2a"
 RESUME_EXTENSION = "urn:mesh:a2a:resume:v1"
 RESUME_HEADER = "mesh-resume-after"
 SEQ = "mesh.seq"
-STATES: dict[str, int] = {"planning": TaskState.TASK_STATE_SUBMITTED, "running": TaskState.TASK_STATE_WORKING,
+STATES: dict[str, TaskState] = {"planning": TaskState.TASK_STATE_SUBMITTED, "running": TaskState.TASK_STATE_WORKING,
                           "completed": TaskState.TASK_STATE_COMPLETED, "failed": TaskState.TASK_STATE_FAILED,
                           "cancelled": TaskState.TASK_STATE_CANCELED}
-FINAL_STATES: dict[type, int] = {GoalCompleted: TaskState.TASK_STATE_COMPLETED,
+FINAL_STATES: dict[type, TaskState] = {GoalCompleted: TaskState.TASK_STATE_COMPLETED,
                                  GoalFailed: TaskState.TASK_STATE_FAILED,
                                  GoalCancelled: TaskState.TASK_STATE_CANCELED}
 

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 async def _refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRefused)
-    headers = {"Retry-After": str(max(1, round(float(exc.extra["retry_after"]))))} \
-        if "retry_after" in exc.extra else None  # type: ignore[arg-type]
+    headers = {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after"])))))} \
+        if "retry_after" in exc.extra else None
     return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 

@@ -166,7 +166,7 @@ def error_body(exc: RequestRefused) -> dict[str, object]:
 async def send_refusal(send: Send, exc: RequestRefused) -> None:
     headers = [(b"content-type", b"application/json")]
     if "retry_after" in exc.extra:
-        headers.append((b"retry-after", str(max(1, round(float(exc.extra["retry_after"])))).encode()))  # type: ignore[arg-type]
+        headers.append((b"retry-after", str(max(1, round(float(str(exc.extra["retry_after"]))))).encode()))
     if exc.status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="mesh"'))
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})

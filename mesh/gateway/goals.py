@@ -14,7 +14,7 @@ import io
 import re
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +81,7 @@ class Desk:
         states = sorted(await self.client.goals(), key=lambda s: s.started_at, reverse=True)
         return [summary(s) for s in states]
 
-    async def events(self, goal_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
+    async def events(self, goal_id: str, after: int = 0) -> AsyncGenerator[tuple[int, Event]]:
         """The goal's events after stream sequence ``after``, in order, ending with its final event."""
         async with aclosing(self.client.watch(goal_id, from_seq=after + 1, until_final=True)) as feed:
             async for seq, event in feed:

@@ -107,8 +107,10 @@ async def latency(bus: Bus, client: MeshClient, http: httpx.AsyncClient, n: int,
     return ages
 
 
-async def fan_out(bus: Bus, http: httpx.AsyncClient, pid: int, clients: int, n: int,
-                  rate: float) -> tuple[float, list[int], list[float], list[float]]:
+async def fan_out(bus: Bus, http: httpx.AsyncClient, pids: tuple[int, int], clients: int, n: int,
+                  rate: float) -> tuple[dict[str, float], list[int], list[float], list[float]]:
+    """CPU seconds of the gateway, nats-server and this process (the clients) over the run; events per client;
+    each client's last event's age; every delivery's age."""
     goal = new_id()
     got = [0] * clients
     last_age = [0.0] * clients
@@ -128,9 +130,11 @@ async def fan_out(bus: Bus, http: httpx.AsyncClient, pid: int, clients: int, n: 
         for i in range(clients):
             tg.create_task(one(i))
         await warm(bus, goal, ready)
-        before = cpu_seconds(pid)
+        before = (cpu_seconds(pids[0]), cpu_seconds(pids[1]), time.process_time())
         await publish(bus, goal, n, rate)
-    return cpu_seconds(pid) - before, got, last_age, ages
+    after = (cpu_seconds(pids[0]), cpu_seconds(pids[1]), time.process_time())
+    cpu = {k: a - b for k, a, b in zip(("gateway", "nats-server", "clients"), after, before, strict=True)}
+    return cpu, got, last_age, ages
 
 
 async def run(args: argparse.Namespace) -> str:
@@ -150,7 +154,9 @@ async def run(args: argparse.Namespace) -> str:
                         MeshClient.connect(settings, name="bench-watch") as client, \
                         httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
                     ages = await latency(bus, client, http, args.events, args.rate)
-                    cpu, got, last, all_ages = await fan_out(bus, http, gateway.pid, args.clients, args.fan_events,
+                    assert server.pid is not None
+                    cpu, got, last, all_ages = await fan_out(bus, http, (gateway.pid, server.pid), args.clients,
+                                                             args.fan_events,
                                                              args.fan_rate)
             finally:
                 gateway.terminate()
@@ -165,7 +171,8 @@ async def run(args: argparse.Namespace) -> str:
         f"{pct(ages['sse'], .5):.2f} / {pct(ages['sse'], .99):.2f} ms |"),
         f"| gateway's share, p50 | +{pct(ages['sse'], .5) - pct(ages['watch'], .5):.2f} ms |",
         (f"| {args.clients} SSE clients × {args.fan_events} events at {args.fan_rate:g}/s: gateway CPU per delivered "
-        f"event | {cpu / max(delivered, 1) * 1e6:.0f} µs ({cpu:.2f} s CPU for {delivered:,} deliveries) |"),
+        f"event | {cpu['gateway'] / max(delivered, 1) * 1e6:.0f} µs ({cpu['gateway']:.2f} s CPU for {delivered:,} "
+         f"deliveries; meanwhile nats-server {cpu['nats-server']:.2f} s, the clients' process {cpu['clients']:.2f} s) |"),
         f"| clients that got every event | {sum(g == args.fan_events for g in got)} of {args.clients} |",
         (f"| event age at those clients, p50 / p99; last event's age, worst client | "
         f"{pct(all_ages, .5):.1f} / {pct(all_ages, .99):.1f} ms; {max(last):.1f} ms |"),

@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 
 async def _refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRefused)
-    headers = {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after"])))))} \
-        if "retry_after" in exc.extra else None
+    headers = {}
+    if "retry_after" in exc.extra:
+        headers["Retry-After"] = str(max(1, round(float(str(exc.extra["retry_after"])))))
+    if "goal_id" in exc.extra:  # e.g. a 504: the goal runs on, and this is how to find it
+        headers["X-Mesh-Goal-Id"] = str(exc.extra["goal_id"])
     return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 

@@ -4,7 +4,8 @@
 #   docker build -t mesh:dev .                                  # the mesh (default target)
 #   docker build --target edge-model -t mesh-edge-model:dev .   # llama-cpp-python + SmolLM2-135M
 #
-# Runtime dependencies only: the package without its test/bench extras, no compiler in the image.
+# Runtime dependencies only: the package with its tester extra (pytest for the tester role), without its
+# test/bench extras, no compiler in the image.
 
 ARG PYTHON=python:3.11-slim-bookworm
 
@@ -16,7 +17,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mesh ./mesh
-RUN pip install --no-compile . && python -m compileall -q /opt/venv
+# The tester extra: pytest, which the tester role runs (nodes/tester.toml shell_allow); tests/test_image_install.py
+# installs the package the same way and runs `mesh node tester --check` there.
+RUN pip install --no-compile ".[tester]" && python -m compileall -q /opt/venv
 
 # --- build-edge: the edge model server (compiles llama.cpp: several minutes) -------------------
 FROM build AS build-edge
@@ -52,6 +55,10 @@ CMD ["--host", "0.0.0.0", "--port", "8000"]
 
 # --- runtime (default): the mesh ------------------------------------------------------------------
 FROM base AS runtime
+# bubblewrap: the sandbox of shell.run (namespaces, where the cluster allows them; else the fallback —
+# docs/TOOLS.md). setpriv/unshare (util-linux) are in the base image already.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 COPY nodes /app/nodes
 ENV MESH_NODES_DIR=/app/nodes \

@@ -104,9 +104,9 @@ async def throughput(url: str, requests: int) -> dict[str, float]:
 
 async def overhead(url: str, calls: int) -> dict[str, float]:
     tiers = load_tiers(environ={})
-    tier = tiers["long_context"].model_copy(update={"kind": "openai", "base_url": url + "/v1"})
+    tier = tiers["long_context"].model_copy(update={"kind": "openai", "base_url": url + "/v1", "sim": True})
     records: list[CallRecord] = []
-    gw = ModelGateway({**tiers, "long_context": tier}, on_call=records.append)
+    gw = ModelGateway({**tiers, "long_context": tier}, on_call=records.append, allow_sim=True)  # a sim-server
     bare = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     req = ChatRequest(messages=[ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=USER)])
     wire = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]

@@ -38,11 +38,12 @@ from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalPlanned, StepCompleted, StepStarted
 from mesh.embedded import EmbeddedNats
-from mesh.node.runtime import run_loop
+from mesh.aio import run_loop
 from mesh.roles.spec import RoleSpec
 from tests.meshkit import NodeProcess, node_env, role_specs, run_goal
 
 WORKERS = ("researcher", "coder", "reviewer", "tester", "synthesizer")
+IDLE_SECONDS = 5.0
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -89,21 +90,29 @@ async def overhead(settings: MeshSettings, server_pid: int, goals: int, work: Pa
     async with node_fleet(settings, server_pid, counts, model_only_specs(), work) as (bus, pids):
         names = dict(zip(pids, ["nats-server", *counts], strict=True))  # one process per role, in fleet order
         rtt = await round_trip(bus)
-        before, ran = _process_jiffies(pids), 0
+        # Nodes are long-lived: the first goal pays one-time costs (lazy schema builds, the router's first
+        # inference, the blob cache's first scan) that no later step does. It runs unmeasured.
+        await run_goal(bus, Goal(brief="Warm-up: a key-value store"))
+        idle0, idle_started = _process_jiffies(pids), time.perf_counter()
+        await asyncio.sleep(IDLE_SECONDS)  # what the fleet burns doing nothing (heartbeats, polls, sweeps)
+        idle = sum(_process_jiffies(pids).values()) - sum(idle0.values())
+        idle_per_s = idle / (time.perf_counter() - idle_started)
+        before, ran, started = _process_jiffies(pids), 0, time.perf_counter()
         for i in range(goals):
             events = await run_goal(bus, Goal(brief=f"Overhead probe {i}: a key-value store"))
             d, w = step_overheads(events)
             dispatch += d
             worker += w
             ran += sum(1 for e in events if isinstance(e, StepCompleted))  # revisions too: their CPU is counted
-        after = _process_jiffies(pids)
+        after, elapsed = _process_jiffies(pids), time.perf_counter() - started
     total = [a + b for a, b in zip(dispatch, worker, strict=True)]
     per_step = 1000 / os.sysconf("SC_CLK_TCK") / ran  # jiffies over the run → CPU ms per step run
     cpu = {f"cpu:{names[pid]}": (after[pid] - before[pid]) * per_step for pid in pids}
     return {"steps": len(total), "dispatch_p50": _pct(dispatch, 0.5), "dispatch_p99": _pct(dispatch, 0.99),
             "worker_p50": _pct(worker, 0.5), "worker_p99": _pct(worker, 0.99),
             "total_p50": statistics.median(total), "total_p99": _pct(total, 0.99), "rtt_p50": rtt,
-            "cpu_per_step": sum(cpu.values()), "steps_run": ran, "load": os.getloadavg()[0]} | cpu
+            "cpu_per_step": sum(cpu.values()), "steps_run": ran,
+            "idle_per_step": idle_per_s * elapsed * per_step, "load": os.getloadavg()[0]} | cpu
 
 
 def model_only_specs(concurrency: int | None = None) -> dict[str, RoleSpec]:
@@ -218,7 +227,7 @@ async def main(goals: int, concurrent_goals: int, replicas: list[int], write: bo
                   f"{o['dispatch_p99']:.1f} ms; worker p50 {o['worker_p50']:.1f} / p99 {o['worker_p99']:.1f} ms; "
                   f"total p50 {o['total_p50']:.1f} / p99 {o['total_p99']:.1f} ms; "
                   f"bare round trip p50 {o['rtt_p50']:.2f} ms; CPU per step {o['cpu_per_step']:.1f} ms "
-                  f"({_cpu_split(o)}); load average {o['load']:.1f}")
+                  f"({_cpu_split(o)}; of it idle {o['idle_per_step']:.1f}); load average {o['load']:.1f}")
             slow = base.model_copy(update={"sim_latency_ms": 50.0, "sim_latency_scale": 1.0})
             rates = {}
             for n in replicas:
@@ -245,7 +254,9 @@ async def main(goals: int, concurrent_goals: int, replicas: list[int], write: bo
         "",
         (f"CPU per step run ({o['steps_run']:.0f}, revisions included), every process (planning and every role "
          f"included): **{o['cpu_per_step']:.1f} ms** "
-         f"({_cpu_split(o)}). **Target ≤ 9 ms: {_verdict(met['cpu'])}.**"),
+         f"({_cpu_split(o)}), of which {o['idle_per_step']:.1f} ms is what the fleet burns idle over as long "
+         f"(heartbeats, polls, sweeps; measured for {IDLE_SECONDS:.0f} s before the goals). "
+         f"**Target ≤ 9 ms: {_verdict(met['cpu'])}.**"),
         "",
         ("| worker replicas per role (concurrency 1, one process each), 50 ms per model call | steps/s | vs 1 "
          "| CPU cores busy: mesh / machine | load average |"),

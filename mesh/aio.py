@@ -19,3 +19,12 @@ async def together(*coros: Coroutine[Any, Any, T]) -> list[T]:
     except BaseExceptionGroup as group:
         raise group.exceptions[0] from None
     return [t.result() for t in tasks]
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop (asyncio's own loop where uvloop is absent, e.g. Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -76,8 +76,14 @@ class MeshSettings(BaseSettings):
     edge_model: str = Field(
         default="auto", description='Local edge model of `mesh up`/`run`: "auto" (SmolLM2 when the edge extra is '
         'installed), "off" (sim), or a GGUF file path.')
+    tiers: str = Field(
+        default="", description='"local": `mesh up`/`run` serve EVERY tier from the local edge model (SmolLM2, the '
+        'edge extra), or an OpenAI-compatible base URL: every tier on that server; empty: each tier as configured.')
 
     # --- router (mesh.router) ---
+    allow_sim: bool = Field(
+        default=False, description="Allow simulated tiers and sim-server answers (`mesh up`/`mesh run`, tests and "
+                                   "benchmarks set it). Unset, a node refuses sim tiers and a simulated answer fails.")
     router_epsilon: float = Field(default=0.05, ge=0, le=1, description="Share of routing decisions that explore.")
     router_model: Path | None = Field(
         default=None, description="ONNX router model to start with; unset: the packaged default.")

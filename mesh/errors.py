@@ -9,13 +9,15 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
 
     MeshError
     ├── ConfigError
+    │   └── SimulationNotAllowed       a simulated tier or answer without MESH_ALLOW_SIM=1
     ├── ContractError                  wire contracts and plans
     │   ├── CodecError                 bytes that are not a Mesh envelope
     │   │   ├── UnsupportedVersion
     │   │   └── MessageTooLarge
     │   ├── SchemaViolation            a well-formed envelope whose body fails validation
     │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
-    │   └── OptionInvalid              a goal option that is unknown or out of range
+    │   ├── OptionInvalid              a goal option that is unknown or out of range
+    │   └── OutputInvalid              a model's answer that is not the structured output asked for
     ├── BusError [R]                   NATS
     │   ├── NotConnected
     │   ├── ProvisioningError
@@ -78,6 +80,16 @@ class ConfigError(MeshError):
     """Configuration is missing or invalid."""
 
 
+class SimulationNotAllowed(ConfigError):
+    """A tier is (or answered as) a simulator while ``MESH_ALLOW_SIM`` is not set: outside the embedded
+    default, fabricated answers must never pass as real work. Not retryable: it is the mesh's setup."""
+
+    def __init__(self, tier: str, why: str) -> None:
+        super().__init__(f"tier {tier!r} is simulated ({why}); set MESH_ALLOW_SIM=1 to allow simulated "
+                         "backends, or configure a real endpoint for it (docs/BACKENDS.md)")
+        self.tier = tier
+
+
 # --- contracts -------------------------------------------------------------------------------
 
 
@@ -120,6 +132,10 @@ class PlanInvalid(ContractError):
 
 class OptionInvalid(ContractError):
     """A goal option that is not in the registry (``mesh/contracts/options.py``) or not of its type and range."""
+
+
+class OutputInvalid(ContractError):
+    """A model's answer that is not the structured output asked for (not JSON, truncated, fails its schema)."""
 
 
 # --- bus -------------------------------------------------------------------------------------

@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
+# The tests run the mesh on simulated tiers, as the embedded default does; tests of the refusal unset it.
+os.environ.setdefault("MESH_ALLOW_SIM", "1")
 
 from mesh.bus import Bus
 from mesh.config import MeshSettings

@@ -66,7 +66,7 @@ def node_env(settings: MeshSettings, **extra: str) -> dict[str, str]:
     env.update(MESH_NATS_URL=settings.nats_url or "", MESH_HEALTH_PORT="0", MESH_HEALTH_HOST="127.0.0.1",
                MESH_ACK_WAIT=str(settings.ack_wait), MESH_NAK_DELAY=str(settings.nak_delay),
                MESH_DATA_DIR=str(settings.data_dir), MESH_SIM_LATENCY_SCALE=str(settings.sim_latency_scale),
-               MESH_DRAIN_SECONDS=str(settings.drain_seconds), PYTHONPATH=str(ROOT))
+               MESH_DRAIN_SECONDS=str(settings.drain_seconds), MESH_ALLOW_SIM="1", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
 

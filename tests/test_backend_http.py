@@ -46,11 +46,13 @@ async def server() -> AsyncIterator[SimServer]:
 
 
 def http_tiers(srv: SimServer, kinds: dict[str, str]) -> dict[str, TierConfig]:
-    """Each tier pointed at the sim-server through the given SDK kind, under the sim model names."""
+    """Each tier pointed at the sim-server through the given SDK kind, under the sim model names, and
+    configured as the simulator it is (``sim``)."""
     tiers = load_tiers(environ={})
     return {
         name: cfg.model_copy(update={
-            "kind": kinds[name], "base_url": srv.url + ("/v1" if kinds[name] == "openai" else ""), "timeout": 5.0})
+            "kind": kinds[name], "base_url": srv.url + ("/v1" if kinds[name] == "openai" else ""), "timeout": 5.0,
+            "sim": True})
         for name, cfg in tiers.items()
     }
 

@@ -35,7 +35,7 @@ def test_every_bench_group_runs_at_a_tiny_scale_without_writing() -> None:
     before = results.read_bytes()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "mesh", "bench", "--scale", "0.01", "--replicas", "2", "--no-write"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for group, row in GROUP_ROWS.items():
         assert row in proc.stdout, f"no {group} row:\n{proc.stdout}\n{proc.stderr[-3000:]}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
+import time
 from contextlib import aclosing
 from pathlib import Path
 
@@ -13,8 +15,8 @@ import pytest
 
 from mesh.bus import Bus
 from mesh.config import MeshSettings
-from mesh.contracts import GoalCancelled, GoalCompleted, StepStarted
-from tests.meshkit import in_process_mesh
+from mesh.contracts import GoalCancelled, GoalCompleted, NodeUp, StepStarted
+from tests.meshkit import NodeProcess, in_process_mesh, node_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(240)
@@ -78,3 +80,32 @@ async def test_cancel_stops_workers_before_their_next_call(fast: MeshSettings, b
         assert statuses.count("completed") < len(statuses), "the goal stopped before running to its end"
     code, _, err = await mesh_cli(fast, "cancel", "no-such-goal")
     assert code == 1 and "no goal 'no-such-goal'" in err
+
+
+async def test_status_stops_listing_a_killed_node_within_seconds(fast: MeshSettings, bus: Bus, tmp_path: Path) -> None:
+    """A node killed -9 says no goodbye: its heartbeat entry stays until the bucket's 15 s TTL, but
+    `mesh status` stops listing it once its beats are overdue (3 missed 2 s beats)."""
+    node = NodeProcess("ledger", node_env(fast), tmp_path).start()
+    try:
+        async with aclosing(bus.watch_events("_system")) as events:
+            async for event in events:
+                if isinstance(event, NodeUp) and event.role == "ledger":
+                    break
+        _, out, _ = await mesh_cli(fast, "status", "--json")
+        assert [n["role"] for n in json.loads(out)["nodes"]] == ["ledger"]
+        node.signal(signal.SIGKILL)
+        await node.wait()
+        killed = time.monotonic()
+        while True:
+            _, out, _ = await mesh_cli(fast, "status", "--json")
+            status = json.loads(out)
+            if not status["nodes"]:
+                break
+            assert time.monotonic() - killed < 12, status
+        gone = time.monotonic() - killed
+        assert [n["role"] for n in status["overdue"]] == ["ledger"]  # the entry is still there: the TTL has not run out
+        _, text, _ = await mesh_cli(fast, "status")
+        assert "no heartbeat lately (stopped or killed): ledger-" in text
+        print(f"figure: a killed node left `mesh status` {gone:.1f} s after kill -9")
+    finally:
+        node.stop()

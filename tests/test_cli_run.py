@@ -18,8 +18,10 @@ pytestmark = pytest.mark.timeout(300)
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    # MESH_EDGE_MODEL=off: with the edge extra installed a local mesh would serve the edge tier from
+    # SmolLM2; these tests are about the CLI on the sim (tests/test_real_model.py runs the real model)
     env.update(MESH_DATA_DIR=str(tmp_path / ".mesh"), MESH_OUT_DIR=str(tmp_path / "out"),
-               MESH_SIM_LATENCY_SCALE="0", MESH_DRAIN_SECONDS="5", PYTHONPATH=str(ROOT))
+               MESH_SIM_LATENCY_SCALE="0", MESH_DRAIN_SECONDS="5", MESH_EDGE_MODEL="off", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
 
@@ -38,6 +40,8 @@ def test_mesh_run_completes_a_goal_and_writes_results(tmp_path: Path) -> None:
     assert any((results / "workspace").rglob("*.py")), "the coder's files are in the final workspace"
     state = json.loads((results / "goal.json").read_text())
     assert state["status"] == "completed"
+    assert state["simulated"] is True and "simulated" in (results / "SIMULATED").read_text()
+    assert "sim$" in out and "goal completed" in out and "[SIMULATED" in out  # no cost passes as plain dollars
     assert not (tmp_path / ".mesh" / "local.json").exists(), "the local mesh was stopped"
 
 
@@ -49,3 +53,17 @@ def test_mesh_run_exits_non_zero_when_the_goal_fails(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert events[-1]["type"] == "goal.failed" and "step budget exceeded" in events[-1]["reason"]
+
+
+def test_mesh_run_exits_non_zero_when_the_tests_still_fail(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh", "run", "Build me a login system", "-o", "sim_tests=fail_always",
+         "-o", "sim_review=approve", "--json"],
+        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    end = events[-1]
+    assert end["type"] == "goal.failed" and end["reason"] == "tests still failing after 2 revisions"
+    assert end["simulated"] is True and end["quality"]["tests"] == "failed"
+    assert all(e["simulated"] for e in events if e["type"] == "backend.call")

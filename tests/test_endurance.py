@@ -4,6 +4,7 @@ carry the goal's pinned constraints (checked on what the sim-server actually rec
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -16,6 +17,7 @@ from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import (
     BackendCall,
+    Budget,
     Goal,
     GoalCompleted,
     GoalPlanned,
@@ -108,3 +110,53 @@ async def test_a_step_that_fails_permanently_triggers_a_bounded_replan(
     for f in failed:  # every failed step ran again under the new plan and completed exactly once
         done = [e for e in events if isinstance(e, StepCompleted) and e.step_id == f.step_id]
         assert len(done) == 1 and done[0].attempt > f.attempt, (f.step_id, [(d.attempt) for d in done])
+
+
+async def test_a_plan_cut_off_at_the_output_limit_is_asked_again_with_room(
+        settings: MeshSettings, bus: Bus, sim_server: SimServer) -> None:
+    """150 steps (~8,800 tokens of JSON) exceed the planner's 8,192-token output limit: the first answer is
+    truncated (finish_reason=length), the planner asks again with the tier's room and installs the
+    model's own plan, saying why it took two attempts."""
+    fast = settings.model_copy(update={"health_port": 0, "health_host": "127.0.0.1", "drain_seconds": 5.0})
+    goal = Goal(brief="Build me a login system", options={"sim_plan_steps": 150})
+    async with in_process_mesh(fast, {"planner": 1}):
+        await bus.submit_goal(goal)
+        async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+            planned = None
+            async for event in stream:
+                if isinstance(event, (GoalPlanned, *TERMINAL)):
+                    planned = event
+                    break
+    assert isinstance(planned, GoalPlanned), planned
+    assert planned.source == "model" and len(planned.plan.steps) == 150
+    assert "truncated" in planned.note and "finish_reason=length" in planned.note
+
+
+@pytest.mark.skipif(os.environ.get("MESH_LONG") != "1", reason="a 200-step goal takes minutes: MESH_LONG=1")
+@pytest.mark.timeout(1800)
+async def test_a_200_step_goal_completes_with_the_planners_own_plan_and_constraints_in_every_step(
+        settings: MeshSettings, bus: Bus, sim_server: SimServer) -> None:
+    fast = settings.model_copy(update={"health_port": 0, "health_host": "127.0.0.1", "drain_seconds": 5.0})
+    goal = Goal(brief="Build me a login system", constraints=PINNED, options={"sim_plan_steps": 200},
+                budget=Budget(max_steps=400, max_tokens=None, max_cost_usd=None))
+    replicas = {"planner": 1, "researcher": 2, "coder": 2, "reviewer": 2, "tester": 2, "synthesizer": 1}
+    events: list[object] = []
+    async with aiohttp.ClientSession() as http, in_process_mesh(fast, replicas):
+        await bus.submit_goal(goal)
+        async with aclosing(bus.watch_events(goal.goal_id)) as stream:
+            async for event in stream:
+                events.append(event)
+                if isinstance(event, TERMINAL):
+                    break
+        async with http.get(f"{sim_server.url}/_sim/requests") as resp:
+            received = await resp.json()
+    assert isinstance(events[-1], GoalCompleted), getattr(events[-1], "reason", events[-1])
+    planned = next(e for e in events if isinstance(e, GoalPlanned))
+    assert planned.source == "model" and len(planned.plan.steps) == 200
+    done = {e.step_id for e in events if isinstance(e, StepCompleted)}
+    assert {s.step_id for s in planned.plan.steps} <= done
+    step_prompts = [r for r in received if r["hints"].get("step_id") and r["hints"].get("role") != "planner"]
+    assert {r["hints"]["step_id"] for r in step_prompts} >= {s.step_id for s in planned.plan.steps}
+    for r in step_prompts:
+        for constraint in PINNED:
+            assert constraint in r["prompt"], f"step {r['hints'].get('step_id')} lost a pinned constraint"

@@ -306,9 +306,32 @@ def test_dockerfile_runs_non_root_from_copied_specs() -> None:
     assert re.search(r"^USER 10001:10001$", runtime, re.MULTILINE)
     assert "COPY nodes /app/nodes" in runtime and "MESH_NODES_DIR=/app/nodes" in runtime
     assert 'ENTRYPOINT ["mesh"]' in runtime  # k8s/ runs command ["mesh"], args ["node", <role>]
+    assert "install -y --no-install-recommends bubblewrap" in runtime  # the sandbox of shell.run
     assert "HOME=/tmp" in text and "TMPDIR=/tmp" in text
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     for needed in ("pyproject.toml", "README.md", "mesh/", "nodes/"):
         assert f"!{needed}" in ignored and (ROOT / needed.rstrip("/")).exists()
     base = next(w for w in workloads(render("base")) if role_of(w))
     assert pod_spec(base)["securityContext"]["runAsUser"] == 10001
+
+
+def test_the_userns_sandbox_component_gives_only_the_tester_bubblewrap(tmp_path: Path) -> None:
+    """Default: every pod under RuntimeDefault, the tester's runs in the fallback sandbox (it says so at
+    /readyz). The component: the tester in its own user namespace with what bubblewrap needs, required."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "dev", tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / "sandbox-userns", tmp_path)]}))
+    plain, docs = render("dev"), render(tmp_path)
+    for doc in docs:
+        validate(doc)
+    by_role = {role_of(w): w for w in workloads(docs)}
+    tester = pod_spec(by_role.pop("tester"))
+    assert tester["hostUsers"] is False
+    assert tester["securityContext"]["seccompProfile"] == {"type": "Localhost", "localhostProfile": "mesh/sandbox.json"}
+    container = tester["containers"][0]
+    assert container["securityContext"]["procMount"] == "Unmasked"
+    assert {"name": "MESH_SANDBOX", "value": "bwrap"} in container["env"]
+    assert "MESH_SANDBOX" not in mesh_config(docs)  # the other roles run no commands
+    untouched = {role_of(w): w for w in workloads(plain) if role_of(w) != "tester"}
+    assert by_role == untouched

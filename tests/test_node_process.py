@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import socket
 from collections import Counter
 from contextlib import aclosing
 from pathlib import Path
@@ -55,6 +57,35 @@ async def test_health_ready_and_metrics_endpoints(fast: MeshSettings, bus: Bus, 
         assert await node.wait() == 0
     finally:
         node.stop()
+
+
+async def test_a_busy_health_port_outside_kubernetes_falls_back_to_a_free_one(
+        fast: MeshSettings, bus: Bus, tmp_path: Path) -> None:
+    """Two nodes on one machine with the default port 8080: the second must not die of it. Inside
+    Kubernetes (KUBERNETES_SERVICE_HOST set) the probes expect the configured port: a clear error."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        env = node_env(fast, MESH_HEALTH_PORT=str(busy))
+        node = NodeProcess("ledger", env, tmp_path).start()
+        try:
+            await asyncio.wait_for(_first(bus, "_system", NodeUp, "ledger"), 60)
+            assert f"port {busy} is in use" in node.log()
+            port = int(re.findall(r"health endpoint on http://127\.0\.0\.1:(\d+)", node.log())[-1])
+            assert port != busy
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+            node.signal(signal.SIGTERM)
+            assert await node.wait() == 0
+        finally:
+            node.stop()
+        in_k8s = NodeProcess("ledger", env | {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, tmp_path).start()
+        try:
+            assert await in_k8s.wait(60) != 0
+            assert f"cannot serve /healthz on 127.0.0.1:{busy}" in in_k8s.log()
+        finally:
+            in_k8s.stop()
 
 
 @pytest.mark.parametrize("drain_seconds", [60.0, 0.3], ids=["finishes-in-flight", "hands-back"])

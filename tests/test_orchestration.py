@@ -90,16 +90,21 @@ async def test_budget_stops_a_runaway_goal_with_a_clear_reason(fast: MeshSetting
     assert "step budget exceeded" in events[-1].reason
 
 
-async def test_unknown_roles_in_every_plan_fail_the_goal_with_the_reason(fast: MeshSettings, bus: Bus) -> None:
-    # The sim planner names the roles it is told about; withholding the tester makes every plan invalid.
+async def test_unknown_roles_in_every_plan_lead_to_the_fallback_plan_and_the_goal_goes_on(
+        fast: MeshSettings, bus: Bus) -> None:
+    # The sim planner names a tester; withholding the tester role makes every plan the model writes invalid.
     from tests.meshkit import role_specs
 
     specs = {r: s for r, s in role_specs().items() if r != "tester"}
     goal = Goal(brief="Build me a login system")
     async with in_process_mesh(fast, specs=specs):
         events = await run_goal(bus, goal)
-    assert isinstance(events[-1], GoalFailed)
-    assert "unknown role 'tester'" in events[-1].reason and "no valid plan" in events[-1].reason
+    planned = next(e for e in events if isinstance(e, GoalPlanned))
+    assert planned.source == "fallback"
+    assert "unknown role 'tester'" in planned.note and "no valid plan after 3 attempt(s)" in planned.note
+    # research → implement → review → synthesize from the specs that exist (no test phase without a tester)
+    assert [s.role for s in planned.plan.steps] == ["researcher", "coder", "reviewer", "synthesizer"]
+    assert isinstance(events[-1], GoalCompleted), events[-1]
 
 
 # A bug (an exception no retry fixes) in a role's handler must end the goal with the reason, not leave

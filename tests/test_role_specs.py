@@ -107,7 +107,8 @@ def test_a_goal_completes_with_renamed_roles(tmp_path: Path) -> None:
         (nodes / f"{old}.toml").unlink()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(MESH_DATA_DIR=str(tmp_path / ".mesh"), MESH_OUT_DIR=str(tmp_path / "out"), MESH_NODES_DIR=str(nodes),
-               MESH_SIM_LATENCY_SCALE="0", MESH_DRAIN_SECONDS="5", PYTHONPATH=str(ROOT))
+               MESH_SIM_LATENCY_SCALE="0", MESH_DRAIN_SECONDS="5", MESH_EDGE_MODEL="off",  # the sim, not SmolLM2
+               PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "mesh", "run", "Build me a login system"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=280, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

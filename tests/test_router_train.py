@@ -17,6 +17,7 @@ from mesh.contracts import (
     RouteDecision,
     StepCompleted,
     StepFailed,
+    StepQuality,
     StepStarted,
     Usage,
 )
@@ -47,10 +48,11 @@ def sim_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _decided(at: datetime, step: str, tier: str, *, event_id: str, propensity: float = 0.5,
-             feature_version: str = FEATURE_VERSION) -> RouteDecided:
+             feature_version: str = FEATURE_VERSION, attempt: int = 1) -> RouteDecided:
     decision = RouteDecision(tier=tier, thinking=True, propensity=propensity, model_version="m1",  # type: ignore[arg-type]
                              feature_version=feature_version, features=featurize(context())[0].tolist())
-    return RouteDecided(event_id=event_id, goal_id="g1", at=at, step_id=step, role="tester", decision=decision)
+    return RouteDecided(event_id=event_id, goal_id="g1", at=at, step_id=step, role="tester", attempt=attempt,
+                        decision=decision)
 
 
 def _call(at: datetime, event_id: str, cost: float) -> BackendCall:
@@ -69,7 +71,7 @@ def test_decisions_are_joined_with_the_outcome_of_the_attempt_they_routed(tmp_pa
         _call(T0 + 4 * s, "c2", 0.01),
         _call(T0 + 5 * s, "c3", 0.02),
         StepFailed(event_id="f1", at=T0 + 6 * s, attempt=1, error="weak", **step),
-        _decided(T0 + 7 * s, "test-1", "long_context", event_id="d2"),
+        _decided(T0 + 7 * s, "test-1", "long_context", event_id="d2", attempt=2),
         _call(T0 + 8 * s, "c4", 0.04),
         StepCompleted(event_id="k2", at=T0 + 10 * s, attempt=2, **step),
         _decided(T0 + 11 * s, "plan", "long_context", event_id="dp"),  # the planner's: no step outcome
@@ -90,6 +92,28 @@ def test_decisions_are_joined_with_the_outcome_of_the_attempt_they_routed(tmp_pa
     assert from_parquet.cost.tolist() == pytest.approx(d.cost.tolist())
     with pytest.raises(RouterError, match="lacks route_decisions.parquet"):
         load_decisions(tmp_path)
+
+
+def test_a_decision_succeeds_only_when_the_work_it_routed_was_not_judged_bad(tmp_path: Path) -> None:
+    """The router learns from quality: a coder attempt that completed but whose workspace the next test run
+    failed counts as a failure; one nothing judged counts as its completion."""
+    s = timedelta(seconds=1)
+    events: list[Event] = []
+    for i, (code, grade) in enumerate((("code-a", 0.0), ("code-b", 1.0), ("code-c", None))):
+        t = T0 + 10 * i * s
+        events += [_decided(t, code, "swarm", event_id=f"d{i}"),
+                   StepCompleted(event_id=f"k{i}", goal_id="g1", at=t + s, step_id=code, role="coder", attempt=1)]
+        if grade is not None:
+            events.append(StepCompleted(event_id=f"t{i}", goal_id="g1", at=t + 2 * s, step_id=f"test-{i}",
+                                        role="tester", verdict="approve" if grade else "changes_requested",
+                                        quality=StepQuality(grade=grade, source="tests", exit_code=0 if grade else 1,
+                                                            judged=[code])))
+    path = tmp_path / "ledger.duckdb"
+    with Ledger(path) as ledger:
+        ledger.ingest([(i + 1, f"mesh.event.g1.{e.type}", e) for i, e in enumerate(events)])
+    d = load_decisions(path)
+    assert d.success.tolist() == [0.0, 1.0, 1.0]
+    assert d.quality[:2].tolist() == [0.0, 1.0] and np.isnan(d.quality[2])
 
 
 def test_the_sim_ledger_has_every_attempt_with_its_outcome(sim_ledger: Path) -> None:

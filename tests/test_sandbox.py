@@ -1,7 +1,7 @@
 """Attacks from inside a run, through `mesh tools run tester` (a real process, as a node runs commands),
 against a node whose environment and credentials file hold a planted secret — in each sandbox mode,
 with the node running as root (CI) and as an unprivileged user. What the fallback does not claim to
-stop (the network; files of the node's own uid) is skipped there, with the reason."""
+stop (files of the node's own uid) is skipped there, with the reason."""
 
 from __future__ import annotations
 
@@ -14,14 +14,21 @@ import tempfile
 import textwrap
 import uuid
 from collections.abc import Iterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from mesh.backends.sim import SimServer, SimWorld
+from mesh.bus import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import NodeUp
 from mesh.embedded import EmbeddedNats
+from mesh.embedded.natsserver import free_port
 from mesh.tools import sandbox
+from tests.meshkit import NodeProcess, node_env
 from tests.sandboxkit import USERS, as_user, give
 
 pytestmark = pytest.mark.timeout(300)
@@ -118,8 +125,6 @@ async def test_the_node_environment_and_credentials_cannot_be_read(node: tuple[s
 
 
 async def test_the_bus_and_loopback_services_cannot_be_reached(node: tuple[str, str], place: Path) -> None:
-    if node[1] == "fallback":
-        pytest.skip("the fallback cannot take the network away (no network namespace): docs/TOOLS.md")
     async with EmbeddedNats(place / "nats") as nats, SimServer(SimWorld(seed=1, latency_scale=0)) as sim:
         ports = [str(nats.port), str(sim.port)]
         for port in ports:  # reachable from here: the refusal below is the sandbox's
@@ -192,3 +197,32 @@ async def test_a_symlink_planted_in_a_cache_folder_is_refused(node: tuple[str, s
         """, str(place / "outside"))
     assert not doc["ok"] and doc["result"]["error"] == "PathRefused", doc
     assert "'src/__pycache__/escape' escapes the workspace" in doc["result"]["message"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_tester_node_reports_its_sandbox_and_warns_of_the_fallback(
+        mode: str, settings: MeshSettings, bus: Bus, tmp_path: Path) -> None:
+    if reason := _mode_skip(mode):
+        pytest.skip(reason)
+    port = free_port()
+    node = NodeProcess("tester", node_env(settings, MESH_HEALTH_PORT=str(port), MESH_SANDBOX=mode), tmp_path).start()
+    try:
+        async with aclosing(bus.watch_events("_system")) as events:
+            async for event in events:
+                if isinstance(event, NodeUp) and event.role == "tester":
+                    break
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):  # readiness follows node.up by one provisioning round trip
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    doc = await resp.json()
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        assert doc["ready"] and doc["sandbox"]["mode"] == mode
+        if mode == "fallback":
+            assert "fallback sandbox" in doc["sandbox"]["warning"]
+            assert "shell.run runs in the fallback sandbox (MESH_SANDBOX=fallback)" in node.log()
+        else:
+            assert "warning" not in doc["sandbox"] and "fallback" not in node.log()
+    finally:
+        node.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+
+from mesh.backends.tiers import load_tiers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,3 +45,32 @@ async def test_sim_server_subprocess() -> None:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 10)
     assert code == 0
+
+
+async def test_print_env_points_a_node_at_the_sim_server() -> None:
+    """`mesh sim-server --print-env`: the printed lines are the tier environment of a hand-started node;
+    sourced (here: parsed), every tier calls this server through the real SDK path."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "mesh"), "sim-server", "--port", "0", "--print-env",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MESH_SIM_FAULTS": "", "MESH_SIM_LATENCY_SCALE": "0"})
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not lines or lines[-1] != "# end of environment":
+            lines.append((await asyncio.wait_for(proc.stdout.readline(), 20)).decode().rstrip("\n"))
+        assert all(line.startswith(("# ", "export ")) for line in lines), lines  # the whole output can be sourced
+        url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", lines[0]).group(1)  # type: ignore[union-attr]
+        env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in lines
+                   if line.startswith("export "))
+        tiers = load_tiers(environ=env)
+        assert {(t.kind, t.base_url) for t in tiers.values()} == {("openai", url + "/v1")}
+        oai = openai.AsyncOpenAI(base_url=tiers["edge"].base_url, api_key=env[tiers["edge"].api_key_env],
+                                 max_retries=0)
+        r = await oai.chat.completions.create(model=tiers["edge"].model,
+                                              messages=[{"role": "user", "content": "## Goal\nA todo app"}])
+        assert r.choices[0].message.content
+        await oai.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0

@@ -4,6 +4,7 @@ scrubbed environment of shell.run. Every refusal leaves the workspace as it was.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -238,3 +239,16 @@ async def test_every_run_reports_its_sandbox_and_leaves_nothing_running(tools: T
     out = output(result)
     assert result.sandbox == out["sandbox"] == tools.shell.box().mode
     assert out["killed"] == 1 and "were killed" in out["stderr"]
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["network-off", "spec-allows-network"])
+async def test_the_network_is_there_only_when_the_role_spec_allows_it(
+        ws: Workspace, tmp_path: Path, network: bool) -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, ToolBox(["shell.run"], ws, shell=ShellPolicy(frozenset({"python"}), FAST, network=network),
+                               work_dir=tmp_path) as tools:
+        out = output(await run(tools, "import socket", "try:",
+                               f"    socket.create_connection(('127.0.0.1', {port}), timeout=5); print('connected')",
+                               "except OSError as exc:", "    print('refused', exc)"))
+    assert out["stdout"].startswith("connected" if network else "refused"), out

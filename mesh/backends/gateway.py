@@ -14,6 +14,11 @@ Error policy:
   is tried next, and if none fits the refusal is raised;
 * when every tier failed: ``AllTiersFailed`` with each tier's last error — ``AllTiersUnavailable``
   (retryable: trying again later may work) when any of them was retryable.
+
+Simulation (one rule): a call is simulated when its tier's config says sim or its answer says it came
+from a sim-server; a tier that answered so once counts as simulated from then on. Unless ``allow_sim``
+(``MESH_ALLOW_SIM=1``), a simulated answer raises ``SimulationNotAllowed`` — a configuration error, not
+retried, not fallen back from. A real tier never falls back into a simulated one.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from mesh.errors import (
     CircuitOpen,
     ConfigError,
     ContextTooLong,
+    PermanentBackendError,
+    SimulationNotAllowed,
 )
 from mesh.packing import estimate_tokens, messages_tokens
 
@@ -145,6 +152,7 @@ class ModelGateway:
         world: SimWorld | None = None,
         backends: Mapping[str, Backend] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        allow_sim: bool | None = None,
     ) -> None:
         unknown = [t for t in fallback_order if t not in tiers]
         if unknown:
@@ -152,6 +160,8 @@ class ModelGateway:
         self.tiers = dict(tiers)
         self.fallback_order = tuple(fallback_order)
         self.retry = retry or RetryPolicy()
+        self.allow_sim = get_settings().allow_sim if allow_sim is None else allow_sim
+        self._answered_sim: set[str] = set()  # tiers configured as real whose answers came from a sim-server
         self._on_call = on_call
         self._rng = random.Random(seed)
         # Sim tiers share one world (MESH_SIM_* settings unless given): one fault plan, one cache.
@@ -172,6 +182,24 @@ class ModelGateway:
     def window(self, tier: str) -> int:
         return self.tiers[tier].context_window
 
+    def simulated(self, tier: str) -> bool:
+        """The tier is a simulator: its config says so, or it has answered as one."""
+        return self.tiers[tier].simulated or tier in self._answered_sim
+
+    def native_tools(self, tier: str) -> bool:
+        """Whether the tier's server does function calling (else the worker uses the text protocol)."""
+        cfg = self.tiers[tier]
+        if cfg.tools is not None:
+            return cfg.tools
+        dialect = getattr(self._backends[tier], "dialect", None)  # OpenAI-compatible adapters know theirs
+        return getattr(dialect, "name", None) != "llamacpp"
+
+    def room(self, tier: str, prompt_tokens: int) -> int:
+        """The most one answer on ``tier`` may write: its output reserve, within what the window leaves
+        after the prompt (a local server refuses prompt + max_tokens beyond its context)."""
+        cfg = self.tiers[tier]
+        return max(1, min(cfg.output_reserve, cfg.context_window - prompt_tokens))
+
     # --- calls ----------------------------------------------------------------------------------
 
     def worst_case(self, tier: str, prompt_tokens: int, max_tokens: int) -> tuple[int, float]:
@@ -188,11 +216,15 @@ class ModelGateway:
         if tier not in self.tiers:
             raise ConfigError(f"unknown tier {tier!r}; configured: {sorted(self.tiers)}")
         order = [tier] + ([t for t in self.fallback_order if t != tier] if fallback else [])
+        real = not self.simulated(tier)
         prompt_tokens = messages_tokens(req.messages) + sum(estimate_tokens(str(t.parameters)) for t in req.tools)
         errors: dict[str, BackendError] = {}
         too_long_at = 0  # the largest window that was already too small
         for name in order:
             cfg = self.tiers[name]
+            if real and name != tier and self.simulated(name):
+                errors[name] = _no_sim_fallback(cfg)
+                continue
             if cfg.context_window <= too_long_at or prompt_tokens > cfg.context_window:
                 errors[name] = ContextTooLong(
                     f"the prompt (~{prompt_tokens} tokens) does not fit {name}'s window of {cfg.context_window}",
@@ -200,13 +232,18 @@ class ModelGateway:
                 too_long_at = max(too_long_at, cfg.context_window)
                 continue
             try:
-                return await self._on_tier(req, cfg, prompt_tokens, budget, timeout or cfg.timeout, before_call)
+                resp = await self._on_tier(req, cfg, prompt_tokens, budget, timeout or cfg.timeout, before_call)
             except BadRequest:
                 raise
             except BackendError as exc:
                 errors[name] = exc
                 if isinstance(exc, ContextTooLong):
                     too_long_at = max(too_long_at, cfg.context_window)
+                continue
+            if real and name != tier and resp.simulated:  # configured as real, but a sim-server answered
+                errors[name] = _no_sim_fallback(cfg)
+                continue
+            return resp
         if all(isinstance(e, BudgetExceeded) for e in errors.values()):
             raise next(iter(errors.values()))
         summary = "; ".join(f"{t}: {type(e).__name__}: {e}" for t, e in errors.items())
@@ -218,10 +255,10 @@ class ModelGateway:
     ) -> ChatResponse:
         breaker = self._breakers[cfg.endpoint]
         backend = self._backends[cfg.name]
-        if req.max_tokens > cfg.output_reserve:
+        if req.max_tokens > (room := self.room(cfg.name, prompt_tokens)):
             # A tier writes at most its output reserve: a small local model asked for 8k tokens would
             # ramble to the end of its window while every other request queues behind it.
-            req = req.model_copy(update={"max_tokens": cfg.output_reserve})
+            req = req.model_copy(update={"max_tokens": room})
         worst_case, cost = self.worst_case(cfg.name, prompt_tokens, req.max_tokens)
         attempt = 0
         while True:
@@ -229,7 +266,7 @@ class ModelGateway:
             if not breaker.acquire():
                 error: BackendError = CircuitOpen(f"the circuit for {cfg.endpoint} is open", tier=cfg.name,
                                                   endpoint=cfg.endpoint)
-                await self._report(cfg, req, attempt, Usage(), 0.0, error)
+                await self._report(cfg, req, attempt, Usage(), 0.0, error, self.simulated(cfg.name))
                 raise error
             start = time.perf_counter()
             try:
@@ -253,7 +290,8 @@ class ModelGateway:
                     breaker.record_failure()
                 else:
                     breaker.release()
-                await self._report(cfg, req, attempt, Usage(), (time.perf_counter() - start) * 1000, exc)
+                await self._report(cfg, req, attempt, Usage(), (time.perf_counter() - start) * 1000, exc,
+                                   self.simulated(cfg.name))
                 delay = self.retry.delay(attempt, exc, self._rng)
                 if delay is None or not breaker.available():
                     raise
@@ -265,16 +303,22 @@ class ModelGateway:
             breaker.record_success()
             if budget is not None:
                 budget.charge(resp.usage)
-            await self._report(cfg, req, attempt, resp.usage, resp.latency_ms, None)
-            return resp
+            if resp.simulated and not cfg.simulated:
+                self._answered_sim.add(cfg.name)
+            simulated = cfg.simulated or resp.simulated
+            await self._report(cfg, req, attempt, resp.usage, resp.latency_ms, None, simulated)
+            if simulated and not self.allow_sim:
+                raise SimulationNotAllowed(cfg.name, "configured as a simulator" if cfg.simulated
+                                           else f"{cfg.endpoint} answered as the mesh sim-server")
+            return resp if resp.simulated == simulated else resp.model_copy(update={"simulated": simulated})
 
     async def _report(self, cfg: TierConfig, req: ChatRequest, attempt: int, usage: Usage, latency_ms: float,
-                      error: BackendError | None) -> None:
+                      error: BackendError | None, simulated: bool) -> None:
         if self._on_call is None:
             return
         record = CallRecord(tier=cfg.name, model=cfg.model, endpoint=cfg.endpoint, usage=usage, latency_ms=latency_ms,
                             outcome="ok" if error is None else type(error).__name__, attempt=attempt,
-                            thinking=req.thinking, simulated=cfg.simulated, error=None if error is None else str(error))
+                            thinking=req.thinking, simulated=simulated, error=None if error is None else str(error))
         result = self._on_call(record)
         if inspect.isawaitable(result):
             await result
@@ -360,3 +404,8 @@ class ModelGateway:
     async def aclose(self) -> None:
         for backend in self._backends.values():
             await backend.aclose()
+
+
+def _no_sim_fallback(cfg: TierConfig) -> BackendError:
+    return PermanentBackendError(f"{cfg.name} is simulated: a real tier does not fall back into a sim tier",
+                                 tier=cfg.name, endpoint=cfg.endpoint)

@@ -134,8 +134,11 @@ class OpenAIBackend:
             # Without another switch, reasoning_effort is how Ollama and the sim turn thinking on.
             params["reasoning_effort"] = req.effort or "medium"
         fixed = d.name == "kimi" and any(k in self.tier.model.lower() for k in _FIXED_TEMPERATURE)
-        if req.temperature is not None and d.temperature and not fixed:
-            params["temperature"] = req.temperature
+        temperature = req.temperature if req.temperature is not None else self.tier.temperature
+        if temperature is not None and d.temperature and not fixed:
+            params["temperature"] = temperature
+        if self.tier.seed is not None:
+            params["seed"] = self.tier.seed
         if req.tools:
             params["tools"] = [
                 {"type": "function",

@@ -69,14 +69,26 @@ class TierConfig(BaseModel):
     send_hints: bool = Field(
         default=False, description="Send the request's small scalar metadata (role, difficulty, goal options) "
                                    "as an X-Mesh-Hints header: the sim-server reads it, real providers need not see it.")
+    sim: bool = Field(
+        default=False, description="The endpoint is a simulator (a mesh sim-server) although spoken to over HTTP: "
+                                   "its answers are simulated whatever they say.")
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Sampling temperature when the request sets none (0: deterministic).")
+    seed: int | None = Field(default=None, description="Sampling seed sent to servers that take one (llama.cpp, vLLM).")
+    tools: bool | None = Field(
+        default=None, description="Native tool calling: true, false (tool use is asked for as text: fenced file "
+                                  "blocks, diffs, run blocks — mesh/tools/textproto.py), or unset = discovered "
+                                  "(off for the llamacpp dialect, whose servers ignore tools with small models' "
+                                  "chat formats; on elsewhere).")
     dialect: Literal["deepseek", "kimi", "vllm", "llamacpp", "generic"] | None = Field(
         default=None, description="OpenAI-compatible dialect; guessed from model and base URL when unset."
     )
 
     @property
     def simulated(self) -> bool:
-        return self.kind == "sim"
+        """The tier's config says sim: kind ``sim`` (in process) or ``sim = true`` (a sim-server over HTTP)."""
+        return self.kind == "sim" or self.sim
 
     @property
     def endpoint(self) -> str:
@@ -127,7 +139,7 @@ SIM_DEFAULTS: dict[str, dict[str, Any]] = {
 
 _ENV_FIELDS = (
     "kind", "base_url", "api_key_env", "model", "context_window", "output_reserve", "max_concurrency",
-    "timeout", "thinking", "dialect", "send_hints",
+    "timeout", "thinking", "dialect", "send_hints", "tools", "temperature", "seed", "sim",
 )
 
 

@@ -88,7 +88,7 @@ def _rebuild(args: argparse.Namespace) -> int:
         async with await _connect(settings) as bus:
             return await rebuild(bus, out, until=args.until)
 
-    from mesh.node.runtime import run_loop
+    from mesh.aio import run_loop
 
     count = run_loop(main())
     print(f"rebuilt {count} events into {out}")
@@ -128,7 +128,7 @@ async def _connect(settings: MeshSettings) -> Any:
 
 def _run(ask: Any) -> Any:
     """Connect, ask the ledger service one thing, disconnect."""
-    from mesh.node.runtime import run_loop
+    from mesh.aio import run_loop
     from mesh.roles.ledger_service import LedgerClient
 
     settings = get_settings()

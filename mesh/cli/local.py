@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from mesh.cli.progress import Progress, dump_json
+from mesh.cli.progress import SIM_NOTE, Progress, cost, dump_json
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import (
     Budget,
@@ -20,7 +21,7 @@ from mesh.contracts import (
     GoalFailed,
 )
 from mesh.contracts.options import parse_option
-from mesh.errors import MeshError, NotConnected
+from mesh.errors import ConfigError, MeshError, NotConnected
 
 TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 
@@ -28,6 +29,8 @@ TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("node", help="run one role process (what a Kubernetes pod runs)")
     p.add_argument("role")
+    p.add_argument("--check", action="store_true",
+                   help="preflight only: role spec, shell_allow programs, tier keys and sims, the bus; exit 1 on a problem")
     p.set_defaults(handler=_node)
 
     p = sub.add_parser("up", help="run the local mesh (embedded nats-server + one process per role) until Ctrl-C")
@@ -38,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", type=Path, default=None, help="output folder (default: MESH_OUT_DIR/<goal id>)")
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
     p.add_argument("-v", "--verbose", action="store_true", help="also show dispatches, starts and tool calls")
+    p.add_argument("--all-tiers", metavar="local|URL", default=None,
+                   help="every tier on one model: 'local' = the local SmolLM2 (edge extra), or an OpenAI-compatible "
+                        "base URL (its first model); the same as MESH_TIERS")
     p.set_defaults(handler=lambda a: _run_async(_run(a)))
 
     p = sub.add_parser("submit", help="submit a goal to a running mesh and print its id")
@@ -92,7 +98,7 @@ def _make_goal(a: argparse.Namespace) -> Goal:
 
 
 def _run_async(coro: Any) -> int:
-    from mesh.node.runtime import run_loop
+    from mesh.aio import run_loop
 
     return run_loop(coro)
 
@@ -100,7 +106,20 @@ def _run_async(coro: Any) -> int:
 def _node(a: argparse.Namespace) -> int:
     from mesh.node.runtime import run_node
 
+    if a.check:
+        return _run_async(_check(a.role))
     return run_node(a.role)
+
+
+async def _check(role: str) -> int:
+    from mesh.node.preflight import check
+
+    problems = await check(role, get_settings())
+    for line in problems:
+        print(f"{role}: {line}", file=sys.stderr)
+    if not problems:
+        print(f"{role}: preflight ok")
+    return 1 if problems else 0
 
 
 async def _connect(settings: MeshSettings | None = None) -> Any:
@@ -124,19 +143,54 @@ async def _start_local(settings: MeshSettings, out: Any) -> Any:
     from mesh.roles.spec import default_nodes_dir, load_specs
 
     specs = load_specs(default_nodes_dir())
+    if settings.tiers and settings.tiers != "local":
+        os.environ.update(one_server_env(settings.tiers))  # the nodes inherit it
     tiers = load_tiers(settings)
     edge = choose_edge(settings.edge_model, tiers["edge"])
-    simulated = [t for t, cfg in tiers.items() if cfg.simulated and not (t == "edge" and edge.model)]
+    model_tiers = ["edge"]
+    if settings.tiers == "local":
+        if edge.model is None:
+            raise ConfigError(f"MESH_TIERS=local serves every tier from the local edge model, but: {edge.message}")
+        model_tiers = list(tiers)
+        print(f"every tier: {edge.model.name}, served locally by llama-cpp-python (MESH_TIERS=local)", file=out)
+    simulated = [t for t, cfg in tiers.items() if cfg.simulated and not (t in model_tiers and edge.model)]
     if simulated:
         print(f"no model endpoint configured for {', '.join(simulated)}: using the SIMULATED backend "
               "(mesh sim-server) there. Its outputs are simulated; see docs/BACKENDS.md to configure real "
               "endpoints.", file=out)
     print(edge.message, file=out)
-    mesh = LocalMesh(settings, sorted(specs), sim_tiers=simulated, edge_model=edge.model)
+    mesh = LocalMesh(settings, sorted(specs), sim_tiers=simulated, edge_model=edge.model, model_tiers=model_tiers)
     await mesh.start()
     print(f"local mesh up: nats {mesh.url}, {len(specs)} roles ({', '.join(sorted(specs))}); "
           f"logs in {mesh.data_dir / 'logs'}", file=out)
     return mesh
+
+
+def one_server_env(base_url: str) -> dict[str, str]:
+    """``MESH_TIER_<T>_*`` pointing every tier at one OpenAI-compatible server, on the first model it lists
+    (``GET <base_url>/models``): the one-step setup for a single local server (llama.cpp, Ollama, vLLM)."""
+    import urllib.request
+
+    from mesh.contracts import TIERS
+
+    url = base_url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/models", timeout=10) as resp:
+            models = [m["id"] for m in json.loads(resp.read())["data"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--all-tiers {base_url}: cannot list its models at {url}/models: {exc}") from exc
+    if not models:
+        raise ConfigError(f"--all-tiers {base_url}: the server lists no model")
+    env = {"MESH_ONE_SERVER_KEY": "local"}
+    for tier in TIERS:
+        prefix = f"MESH_TIER_{tier.upper()}_"
+        env |= {prefix + "KIND": "openai", prefix + "BASE_URL": url, prefix + "MODEL": models[0],
+                prefix + "API_KEY_ENV": "MESH_ONE_SERVER_KEY",
+                # the server does not say its context: a small local model's, unless configured
+                prefix + "CONTEXT_WINDOW": os.environ.get(prefix + "CONTEXT_WINDOW", "8192"),
+                prefix + "OUTPUT_RESERVE": os.environ.get(prefix + "OUTPUT_RESERVE", "1024"),
+                **{f"{prefix}PRICE_{p}": "0" for p in ("INPUT_HIT", "INPUT_MISS", "OUTPUT")}}
+    return env
 
 
 async def _up(a: argparse.Namespace) -> int:
@@ -153,6 +207,8 @@ async def _up(a: argparse.Namespace) -> int:
 
 async def _run(a: argparse.Namespace) -> int:
     settings = get_settings()
+    if a.all_tiers:
+        settings = settings.model_copy(update={"tiers": a.all_tiers})
     goal = _make_goal(a)
     mesh = await _start_local(settings, sys.stderr if a.json else sys.stdout)
     try:
@@ -195,6 +251,9 @@ async def _write_results(bus: Any, goal: Goal, done: GoalCompleted, out: Path) -
     from mesh.tools.workspace import Workspace
 
     out.mkdir(parents=True, exist_ok=True)
+    if done.simulated:
+        (out / "SIMULATED").write_text("Some or all of this goal's model calls were answered by the simulated backend "
+                                       "(mesh sim-server), not a real model: the outputs and costs are simulated.\n")
     (out / "synthesis.md").write_bytes(await bus.get_blob(done.result.digest))
     if done.workspace is not None:
         ws = await Workspace.open(done.workspace, bus.get_blob)
@@ -253,9 +312,16 @@ async def _status(a: argparse.Namespace) -> int:
         for info in await bus.js.consumers_info(topo.tasks_stream) + await bus.js.consumers_info(topo.goals_stream):
             lag[info.name] = {"pending": info.num_pending or 0, "in_flight": info.num_ack_pending or 0,
                               "redelivered": info.num_redelivered or 0}
+    from mesh.node.beats import overdue
+
+    # A killed node's entry outlives it until the bucket's TTL: one whose beats stopped is not listed.
+    silent = [n for n in nodes if overdue(n)]
+    nodes = [n for n in nodes if n not in silent]
     if a.json:
-        print(dump_json({"nodes": nodes, "consumers": lag}))
+        print(dump_json({"nodes": nodes, "overdue": silent, "consumers": lag}))
         return 0
+    if silent:
+        print(f"no heartbeat lately (stopped or killed): {', '.join(sorted(n['node'] for n in silent))}")
     by_role: dict[str, list[dict[str, Any]]] = {}
     for n in nodes:
         by_role.setdefault(n["role"], []).append(n)
@@ -281,13 +347,14 @@ async def _goals(a: argparse.Namespace) -> int:
     states.sort(key=lambda s: s.started_at)
     if a.json:
         print(dump_json([{"goal_id": s.goal.goal_id, "status": s.status, "brief": s.goal.brief,
-                          "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd}
+                          "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd,
+                          "simulated": s.simulated}
                          for s in states]))
         return 0
     for s in states:
         done = sum(1 for st in s.steps.values() if st.status == "completed")
         print(f"{s.goal.goal_id}  {s.status:<10} {done:>3}/{len(s.steps):<3} steps  {s.usage.total_tokens:>9,} tok  "
-              f"${s.usage.cost_usd:8.4f}  {s.goal.brief[:60]}")
+              f"{cost(s.usage, s.simulated):>12}  {'SIMULATED  ' if s.simulated else ''}{s.goal.brief[:60]}")
     return 0
 
 
@@ -303,12 +370,18 @@ async def _show(a: argparse.Namespace) -> int:
     print(f"brief: {state.goal.brief}")
     for c in state.goal.constraints:
         print(f"pinned: {c}")
-    print(f"usage: {state.usage.total_tokens:,} tokens, ${state.usage.cost_usd:.4f}, {state.steps_run} steps run, "
-          f"{state.replans} replans, {state.review_rounds} review rounds")
+    print(f"usage: {state.usage.total_tokens:,} tokens, {cost(state.usage, state.simulated)}, {state.steps_run} steps "
+          f"run, {state.replans} replans, {state.review_rounds} review rounds, {state.test_rounds} test revisions")
+    if state.simulated:
+        print(SIM_NOTE.strip())
+    if state.done:
+        q = state.quality()
+        print(f"quality: tests {q.tests}" + (f" (exit {q.tests_exit_code})" if q.tests_exit_code is not None else "")
+              + f", reviews {', '.join(q.reviews) or '-'}")
     for sid, st in state.steps.items():
         deps = ",".join(st.step.depends_on) or "-"
         print(f"  {sid:<24} {st.step.role:<12} {st.status:<10} attempt {st.attempt}  tier {st.tier or '-':<13} "
-              f"after {deps}")
+              f"{'sim ' if st.simulated else ''}after {deps}")
     return 0
 
 

@@ -37,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.print_help()
         raise SystemExit(2)
     from mesh.errors import MeshError
+    from mesh.tools.sandbox import make_undumpable
 
+    make_undumpable()  # a tool run sharing this uid cannot read this process's environment (docs/TOOLS.md)
     try:
         code = handler(args)
     except MeshError as exc:

@@ -35,6 +35,7 @@ class Progress:
         self.color = out.isatty() and not as_json
         self.started = time.monotonic()
         self.usage = Usage()
+        self.simulated = False
         self.tiers: dict[tuple[str, int], str] = {}
 
     def _c(self, code: str, text: str) -> str:
@@ -74,25 +75,37 @@ class Progress:
                 arg = e.arguments.get("path", "")
                 return f"    🔧 {e.tool} {arg} {status}" if self.verbose or not e.ok else None
             case BackendCall():
+                self.simulated = self.simulated or e.simulated
                 if e.outcome == "ok":
                     self.usage = self.usage + e.usage
                     return None
                 return self._c("33", f"    ! {e.tier} {e.model}: {e.outcome} (attempt {e.attempt})")
             case StepCompleted():
                 verdict = f" verdict={e.verdict}" if e.verdict else ""
+                self.simulated = self.simulated or e.simulated
                 return self._c("32", f"  ✓ {e.step_id:<22} {e.role:<12}") + \
-                    f" {e.tier or '-'}  {e.usage.total_tokens:,} tok  ${e.usage.cost_usd:.4f}{verdict}  " \
-                    f"(total {self.usage.total_tokens:,} tok ${self.usage.cost_usd:.4f})"
+                    f" {e.tier or '-'}  {e.usage.total_tokens:,} tok  {cost(e.usage, e.simulated)}{verdict}  " \
+                    f"(total {self.usage.total_tokens:,} tok {cost(self.usage, self.simulated)})"
             case StepFailed():
                 return self._c("31", f"  ✗ {e.step_id:<22} {e.role:<12} failed: {e.error[:160]}")
             case GoalCompleted():
+                tests = f", tests {e.quality.tests}" if e.quality.tests != "not_run" else ""
                 return self._c("1;32", f"goal completed: {e.steps_run} steps, {e.usage.total_tokens:,} tokens, "
-                                       f"${e.usage.cost_usd:.4f}")
+                                       f"{cost(e.usage, e.simulated)}{tests}") + (SIM_NOTE if e.simulated else "")
             case GoalFailed():
-                return self._c("1;31", f"goal failed: {e.reason}")
+                return self._c("1;31", f"goal failed: {e.reason}") + (SIM_NOTE if e.simulated else "")
             case GoalCancelled():
                 return self._c("1;33", f"goal cancelled: {e.reason}")
         return None
+
+
+SIM_NOTE = "  [SIMULATED: outputs came from the sim backend, not a real model]"
+
+
+def cost(usage: Usage, simulated: bool) -> str:
+    """A cost for people: dollars, or — when simulated calls are in it — marked as simulated, since no
+    money was spent (the figure is the sim's price model)."""
+    return f"sim${usage.cost_usd:.4f}" if simulated else f"${usage.cost_usd:.4f}"
 
 
 def dump_json(obj: object) -> str:

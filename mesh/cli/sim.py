@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seed", type=int, default=None, help="overrides MESH_SIM_SEED")
     p.add_argument("--faults", default=None, help='overrides MESH_SIM_FAULTS, e.g. "429:0.1,500:0.05"')
     p.add_argument("--latency-scale", type=float, default=None, help="overrides MESH_SIM_LATENCY_SCALE")
+    p.add_argument("--print-env", action="store_true",
+                   help="once listening, print the environment that points a hand-started `mesh node` at this "
+                        "server (shell `export` lines, ending with '# end of environment'; the first line becomes a "
+                        "comment, so the output can be sourced)")
+    p.add_argument("--pose-as-real", action="store_true",
+                   help="answer without the sim marks (fingerprint, id prefix), as a real provider would: for tests")
     p.set_defaults(handler=_serve)
 
 
@@ -37,10 +43,12 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        async with SimServer(world, host=args.host, port=args.port) as server:
+        async with SimServer(world, host=args.host, port=args.port, pose_as_real=args.pose_as_real) as server:
             # The first line is machine-readable: tests and scripts wait for it.
-            print(f"mesh sim-server listening on {server.url} (simulated models; OpenAI base URL "
-                  f"{server.url}/v1, Anthropic base URL {server.url})", flush=True)
+            print(f"{'# ' if args.print_env else ''}mesh sim-server listening on {server.url} (simulated models; "
+                  f"OpenAI base URL {server.url}/v1, Anthropic base URL {server.url})", flush=True)
+            if args.print_env:
+                print(_node_env(server.url), flush=True)
             await stop.wait()
 
     try:
@@ -48,3 +56,15 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _node_env(url: str) -> str:
+    """Shell lines pointing every tier of a node at the sim-server at ``url`` (as ``mesh up`` does)."""
+    import shlex
+
+    from mesh.embedded.local import sim_server_env
+
+    lines = ["# every model tier of a node started with this environment calls the sim-server above:",
+             *(f"export {key}={shlex.quote(value)}" for key, value in sorted(sim_server_env(url).items())),
+             "# then: MESH_NATS_URL=nats://… mesh node <role>", "# end of environment"]
+    return "\n".join(lines)

@@ -9,16 +9,13 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.config import get_settings
 from mesh.errors import BlobNotFound, ConfigError, NodeSpecError
-from mesh.roles.spec import default_nodes_dir, load_specs
-from mesh.roles.worker import shell_policy
-from mesh.tools import sandbox
-from mesh.tools.paths import canonical_path
-from mesh.tools.toolbox import ToolBox
-from mesh.tools.workspace import Workspace
+
+if TYPE_CHECKING:  # the worker's imports (model SDKs, the router) load only when a command runs
+    from mesh.tools.workspace import Workspace
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,6 +42,10 @@ def _options(rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _run(parsed: argparse.Namespace) -> int:
+    from mesh.roles.spec import default_nodes_dir, load_specs
+    from mesh.roles.worker import shell_policy
+    from mesh.tools import sandbox
+
     args, argv = _options(parsed.rest)
     if not argv:
         raise ConfigError("give the command after --, e.g. mesh tools run tester --workspace . -- python -m pytest")
@@ -75,12 +76,17 @@ def _run(parsed: argparse.Namespace) -> int:
 
 
 async def _call(tools: list[str], workspace: Workspace, policy: Any, argv: list[str], timeout: float) -> Any:
+    from mesh.tools.toolbox import ToolBox
+
     async with ToolBox(tools, workspace, shell=policy) as box:
         return await box.call("shell.run", {"argv": argv, "timeout_seconds": timeout})
 
 
 def _load(folder: Path) -> Workspace:
     """The folder's regular files as an in-memory workspace; links and special files are refused."""
+    from mesh.tools.paths import canonical_path
+    from mesh.tools.workspace import Workspace
+
     if not folder.is_dir():
         raise ConfigError(f"--workspace {folder} is not a folder")
 

@@ -2,7 +2,7 @@
 
 On the wire every message is one msgpack map::
 
-    {"v": "1.0",            schema version, major.minor
+    {"v": "1.2",            schema version, major.minor
      "id": "<hex>",         message id (also the Nats-Msg-Id unless the caller picks a dedupe id)
      "kind": "event",       which contract the body is (see MESSAGE_KINDS)
      "goal": "<goal id>",   or nil
@@ -39,7 +39,7 @@ from mesh.contracts.models import (
 )
 from mesh.errors import CodecError, MessageTooLarge, SchemaViolation, UnsupportedVersion
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 SCHEMA_MAJOR = 1
 
 # kind -> how to validate its body. Events validate through the discriminated union.

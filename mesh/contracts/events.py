@@ -11,8 +11,10 @@ from mesh.contracts.models import (
     Artifact,
     ArtifactRef,
     Goal,
+    GoalQuality,
     Plan,
     RouteDecision,
+    StepQuality,
     Token,
     Usage,
     Wire,
@@ -36,6 +38,11 @@ class GoalSubmitted(EventBase):
 class GoalPlanned(EventBase):
     type: Literal["goal.planned"] = "goal.planned"
     plan: Plan
+    source: Literal["model", "fallback"] = Field(
+        default="model", description="model: the planner's model wrote the plan; fallback: it could not within its "
+                                     "attempts and the plan was built from the role specs (schema 1.1).")
+    note: str = Field(default="", max_length=2000, description="Why the planner fell back, or how many of the "
+                                                               "model's answers were truncated or invalid first.")
 
 
 class GoalCompleted(EventBase):
@@ -44,12 +51,16 @@ class GoalCompleted(EventBase):
     workspace: ArtifactRef | None = None
     usage: Usage = Field(default_factory=Usage)
     steps_run: int = 0
+    simulated: bool = Field(default=False, description="Some of the goal's model calls were simulated.")
+    quality: GoalQuality = Field(default_factory=GoalQuality)
 
 
 class GoalFailed(EventBase):
     type: Literal["goal.failed"] = "goal.failed"
     reason: str
     usage: Usage = Field(default_factory=Usage)
+    simulated: bool = Field(default=False, description="Some of the goal's model calls were simulated.")
+    quality: GoalQuality | None = None
 
 
 class GoalCancelled(EventBase):
@@ -85,6 +96,8 @@ class StepCompleted(StepEvent):
     usage: Usage = Field(default_factory=Usage)
     verdict: Literal["approve", "changes_requested"] | None = None
     tier: str | None = None
+    simulated: bool = Field(default=False, description="Some model call of this step was simulated.")
+    quality: StepQuality = Field(default_factory=StepQuality)
 
 
 class StepFailed(StepEvent):
@@ -98,6 +111,7 @@ class RouteDecided(EventBase):
     type: Literal["route.decided"] = "route.decided"
     step_id: Token
     role: Token
+    attempt: int = Field(default=1, description="The step attempt this decision routes (joins its outcome).")
     decision: RouteDecision
 
 
@@ -112,6 +126,7 @@ class BackendCall(EventBase):
     outcome: str = Field(default="ok", description="ok, or the error class name")
     attempt: int = 1
     thinking: bool = False
+    simulated: bool = Field(default=False, description="Answered by a simulator (tier config or sim-server answer).")
 
 
 class ToolCall(EventBase):

@@ -98,6 +98,31 @@ class ArtifactRef(Wire):
     name: str = Field(default="", max_length=512)
 
 
+class StepQuality(Wire):
+    """How good a step's work was judged to be when it completed, and by what.
+
+    ``tests``: the step ran tests (grade 1 when the last run exited 0, else 0; ``exit_code`` says how it
+    ended); ``review``: a reviewer's verdict (approve 1, changes requested 0); ``none``: nothing judged
+    it (grade None). A verdict grades the work under review: ``judged`` names the steps whose output it
+    judged (the producers of the workspace it looked at), so the router can credit the right decision."""
+
+    grade: float | None = Field(default=None, ge=0, le=1)
+    source: Literal["tests", "review", "none"] = "none"
+    exit_code: int | None = None
+    judged: list[str] = Field(default_factory=list, description="Step ids whose work this grade is about.")
+
+
+class GoalQuality(Wire):
+    """What a finished goal's work was checked against: its last test run, its last reviews, revisions."""
+
+    tests: Literal["passed", "failed", "not_run"] = "not_run"
+    tests_exit_code: int | None = None
+    tests_report: ArtifactRef | None = Field(default=None, description="The last test run's report.")
+    reviews: list[str] = Field(default_factory=list, description="Verdicts of the last review of each reviewed line.")
+    review_revisions: int = Field(default=0, ge=0, description="Revisions asked for by reviews.")
+    test_revisions: int = Field(default=0, ge=0, description="Revisions asked for by failing tests.")
+
+
 class Artifact(Wire):
     """An artifact's metadata and lineage; its bytes live in the object store under ``ref.digest``."""
 

@@ -60,14 +60,19 @@ def _num(x: float) -> str:
 
 
 OPTIONS: dict[str, GoalOption] = {o.name: o for o in (
+    GoalOption("swarm", "bool", "false: no swarm fan-out (a step routed to the swarm tier is one call)", "worker"),
+    GoalOption("max_revisions", "int", "at most this many revisions after reviews and after failing tests (each "
+               "below the planner spec's own limits)", "planner", minimum=0, maximum=10),
     GoalOption("sim_plan_steps", "int", "how many steps the simulated planner plans (the plan limit is 200)",
                "sim backend", minimum=8, maximum=200),
     GoalOption("sim_quality", "float", "forced success probability of every simulated answer", "sim backend",
                minimum=0, maximum=1),
     GoalOption("sim_review", "str", "the simulated reviewer's policy", "sim backend",
                choices=("first_changes", "approve", "changes")),
-    GoalOption("sim_tests", "str", "fail_first: the simulated coder's first version fails its tests", "sim backend",
-               choices=("fail_first",)),
+    GoalOption("sim_tests", "str", "fail_first: the simulated coder's first version fails its tests; fail_always: "
+               "every version does", "sim backend", choices=("fail_first", "fail_always")),
+    GoalOption("accept_failing_tests", "bool", "complete the goal even though its last test run failed (its quality "
+               "record says tests: failed); by default such a goal fails", "planner"),
 )}
 
 

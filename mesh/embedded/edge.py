@@ -18,6 +18,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -169,16 +170,20 @@ class EdgeModelServer:
     def kill(self) -> None:
         kill_now(self._proc)
 
-    def tier_env(self) -> dict[str, str]:
-        """``MESH_TIER_EDGE_*``: the edge tier on this server through the OpenAI-compatible backend.
-        Local and free, so its prices are zero; the window is the model's real context."""
-        prefix = "MESH_TIER_EDGE_"
-        return {prefix + "KIND": "openai", prefix + "BASE_URL": self.base_url, prefix + "MODEL": self.alias,
-                prefix + "DIALECT": "llamacpp", prefix + "CONTEXT_WINDOW": str(self.n_ctx),
-                prefix + "OUTPUT_RESERVE": str(OUTPUT_TOKENS), prefix + "TIMEOUT": str(TIER_TIMEOUT),
-                prefix + "MAX_CONCURRENCY": "2", prefix + "THINKING": "false",
-                prefix + "API_KEY_ENV": "MESH_EDGE_MODEL_KEY", "MESH_EDGE_MODEL_KEY": "local",
-                **{f"{prefix}PRICE_{p}": "0" for p in ("INPUT_HIT", "INPUT_MISS", "OUTPUT")}}
+    def tier_env(self, tiers: Iterable[str] = ("edge",)) -> dict[str, str]:
+        """``MESH_TIER_<TIER>_*``: ``tiers`` (the edge tier; every tier for ``MESH_TIERS=local``) on this
+        server through the OpenAI-compatible backend. Local and free, so prices are zero; the window is
+        the model's real context."""
+        env = {"MESH_EDGE_MODEL_KEY": "local"}
+        for tier in tiers:
+            prefix = f"MESH_TIER_{tier.upper()}_"
+            env |= {prefix + "KIND": "openai", prefix + "BASE_URL": self.base_url, prefix + "MODEL": self.alias,
+                    prefix + "DIALECT": "llamacpp", prefix + "CONTEXT_WINDOW": str(self.n_ctx),
+                    prefix + "OUTPUT_RESERVE": str(OUTPUT_TOKENS), prefix + "TIMEOUT": str(TIER_TIMEOUT),
+                    prefix + "MAX_CONCURRENCY": "2", prefix + "THINKING": "false",
+                    prefix + "API_KEY_ENV": "MESH_EDGE_MODEL_KEY",
+                    **{f"{prefix}PRICE_{p}": "0" for p in ("INPUT_HIT", "INPUT_MISS", "OUTPUT")}}
+        return env
 
     async def __aenter__(self) -> Self:
         return await self.start()

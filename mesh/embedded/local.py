@@ -80,9 +80,9 @@ class RoleProcess:
 
 class LocalMesh:
     def __init__(self, settings: MeshSettings, roles: list[str], *, sim_tiers: Sequence[str] = (),
-                 edge_model: Path | None = None) -> None:
+                 edge_model: Path | None = None, model_tiers: Sequence[str] = ("edge",)) -> None:
         """``sim_tiers``: the tiers a local sim-server serves (none: no sim-server); ``edge_model``: a GGUF
-        file the edge tier is served from locally."""
+        file served locally, for ``model_tiers`` (the edge tier; every tier with ``MESH_TIERS=local``)."""
         self.settings = settings
         self.roles = roles
         self.data_dir = settings.data_dir.resolve()
@@ -91,6 +91,7 @@ class LocalMesh:
         self.sim_url: str | None = None
         self.sim_tiers = tuple(sim_tiers)
         self.edge = EdgeModelServer(edge_model, self.data_dir / "logs" / "edge-model.log") if edge_model else None
+        self.model_tiers = tuple(model_tiers)
         self.procs: list[RoleProcess] = []
         self.url = settings.nats_url or ""
 
@@ -108,14 +109,15 @@ class LocalMesh:
             self.nats = EmbeddedNats(self.data_dir / "nats", http_port=None)
             await self.nats.start()
             self.url = self.nats.url
+        # MESH_ALLOW_SIM: the embedded default is where simulation is allowed (and said so on screen).
         env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
-               "MESH_DATA_DIR": str(self.data_dir)}
+               "MESH_DATA_DIR": str(self.data_dir), "MESH_ALLOW_SIM": "1"}
         await self._provision()
         if self.sim_tiers:
             env.update(await self._start_sim_server())
         if self.edge is not None:  # after the sim's env: the real model takes the edge tier over
             await self.edge.start()
-            env.update(self.edge.tier_env())
+            env.update(self.edge.tier_env(self.model_tiers))
         self.procs = [RoleProcess(role, env, self.data_dir / "logs") for role in self.roles]
         for p in self.procs:
             p.spawn()
@@ -189,7 +191,7 @@ def sim_server_env(url: str, tiers: Iterable[str] | None = None) -> dict[str, st
         env |= {prefix + "KIND": "openai", prefix + "BASE_URL": f"{url}/v1", prefix + "MODEL": cfg.model,
                 prefix + "CONTEXT_WINDOW": str(cfg.context_window), prefix + "OUTPUT_RESERVE": str(cfg.output_reserve),
                 prefix + "THINKING": str(cfg.thinking).lower(), prefix + "API_KEY_ENV": "MESH_SIM_API_KEY",
-                prefix + "SEND_HINTS": "true"}
+                prefix + "SEND_HINTS": "true", prefix + "SIM": "true"}
         env |= {f"{prefix}PRICE_{p.upper()}": str(v) for p, v in cfg.prices.model_dump().items()}
     env["MESH_SIM_API_KEY"] = "sim-local"  # the SDKs insist on a key; the sim ignores it
     return env

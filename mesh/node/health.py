@@ -3,6 +3,7 @@ shell.run sandbox in use), /metrics."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -26,16 +27,25 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
 
-    async def start(self) -> int:
-        """Start listening; returns the bound port (useful when asked for port 0)."""
+    async def start(self, *, any_port_if_busy: bool = False) -> int:
+        """Start listening; returns the bound port (useful when asked for port 0). ``any_port_if_busy``:
+        a port already in use is replaced by a free one (outside Kubernetes nothing probes the fixed
+        port, and a second node on one machine must not die of it); the caller logs which."""
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         try:
             await site.start()
         except OSError as exc:
+            if any_port_if_busy and exc.errno == errno.EADDRINUSE and self.port:
+                site = web.TCPSite(self._runner, self.host, 0)
+                await site.start()
+                return self._bound(site)
             await self._runner.cleanup()
             raise ConfigError(f"cannot serve /healthz on {self.host}:{self.port}: {exc.strerror}; "
                               "set MESH_HEALTH_PORT (0 picks a free port)") from exc
+        return self._bound(site)
+
+    def _bound(self, site: web.TCPSite) -> int:
         server = site._server  # aiohttp exposes the bound socket only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.port

@@ -18,30 +18,29 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh import __version__
+from mesh.aio import run_loop
 from mesh.backends.tiers import load_tiers
 from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
-from mesh.errors import NodeSpecError, PublishError
+from mesh.errors import ConfigError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
+from mesh.node.beats import HEARTBEAT_SECONDS, beat
 from mesh.node.health import HealthServer
-from mesh.roles.calls import ModelCaller
-from mesh.roles.goalstore import GoalStore
-from mesh.roles.orchestrator import Orchestrator
-from mesh.roles.spec import RoleSpec, default_nodes_dir, feedback_kinds, load_specs
-from mesh.roles.worker import Worker
-from mesh.router.hotswap import watch_models
-from mesh.router.runtime import default_router
+from mesh.node.preflight import load_role, spec_problems
+from mesh.roles.spec import RoleSpec, feedback_kinds
 from mesh.tools.sandbox import harden_process
 from mesh.tools.sandbox import select as select_sandbox
 
+if TYPE_CHECKING:
+    from mesh.roles.calls import ModelCaller
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 ANNOUNCE_ATTEMPTS = 5
 
 
@@ -81,7 +80,11 @@ class Node:
                 log.warning(box.warning)
         health = HealthServer(self.metrics, self.ready, self.settings.health_host, self.settings.health_port,
                               detail=detail)
-        port = await health.start()
+        # In Kubernetes the probes expect the configured port: a busy one stays an error there.
+        port = await health.start(any_port_if_busy="KUBERNETES_SERVICE_HOST" not in os.environ)
+        if port != self.settings.health_port and self.settings.health_port:
+            log.warning("port %d is in use: serving /healthz, /readyz and /metrics on port %d instead",
+                        self.settings.health_port, port)
         log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
         try:
             async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role]) as bus:
@@ -104,6 +107,14 @@ class Node:
             self._stoppable.append(recorder)
             runners.append(recorder.run)
         else:
+            # Imported here: a recorder needs none of the model SDKs, the router's onnxruntime or the roles.
+            from mesh.roles.calls import ModelCaller
+            from mesh.roles.goalstore import GoalStore
+            from mesh.roles.orchestrator import Orchestrator
+            from mesh.roles.worker import Worker
+            from mesh.router.hotswap import watch_models
+            from mesh.router.runtime import default_router
+
             router = default_router(epsilon=self.settings.router_epsilon, model_path=self.settings.router_model)
             caller = ModelCaller(bus, load_tiers(self.settings), router, self.node_id, self.metrics)
             runners.append(lambda: watch_models(bus, router, self.stop))
@@ -165,12 +176,12 @@ class Node:
 
     async def _heartbeat(self, bus: Bus) -> None:
         kv = await bus.kv(bus.topology.kv_nodes)
-        interval = bus.topology.nodes_ttl / 3
+        interval = min(HEARTBEAT_SECONDS, bus.topology.nodes_ttl / 3)
         while not self.stop.is_set():
-            beat = {"node": self.node_id, "role": self.spec.role, "host": socket.gethostname(), "pid": os.getpid(),
-                    "version": __version__, "in_flight": self.in_flight}
+            doc = beat(self.node_id, self.spec.role, socket.gethostname(), os.getpid(), __version__, self.in_flight,
+                       every=interval)
             try:
-                await kv.put(self.node_id, json.dumps(beat).encode())
+                await kv.put(self.node_id, json.dumps(doc).encode())
             except Exception as exc:  # a missed beat is not fatal; the next one may land
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):
@@ -193,16 +204,22 @@ async def _announce(bus: Bus, up: NodeUp) -> None:
 
 
 def run_node(role: str, settings: MeshSettings | None = None) -> int:
-    """Entry point of ``mesh node <role>``; returns the process exit code."""
+    """Entry point of ``mesh node <role>``; returns the process exit code. The preflight's findings
+    (``mesh node <role> --check``) stop the node before it serves anything."""
     settings = settings or get_settings()
-    specs = load_specs(default_nodes_dir())
-    if role not in specs:
-        raise NodeSpecError(f"unknown role {role!r}; roles with a spec in nodes/: {', '.join(sorted(specs))}")
+    spec, specs = load_role(role)
+    if problems := spec_problems(spec, settings):
+        raise ConfigError(f"node {role} cannot start:\n  " + "\n  ".join(problems))
     setup_json_logging(settings.log_level, role=role)
+    if settings.allow_sim and spec.kind != "recorder":
+        sims = [t for t, cfg in load_tiers(settings).items() if cfg.simulated]
+        if sims:
+            log.warning("tiers %s are SIMULATED (MESH_ALLOW_SIM=1): their outputs are not a real model's",
+                        ", ".join(sims))
     # A node process is non-dumpable (a same-uid tool run cannot read its environment) and the subreaper
     # of whatever a run leaves behind; not in Node.run, which tests also run inside the test process.
     harden_process()
-    node = Node(specs[role], specs, settings)
+    node = Node(spec, specs, settings)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -213,11 +230,3 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
     run_loop(main())
     return 0
 
-
-def run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop (asyncio's own loop where uvloop is absent, e.g. Windows)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)

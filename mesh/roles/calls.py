@@ -42,6 +42,7 @@ class CallScope:
     attempt: int
     usage: Usage
     outbox: Outbox | None = None
+    simulated: bool = False  # some call of the scope was answered (or would be) by a simulator
 
 
 _scope: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar("mesh_call_scope", default=None)
@@ -53,7 +54,8 @@ class ModelCaller:
     def __init__(self, bus: Bus, tiers: Mapping[str, TierConfig], policy: RoutePolicy, node_id: str,
                  metrics: Metrics) -> None:
         self.bus = bus
-        self.gateway = ModelGateway(tiers, on_call=self._on_call, world=SimWorld.from_settings(bus.settings))
+        self.gateway = ModelGateway(tiers, on_call=self._on_call, world=SimWorld.from_settings(bus.settings),
+                                    allow_sim=bus.settings.allow_sim)
         self.policy = policy
         self.node_id = node_id
         self.metrics = metrics
@@ -65,10 +67,11 @@ class ModelCaller:
             return
         if rec.outcome == "ok":
             scope.usage = scope.usage + rec.usage
+        scope.simulated = scope.simulated or rec.simulated
         await self._emit(BackendCall(
             goal_id=scope.goal_id, step_id=scope.step_id, node=self.node_id, tier=rec.tier, model=rec.model,
             endpoint=rec.endpoint, usage=rec.usage, latency_ms=rec.latency_ms, outcome=rec.outcome,
-            attempt=rec.attempt, thinking=rec.thinking,
+            attempt=rec.attempt, thinking=rec.thinking, simulated=rec.simulated,
         ))
 
     def scope(self, goal_id: str, step_id: str, role: str, attempt: int, outbox: Outbox | None = None) -> CallScope:
@@ -87,6 +90,11 @@ class ModelCaller:
     def current_usage() -> Usage:
         scope = _scope.get()
         return scope.usage if scope else Usage()
+
+    @staticmethod
+    def current_simulated() -> bool:
+        scope = _scope.get()
+        return scope.simulated if scope else False
 
     async def route(self, spec: RoleSpec, *, goal_id: str, step_id: str, needed_tokens: int, difficulty: float,
                     position: DagPosition, attempt: int, prior_failures: int, budget_fraction_left: float,
@@ -112,7 +120,7 @@ class ModelCaller:
         decision = self.policy.decide(ctx)
         self.metrics.route(spec.role, decision.tier)
         await self._emit(RouteDecided(event_id=event_id, goal_id=goal_id, step_id=step_id, role=spec.role,
-                                         node=self.node_id, decision=decision))
+                                      attempt=attempt, node=self.node_id, decision=decision))
         return decision
 
     async def chat(self, req: ChatRequest, decision: RouteDecision, remaining: Budget,

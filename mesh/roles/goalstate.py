@@ -14,7 +14,18 @@ from typing import Literal
 
 from pydantic import Field
 
-from mesh.contracts.models import ArtifactRef, DagPosition, Goal, Plan, Step, Usage, Wire, utcnow
+from mesh.contracts.models import (
+    ArtifactRef,
+    DagPosition,
+    Goal,
+    GoalQuality,
+    Plan,
+    Step,
+    StepQuality,
+    Usage,
+    Wire,
+    utcnow,
+)
 
 StepStatus = Literal["pending", "dispatched", "completed", "failed"]
 GoalStatus = Literal["planning", "running", "completed", "failed", "cancelled"]
@@ -35,6 +46,8 @@ class StepState(Wire):
     verdict: str | None = None
     tier: str | None = None
     usage: Usage = Field(default_factory=Usage)
+    simulated: bool = False
+    quality: StepQuality | None = None
     error: str | None = None
     failures: int = 0
     dispatched_at: datetime | None = None
@@ -70,6 +83,8 @@ class GoalState(Wire):
     steps_run: int = 0
     replans: int = 0
     review_rounds: int = 0
+    test_rounds: int = 0  # revisions asked for by failing tests: a budget apart from the reviews'
+    simulated: bool = False  # some model call of the goal was simulated
     memory: list[str] = Field(default_factory=list)
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
@@ -113,6 +128,23 @@ class GoalState(Wire):
             dependents=sum(1 for st in self.steps.values() if step_id in st.step.depends_on),
             total_steps=len(self.steps),
         )
+
+    def quality(self) -> GoalQuality:
+        """The goal's quality record: its last test run (by finish time), the verdict of the newest review
+        of each reviewed line (a revision replaces its original's), and the revisions used."""
+        done = sorted((st for st in self.steps.values() if st.status == "completed" and st.quality is not None),
+                      key=lambda st: st.finished_at or self.started_at)
+        tests = [st for st in done if st.quality and st.quality.source == "tests"]
+        reviews: dict[str, str] = {}
+        for st in done:
+            if st.quality and st.quality.source == "review" and st.verdict:
+                reviews[st.step.revision_of or st.step.step_id] = st.verdict
+        last = tests[-1] if tests else None
+        return GoalQuality(
+            tests="not_run" if last is None else "passed" if last.quality and last.quality.grade == 1.0 else "failed",
+            tests_exit_code=last.quality.exit_code if last and last.quality else None,
+            tests_report=last.outputs[0] if last and last.outputs else None,
+            reviews=list(reviews.values()), review_revisions=self.review_rounds, test_revisions=self.test_rounds)
 
     def budget_breach(self, now: datetime | None = None) -> str | None:
         """Why the goal is over budget, or None."""
@@ -161,14 +193,17 @@ class GoalState(Wire):
         return st.attempt
 
     def complete(self, step_id: str, attempt: int, outputs: list[ArtifactRef], usage: Usage,
-                 verdict: str | None, tier: str | None, summary: str) -> bool:
+                 verdict: str | None, tier: str | None, summary: str, *, simulated: bool = False,
+                 quality: StepQuality | None = None) -> bool:
         """Record a completion; False when the step is unknown, already done, or the attempt is stale."""
         st = self.steps.get(step_id)
         if st is None or st.status != "dispatched" or attempt != st.attempt:
             return False
         st.status, st.outputs, st.usage, st.verdict, st.tier = "completed", outputs, usage, verdict, tier
+        st.simulated, st.quality = simulated, quality
         st.finished_at = utcnow()
         self.usage = self.usage + usage
+        self.simulated = self.simulated or simulated
         self.steps_run += 1
         workspaces = [r for r in outputs if r.media_type == "application/vnd.mesh.workspace+json"]
         if workspaces:
@@ -188,13 +223,15 @@ class GoalState(Wire):
         self.remember(f"{step_id} ({st.step.role}) FAILED: {error[:160]}")
         return True
 
-    def add_revision(self, review_id: str, revisers: Collection[str], feedback: str) -> list[str]:
+    def add_revision(self, review_id: str, revisers: Collection[str], feedback: str, *,
+                     tests: bool = False) -> list[str]:
         """Review → revision loop: a revision of the reviewed work and a fresh review of it.
 
         The reviewed work is the review's latest dependency of a role in ``revisers`` (the roles whose
         spec says ``revises``); its revision is a step of that same role. ``feedback`` names what the
         review produced ("review", "test report"). Dependents of the review (and of the reviewed step)
         are rewired to the new pair, so the rest of the plan waits for the revised, re-reviewed work.
+        ``tests``: failing tests asked for it (counted in ``test_rounds``, else in ``review_rounds``).
         Returns the new step ids.
         """
         review = self.steps[review_id].step
@@ -202,8 +239,11 @@ class GoalState(Wire):
         if not coder_ids:
             return []
         coder = self.steps[coder_ids[-1]].step
-        self.review_rounds += 1
-        n = self.review_rounds
+        if tests:
+            self.test_rounds += 1
+        else:
+            self.review_rounds += 1
+        n = self.review_rounds + self.test_rounds
         base_coder = coder.revision_of or coder.step_id
         base_review = review.revision_of or review.step_id
         new_coder = Step(
@@ -239,7 +279,7 @@ class GoalState(Wire):
         """The oldest memory lines, once the memory has grown to ``MEMORY_COMPACT_AT`` (else none)."""
         return self.memory[:-MEMORY_KEEP_RECENT] if len(self.memory) >= MEMORY_COMPACT_AT else []
 
-    def compact_memory(self, old: list[str], summary: str, usage: Usage) -> bool:
+    def compact_memory(self, old: list[str], summary: str, usage: Usage, *, simulated: bool = False) -> bool:
         """Replace ``old`` — if they are still the oldest lines — by one line summarising them, and count
         what the summary cost. False when the memory moved on (another replica compacted it first)."""
         if self.done or not old or self.memory[: len(old)] != old:
@@ -247,4 +287,5 @@ class GoalState(Wire):
         line = "Earlier: " + " ".join(summary.split())
         self.memory = [line[:MEMORY_SUMMARY_CHARS], *self.memory[len(old):]]
         self.usage = self.usage + usage
+        self.simulated = self.simulated or simulated
         return True

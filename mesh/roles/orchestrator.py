@@ -20,16 +20,16 @@ which only swaps the summary in if those lines are still the oldest).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from mesh.aio import together
 from mesh.backends.base import ChatMessage, ChatRequest
 from mesh.backends.gateway import BudgetGuard
+from mesh.backends.structured import StructuredFailed, ask_structured
 from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
@@ -51,11 +51,12 @@ from mesh.contracts import (
     utcnow,
 )
 from mesh.contracts.options import validate_options
-from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid
+from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid, SimulationNotAllowed
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
+from mesh.roles.plans import fallback_plan, plan_from_doc
 from mesh.roles.spec import RoleSpec, revising_roles, synthesizing_role
 
 log = logging.getLogger(__name__)
@@ -139,19 +140,20 @@ class Orchestrator:
         """Plan (``failed``: replan) the goal. ``delivery`` is the goal message's, retried by re-raising
         while its consumer would retry it; a replan (None) is never retried that way."""
         goal = state.goal
+        version = state.plan_version + 1
         try:
-            plan = await self._ask_for_plan(state, version=state.plan_version + 1, failed=failed)
-        except PlanInvalid as exc:
-            await self._fail_goal(goal.goal_id, f"no valid plan after {self.limits.max_plan_attempts} "
-                                                f"attempts: {exc}")
+            plan, source, note = await self._ask_for_plan(state, version=version, failed=failed)
+        except PlanInvalid as exc:  # not even a fallback plan: no role can take any phase
+            await self._fail_goal(goal.goal_id, f"no plan: {exc}")
             return
-        except BackendError as exc:
+        except (BackendError, SimulationNotAllowed) as exc:  # the latter: never retried (not retryable)
             if delivery is not None and not delivery.gives_up(exc):
                 raise  # nak: plan again later
             await self._fail_goal(goal.goal_id, f"planning failed: {exc}")
             return
 
         planning = self.caller.current_usage()
+        simulated = self.caller.current_simulated()
 
         def install(s: GoalState) -> bool:
             if s.done or s.plan_version >= plan.version:
@@ -159,16 +161,20 @@ class Orchestrator:
             if failed is not None:
                 s.replans += 1
             s.usage = s.usage + planning
+            s.simulated = s.simulated or simulated
             s.apply_plan(plan)
             return True
 
         state, installed = await self.goals.mutate(goal.goal_id, install)
         if installed:
             await self.bus.emit(GoalPlanned(event_id=f"{goal.goal_id}.planned.{plan.version}", goal_id=goal.goal_id,
-                                            plan=plan, node=self.node_id))
+                                            plan=plan, node=self.node_id, source=source, note=note[:2000]))
         await self._advance(goal.goal_id)
 
-    async def _ask_for_plan(self, state: GoalState, *, version: int, failed: str | None) -> Plan:
+    async def _ask_for_plan(self, state: GoalState, *, version: int,
+                            failed: str | None) -> tuple[Plan, Literal["model", "fallback"], str]:
+        """The model's plan (re-asked with room when truncated, with the exact error when invalid), else
+        after ``max_plan_attempts`` the fallback plan built from the role specs: the goal goes on."""
         goal = state.goal
         roles = prompt.bullets(prompt.role_line(r, s.output_kind, s.description) for r, s in sorted(self.roles.items()))
         sections = [(prompt.CONSTRAINTS, prompt.bullets(goal.constraints or [prompt.NONE])), (prompt.GOAL, goal.brief),
@@ -191,33 +197,29 @@ class Orchestrator:
             attempt=version, prior_failures=state.replans, budget_fraction_left=1.0,
             event_id=f"{goal.goal_id}.route.plan.{version}", instruction=goal.brief, remaining=_remaining(state),
         )
-        error: PlanInvalid | None = None
-        for _ in range(self.limits.max_plan_attempts):
-            request = ChatRequest(messages=messages, thinking=decision.thinking, json_schema=PLAN_SCHEMA,
-                                  max_tokens=self.limits.max_output_tokens,
-                                  metadata={"role": self.spec.role, **{k: v for k, v in goal.options.items()
-                                                                 if isinstance(v, str | int | float | bool)}})
-            response = await self.caller.chat(request, decision, _remaining(state), _no_check)
-            try:
-                return self._parse_plan(goal.goal_id, response.text, version)
-            except PlanInvalid as exc:
-                error = exc
-                messages = messages + [ChatMessage(role="assistant", content=response.text),
-                                       ChatMessage(role="user", content=f"That plan is invalid: {exc}. "
-                                                                        "Answer with a corrected plan.")]
-        assert error is not None
-        raise error
+        request = ChatRequest(messages=messages, thinking=decision.thinking, json_schema=PLAN_SCHEMA,
+                              max_tokens=self.limits.max_output_tokens,
+                              metadata={"role": self.spec.role, **{k: v for k, v in goal.options.items()
+                                                             if isinstance(v, str | int | float | bool)}})
+        gateway = self.caller.gateway
 
-    def _parse_plan(self, goal_id: str, text: str, version: int) -> Plan:
-        start, end = text.find("{"), text.rfind("}")
+        def validate(doc: object) -> Plan:
+            plan = _with_synthesis(plan_from_doc(doc, goal_id=goal.goal_id, version=version), self.synthesizer)
+            plan.check(frozenset(self.roles), max_steps=self.limits.max_plan_steps)
+            return plan
+
         try:
-            doc = json.loads(text[start:end + 1])
-            plan = Plan(goal_id=goal_id, steps=doc["steps"], version=version, rationale=str(doc.get("rationale", "")))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PlanInvalid(f"plan is not valid JSON of the plan schema: {str(exc)[:300]}") from exc
-        plan = _with_synthesis(plan, self.synthesizer)
-        plan.check(frozenset(self.roles), max_steps=self.limits.max_plan_steps)
-        return plan
+            asked = await ask_structured(
+                lambda req: self.caller.chat(req, decision, _remaining(state), _no_check), request, validate,
+                attempts=self.limits.max_plan_attempts, what="plan",
+                room=lambda resp: gateway.room(resp.tier or decision.tier, messages_tokens(messages)))
+        except StructuredFailed as exc:
+            log.warning("goal %s: %s; falling back to a plan built from the role specs", goal.goal_id, exc)
+            plan = _with_synthesis(fallback_plan(goal, self.roles, version=version, reason=str(exc)), self.synthesizer)
+            plan.check(frozenset(self.roles), max_steps=self.limits.max_plan_steps)
+            return plan, "fallback", f"the model gave no valid plan: {exc}"
+        note = f"accepted on attempt {asked.attempts} after: " + "; ".join(asked.errors) if asked.errors else ""
+        return asked.value, "model", note
 
     # --- step outcomes -------------------------------------------------------------------------
 
@@ -234,13 +236,19 @@ class Orchestrator:
     async def _on_completed(self, ev: StepCompleted) -> GoalState:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
+        tests = ev.quality.source == "tests"
+
         def record(s: GoalState) -> bool:
-            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary):
+            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
+                                        simulated=ev.simulated, quality=ev.quality):
                 return False
-            if ev.verdict == "changes_requested" and s.review_rounds < self.limits.max_review_iterations:
+            used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
+                (s.review_rounds, self.limits.max_review_iterations)
+            budget = min(budget, s.goal.options.get("max_revisions", budget))  # a goal may cap its revisions
+            if ev.verdict == "changes_requested" and used < budget:
                 reviewer = self.roles.get(ev.role)
                 s.add_revision(ev.step_id, self.revisers,
-                               reviewer.output_kind.replace("_", " ") if reviewer else "review")
+                               reviewer.output_kind.replace("_", " ") if reviewer else "review", tests=tests)
             return True
 
         state, recorded = await self._advance(ev.goal_id, record)
@@ -279,7 +287,8 @@ class Orchestrator:
         text = "\n".join(old)
         low, high = MEMORY_SUMMARY_TOKENS
         summary = await summarise(text, min(max(estimate_tokens(text) // 3, low), high))
-        await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage))
+        await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage,
+                                                                    simulated=scope.simulated))
 
     # --- driving ---------------------------------------------------------------------------------
 
@@ -351,10 +360,12 @@ class Orchestrator:
         if state.status == "completed" and state.result is not None:
             await self.bus.emit(GoalCompleted(event_id=f"{goal_id}.completed", goal_id=goal_id, result=state.result,
                                               workspace=state.workspace, usage=state.usage,
-                                              steps_run=state.steps_run, node=self.node_id))
+                                              steps_run=state.steps_run, node=self.node_id,
+                                              simulated=state.simulated, quality=state.quality()))
         elif state.status != "cancelled":
             await self.bus.emit(GoalFailed(event_id=f"{goal_id}.failed", goal_id=goal_id, node=self.node_id,
-                                           reason=state.reason or "failed", usage=state.usage))
+                                           reason=state.reason or "failed", usage=state.usage,
+                                           simulated=state.simulated, quality=state.quality()))
 
     async def redrive(self, goal_id: str) -> None:
         """Re-publish every dispatched task (dedupe drops the ones that exist) and advance."""
@@ -413,12 +424,21 @@ def _forward(s: GoalState, synthesizer: str) -> _Moves | None:
         return _Moves([], finished=True)
     if s.all_completed():
         s.result = _final_output(s, synthesizer)
-        s.finish("completed")
+        if s.quality().tests == "failed" and not _accepts_failing_tests(s.goal.options):
+            s.finish("failed", f"tests still failing after {s.test_rounds} revisions")
+        else:
+            s.finish("completed")
         return _Moves([], finished=True)
     ready = s.ready()
     for sid in ready:
         s.mark_dispatched(sid)
     return _Moves(ready) if ready else None
+
+
+def _accepts_failing_tests(options: dict[str, Any]) -> bool:
+    """Goal option ``accept_failing_tests`` (a bool, checked by the options registry): complete even though
+    the last test run failed."""
+    return options.get("accept_failing_tests") is True
 
 
 def _with_synthesis(plan: Plan, role: str) -> Plan:

@@ -56,6 +56,8 @@ class Limits(_Strict):
     # orchestrator only
     max_plan_attempts: int = Field(default=3, ge=1, le=10)
     max_review_iterations: int = Field(default=2, ge=0, le=10)
+    max_test_revisions: int = Field(default=2, ge=0, le=10, description="Revisions failing tests may ask for; "
+                                    "a budget apart from the reviews' (max_review_iterations).")
     max_replans: int = Field(default=2, ge=0, le=10)
     max_plan_steps: int = Field(default=200, ge=1, le=2000)
     # recorder only

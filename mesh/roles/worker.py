@@ -9,7 +9,6 @@ exhausted it publishes ``step.failed`` so the orchestrator can replan.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import Any
 from mesh.aio import together
 from mesh.backends.base import ChatMessage, ChatRequest, ChatResponse, ToolSpec
 from mesh.backends.gateway import BudgetGuard
+from mesh.backends.structured import ECHO_CHARS, StructuredFailed, ask_structured, extract_json
 from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
@@ -31,14 +31,15 @@ from mesh.contracts import (
     StepCompleted,
     StepFailed,
     StepProgress,
+    StepQuality,
     StepStarted,
     Task,
     ToolCall,
     Usage,
     prompt,
 )
-from mesh.errors import GoalCancelled, MalformedResponse, MeshError
-from mesh.packing import apack, estimate_tokens
+from mesh.errors import GoalCancelled, MeshError, OutputInvalid
+from mesh.packing import apack, estimate_tokens, messages_tokens
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
@@ -46,7 +47,8 @@ from mesh.tools.cache import BlobCache, MemoryCache
 from mesh.tools.merge import resolve_workspace
 from mesh.tools.sandbox import select as select_sandbox
 from mesh.tools.shell import ShellLimits, ShellPolicy
-from mesh.tools.toolbox import LedgerQueryFn, ToolBox
+from mesh.tools.textproto import TextCall, parse_calls, protocol_prompt
+from mesh.tools.toolbox import LedgerQueryFn, ToolBox, ToolResult
 from mesh.tools.workspace import MANIFEST_MEDIA_TYPE, Workspace
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ VERDICT_SCHEMA: dict[str, Any] = {
 }
 MAX_INPUT_FILE_CHARS = 20_000
 CANCEL_RECHECK_SECONDS = 0.5
+# Re-asks for a verdict that did not parse (each quotes the error): a weak model gets two more chances.
+VERDICT_REASKS = 2
+# What a test-gated role runs when its model (on a tier without function calling) wrote no command.
+DEFAULT_TEST_ARGV = ["python", "-m", "pytest", "-q"]
 
 
 def shell_policy(spec: RoleSpec, s: MeshSettings) -> ShellPolicy:
@@ -184,12 +190,17 @@ class Worker:
             instruction=step.instruction, remaining=task.remaining, deadline=task.deadline,
         )
         window = self.caller.gateway.window(decision.tier)
+        # what one answer on this tier may write (a small model's reserve, not the role's 8k): packing leaves it free
+        max_out = min(spec.limits.max_output_tokens, self.caller.gateway.tiers[decision.tier].output_reserve)
+        native = self.caller.gateway.native_tools(decision.tier)
+        if not native and (protocol := protocol_prompt(frozenset(spec.tools))):
+            instruction += "\n\n" + protocol  # no function calling on this tier: tool use is written as text
         # Inputs that do not fit are summarised by the edge tier (its calls count toward this step).
         summarise = EdgeSummariser(self.caller.gateway,
                                    budget=BudgetGuard(task.remaining, spent=self.caller.current_usage()))
         packed = await apack(system=system, constraints=task.constraints, brief=task.brief, instruction=instruction,
                              acceptance=step.acceptance, inputs=inputs, memory=task.memory, window=window,
-                             output_reserve=spec.limits.max_output_tokens, summarise=summarise, feedback=feedback)
+                             output_reserve=max_out, summarise=summarise, feedback=feedback)
         if packed.dropped or packed.summarised:
             await outbox.emit(StepProgress(
                 event_id=f"{task.task_id}.packed.{delivery.attempt}", goal_id=task.goal_id, step_id=step.step_id,
@@ -201,28 +212,36 @@ class Worker:
                            artifacts=self.blobs) as toolbox:  # closing it removes the step's temp folder
             request = ChatRequest(
                 messages=packed.messages,
-                tools=[ToolSpec(name=n, description=d, parameters=p) for n, d, p in toolbox.specs()],
-                thinking=decision.thinking, max_tokens=spec.limits.max_output_tokens,
+                tools=[ToolSpec(name=n, description=d, parameters=p) for n, d, p in toolbox.specs()] if native else [],
+                thinking=decision.thinking, max_tokens=max_out,
                 json_schema=VERDICT_SCHEMA if spec.verdicts else None,
                 metadata={"role": spec.role, "difficulty": step.difficulty, "fan_out": task.position.fan_out,
                           "step_id": step.step_id, **_hints(task.options)},
             )
             response = await self._converse(task, request, decision, toolbox, outbox, check)
+            if not native:
+                await self._text_tools(task, response.text, toolbox, outbox, check)
             tests_exit = toolbox.last_exit_code
-        verdict = _parse_verdict(response.text) if spec.verdicts else _test_verdict(tests_exit) \
-            if spec.verdict_from_tests else None
-        outputs = await self._publish_outputs(task, response.text, workspace, workspace_ref, outbox)
+            verdict = await self._verdict(task, request, response, decision, outbox, check) if spec.verdicts \
+                else _test_verdict(tests_exit) if spec.verdict_from_tests else None
+        text = response.text
+        if response.finish_reason == "length":  # said, not hidden: the answer stopped at the output limit
+            text += f"\n\n[truncated: the answer reached its output limit of {request.max_tokens} tokens]"
+            await self._progress(outbox, task, "truncated", "answer truncated (finish_reason=length)",
+                                 {"max_tokens": request.max_tokens, "tier": response.tier})
+        outputs = await self._publish_outputs(task, text, workspace, workspace_ref, outbox)
         return StepCompleted(
             event_id=f"{task.task_id}.completed", goal_id=task.goal_id, step_id=step.step_id, role=spec.role,
             attempt=task.attempt, node=self.node_id, outputs=outputs, usage=self.caller.current_usage(),
             verdict=verdict, tier=response.tier or decision.tier,  # type: ignore[arg-type]
+            simulated=self.caller.current_simulated(), quality=_quality(spec, verdict, tests_exit, task.inputs),
         )  # tier: the one that answered, after any fallback
 
     async def _converse(self, task: Task, request: ChatRequest, decision: RouteDecision, toolbox: ToolBox,
                         outbox: Outbox, check: Callable[[], Awaitable[None]]) -> ChatResponse:
         """The bounded tool loop (or a swarm fan-out for wide, tool-less steps)."""
         fan_out = self.spec.router.swarm_fan_out
-        if decision.tier == "swarm" and fan_out and not request.tools:
+        if decision.tier == "swarm" and fan_out and not request.tools and task.options.get("swarm", True):
             subtasks = [f"Part {i + 1} of {fan_out}: cover one distinct aspect of: {task.step.instruction}"
                         for i in range(fan_out)]
             return await self.caller.swarm(request, subtasks, decision, task.remaining, check)
@@ -234,17 +253,63 @@ class Worker:
                 return response
             messages.append(response.as_message())
             for call in response.tool_calls:
-                await check()
-                result = await toolbox.call(call.name, call.arguments)
-                await outbox.emit(ToolCall(
-                    event_id=f"{task.task_id}.tool.{call.id}", goal_id=task.goal_id, step_id=task.step.step_id,
-                    role=self.spec.role, node=self.node_id, tool=call.name, arguments=result.arguments,
-                    ok=result.ok, refused=result.refused, error=None if result.ok else result.content,
-                    duration_ms=result.duration_ms, sandbox=result.sandbox,
-                ))
+                result = await self._tool(task, call.id, call.name, call.arguments, toolbox, outbox, check)
                 messages.append(ChatMessage(role="tool", content=result.content, tool_call_id=call.id,
                                             name=call.name))
         raise AssertionError("unreachable: the loop returns on its last round")
+
+    async def _tool(self, task: Task, call_id: str, name: str, arguments: dict[str, Any], toolbox: ToolBox,
+                    outbox: Outbox, check: Callable[[], Awaitable[None]]) -> ToolResult:
+        await check()
+        result = await toolbox.call(name, arguments)
+        await outbox.emit(ToolCall(
+            event_id=f"{task.task_id}.tool.{call_id}", goal_id=task.goal_id, step_id=task.step.step_id,
+            role=self.spec.role, node=self.node_id, tool=name, arguments=result.arguments,
+            ok=result.ok, refused=result.refused, error=None if result.ok else result.content,
+            duration_ms=result.duration_ms, sandbox=result.sandbox,
+        ))
+        return result
+
+    async def _text_tools(self, task: Task, text: str, toolbox: ToolBox, outbox: Outbox,
+                          check: Callable[[], Awaitable[None]]) -> None:
+        """A tier without function calling: the edits and commands written in the answer run through the
+        same guarded toolbox. A role whose verdict is its tests runs the test command itself when the
+        model wrote none, so its verdict still comes from a real run."""
+        calls = parse_calls(text, toolbox.allowed)
+        if self.spec.verdict_from_tests and not any(c.name == "shell.run" for c in calls) \
+                and DEFAULT_TEST_ARGV[0] in self.spec.shell_allow:
+            calls.append(TextCall("shell.run", {"argv": DEFAULT_TEST_ARGV}))
+        for i, call in enumerate(calls):
+            await self._tool(task, f"text-{i}", call.name, call.arguments, toolbox, outbox, check)
+
+    async def _verdict(self, task: Task, request: ChatRequest, response: ChatResponse, decision: Any,
+                       outbox: Outbox, check: Callable[[], Awaitable[None]]) -> str | None:
+        """The verdict JSON, read leniently; an invalid or truncated one is re-asked (the error quoted).
+        A model that never gives one leaves the step without a verdict, and the step says so."""
+        try:
+            return _verdict_of(extract_json(response.text))
+        except MeshError as exc:
+            error = str(exc)
+        reask = request.model_copy(update={"tools": [], "messages": [
+            *request.messages, ChatMessage(role="assistant", content=response.text[:ECHO_CHARS]),
+            ChatMessage(role="user", content=f"That review is invalid: {error}. Answer with the verdict JSON only.")]})
+        gateway = self.caller.gateway
+        try:
+            asked = await ask_structured(
+                lambda req: self.caller.chat(req, decision, task.remaining, check), reask, _verdict_of,
+                attempts=VERDICT_REASKS,
+                room=lambda r: gateway.room(r.tier or decision.tier, messages_tokens(reask.messages)),
+                what="verdict")
+        except StructuredFailed as exc:
+            await self._progress(outbox, task, "noverdict", f"no verdict: {exc}", {"errors": [error, *exc.errors]})
+            return None
+        return asked.value
+
+    async def _progress(self, outbox: Outbox, task: Task, key: str, message: str, detail: dict[str, Any]) -> None:
+        await outbox.emit(StepProgress(
+            event_id=f"{task.task_id}.{key}", goal_id=task.goal_id,
+            step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt, node=self.node_id,
+            message=message[:2000], detail=detail))
 
     async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]],
                                                       list[tuple[str, str, int]]]:
@@ -266,21 +331,22 @@ class Worker:
                                outbox: Outbox) -> list[ArtifactRef]:
         step, kind = task.step, self.spec.output_kind
         parents = [r.digest for r in task.inputs]
-        main = await self.bus.put_blob(text.encode(), media_type="text/markdown", name=f"{step.step_id}/{kind}")
-        outputs = [main]
+        put_main = self.bus.put_blob(text.encode(), media_type="text/markdown", name=f"{step.step_id}/{kind}")
+        if not ws.dirty:
+            main = await put_main
+            await self._announce(outbox, task, main, kind, parents)
+            return [main] if ws_in is None else [main, ws_in]  # pass the workspace on so dependents still see it
+        # The text, the workspace and the change itself (for the reviewer and the tester downstream) are
+        # stored concurrently, not one round trip after another; they are announced in this order.
+        main, ws_out, diff = await together(put_main, ws.commit(self._store), self._store_diff(ws, step.step_id))
+        ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
         await self._announce(outbox, task, main, kind, parents)
-        if ws.dirty:
-            ws_out = await ws.commit(self._store)
-            ws_out = ws_out.model_copy(update={"name": f"{step.step_id}/workspace"})
-            await self._announce(outbox, task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
-            # the change itself, for the reviewer and the tester downstream
-            diff = await self.bus.put_blob((await ws.diff()).encode(), media_type="text/x-diff",
-                                           name=f"{step.step_id}/diff")
-            await self._announce(outbox, task, diff, "diff", [d.digest for d in (ws_in, ws_out) if d is not None])
-            outputs += [ws_out, diff]
-        elif ws_in is not None:
-            outputs.append(ws_in)  # pass the workspace on so dependents still see it
-        return outputs
+        await self._announce(outbox, task, ws_out, "workspace", [ws_in.digest] if ws_in else [])
+        await self._announce(outbox, task, diff, "diff", [d.digest for d in (ws_in, ws_out) if d is not None])
+        return [main, ws_out, diff]
+
+    async def _store_diff(self, ws: Workspace, step_id: str) -> ArtifactRef:
+        return await self.bus.put_blob((await ws.diff()).encode(), media_type="text/x-diff", name=f"{step_id}/diff")
 
     async def _store(self, data: bytes, media_type: str, name: str) -> ArtifactRef:
         return await self.bus.put_blob(data, media_type=media_type, name=name)
@@ -316,13 +382,24 @@ def _test_verdict(exit_code: int | None) -> str | None:
     return "approve" if exit_code == 0 else "changes_requested"
 
 
-def _parse_verdict(text: str) -> str:
-    start, end = text.find("{"), text.rfind("}")
-    try:
-        doc = json.loads(text[start:end + 1])
-        verdict = doc["verdict"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MalformedResponse(f"review is not the verdict JSON the reviewer spec asks for: {text[:200]!r}") from exc
+def _quality(spec: RoleSpec, verdict: str | None, tests_exit: int | None, inputs: list[ArtifactRef]) -> StepQuality:
+    """The step's grade and its source: a review's verdict or the last test run, about the work of the
+    steps that produced the workspace it judged (named ``<step>/workspace``); nothing judged, no grade."""
+    if verdict is None:
+        return StepQuality()
+    judged = list(dict.fromkeys(r.name.split("/")[0] for r in inputs
+                                if r.media_type == MANIFEST_MEDIA_TYPE and "/" in r.name))
+    return StepQuality(grade=1.0 if verdict == "approve" else 0.0, source="review" if spec.verdicts else "tests",
+                       exit_code=None if spec.verdicts else tests_exit, judged=judged)
+
+
+def _verdict_of(doc: Any) -> str:
+    """Strict: an object whose ``verdict`` is approve or changes_requested (notes, if any, a list)."""
+    if not isinstance(doc, dict) or "verdict" not in doc:
+        raise OutputInvalid('the review must be a JSON object with a "verdict"')
+    verdict = doc["verdict"]
     if verdict not in ("approve", "changes_requested"):
-        raise MalformedResponse(f"unknown verdict {verdict!r}")
+        raise OutputInvalid(f'"verdict" must be "approve" or "changes_requested", not {verdict!r}')
+    if not isinstance(doc.get("notes", []), list):
+        raise OutputInvalid('"notes" must be a list of strings')
     return str(verdict)

@@ -1,10 +1,12 @@
 """Logged routing decisions joined with their outcomes, read from a ledger.
 
-A decision's outcome is the step attempt it routed: the first ``step.completed`` / ``step.failed``
-of the same goal and step at or after the decision (an ASOF join on time, so the ledger needs no
-attempt column on decisions). When a step attempt was routed more than once (a redelivery after a
-crash), only its last decision counts. Success = the attempt completed; cost = every backend call of
-the step between decision and outcome; latency = decision to outcome. Decisions without an outcome
+A decision's outcome is the step attempt it routed (``route.decided`` carries the attempt: an exact
+join on goal, step and attempt). When a step attempt was routed more than once (a redelivery after a
+crash), only its last decision counts. Success = the attempt completed and its work was not judged
+bad: the first review verdict or test run graded after it that names the step among the ones it judged
+(``step.completed.quality``), when there is one, decides — so the router learns from quality, not
+from completion. ``quality`` keeps that grade (NaN: nothing judged the step). Cost = every backend
+call of the step between decision and outcome; latency = decision to outcome. Decisions without an outcome
 (the planner's, or steps still running) and decisions logged with another feature spec are left out.
 
 The source is a ledger DuckDB file (opened read-only: stop the ledger, or copy the file) or a
@@ -29,26 +31,34 @@ N_ACTIONS = len(ACTIONS)
 
 DECISIONS_SQL = """
 WITH decisions AS (
-    SELECT seq, goal_id, step_id, ts, tier, thinking, propensity, features, model_version
+    SELECT seq, goal_id, step_id, attempt, ts, tier, thinking, propensity, features, model_version
     FROM route_decisions WHERE feature_version = $feature_version AND propensity > 0
 ), outcomes AS (
     SELECT goal_id, step_id, attempt, status, finished_at
     FROM steps WHERE status IN ('completed', 'failed') AND finished_at IS NOT NULL
 ), routed AS (
     SELECT d.*, o.status, o.finished_at
-    FROM decisions d ASOF JOIN outcomes o
-      ON d.goal_id = o.goal_id AND d.step_id = o.step_id AND d.ts <= o.finished_at
-    QUALIFY row_number() OVER (PARTITION BY d.goal_id, d.step_id, o.attempt ORDER BY d.seq DESC) = 1
+    FROM decisions d JOIN outcomes o USING (goal_id, step_id, attempt)
+    QUALIFY row_number() OVER (PARTITION BY d.goal_id, d.step_id, d.attempt ORDER BY d.seq DESC) = 1
+), judged AS (
+    SELECT goal_id, unnest(quality_judged) AS step_id, quality_grade AS grade, finished_at
+    FROM steps WHERE status = 'completed' AND quality_grade IS NOT NULL
+), graded AS (
+    SELECT r.seq, arg_min(j.grade, j.finished_at) AS grade
+    FROM routed r JOIN judged j
+      ON j.goal_id = r.goal_id AND j.step_id = r.step_id AND j.finished_at >= r.finished_at
+    GROUP BY r.seq
 ), costs AS (
     SELECT r.seq, sum(b.cost_usd) AS cost_usd
     FROM routed r JOIN backend_calls b
       ON b.goal_id = r.goal_id AND b.step_id = r.step_id AND b.ts BETWEEN r.ts AND r.finished_at
     GROUP BY r.seq
 )
-SELECT r.goal_id, r.features, r.tier, r.thinking, r.propensity, r.status = 'completed' AS success,
+SELECT r.goal_id, r.features, r.tier, r.thinking, r.propensity,
+       r.status = 'completed' AND coalesce(q.grade, 1.0) >= 0.5 AS success,
        coalesce(c.cost_usd, 0.0) AS cost_usd,
-       date_diff('millisecond', r.ts, r.finished_at) / 1000.0 AS latency_s, r.model_version
-FROM routed r LEFT JOIN costs c USING (seq)
+       date_diff('millisecond', r.ts, r.finished_at) / 1000.0 AS latency_s, r.model_version, q.grade
+FROM routed r LEFT JOIN costs c USING (seq) LEFT JOIN graded q USING (seq)
 ORDER BY r.seq
 """
 
@@ -65,6 +75,7 @@ class Decisions:
     cost: np.ndarray  # USD
     latency: np.ndarray  # seconds
     model_version: np.ndarray  # str
+    quality: np.ndarray  # float: the grade a review or test run gave the step's work, NaN when none did
 
     def __len__(self) -> int:
         return len(self.action)
@@ -122,4 +133,5 @@ def _columns(rows: list[tuple]) -> Decisions:  # type: ignore[type-arg]
         cost=np.array([r[6] for r in rows], dtype=np.float64),
         latency=np.array([r[7] for r in rows], dtype=np.float64),
         model_version=np.array([r[8] for r in rows], dtype=object),
+        quality=np.array([np.nan if r[9] is None else r[9] for r in rows], dtype=np.float64),
     )

@@ -284,7 +284,7 @@ def attempt_events(attempt: Attempt, topology: Topology) -> Iterator[tuple[str, 
     events: list[Event] = [
         StepStarted(event_id=f"{task_id}.started", goal_id=goal, node=node, at=t0, step_id=step, role=role, attempt=n),
         RouteDecided(event_id=f"{task_id}.route.1", goal_id=goal, node=node, at=t0 + timedelta(milliseconds=1),
-                     step_id=step, role=role, decision=d),
+                     step_id=step, role=role, attempt=n, decision=d),
     ]
     calls = attempt.usage.calls
     share = Usage(prompt_tokens=attempt.usage.prompt_tokens // calls,

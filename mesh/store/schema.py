@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from mesh.contracts import EVENT_TYPES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,11 @@ class Migration:
 
 # Hand-written steps for the raw tables, in order. Derived tables need none: they are rebuilt from
 # the events table after any migration (see ``mesh.store.ledger``).
-MIGRATIONS: tuple[Migration, ...] = ()
+MIGRATIONS: tuple[Migration, ...] = (
+    # 2: simulated on calls, steps and goals; step and goal quality; attempt on route decisions. Only
+    # derived tables changed: they are refolded from the events.
+    Migration(2, ()),
+)
 
 META_DDL = "CREATE TABLE IF NOT EXISTS ledger_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)"
 
@@ -71,7 +75,10 @@ DERIVED_DDL: tuple[str, ...] = (
         brief VARCHAR, constraints VARCHAR[], budget JSON, options JSON, submitted_at TIMESTAMPTZ,
         plan_version INTEGER, plan_steps INTEGER, plan JSON, planned_at TIMESTAMPTZ,
         result_digest VARCHAR, workspace_digest VARCHAR, steps_run INTEGER, reason VARCHAR,
-        finished_at TIMESTAMPTZ, updated_at TIMESTAMPTZ,{_USAGE_COLUMNS}
+        finished_at TIMESTAMPTZ, updated_at TIMESTAMPTZ,{_USAGE_COLUMNS},
+        simulated BOOLEAN,                -- some model call of the goal was simulated
+        tests VARCHAR,                    -- last test run: passed | failed | not_run
+        quality JSON                      -- the goal's quality record (tests, reviews, revisions)
     )""",
     f"""CREATE TABLE steps (
         goal_id VARCHAR, step_id VARCHAR, attempt INTEGER,
@@ -80,6 +87,9 @@ DERIVED_DDL: tuple[str, ...] = (
         dispatched_at TIMESTAMPTZ, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, updated_at TIMESTAMPTZ,
         tier VARCHAR, verdict VARCHAR, outputs VARCHAR[], error VARCHAR, retryable BOOLEAN,
         progress VARCHAR, progress_fraction DOUBLE,{_USAGE_COLUMNS},
+        simulated BOOLEAN,
+        quality_grade DOUBLE, quality_source VARCHAR,   -- 1 approved / tests passed, 0 not; tests | review | none
+        quality_exit_code INTEGER, quality_judged VARCHAR[],  -- the steps whose work the grade is about
         PRIMARY KEY (goal_id, step_id, attempt)
     )""",
     """CREATE TABLE artifacts (
@@ -92,12 +102,12 @@ DERIVED_DDL: tuple[str, ...] = (
         node VARCHAR, step_id VARCHAR, role VARCHAR,
         tier VARCHAR, thinking BOOLEAN, probabilities MAP(VARCHAR, DOUBLE), thinking_probability DOUBLE,
         propensity DOUBLE, explored BOOLEAN, overridden_by VARCHAR, model_version VARCHAR,
-        feature_version VARCHAR, features DOUBLE[]
+        feature_version VARCHAR, features DOUBLE[], attempt INTEGER
     )""",
     f"""CREATE TABLE backend_calls (
         seq UBIGINT NOT NULL, event_id VARCHAR NOT NULL, goal_id VARCHAR NOT NULL, ts TIMESTAMPTZ,
         node VARCHAR, step_id VARCHAR, tier VARCHAR, model VARCHAR, endpoint VARCHAR,{_USAGE_COLUMNS},
-        latency_ms DOUBLE, outcome VARCHAR, attempt INTEGER, thinking BOOLEAN
+        latency_ms DOUBLE, outcome VARCHAR, attempt INTEGER, thinking BOOLEAN, simulated BOOLEAN
     )""",
     """CREATE TABLE tool_calls (
         seq UBIGINT NOT NULL, event_id VARCHAR NOT NULL, goal_id VARCHAR NOT NULL, ts TIMESTAMPTZ,
@@ -127,7 +137,10 @@ DERIVED_DDL: tuple[str, ...] = (
                coalesce(b.cost_usd, 0) AS cost_usd,
                coalesce(t.calls, 0) AS tool_calls,
                coalesce(t.failed, 0) AS tool_errors,
-               g.reason
+               g.reason,
+               coalesce(g.simulated, b.simulated, false) AS simulated,
+               coalesce(b.simulated_cost_usd, 0) AS simulated_cost_usd,
+               g.tests
         FROM goals g
         LEFT JOIN (SELECT goal_id, count(*) AS attempts,
                           count(*) FILTER (status = 'completed') AS completed,
@@ -135,7 +148,8 @@ DERIVED_DDL: tuple[str, ...] = (
                    FROM steps GROUP BY goal_id) s USING (goal_id)
         LEFT JOIN (SELECT goal_id, count(*) AS calls, count(*) FILTER (outcome <> 'ok') AS failed_calls,
                           sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
-                          sum(cost_usd) AS cost_usd
+                          sum(cost_usd) AS cost_usd, bool_or(simulated) AS simulated,
+                          sum(cost_usd) FILTER (simulated) AS simulated_cost_usd
                    FROM backend_calls GROUP BY goal_id) b USING (goal_id)
         LEFT JOIN (SELECT goal_id, count(*) AS calls, count(*) FILTER (NOT ok) AS failed
                    FROM tool_calls GROUP BY goal_id) t USING (goal_id)""",
@@ -147,7 +161,8 @@ DERIVED_DDL: tuple[str, ...] = (
                sum(cost_usd) AS cost_usd,
                avg(latency_ms) AS mean_latency_ms,
                quantile_cont(latency_ms, 0.5) AS p50_latency_ms,
-               quantile_cont(latency_ms, 0.95) AS p95_latency_ms
+               quantile_cont(latency_ms, 0.95) AS p95_latency_ms,
+               count(*) FILTER (simulated) AS simulated_calls
         FROM backend_calls GROUP BY tier""",
 )
 
@@ -228,13 +243,14 @@ _GOAL_JSON = (
     '{"goal":{"brief":"VARCHAR","constraints":"VARCHAR[]","budget":"JSON","options":"JSON",'
     '"submitted_at":"TIMESTAMPTZ"},"plan":"JSON",'
     f'"result":{_REF_JSON},"workspace":{_REF_JSON},"usage":{_USAGE_JSON},'
-    '"steps_run":"INTEGER","reason":"VARCHAR"}'
+    '"steps_run":"INTEGER","reason":"VARCHAR","simulated":"BOOLEAN","quality":"JSON"}'
 )
 _STEP_TYPES = _types("step.")
 _STEP_JSON = (
     '{"step_id":"VARCHAR","role":"VARCHAR","attempt":"INTEGER","task_id":"VARCHAR","message":"VARCHAR",'
     '"fraction":"DOUBLE","outputs":[{"digest":"VARCHAR"}],"verdict":"VARCHAR","tier":"VARCHAR",'
-    f'"error":"VARCHAR","retryable":"BOOLEAN","usage":{_USAGE_JSON}}}'
+    f'"error":"VARCHAR","retryable":"BOOLEAN","usage":{_USAGE_JSON},"simulated":"BOOLEAN",'
+    '"quality":{"grade":"DOUBLE","source":"VARCHAR","exit_code":"INTEGER","judged":"VARCHAR[]"}}'
 )
 _NODE_TYPES = _types("node.")
 _NODE_JSON = '{"role":"VARCHAR","host":"VARCHAR","pid":"BIGINT","version":"VARCHAR","reason":"VARCHAR"}'
@@ -254,7 +270,8 @@ FOLDS: tuple[Fold, ...] = (
             "plan_steps": "CAST(json_array_length(j.plan, '$.steps') AS INTEGER)"}),
         _Group("type IN ('goal.completed', 'goal.failed', 'goal.cancelled')", {
             "finished_at": "ts", "result_digest": "j.result.digest", "workspace_digest": "j.workspace.digest",
-            "steps_run": "j.steps_run", "reason": "j.reason", **_USAGE}),
+            "steps_run": "j.steps_run", "reason": "j.reason", **_USAGE, "simulated": "j.simulated",
+            "quality": "j.quality", "tests": "j.quality->>'$.tests'"}),
     )),
     _merge("steps", "goal_id, step_id, attempt", _STEP_TYPES,
            f"(SELECT *, j.step_id AS step_id, j.attempt AS attempt FROM {_source(_STEP_TYPES, _STEP_JSON)})",
@@ -270,7 +287,9 @@ FOLDS: tuple[Fold, ...] = (
                _Group("type IN ('step.completed', 'step.failed')", {
                    "finished_at": "ts", "tier": "j.tier", "verdict": "j.verdict",
                    "outputs": "[o.digest FOR o IN j.outputs]", "error": "j.error", "retryable": "j.retryable",
-                   **_USAGE}),
+                   **_USAGE, "simulated": "j.simulated", "quality_grade": "j.quality.grade",
+                   "quality_source": "j.quality.source", "quality_exit_code": "j.quality.exit_code",
+                   "quality_judged": "j.quality.judged"}),
            )),
     _append("artifacts", "artifact.created",
             '{"artifact":{"ref":' + _REF_JSON + ',"kind":"VARCHAR","producer_step":"VARCHAR",'
@@ -282,17 +301,17 @@ FOLDS: tuple[Fold, ...] = (
             '{"step_id":"VARCHAR","role":"VARCHAR","decision":{"tier":"VARCHAR","thinking":"BOOLEAN",'
             '"probabilities":"MAP(VARCHAR, DOUBLE)","thinking_probability":"DOUBLE","propensity":"DOUBLE",'
             '"explored":"BOOLEAN","overridden_by":"VARCHAR","model_version":"VARCHAR",'
-            '"feature_version":"VARCHAR","features":"DOUBLE[]"}}',
+            '"feature_version":"VARCHAR","features":"DOUBLE[]"},"attempt":"INTEGER"}',
             "j.step_id, j.role, j.decision.tier, j.decision.thinking, j.decision.probabilities, "
             "j.decision.thinking_probability, j.decision.propensity, j.decision.explored, "
             "j.decision.overridden_by, j.decision.model_version, j.decision.feature_version, "
-            "j.decision.features"),
+            "j.decision.features, j.attempt"),
     _append("backend_calls", "backend.call",
             '{"step_id":"VARCHAR","tier":"VARCHAR","model":"VARCHAR","endpoint":"VARCHAR",'
             '"usage":' + _USAGE_JSON + ',"latency_ms":"DOUBLE","outcome":"VARCHAR","attempt":"INTEGER",'
-            '"thinking":"BOOLEAN"}',
+            '"thinking":"BOOLEAN","simulated":"BOOLEAN"}',
             "j.step_id, j.tier, j.model, j.endpoint, " + ", ".join(_USAGE.values())
-            + ", j.latency_ms, j.outcome, j.attempt, j.thinking"),
+            + ", j.latency_ms, j.outcome, j.attempt, j.thinking, j.simulated"),
     _append("tool_calls", "tool.call",
             '{"step_id":"VARCHAR","role":"VARCHAR","tool":"VARCHAR","arguments":"JSON","ok":"BOOLEAN",'
             '"refused":"BOOLEAN","error":"VARCHAR","duration_ms":"DOUBLE"}',

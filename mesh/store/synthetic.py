@@ -110,7 +110,7 @@ class _History:
                 tier=tier, probabilities={t: p / sum(probs) for t, p in zip(TIERS, probs)},
                 propensity=max(probs) / sum(probs), explored=rng.random() < 0.1,
                 features=[round(rng.random(), 4) for _ in range(8)], feature_version="f1")
-            yield self.event(RouteDecided, goal_id, node, step_id=step.step_id, role=step.role,
+            yield self.event(RouteDecided, goal_id, node, step_id=step.step_id, role=step.role, attempt=attempt,
                              decision=decision)
             yield self.event(StepStarted, goal_id, node, **base)
             usage = Usage()

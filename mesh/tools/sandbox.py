@@ -10,8 +10,8 @@ weaker fallback — chosen once per process and reported with every run (docs/TO
 * **fallback** (no user namespaces, e.g. most Kubernetes pods under the RuntimeDefault seccomp
   profile): the run shares the node's uid and view of the host; the node makes itself non-dumpable
   (same-uid processes cannot read its ``/proc`` files) and the subreaper of whatever a run leaves
-  behind; the shim kills every descendant when the command ends. Files the node can read stay
-  readable to the run and the network stays reachable — the warning says so.
+  behind; the shim kills every descendant when the command ends; with the network off a seccomp
+  filter refuses new sockets. Files the node can read stay readable to the run — the warning says so.
 
 A root node never runs commands as root: they drop to ``SANDBOX_UID`` (``RLIMIT_NPROC`` does not bind
 root), and the per-task folder is handed to that uid.
@@ -91,9 +91,9 @@ class Sandbox:
     def warning(self) -> str | None:
         if self.mode == "bwrap":
             return None
-        return (f"shell.run runs in the fallback sandbox ({self.reason}): commands share the node's uid, can read "
-                "every file the node can and reach the network; bubblewrap with user namespaces gives them "
-                "none of that (docs/TOOLS.md)")
+        return (f"shell.run runs in the fallback sandbox ({self.reason}): commands share the node's uid and view "
+                "of the host, so they can read every file the node can; bubblewrap with user namespaces gives "
+                "them none of that (docs/TOOLS.md)")
 
     def describe(self) -> dict[str, str]:
         """For /readyz and `mesh tools run`."""
@@ -186,16 +186,26 @@ def _probe(bwrap: str) -> str | None:
     return None
 
 
+def make_undumpable() -> None:
+    """A same-uid process (a fallback run) can no longer read this process's ``/proc`` files — environ,
+    memory, fds — nor ptrace it. Every ``mesh`` command does this: `mesh up`/`run` hold the same
+    secrets as their nodes."""
+    _prctl(PR_SET_DUMPABLE, 0)
+
+
 def harden_process() -> None:
-    """For node processes: not dumpable, so a same-uid run cannot read this process's ``/proc`` files
-    (environ, mem, fds), and the subreaper of what a run leaves once its shim is gone (swept after
-    each run). Call it only where this process starts no children of its own besides runs."""
+    """For node processes: undumpable, and the subreaper of what a run leaves once its shim is gone
+    (swept after each run). Only where this process starts no children of its own besides runs."""
     global _hardened
-    libc = ctypes.CDLL(None, use_errno=True)
-    for option in (PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER):
-        if libc.prctl(option, 0 if option == PR_SET_DUMPABLE else 1, 0, 0, 0) != 0:
-            raise ConfigError(f"prctl({option}) failed: {os.strerror(ctypes.get_errno())}")
+    make_undumpable()
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _hardened = True
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise ConfigError(f"prctl({option}, {value}) failed: {os.strerror(ctypes.get_errno())}")
 
 
 def track(pid: int) -> None:

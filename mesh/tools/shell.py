@@ -145,8 +145,11 @@ async def run_command(program: str, argv: Sequence[str], *, dirs: RunDirs, sandb
     status_r, status_w = os.pipe()
     # Sharing the node's uid (fallback), the process limit counts the node's own threads too: on top of them.
     nproc = str(limits.processes) if sandbox.mode == "bwrap" or sandbox.run_uid >= 0 else f"+{limits.processes}"
+    # Network off: bwrap gives the run an empty network namespace; the fallback has none, a seccomp filter
+    # refuses new sockets instead.
+    nosock = "1" if sandbox.mode == "fallback" and not network else "0"
     shim_args = [str(limits.cpu_seconds), str(limits.memory_bytes), str(limits.file_bytes), nproc,
-                 str(limits.open_files), str(sandbox.run_uid), str(status_w), program, *argv[1:]]
+                 str(limits.open_files), str(sandbox.run_uid), nosock, str(status_w), program, *argv[1:]]
     launch = sandbox.launch(shim_args, dirs, network=network)
     try:
         proc = await asyncio.create_subprocess_exec(

@@ -131,6 +131,8 @@ class Workspace:
     async def render(self, max_file_chars: int) -> str:
         """The workspace as prompt text: the file list, then each text file (binary files named only)."""
         parts = [f"Files: {', '.join(self.paths) or '(none)'}"]
+        # every file fetched concurrently first (each one not yet on this node is a round trip to the store)
+        await together(*(self._blob(digest) for digest in set(self._files.values())))
         for path in self.paths:
             data = await self.read(path)
             if is_binary(data):

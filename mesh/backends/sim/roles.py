@@ -150,8 +150,9 @@ def _module_source(ctx: Context, part: str) -> str:
     fix = "\n# Revised after review: " + _first_line(p.previous_review or "", 120) if p.previous_review else ""
     check = "    if not value:\n        raise ValueError(\"value must not be empty\")\n" if ctx.success else ""
     # Goal option sim_tests=fail_first: the first version has a bug its own test catches; a revision
-    # (which has feedback to address) fixes it.
-    buggy = ctx.metadata.get("sim_tests") == "fail_first" and not p.previous_review
+    # (which has feedback to address) fixes it. sim_tests=fail_always: no revision fixes it.
+    tests = ctx.metadata.get("sim_tests")
+    buggy = tests == "fail_always" or (tests == "fail_first" and not p.previous_review)
     return (f'"""{MARK} {ctx.topic}{part}."""\n{rules}{fix}\n\n\n'
             f"def handle(value: str) -> str:\n    \"\"\"Entry point for: {p.instruction[:60]}.\"\"\"\n"
             f"{check}    return {'value' if buggy else 'value.strip()'}\n")

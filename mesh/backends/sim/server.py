@@ -32,6 +32,7 @@ HANG_SECONDS = 30.0  # a "timeout" fault stalls this long unless the client give
 _WORLD = web.AppKey("world", SimWorld)
 _STATS = web.AppKey("stats", dict[str, int])
 _LOG = web.AppKey("log", deque[dict[str, Any]])
+_POSE = web.AppKey("pose_as_real", bool)
 LOG_REQUESTS = 2000
 
 
@@ -101,10 +102,15 @@ async def _chat(request: web.Request, api: _Api) -> web.StreamResponse:
         reply = world.reply(req, tier, fault=fault)
     except ContextTooLong as exc:
         return _error(api, 400, str(exc))
+    pose = request.app[_POSE]
     if not req.stream:
         await asyncio.sleep(reply.ttft + reply.usage.completion_tokens * reply.seconds_per_token)
-        return web.json_response(api.full(reply, model))
-    return await _stream(request, api.frames(reply, model, body), reply, cut=fault == "cut")
+        text = wire.dump(api.full(reply, model))
+        return web.Response(text=wire.disguise(text) if pose else text, content_type="application/json")
+    frames = api.frames(reply, model, body)
+    if pose:
+        frames = [(event, wire.disguise(data), tokens) for event, data, tokens in frames]
+    return await _stream(request, frames, reply, cut=fault == "cut")
 
 
 async def _stream(request: web.Request, frames: list[wire.Frame], reply: SimReply, *, cut: bool) -> web.StreamResponse:
@@ -156,12 +162,13 @@ async def _requests(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "simulated": True})
+    return web.json_response({"ok": True, "simulated": not request.app[_POSE]})
 
 
-def make_app(world: SimWorld) -> web.Application:
+def make_app(world: SimWorld, *, pose_as_real: bool = False) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_WORLD] = world
+    app[_POSE] = pose_as_real
     app[_STATS] = Counter()  # a dict[str, int] that starts every key at 0
     app[_LOG] = deque(maxlen=LOG_REQUESTS)
     app.router.add_post("/v1/chat/completions", _openai)
@@ -176,11 +183,12 @@ def make_app(world: SimWorld) -> web.Application:
 class SimServer:
     """The sim-server on ``host:port`` (0 = a free port) inside the running event loop."""
 
-    def __init__(self, world: SimWorld, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, world: SimWorld, *, host: str = "127.0.0.1", port: int = 0, pose_as_real: bool = False) -> None:
+        """``pose_as_real``: answers carry no sim marks, as a real provider's would (for fallback tests)."""
         self.world = world
         self.host, self.port = host, port
         # handler_cancellation: a client that gives up (timeout fault) cancels its stalled handler.
-        self._runner = web.AppRunner(make_app(world), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(make_app(world, pose_as_real=pose_as_real), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
 
     @property
     def url(self) -> str:

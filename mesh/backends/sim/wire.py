@@ -45,8 +45,16 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _dump(value: Any) -> str:
+def dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def disguise(body: str) -> str:
+    """A rendered body without the marks that tell a sim-server's answer from a real provider's (the
+    OpenAI fingerprint, the Anthropic id prefix): what ``mesh sim-server --pose-as-real`` sends, so tests
+    can stand a sim-server in for a real provider."""
+    return (body.replace(f',"system_fingerprint":"{SIM_FINGERPRINT}"', "")
+            .replace(f'"id":"{SIM_MESSAGE_PREFIX}', '"id":"msg_'))
 
 
 # --- OpenAI chat completions ------------------------------------------------------------------
@@ -97,7 +105,7 @@ def _openai_usage(r: SimReply) -> dict[str, Any]:
 
 
 def _openai_calls(r: SimReply) -> list[dict[str, Any]]:
-    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _dump(c.arguments)}}
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": dump(c.arguments)}}
             for c in r.tool_calls]
 
 
@@ -119,7 +127,7 @@ def openai_frames(r: SimReply, model: str, *, include_usage: bool) -> list[Frame
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": SIM_FINGERPRINT,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        return None, _dump(body), tokens
+        return None, dump(body), tokens
 
     frames = [chunk({"role": "assistant", "content": ""})]
     frames += [chunk({"reasoning_content": p}, tokens=estimate_tokens(p)) for p in _pieces(r.reasoning or "")]
@@ -131,7 +139,7 @@ def openai_frames(r: SimReply, model: str, *, include_usage: bool) -> list[Frame
                    for p in _pieces(call["function"]["arguments"])]
     frames.append(chunk({}, finish=r.finish_reason))
     if include_usage:
-        frames.append((None, _dump({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        frames.append((None, dump({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                                     "choices": [], "usage": _openai_usage(r)}), 0))
     frames.append((None, "[DONE]", 0))
     return frames
@@ -222,11 +230,11 @@ def anthropic_response(r: SimReply, model: str) -> dict[str, Any]:
 
 def anthropic_frames(r: SimReply, model: str) -> list[Frame]:
     def ev(name: str, data: dict[str, Any], tokens: int = 0) -> Frame:
-        return name, _dump({"type": name, **data}), tokens
+        return name, dump({"type": name, **data}), tokens
 
     start: dict[str, Any] = {"id": _id(SIM_MESSAGE_PREFIX, model), "type": "message", "role": "assistant", "model": model, "content": [],
              "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(r, output=False)}
-    frames = [ev("message_start", {"message": start}), ("ping", _dump({"type": "ping"}), 0)]
+    frames = [ev("message_start", {"message": start}), ("ping", dump({"type": "ping"}), 0)]
     for i, block in enumerate(_anthropic_blocks(r)):
         kind = block["type"]
         if kind == "thinking":
@@ -242,7 +250,7 @@ def anthropic_frames(r: SimReply, model: str) -> list[Frame]:
             head = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
             frames.append(ev("content_block_start", {"index": i, "content_block": head}))
             frames += [ev("content_block_delta", {"index": i, "delta": {"type": "input_json_delta", "partial_json": p}},
-                          estimate_tokens(p)) for p in _pieces(_dump(block["input"]))]
+                          estimate_tokens(p)) for p in _pieces(dump(block["input"]))]
         frames.append(ev("content_block_stop", {"index": i}))
     frames.append(ev("message_delta", {"delta": {"stop_reason": _ANTHROPIC_STOP.get(r.finish_reason, "end_turn"),
                                                  "stop_sequence": None},

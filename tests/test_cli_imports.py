@@ -1,0 +1,52 @@
+"""The CLI starts fast because it imports only what the command needs: `mesh --help`, `mesh goals` and
+`mesh submit` (against a real server) load none of the model SDKs, onnxruntime or DuckDB, and a ledger
+node none of the model SDKs or onnxruntime. Checked in a fresh interpreter's ``sys.modules``; the
+wall times are figures for bench/RESULTS.md (``python -m bench.cli``), not asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh.bus import Bus
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("openai", "anthropic", "onnxruntime", "duckdb")
+PROBE = f"""
+import json, sys
+from mesh.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({{"code": code, "loaded": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+
+
+def _probe(code: str, args: list[str], nats_url: str) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(MESH_NATS_URL=nats_url, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return doc
+
+
+@pytest.mark.parametrize("args", [["--help"], ["goals"], ["goals", "--json"], ["submit", "a goal"],
+                                  ["ledger", "--help"], ["sim-server", "--help"]])
+async def test_cli_commands_import_no_model_sdk_onnxruntime_or_duckdb(bus: Bus, args: list[str]) -> None:
+    assert bus.settings.nats_url
+    result = _probe(PROBE, args, bus.settings.nats_url)
+    assert result["code"] in (0, None), result
+    assert result["loaded"] == [], f"`mesh {' '.join(args)}` imported {result['loaded']}"
+
+
+def test_a_ledger_node_imports_no_model_sdk_or_onnxruntime() -> None:
+    code = ("import json, sys, mesh.node.runtime, mesh.roles.recorder\n"
+            f"print(json.dumps({{'code': 0, 'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))")
+    assert _probe(code, [], "nats://127.0.0.1:4222")["loaded"] == ["duckdb"]

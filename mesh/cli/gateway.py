@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _serve(a: argparse.Namespace) -> int:
     from mesh.gateway.app import serve
-    from mesh.node.runtime import run_loop
+    from mesh.aio import run_loop
 
     settings = get_settings()
     run_loop(serve(settings, a.host or settings.gateway_host,

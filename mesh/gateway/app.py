@@ -153,7 +153,9 @@ async def running(client: MeshClient, settings: MeshSettings, host: str = "127.0
 async def serve(settings: MeshSettings, host: str, port: int) -> None:
     """`mesh gateway`: connect a MeshClient and serve until SIGINT/SIGTERM (uvicorn drains, then stops)."""
     from mesh.client import MeshClient
+    from mesh.logs import setup_json_logging
 
+    setup_json_logging(settings.log_level, role="gateway")
     async with MeshClient.connect(settings, name="mesh-gateway") as client:
         gateway = make_gateway(client, settings, host, port, embedded=False)
         print(f"mesh gateway on {gateway.url}", flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeVar
@@ -53,9 +54,12 @@ def _caller(ctx: Context) -> Principal:
 class McpFace:
     def __init__(self, desk: Desk) -> None:
         self.desk = desk
+        root = logging.getLogger()
+        kept = root.handlers[:], root.level
         self.server: MCPServer[Any] = MCPServer(
             "mesh", instructions="Mesh runs long goals on an agent mesh: submit_goal, then poll goal_status or "
                                  "goal_events (from the last sequence you saw) until done, then goal_result.")
+        root.handlers[:], root.level = kept  # the SDK's logging.basicConfig must not take over the host's logs
         for tool in (self.submit_goal, self.goal_status, self.goal_events, self.cancel_goal, self.goal_result):
             self.server.tool()(_refusals_as_tool_errors(tool))
         # The gateway's own guard authenticates; DNS-rebinding checks would refuse every non-loopback Host.

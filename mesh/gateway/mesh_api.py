@@ -75,8 +75,11 @@ async def submit_goal(request: Request) -> Response:
         with scratch_dir() as tmp:
             goal_id, replayed = await d.submit(who, body, idempotency_key=key,
                                                workspace=unpack_workspace(data, Path(tmp)))
-    else:
+    elif kind in ("application/json", ""):
         goal_id, replayed = await d.submit(who, await read_json(request, GoalRequest), idempotency_key=key)
+    else:
+        raise RequestRefused(f"a goal is sent as application/json, or as multipart/form-data with a workspace; "
+                             f"not {kind}", status=415, code="unsupported_media_type", param="Content-Type")
     accepted = GoalAccepted(goal_id=goal_id, replayed=replayed, status_url=f"/v1/goals/{goal_id}",
                             events_url=f"/v1/goals/{goal_id}/events")
     return JSONResponse(accepted.model_dump(), status_code=200 if replayed else 202,

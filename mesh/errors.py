@@ -342,3 +342,20 @@ class RequestRefused(MeshError):
         self.type = type
         self.code = code
         self.extra = extra
+
+
+class UnknownGoal(MeshError):
+    """A client asked about a goal the mesh has no state for."""
+
+
+class NoResponders(BusError):
+    """A request found no service listening on its subject."""
+
+
+class ServiceError(MeshError):
+    """A service endpoint refused (code 400) or failed (500) a request; travels in the micro protocol's
+    ``Nats-Service-Error`` / ``-Code`` headers."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(description)
+        self.code = code

@@ -24,7 +24,7 @@ from mesh.contracts import (
 from mesh.errors import RouterError
 from mesh.roles.spec import default_nodes_dir, load_specs
 from mesh.router.dataset import ACTIONS, action_of, load_decisions
-from mesh.router.evaluate import evaluate, render
+from mesh.router.evaluate import TILTS, evaluate, render, tune
 from mesh.router.features import FEATURE_VERSION, N_FEATURES, featurize
 from mesh.router.model import DEFAULT_MODEL, OnnxModel
 from mesh.router.simenv import SimRouting, uniform_policy, write_ledger
@@ -171,6 +171,24 @@ def test_eval_scores_every_policy_off_policy(sim_ledger: Path) -> None:
     assert all(0 < a <= 1 for a in report.auc.values())
     table = render(report)
     assert "| candidate |" in table and "saving at 95%" in table
+
+
+def test_the_cost_weight_is_chosen_on_validation_goals_and_scored_on_others(sim_ledger: Path) -> None:
+    train, held = load_decisions(sim_ledger).split(0.5)
+    validation, evaluation = held.halves()
+    assert len(validation) + len(evaluation) == len(held) and not set(validation.goal_id) & set(evaluation.goal_id)
+    assert 0.3 < len(validation) / len(held) < 0.7
+    candidate = OnnxModel.load(to_onnx(fit(train, Reward(), config=SMALL)))
+    report = evaluate(evaluation, candidate, None, validation=validation)
+    chosen = report.tuned["candidate"]["95%"]
+    assert report.validation == len(validation) and chosen.tilt == tune(candidate, validation, 0.95)
+    # the router at that λ is scored on the evaluation goals; the saving counts only if it reaches 95% there
+    assert chosen.estimate.success == evaluate(evaluation, candidate, None).curves["candidate"][
+        TILTS.index(chosen.tilt)].success
+    best = report.row(f"always-{report.best_tier}")
+    saving = report.savings["candidate"]["95%"]
+    assert (saving is None) == (chosen.estimate.success < 0.95 * best.success)
+    assert "λ chosen on" in render(report)
 
 
 def test_mesh_router_simulate_train_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -184,7 +184,7 @@ async def test_a_role_cannot_subscribe_to_what_it_does_not_need(secured: Embedde
 async def test_a_worker_cannot_forge_goal_events(secured: EmbeddedNats, generated: Generated) -> None:
     async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), provision=False) as bus:
         await bus.publish_raw("mesh.event.g1.step.started", b"x")  # its own kind of event: allowed
-        bus.js._timeout = 1.0
+        bus._js._timeout = 1.0
         with pytest.raises(PublishError):
             await bus.publish_raw("mesh.event.g1.goal.completed", b"forged")
 

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     e = cmds.add_parser("eval", help="off-policy table: candidate vs current vs single tiers vs random",
                         description="Scores routers on the held-out goals of a ledger (the split `train` "
-                        "left out) by self-normalised inverse propensity weighting.")
+                        "left out) by self-normalised inverse propensity weighting; half of those goals "
+                        "choose the cost weight λ of the savings, the other half are scored.")
     _ledger_args(e)
     e.add_argument("--candidate", type=Path, required=True, help="ONNX model to evaluate")
     e.add_argument("--current", type=Path, default=None,
@@ -88,27 +89,30 @@ def _eval(a: argparse.Namespace) -> int:
 
     data = load_decisions(a.ledger)
     held = data.split(a.holdout)[1] if a.holdout > 0 else data
-    if len(held) == 0:
+    validation, evaluation = held.halves()  # λ is chosen on goals the scores never see
+    if len(evaluation) == 0:
         print(f"no held-out decisions in {a.ledger} (holdout {a.holdout})")
         return 1
-    report = evaluate(held, OnnxModel.from_file(a.candidate), OnnxModel.from_file(a.current or DEFAULT_MODEL))
+    report = evaluate(evaluation, OnnxModel.from_file(a.candidate), OnnxModel.from_file(a.current or DEFAULT_MODEL),
+                      validation=validation)
     if a.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"{len(held)} held-out decisions from {a.ledger}\n")
+        print(f"{len(held)} held-out decisions from {a.ledger}: {len(validation)} to choose λ on, "
+              f"{len(evaluation)} of other goals to score on\n")
         print(render(report))
     return 0
 
 
 def _publish(a: argparse.Namespace) -> int:
-    from mesh.cli.local import _connect, _run_async
-    from mesh.router.hotswap import publish_model
+    from mesh.cli.local import _client, _run_async
+    from mesh.roles.hotswap import publish_model
 
     data = a.file.read_bytes()
 
     async def run() -> int:
-        async with await _connect() as bus:
-            pointer = await publish_model(bus, data)
+        async with _client() as client:
+            pointer = await publish_model(client.bus, data)
         print(f"published {pointer.version} ({pointer.digest[:12]}, {pointer.size} bytes): nodes swap it in now")
         return 0
 

@@ -88,9 +88,16 @@ class Decisions:
         held = np.array([_goal_bucket(g) < holdout for g in self.goal_id], dtype=bool)
         return self.subset(~held), self.subset(held)
 
+    def halves(self) -> tuple[Decisions, Decisions]:
+        """(validation, evaluation) by goal, about half each, drawn independently of ``split``: whatever is
+        tuned on the validation goals (a cost weight λ) is then scored on goals it never saw."""
+        validation = np.array([_goal_bucket(g, "validation") < 0.5 for g in self.goal_id], dtype=bool)
+        return self.subset(validation), self.subset(~validation)
 
-def _goal_bucket(goal_id: str) -> float:
-    return int(hashlib.sha256(goal_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+
+def _goal_bucket(goal_id: str, salt: str = "") -> float:
+    key = f"{salt}/{goal_id}" if salt else goal_id
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
 
 
 def action_of(tier: str, thinking: bool) -> int:

@@ -14,10 +14,21 @@ are not replayed.
 Policies: the candidate and the current router (greedy, as deployed without exploration), always
 one tier (thinking on unless the role turns it off; the largest window where the tier does not
 fit), uniformly random, and the logging policy itself. A router also gets a cost–quality curve:
-its scores tilted by λ · (tier cost / dearest tier cost) for λ from 0 up. From the curves come the
-RouteLLM-style figures: the cost at which a router reaches 95% (and 100%) of the best single tier's
-success — as a saving against that tier's cost — and the area under the cost–quality curve (cost
+its scores tilted by λ · (tier cost / dearest tier cost) for λ from 0 up, and its area (cost
 normalised by the dearest single tier, success 0 below a curve's cheapest point).
+
+The RouteLLM-style saving — the cost at which a router reaches 95% (and 100%) of the best single tier's
+success, against that tier's cost — needs a λ, and a λ picked on the goals it is scored on flatters
+the router (it is the best of 41 tries, noise included). So λ is chosen on *validation* goals
+(``Decisions.halves``: disjoint from the evaluation goals, both held out of training): the cheapest λ
+whose validation estimate reaches the target; the router at that λ is then scored on the evaluation
+goals, and the saving counts only where it reaches the target there too. Without validation goals
+λ stays 0 (the greedy router).
+
+Off-policy estimates are not ground truth: they re-weight decisions logged under another policy, so
+they rest on few matched decisions for a policy unlike the logger (see ``ess``), and a ledger's costs
+are what the logged attempts spent. Where a simulator exists, score policies on fresh goals
+(``mesh.router.simenv.score``) and report both (bench/router.py does).
 """
 
 from __future__ import annotations
@@ -48,6 +59,14 @@ class Estimate:
     ess: float
 
 
+@dataclass(frozen=True, slots=True)
+class Tuned:
+    """A router at the cost weight λ chosen on the validation goals for a target, scored on the evaluation goals."""
+
+    tilt: float
+    estimate: Estimate
+
+
 @dataclass
 class Report:
     rows: list[Estimate]
@@ -55,13 +74,17 @@ class Report:
     savings: dict[str, dict[str, float | None]]  # router -> {"95%": saving, ...}; None = not reached
     auc: dict[str, float]
     curves: dict[str, list[Estimate]] = field(default_factory=dict)
+    tuned: dict[str, dict[str, Tuned]] = field(default_factory=dict)  # router -> {"95%": Tuned, ...}
+    validation: int = 0  # decisions λ was chosen on (0: none, λ = 0)
 
     def row(self, policy: str) -> Estimate:
         return next(r for r in self.rows if r.policy == policy)
 
     def to_json(self) -> dict[str, object]:
         return {"rows": [asdict(r) for r in self.rows], "best_tier": self.best_tier, "savings": self.savings,
-                "auc": self.auc}
+                "auc": self.auc, "validation_decisions": self.validation,
+                "tuned": {name: {t: {"tilt": v.tilt, **asdict(v.estimate)} for t, v in by.items()}
+                          for name, by in self.tuned.items()}}
 
 
 # --- policies over logged feature rows ---------------------------------------------------------------
@@ -78,15 +101,20 @@ def _one_hot(tier: np.ndarray, thinking: np.ndarray) -> np.ndarray:
     return probs
 
 
+def choose(model: RouterModel, x: np.ndarray, tilt: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(tier index, thinking) per feature row: the fitting tier of the highest probability minus
+    ``tilt`` · its worst-case cost relative to the dearest tier's, thinking as the model and role say."""
+    tier_p, think_p = model.predict(x)
+    cost = np.expm1(x[:, COST_COLUMNS].astype(np.float64)) / 100.0
+    score = tier_p - tilt * cost / np.maximum(cost.max(axis=1, keepdims=True), 1e-12)
+    tier = np.where(fitting_tiers(x), score, -np.inf).argmax(axis=1)
+    on, off = _thinking_options(x)
+    return tier, on | (~off & (think_p[np.arange(len(tier)), tier] >= 0.5))
+
+
 def model_policy(model: RouterModel, tilt: float = 0.0) -> Policy:
     def probs(d: Decisions) -> np.ndarray:
-        tier_p, think_p = model.predict(d.x)
-        cost = np.expm1(d.x[:, COST_COLUMNS].astype(np.float64)) / 100.0
-        score = tier_p - tilt * cost / np.maximum(cost.max(axis=1, keepdims=True), 1e-12)
-        tier = np.where(fitting_tiers(d.x), score, -np.inf).argmax(axis=1)
-        on, off = _thinking_options(d.x)
-        thinking = on | (~off & (think_p[np.arange(len(tier)), tier] >= 0.5))
-        return _one_hot(tier, thinking)
+        return _one_hot(*choose(model, d.x, tilt))
 
     return probs
 
@@ -156,7 +184,24 @@ def area(points: list[Estimate], cost_scale: float) -> float:
     return float(sum(s * max(hi - c, 0.0) for (c, s), hi in zip(env, edges)))
 
 
-def evaluate(d: Decisions, candidate: RouterModel, current: RouterModel | None) -> Report:
+def _best_single(d: Decisions) -> Estimate:
+    singles = [estimate(f"always-{t}", d, fixed_tier_policy(t)(d)) for t in TIERS]
+    return max((s for s in singles if not math.isnan(s.success)), key=lambda s: s.success)
+
+
+def tune(model: RouterModel, validation: Decisions, target: float) -> float:
+    """The λ whose estimate on ``validation`` reaches ``target`` × the best single tier's success there at
+    the least cost; 0 (the greedy router) when no λ reaches it."""
+    best = _best_single(validation)
+    reached = [(e.cost, tilt) for tilt in TILTS
+               if not math.isnan((e := estimate("", validation, model_policy(model, tilt)(validation))).success)
+               and e.success >= target * best.success]
+    return min(reached)[1] if reached else 0.0
+
+
+def evaluate(d: Decisions, candidate: RouterModel, current: RouterModel | None, *,
+             validation: Decisions | None = None) -> Report:
+    """Score the routers on ``d`` (the evaluation goals); λ for the savings is chosen on ``validation``."""
     routers = {"candidate": candidate, **({"current": current} if current is not None else {})}
     singles = [estimate(f"always-{t}", d, fixed_tier_policy(t)(d)) for t in TIERS]
     rows = [estimate(name, d, model_policy(m)(d)) for name, m in routers.items()]
@@ -164,10 +209,19 @@ def evaluate(d: Decisions, candidate: RouterModel, current: RouterModel | None) 
     best = max((s for s in singles if not math.isnan(s.success)), key=lambda s: s.success)
     scale = max(s.cost for s in singles if not math.isnan(s.cost))
     curves = {name: curve(name, m, d) for name, m in routers.items()}
-    savings = {name: {f"{t:.0%}": _saving(cost_at(points, t * best.success), best.cost) for t in TARGETS}
-               for name, points in {**curves, "single tiers": singles}.items()}
+    tuned: dict[str, dict[str, Tuned]] = {}
+    savings: dict[str, dict[str, float | None]] = {}
+    for name, m in routers.items():
+        tuned[name], savings[name] = {}, {}
+        for t in TARGETS:
+            tilt = tune(m, validation, t) if validation is not None and len(validation) else 0.0
+            at = estimate(f"{name}, λ = {tilt:.3g}", d, model_policy(m, tilt)(d))
+            tuned[name][f"{t:.0%}"] = Tuned(tilt, at)
+            savings[name][f"{t:.0%}"] = _saving(at.cost, best.cost) if at.success >= t * best.success else None
+    savings["single tiers"] = {f"{t:.0%}": _saving(cost_at(singles, t * best.success), best.cost) for t in TARGETS}
     auc = {name: area(points, scale) for name, points in {**curves, "single tiers": singles}.items()}
-    return Report(rows, best.policy.removeprefix("always-"), savings, auc, curves)
+    return Report(rows, best.policy.removeprefix("always-"), savings, auc, curves, tuned,
+                  len(validation) if validation is not None else 0)
 
 
 def _saving(cost: float | None, reference: float) -> float | None:
@@ -181,9 +235,17 @@ def render(report: Report) -> str:
     lines += [f"| {r.policy} | {r.success:.3f} | {r.cost:.5f} | {r.latency:.1f} | {r.matched} | {r.ess:.0f} |"
               for r in report.rows]
     best = report.row(f"always-{report.best_tier}")
+    chosen = (f"λ chosen on {report.validation} validation decisions of other goals" if report.validation
+              else "no validation goals: λ = 0")
     lines += ["", (f"Best single tier: **{report.best_tier}** (success {best.success:.3f}, "
                   f"${best.cost:.5f} per decision)."), "",
-              "| router | saving at 95% of its success | saving at 100% | area under cost–quality curve |",
+              f"Routers at the cost weight λ for each target ({chosen}), scored on the evaluation goals:", "",
+              "| router | target | λ | success | cost / decision (USD) | matched | ESS |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, by in report.tuned.items():
+        lines += [f"| {name} | {t} | {v.tilt:.3g} | {v.estimate.success:.3f} | {v.estimate.cost:.5f} | "
+                  f"{v.estimate.matched} | {v.estimate.ess:.0f} |" for t, v in by.items()]
+    lines += ["", "| router | saving at 95% of its success | saving at 100% | area under cost–quality curve |",
               "| --- | ---: | ---: | ---: |"]
     for name, saving in report.savings.items():
         shown = [("not reached" if v is None else f"{v:.0%}") for v in saving.values()]

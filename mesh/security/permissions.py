@@ -35,15 +35,16 @@ from mesh.roles.spec import RoleSpec
 
 JS_API = "$JS.API"
 
-# Which event types each kind of process emits (``mesh.event.<goal>.<type>``); the operator cancels.
+# Which event types each kind of process emits (``mesh.event.<goal>.<type>``). A client's cancel is a
+# command on ``mesh.control.<goal>``; the planner applies it and announces goal.cancelled.
 # A new event type must be given to someone here: tests fail while one is emitted by no one.
 EMITS: dict[str, frozenset[str]] = {
-    "orchestrator": frozenset({"goal.submitted", "goal.planned", "goal.completed", "goal.failed", "step.dispatched",
-                               "route.decided", "backend.call", "node.up", "node.down"}),
+    "orchestrator": frozenset({"goal.submitted", "goal.planned", "goal.completed", "goal.failed", "goal.cancelled",
+                               "step.dispatched", "route.decided", "backend.call", "node.up", "node.down"}),
     "worker": frozenset({"step.started", "step.progress", "step.completed", "step.failed", "tool.call",
                          "artifact.created", "route.decided", "backend.call", "node.up", "node.down"}),
     "recorder": frozenset({"node.up", "node.down"}),
-    "operator": frozenset({"goal.cancelled"}),
+    "operator": frozenset(),
 }
 
 
@@ -174,6 +175,7 @@ class PermissionSet:
         elif spec.kind == "orchestrator":
             self._kv(g, t.kv_goals, write=True)
             self._durable(g, t.events_stream, t.outcomes_consumer)
+            self._durable(g, t.control_stream, t.control_consumer)
             g.publish(*(t.task_subject(r) for r, s in sorted(self.specs.items()) if s.kind == "worker"))
         else:  # recorder: every consumer of the event stream but the orchestrator's, and the query service
             ev = t.events_stream
@@ -191,7 +193,7 @@ class PermissionSet:
         t = self.topo
         g = _Grants()
         self._provision(g)
-        g.publish(t.goal_subject(), f"{t.prefix}.ledger.>", "$SRV.>")
+        g.publish(t.goal_subject(), t.control_filter(), f"{t.prefix}.ledger.>", "$SRV.>")
         self._events(g, EMITS["operator"])
         self._read_stream(g, t.events_stream)
         self._kv(g, t.kv_goals, write=True)

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,13 +29,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from mesh.client import MeshClient
 
 from bench.results import write_section
 from mesh.bus import Bus
+from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, GoalCompleted, StepProgress, new_id
 from mesh.embedded import EmbeddedNats
+from mesh.embedded.child import ChildProcess
 from mesh.embedded.natsserver import free_port
 from mesh.embedded.readiness import wait_http
 
@@ -144,8 +144,9 @@ async def run(args: argparse.Namespace) -> str:
             port = free_port()
             env = {**os.environ, "MESH_NATS_URL": server.url, "MESH_DATA_DIR": str(Path(tmp) / "mesh"),
                    "MESH_LOG_LEVEL": "WARNING"}
-            gateway = subprocess.Popen([sys.executable, "-m", "mesh", "gateway", "--port", str(port)], env=env,  # noqa: ASYNC220 — a child for the whole run
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            gateway = ChildProcess([sys.executable, "-m", "mesh", "gateway", "--port", str(port)],
+                                   Path(tmp) / "gateway.log", what="gateway", env=env)
+            gateway.start()
             try:
                 url = f"http://127.0.0.1:{port}"
                 await wait_http(f"{url}/healthz", gateway)
@@ -154,13 +155,12 @@ async def run(args: argparse.Namespace) -> str:
                         MeshClient.connect(settings, name="bench-watch") as client, \
                         httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
                     ages = await latency(bus, client, http, args.events, args.rate)
-                    assert server.pid is not None
+                    assert server.pid is not None and gateway.pid is not None
                     cpu, got, last, all_ages = await fan_out(bus, http, (gateway.pid, server.pid), args.clients,
                                                              args.fan_events,
                                                              args.fan_rate)
             finally:
-                gateway.terminate()
-                gateway.wait(10)
+                await gateway.stop(10)
     delivered = sum(got)
     load = os.getloadavg()[0]
     rows = [

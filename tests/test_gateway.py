@@ -3,6 +3,7 @@ Mesh API and its resumable SSE stream, the official openai SDK, the mcp client a
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import random
@@ -261,3 +262,65 @@ async def test_a2a_card_streaming_then_disconnect_and_resubscribe_exactly_once(s
         listed = await a2a.list_tasks(ListTasksRequest())
         assert [t.id for t in listed.tasks] == [task_id]
         await a2a.close()
+
+
+async def test_mesh_up_serves_a_gateway_on_loopback_and_prints_its_url(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.meshkit import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(PYTHONPATH=str(ROOT), MESH_DATA_DIR=str(tmp_path / "mesh"), MESH_SIM_LATENCY_SCALE="0",
+               MESH_EDGE_MODEL="off", MESH_GATEWAY_PORT="0", MESH_DRAIN_SECONDS="5")
+    proc = subprocess.Popen([sys.executable, "-m", "mesh", "up"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,  # noqa: ASYNC220
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while not line.startswith("gateway on "):
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+            assert line, "mesh up ended before it printed the gateway's URL"
+        url = line.split()[2]
+        assert url.startswith("http://127.0.0.1:")
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            assert [m["id"] for m in (await http.get("/v1/models")).json()["data"]] == ["mesh"]
+            assert (await http.get("/readyz")).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 130  # stopped by Ctrl-C, cleanly
+
+
+async def test_a_goal_can_start_from_an_uploaded_workspace(settings: MeshSettings) -> None:
+    def tar_gz(files: dict[str, bytes]) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz") as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+    async with gateway(fast(settings)) as (gw, client), httpx.AsyncClient(base_url=gw.url, timeout=60) as http:
+        goal = json.dumps({"brief": "Add a login page to this project"})
+        project = {"README.md": b"# my project\n", "legacy/keep_me.py": b"print('kept')\n"}
+        r = await http.post("/v1/goals", data={"goal": goal}, files={"workspace": ("p.tar.gz", tar_gz(project))})
+        assert r.status_code == 202, r.text
+        goal_id = r.json()["goal_id"]
+        events = await wait_done(http, goal_id)
+        assert events[-1][1]["type"] == "goal.completed"
+        ws = await http.get(f"/v1/goals/{goal_id}/workspace")
+        with tarfile.open(fileobj=io.BytesIO(ws.content), mode="r:gz") as tar:
+            member = tar.extractfile("legacy/keep_me.py")
+            assert member is not None and member.read() == b"print('kept')\n"
+        # an archive that climbs out of its folder is refused before anything is stored
+        bad = await http.post("/v1/goals", data={"goal": goal},
+                              files={"workspace": ("p.tar.gz", tar_gz({"../evil.py": b"x"}))})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "workspace"
+        missing = await http.post("/v1/goals", files={"goal": (None, goal)})  # multipart, no file
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "workspace"
+        form = await http.post("/v1/goals", data={"goal": goal})  # urlencoded: neither JSON nor multipart
+        assert form.status_code == 415 and form.json()["error"]["param"] == "Content-Type"
+        assert len(await client.goals()) == 1

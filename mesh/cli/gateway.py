@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from mesh.gateway.app import serve
     from mesh.aio import run_loop
+    from mesh.gateway.app import serve
 
     settings = get_settings()
     run_loop(serve(settings, a.host or settings.gateway_host,

@@ -54,7 +54,8 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     ├── RouterError                    routing models: training, evaluation, publishing
     │   └── ModelRejected              a corrupt or incompatible router model (the current one stays)
     ├── NodeSpecError
-    └── GoalCancelled
+    ├── GoalCancelled
+    └── RequestRefused                 the gateway refuses an HTTP request (status + error type)
 """
 
 from __future__ import annotations
@@ -328,6 +329,19 @@ class NodeSpecError(MeshError):
 
 class GoalCancelled(MeshError):
     """The goal was cancelled; the current step stops before its next model or tool call."""
+
+
+class RequestRefused(MeshError):
+    """An HTTP request the gateway refuses before it reaches the bus. ``status`` is the HTTP status and
+    ``type`` the OpenAI-style error type every gateway error body carries; ``extra`` adds fields to it."""
+
+    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+                 code: str | None = None, **extra: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.code = code
+        self.extra = extra
 
 
 class UnknownGoal(MeshError):

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -242,12 +242,31 @@ async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
             loop.remove_signal_handler(sig)
 
 
+@asynccontextmanager
+async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[None]:
+    """The local mesh's gateway, in this process on loopback: MESH_GATEWAY_PORT, or any free port when that
+    one is taken (another `mesh up`, a test run) — the URL is printed either way."""
+    from mesh.client import MeshClient
+    from mesh.errors import ConfigError
+    from mesh.gateway.app import running
+
+    async with MeshClient.connect(settings, name="mesh-gateway") as client, AsyncExitStack() as stack:
+        try:
+            gateway = await stack.enter_async_context(running(client, settings, "127.0.0.1", settings.gateway_port))
+        except ConfigError:
+            gateway = await stack.enter_async_context(running(client, settings, "127.0.0.1", 0))
+        print(f"gateway on {gateway.url} (Mesh API /v1/goals, OpenAI /v1, A2A /a2a, MCP /mcp: docs/GATEWAY.md)",
+              file=out, flush=True)
+        yield
+
+
 async def _up(a: argparse.Namespace) -> int:
     settings = get_settings()
     mesh = await _start_local(settings, sys.stdout)
-    print("press Ctrl-C to stop", flush=True)
     try:
-        await mesh.supervise()
+        async with _gateway(settings.model_copy(update={"nats_url": mesh.url}), sys.stdout):
+            print("press Ctrl-C to stop", flush=True)
+            await mesh.supervise()
     finally:
         print("stopping the local mesh…", flush=True)
         await asyncio.shield(mesh.stop())
@@ -264,7 +283,9 @@ async def _run(a: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as tg:
             supervisor = tg.create_task(mesh.supervise())
             try:
-                code = await _drive(settings.model_copy(update={"nats_url": mesh.url}), goal, a, mesh.roles)
+                local = settings.model_copy(update={"nats_url": mesh.url})
+                async with _gateway(local, sys.stderr if a.json else sys.stdout):
+                    code = await _drive(local, goal, a, mesh.roles)
             finally:
                 await mesh.stop()
             await supervisor

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,7 @@ class MeshClient:
         return await self.bus.put_blob(data, media_type=media_type, name=name)
 
     async def watch(self, goal_id: str | None, from_seq: int | None = 0, *,
-                    until_final: bool = False) -> AsyncIterator[tuple[int, Event]]:
+                    until_final: bool = False) -> AsyncGenerator[tuple[int, Event]]:
         """(stream sequence, event) of one goal (``None``: every goal) with sequence ≥ ``from_seq``
         (0: from the start; ``None``: only new events). Resume after sequence ``n`` with ``from_seq=n + 1``.
         Runs until the caller stops — or, with ``until_final``, after the goal's final event."""
@@ -161,6 +161,12 @@ class MeshClient:
                     name = ref.name.replace("/", "__") or f"{sid}-{ref.digest[:16]}"
                     results.artifacts[f"{name}.md"] = await self.bus.get_blob(ref.digest)
         return results
+
+    async def event_positions(self) -> tuple[int, int]:
+        """(first, last) sequence the event stream holds now: the oldest a watch can resume from (older events
+        are gone once ``MESH_EVENTS_MAX_AGE`` passes), and the newest event."""
+        state = await self.bus.stream_state(self.bus.topology.events_stream)
+        return state.first_seq, state.last_seq
 
     # --- the mesh ------------------------------------------------------------------------------
 

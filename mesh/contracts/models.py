@@ -94,6 +94,8 @@ class Goal(Wire):
     budget: Budget = Field(default_factory=Budget)
     options: dict[str, Any] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
+    submitter: str | None = Field(default=None, max_length=128,
+                                  description="Who submitted it: the gateway token's name, when it came that way.")
     workspace: ArtifactRef | None = Field(
         default=None, description="A workspace manifest the goal starts from (an existing project); every step "
         "works on it or on a newer workspace derived from it.")

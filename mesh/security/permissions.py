@@ -11,6 +11,8 @@ the permissions with it; nothing here is a hand-kept copy of a subject. What a u
 * the **recorder** owns the consumers of the event stream (except the orchestrator's) and serves
   the ledger's request/reply service (``allow_responses`` lets it answer any requester);
 * the **operator** is the CLI (submit, watch, status, goals, show, cancel, sql, router publish);
+* the **gateway** (`mesh gateway`) submits goals and sends control commands, and reads what it serves:
+  events, goal state, objects (it stores uploaded workspaces), nodes, consumer and DLQ info, the ledger;
 * the **observer** may only read the event stream (an ordered, server-named consumer) and the
   artifacts events refer to — what an outside dashboard or a Go/TypeScript client needs;
 * **admin** may do anything (break glass, topology changes by hand);
@@ -204,6 +206,22 @@ class PermissionSet:
                     for op, tail in (("LIST", ""), ("INFO", ".>"))))
         return self._finish("operator", g)
 
+    def gateway(self) -> Permissions:
+        """`mesh gateway` (and later front doors): publish goals and control commands (cancel — clients never
+        write goal state); read events, goal state, live nodes, consumer and DLQ info, the ledger service;
+        store and read objects (an uploaded starting workspace is stored there). Nothing else."""
+        t = self.topo
+        g = _Grants()
+        self._provision(g)  # MeshClient connects like every mesh process: create-or-noop, never delete
+        g.publish(t.goal_subject(), t.control_filter(), f"{t.prefix}.ledger.>", "$SRV.>")
+        self._read_stream(g, t.events_stream)
+        self._kv(g, t.kv_goals, write=False)
+        self._kv(g, t.kv_nodes, write=False)
+        self._objects(g, t.obj_artifacts, write=True)
+        g.publish(*(f"{JS_API}.CONSUMER.{op}.{s}{tail}" for s in (t.goals_stream, t.tasks_stream)
+                    for op, tail in (("LIST", ""), ("INFO", ".>"))), f"{JS_API}.STREAM.INFO.{t.dlq_stream}")
+        return self._finish("gateway", g)
+
     def observer(self) -> Permissions:
         """Read-only: the event stream and the artifacts its events refer to; no provisioning."""
         g = _Grants()
@@ -230,7 +248,7 @@ class PermissionSet:
         """Every user: one per role spec, operator, observer, admin (``None``: unrestricted) and a leaf
         user per edge site."""
         out: dict[str, Permissions | None] = {r: self.role(r) for r in sorted(self.specs)}
-        out |= {"operator": self.operator(), "observer": self.observer(), "admin": None}
+        out |= {"operator": self.operator(), "gateway": self.gateway(), "observer": self.observer(), "admin": None}
         out |= {leaf_user(d): self.leaf(d) for d in edge_domains}
         return out
 

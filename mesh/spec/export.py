@@ -12,6 +12,7 @@ from typing import Any
 
 from mesh.bus.topology import Topology
 from mesh.contracts.codec import MESSAGE_KINDS, SCHEMA_VERSION
+from mesh.spec.openapi import openapi_document
 
 ROLE_PARAM = "{role}"
 GOAL_PARAM = "{goal_id}"
@@ -151,6 +152,7 @@ def render(topo: Topology | None = None) -> dict[str, str]:
     files = {f"{kind}.schema.json": _json(schema) for kind, schema in message_schemas().items()}
     files["envelope.schema.json"] = _json(ENVELOPE_SCHEMA)
     files["asyncapi.json"] = _json(asyncapi(topo))
+    files["gateway.openapi.json"] = _json(openapi_document())
     return files
 
 

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.results import write_section
+from mesh.aio import run_loop
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalPlanned, StepCompleted, StepStarted
 from mesh.embedded import EmbeddedNats
-from mesh.aio import run_loop
 from mesh.roles.spec import RoleSpec
 from tests.meshkit import NodeProcess, node_env, role_specs, run_goal
 
@@ -168,8 +168,9 @@ def _process_jiffies(pids: list[int]) -> dict[int, int]:
     return own
 
 
-async def _await_nodes(bus: Bus, counts: dict[str, int], timeout: float = 60.0) -> None:
-    """Wait until every node process heartbeats into ``mesh_nodes`` (its consumers start with it)."""
+async def _await_nodes(bus: Bus, counts: dict[str, int], timeout: float = 180.0) -> None:
+    """Wait until every node process heartbeats into ``mesh_nodes`` (its consumers start with it). Generous:
+    21 processes importing the runtime at once on a loaded 2-core machine took over a minute."""
     kv = await bus.kv(bus.topology.kv_nodes)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,7 +6,9 @@ as root and as an unprivileged user (uid 65534 through setpriv, as tests/test_sa
     (2) ``python -m pytest -q`` on a one-test workspace: what the tester's real command costs
 
 ``bwrap`` is isolation (namespaces); ``fallback`` is the no-namespace path (the same shim, limits and
-sweep, plus a seccomp filter), so their difference is the price of the namespaces.
+sweep, plus a seccomp filter), so their difference is the price of the namespaces. bwrap alone
+(``bwrap <the mesh's options> -- /bin/true`` against ``/bin/true``, with and without the network
+namespace) is measured beside it.
 
     .venv/bin/python -m bench.sandbox [--runs 40]     # writes the "sandbox" section of bench/RESULTS.md
 """
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench.results import write_section
-from mesh.tools.sandbox import select
+from mesh.tools.sandbox import bwrap_argv, select
 from mesh.tools.shell import ShellLimits, ShellPolicy
 from mesh.tools.toolbox import ToolBox
 from mesh.tools.workspace import Workspace
@@ -60,6 +62,25 @@ def _inner(mode: str, runs: int) -> None:
     print(json.dumps({"mode": mode, "uid": os.getuid(), "times": asyncio.run(_measure(mode, runs))}))
 
 
+def _bare(runs: int) -> list[str]:
+    """p50 of starting /bin/true directly and through bwrap (as this process's user)."""
+    bwrap = select("auto").bwrap
+    if bwrap is None:
+        return []
+    full = bwrap_argv(bwrap, network=False)
+    variants = {"`/bin/true`": ["/bin/true"], "`bwrap … -- /bin/true`": [*full, "--", "/bin/true"],
+                "`bwrap … -- /bin/true`, network shared": [a for a in full if a != "--unshare-net"] + ["--", "/bin/true"]}
+    rows = []
+    for name, argv in variants.items():
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            subprocess.run(argv, env={}, check=True)
+            samples.append((time.perf_counter() - started) * 1000)
+        rows.append(f"| {name} | {statistics.median(samples):.1f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=40)
@@ -93,7 +114,8 @@ def main() -> None:
             f"(sync, shim, limits, sweep, read-back), {args.runs} runs each after 2 warm-up runs; 2 cores shared "
             f"with other work, 1-minute load average {load:.1f} before and {os.getloadavg()[0]:.1f} after.\n\n"
             "| command | node runs as | sandbox | p50 ms | p90 ms |\n| --- | --- | --- | --- | --- |\n"
-            + "\n".join(rows) + "".join(f"\n\n{n}" for n in notes))
+            + "\n".join(rows) + "".join(f"\n\n{n}" for n in notes)
+            + "\n\nbwrap alone (this process's user):\n\n| command | p50 ms |\n| --- | --- |\n" + "\n".join(_bare(args.runs)))
     write_section("sandbox", body)
     print(body)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,21 @@ def test_status_classification(status: int | None, etype: str | None, message: s
     assert type(err) is expected and err.tier == "t"
     if expected is RateLimited:
         assert err.retry_after == 1.5  # type: ignore[attr-defined]
+
+
+async def test_all_tiers_on_one_server_in_one_step() -> None:
+    """`mesh run --all-tiers URL`: every tier on the first model the server lists, a small model's window
+    unless configured, free — checked against a real sim-server over HTTP."""
+    from mesh.backends.sim import SimWorld
+    from mesh.backends.sim.server import SimServer
+    from mesh.cli.local import one_server_env
+
+    async with SimServer(SimWorld(latency_scale=0.0)) as server:
+        env = await asyncio.to_thread(one_server_env, server.url + "/v1")
+    tiers = load_tiers(environ=env)
+    assert {t.base_url for t in tiers.values()} == {server.url + "/v1"}
+    assert {t.model for t in tiers.values()} == {"sim-edge"} and all(t.kind == "openai" for t in tiers.values())
+    assert all(t.context_window == 8192 and t.output_reserve == 1024 for t in tiers.values())
+    assert all(t.prices.cost(prompt_tokens=1000, cached_tokens=0, completion_tokens=1000) == 0 for t in tiers.values())
+    with pytest.raises(ConfigError, match="cannot list its models"):
+        await asyncio.to_thread(one_server_env, "http://127.0.0.1:1/v1")

@@ -74,7 +74,8 @@ async def test_text_and_usage_from_the_real_model(edge_server: EdgeModelServer, 
 
 @pytest.mark.parametrize("which", [CLASSIFY_SCHEMA, "verdict"], ids=["classify", "verdict"])
 async def test_schema_constrained_json_always_parses(edge_tier: TierConfig, which: dict[str, Any] | str) -> None:
-    from mesh.roles.worker import VERDICT_SCHEMA, _parse_verdict
+    from mesh.backends.structured import extract_json
+    from mesh.roles.worker import VERDICT_SCHEMA, _verdict_of
 
     schema = VERDICT_SCHEMA if which == "verdict" else which
     assert isinstance(schema, dict)
@@ -89,7 +90,7 @@ async def test_schema_constrained_json_always_parses(edge_tier: TierConfig, whic
     assert response.finish_reason == "stop", f"cut at max_tokens: {response.text!r}"
     jsonschema.validate(json.loads(response.text), schema)
     if schema is VERDICT_SCHEMA:
-        assert _parse_verdict(response.text) in ("approve", "changes_requested")
+        assert _verdict_of(extract_json(response.text)) in ("approve", "changes_requested")
 
 
 async def test_edge_summary_by_the_real_model(edge_tier: TierConfig) -> None:

@@ -226,3 +226,30 @@ async def test_a_tester_node_reports_its_sandbox_and_warns_of_the_fallback(
             assert "warning" not in doc["sandbox"] and "fallback" not in node.log()
     finally:
         node.stop()
+
+
+async def test_mesh_tools_run_prints_the_result_and_refuses_what_the_role_may_not(place: Path) -> None:
+    ws = place / "ws"
+    ws.mkdir()
+    (ws / "hello.py").write_text("print('hello')\nopen('out.txt', 'w').write('x')\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "HOME": str(place),
+           "MESH_NODES_DIR": str(ROOT / "nodes")}
+
+    async def mesh(*argv: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mesh", *argv, env=env, cwd=place,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    code, out = await mesh("tools", "run", "tester", "--workspace", str(ws), "--", "python", "hello.py")
+    assert code == 0, out
+    assert out.startswith(f"sandbox: {sandbox.select('auto').mode}\n")
+    assert "exit code: 0" in out and '"out.txt": "added"' in out and "hello" in out
+    assert not (ws / "out.txt").exists()  # the folder is copied in, never changed
+    code, out = await mesh("tools", "run", "tester", "--workspace", str(ws), "--", "bash", "-c", "id")
+    assert code == 1 and "ToolRefused: command 'bash' is not on this role's allowlist" in out
+    code, out = await mesh("tools", "run", "coder", "--workspace", str(ws), "--", "python", "hello.py")
+    assert code == 1 and "role 'coder' may not call shell.run" in out
+    code, out = await mesh("tools", "run", "tester", "--workspace", str(ws))
+    assert code == 1 and "give the command after --" in out

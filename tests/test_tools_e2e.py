@@ -115,7 +115,7 @@ async def _one_coder_step(bus: Bus, step: Step, inputs: list[ArtifactRef]) -> tu
     state = GoalState(goal=goal)
     state.apply_plan(Plan(goal_id=goal.goal_id, steps=[step]))
     state.mark_dispatched(step.step_id)
-    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
+    goals = GoalStore(bus)
     await goals.create(state)
     await bus.dispatch(Task(task_id=Task.make_id(goal.goal_id, step.step_id, 1), goal_id=goal.goal_id, step=step,
                             brief=goal.brief, options=goal.options, inputs=inputs))
@@ -149,7 +149,7 @@ async def _redeliver_a_coder_step(bus: Bus) -> None:
     await caller.gateway.aclose()
 
     assert objects[0] == objects[1], "the second run stored nothing new"
-    counts = (await bus.js.stream_info(bus.topology.events_stream,
+    counts = (await bus._js.stream_info(bus.topology.events_stream,
                                        subjects_filter=bus.topology.event_subject(goal.goal_id, ">"))).state.subjects
     topic = bus.topology.event_subject
     assert counts is not None
@@ -209,7 +209,7 @@ async def test_ledger_query_asks_the_ledger_service_read_only(bus: Bus, settings
     spec = role_specs()["reviewer"]
     spec = spec.model_copy(update={"tools": [*spec.tools, "ledger.query"]})
     caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "reviewer-test", Metrics("reviewer"))
-    worker = Worker(bus, spec, caller, GoalStore(await bus.kv(bus.topology.kv_goals)), "reviewer-test",
+    worker = Worker(bus, spec, caller, GoalStore(bus), "reviewer-test",
                     feedback_kinds=frozenset())
     async with ToolBox(spec.tools, Workspace({}, bus.get_blob), ledger=worker.ledger) as tools:
         down = await tools.call("ledger.query", {"sql": "SELECT 1"})
@@ -227,3 +227,27 @@ async def test_ledger_query_asks_the_ledger_service_read_only(bus: Bus, settings
             finally:
                 recorder.stop()
     await caller.gateway.aclose()
+
+
+async def test_on_tiers_without_function_calling_edits_come_as_text_and_go_through_the_toolbox(
+        fast: MeshSettings, bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tier declared tool-less (MESH_TIER_<T>_TOOLS=false): no tools are offered, the coder's fenced
+    file blocks become fs.write calls, and the tester, whose model writes no command, runs the test command
+    itself — recorded as tool.call events like native calls."""
+    for tier in ("EDGE", "LONG_CONTEXT", "SWARM"):
+        monkeypatch.setenv(f"MESH_TIER_{tier}_TOOLS", "false")
+    goal = Goal(brief="Build me a login system", options={"sim_review": "approve", "max_revisions": 0})
+    async with in_process_mesh(fast):
+        events = await run_goal(bus, goal)
+    tools = [e for e in events if isinstance(e, ToolCall)]
+    writes = [e for e in tools if e.role == "coder" and e.tool == "fs.write" and e.ok]
+    assert writes and all(".tool.text-" in e.event_id for e in writes)
+    assert any(e.arguments["path"].startswith("src/") for e in writes)
+    runs = [e for e in tools if e.role == "tester" and e.tool == "shell.run"]
+    assert runs and runs[0].arguments["argv"] == ["python", "-m", "pytest", "-q", "-o", "pythonpath=src"]
+    done = events[-1]
+    assert isinstance(done, GoalCompleted), done
+    assert done.quality.tests == "passed" and done.quality.tests_exit_code == 0
+    coded = next(e for e in events if isinstance(e, StepCompleted) and e.role == "coder")
+    workspace = next(r for r in coded.outputs if r.name.endswith("/workspace"))
+    assert {e.arguments["path"] for e in writes} <= set(Manifest.decode(await bus.get_blob(workspace.digest)).files)

@@ -121,21 +121,23 @@ async def test_special_files_are_refused(tools: ToolBox, ws: Workspace) -> None:
     assert ws.files == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
 async def test_a_folder_the_command_made_unreadable_is_refused_not_taken_as_deleted(
         tools: ToolBox, ws: Workspace) -> None:
     before = ws.files
-    doc = error(await run(tools, "import os", "os.chmod('src', 0)"))
-    assert "folder 'src' cannot be read" in doc["message"]
+    result = await run(tools, "import os", "os.chmod('src', 0)")
+    if os.geteuid() == 0:  # a root node reads any folder (its commands run as uid 65534): nothing is lost
+        assert output(result)["changed"] == {}
+    else:
+        assert "folder 'src' cannot be read" in error(result)["message"]
     assert ws.files == before
 
 
 async def test_a_command_past_its_timeout_is_killed_and_changes_nothing(tools: ToolBox, ws: Workspace) -> None:
     before = ws.files
     result = await run(tools, "open('half.txt', 'w').write('x')", "print('working', flush=True)",
-                       "import time", "time.sleep(60)", timeout_seconds=0.5)
+                       "import time", "time.sleep(60)", timeout_seconds=3)
     doc = error(result)
-    assert doc["error"] == "ToolTimeout" and "0.5s" in doc["message"] and "working" in doc["message"]
+    assert doc["error"] == "ToolTimeout" and "within 3s" in doc["message"] and "working" in doc["message"]
     assert result.duration_ms < 15_000
     assert ws.files == before
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from mesh.backends.base import ChatMessage, ChatRequest
@@ -93,7 +94,7 @@ async def test_posing_as_real_removes_the_sim_marks(posing: SimServer, kind: str
 async def test_a_real_tier_that_fails_never_falls_back_into_a_sim_tier(sim: SimServer, posing: SimServer,
                                                                         flagged: bool) -> None:
     """long_context is "real" (a sim-server posing as a provider) and failing; swarm and edge are a sim-server,
-    either configured as sim or only recognisable by its answers: no request reaches them."""
+    either configured as sim (no request reaches them) or only recognisable by its answers (refused)."""
     defaults = load_tiers(environ={})
     tiers = {"long_context": on(posing, defaults["long_context"]),
              "swarm": on(sim, defaults["swarm"], sim=flagged), "edge": on(sim, defaults["edge"], sim=flagged)}
@@ -103,6 +104,9 @@ async def test_a_real_tier_that_fails_never_falls_back_into_a_sim_tier(sim: SimS
         with pytest.raises(AllTiersFailed, match="swarm is simulated: a real tier does not fall back") as caught:
             await gateway.chat(request(), "long_context")
         assert set(caught.value.errors) == {"long_context", "swarm", "edge"}
+        async with httpx2.AsyncClient() as client:
+            stats = (await client.get(f"{sim.url}/_sim/stats")).json()
+        assert stats.get("requests.swarm", 0) == stats.get("requests.edge", 0) == (0 if flagged else 1)
         # The sim tiers still serve calls routed to them directly (allowed here), and fall back among themselves.
         assert (await gateway.chat(request(), "swarm")).simulated
     finally:
@@ -151,7 +155,7 @@ async def test_simulated_and_quality_are_on_every_event_and_ledger_row(fast: Mes
     async with in_process_mesh(fast, specs=role_specs(with_ledger=True)):
         events = await run_goal(bus, failing, timeout=180)
         accepted_events = await run_goal(bus, accepted, timeout=180)
-        client = LedgerClient(bus.nc, bus.topology.prefix, timeout=10)
+        client = LedgerClient(bus, timeout=10)
         await caught_up(eventually, client, bus, timeout=60)  # type: ignore[arg-type]
         calls = (await client.sql("SELECT count(*), bool_and(simulated) FROM backend_calls")).rows[0]
         steps = (await client.sql("SELECT count(*), bool_and(simulated), count(*) FILTER (quality_source = 'tests'),"

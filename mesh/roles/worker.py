@@ -65,8 +65,9 @@ MAX_INPUT_FILE_CHARS = 20_000
 CANCEL_RECHECK_SECONDS = 0.5
 # Re-asks for a verdict that did not parse (each quotes the error): a weak model gets two more chances.
 VERDICT_REASKS = 2
-# What a test-gated role runs when its model (on a tier without function calling) wrote no command.
-DEFAULT_TEST_ARGV = ["python", "-m", "pytest", "-q"]
+# What a test-gated role runs when its model (on a tier without function calling) wrote no command
+# (pythonpath=src: code in a src/ layout imports as in the sim's and most projects' tests; harmless without one).
+DEFAULT_TEST_ARGV = ["python", "-m", "pytest", "-q", "-o", "pythonpath=src"]
 
 
 def shell_policy(spec: RoleSpec, s: MeshSettings) -> ShellPolicy:
@@ -362,7 +363,7 @@ def _ledger_query(bus: Bus) -> LedgerQueryFn:
     """``ledger.query`` asks the ledger's NATS service (read-only, time- and row-limited there)."""
     from mesh.roles.ledger_service import LedgerClient  # imports DuckDB: only for roles that query
 
-    client = LedgerClient(bus.nc, bus.topology.prefix)
+    client = LedgerClient(bus)
 
     async def query(sql: str, max_rows: int) -> dict[str, Any]:
         return (await client.sql(sql, max_rows=max_rows)).to_json()

@@ -19,6 +19,7 @@ root), and the per-task folder is handed to that uid.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import logging
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,6 +57,10 @@ PR_SET_CHILD_SUBREAPER = 36
 
 _hardened = False
 _running: set[int] = set()  # pids of the shims/sandboxes this process runs now
+# In a hardened process: held while a run is spawned and tracked, and while orphans are swept, so a sweep
+# never takes a run that is started but not yet tracked for an orphan. One event loop for the process's
+# life (a node, `mesh tools run`), so one lock.
+_gate: asyncio.Lock | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +202,10 @@ def make_undumpable() -> None:
 def harden_process() -> None:
     """For node processes: undumpable, and the subreaper of what a run leaves once its shim is gone
     (swept after each run). Only where this process starts no children of its own besides runs."""
-    global _hardened
+    global _hardened, _gate
     make_undumpable()
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    _hardened = True
+    _hardened, _gate = True, asyncio.Lock()
 
 
 def _prctl(option: int, value: int) -> None:
@@ -208,14 +214,22 @@ def _prctl(option: int, value: int) -> None:
         raise ConfigError(f"prctl({option}, {value}) failed: {os.strerror(ctypes.get_errno())}")
 
 
+def gate() -> AbstractAsyncContextManager[object]:
+    """Hold it around spawning a run and ``track``-ing its pid (nothing to hold where nothing is swept)."""
+    return _gate if _gate is not None else nullcontext()
+
+
 def track(pid: int) -> None:
     _running.add(pid)
 
 
-def untrack(pid: int) -> int:
+async def untrack(pid: int) -> int:
     """The run is over: forget it and, in a hardened process, kill what runs left behind; returns how many."""
     _running.discard(pid)
-    return sweep_orphans(_running) if _hardened else 0
+    if _gate is None:
+        return 0
+    async with _gate:
+        return await asyncio.to_thread(sweep_orphans, set(_running))
 
 
 def sweep_orphans(keep: Iterable[int]) -> int:

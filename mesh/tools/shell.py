@@ -152,14 +152,15 @@ async def run_command(program: str, argv: Sequence[str], *, dirs: RunDirs, sandb
                  str(limits.open_files), str(sandbox.run_uid), nosock, str(status_w), program, *argv[1:]]
     launch = sandbox.launch(shim_args, dirs, network=network)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *launch.argv, cwd=dirs.files, env=sandbox_env(launch.home, launch.tmp), pass_fds=(status_w,),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        async with sandboxes.gate():
+            proc = await asyncio.create_subprocess_exec(
+                *launch.argv, cwd=dirs.files, env=sandbox_env(launch.home, launch.tmp), pass_fds=(status_w,),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+            sandboxes.track(proc.pid)
     finally:
         os.close(status_w)
-    sandboxes.track(proc.pid)
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Capture(limits.output_bytes), _Capture(limits.output_bytes)
     timed_out = False
@@ -177,7 +178,7 @@ async def run_command(program: str, argv: Sequence[str], *, dirs: RunDirs, sandb
         status = _read_status(status_r)
     finally:
         os.close(status_r)
-        orphans = await asyncio.to_thread(sandboxes.untrack, proc.pid)
+        orphans = await sandboxes.untrack(proc.pid)
     if timed_out:
         raise ToolTimeout(f"{argv[0]} did not finish within {timeout:g}s and was killed; "
                           f"output tail: {(out.text() + err.text())[-500:]!r}")

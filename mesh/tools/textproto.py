@@ -21,7 +21,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([^\n`]*)\n(.*?)^[ \t]*```[ \t]*$", re.DOTALL | re.MULTILINE)
+# The last fence may be left open: an answer cut off at its output limit keeps what it wrote.
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([^\n`]*)\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
 _PATH = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*\.[A-Za-z0-9]{1,8}$")
 _PATH_BEFORE = re.compile(r"(?:file(?:name)?\s*[:=]\s*|#+\s*|\*\*|`)?([A-Za-z0-9_.][A-Za-z0-9_./-]*\.[A-Za-z0-9]{1,8})"
                           r"(?:\*\*|`)?\s*:?\s*$", re.IGNORECASE)

@@ -161,6 +161,13 @@ async def _requests(request: web.Request) -> web.Response:
     return web.json_response(list(log))
 
 
+async def _models(request: web.Request) -> web.Response:
+    """``GET /v1/models`` as OpenAI-compatible servers answer it: the sim's model of each tier profile."""
+    world = request.app[_WORLD]
+    return web.json_response({"object": "list", "data": [{"id": cfg.model, "object": "model", "owned_by": "mesh-sim"}
+                                                         for cfg in world.tiers.values()]})
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "simulated": not request.app[_POSE]})
 
@@ -173,6 +180,7 @@ def make_app(world: SimWorld, *, pose_as_real: bool = False) -> web.Application:
     app[_LOG] = deque(maxlen=LOG_REQUESTS)
     app.router.add_post("/v1/chat/completions", _openai)
     app.router.add_post("/v1/messages", _anthropic)
+    app.router.add_get("/v1/models", _models)
     app.router.add_route("*", "/_sim/faults", _faults)
     app.router.add_get("/_sim/stats", _stats)
     app.router.add_get("/_sim/requests", _requests)

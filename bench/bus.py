@@ -194,10 +194,10 @@ async def core_mesh(url: str, n: int, event: StepCompleted) -> float:
         async def publish(i: int) -> None:
             trace = {"traceparent": new_traceparent()}
             envelope_id = new_id()
-            await bus.nc.publish("core.mesh", encode(event, msg_id=envelope_id, trace=trace),
+            await bus._nc.publish("core.mesh", encode(event, msg_id=envelope_id, trace=trace),
                                  headers={"Nats-Msg-Id": envelope_id, **trace})
 
-        await bus.nc.subscribe("core.mesh", cb=on_msg)
+        await bus._nc.subscribe("core.mesh", cb=on_msg)
         return await timed(n, counter, publish)
 
 

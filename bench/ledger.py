@@ -127,9 +127,9 @@ async def recorder_rates(root: Path, count: int) -> list[tuple[int, float]]:
         settings = MeshSettings(nats_url=server.url, data_dir=root / "mesh")
         async with await Bus.connect(settings, name="bench-ledger") as bus:
             for event in synthetic_events(count, seed=2):  # core publishes: the stream stores them all
-                await bus.nc.publish(TOPO.event_subject(event.goal_id, event.type), encode(event))
-            await bus.nc.flush()
-            while (await bus.js.stream_info(bus.topology.events_stream)).state.last_seq < count:
+                await bus._nc.publish(TOPO.event_subject(event.goal_id, event.type), encode(event))
+            await bus._nc.flush()
+            while (await bus._js.stream_info(bus.topology.events_stream)).state.last_seq < count:
                 await asyncio.sleep(0.05)
             rates = []
             for size in RECORDER_BATCHES:

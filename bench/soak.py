@@ -127,7 +127,7 @@ async def _drive(bus: Bus, result: SoakResult, in_flight: int, stop: asyncio.Eve
     """Keep ``in_flight`` goals running until ``stop``; count how they end (one watch of goal events)."""
     topo = bus.topology
     slots = asyncio.Semaphore(in_flight)
-    sub = await bus.js.subscribe(topo.event_subject("*", "goal.*"), stream=topo.events_stream,
+    sub = await bus._js.subscribe(topo.event_subject("*", "goal.*"), stream=topo.events_stream,
                                  ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW)
 
     async def watch() -> None:
@@ -157,15 +157,15 @@ async def _drive(bus: Bus, result: SoakResult, in_flight: int, stop: asyncio.Eve
 
 async def _sample(bus: Bus, fleet: Fleet, consumers: list[tuple[str, str]], result: SoakResult,
                   started: float, interval: float, server_pid: int | None) -> None:
-    ledger = LedgerClient(bus.nc, bus.topology.prefix, timeout=5)
+    ledger = LedgerClient(bus, timeout=5)
     while True:
         pids = fleet.pids() | ({"nats-server": server_pid} if server_pid else {})
         rss = {name: rss_kb(pid) / 1024 for name, pid in pids.items()}
         lag = {}
         for stream, durable in consumers:
-            info = await bus.js.consumer_info(stream, durable)
+            info = await bus._js.consumer_info(stream, durable)
             lag[durable] = int(info.num_pending or 0)
-        last = (await bus.js.stream_info(bus.topology.events_stream)).state.last_seq
+        last = (await bus._js.stream_info(bus.topology.events_stream)).state.last_seq
         try:
             lag["ledger"] = last - int((await ledger.status())["last_seq"])
         except LedgerError:

@@ -105,6 +105,19 @@ class MeshSettings(BaseSettings):
     health_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (local mesh).")
     drain_seconds: float = Field(default=30.0, ge=0, description="Grace period for in-flight work on SIGTERM.")
 
+    # --- gateway (mesh.gateway: `mesh gateway`, also started by `mesh up`/`mesh run`) ---
+    gateway_host: str = Field(default="127.0.0.1", description="Bind address; a non-loopback one needs tokens.")
+    gateway_port: int = Field(default=8600, ge=0, le=65535, description="0 picks a free port.")
+    gateway_tokens_file: Path | None = Field(
+        default=None, description="TOML file of hashed bearer tokens with per-goal budget caps (docs/GATEWAY.md).")
+    gateway_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body.")
+    gateway_rate_per_minute: float = Field(default=600.0, gt=0, description="Requests a minute per token, "
+                                           "per gateway replica, unless the token sets its own.")
+    gateway_request_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a non-streaming chat completion waits for its goal (then 504; "
+        "the goal keeps running).")
+    gateway_keepalive: float = Field(default=15.0, gt=0, description="Seconds of silence before an SSE keep-alive.")
+
     # --- ledger (mesh.store, mesh.roles.recorder) ---
     ledger_path: Path | None = Field(
         default=None, description="The ledger's DuckDB file; unset: <data_dir>/ledger.duckdb.")

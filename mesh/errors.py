@@ -54,7 +54,8 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     ├── RouterError                    routing models: training, evaluation, publishing
     │   └── ModelRejected              a corrupt or incompatible router model (the current one stays)
     ├── NodeSpecError
-    └── GoalCancelled
+    ├── GoalCancelled
+    └── RequestRefused                 the gateway refuses an HTTP request (status + error type)
 """
 
 from __future__ import annotations
@@ -328,3 +329,33 @@ class NodeSpecError(MeshError):
 
 class GoalCancelled(MeshError):
     """The goal was cancelled; the current step stops before its next model or tool call."""
+
+
+class RequestRefused(MeshError):
+    """An HTTP request the gateway refuses before it reaches the bus. ``status`` is the HTTP status and
+    ``type`` the OpenAI-style error type every gateway error body carries; ``extra`` adds fields to it."""
+
+    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+                 code: str | None = None, **extra: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.code = code
+        self.extra = extra
+
+
+class UnknownGoal(MeshError):
+    """A client asked about a goal the mesh has no state for."""
+
+
+class NoResponders(BusError):
+    """A request found no service listening on its subject."""
+
+
+class ServiceError(MeshError):
+    """A service endpoint refused (code 400) or failed (500) a request; travels in the micro protocol's
+    ``Nats-Service-Error`` / ``-Code`` headers."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(description)
+        self.code = code

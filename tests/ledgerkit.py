@@ -25,20 +25,20 @@ async def publish_burst(bus: Bus, events: Sequence[Event], *, chunk: int = 1000,
     topo = bus.topology
     for i in range(0, len(events), chunk):
         for event in events[i:i + chunk]:
-            await bus.nc.publish(topo.event_subject(event.goal_id, event.type), encode(event),
+            await bus._nc.publish(topo.event_subject(event.goal_id, event.type), encode(event),
                                  headers={"Nats-Msg-Id": event.event_id})
-        await bus.nc.flush()
+        await bus._nc.flush()
         if pause:
             await asyncio.sleep(pause)  # shapes the burst's rate; nothing waits on it
 
 
 async def stream_last_seq(bus: Bus) -> int:
-    info = await bus.js.stream_info(bus.topology.events_stream)
+    info = await bus._js.stream_info(bus.topology.events_stream)
     return int(info.state.last_seq)
 
 
 async def stream_messages(bus: Bus) -> int:
-    info = await bus.js.stream_info(bus.topology.events_stream)
+    info = await bus._js.stream_info(bus.topology.events_stream)
     return int(info.state.messages)
 
 

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from mesh.bus import Bus
+from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalCancelled, GoalCompleted, GoalFailed
 from mesh.node.runtime import Node
@@ -45,20 +46,14 @@ async def in_process_mesh(settings: MeshSettings, replicas: dict[str, int] | Non
 
 
 async def run_goal(bus: Bus, goal: Goal, timeout: float = 120.0) -> list[EventBase]:
-    """Submit a goal and collect its events until it ends."""
-    events: list[EventBase] = []
+    """Submit a goal and collect its events until it ends (through ``MeshClient``, as every client does)."""
+    client = MeshClient(bus)
 
-    async def collect() -> None:
-        async with aclosing(bus.watch_events(goal.goal_id)) as stream:
-            async for event in stream:
-                events.append(event)
-                if isinstance(event, TERMINAL):
-                    return
+    async def collect() -> list[EventBase]:
+        return [event async for _, event in client.watch(goal.goal_id, until_final=True)]
 
-    watcher = asyncio.create_task(collect())
-    await bus.submit_goal(goal)
-    await asyncio.wait_for(watcher, timeout)
-    return events
+    await client.submit(goal)
+    return await asyncio.wait_for(collect(), timeout)
 
 
 def node_env(settings: MeshSettings, **extra: str) -> dict[str, str]:

@@ -37,12 +37,12 @@ async def test_duplicate_msg_id_is_dropped(bus: Bus) -> None:
     assert await bus.dispatch(_task()) is True
     assert await bus.dispatch(_task()) is False  # same goal.step.attempt: dropped by the stream
     assert await bus.dispatch(_task(attempt=2)) is True  # a new attempt is a new task
-    info = await bus.js.stream_info(bus.topology.tasks_stream)
+    info = await bus._js.stream_info(bus.topology.tasks_stream)
     assert info.state.messages == 2
 
 
 async def test_publish_carries_trace_and_round_trips(bus: Bus) -> None:
-    sub = await bus.js.pull_subscribe(bus.topology.task_subject("tester"), durable="probe",
+    sub = await bus._js.pull_subscribe(bus.topology.task_subject("tester"), durable="probe",
                                       stream=bus.topology.tasks_stream)
     trace = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "tracestate": "mesh=1"}
     task = _task()
@@ -79,7 +79,7 @@ async def test_outbox_stores_every_event_before_settle_returns(bus: Bus) -> None
         for event in [*sent, sent[0]]:  # the duplicate is dropped by the stream, and acked as such
             await outbox.emit(event)
         await outbox.settle()
-        info = await bus.js.stream_info(bus.topology.events_stream)
+        info = await bus._js.stream_info(bus.topology.events_stream)
         assert info.state.messages == 2
     await bus.close()
     with pytest.raises(NotConnected):
@@ -90,7 +90,7 @@ async def test_large_message_travels_by_claim_check(bus: Bus) -> None:
     await bus.provision(["coder"])
     task = _task(brief="x" * 1_500_000)  # far above claim_check_bytes and NATS' 1 MiB max_payload
     assert await bus.dispatch(task)
-    sub = await bus.js.pull_subscribe_bind(durable="role-coder", stream=bus.topology.tasks_stream)
+    sub = await bus._js.pull_subscribe_bind(durable="role-coder", stream=bus.topology.tasks_stream)
     [msg] = await sub.fetch(1, timeout=5)
     assert len(msg.data) < bus.settings.claim_check_bytes  # only the reference travelled
     envelope = await bus.open(msg)
@@ -114,7 +114,7 @@ async def test_watch_events_yields_decoded_events_in_order(bus: Bus) -> None:
             if len(got) == len(sent):
                 break
     assert got == sent
-    info = await bus.js.stream_info(bus.topology.events_stream)
+    info = await bus._js.stream_info(bus.topology.events_stream)
     assert info.state.messages == 4
 
 

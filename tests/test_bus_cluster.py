@@ -36,7 +36,7 @@ async def test_r3_streams_survive_losing_a_node(nats_cluster: EmbeddedCluster, t
         seen.append(delivery.message(Task).task_id)
 
     async with await Bus.connect(settings, roles=["coder"]) as bus:
-        info = await bus.js.stream_info(bus.topology.tasks_stream)
+        info = await bus._js.stream_info(bus.topology.tasks_stream)
         assert info.config.num_replicas == 3 and info.cluster is not None
         assert len(info.cluster.replicas or []) == 2  # the leader plus two followers
 
@@ -46,10 +46,10 @@ async def test_r3_streams_survive_losing_a_node(nats_cluster: EmbeddedCluster, t
             await dispatch(1)
             await eventually(lambda: seen == ["g1.s1.1"])
 
-            connected = next(s for s in nats_cluster.servers if s.url.endswith(f":{bus.nc.connected_url.port}"))
+            connected = next(s for s in nats_cluster.servers if s.url.endswith(f":{bus._nc.connected_url.port}"))
             await connected.stop()  # the node this client talks to
             await dispatch(2)
             await dispatch(3)
             await eventually(lambda: sorted(seen) == ["g1.s1.1", "g1.s2.1", "g1.s3.1"], timeout=30)
             consumer.stop()
-        assert bus.nc.connected_url.port != connected.port
+        assert bus._nc.connected_url.port != connected.port

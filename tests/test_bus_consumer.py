@@ -89,7 +89,7 @@ class Recorder:
 
 
 async def dlq_letters(bus: Bus, count: int) -> list[tuple[DeadLetter, dict[str, str]]]:
-    sub = await bus.js.pull_subscribe(bus.topology.dlq_subject(ROLE), stream=bus.topology.dlq_stream)
+    sub = await bus._js.pull_subscribe(bus.topology.dlq_subject(ROLE), stream=bus.topology.dlq_stream)
     msgs = await sub.fetch(count, timeout=5)
     await sub.unsubscribe()
     return [(DeadLetter.decode(m.data), dict(m.headers or {})) for m in msgs]
@@ -100,7 +100,7 @@ async def test_handled_message_is_acked(fast_bus: Bus, eventually: Eventually) -
     await fast_bus.dispatch(task(1))
     async with consuming(PullConsumer.for_role(fast_bus, ROLE, rec)):
         await eventually(lambda: rec.seen == [("g1.s1.1", 1)])
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0  # work-queue: the confirmed ack removed it
 
 
@@ -112,7 +112,7 @@ async def test_long_handler_is_not_redelivered(fast_bus: Bus, eventually: Eventu
         await eventually(lambda: rec.running == 0, timeout=10)
     assert runner.done()
     assert rec.seen == [("g1.s1.1", 1)]
-    info = await fast_bus.js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
+    info = await fast_bus._js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
     assert (info.num_redelivered, info.num_ack_pending, info.num_pending) == (0, 0, 0)
 
 
@@ -186,7 +186,7 @@ async def test_poison_goes_to_dlq_and_the_loop_keeps_consuming(fast_bus: Bus, ev
     assert "not a msgpack message" in letters[0][0].reason
     assert "expected Task, got Goal" in letters[1][0].reason
     assert letters[1][1][DLQ_REASON_HEADER].startswith("SchemaViolation: ")
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0  # poison was terminated, not left to redeliver
 
 
@@ -197,7 +197,7 @@ async def test_poison_near_the_servers_max_payload_reaches_the_dlq_at_once_by_cl
     delivery with its reason, its original retrievable by claim-check, and a goal queued behind them
     is taken at once (the planner's 4 slots are not held by messages that can never be lettered)."""
     async with await Bus.connect(settings, roles=["planner", ROLE]) as bus:
-        topo, limit = bus.topology, bus.nc.max_payload
+        topo, limit = bus.topology, bus.max_payload
         assert limit == 1024 * 1024  # the server's own default, not lowered for the test
         rng = random.Random(14)
         sent: dict[str, bytes] = {}
@@ -222,7 +222,7 @@ async def test_poison_near_the_servers_max_payload_reaches_the_dlq_at_once_by_cl
             await eventually(lambda: goals == [(goal.goal_id, 1)], timeout=30, message="the real goal taken")
             await eventually(lambda: _stored(bus, topo.dlq_stream, 20), timeout=30, message="20 letters")
         seconds = time.monotonic() - started
-        sub = await bus.js.pull_subscribe(f"{topo.prefix}.dlq.>", stream=topo.dlq_stream)
+        sub = await bus._js.pull_subscribe(f"{topo.prefix}.dlq.>", stream=topo.dlq_stream)
         msgs = await sub.fetch(20, timeout=5)
         for m in msgs:
             letter = DeadLetter.decode(m.data)
@@ -233,12 +233,12 @@ async def test_poison_near_the_servers_max_payload_reaches_the_dlq_at_once_by_cl
             assert len(m.data) < bus.settings.claim_check_bytes and letter.data == original[:len(letter.data)]
             assert await letter.original(bus.get_blob) == original
         for stream in (topo.goals_stream, topo.tasks_stream):
-            assert (await bus.js.stream_info(stream)).state.messages == 0  # each one terminated, none left
+            assert (await bus._js.stream_info(stream)).state.messages == 0  # each one terminated, none left
     print(f"figure: 20 poison messages 300-2,000 bytes under 1 MiB: all dead-lettered by claim-check in {seconds:.1f} s")
 
 
 async def _stored(bus: Bus, stream: str, count: int) -> bool:
-    return (await bus.js.stream_info(stream)).state.messages >= count
+    return (await bus._js.stream_info(stream)).state.messages >= count
 
 
 async def test_a_letter_refused_for_size_goes_out_truncated_with_its_digest(
@@ -249,7 +249,7 @@ async def test_a_letter_refused_for_size_goes_out_truncated_with_its_digest(
     big_claims = settings.model_copy(update={"claim_check_bytes": 4 * 1024 * 1024})
     async with await Bus.connect(big_claims, roles=[ROLE]) as bus:
         doc: dict[str, Any] = msgpack.unpackb(encode(task()), raw=False)
-        original = padded_to(doc, bus.nc.max_payload - 500)
+        original = padded_to(doc, bus.max_payload - 500)
         await bus.publish_raw(bus.topology.task_subject(ROLE), original)
         async with consuming(PullConsumer.for_role(bus, ROLE, Recorder())):
             await eventually(lambda: _stored(bus, bus.topology.dlq_stream, 1), timeout=10)
@@ -269,7 +269,7 @@ async def test_transient_failure_is_retried_with_backoff(fast_bus: Bus, eventual
         await eventually(lambda: [a for _, a in rec.seen] == [1, 2, 3])
     assert consumer.backoff(1) == 0.05 and consumer.backoff(3) == 0.2
     assert consumer.backoff(30) == 60.0  # capped
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0
 
 
@@ -296,7 +296,7 @@ async def test_giving_up_is_announced_before_the_letter_even_when_the_announceme
 
     async def give_up(delivery: Delivery, exc: BaseException) -> None:
         t = delivery.message(Task)
-        letters = (await fast_bus.js.stream_info(fast_bus.topology.dlq_stream)).state.messages
+        letters = (await fast_bus._js.stream_info(fast_bus.topology.dlq_stream)).state.messages
         heard.append((t.task_id, delivery.attempt, type(exc).__name__, letters))
         if t.step.step_id == "s2":
             raise RuntimeError("the announcement itself fails")
@@ -323,7 +323,7 @@ async def test_never_holds_more_than_its_workers(fast_bus: Bus, eventually: Even
 
     class Probe(Recorder):
         async def __call__(self, delivery: Delivery) -> None:
-            info = await fast_bus.js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
+            info = await fast_bus._js.consumer_info(fast_bus.topology.tasks_stream, "role-coder")
             ack_pending.append(info.num_ack_pending or 0)
             await super().__call__(delivery)
 
@@ -355,7 +355,7 @@ async def test_stop_drains_in_flight_work(fast_bus: Bus, eventually: Eventually)
     release.set()
     await asyncio.wait_for(runner, 5)
     assert done == ["g1.s1.1"]
-    info = await fast_bus.js.stream_info(fast_bus.topology.tasks_stream)
+    info = await fast_bus._js.stream_info(fast_bus.topology.tasks_stream)
     assert info.state.messages == 0
 
 

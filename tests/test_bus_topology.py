@@ -121,7 +121,7 @@ async def test_the_tasks_stream_takes_the_worker_roles_only(bus: Bus) -> None:
     error at the publisher, instead of waiting in a work-queue stream that nobody consumes."""
     workers = sorted(r for r, s in load_specs().items() if s.kind == "worker")
     assert sorted(bus.topology.task_roles) == workers and "planner" not in workers and "ledger" not in workers
-    info = await bus.js.stream_info(bus.topology.tasks_stream)
+    info = await bus._js.stream_info(bus.topology.tasks_stream)
     assert sorted(info.config.subjects or []) == [f"mesh.task.{r}" for r in workers]
     for role in ("planner", "ledger", "nosuchrole"):
         with pytest.raises(NoStreamForSubject, match=f"mesh.task.{role}: no stream takes this subject"):
@@ -131,7 +131,7 @@ async def test_the_tasks_stream_takes_the_worker_roles_only(bus: Bus) -> None:
         with pytest.raises(NoStreamForSubject, match=f"no worker serves role '{role}'") as caught:
             await bus.dispatch(task)
         assert caught.value.retryable is False
-    assert (await bus.js.stream_info(bus.topology.tasks_stream)).state.messages == 0
+    assert (await bus._js.stream_info(bus.topology.tasks_stream)).state.messages == 0
     await bus.dispatch(Task(task_id=Task.make_id("g1", "s1", 1), goal_id="g1",
                             step=Step(step_id="s1", role="coder", instruction="do it")))
 

@@ -165,7 +165,7 @@ async def test_a_long_goal_keeps_its_memory_short_through_edge_summaries(setting
     assert isinstance(events[-1], GoalCompleted), events[-1]
     memory_calls = [e for e in events if isinstance(e, BackendCall) and e.step_id == "memory"]
     assert memory_calls and {e.tier for e in memory_calls} == {"edge"}
-    state = await GoalStore(await bus.kv(bus.topology.kv_goals)).get(goal.goal_id)
+    state = await GoalStore(bus).get(goal.goal_id)
     assert state is not None and state.steps_run > MEMORY_COMPACT_AT
     # compacted after every outcome but the last (the goal was done by then)
     assert len(state.memory) <= MEMORY_COMPACT_AT and state.memory[0].startswith("Earlier: ")

@@ -14,8 +14,7 @@ def _bump(s: GoalState) -> bool:
 
 
 async def test_replicas_writing_one_goal_lose_no_update(bus: Bus) -> None:
-    kv = await bus.kv(bus.topology.kv_goals)
-    a, b = GoalStore(kv), GoalStore(kv)
+    a, b = GoalStore(bus), GoalStore(bus)
     assert await a.create(GoalState(goal=Goal(goal_id="g1", brief="count")))
     await a.mutate("g1", _bump)  # a swaps against the revision it created
     await b.mutate("g1", _bump)  # b has never read it: reads first
@@ -25,8 +24,7 @@ async def test_replicas_writing_one_goal_lose_no_update(bus: Bus) -> None:
 
 
 async def test_nothing_to_do_is_decided_on_the_latest_state(bus: Bus) -> None:
-    kv = await bus.kv(bus.topology.kv_goals)
-    a, b = GoalStore(kv), GoalStore(kv)
+    a, b = GoalStore(bus), GoalStore(bus)
     assert await a.create(GoalState(goal=Goal(goal_id="g2", brief="count")))
     await b.mutate("g2", _bump)
     # on a's stale copy replans is 0, so this change would do nothing; on the latest it applies

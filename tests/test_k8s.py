@@ -106,7 +106,8 @@ def test_renders_and_every_object_validates(target: str) -> None:
 def test_secret_templates_and_generated_secrets_validate(tmp_path: Path) -> None:
     generated = generate(tmp_path / "sec", PermissionSet(Topology(), SPECS).users(["site-a"]), cost=4)
     templates = sorted((K8S / "secrets").glob("*.yaml"))
-    assert {name for t in templates for name in secrets_from(t)} == {"mesh-api-keys", "nats-leaf-remote"}
+    assert {name for t in templates for name in secrets_from(t)} == {"mesh-api-keys", "nats-leaf-remote",
+                                                                     "mesh-gateway-tokens"}
     for path in [*templates, generated.out / "secrets.yaml"]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
@@ -196,6 +197,23 @@ def test_one_workload_per_role_with_its_own_credentials(target: str) -> None:
         assert data["name"] in claims  # the ledger file is on a persistent volume
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_gateway_runs_with_its_own_nats_user_and_required_tokens(target: str, tmp_path: Path) -> None:
+    docs = render(target)
+    w = one(docs, "Deployment", "mesh-gateway")
+    c = pod_spec(w)["containers"][0]
+    assert c["command"] + c["args"] == ["mesh", "gateway", "--host", "0.0.0.0", "--port", "8080"]
+    assert next(p["containerPort"] for p in c["ports"] if p["name"] == "http") == 8080  # what the probes ask
+    assert [e["secretRef"]["name"] for e in c["envFrom"] if "secretRef" in e] == ["mesh-nats-gateway"]
+    tokens = next(m for m in c["volumeMounts"] if m["name"] == "tokens")
+    assert {e["name"]: e["value"] for e in c["env"]}["MESH_GATEWAY_TOKENS_FILE"] == tokens["mountPath"] + "/tokens.toml"
+    volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == "tokens")["secret"]
+    assert volume["secretName"] == "mesh-gateway-tokens" and not volume.get("optional")  # no tokens, no start
+    assert one(docs, "Service", "mesh-gateway")["spec"]["selector"] == w["spec"]["selector"]["matchLabels"]
+    generated = generate(tmp_path / "sec", PermissionSet(Topology(), SPECS).users(), cost=4)
+    assert "mesh-nats-gateway" in secrets_from(generated.out / "secrets.yaml")
+
+
 def test_nodes_configmap_is_the_role_specs() -> None:
     """k8s/base/nodes/ is a copy of nodes/ (kustomize reads only below its folder).
     Re-sync: cp nodes/*.toml k8s/base/nodes/ (and list new files in k8s/base/kustomization.yaml)."""
@@ -239,8 +257,11 @@ def test_prod_scales_every_role_on_its_consumer_lag() -> None:
     nats_monitor = next(p["containerPort"] for p in pod_spec(one(docs, "StatefulSet", "nats"))["containers"][0]["ports"]
                         if p["name"] == "monitor")
     scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
-    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment" and role_of(d)}
     assert set(scaled) == set(deployments)
+    # the gateway is no consumer: it scales on CPU (its HPA in base)
+    gateway = one(docs, "HorizontalPodAutoscaler", "mesh-gateway")["spec"]
+    assert gateway["scaleTargetRef"]["name"] == "mesh-gateway" and gateway["metrics"][0]["resource"]["name"] == "cpu"
     for name, so in scaled.items():
         role = role_of(deployments[name])
         assert role is not None

@@ -185,5 +185,5 @@ async def _until(events: AsyncIterator[Event], *types: type) -> Event:
 
 async def _count(bus: Bus, stream: str, subject: str) -> int:
     """Messages on ``subject`` in ``stream`` (the stream's per-subject totals)."""
-    info = await bus.js.stream_info(stream, subjects_filter=subject)
+    info = await bus._js.stream_info(stream, subjects_filter=subject)
     return sum((info.state.subjects or {}).values())

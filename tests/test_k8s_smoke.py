@@ -226,7 +226,7 @@ async def _drive(server: EmbeddedNats, given: dict[str, dict[str, str]], pods: l
                 if sum(isinstance(e, NodeUp) for e in result.events) >= len(pods):
                     break
         result.users = await _connection_users(server)
-        ledger = LedgerClient(bus.nc)  # the operator may ask the ledger; wait until it has the goal
+        ledger = LedgerClient(bus)  # the operator may ask the ledger; wait until it has the goal
         for _ in range(200):
             rows = (await ledger.sql(f"SELECT count(*) FROM events WHERE goal_id = '{goal.goal_id}'")).rows
             result.ledger_events = int(rows[0][0])

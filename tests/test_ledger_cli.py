@@ -77,7 +77,7 @@ async def test_export_writes_every_table(ledger_file: Path, tmp_path: Path) -> N
 
 async def test_sql_status_and_rebuild_through_a_running_mesh(bus: Bus, settings: MeshSettings,
                                                              eventually: Eventually, tmp_path: Path) -> None:
-    client = LedgerClient(bus.nc, bus.topology.prefix)
+    client = LedgerClient(bus)
     async with recording(bus, settings):
         await publish_burst(bus, burst(300))
         await caught_up(eventually, client, bus)

@@ -31,7 +31,7 @@ async def stored(client: LedgerClient) -> int:
 
 async def test_kill_9_during_a_burst_loses_and_duplicates_nothing(bus: Bus, settings: MeshSettings,
                                                                   eventually: Eventually, tmp_path: Path) -> None:
-    client = LedgerClient(bus.nc, bus.topology.prefix, timeout=10)
+    client = LedgerClient(bus, timeout=10)
     env = node_env(settings)
     events = burst(BURST)
     first = NodeProcess("ledger", env, tmp_path).start()

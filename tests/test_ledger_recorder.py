@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def client(bus: Bus) -> LedgerClient:
-    return LedgerClient(bus.nc, bus.topology.prefix, timeout=10)
+    return LedgerClient(bus, timeout=10)
 
 
 async def test_records_serves_and_rebuilds_equal(bus: Bus, settings: MeshSettings, client: LedgerClient,
@@ -104,13 +104,13 @@ async def test_poison_is_dead_lettered_and_recording_goes_on(bus: Bus, settings:
     events = burst(100)
     async with recording(bus, settings):
         await publish_burst(bus, events[:50])
-        await bus.nc.publish(bus.topology.event_subject("g", "step.started"), b"\xc1 not msgpack")
+        await bus._nc.publish(bus.topology.event_subject("g", "step.started"), b"\xc1 not msgpack")
         await publish_burst(bus, events[50:])
         await caught_up(eventually, client, bus)
         assert (await client.sql("SELECT count(*), max(seq) FROM events")).rows == [(100, 101)]
         assert (await client.sql("SELECT count(*) FROM events WHERE seq = 51")).rows == [(0,)]
 
-    sub = await bus.js.pull_subscribe(bus.topology.dlq_subject("ledger"), stream=bus.topology.dlq_stream)
+    sub = await bus._js.pull_subscribe(bus.topology.dlq_subject("ledger"), stream=bus.topology.dlq_stream)
     (msg,) = await sub.fetch(1, timeout=5)
     letter = DeadLetter.decode(msg.data)
     assert letter.stream_seq == 51 and letter.error == "CodecError" and letter.data == b"\xc1 not msgpack"
@@ -153,7 +153,7 @@ async def test_a_recreated_stream_gets_a_new_ledger_file(bus: Bus, settings: Mes
     async with recording(bus, settings):
         await publish_burst(bus, burst(120, seed=1))
         await caught_up(eventually, client, bus)
-    await bus.js.delete_stream(bus.topology.events_stream)
+    await bus._js.delete_stream(bus.topology.events_stream)
     await bus.provision()
     await publish_burst(bus, burst(80, seed=2))
     async with recording(bus, settings):

@@ -51,7 +51,7 @@ async def test_goal_runs_end_to_end_with_fan_out_review_loop_and_lineage(fast: M
     completed = [e for e in events if isinstance(e, StepCompleted)]
     by_step = Counter(e.step_id for e in completed)
     assert all(n == 1 for n in by_step.values()), by_step
-    state = await GoalStore(await bus.kv(bus.topology.kv_goals)).get(goal.goal_id)
+    state = await GoalStore(bus).get(goal.goal_id)
     assert state is not None and set(by_step) == set(state.steps), "every step of the final DAG completed once"
 
     # a review asked for changes, a coder revision followed, and its artifact descends from the review

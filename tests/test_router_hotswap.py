@@ -24,7 +24,7 @@ from mesh.metrics import Metrics
 from mesh.roles.calls import ModelCaller
 from mesh.roles.spec import default_nodes_dir, load_specs
 from mesh.router.features import FEATURE_VERSION
-from mesh.router.hotswap import POINTER_KEY, ModelPointer, current_pointer, publish_model, watch_models
+from mesh.roles.hotswap import POINTER_KEY, ModelPointer, current_pointer, publish_model, watch_models
 from mesh.router.model import DEFAULT_MODEL
 from mesh.router.runtime import Router, default_router
 from tests.meshkit import in_process_mesh, run_goal
@@ -82,7 +82,7 @@ async def test_a_bad_published_model_is_rejected_and_the_current_one_kept(
         tg.create_task(watch_models(bus, router, stop))
         await publish_model(bus, model_variant(version="good-1"))
         await eventually(lambda: router.version == "good-1", message="swap to good-1")
-        with caplog.at_level(logging.ERROR, logger="mesh.router.hotswap"):
+        with caplog.at_level(logging.ERROR, logger="mesh.roles.hotswap"):
             await _put_raw(bus, data, version="bad-1")
             await eventually(lambda: "rejected, keeping good-1" in caplog.text, message="rejection logged")
         assert reason in caplog.text
@@ -97,7 +97,7 @@ async def test_a_pointer_to_a_missing_object_is_rejected(bus: Bus, eventually: E
                                                          caplog: pytest.LogCaptureFixture) -> None:
     router, stop = default_router(epsilon=0.0), asyncio.Event()
     pointer = ModelPointer(digest="0" * 64, version="ghost", feature_version=FEATURE_VERSION, size=10)
-    with caplog.at_level(logging.ERROR, logger="mesh.router.hotswap"):
+    with caplog.at_level(logging.ERROR, logger="mesh.roles.hotswap"):
         async with asyncio.TaskGroup() as tg:
             tg.create_task(watch_models(bus, router, stop))
             await (await bus.kv(bus.topology.kv_models)).put(POINTER_KEY, pointer.model_dump_json().encode())

@@ -184,7 +184,7 @@ async def test_a_role_cannot_subscribe_to_what_it_does_not_need(secured: Embedde
 async def test_a_worker_cannot_forge_goal_events(secured: EmbeddedNats, generated: Generated) -> None:
     async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), provision=False) as bus:
         await bus.publish_raw("mesh.event.g1.step.started", b"x")  # its own kind of event: allowed
-        bus.js._timeout = 1.0
+        bus._js._timeout = 1.0
         with pytest.raises(PublishError):
             await bus.publish_raw("mesh.event.g1.goal.completed", b"forged")
 
@@ -202,3 +202,24 @@ async def test_the_observer_reads_events_and_can_change_nothing(secured: Embedde
     await session.connect(secured.url, cred(generated, "observer"))
     await session.nc.publish("mesh.goals", b"x")
     assert 'publish to "mesh.goals"' in await session.refused()
+
+
+async def test_the_gateway_submits_and_commands_but_writes_no_goal_state(secured: EmbeddedNats, generated: Generated,
+                                                                         session: Session) -> None:
+    from mesh.client import MeshClient
+
+    async with MeshClient.connect(settings_for(secured.url, cred(generated, "gateway"))) as client:
+        goal_id = await client.submit(Goal(brief="through the front door"))
+        assert await client.goal(goal_id) is None  # goal state is readable (nobody planned it here)
+        assert await client.goals() == [] and await client.nodes() == []
+        first, last = await client.event_positions()
+        assert first <= last
+        ack = await client.bus.publish_raw("mesh.control.g1", b"x")  # a command: the planner applies it
+        assert ack.stream == "MESH_CONTROL"
+        ref = await client.bus.put_blob(b"a starting workspace file")
+        assert await client.bus.get_blob(ref.digest) == b"a starting workspace file"
+    await session.connect(secured.url, cred(generated, "gateway"))
+    for forged in ("$KV.mesh_goals.g1", "mesh.task.coder", "mesh.event.g1.goal.completed"):
+        session.error_seen.clear()
+        await session.nc.publish(forged, b"forged")
+        assert f'publish to "{forged.lower()}"' in await session.refused()

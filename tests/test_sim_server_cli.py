@@ -65,12 +65,35 @@ async def test_print_env_points_a_node_at_the_sim_server() -> None:
                    if line.startswith("export "))
         tiers = load_tiers(environ=env)
         assert {(t.kind, t.base_url) for t in tiers.values()} == {("openai", url + "/v1")}
+        assert all(t.simulated for t in tiers.values()) and env["MESH_ALLOW_SIM"] == "1"  # said, and allowed
         oai = openai.AsyncOpenAI(base_url=tiers["edge"].base_url, api_key=env[tiers["edge"].api_key_env],
                                  max_retries=0)
         r = await oai.chat.completions.create(model=tiers["edge"].model,
                                               messages=[{"role": "user", "content": "## Goal\nA todo app"}])
         assert r.choices[0].message.content
         await oai.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_pose_as_real_answers_without_the_sim_marks() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "mesh"), "sim-server", "--port", "0", "--pose-as-real",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MESH_SIM_FAULTS": "", "MESH_SIM_LATENCY_SCALE": "0"})
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line).group(1)  # type: ignore[union-attr]
+        oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = await oai.chat.completions.create(model="sim-edge", messages=[{"role": "user", "content": "## Goal\nA"}])
+        assert r.choices[0].message.content and r.system_fingerprint is None
+        ant = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+        m = await ant.messages.create(model="sim-swarm", max_tokens=256, messages=[{"role": "user", "content": "A"}])
+        assert m.id.startswith("msg_") and not m.id.startswith("msg_sim_")
+        await oai.close()
+        await ant.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0

@@ -42,7 +42,7 @@ def _tiers(settings: MeshSettings, swarm_slots: int) -> dict[str, TierConfig]:
 
 
 async def _goal(bus: Bus) -> tuple[GoalStore, str]:
-    store = GoalStore(await bus.kv(bus.topology.kv_goals))
+    store = GoalStore(bus)
     state = GoalState(goal=Goal(brief="Build a login system"), status="running")
     await store.create(state)
     return store, state.goal.goal_id

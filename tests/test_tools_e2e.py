@@ -115,7 +115,7 @@ async def _one_coder_step(bus: Bus, step: Step, inputs: list[ArtifactRef]) -> tu
     state = GoalState(goal=goal)
     state.apply_plan(Plan(goal_id=goal.goal_id, steps=[step]))
     state.mark_dispatched(step.step_id)
-    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
+    goals = GoalStore(bus)
     await goals.create(state)
     await bus.dispatch(Task(task_id=Task.make_id(goal.goal_id, step.step_id, 1), goal_id=goal.goal_id, step=step,
                             brief=goal.brief, options=goal.options, inputs=inputs))
@@ -149,7 +149,7 @@ async def _redeliver_a_coder_step(bus: Bus) -> None:
     await caller.gateway.aclose()
 
     assert objects[0] == objects[1], "the second run stored nothing new"
-    counts = (await bus.js.stream_info(bus.topology.events_stream,
+    counts = (await bus._js.stream_info(bus.topology.events_stream,
                                        subjects_filter=bus.topology.event_subject(goal.goal_id, ">"))).state.subjects
     topic = bus.topology.event_subject
     assert counts is not None
@@ -209,7 +209,7 @@ async def test_ledger_query_asks_the_ledger_service_read_only(bus: Bus, settings
     spec = role_specs()["reviewer"]
     spec = spec.model_copy(update={"tools": [*spec.tools, "ledger.query"]})
     caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "reviewer-test", Metrics("reviewer"))
-    worker = Worker(bus, spec, caller, GoalStore(await bus.kv(bus.topology.kv_goals)), "reviewer-test",
+    worker = Worker(bus, spec, caller, GoalStore(bus), "reviewer-test",
                     feedback_kinds=frozenset())
     async with ToolBox(spec.tools, Workspace({}, bus.get_blob), ledger=worker.ledger) as tools:
         down = await tools.call("ledger.query", {"sql": "SELECT 1"})

@@ -135,9 +135,9 @@ async def test_a_folder_the_command_made_unreadable_is_refused_not_taken_as_dele
 async def test_a_command_past_its_timeout_is_killed_and_changes_nothing(tools: ToolBox, ws: Workspace) -> None:
     before = ws.files
     result = await run(tools, "open('half.txt', 'w').write('x')", "print('working', flush=True)",
-                       "import time", "time.sleep(60)", timeout_seconds=0.5)
+                       "import time", "time.sleep(60)", timeout_seconds=3)
     doc = error(result)
-    assert doc["error"] == "ToolTimeout" and "0.5s" in doc["message"] and "working" in doc["message"]
+    assert doc["error"] == "ToolTimeout" and "within 3s" in doc["message"] and "working" in doc["message"]
     assert result.duration_ms < 15_000
     assert ws.files == before
 

@@ -155,7 +155,7 @@ async def test_simulated_and_quality_are_on_every_event_and_ledger_row(fast: Mes
     async with in_process_mesh(fast, specs=role_specs(with_ledger=True)):
         events = await run_goal(bus, failing, timeout=180)
         accepted_events = await run_goal(bus, accepted, timeout=180)
-        client = LedgerClient(bus.nc, bus.topology.prefix, timeout=10)
+        client = LedgerClient(bus, timeout=10)
         await caught_up(eventually, client, bus, timeout=60)  # type: ignore[arg-type]
         calls = (await client.sql("SELECT count(*), bool_and(simulated) FROM backend_calls")).rows[0]
         steps = (await client.sql("SELECT count(*), bool_and(simulated), count(*) FILTER (quality_source = 'tests'),"

@@ -36,6 +36,7 @@ from mesh.backends.base import Backend, ChatMessage, ChatRequest, ChatResponse, 
 from mesh.backends.resilience import BreakerPolicy, CircuitBreaker, RetryPolicy
 from mesh.backends.sim import SimBackend, SimWorld
 from mesh.backends.tiers import TierConfig
+from mesh.backends.tokens import estimate_tokens, messages_tokens
 from mesh.config import get_settings
 from mesh.contracts import Budget, Usage, prompt
 from mesh.errors import (
@@ -50,7 +51,6 @@ from mesh.errors import (
     PermanentBackendError,
     SimulationNotAllowed,
 )
-from mesh.packing import estimate_tokens, messages_tokens
 
 
 @dataclass(frozen=True)

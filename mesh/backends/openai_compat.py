@@ -32,9 +32,9 @@ from mesh.backends.base import (
 )
 from mesh.backends.sdk import sdk_call
 from mesh.backends.tiers import TierConfig
+from mesh.backends.tokens import estimate_tokens
 from mesh.contracts import Usage
 from mesh.errors import MalformedResponse, StreamCut
-from mesh.packing import estimate_tokens
 
 DialectName = Literal["deepseek", "kimi", "vllm", "llamacpp", "generic"]
 

@@ -13,9 +13,9 @@ import logging
 
 from mesh.backends.base import ChatMessage, ChatRequest
 from mesh.backends.gateway import BudgetGuard, ModelGateway
+from mesh.backends.tokens import estimate_tokens, messages_tokens, truncate
 from mesh.contracts import prompt
 from mesh.errors import BackendError
-from mesh.packing import estimate_tokens, messages_tokens, truncate
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,21 @@ Claim-check: an encoded message above ``settings.claim_check_bytes`` (default 25
 NATS' 1 MiB max_payload) has its body moved to the ``<prefix>_artifacts`` object store under its
 sha256; the message carries an ``ArtifactRef`` instead. ``Bus.open`` resolves it transparently.
 
-The raw clients stay reachable (``bus.nc``, ``bus.js``) for anything this layer does not wrap.
+The raw nats-py clients are private (``_nc``, ``_js``): everything above this package uses the typed
+methods here (publish, events, KV compare-and-swap, blobs, stream and consumer state) and in
+``mesh.bus.pull`` / ``consumer`` / ``feed`` / ``service``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -28,7 +32,13 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import NoStreamResponseError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import (
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NoStreamResponseError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
 from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
 from nats.js.object_store import (
     OBJ_CHUNKS_PRE_TEMPLATE,
@@ -73,12 +83,40 @@ CLAIM_MEDIA_TYPE = "application/vnd.mesh.body+msgpack"
 H = TypeVar("H")
 
 
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    """One KV value and the revision to swap against."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """A durable consumer's backlog."""
+
+    name: str
+    pending: int  # stored, not yet delivered
+    in_flight: int  # delivered, not yet acknowledged
+    redelivered: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    name: str
+    created: datetime | None  # tells a recreated stream from the one a reader knew
+    first_seq: int
+    last_seq: int
+    messages: int
+
+
 class Bus:
     """A connected Mesh bus. Create with ``await Bus.connect(settings)``; close with ``await bus.close()``."""
 
     def __init__(self, nc: Client, settings: MeshSettings, topology: Topology, *, name: str = "mesh") -> None:
-        self.nc = nc
-        self.js: JetStreamContext = nc.jetstream()
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self.topology = topology
         self.name = name
@@ -106,7 +144,7 @@ class Bus:
         bus = cls(Client(), settings, Topology.from_settings(settings), name=name)
         try:
             # Bounded attempts for the first connection, so a missing server is a clear error ...
-            await bus.nc.connect(
+            await bus._nc.connect(
                 servers=servers, name=name,
                 # nats-py annotates these as int but uses them as float seconds
                 connect_timeout=settings.connect_timeout,  # type: ignore[arg-type]
@@ -118,22 +156,22 @@ class Bus:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc!r}") from exc
         # ... then the configured policy (-1: forever) for reconnects once we have been up.
-        bus.nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
+        bus._nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
         if provision:
             try:
                 await bus.provision(roles)
             except BaseException:
-                await bus.nc.close()
+                await bus._nc.close()
                 raise
         return bus
 
     async def _on_disconnect(self) -> None:
-        if not self.nc.is_closed:  # our own close() reports a disconnect too
+        if not self._nc.is_closed:  # our own close() reports a disconnect too
             log.warning("NATS disconnected (%s); reconnecting", self.name)
 
     async def _on_reconnect(self) -> None:
         self.reconnects += 1
-        url = self.nc.connected_url
+        url = self._nc.connected_url
         log.warning("NATS reconnected (%s) to %s", self.name, url.netloc if url else "?")
 
     async def _on_error(self, exc: Exception) -> None:
@@ -146,11 +184,11 @@ class Bus:
         """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before;
         ``prune``: also delete consumers of roles that are no worker (``mesh.bus.topology``)."""
         self._roles.update(dict.fromkeys(roles))
-        await provision(self.js, self.topology, self._roles, prune=prune)
+        await provision(self._js, self.topology, self._roles, prune=prune)
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
-            await self.nc.close()
+        if not self._nc.is_closed:
+            await self._nc.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -161,7 +199,16 @@ class Bus:
 
     @property
     def connected(self) -> bool:
-        return bool(self.nc.is_connected)
+        return bool(self._nc.is_connected)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._nc.is_closed)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server accepts (bytes)."""
+        return int(self._nc.max_payload)
 
     # --- publish ---------------------------------------------------------------------------
 
@@ -196,14 +243,14 @@ class Bus:
         # nats-py checks the payload alone, the server payload + headers: a message over the limit by its
         # headers would reach the server, which answers by closing the whole connection.
         size = len(data) + _headers_size(headers)
-        if size > self.nc.max_payload:
+        if size > self._nc.max_payload:
             raise PayloadRefused(f"publish to {subject} refused: {size} bytes exceed the server's "
-                                 f"max_payload of {self.nc.max_payload} bytes")
+                                 f"max_payload of {self._nc.max_payload} bytes")
         try:
-            return await self.js.publish(subject, data, headers=headers)
+            return await self._js.publish(subject, data, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # refused before sending: no retry can help
             raise PayloadRefused(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
-                                 f"max_payload of {self.nc.max_payload} bytes") from exc
+                                 f"max_payload of {self._nc.max_payload} bytes") from exc
         except NoStreamResponseError as exc:
             raise NoStreamForSubject(f"publish to {subject}: no stream takes this subject") from exc
         except nats.errors.ConnectionClosedError as exc:
@@ -222,7 +269,7 @@ class Bus:
         data, headers = await self._encode(event, event.event_id, None)
         subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
         try:
-            return await self.js.publish_async(subject, data, headers=headers)
+            return await self._js.publish_async(subject, data, headers=headers)
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc
         except nats.errors.Error as exc:
@@ -260,15 +307,30 @@ class Bus:
         return envelope
 
     async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncGenerator[Event, None]:
-        """Decoded events of one goal (or all), in stream order, from an ordered ephemeral consumer.
+        """Decoded events of one goal (or all) in stream order: ``events`` without the sequences."""
+        async with contextlib.aclosing(self.events(goal_id, from_seq=1 if from_start else None)) as feed:
+            async for _, event in feed:
+                yield event
 
-        The ordered consumer recreates itself after gaps and missed heartbeats, so a watch survives
-        reconnects and server restarts. Undecodable events are logged and skipped. Close the
-        iterator (``contextlib.aclosing``) to remove the consumer.
+    async def events(self, goal_id: str | None = None, *,
+                     from_seq: int | None = 1) -> AsyncGenerator[tuple[int, Event], None]:
+        """(stream sequence, event) of one goal (or all), in stream order, from sequence ``from_seq`` on
+        (``None``: only events published from now on). Resume after sequence ``n`` with ``from_seq=n + 1``:
+        no gap, no duplicate.
+
+        An ordered ephemeral consumer, which recreates itself after the last sequence it delivered when
+        it misses a message or heartbeats, so a watch survives reconnects and server restarts.
+        Undecodable events are logged and skipped. Close the iterator (``contextlib.aclosing``) to
+        remove the consumer.
         """
-        policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
-        sub = await self.js.subscribe(self.topology.events_filter(goal_id), stream=self.topology.events_stream,
-                                      ordered_consumer=True, deliver_policy=policy, idle_heartbeat=1.0)
+        if from_seq is None:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+        elif from_seq <= 1:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        else:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq)
+        sub = await self._js.subscribe(self.topology.events_filter(goal_id), stream=self.topology.events_stream,
+                                      ordered_consumer=True, idle_heartbeat=1.0, config=config)
         try:
             async for msg in sub.messages:
                 try:
@@ -279,41 +341,44 @@ class Bus:
                 except ContractError as exc:
                     log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
                     continue
-                yield event
+                yield msg.metadata.sequence.stream, event
         finally:
-            if not self.nc.is_closed:
+            if not self._nc.is_closed:
                 await sub.unsubscribe()
 
     # --- objects and KV --------------------------------------------------------------------
 
     async def put_blob(self, data: bytes, *, media_type: str = "application/octet-stream",
-                       name: str = "") -> ArtifactRef:
-        """Store bytes under their sha256 (skipped when already there) and return the reference."""
+                       name: str = "", bucket: str | None = None) -> ArtifactRef:
+        """Store bytes under their sha256 (skipped when already there) and return the reference.
+        ``bucket``: an object store other than the artifacts (``topology.obj_models``)."""
         digest = sha256_hex(data)
-        store = await self.object_store(self.topology.obj_artifacts)
+        bucket = bucket or self.topology.obj_artifacts
+        store = await self.object_store(bucket)
         try:
             if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
-                await self._put_chunk(store, data, digest, media_type, name)
-            elif await self._blob_meta(digest, direct=True) is None:
+                await self._put_chunk(store, bucket, data, digest, media_type, name)
+            elif await self._blob_meta(bucket, digest, direct=True) is None:
                 await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
                                                                   headers={"Content-Type": media_type}))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
         return ArtifactRef(digest=digest, media_type=media_type, size=len(data), name=name)
 
-    async def get_blob(self, digest: str) -> bytes:
+    async def get_blob(self, digest: str, *, bucket: str | None = None) -> bytes:
         """The bytes stored under ``digest``, verified against it."""
-        bucket = self.topology.obj_artifacts
+        bucket = bucket or self.topology.obj_artifacts
         store = await self.object_store(bucket)
         try:
             # A replica that has not caught up may miss a blob just stored: the stream leader confirms a miss.
-            info = await self._blob_meta(digest, direct=True) or await self._blob_meta(digest, direct=False)
+            info = (await self._blob_meta(bucket, digest, direct=True)
+                    or await self._blob_meta(bucket, digest, direct=False))
             if info is None:
                 raise BlobNotFound(f"no blob {digest} in {bucket}")
             if info.chunks == 1 and not info.is_link():
                 # One chunk (every blob up to 128 KiB): read it directly instead of through an ordered
                 # consumer, which costs a consumer create and delete on the server per read.
-                chunk = await self.js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket),
+                chunk = await self._js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket),
                                                    OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
                                                    direct=True)  # object stores allow direct gets
                 data = bytes(chunk.data or b"")
@@ -327,14 +392,15 @@ class Bus:
             raise BusError(f"blob {digest} failed its digest check ({len(data)} bytes read)")
         return data
 
-    async def _put_chunk(self, store: ObjectStore, data: bytes, digest: str, media_type: str, name: str) -> None:
+    async def _put_chunk(self, store: ObjectStore, bucket: str, data: bytes, digest: str, media_type: str,
+                         name: str) -> None:
         """A blob of one chunk, written as ``ObjectStore.put`` writes it (chunk, then the meta that points
         at it), but with the existence lookup sent alongside the chunk rather than before it: one round
         trip less. A blob that was already there leaves that chunk unreferenced (≤ 128 KiB, and only
         when the same bytes are stored again)."""
-        bucket, nuid = self.topology.obj_artifacts, new_id()
-        exists, _ = await together(self._blob_meta(digest, direct=True),
-                                   self.js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
+        nuid = new_id()
+        exists, _ = await together(self._blob_meta(bucket, digest, direct=True),
+                                   self._js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
         if exists is not None:  # (a replica behind the leader may say no: then the blob is stored again)
             return
         sha = base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()
@@ -343,17 +409,16 @@ class Bus:
                               options=api.ObjectMetaOptions(max_chunk_size=OBJ_DEFAULT_CHUNK_SIZE),
                               digest=OBJ_DIGEST_TEMPLATE.format(digest=sha))
         meta = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
-        await self.js.publish(meta, json.dumps(info.as_dict()).encode(),
+        await self._js.publish(meta, json.dumps(info.as_dict()).encode(),
                               headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
 
-    async def _blob_meta(self, digest: str, *, direct: bool) -> api.ObjectInfo | None:
+    async def _blob_meta(self, bucket: str, digest: str, *, direct: bool) -> api.ObjectInfo | None:
         """A blob's meta, None when there is none: what ``ObjectStore.get_info`` reads, but optionally by
         a direct get, which the server answers without a JSON API request and the client reads without
         decoding base64 and headers — it was the largest share of a blob lookup's CPU on both sides."""
-        bucket = self.topology.obj_artifacts
         subject = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
         try:
-            msg = await self.js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket), subject, direct=direct)
+            msg = await self._js.get_last_msg(OBJ_STREAM_TEMPLATE.format(bucket=bucket), subject, direct=direct)
         except NotFoundError:
             return None
         try:
@@ -362,13 +427,110 @@ class Bus:
             raise BusError(f"blob {digest} has unreadable meta: {exc!r}") from exc
         return None if info.deleted else info
 
+    # --- stream and consumer state -------------------------------------------------------------
+
+    async def stream_state(self, stream: str) -> StreamState:
+        try:
+            info = await self._js.stream_info(stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the state of {stream}: {exc!r}") from exc
+        return StreamState(name=info.config.name or stream, created=info.created, first_seq=info.state.first_seq,
+                           last_seq=info.state.last_seq, messages=info.state.messages)
+
+    async def consumers(self, stream: str) -> list[ConsumerState]:
+        """The backlog of every consumer on ``stream``."""
+        try:
+            infos = await self._js.consumers_info(stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot list the consumers of {stream}: {exc!r}") from exc
+        return [ConsumerState(name=i.name, pending=i.num_pending or 0, in_flight=i.num_ack_pending or 0,
+                              redelivered=i.num_redelivered or 0) for i in infos]
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        """The key's latest value, or None when it does not exist (or was deleted)."""
+        kv = await self.kv(bucket)
+        try:
+            entry = await kv.get(key)
+        except NotFoundError:  # KeyNotFoundError and KeyDeletedError are NotFoundErrors
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"reading {bucket}/{key} failed: {exc!r}") from exc
+        assert entry.revision is not None
+        return KvEntry(key, entry.value or b"", entry.revision)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        """Store a new key; its revision, or None when the key exists already."""
+        kv = await self.kv(bucket)
+        try:
+            return await kv.create(key, value)
+        except KeyWrongLastSequenceError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"creating {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_swap(self, bucket: str, key: str, value: bytes, *, revision: int) -> int | None:
+        """Compare-and-swap: write only if ``revision`` is still the key's latest. The new revision, or
+        None when someone wrote since."""
+        kv = await self.kv(bucket)
+        try:
+            return await kv.update(key, value, last=revision)
+        except KeyWrongLastSequenceError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"updating {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        """Unconditional write (heartbeats, pointers); the new revision."""
+        kv = await self.kv(bucket)
+        try:
+            return await kv.put(key, value)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"writing {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        kv = await self.kv(bucket)
+        try:
+            await kv.delete(key)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"deleting {bucket}/{key} failed: {exc!r}") from exc
+
+    async def kv_keys(self, bucket: str) -> list[str]:
+        kv = await self.kv(bucket)
+        try:
+            return list(await kv.keys())
+        except NoKeysError:
+            return []
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"listing {bucket} failed: {exc!r}") from exc
+
+    async def kv_entries(self, bucket: str) -> list[KvEntry]:
+        """Every live entry of a bucket (keys that vanish while it is read are left out)."""
+        entries = await together(*(self.kv_get(bucket, key) for key in await self.kv_keys(bucket)))
+        return [e for e in entries if e is not None]
+
+    async def kv_watch(self, bucket: str, key: str = ">") -> AsyncGenerator[bytes, None]:
+        """The key's value now (if any) and every later value written; deletes are skipped. The default
+        key ``>`` watches every key of the bucket."""
+        kv = await self.kv(bucket)
+        try:
+            watcher = await kv.watch(key)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot watch {bucket}/{key}: {exc!r}") from exc
+        try:
+            async for entry in watcher:
+                if entry is not None and entry.operation is None and entry.value:
+                    yield entry.value  # None: the "caught up" marker; an operation: a delete or purge
+        finally:
+            with contextlib.suppress(Exception):  # the connection may already be gone at shutdown
+                await watcher.stop()
+
     async def kv(self, bucket: str) -> KeyValue:
         """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
-        return await _cached(self._kv, bucket, self.js.key_value, "KV bucket")
+        return await _cached(self._kv, bucket, self._js.key_value, "KV bucket")
 
     async def object_store(self, bucket: str) -> ObjectStore:
         """A cached object-store handle (``topology.obj_artifacts`` / ``topology.obj_models``)."""
-        return await _cached(self._objects, bucket, self.js.object_store, "object store")
+        return await _cached(self._objects, bucket, self._js.object_store, "object store")
 
     async def _claim_check(self, data: bytes) -> bytes:
         envelope = open_envelope(data)

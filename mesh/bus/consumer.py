@@ -1,6 +1,6 @@
 """The pull-consumer loop every role runs: bounded concurrency, in-progress acks, retries, dead letters.
 
-How it pulls. The loop speaks the JetStream pull protocol itself (a request on
+How it pulls. The loop speaks the JetStream pull protocol itself (``mesh.bus.pull``: a request on
 ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` answered on one long-lived inbox) instead of
 nats-py's ``PullSubscription.fetch``, for three reasons:
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -57,6 +56,7 @@ from nats.js.errors import NotFoundError
 
 from mesh.bus.client import Bus
 from mesh.bus.dlq import DeadLetter
+from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts.codec import Envelope
 from mesh.errors import BusError, CodecError, NotConnected, PayloadRefused, SchemaViolation, retryable
 
@@ -142,7 +142,7 @@ class PullConsumer:
         self._confirm_acks = confirm_acks
         self._on_give_up = on_give_up
         self._ack_wait = bus.topology.ack_wait
-        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._pulls = PullInbox(bus, stream, durable, on_message=self._on_message, on_status=self._on_status)
 
         self._in_flight = 0
         self._min_batch = max(1, concurrency // 2)
@@ -152,7 +152,6 @@ class PullConsumer:
         self._arrivals: deque[Msg] = deque()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._last_heard = time.monotonic()
         self._needs_recovery = False
         self._reconnects = bus.reconnects
 
@@ -177,22 +176,19 @@ class PullConsumer:
     async def run(self) -> None:
         """Consume until ``stop()``. Cancelling ``run()`` naks the messages in flight (redelivered at once)."""
         await self._check_consumer()
-        inbox = self._bus.nc.new_inbox()
-        sub = await self._bus.nc.subscribe(inbox, cb=self._on_message)
+        await self._pulls.open()
         try:
             async with asyncio.TaskGroup() as tg:
                 keepalive = tg.create_task(self._keep_alive(), name=f"{self.durable}-keepalive")
-                await self._pull(tg, inbox)
+                await self._pull(tg)
                 await self._drain()
                 keepalive.cancel()
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self._bus.nc.flush(timeout=_FLUSH_TIMEOUT)
+            await self._pulls.flush(_FLUSH_TIMEOUT)
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            await self._pulls.close()
             await self._give_back()
 
-    async def _pull(self, tg: asyncio.TaskGroup, inbox: str) -> None:
+    async def _pull(self, tg: asyncio.TaskGroup) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
             self._take_arrivals(tg)
@@ -200,7 +196,7 @@ class PullConsumer:
                 await self._recover()
                 continue
             if not self._bus.connected:
-                if self._bus.nc.is_closed:
+                if self._bus.closed:
                     raise NotConnected(f"consumer {self.durable}: the bus connection is closed")
                 await self._sleep(0.05)
                 continue
@@ -209,44 +205,40 @@ class PullConsumer:
                 # a few extra messages arrive, wait in the backlog and get in-progress acks.)
                 self._reconnects = self._bus.reconnects
                 self._requested = 0
-            if self._requested and time.monotonic() - self._last_heard > _LOST_AFTER:
+            if self._requested and time.monotonic() - self._pulls.last_heard > _LOST_AFTER:
                 log.info("consumer %s: %d requested messages unanswered; re-requesting", self.durable,
                          self._requested)
                 self._requested = 0
             free = self.concurrency - self._in_flight - self._requested - len(self._backlog)
             # Under load, ask in batches of at least half the slots, not one request per finished handler.
             if free > 0 and (free >= self._min_batch or not self._requested):
-                await self._request(inbox, free)
+                await self._request(free)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _HEARTBEAT)
 
-    async def _request(self, inbox: str, batch: int) -> None:
-        body = {"batch": batch, "expires": int(_EXPIRES * 1e9), "idle_heartbeat": int(_HEARTBEAT * 1e9)}
+    async def _request(self, batch: int) -> None:
         try:
-            await self._bus.nc.publish(self._next_subject, json.dumps(body).encode(), reply=inbox)
-        except nats.errors.Error as exc:
-            log.debug("consumer %s: pull request not sent: %r", self.durable, exc)
+            await self._pulls.request(batch, expires=_EXPIRES, heartbeat=_HEARTBEAT)
+        except BusError as exc:
+            log.debug("consumer %s: %s", self.durable, exc)
             return
         if not self._requested:
-            self._last_heard = time.monotonic()  # the silence clock starts with the first open request
+            self._pulls.last_heard = time.monotonic()  # the silence clock starts with the first open request
         self._requested += batch
 
-    async def _on_message(self, msg: Msg) -> None:
-        """Subscription callback: only bookkeeping; the loop starts the handlers."""
-        self._last_heard = time.monotonic()
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is None:
-            self._requested = max(0, self._requested - 1)
-            self._arrivals.append(msg)
-        elif status == "100":  # idle heartbeat
-            return
-        elif status in ("404", "408", "409") and msg.headers and "Nats-Pending-Messages" in msg.headers:
-            self._requested = max(0, self._requested - int(msg.headers["Nats-Pending-Messages"]))
+    def _on_message(self, msg: Msg) -> None:
+        """Inbox callback: only bookkeeping; the loop starts the handlers."""
+        self._requested = max(0, self._requested - 1)
+        self._arrivals.append(msg)
+        self._wake.set()
+
+    def _on_status(self, status: PullStatus) -> None:
+        if status.code in ("404", "408", "409") and status.pending is not None:
+            self._requested = max(0, self._requested - status.pending)
         else:  # 503 no responders, 409 consumer deleted / leadership change / server shutdown …
-            log.info("consumer %s: pull status %s %s", self.durable, status,
-                     msg.headers.get("Description", "") if msg.headers else "")
+            log.info("consumer %s: pull status %s %s", self.durable, status.code, status.description)
             self._requested = 0
-            self._needs_recovery = status == "503" or "deleted" in (msg.headers or {}).get("Description", "").lower()
+            self._needs_recovery = status.consumer_gone
         self._wake.set()
 
     def _take_arrivals(self, tg: asyncio.TaskGroup) -> None:
@@ -392,12 +384,12 @@ class PullConsumer:
     async def _check_consumer(self) -> None:
         """Make sure the durable consumer exists (re-provisioning it if lost) and learn its ack_wait."""
         try:
-            info = await self._bus.js.consumer_info(self.stream, self.durable)
+            info = await self._bus._js.consumer_info(self.stream, self.durable)
         except NotFoundError:
             log.warning("consumer %s on %s is missing; re-provisioning", self.durable, self.stream)
             await self._bus.provision([self._role] if self._role else [])
             try:
-                info = await self._bus.js.consumer_info(self.stream, self.durable)
+                info = await self._bus._js.consumer_info(self.stream, self.durable)
             except NotFoundError:
                 raise BusError(f"consumer {self.durable} on {self.stream} does not exist and no provisioned "
                                "role declares it") from None

@@ -6,6 +6,8 @@
     stream MESH_TASKS   mesh.task.<role>              work-queue; one subject and one durable pull consumer
                                                       role-<role> per WORKER role of the role specs
     stream MESH_EVENTS  mesh.event.<goal_id>.<type>   limits retention, kept (the ledger can replay it all)
+    stream MESH_CONTROL mesh.control.<goal_id>        work-queue; consumer planner-control: clients' commands
+                                                      (cancel) that the planner applies by CAS
     stream MESH_DLQ     mesh.dlq.<role>               limits; also captures JetStream's MAX_DELIVERIES
                                                       advisories for the goal and task streams
     KV     mesh_goals   goal state, updated by CAS on revision
@@ -44,6 +46,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from mesh.config import MeshSettings, default_nodes_dir
+from mesh.contracts.events import event_subject
 from mesh.errors import NodeSpecError, ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,10 @@ class Topology:
         return self._stream("EVENTS")
 
     @property
+    def control_stream(self) -> str:
+        return self._stream("CONTROL")
+
+    @property
     def dlq_stream(self) -> str:
         return self._stream("DLQ")
 
@@ -146,11 +153,17 @@ class Topology:
         return f"{self.prefix}.task.{role}"
 
     def event_subject(self, goal_id: str, type: str) -> str:
-        """``type`` is dotted (``step.completed``), so filters like ``mesh.event.*.step.>`` work."""
-        return f"{self.prefix}.event.{goal_id}.{type}"
+        return event_subject(self.prefix, goal_id, type)
 
     def events_filter(self, goal_id: str | None = None) -> str:
         return f"{self.prefix}.event.{goal_id}.>" if goal_id else f"{self.prefix}.event.>"
+
+    def control_subject(self, goal_id: str) -> str:
+        """Where clients send a goal's commands (``GoalCommand``); only the planner consumes them."""
+        return f"{self.prefix}.control.{goal_id}"
+
+    def control_filter(self) -> str:
+        return f"{self.prefix}.control.>"
 
     def dlq_subject(self, role: str) -> str:
         return f"{self.prefix}.dlq.{role}"
@@ -175,6 +188,11 @@ class Topology:
         """The orchestrator's durable consumer of step outcomes on the events stream."""
         return f"{self.goal_role}-outcomes"
 
+    @property
+    def control_consumer(self) -> str:
+        """The orchestrator's durable consumer of goal commands."""
+        return f"{self.goal_role}-control"
+
     def outcome_subjects(self) -> list[str]:
         return [self.event_subject("*", "step.completed"), self.event_subject("*", "step.failed")]
 
@@ -196,6 +214,7 @@ class Topology:
             cfg(self.goals_stream, [self.goal_subject()], api.RetentionPolicy.WORK_QUEUE),
             cfg(self.tasks_stream, self.task_subjects(), api.RetentionPolicy.WORK_QUEUE),
             cfg(self.events_stream, [self.events_filter()], api.RetentionPolicy.LIMITS, self.events_max_age or None),
+            cfg(self.control_stream, [self.control_filter()], api.RetentionPolicy.WORK_QUEUE),
             cfg(self.dlq_stream, [f"{self.prefix}.dlq.>", *advisories], api.RetentionPolicy.LIMITS),
         ] + [
             api.StreamConfig(  # no subjects of its own: nothing published at the hub lands here
@@ -211,7 +230,8 @@ class Topology:
         """(stream, config) of every durable consumer a role owns.
 
         The goal role also owns ``outcomes_consumer``: step outcomes from the events stream, from
-        the moment it is first created (``DeliverPolicy.NEW``: older history is the ledger's business).
+        the moment it is first created (``DeliverPolicy.NEW``: older history is the ledger's business),
+        and ``control_consumer``: the goal commands clients send.
         A role that is neither (the recorder) owns none here: it reads the events stream its own way.
         """
         def durable(name: str, policy: api.DeliverPolicy, **filters: object) -> api.ConsumerConfig:
@@ -228,7 +248,8 @@ class Topology:
         if role != self.goal_role:
             return []
         outcomes = durable(self.outcomes_consumer, api.DeliverPolicy.NEW, filter_subjects=self.outcome_subjects())
-        return [own, (self.events_stream, outcomes)]
+        control = durable(self.control_consumer, api.DeliverPolicy.ALL, filter_subject=self.control_filter())
+        return [own, (self.events_stream, outcomes), (self.control_stream, control)]
 
 
 PROVISION_ATTEMPTS = 5

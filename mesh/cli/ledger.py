@@ -135,7 +135,7 @@ def _run(ask: Any) -> Any:
 
     async def main() -> Any:
         async with await _connect(settings) as bus:
-            client = LedgerClient(bus.nc, bus.topology.prefix, timeout=settings.ledger_query_timeout + 5)
+            client = LedgerClient(bus, timeout=settings.ledger_query_timeout + 5)
             return await ask(client)
 
     return run_loop(main())

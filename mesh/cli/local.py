@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
+import signal
 import sys
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mesh.aio import together
 from mesh.cli.progress import SIM_NOTE, Progress, cost, dump_json
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import (
@@ -23,7 +27,11 @@ from mesh.contracts import (
 from mesh.contracts.options import parse_option
 from mesh.errors import ConfigError, MeshError, NotConnected
 
+if TYPE_CHECKING:
+    from mesh.client import MeshClient
+
 TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
+CANCEL_WAIT_SECONDS = 30.0  # how long `mesh cancel` waits to report how the goal ended
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,26 +42,34 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=_node)
 
     p = sub.add_parser("up", help="run the local mesh (embedded nats-server + one process per role) until Ctrl-C")
-    p.set_defaults(handler=lambda a: _run_async(_up(a)))
+    p.set_defaults(handler=lambda a: _run_async(_until_signalled(_up(a))))
 
     p = sub.add_parser("run", help="bring up the local mesh, run one goal to its end, write the results")
     _goal_args(p)
+    _workspace_arg(p)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: MESH_OUT_DIR/<goal id>)")
     p.add_argument("--json", action="store_true", help="print events as JSON lines")
     p.add_argument("-v", "--verbose", action="store_true", help="also show dispatches, starts and tool calls")
     p.add_argument("--all-tiers", metavar="local|URL", default=None,
                    help="every tier on one model: 'local' = the local SmolLM2 (edge extra), or an OpenAI-compatible "
                         "base URL (its first model); the same as MESH_TIERS")
-    p.set_defaults(handler=lambda a: _run_async(_run(a)))
+    p.set_defaults(handler=lambda a: _run_async(_until_signalled(_run(a))))
 
-    p = sub.add_parser("submit", help="submit a goal to a running mesh and print its id")
-    _goal_args(p)
+    p = sub.add_parser("submit", help="submit a goal (or a file of goals) to a running mesh and print the ids")
+    _goal_args(p, brief_required=False)
+    _workspace_arg(p)
+    p.add_argument("--file", type=Path, default=None, metavar="GOALS.jsonl",
+                   help="submit every goal of a JSON-lines file (one Goal object per line) over one connection")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the goals to end; exit 0 if every one completed, 1 if any failed or was cancelled")
     p.set_defaults(handler=lambda a: _run_async(_submit(a)))
 
     p = sub.add_parser("watch", help="tail the event stream (all goals, or one)")
     p.add_argument("goal", nargs="?")
     p.add_argument("--json", action="store_true")
     p.add_argument("--new", action="store_true", help="only events from now on")
+    p.add_argument("--from", dest="from_seq", type=int, default=0, metavar="SEQ",
+                   help="start at this event stream sequence (resume after SEQ-1)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=lambda a: _run_async(_watch(a)))
 
@@ -76,8 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=lambda a: _run_async(_cancel(a)))
 
 
-def _goal_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("brief", help="the goal, e.g. \"Build me a login system\"")
+def _goal_args(p: argparse.ArgumentParser, *, brief_required: bool = True) -> None:
+    p.add_argument("brief", nargs=None if brief_required else "?", help="the goal, e.g. \"Build me a login system\"")
     p.add_argument("-c", "--constraint", action="append", default=[], help="pinned constraint (repeatable)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--max-cost", type=float, default=None, help="USD")
@@ -85,6 +101,11 @@ def _goal_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wall", type=float, default=None, help="seconds")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="goal option, e.g. sim_plan_steps=24 (the registry: mesh/contracts/options.py)")
+
+
+def _workspace_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", type=Path, default=None, metavar="DIR",
+                   help="an existing project folder the goal starts from (uploaded as its first workspace)")
 
 
 def _make_goal(a: argparse.Namespace) -> Goal:
@@ -122,15 +143,17 @@ async def _check(role: str) -> int:
     return 1 if problems else 0
 
 
-async def _connect(settings: MeshSettings | None = None) -> Any:
-    from mesh.bus.client import Bus
+@asynccontextmanager
+async def _client(settings: MeshSettings | None = None) -> AsyncIterator[MeshClient]:
+    from mesh.client import MeshClient
     from mesh.embedded.local import local_nats_url
 
     settings = settings or get_settings()
     url = local_nats_url(settings)
     if not url:
         raise NotConnected("no mesh to talk to: set MESH_NATS_URL or start one with `mesh up`")
-    return await Bus.connect(settings.model_copy(update={"nats_url": url}), name="mesh-cli")
+    async with MeshClient.connect(settings.model_copy(update={"nats_url": url}), name="mesh-cli") as client:
+        yield client
 
 
 # --- up / run -------------------------------------------------------------------------------------
@@ -193,12 +216,57 @@ def one_server_env(base_url: str) -> dict[str, str]:
     return env
 
 
+async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
+    """Run ``work``; SIGTERM and SIGHUP (systemd, Docker, ``timeout``, a closed terminal) stop it as Ctrl-C
+    does: the task is cancelled, so the local mesh drains and stops every child before the command exits
+    with 128 + the signal number. (The children also die with this process if it is killed -9.)"""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not received:  # a second signal does not interrupt the drain
+            received.append(sig)
+            task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        return 128 + received[0]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+@asynccontextmanager
+async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[None]:
+    """The local mesh's gateway, in this process on loopback: MESH_GATEWAY_PORT, or any free port when that
+    one is taken (another `mesh up`, a test run) — the URL is printed either way."""
+    from mesh.client import MeshClient
+    from mesh.errors import ConfigError
+    from mesh.gateway.app import running
+
+    async with MeshClient.connect(settings, name="mesh-gateway") as client, AsyncExitStack() as stack:
+        try:
+            gateway = await stack.enter_async_context(running(client, settings, "127.0.0.1", settings.gateway_port))
+        except ConfigError:
+            gateway = await stack.enter_async_context(running(client, settings, "127.0.0.1", 0))
+        print(f"gateway on {gateway.url} (Mesh API /v1/goals, OpenAI /v1, A2A /a2a, MCP /mcp: docs/GATEWAY.md)",
+              file=out, flush=True)
+        yield
+
+
 async def _up(a: argparse.Namespace) -> int:
     settings = get_settings()
     mesh = await _start_local(settings, sys.stdout)
-    print("press Ctrl-C to stop", flush=True)
     try:
-        await mesh.supervise()
+        async with _gateway(settings.model_copy(update={"nats_url": mesh.url}), sys.stdout):
+            print("press Ctrl-C to stop", flush=True)
+            await mesh.supervise()
     finally:
         print("stopping the local mesh…", flush=True)
         await asyncio.shield(mesh.stop())
@@ -215,7 +283,9 @@ async def _run(a: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as tg:
             supervisor = tg.create_task(mesh.supervise())
             try:
-                code = await _drive(settings.model_copy(update={"nats_url": mesh.url}), goal, a, mesh.roles)
+                local = settings.model_copy(update={"nats_url": mesh.url})
+                async with _gateway(local, sys.stderr if a.json else sys.stdout):
+                    code = await _drive(local, goal, a, mesh.roles)
             finally:
                 await mesh.stop()
             await supervisor
@@ -225,93 +295,98 @@ async def _run(a: argparse.Namespace) -> int:
 
 
 async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str]) -> int:
-    from mesh.bus.client import Bus
     from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
-    async with await Bus.connect(settings, name="mesh-run") as bus:
-        await wait_for_roles(bus, roles)
-        await bus.submit_goal(goal)
-        async with aclosing(bus.watch_events(goal.goal_id)) as events:
-            async for event in events:
-                progress.show(event)
-                if isinstance(event, TERMINAL_EVENTS):
-                    break
-        out = a.out or settings.out_dir / goal.goal_id
-        if isinstance(event, GoalCompleted):
-            await _write_results(bus, goal, event, out)
+    say = sys.stderr if a.json else sys.stdout
+
+    def starting(missing: list[str]) -> None:
+        up = len(roles) - len(missing)
+        print(f"nodes up: {up} of {len(roles)}" + (f"; waiting for {', '.join(missing)}" if missing else ""),
+              file=say, flush=True)
+
+    async with _client(settings) as client:
+        # Submitted while the nodes still start: the goal waits in its stream for the planner.
+        await client.submit(goal, workspace=a.workspace)
+        final = None
+        async with asyncio.TaskGroup() as tg:
+            nodes = tg.create_task(wait_for_roles(client.bus, roles, report=starting))
+            async for _, final in client.watch(goal.goal_id, until_final=True):
+                progress.show(final)
+            nodes.cancel()
+        if isinstance(final, GoalCompleted):
+            out = a.out or settings.out_dir / goal.goal_id
+            (await client.results(goal.goal_id)).write(out)
             if not a.json:
                 print(f"\nresults in {out.resolve()}  (synthesis.md, workspace/, artifacts/)")
             return 0
         return 1
 
 
-async def _write_results(bus: Any, goal: Goal, done: GoalCompleted, out: Path) -> None:
-    from mesh.roles.goalstore import GoalStore
-    from mesh.tools.workspace import Workspace
-
-    out.mkdir(parents=True, exist_ok=True)
-    if done.simulated:
-        (out / "SIMULATED").write_text("Some or all of this goal's model calls were answered by the simulated backend "
-                                       "(mesh sim-server), not a real model: the outputs and costs are simulated.\n")
-    (out / "synthesis.md").write_bytes(await bus.get_blob(done.result.digest))
-    if done.workspace is not None:
-        ws = await Workspace.open(done.workspace, bus.get_blob)
-        for path in ws.paths:
-            target = out / "workspace" / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(await ws.read(path))
-    state = await GoalStore(await bus.kv(bus.topology.kv_goals)).get(goal.goal_id)
-    if state is not None:
-        (out / "artifacts").mkdir(exist_ok=True)
-        for sid, st in state.steps.items():
-            for ref in st.outputs:
-                if ref.media_type.startswith("text/"):
-                    name = ref.name.replace("/", "__") or ref.digest[:16]
-                    (out / "artifacts" / f"{name}.md").write_bytes(await bus.get_blob(ref.digest))
-        (out / "goal.json").write_text(state.model_dump_json(indent=2))
-
-
 # --- talking to a running mesh -------------------------------------------------------------------
 
 
 async def _submit(a: argparse.Namespace) -> int:
-    goal = _make_goal(a)
-    async with await _connect() as bus:
-        await bus.submit_goal(goal)
-    print(goal.goal_id)
-    return 0
+    if (a.file is None) == (a.brief is None):
+        raise MeshError("give either a goal's brief or --file GOALS.jsonl")
+    goals = _read_goals(a.file) if a.file is not None else [_make_goal(a)]
+    async with _client() as client:
+        if a.workspace is not None:
+            start = await client.upload_workspace(a.workspace)  # once, however many goals start from it
+            goals = [g.model_copy(update={"workspace": start}) for g in goals]
+        for goal in goals:
+            print(await client.submit(goal), flush=True)
+        if not a.wait:
+            return 0
+        outcomes = await together(*(_outcome(client, g.goal_id) for g in goals))
+    for goal, outcome in zip(goals, outcomes, strict=True):
+        print(f"goal {goal.goal_id}: {outcome}", file=sys.stderr)
+    return 0 if all(o == "completed" for o in outcomes) else 1
+
+
+def _read_goals(path: Path) -> list[Goal]:
+    """One ``Goal`` JSON object per non-empty line; an invalid line is a clear error naming it."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise MeshError(f"cannot read {path}: {exc.strerror}") from exc
+    goals = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                goals.append(Goal.model_validate_json(line))
+            except ValueError as exc:
+                raise MeshError(f"{path}:{number}: not a goal: {exc}") from exc
+    if not goals:
+        raise MeshError(f"{path} holds no goals")
+    return goals
+
+
+async def _outcome(client: MeshClient, goal_id: str) -> str:
+    """The goal's final status, once it has one."""
+    final = None
+    async for _, final in client.watch(goal_id, until_final=True):
+        pass
+    if isinstance(final, GoalCompleted):
+        return "completed"
+    return "cancelled" if isinstance(final, GoalCancelled) else "failed"
 
 
 async def _watch(a: argparse.Namespace) -> int:
     progress = Progress(as_json=a.json, verbose=a.verbose)
-    async with await _connect() as bus:
-        async with aclosing(bus.watch_events(a.goal, from_start=not a.new)) as events:
-            async for event in events:
-                progress.show(event)
-                if a.goal and isinstance(event, TERMINAL_EVENTS):
-                    return 0 if isinstance(event, GoalCompleted) else 1
+    async with _client() as client:
+        async for _, event in client.watch(a.goal, None if a.new else a.from_seq):
+            progress.show(event)
+            if a.goal and isinstance(event, TERMINAL_EVENTS):
+                return 0 if isinstance(event, GoalCompleted) else 1
     return 0
 
 
 async def _status(a: argparse.Namespace) -> int:
-    from nats.js.errors import NoKeysError
-
-    async with await _connect() as bus:
-        topo = bus.topology
-        kv = await bus.kv(topo.kv_nodes)
-        nodes: list[dict[str, Any]] = []
-        try:
-            for key in await kv.keys():
-                entry = await kv.get(key)
-                if entry.value:
-                    nodes.append(json.loads(entry.value))
-        except NoKeysError:
-            pass
-        lag: dict[str, dict[str, int]] = {}
-        for info in await bus.js.consumers_info(topo.tasks_stream) + await bus.js.consumers_info(topo.goals_stream):
-            lag[info.name] = {"pending": info.num_pending or 0, "in_flight": info.num_ack_pending or 0,
-                              "redelivered": info.num_redelivered or 0}
+    async with _client() as client:
+        nodes = [n.model_dump() for n in await client.nodes()]
+        lag = {name: {"pending": c.pending, "in_flight": c.in_flight, "redelivered": c.redelivered}
+               for name, c in (await client.backlog()).items()}
     from mesh.node.beats import overdue
 
     # A killed node's entry outlives it until the bucket's TTL: one whose beats stopped is not listed.
@@ -334,17 +409,9 @@ async def _status(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _goal_store(bus: Any) -> Any:
-    from mesh.roles.goalstore import GoalStore
-
-    return GoalStore(await bus.kv(bus.topology.kv_goals))
-
-
 async def _goals(a: argparse.Namespace) -> int:
-    async with await _connect() as bus:
-        store = await _goal_store(bus)
-        states = [s for s in [await store.get(k) for k in await store.keys()] if s is not None]
-    states.sort(key=lambda s: s.started_at)
+    async with _client() as client:
+        states = await client.goals()
     if a.json:
         print(dump_json([{"goal_id": s.goal.goal_id, "status": s.status, "brief": s.goal.brief,
                           "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd,
@@ -359,8 +426,8 @@ async def _goals(a: argparse.Namespace) -> int:
 
 
 async def _show(a: argparse.Namespace) -> int:
-    async with await _connect() as bus:
-        state = await (await _goal_store(bus)).get(a.goal)
+    async with _client() as client:
+        state = await client.goal(a.goal)
     if state is None:
         raise MeshError(f"no goal {a.goal!r}")
     if a.json:
@@ -386,21 +453,25 @@ async def _show(a: argparse.Namespace) -> int:
 
 
 async def _cancel(a: argparse.Namespace) -> int:
-    from mesh.contracts import GoalCancelled as Cancelled
-
-    async with await _connect() as bus:
-        store = await _goal_store(bus)
-        if await store.get(a.goal) is None:
-            raise MeshError(f"no goal {a.goal!r}")
-
-        def cancel(s: Any) -> bool:
-            if s.done:
-                return False
-            s.finish("cancelled", a.reason)
-            return True
-
-        _, changed = await store.mutate(a.goal, cancel)
-        if changed:
-            await bus.emit(Cancelled(event_id=f"{a.goal}.cancelled", goal_id=a.goal, reason=a.reason))
-    print("cancelled" if changed else "goal already finished")
+    """Send the planner a cancel command and report how the goal ended."""
+    async with _client() as client:
+        if not await client.cancel(a.goal, by=_who(), reason=a.reason):
+            print("goal already finished")
+            return 0
+        try:
+            async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                outcome = await _outcome(client, a.goal)
+        except TimeoutError:
+            print(f"cancel requested; the planner has not applied it within {CANCEL_WAIT_SECONDS:.0f}s "
+                  "(it will when it is back)")
+            return 0
+    print("cancelled" if outcome == "cancelled" else f"goal already finished ({outcome})")
     return 0
+
+
+def _who() -> str:
+    """Who cancels, for the record: the OS user running the CLI."""
+    try:
+        return f"{getpass.getuser()} (mesh cancel)"
+    except (OSError, KeyError):  # no login name in this environment
+        return "mesh cancel"

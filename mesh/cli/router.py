@@ -105,14 +105,14 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _publish(a: argparse.Namespace) -> int:
-    from mesh.cli.local import _connect, _run_async
-    from mesh.router.hotswap import publish_model
+    from mesh.cli.local import _client, _run_async
+    from mesh.roles.hotswap import publish_model
 
     data = a.file.read_bytes()
 
     async def run() -> int:
-        async with await _connect() as bus:
-            pointer = await publish_model(bus, data)
+        async with _client() as client:
+            pointer = await publish_model(client.bus, data)
         print(f"published {pointer.version} ({pointer.digest[:12]}, {pointer.size} bytes): nodes swap it in now")
         return 0
 

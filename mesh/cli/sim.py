@@ -66,5 +66,7 @@ def _node_env(url: str) -> str:
 
     lines = ["# every model tier of a node started with this environment calls the sim-server above:",
              *(f"export {key}={shlex.quote(value)}" for key, value in sorted(sim_server_env(url).items())),
+             "# simulated tiers are refused unless allowed (their results are marked simulated):",
+             "export MESH_ALLOW_SIM=1",
              "# then: MESH_NATS_URL=nats://… mesh node <role>", "# end of environment"]
     return "\n".join(lines)

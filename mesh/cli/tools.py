@@ -15,6 +15,8 @@ from mesh.config import get_settings
 from mesh.errors import BlobNotFound, ConfigError, NodeSpecError
 
 if TYPE_CHECKING:  # the worker's imports (model SDKs, the router) load only when a command runs
+    from mesh.tools.shell import ShellPolicy
+    from mesh.tools.toolbox import ToolResult
     from mesh.tools.workspace import Workspace
 
 
@@ -75,7 +77,8 @@ def _run(parsed: argparse.Namespace) -> int:
     return (doc["exit_code"] if 0 <= doc["exit_code"] < 256 else 1) if result.ok else 1
 
 
-async def _call(tools: list[str], workspace: Workspace, policy: Any, argv: list[str], timeout: float) -> Any:
+async def _call(tools: list[str], workspace: Workspace, policy: ShellPolicy, argv: list[str],
+                timeout: float) -> ToolResult:
     from mesh.tools.toolbox import ToolBox
 
     async with ToolBox(tools, workspace, shell=policy) as box:

@@ -30,6 +30,7 @@ from mesh.contracts.models import (
     Artifact,
     ArtifactRef,
     Goal,
+    GoalCommand,
     Plan,
     RouteDecision,
     Step,
@@ -45,6 +46,7 @@ SCHEMA_MAJOR = 1
 # kind -> how to validate its body. Events validate through the discriminated union.
 MESSAGE_KINDS: dict[str, TypeAdapter[Any]] = {
     "goal": TypeAdapter(Goal),
+    "goal_command": TypeAdapter(GoalCommand),
     "plan": TypeAdapter(Plan),
     "step": TypeAdapter(Step),
     "task": TypeAdapter(Task),
@@ -55,7 +57,7 @@ MESSAGE_KINDS: dict[str, TypeAdapter[Any]] = {
     "event": EVENT_ADAPTER,
 }
 _KIND_OF: dict[type, str] = {
-    Goal: "goal", Plan: "plan", Step: "step", Task: "task", Artifact: "artifact", ArtifactRef: "artifact_ref",
+    Goal: "goal", GoalCommand: "goal_command", Plan: "plan", Step: "step", Task: "task", Artifact: "artifact", ArtifactRef: "artifact_ref",
     RouteDecision: "route_decision", Usage: "usage",
 }
 

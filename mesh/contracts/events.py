@@ -66,6 +66,7 @@ class GoalFailed(EventBase):
 class GoalCancelled(EventBase):
     type: Literal["goal.cancelled"] = "goal.cancelled"
     reason: str = "cancelled by user"
+    by: str = Field(default="", description="who asked for the cancellation")
 
 
 class StepEvent(EventBase):
@@ -191,3 +192,9 @@ EVENT_TYPES: tuple[str, ...] = tuple(
 )
 # Node events are not about a goal; they use this goal id so every event has a subject.
 SYSTEM_GOAL_ID = "_system"
+
+
+def event_subject(prefix: str, goal_id: str, type: str) -> str:
+    """The subject an event travels on: ``<prefix>.event.<goal_id>.<type>``. ``type`` is dotted
+    (``step.completed``), so filters like ``mesh.event.*.step.>`` work."""
+    return f"{prefix}.event.{goal_id}.{type}"

@@ -74,6 +74,15 @@ class Budget(Wire):
     max_wall_seconds: float | None = Field(default=4 * 3600, gt=0)
 
 
+class ArtifactRef(Wire):
+    """A pointer to content-addressed bytes in the object store."""
+
+    digest: Digest
+    media_type: str = "text/plain"
+    size: int = Field(ge=0)
+    name: str = Field(default="", max_length=512)
+
+
 class Goal(Wire):
     """A vague, high-level goal and the constraints pinned to every step of it."""
 
@@ -85,15 +94,23 @@ class Goal(Wire):
     budget: Budget = Field(default_factory=Budget)
     options: dict[str, Any] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
+    submitter: str | None = Field(default=None, max_length=128,
+                                  description="Who submitted it: the gateway token's name, when it came that way.")
+    workspace: ArtifactRef | None = Field(
+        default=None, description="A workspace manifest the goal starts from (an existing project); every step "
+        "works on it or on a newer workspace derived from it.")
 
 
-class ArtifactRef(Wire):
-    """A pointer to content-addressed bytes in the object store."""
+class GoalCommand(Wire):
+    """A client's request to change a goal, sent on ``mesh.control.<goal>``. The planner applies it to the
+    goal state by compare-and-swap like every other transition: clients never write goal state."""
 
-    digest: Digest
-    media_type: str = "text/plain"
-    size: int = Field(ge=0)
-    name: str = Field(default="", max_length=512)
+    command_id: Token = Field(default_factory=new_id)
+    goal_id: Token
+    action: Literal["cancel"]
+    by: str = Field(min_length=1, max_length=200, description="who asks (user or service name)")
+    reason: str = Field(default="", max_length=2000)
+    issued_at: datetime = Field(default_factory=utcnow)
 
 
 class StepQuality(Wire):

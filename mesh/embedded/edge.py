@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from mesh.embedded.child import kill_now, log_tail, spawn_logged, terminate
+from mesh.embedded.child import ChildProcess, log_tail
 from mesh.embedded.natsserver import LOOPBACK, free_port
 from mesh.embedded.readiness import wait_http
 from mesh.errors import ConfigError, EmbeddedServerError
@@ -116,7 +115,7 @@ class EdgeModelServer:
         self.threads = threads
         self.ready_timeout = ready_timeout
         self.load_seconds: float | None = None  # spawn → ready, set by start()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: ChildProcess | None = None
 
     @property
     def base_url(self) -> str:
@@ -130,21 +129,22 @@ class EdgeModelServer:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.running
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--model_alias", self.alias,
                "--host", self.host, "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
         return cmd + (["--n_threads", str(self.threads)] if self.threads else [])
 
-    def spawn(self) -> subprocess.Popen[bytes]:
+    def spawn(self) -> ChildProcess:
         """Start the process (no readiness wait); ``start()`` is this plus the wait."""
         if self.running:
             raise EmbeddedServerError(f"the edge model server is already running (pid {self.pid})")
         if missing := missing_modules(with_model=False):
             raise EmbeddedServerError(f"cannot serve the edge model: {', '.join(missing)} missing; {INSTALL_HINT}")
         self.port = self.port or free_port(self.host)
-        self._proc = spawn_logged(self.command(), self.log_path)
+        self._proc = ChildProcess(self.command(), self.log_path, what="edge model server")
+        self._proc.start()
         return self._proc
 
     async def start(self) -> Self:
@@ -165,10 +165,12 @@ class EdgeModelServer:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (uvicorn finishes and exits), SIGKILL after ``timeout``; the process is reaped either way."""
-        await terminate(self._proc, timeout, "edge model server")
+        if self._proc is not None:
+            await self._proc.stop(timeout)
 
     def kill(self) -> None:
-        kill_now(self._proc)
+        if self._proc is not None:
+            self._proc.kill()
 
     def tier_env(self, tiers: Iterable[str] = ("edge",)) -> dict[str, str]:
         """``MESH_TIER_<TIER>_*``: ``tiers`` (the edge tier; every tier for ``MESH_TIERS=local``) on this

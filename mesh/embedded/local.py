@@ -2,7 +2,8 @@
 points elsewhere), a sim-server when no model endpoint is configured, a real edge model server when
 the ``edge`` extra is installed (``mesh.embedded.edge``; it takes the edge tier over from the sim),
 and one OS process per role, each restarted with backoff if it dies. ``stop()`` sends SIGTERM (nodes
-drain) and then SIGKILL, then stops the servers.
+drain) and then SIGKILL, then stops the servers. Every child is a ``mesh.embedded.child.ChildProcess``:
+in its own session, and dying with this process even when it is killed -9.
 
 The running mesh writes ``<data_dir>/local.json`` (NATS URL, pids) so ``mesh submit``/``watch``/
 ``status`` in another terminal find it.
@@ -15,13 +16,13 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
 from mesh.config import MeshSettings
+from mesh.embedded.child import ChildProcess
 from mesh.embedded.edge import EdgeModelServer
 from mesh.embedded.natsserver import EmbeddedNats, free_port
 from mesh.embedded.readiness import wait_http
@@ -35,25 +36,26 @@ class RoleProcess:
 
     def __init__(self, role: str, env: dict[str, str], log_dir: Path) -> None:
         self.role = role
-        self.env = env
-        self.log_path = log_dir / f"{role}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child = ChildProcess([sys.executable, "-m", "mesh", "node", role], log_dir / f"{role}.log",
+                                  what=f"node {role}", env=env)
         self.restarts = 0
         self.stopping = False
 
+    @property
+    def log_path(self) -> Path:
+        return self.child.log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid
+
     def spawn(self) -> None:
-        logfile = self.log_path.open("ab")
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mesh", "node", self.role], env=self.env,
-                                         stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        finally:
-            logfile.close()
+        self.child.start()
 
     async def supervise(self) -> None:
         backoff = 1.0
         while not self.stopping:
-            assert self.proc is not None
-            code = await asyncio.to_thread(self.proc.wait)
+            code = await self.child.wait()
             if self.stopping:
                 return
             self.restarts += 1
@@ -64,18 +66,19 @@ class RoleProcess:
                 self.spawn()
 
     def terminate(self) -> None:
+        """SIGTERM: the node drains (``wait`` awaits it)."""
         self.stopping = True
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.child.signal(signal.SIGTERM)
 
     async def wait(self, timeout: float) -> None:
-        if self.proc is None:
+        """Until the node has exited; SIGKILL after ``timeout``."""
+        if self.child.proc is None:
             return
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+            await asyncio.wait_for(self.child.wait(), timeout)
         except TimeoutError:
-            self.proc.kill()
-            await asyncio.to_thread(self.proc.wait)
+            log.warning("node %s pid %s did not drain in %.0fs; killing it", self.role, self.pid, timeout)
+            self.child.kill()
 
 
 class LocalMesh:
@@ -87,7 +90,7 @@ class LocalMesh:
         self.roles = roles
         self.data_dir = settings.data_dir.resolve()
         self.nats: EmbeddedNats | None = None
-        self.sim: subprocess.Popen[bytes] | None = None
+        self.sim: ChildProcess | None = None
         self.sim_url: str | None = None
         self.sim_tiers = tuple(sim_tiers)
         self.edge = EdgeModelServer(edge_model, self.data_dir / "logs" / "edge-model.log") if edge_model else None
@@ -112,19 +115,21 @@ class LocalMesh:
         # MESH_ALLOW_SIM: the embedded default is where simulation is allowed (and said so on screen).
         env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
                "MESH_DATA_DIR": str(self.data_dir), "MESH_ALLOW_SIM": "1"}
+        if self.sim_tiers:  # started first: it imports and binds while the topology is provisioned
+            env.update(self._spawn_sim_server())
         await self._provision()
-        if self.sim_tiers:
-            env.update(await self._start_sim_server())
         if self.edge is not None:  # after the sim's env: the real model takes the edge tier over
             await self.edge.start()
             env.update(self.edge.tier_env(self.model_tiers))
         self.procs = [RoleProcess(role, env, self.data_dir / "logs") for role in self.roles]
         for p in self.procs:
             p.spawn()
+        if self.sim is not None:  # awaited after the nodes are spawned: they need it only at their first call
+            await wait_http(f"{self.sim_url}/healthz", self.sim)
         (self.data_dir / "local.json").write_text(json.dumps(
             {"nats_url": self.url, "sim_url": self.sim_url, "edge_url": self.edge.base_url if self.edge else None,
              "pid": os.getpid(),
-             "nodes": {p.role: p.proc.pid for p in self.procs if p.proc}}))
+             "nodes": {p.role: p.pid for p in self.procs if p.pid}}))
 
     async def _provision(self) -> None:
         """The topology, provisioned once before any node starts, so every node's own provisioning is a
@@ -136,18 +141,14 @@ class LocalMesh:
                                      provision=False) as bus:
             await bus.provision(self.roles, prune=self.nats is not None)
 
-    async def _start_sim_server(self) -> dict[str, str]:
-        """A sim-server on loopback, and the environment pointing every tier at it over HTTP."""
+    def _spawn_sim_server(self) -> dict[str, str]:
+        """A sim-server process on loopback (not yet answering), and the environment pointing every tier
+        at it over HTTP."""
         port = free_port()
         self.sim_url = f"http://127.0.0.1:{port}"
-        logfile = (self.data_dir / "logs" / "sim-server.log").open("ab")
-        try:
-            self.sim = subprocess.Popen([sys.executable, "-m", "mesh", "sim-server", "--host", "127.0.0.1",
-                                         "--port", str(port)], stdout=logfile, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
-        finally:
-            logfile.close()
-        await wait_http(f"{self.sim_url}/healthz", self.sim)
+        self.sim = ChildProcess([sys.executable, "-m", "mesh", "sim-server", "--host", "127.0.0.1", "--port", str(port)],
+                                self.data_dir / "logs" / "sim-server.log", what="sim-server")
+        self.sim.start()
         return sim_server_env(self.sim_url, self.sim_tiers)
 
     async def supervise(self) -> None:
@@ -163,12 +164,8 @@ class LocalMesh:
         async with asyncio.TaskGroup() as tg:
             for p in self.procs:
                 tg.create_task(p.wait(grace))
-        if self.sim and self.sim.poll() is None:
-            self.sim.terminate()
-            with suppress(subprocess.TimeoutExpired):
-                self.sim.wait(5)
-            if self.sim.poll() is None:
-                self.sim.kill()
+        if self.sim is not None:
+            await self.sim.stop(5)
         if self.edge is not None:
             await self.edge.stop()
         if self.nats is not None:

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import sysconfig
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from mesh.embedded.child import kill_now, log_tail, spawn_logged, terminate
+from mesh.embedded.child import ChildProcess, log_tail
 from mesh.errors import EmbeddedServerError
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ class EmbeddedNats:
         self.binary = binary
         self.ready_timeout = ready_timeout
         self.extra_args = tuple(extra_args)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: ChildProcess | None = None
 
     # --- addresses -------------------------------------------------------------------------
 
@@ -126,7 +125,7 @@ class EmbeddedNats:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.running
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -149,7 +148,8 @@ class EmbeddedNats:
             raise EmbeddedServerError(f"nats-server already running (pid {self.pid})")
         self.port = self.port or free_port(self.host)
         self.http_port = self.http_port or free_port(self.host)
-        self._proc = spawn_logged(self.command(), self.log_path)
+        self._proc = ChildProcess(self.command(), self.log_path, what="nats-server")
+        self._proc.start()
         log.info("nats-server pid %s on %s (monitor %s, data %s)", self._proc.pid, self.url,
                  self.monitor_url, self.data_dir)
 
@@ -187,11 +187,13 @@ class EmbeddedNats:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (JetStream flushes and closes its files), SIGKILL if it is still alive after ``timeout``."""
-        await terminate(self._proc, timeout, "nats-server")
+        if self._proc is not None:
+            await self._proc.stop(timeout)
 
     def kill(self) -> None:
         """SIGKILL now and reap it: the crash of the fault tests."""
-        kill_now(self._proc)
+        if self._proc is not None:
+            self._proc.kill()
 
     async def restart(self) -> None:
         """Stop (or, if already dead, just) start again on the same port and data directory."""

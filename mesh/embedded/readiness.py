@@ -6,26 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-from collections.abc import Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable
+from contextlib import aclosing, suppress
 from typing import TYPE_CHECKING
 
 from mesh.errors import EmbeddedServerError, MeshError
 
 if TYPE_CHECKING:
     from mesh.bus.client import Bus
+    from mesh.embedded.child import ChildProcess
 
 
-async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+async def wait_http(url: str, proc: ChildProcess, timeout: float = 20.0) -> None:
     """Return once ``GET url`` answers 200; ``EmbeddedServerError`` if ``proc`` exits or ``timeout`` passes."""
     import aiohttp
 
     deadline = asyncio.get_running_loop().time() + timeout
     async with aiohttp.ClientSession() as session:
         while asyncio.get_running_loop().time() < deadline:
-            if proc.poll() is not None:
-                raise EmbeddedServerError(f"{url}: the server process exited with {proc.returncode}")
+            if not proc.running:
+                raise EmbeddedServerError(f"{url}: the {proc.what} process exited with {proc.returncode}")
             with suppress(aiohttp.ClientError):
                 async with session.get(url) as resp:
                     if resp.status == 200:
@@ -34,22 +34,25 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20
     raise EmbeddedServerError(f"{url} did not become ready within {timeout:.0f}s")
 
 
-async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0) -> None:
+async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0,
+                         report: Callable[[list[str]], None] | None = None) -> None:
     """Return once every role has a node heartbeat in KV ``mesh_nodes``: its node is connected, its durable
-    consumers are provisioned and its consumer loops have started."""
-    kv = await bus.kv(bus.topology.kv_nodes)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    consumers are provisioned and its consumer loops have started. ``report`` hears the roles still
+    missing at the start and whenever that changes (the last time with none)."""
     missing = set(roles)
-    watcher = await kv.watchall()
+    if report is not None:
+        report(sorted(missing))
+    if not missing:
+        return
     try:
-        while missing:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(missing)} (see the nodes' logs)")
-            with suppress(TimeoutError):  # nats-py's, a TimeoutError subclass: the deadline check above reports it
-                entry = await watcher.updates(timeout=left)
-                if entry is not None and entry.value:  # (a deleted key has no value)
-                    missing.discard(json.loads(entry.value)["role"])
-    finally:
-        await watcher.stop()
+        async with asyncio.timeout(timeout), aclosing(bus.kv_watch(bus.topology.kv_nodes)) as beats:
+            async for beat in beats:
+                role = json.loads(beat)["role"]
+                if role in missing:
+                    missing.discard(role)
+                    if report is not None:
+                        report(sorted(missing))
+                if not missing:
+                    return
+    except TimeoutError:
+        raise MeshError(f"roles did not come up within {timeout:.0f}s: {sorted(missing)} (see the nodes' logs)") from None

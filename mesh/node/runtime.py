@@ -27,7 +27,7 @@ from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import SYSTEM_GOAL_ID, NodeDown, NodeUp, new_id
-from mesh.errors import ConfigError, PublishError
+from mesh.errors import BusError, ConfigError, PublishError
 from mesh.logs import setup_json_logging
 from mesh.metrics import Metrics
 from mesh.node.beats import HEARTBEAT_SECONDS, beat
@@ -110,15 +110,15 @@ class Node:
             # Imported here: a recorder needs none of the model SDKs, the router's onnxruntime or the roles.
             from mesh.roles.calls import ModelCaller
             from mesh.roles.goalstore import GoalStore
+            from mesh.roles.hotswap import watch_models
             from mesh.roles.orchestrator import Orchestrator
             from mesh.roles.worker import Worker
-            from mesh.router.hotswap import watch_models
             from mesh.router.runtime import default_router
 
             router = default_router(epsilon=self.settings.router_epsilon, model_path=self.settings.router_model)
             caller = ModelCaller(bus, load_tiers(self.settings), router, self.node_id, self.metrics)
             runners.append(lambda: watch_models(bus, router, self.stop))
-            goals = GoalStore(await bus.kv(topo.kv_goals))
+            goals = GoalStore(bus)
             dlq = topo.dlq_subject(self.spec.role)
             if self.spec.kind == "orchestrator":
                 orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id)
@@ -129,6 +129,9 @@ class Node:
                     PullConsumer(bus, stream=topo.events_stream, durable=topo.outcomes_consumer,
                                  handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq,
                                  on_give_up=orch.give_up_outcome),
+                    PullConsumer(bus, stream=topo.control_stream, durable=topo.control_consumer,
+                                 handler=orch.on_command, concurrency=self.spec.concurrency, dlq_subject=dlq,
+                                 on_give_up=orch.give_up_command),
                 ]
                 runners.append(lambda: orch.sweep(self.stop))
             else:
@@ -155,7 +158,7 @@ class Node:
                 await bus.emit(NodeDown(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role,
                                         reason=reason))
             with suppress(Exception):
-                await (await bus.kv(topo.kv_nodes)).delete(self.node_id)
+                await bus.kv_delete(topo.kv_nodes, self.node_id)
             if caller is not None:
                 await caller.gateway.aclose()
 
@@ -175,14 +178,13 @@ class Node:
         return sum(s.in_flight for s in self._stoppable)
 
     async def _heartbeat(self, bus: Bus) -> None:
-        kv = await bus.kv(bus.topology.kv_nodes)
         interval = min(HEARTBEAT_SECONDS, bus.topology.nodes_ttl / 3)
         while not self.stop.is_set():
             doc = beat(self.node_id, self.spec.role, socket.gethostname(), os.getpid(), __version__, self.in_flight,
                        every=interval)
             try:
-                await kv.put(self.node_id, json.dumps(doc).encode())
-            except Exception as exc:  # a missed beat is not fatal; the next one may land
+                await bus.kv_put(bus.topology.kv_nodes, self.node_id, json.dumps(doc).encode())
+            except BusError as exc:  # a missed beat is not fatal; the next one may land
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)

@@ -30,6 +30,7 @@ from mesh.contracts.models import (
 StepStatus = Literal["pending", "dispatched", "completed", "failed"]
 GoalStatus = Literal["planning", "running", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+WORKSPACE_MEDIA_TYPE = "application/vnd.mesh.workspace+json"
 MEMORY_LINES = 24  # a hard bound; compaction keeps the memory well below it
 # Past MEMORY_COMPACT_AT lines the orchestrator has the edge tier summarise all but the newest
 # MEMORY_KEEP_RECENT into one line (``memory_to_compact`` / ``compact_memory``).
@@ -107,9 +108,12 @@ class GoalState(Wire):
         return bool(self.steps) and all(st.status == "completed" for st in self.steps.values())
 
     def inputs_for(self, step_id: str) -> list[ArtifactRef]:
-        """Composition: the outputs of a step's dependencies, then its own extra inputs."""
+        """Composition: the outputs of a step's dependencies, then its own extra inputs. A step that gets
+        no workspace from its dependencies starts from the goal's initial workspace, if it has one."""
         st = self.steps[step_id]
         refs = [ref for dep in st.step.depends_on for ref in self.steps[dep].outputs]
+        if self.goal.workspace is not None and not any(r.media_type == WORKSPACE_MEDIA_TYPE for r in refs):
+            refs.insert(0, self.goal.workspace)
         return refs + st.step.inputs
 
     def position(self, step_id: str) -> DagPosition:
@@ -205,7 +209,7 @@ class GoalState(Wire):
         self.usage = self.usage + usage
         self.simulated = self.simulated or simulated
         self.steps_run += 1
-        workspaces = [r for r in outputs if r.media_type == "application/vnd.mesh.workspace+json"]
+        workspaces = [r for r in outputs if r.media_type == WORKSPACE_MEDIA_TYPE]
         if workspaces:
             self.workspace = workspaces[-1]
         self.remember(f"{step_id} ({st.step.role}) done: {summary}")

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
-from nats.js.kv import KeyValue
-
+from mesh.bus.client import Bus
 from mesh.errors import BusError
 from mesh.roles.goalstate import GoalProgressView, GoalState
 
@@ -23,31 +21,25 @@ REMEMBERED_GOALS = 1024
 
 
 class GoalStore:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.bucket = bus.topology.kv_goals
         self._latest: dict[str, tuple[int, bytes]] = {}  # goal id → (revision, value), oldest first
 
     async def get(self, goal_id: str) -> GoalState | None:
-        try:
-            _, value = await self._read(goal_id)
-        except KeyNotFoundError:
-            return None
-        return GoalState.model_validate_json(value) if value else None
+        entry = await self._read(goal_id)
+        return GoalState.model_validate_json(entry[1]) if entry is not None and entry[1] else None
 
     async def progress(self, goal_id: str) -> GoalProgressView | None:
         """The goal's status and its steps' status and attempt, without parsing the rest (see the view)."""
-        try:
-            _, value = await self._read(goal_id)
-        except KeyNotFoundError:
-            return None
-        return GoalProgressView.model_validate_json(value) if value else None
+        entry = await self._read(goal_id)
+        return GoalProgressView.model_validate_json(entry[1]) if entry is not None and entry[1] else None
 
     async def create(self, state: GoalState) -> bool:
         """Store a new goal; False when another replica created it first."""
         value = state.model_dump_json().encode()
-        try:
-            revision = await self.kv.create(state.goal.goal_id, value)
-        except KeyWrongLastSequenceError:
+        revision = await self.bus.kv_create(self.bucket, state.goal.goal_id, value)
+        if revision is None:
             return False
         self._remember(state.goal.goal_id, revision, value)
         return True
@@ -62,7 +54,10 @@ class GoalStore:
         entry = self._latest.get(goal_id)
         for _ in range(MAX_CAS_ATTEMPTS):
             remembered = entry is not None
-            revision, value = entry or await self._read(goal_id)
+            entry = entry or await self._read(goal_id)
+            if entry is None:
+                raise BusError(f"goal {goal_id} is not in {self.bucket}")
+            revision, value = entry
             state = GoalState.model_validate_json(value)
             outcome = change(state)
             if outcome is None or outcome == [] or outcome is False:
@@ -71,26 +66,23 @@ class GoalStore:
                     continue
                 return state, outcome
             value = state.model_dump_json().encode()
-            try:
-                revision = await self.kv.update(goal_id, value, last=revision)
-            except KeyWrongLastSequenceError:
+            swapped = await self.bus.kv_swap(self.bucket, goal_id, value, revision=revision)
+            if swapped is None:  # someone wrote since
                 entry = None
                 continue
-            self._remember(goal_id, revision, value)
+            self._remember(goal_id, swapped, value)
             return state, outcome
         raise BusError(f"goal {goal_id}: {MAX_CAS_ATTEMPTS} compare-and-swap attempts lost to other writers")
 
     async def keys(self) -> list[str]:
-        try:
-            return list(await self.kv.keys())
-        except NoKeysError:
-            return []
+        return await self.bus.kv_keys(self.bucket)
 
-    async def _read(self, goal_id: str) -> tuple[int, bytes]:
-        entry = await self.kv.get(goal_id)
-        assert entry.revision is not None
-        self._remember(goal_id, entry.revision, entry.value or b"")
-        return entry.revision, entry.value or b""
+    async def _read(self, goal_id: str) -> tuple[int, bytes] | None:
+        entry = await self.bus.kv_get(self.bucket, goal_id)
+        if entry is None:
+            return None
+        self._remember(goal_id, entry.revision, entry.value)
+        return entry.revision, entry.value
 
     def _remember(self, goal_id: str, revision: int, value: bytes) -> None:
         self._latest.pop(goal_id, None)

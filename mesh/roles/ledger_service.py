@@ -21,17 +21,14 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-import nats.errors
-from nats.aio.client import Client
-from nats.micro import add_service
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
-from nats.micro.service import Service
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mesh import __version__
-from mesh.errors import LedgerError, QueryRefused
+from mesh.bus.client import Bus
+from mesh.bus.service import BusService, request
+from mesh.errors import BusError, LedgerError, NoResponders, QueryRefused, ServiceError
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries, QueryResult
 
@@ -73,14 +70,14 @@ class LedgerService:
     """Serves ``LedgerQueries`` on the bus while open (``async with``). Queries run in threads, so
     the event loop (and the recorder's ingest) keeps going while one runs; closing waits for them."""
 
-    def __init__(self, nc: Client, prefix: str, ledger: Ledger, queries: LedgerQueries) -> None:
-        self._nc, self._prefix, self._ledger, self._queries = nc, prefix, ledger, queries
-        self._service: Service | None = None
+    def __init__(self, bus: Bus, ledger: Ledger, queries: LedgerQueries) -> None:
+        self._bus, self._ledger, self._queries = bus, ledger, queries
+        self._service: BusService | None = None
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def __aenter__(self) -> LedgerService:
+    async def __aenter__(self) -> Self:
         q = self._queries
         routes: dict[str, Callable[[Any], Any]] = {
             "sql": lambda r: q.sql(r.sql, timeout=r.timeout, max_rows=r.max_rows).to_json(),
@@ -91,20 +88,18 @@ class LedgerService:
         }
         models: dict[str, type[_Request]] = {"sql": SqlRequest, "goal_summary": GoalSummaryRequest,
                                              "usage": UsageRequest}
-        self._service = await add_service(self._nc, name=f"{self._prefix}-ledger", version=__version__,
-                                          description="Read-only queries over the mesh ledger (DuckDB)")
-        group = self._service.add_group(name=f"{self._prefix}.ledger")
-        for name, run in routes.items():
-            await group.add_endpoint(name=name, handler=self._endpoint(models.get(name, EmptyRequest), run))
+        prefix = self._bus.topology.prefix
+        self._service = BusService(
+            self._bus, name=f"{prefix}-ledger", version=__version__, group=f"{prefix}.ledger",
+            description="Read-only queries over the mesh ledger (DuckDB)",
+            endpoints={name: self._endpoint(models.get(name, EmptyRequest), run) for name, run in routes.items()})
+        await self._service.__aenter__()
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         if self._service is not None:
-            try:
-                await self._service.stop()
-            except nats.errors.Error as exc:  # a closed connection has no subscriptions left to drain
-                log.debug("ledger service stop: %r", exc)
+            await self._service.__aexit__(et, e, tb)
         await self._idle.wait()  # a query thread must not outlive the ledger it reads
 
     def _status(self) -> dict[str, Any]:
@@ -116,30 +111,25 @@ class LedgerService:
         return {"path": self._ledger.path, "schema_version": self._ledger.schema_version,
                 "last_seq": self._ledger.last_seq(), "events": row[0] if row else 0}
 
-    def _endpoint(self, model: type[_Request],
-                  run: Callable[[Any], Any]) -> Callable[[Request], Awaitable[None]]:
-        async def handle(request: Request) -> None:
+    def _endpoint(self, model: type[_Request], run: Callable[[Any], Any]) -> Callable[[bytes], Awaitable[bytes]]:
+        async def handle(data: bytes) -> bytes:
             try:
-                body = model.model_validate_json(request.data or b"{}")
+                body = model.model_validate_json(data or b"{}")
             except ValidationError as exc:
-                detail = f"malformed request: {exc.errors(include_url=False)}"
-                await request.respond_error(_REFUSED, detail[:500])
-                return
+                raise ServiceError(_REFUSED, f"malformed request: {exc.errors(include_url=False)}") from exc
             self._running += 1
             self._idle.clear()
             try:
                 answer = await asyncio.to_thread(run, body)
             except QueryRefused as exc:
-                await request.respond_error(_REFUSED, str(exc))
-                return
+                raise ServiceError(_REFUSED, str(exc)) from exc
             except LedgerError as exc:
-                await request.respond_error(_FAILED, str(exc))
-                return
+                raise ServiceError(_FAILED, str(exc)) from exc
             finally:
                 self._running -= 1
                 if not self._running:
                     self._idle.set()
-            await request.respond(_fit(answer, self._nc.max_payload - _HEADROOM))
+            return _fit(answer, self._bus.max_payload - _HEADROOM)
 
         return handle
 
@@ -163,22 +153,20 @@ def _fit(answer: dict[str, Any], limit: int) -> bytes:
 class LedgerClient:
     """Asks the ledger service; raises ``QueryRefused`` / ``LedgerError`` as the service decided."""
 
-    def __init__(self, nc: Client, prefix: str = "mesh", *, timeout: float = 15.0) -> None:
-        self._nc, self._prefix, self.timeout = nc, prefix, timeout
+    def __init__(self, bus: Bus, *, timeout: float = 15.0) -> None:
+        self._bus, self.timeout = bus, timeout
 
     async def _ask(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-        target = subject(self._prefix, endpoint)
+        target = subject(self._bus.topology.prefix, endpoint)
         try:
-            reply = await self._nc.request(target, json.dumps(body).encode(), timeout=self.timeout)
-        except nats.errors.NoRespondersError as exc:
+            reply = await request(self._bus, target, json.dumps(body).encode(), timeout=self.timeout)
+        except NoResponders as exc:
             raise LedgerError(f"no ledger service answers on {target}: is the ledger node running?") from exc
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise LedgerError(f"ledger request on {target} failed: {exc!r}") from exc
-        headers = reply.headers or {}
-        if ERROR_CODE_HEADER in headers:
-            error = QueryRefused if headers[ERROR_CODE_HEADER] == _REFUSED else LedgerError
-            raise error(headers.get(ERROR_HEADER, "the ledger service refused the request"))
-        doc: dict[str, Any] = json.loads(reply.data)
+        except ServiceError as exc:
+            raise (QueryRefused if exc.code == _REFUSED else LedgerError)(str(exc)) from exc
+        except BusError as exc:
+            raise LedgerError(f"ledger request on {target} failed: {exc}") from exc
+        doc: dict[str, Any] = json.loads(reply)
         return doc
 
     async def sql(self, sql: str, *, max_rows: int | None = None,

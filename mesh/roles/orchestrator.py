@@ -37,6 +37,8 @@ from mesh.contracts import (
     Budget,
     DagPosition,
     Goal,
+    GoalCancelled,
+    GoalCommand,
     GoalCompleted,
     GoalFailed,
     GoalPlanned,
@@ -127,6 +129,33 @@ class Orchestrator:
         await self.goals.create(GoalState(goal=goal))
         # only while planning: a running goal is the sweep's to look after
         await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000], planning=True)
+
+    async def on_command(self, delivery: Delivery) -> None:
+        """A client's command (``mesh.control.<goal>``), applied by CAS like every other transition.
+        Cancelling a goal that has ended, or that does not exist, changes nothing."""
+        command = delivery.message(GoalCommand)
+        gid, reason = command.goal_id, command.reason or f"cancelled by {command.by}"
+
+        def cancel(s: GoalState) -> bool:
+            if s.done:
+                return False
+            s.finish("cancelled", reason)
+            return True
+
+        if await self.goals.get(gid) is None:
+            log.info("command %s for unknown goal %s ignored", command.action, gid)
+            return
+        state, changed = await self.goals.mutate(gid, cancel)
+        if changed or state.status == "cancelled":  # a redelivery after the write re-announces (deduped by id)
+            await self.bus.emit(GoalCancelled(event_id=f"{gid}.cancelled", goal_id=gid, reason=state.reason or reason,
+                                              by=command.by))
+
+    async def give_up_command(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consumer gives up on a client's command it could not apply: the client asked the goal to
+        stop, so it stops — failed, with the reason — rather than running on as if nobody had asked."""
+        command = delivery.message(GoalCommand)
+        await self._fail_goal(command.goal_id, f"the {command.action} command of {command.by} could not be "
+                                               f"applied: {type(exc).__name__}: {exc}"[:2000])
 
     async def give_up_outcome(self, delivery: Delivery, exc: BaseException) -> None:
         """The consumer gives up on a step outcome it could not record (a bug, an error no retry fixes):
@@ -355,7 +384,7 @@ class Orchestrator:
             await self._announce_end(state)
 
     async def _announce_end(self, state: GoalState) -> None:
-        """The final event of a finished goal (cancellations are announced by whoever cancels)."""
+        """The final event of a finished goal (a cancellation is announced where its command is applied)."""
         goal_id = state.goal.goal_id
         if state.status == "completed" and state.result is not None:
             await self.bus.emit(GoalCompleted(event_id=f"{goal_id}.completed", goal_id=goal_id, result=state.result,

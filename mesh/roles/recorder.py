@@ -13,7 +13,7 @@ duplicates nothing (the redelivered sequences are at or below the stored mark an
 The ledger file, not the consumer, is the cursor: at start the consumer is recreated to deliver
 from ``last_seq + 1``. Otherwise messages delivered to a killed process would sit out ``ack_wait``
 while newer ones flow, and the first ack-all after a restart would acknowledge them unread. For the
-same reason a gap in the sequence makes the feed resubscribe from the mark (``mesh.roles.event_feed``).
+same reason a gap in the sequence makes the feed resubscribe from the mark (``mesh.bus.feed``).
 
 ``rebuild`` replays the whole stream into a fresh file through the same feed, on a temporary consumer.
 """
@@ -27,13 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-import nats.errors
-
 from mesh.bus import Bus, DeadLetter
+from mesh.bus.feed import Batch, EventFeed
 from mesh.config import MeshSettings
 from mesh.contracts import new_id
 from mesh.errors import BusError, LedgerError
-from mesh.roles.event_feed import Batch, EventFeed
 from mesh.roles.ledger_service import LedgerService
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries
@@ -96,7 +94,7 @@ class Recorder:
                                     max_rows=self.settings.ledger_max_rows)
             feed = EventFeed(self.bus, consumer=self.bus.topology.consumer_name(ROLE), durable=True,
                              batch_size=self.batch_size)
-            async with LedgerService(self.bus.nc, self.bus.topology.prefix, ledger, queries):
+            async with LedgerService(self.bus, ledger, queries):
                 await feed.open(ledger.last_seq() + 1)
                 self.ready.set()
                 try:
@@ -110,11 +108,8 @@ class Recorder:
         """The ledger file for the current events stream. A file that recorded another stream (the
         stream was deleted and recreated, e.g. with the embedded server's data) would skip the new
         stream's first sequences: it is set aside as ``<name>.<stream identity time>.duckdb``."""
-        try:
-            info = await self.bus.js.stream_info(self.bus.topology.events_stream)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot read the state of {self.bus.topology.events_stream}: {exc!r}") from exc
-        source = f"{info.config.name}@{info.created.isoformat()}" if info.created else None
+        info = await self.bus.stream_state(self.bus.topology.events_stream)
+        source = f"{info.name}@{info.created.isoformat()}" if info.created else None
         writer = await Writer.open(self.path)
         claimed = writer.ledger.source()
         if source is None or claimed == source:
@@ -196,11 +191,8 @@ async def rebuild(bus: Bus, path: Path, *, until: int | None = None, batch_size:
     number of events stored."""
     if path.exists():
         raise LedgerError(f"{path} exists; rebuild writes a fresh file (remove it or choose another path)")
-    try:
-        info = await bus.js.stream_info(bus.topology.events_stream)
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BusError(f"cannot read the state of {bus.topology.events_stream}: {exc!r}") from exc
-    target = info.state.last_seq if until is None else min(until, info.state.last_seq)
+    info = await bus.stream_state(bus.topology.events_stream)
+    target = info.last_seq if until is None else min(until, info.last_seq)
     stored = 0
     writer = await Writer.open(path)
     feed = EventFeed(bus, consumer=f"ledger-rebuild-{new_id()[:8]}", durable=False, batch_size=batch_size)

@@ -374,7 +374,7 @@ def _ledger_query(bus: Bus) -> LedgerQueryFn:
     """``ledger.query`` asks the ledger's NATS service (read-only, time- and row-limited there)."""
     from mesh.roles.ledger_service import LedgerClient  # imports DuckDB: only for roles that query
 
-    client = LedgerClient(bus.nc, bus.topology.prefix)
+    client = LedgerClient(bus)
 
     async def query(sql: str, max_rows: int) -> dict[str, Any]:
         return (await client.sql(sql, max_rows=max_rows)).to_json()

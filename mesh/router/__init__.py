@@ -1,7 +1,8 @@
 """Layer 3: routing — features of a step → ONNX model → hard constraints → a tier (edge / long_context /
-swarm) and thinking on/off, with the propensity logged; training, evaluation and hot-swapping of models.
+swarm) and thinking on/off, with the propensity logged; training and evaluation of models.
 
-Nodes import only the runtime (``features``, ``model``, ``policy``, ``runtime``, ``hotswap``; onnxruntime).
+Nodes import only the runtime (``features``, ``model``, ``policy``, ``runtime``; onnxruntime); hot-swapping a
+published model is the roles' business (``mesh.roles.hotswap``), since it needs the bus.
 ``dataset``, ``train``, ``evaluate`` and ``simenv`` serve ``mesh router`` and the scripts; ``train``
 needs the optional ``router`` extra.
 """

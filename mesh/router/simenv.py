@@ -30,13 +30,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mesh.backends.base import ChatRequest
 from mesh.backends.sim import roles as sim_roles
 from mesh.backends.sim.world import PROFILES, SimWorld
 from mesh.backends.tiers import TierConfig
-from mesh.bus.topology import Topology
 from mesh.contracts import (
     TIERS,
     BackendCall,
@@ -52,12 +51,40 @@ from mesh.contracts import (
     Task,
     Usage,
 )
+from mesh.contracts.events import event_subject
 from mesh.router.features import FEATURE_VERSION, RouteContext, call_costs, deadline_pressure, featurize
 from mesh.router.policy import RoutePolicy, allowed_tiers, thinking_forced
 from mesh.store.ledger import Ledger
 
-if TYPE_CHECKING:
-    from mesh.roles.spec import RoleSpec
+
+class _Limits(Protocol):
+    @property
+    def max_output_tokens(self) -> int: ...
+
+
+class _RouterPrefs(Protocol):
+    @property
+    def preferred(self) -> Sequence[str]: ...
+    @property
+    def thinking(self) -> str: ...
+    @property
+    def swarm_fan_out(self) -> int: ...
+
+
+class RoleSpec(Protocol):
+    """What the routing environment reads of a role spec (``mesh.roles.spec.RoleSpec`` is one; the router
+    layer stays below the roles)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def output_kind(self) -> str: ...
+    @property
+    def tools(self) -> Sequence[str]: ...
+    @property
+    def limits(self) -> _Limits: ...
+    @property
+    def router(self) -> _RouterPrefs: ...
 
 TOPICS = (
     "Build me a login system", "Write a CSV to Parquet converter", "Add rate limiting to the public API",
@@ -275,7 +302,7 @@ def oracle_policy(sim: SimRouting, cost_weight: float) -> Decide:
 # --- ledgers ------------------------------------------------------------------------------------------
 
 
-def attempt_events(attempt: Attempt, topology: Topology) -> Iterator[tuple[str, Event]]:
+def attempt_events(attempt: Attempt, prefix: str = "mesh") -> Iterator[tuple[str, Event]]:
     """The events a worker publishes for one step attempt, with times on the goal's clock."""
     case, d = attempt.case, attempt.decision
     t0 = _START + timedelta(seconds=attempt.started_s)
@@ -306,17 +333,16 @@ def attempt_events(attempt: Attempt, topology: Topology) -> Iterator[tuple[str, 
                                  role=role, attempt=n, retryable=True,
                                  error="the answer did not meet the step's acceptance criteria (sim quality model)"))
     for event in events:
-        yield topology.event_subject(case.goal_id, event.type), event
+        yield event_subject(prefix, case.goal_id, event.type), event
 
 
 def write_ledger(path: str | Path, attempts: Iterator[Attempt] | Sequence[Attempt], *, batch: int = 20_000) -> int:
     """Append the events of ``attempts`` to the ledger at ``path``; return the number of events."""
-    topology = Topology()
     with Ledger(path) as ledger:
         first = seq = ledger.last_seq()
         pending: list[tuple[int, str, Event]] = []
         for attempt in attempts:
-            for subject, event in attempt_events(attempt, topology):
+            for subject, event in attempt_events(attempt):
                 seq += 1
                 pending.append((seq, subject, event))
             if len(pending) >= batch:

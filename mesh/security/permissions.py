@@ -11,6 +11,8 @@ the permissions with it; nothing here is a hand-kept copy of a subject. What a u
 * the **recorder** owns the consumers of the event stream (except the orchestrator's) and serves
   the ledger's request/reply service (``allow_responses`` lets it answer any requester);
 * the **operator** is the CLI (submit, watch, status, goals, show, cancel, sql, router publish);
+* the **gateway** (`mesh gateway`) submits goals and sends control commands, and reads what it serves:
+  events, goal state, objects (it stores uploaded workspaces), nodes, consumer and DLQ info, the ledger;
 * the **observer** may only read the event stream (an ordered, server-named consumer) and the
   artifacts events refer to — what an outside dashboard or a Go/TypeScript client needs;
 * **admin** may do anything (break glass, topology changes by hand);
@@ -35,15 +37,16 @@ from mesh.roles.spec import RoleSpec
 
 JS_API = "$JS.API"
 
-# Which event types each kind of process emits (``mesh.event.<goal>.<type>``); the operator cancels.
+# Which event types each kind of process emits (``mesh.event.<goal>.<type>``). A client's cancel is a
+# command on ``mesh.control.<goal>``; the planner applies it and announces goal.cancelled.
 # A new event type must be given to someone here: tests fail while one is emitted by no one.
 EMITS: dict[str, frozenset[str]] = {
-    "orchestrator": frozenset({"goal.submitted", "goal.planned", "goal.completed", "goal.failed", "step.dispatched",
-                               "route.decided", "backend.call", "node.up", "node.down"}),
+    "orchestrator": frozenset({"goal.submitted", "goal.planned", "goal.completed", "goal.failed", "goal.cancelled",
+                               "step.dispatched", "route.decided", "backend.call", "node.up", "node.down"}),
     "worker": frozenset({"step.started", "step.progress", "step.completed", "step.failed", "tool.call",
                          "artifact.created", "route.decided", "backend.call", "node.up", "node.down"}),
     "recorder": frozenset({"node.up", "node.down"}),
-    "operator": frozenset({"goal.cancelled"}),
+    "operator": frozenset(),
 }
 
 
@@ -174,6 +177,7 @@ class PermissionSet:
         elif spec.kind == "orchestrator":
             self._kv(g, t.kv_goals, write=True)
             self._durable(g, t.events_stream, t.outcomes_consumer)
+            self._durable(g, t.control_stream, t.control_consumer)
             g.publish(*(t.task_subject(r) for r, s in sorted(self.specs.items()) if s.kind == "worker"))
         else:  # recorder: every consumer of the event stream but the orchestrator's, and the query service
             ev = t.events_stream
@@ -191,7 +195,7 @@ class PermissionSet:
         t = self.topo
         g = _Grants()
         self._provision(g)
-        g.publish(t.goal_subject(), f"{t.prefix}.ledger.>", "$SRV.>")
+        g.publish(t.goal_subject(), t.control_filter(), f"{t.prefix}.ledger.>", "$SRV.>")
         self._events(g, EMITS["operator"])
         self._read_stream(g, t.events_stream)
         self._kv(g, t.kv_goals, write=True)
@@ -201,6 +205,22 @@ class PermissionSet:
         g.publish(*(f"{JS_API}.CONSUMER.{op}.{s}{tail}" for s in (t.goals_stream, t.tasks_stream)
                     for op, tail in (("LIST", ""), ("INFO", ".>"))))
         return self._finish("operator", g)
+
+    def gateway(self) -> Permissions:
+        """`mesh gateway` (and later front doors): publish goals and control commands (cancel — clients never
+        write goal state); read events, goal state, live nodes, consumer and DLQ info, the ledger service;
+        store and read objects (an uploaded starting workspace is stored there). Nothing else."""
+        t = self.topo
+        g = _Grants()
+        self._provision(g)  # MeshClient connects like every mesh process: create-or-noop, never delete
+        g.publish(t.goal_subject(), t.control_filter(), f"{t.prefix}.ledger.>", "$SRV.>")
+        self._read_stream(g, t.events_stream)
+        self._kv(g, t.kv_goals, write=False)
+        self._kv(g, t.kv_nodes, write=False)
+        self._objects(g, t.obj_artifacts, write=True)
+        g.publish(*(f"{JS_API}.CONSUMER.{op}.{s}{tail}" for s in (t.goals_stream, t.tasks_stream)
+                    for op, tail in (("LIST", ""), ("INFO", ".>"))), f"{JS_API}.STREAM.INFO.{t.dlq_stream}")
+        return self._finish("gateway", g)
 
     def observer(self) -> Permissions:
         """Read-only: the event stream and the artifacts its events refer to; no provisioning."""
@@ -228,7 +248,7 @@ class PermissionSet:
         """Every user: one per role spec, operator, observer, admin (``None``: unrestricted) and a leaf
         user per edge site."""
         out: dict[str, Permissions | None] = {r: self.role(r) for r in sorted(self.specs)}
-        out |= {"operator": self.operator(), "observer": self.observer(), "admin": None}
+        out |= {"operator": self.operator(), "gateway": self.gateway(), "observer": self.observer(), "admin": None}
         out |= {leaf_user(d): self.leaf(d) for d in edge_domains}
         return out
 

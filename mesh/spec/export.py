@@ -12,6 +12,7 @@ from typing import Any
 
 from mesh.bus.topology import Topology
 from mesh.contracts.codec import MESSAGE_KINDS, SCHEMA_VERSION
+from mesh.spec.openapi import openapi_document
 
 ROLE_PARAM = "{role}"
 GOAL_PARAM = "{goal_id}"
@@ -85,6 +86,14 @@ def asyncapi(topo: Topology) -> dict[str, Any]:
                            "type": {"description": "event type"}},
             "messages": {"event": {"$ref": "#/components/messages/event"}},
         },
+        "control": {
+            "address": topo.control_subject(GOAL_PARAM),
+            "description": f"Commands for one goal (cancel). Stream {topo.control_stream} (work-queue), durable "
+            f"pull consumer {topo.control_consumer}: the planner applies each to the goal state by "
+            "compare-and-swap and announces the result as an event. Clients never write goal state.",
+            "parameters": {"goal_id": {"description": "goal id"}},
+            "messages": {"goal_command": {"$ref": "#/components/messages/goal_command"}},
+        },
         "dlq": {
             "address": topo.dlq_subject(ROLE_PARAM),
             "description": f"Dead letters (stream {topo.dlq_stream}): poison or exhausted messages with the reason.",
@@ -104,6 +113,10 @@ def asyncapi(topo: Topology) -> dict[str, Any]:
                          "description": "Sent by every node."},
         "receiveEvent": {"action": "receive", "channel": {"$ref": "#/channels/events"},
                          "description": "Received by the ledger, the planner, `mesh watch` and anyone else."},
+        "sendCommand": {"action": "send", "channel": {"$ref": "#/channels/control"},
+                        "description": "Sent by `mesh cancel` and any client (MeshClient.cancel)."},
+        "receiveCommand": {"action": "receive", "channel": {"$ref": "#/channels/control"},
+                           "description": "Received by the planner (orchestrator)."},
         "deadLetter": {"action": "send", "channel": {"$ref": "#/channels/dlq"},
                        "description": "Sent by any consumer that gives up on a message."},
     }
@@ -116,7 +129,7 @@ def asyncapi(topo: Topology) -> dict[str, Any]:
                 "Nats-Msg-Id": {"type": "string"}, "traceparent": {"type": "string"},
                 "tracestate": {"type": "string"}}},
         }
-        for kind in ("goal", "task", "event")
+        for kind in ("goal", "goal_command", "task", "event")
     }
     return {
         "asyncapi": "3.0.0",
@@ -139,6 +152,7 @@ def render(topo: Topology | None = None) -> dict[str, str]:
     files = {f"{kind}.schema.json": _json(schema) for kind, schema in message_schemas().items()}
     files["envelope.schema.json"] = _json(ENVELOPE_SCHEMA)
     files["asyncapi.json"] = _json(asyncapi(topo))
+    files["gateway.openapi.json"] = _json(openapi_document())
     return files
 
 

@@ -8,7 +8,8 @@ the ledger keep up with a busy stream (see ``bench/ledger.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Set
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 import duckdb
 import numpy as np
@@ -43,7 +44,7 @@ def append_events(con: duckdb.DuckDBPyConnection, batch: Sequence[tuple[int, str
         con.unregister(_BATCH_VIEW)
 
 
-def fold_events(con: duckdb.DuckDBPyConnection, lo: int, hi: int, types: Set[str] | None = None) -> None:
+def fold_events(con: duckdb.DuckDBPyConnection, lo: int, hi: int, types: AbstractSet[str] | None = None) -> None:
     """Fold the stored events with ``lo <= seq <= hi`` into the derived tables.
 
     ``types`` (the event types present in the range, when the caller knows them) skips the tables

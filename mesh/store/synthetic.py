@@ -101,7 +101,7 @@ class _History:
         """A step's attempts (a first one fails now and then); returns (usage, output)."""
         rng, node, total = self.rng, self.node_of[step.role], Usage()
         for attempt in (1, 2):
-            base = dict(step_id=step.step_id, role=step.role, attempt=attempt)
+            base = {"step_id": step.step_id, "role": step.role, "attempt": attempt}
             yield self.event(StepDispatched, goal_id, node,
                              task_id=Task.make_id(goal_id, step.step_id, attempt), **base)
             probs = [rng.random() for _ in TIERS]

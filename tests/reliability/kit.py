@@ -147,12 +147,12 @@ async def chaos(fleet: Fleet, stop: asyncio.Event, *, every: tuple[float, float]
 
 async def stream_events(bus: Bus) -> list[Event]:
     """Every decodable message of the events stream, in order, up to its last sequence now."""
-    info = await bus.js.stream_info(bus.topology.events_stream)
+    info = await bus._js.stream_info(bus.topology.events_stream)
     last = info.state.last_seq
     events: list[Event] = []
     if not info.state.messages:
         return events
-    sub = await bus.js.subscribe(bus.topology.events_filter(), stream=bus.topology.events_stream,
+    sub = await bus._js.subscribe(bus.topology.events_filter(), stream=bus.topology.events_stream,
                                  ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
     try:
         async for msg in sub.messages:
@@ -200,7 +200,7 @@ async def steps_completed(bus: Bus, count: int, goal_id: str | None = None) -> N
 
 async def describe_goals(bus: Bus, goal_ids: Iterable[str]) -> str:
     """Where each goal stands in its KV state: status and every step's status/attempt (for failures)."""
-    goals = GoalStore(await bus.kv(bus.topology.kv_goals))
+    goals = GoalStore(bus)
     lines = []
     for gid in goal_ids:
         state = await goals.get(gid)

@@ -77,7 +77,7 @@ async def test_kill_9_of_any_node_loses_nothing_and_applies_nothing_twice(
         await fleet.started()
         exits = await fleet.terminate([r for r in roles if r != "ledger"])
         assert set(exits.values()) == {0}, exits
-        client = LedgerClient(bus.nc, bus.topology.prefix, timeout=10)
+        client = LedgerClient(bus, timeout=10)
         await caught_up(eventually, client, bus, timeout=60)
         total = await stream_messages(bus)
         counts = await client.sql("SELECT count(*), count(DISTINCT seq) FROM events")

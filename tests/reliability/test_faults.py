@@ -72,7 +72,7 @@ async def test_losing_one_cluster_member_mid_run(nats_cluster: EmbeddedCluster, 
                             nak_delay=0.1, reconnect_wait=0.1, connect_timeout=2.0)
 
     async def lose_the_leader(bus: Bus) -> str:
-        info = await bus.js.stream_info(bus.topology.tasks_stream)
+        info = await bus._js.stream_info(bus.topology.tasks_stream)
         assert info.config.num_replicas == 3 and info.cluster is not None
         # The member leading the task stream: its loss forces an election mid-dispatch.
         victim = next(s for s in nats_cluster.servers if s.server_name == info.cluster.leader)
@@ -90,7 +90,7 @@ async def orchestrator(bus: Bus, settings: MeshSettings) -> AsyncIterator[Orches
     specs = role_specs()
     caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "planner-test", Metrics("planner"))
     try:
-        yield Orchestrator(bus, specs["planner"], specs, caller, GoalStore(await bus.kv(bus.topology.kv_goals)),
+        yield Orchestrator(bus, specs["planner"], specs, caller, GoalStore(bus),
                            "planner-test")
     finally:
         await caller.gateway.aclose()
@@ -99,7 +99,7 @@ async def orchestrator(bus: Bus, settings: MeshSettings) -> AsyncIterator[Orches
 async def _outcome_delivery(bus: Bus, event: StepCompleted, attempt: int) -> Delivery:
     """``event`` as the planner's consumer hands it over, on its ``attempt``-th delivery."""
     await bus.emit(event)
-    sub = await bus.js.pull_subscribe(bus.topology.event_subject(event.goal_id, event.type),
+    sub = await bus._js.pull_subscribe(bus.topology.event_subject(event.goal_id, event.type),
                                       stream=bus.topology.events_stream)
     try:
         msg = (await sub.fetch(1, timeout=5))[0]
@@ -110,7 +110,7 @@ async def _outcome_delivery(bus: Bus, event: StepCompleted, attempt: int) -> Del
 
 
 async def _tasks_for(bus: Bus, role: str) -> list[str]:
-    info = await bus.js.stream_info(bus.topology.tasks_stream, subjects_filter=bus.topology.task_subject(role))
+    info = await bus._js.stream_info(bus.topology.tasks_stream, subjects_filter=bus.topology.task_subject(role))
     return list((info.state.subjects or {}).keys())
 
 
@@ -141,7 +141,7 @@ async def test_a_redelivered_outcome_dispatches_what_the_dead_delivery_did_not(
     assert after is not None and after.steps["implement"].status == "dispatched"
     # Once more (a duplicate): the dispatch is not repeated — the task id dedupes it.
     await orchestrator.on_step_event(await _outcome_delivery(bus, done, attempt=attempt + 1))
-    info = await bus.js.stream_info(bus.topology.tasks_stream)
+    info = await bus._js.stream_info(bus.topology.tasks_stream)
     assert info.state.messages == 1
 
 

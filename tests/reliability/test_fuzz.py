@@ -96,7 +96,7 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
     roles = [r for r, s in role_specs().items()]
     env = node_env(settings, MESH_SIM_LATENCY_SCALE="0")
     topo = bus.topology
-    assert bus.nc.max_payload == SERVER_LIMIT
+    assert bus.max_payload == SERVER_LIMIT
     rng = random.Random(2026)
     sent: dict[str, tuple[str, str]] = {}  # Nats-Msg-Id → (role, kind of fuzz)
     real = Goal(brief="Build me a login system")
@@ -150,9 +150,9 @@ async def test_10000_fuzzed_messages_end_in_the_dlq_while_real_work_flows(
     except BaseException:
         print(fleet.logs())
         for st in (topo.goals_stream, topo.tasks_stream, topo.dlq_stream):
-            print(st, (await bus.js.stream_info(st, subjects_filter=">")).state)
+            print(st, (await bus._js.stream_info(st, subjects_filter=">")).state)
         for r in roles:
-            ci = await bus.js.consumer_info(topo.stream_for(r), topo.consumer_name(r))
+            ci = await bus._js.consumer_info(topo.stream_for(r), topo.consumer_name(r))
             print(r, "pending", ci.num_pending, "ack pending", ci.num_ack_pending, "redelivered", ci.num_redelivered)
         raise
     finally:
@@ -185,14 +185,14 @@ async def _all_disposed(bus: Bus, roles: list[str]) -> bool:
     """Every role's consumer has nothing left to deliver and nothing unacknowledged."""
     topo = bus.topology
     for role in roles:
-        info = await bus.js.consumer_info(topo.stream_for(role), topo.consumer_name(role))
+        info = await bus._js.consumer_info(topo.stream_for(role), topo.consumer_name(role))
         if info.num_pending or info.num_ack_pending:
             return False
     return True
 
 
 async def _read_dlq(bus: Bus) -> list[tuple[DeadLetter, dict[str, str]]]:
-    sub = await bus.js.subscribe(f"{bus.topology.prefix}.dlq.>", stream=bus.topology.dlq_stream,
+    sub = await bus._js.subscribe(f"{bus.topology.prefix}.dlq.>", stream=bus.topology.dlq_stream,
                                  ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
     letters: list[tuple[DeadLetter, dict[str, str]]] = []
     try:
@@ -206,14 +206,14 @@ async def _read_dlq(bus: Bus) -> list[tuple[DeadLetter, dict[str, str]]]:
 
 
 async def test_a_payload_above_the_servers_max_payload_is_refused_at_publish(bus: Bus) -> None:
-    limit = bus.nc.max_payload
+    limit = bus._nc.max_payload
     with pytest.raises(PublishError, match=f"{limit + 1} bytes exceed the server's max_payload of {limit}") as info:
         await bus.publish_raw(bus.topology.task_subject("coder"), b"x" * (limit + 1))
     assert getattr(info.value, "retryable", None) is False  # a handler raising it is dead-lettered, not retried
     # The bus' own publish never gets there: a body above claim_check_bytes travels by reference ...
     big = Goal(brief="y" * 90_000, constraints=["z" * 1000] * 1200)
     await bus.submit_goal(big)
-    stored = await bus.js.get_last_msg(bus.topology.goals_stream, bus.topology.goal_subject())
+    stored = await bus._js.get_last_msg(bus.topology.goals_stream, bus.topology.goal_subject())
     assert stored.data is not None and len(stored.data) < bus.settings.claim_check_bytes < len(encode(big))
     assert open_envelope(stored.data).claim is not None
     # ... and past the configured message size it is refused before anything is sent.

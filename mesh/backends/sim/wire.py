@@ -22,7 +22,7 @@ from mesh.backends.base import (
     ToolSpec,
 )
 from mesh.backends.sim.world import SimReply
-from mesh.packing import estimate_tokens
+from mesh.backends.tokens import estimate_tokens
 
 Frame = tuple[str | None, str, int]
 PIECE = 32  # characters per streamed delta (~8 tokens)

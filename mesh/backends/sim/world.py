@@ -38,9 +38,9 @@ from mesh.backends.sim.faults import FaultPlan
 from mesh.backends.sim.prompt import parse
 from mesh.backends.sim.schema import conform
 from mesh.backends.tiers import TierConfig, load_tiers
+from mesh.backends.tokens import estimate_tokens, messages_tokens
 from mesh.contracts import Usage
 from mesh.errors import ContextTooLong
-from mesh.packing import estimate_tokens, messages_tokens
 
 PREFIX_CACHE_ENTRIES = 10_000
 

@@ -1,7 +1,7 @@
 """Batches of ``MESH_EVENTS`` messages for the ledger: in stream order, without gaps, one ack each.
 
-Pulling. A batch is fetched with JetStream's pull protocol spoken directly, on one inbox whose
-subscription callback only collects: a ``no_wait`` request takes whatever is stored right now (up
+Pulling. A batch is fetched with JetStream's pull protocol spoken directly (``mesh.bus.pull``, the
+core the task consumer uses too), on one inbox whose callback only collects: a ``no_wait`` request takes whatever is stored right now (up
 to ``batch_size``, ended by a 404 status); when there is nothing, a one-message request waits up to
 a second and, once something arrives, a second ``no_wait`` request takes the rest. nats-py's
 ``fetch`` does the same but awaits each message with its own timeout, which costs about as much
@@ -17,17 +17,16 @@ gap means a message went missing between server and client, and the caller resub
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from mesh.bus import Bus
+from mesh.bus.client import Bus
+from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts import Event
 from mesh.errors import BusError, ContractError, SchemaViolation
 
@@ -56,9 +55,7 @@ class EventFeed:
     def __init__(self, bus: Bus, *, consumer: str, durable: bool, batch_size: int) -> None:
         self.bus, self.consumer, self.durable, self.batch_size = bus, consumer, durable, batch_size
         self.stream = bus.topology.events_stream
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{consumer}"
-        self._inbox = bus.nc.new_inbox()
-        self._sub: Subscription | None = None
+        self._pulls = PullInbox(bus, self.stream, consumer, on_message=self._collect, on_status=self._ended)
         self._arrived: list[Msg] = []
         self._want = 0  # messages that complete the open request
         self._done = asyncio.Event()  # the open request ended (404/408/409 status) or got its batch
@@ -77,24 +74,19 @@ class EventFeed:
             inactive_threshold=None if self.durable else 60.0, num_replicas=self.bus.topology.replicas,
         )
         try:
-            await self.bus.js.add_consumer(self.stream, config)
-            self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._collect)
+            await self.bus._js.add_consumer(self.stream, config)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot create the ledger consumer {self.consumer} on {self.stream}: "
                            f"{exc!r}") from exc
+        await self._pulls.open()
         self._arrived.clear()
         self._fresh = True
 
     async def close(self, *, delete: bool) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("ledger feed unsubscribe: %r", exc)
+        await self._pulls.close()
         if delete:
             try:
-                await self.bus.js.delete_consumer(self.stream, self.consumer)
+                await self.bus._js.delete_consumer(self.stream, self.consumer)
             except NotFoundError:
                 pass
             except (nats.errors.Error, TimeoutError) as exc:
@@ -103,34 +95,29 @@ class EventFeed:
     async def drained(self) -> bool:
         """True when the consumer has nothing left to deliver."""
         try:
-            info = await self.bus.js.consumer_info(self.stream, self.consumer)
+            info = await self.bus._js.consumer_info(self.stream, self.consumer)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"cannot read consumer {self.consumer}: {exc!r}") from exc
         return not info.num_pending and not info.num_ack_pending
 
     # --- pulling ---------------------------------------------------------------------------------
 
-    async def _collect(self, msg: Msg) -> None:
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is None:
-            self._arrived.append(msg)
-            if len(self._arrived) >= self._want:
-                self._done.set()
-        elif status != "100":  # 404 no messages, 408 expired, 409 …: the request is over
-            if status not in ("404", "408"):
-                log.info("ledger feed: pull status %s %s", status, (msg.headers or {}).get("Description", ""))
+    def _collect(self, msg: Msg) -> None:
+        self._arrived.append(msg)
+        if len(self._arrived) >= self._want:
             self._done.set()
+
+    def _ended(self, status: PullStatus) -> None:
+        """404 no messages, 408 expired, 409 …: the request is over."""
+        if status.code not in ("404", "408"):
+            log.info("ledger feed: pull status %s %s", status.code, status.description)
+        self._done.set()
 
     async def _pull(self, batch: int, *, wait: float | None) -> None:
         """One pull request; returns when it ended, its batch arrived, or it is written off."""
-        body: dict[str, object] = {"batch": batch}
-        if wait is None:
-            body["no_wait"] = True
-        else:
-            body["expires"] = int(wait * 1e9)
         self._want = len(self._arrived) + batch
         self._done.clear()
-        await self.bus.nc.publish(self._next, json.dumps(body).encode(), reply=self._inbox)
+        await self._pulls.request(batch, expires=wait)
         try:
             await asyncio.wait_for(self._done.wait(), (wait or 0.0) + _GRACE)
         except TimeoutError:
@@ -138,7 +125,6 @@ class EventFeed:
 
     async def fetch(self) -> list[Msg]:
         """Up to ``batch_size`` messages: what is stored now, or what arrives within a second."""
-        assert self._sub is not None, "open() first"
         try:
             if not self._arrived:
                 await self._pull(self.batch_size, wait=None)
@@ -146,8 +132,8 @@ class EventFeed:
                 await self._pull(1, wait=_WAIT)
                 if self._arrived:
                     await self._pull(self.batch_size - len(self._arrived), wait=None)
-        except nats.errors.Error as exc:  # disconnected, server restarting: the next fetch asks again
-            log.info("ledger pull request not sent (%r); retrying", exc)
+        except BusError as exc:  # disconnected, server restarting: the next fetch asks again
+            log.info("ledger: %s; retrying", exc)
             await asyncio.sleep(_WAIT)
         msgs, self._arrived = self._arrived, []
         return sorted(msgs, key=lambda m: m.metadata.sequence.stream)

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from datetime import datetime
 
-import nats.errors
-from nats.js import api
-from nats.js.errors import NotFoundError, ObjectNotFoundError
-from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from mesh.bus.client import Bus
-from mesh.contracts.models import sha256_hex, utcnow
-from mesh.errors import BusError, ModelRejected
+from mesh.contracts.models import utcnow
+from mesh.errors import BlobNotFound, BusError, ModelRejected
 from mesh.router.model import META_FEATURE_VERSION, OnnxModel
 from mesh.router.runtime import Router
 
@@ -48,49 +44,24 @@ async def publish_model(bus: Bus, data: bytes) -> ModelPointer:
     model = await asyncio.to_thread(OnnxModel.load, data, source="the model to publish")
     pointer = ModelPointer(digest=model.digest, version=model.version,
                            feature_version=model.metadata[META_FEATURE_VERSION], size=len(data))
-    store = await bus.object_store(bus.topology.obj_models)
-    try:
-        try:
-            await store.get_info(pointer.digest)  # content-addressed: the same bytes are stored once
-        except (ObjectNotFoundError, NotFoundError):
-            await store.put(pointer.digest, data,
-                            meta=api.ObjectMeta(name=pointer.digest, description=pointer.version))
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BusError(f"storing router model {pointer.digest} failed: {exc!r}") from exc
-    return await _point(bus, pointer)
-
-
-async def _point(bus: Bus, pointer: ModelPointer) -> ModelPointer:
-    kv = await bus.kv(bus.topology.kv_models)
-    try:
-        await kv.put(POINTER_KEY, pointer.model_dump_json().encode())
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BusError(f"moving the router model pointer failed: {exc!r}") from exc
+    await bus.put_blob(data, media_type="application/onnx", name=pointer.version,
+                       bucket=bus.topology.obj_models)  # content-addressed: the same bytes are stored once
+    await bus.kv_put(bus.topology.kv_models, POINTER_KEY, pointer.model_dump_json().encode())
     return pointer
 
 
 async def current_pointer(bus: Bus) -> ModelPointer | None:
     """The published pointer, or None when nothing was ever published."""
-    kv = await bus.kv(bus.topology.kv_models)
-    try:
-        entry = await kv.get(POINTER_KEY)
-    except NotFoundError:  # KeyNotFoundError and KeyDeletedError are NotFoundErrors
-        return None
-    return ModelPointer.model_validate_json(entry.value or b"")
+    entry = await bus.kv_get(bus.topology.kv_models, POINTER_KEY)
+    return None if entry is None else ModelPointer.model_validate_json(entry.value)
 
 
 async def fetch_model(bus: Bus, pointer: ModelPointer) -> OnnxModel:
     """Download, verify and load the model a pointer names (``ModelRejected`` when unusable)."""
-    store = await bus.object_store(bus.topology.obj_models)
     try:
-        result = await store.get(pointer.digest)
-    except (ObjectNotFoundError, NotFoundError) as exc:
+        data = await bus.get_blob(pointer.digest, bucket=bus.topology.obj_models)  # checks the digest
+    except BlobNotFound as exc:
         raise ModelRejected(f"the pointer names model {pointer.digest}, which is not in the object store") from exc
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise BusError(f"reading router model {pointer.digest} failed: {exc!r}") from exc
-    data = bytes(result.data or b"")
-    if sha256_hex(data) != pointer.digest:
-        raise ModelRejected(f"router model {pointer.digest} failed its digest check ({len(data)} bytes read)")
     return await asyncio.to_thread(OnnxModel.load, data, source=f"router model {pointer.version} ({pointer.digest[:12]})")
 
 
@@ -102,30 +73,24 @@ async def watch_models(bus: Bus, router: Router, stop: asyncio.Event) -> None:
     """
     while not stop.is_set():
         try:
-            watcher = await (await bus.kv(bus.topology.kv_models)).watch(POINTER_KEY)
-        except (BusError, nats.errors.Error, TimeoutError) as exc:
-            log.warning("cannot watch the router model pointer, retrying in %.0fs: %r", RETRY_SECONDS, exc)
-            with suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RETRY_SECONDS)
-            continue
-        try:
             async with asyncio.TaskGroup() as tg:
-                following = tg.create_task(_follow(bus, router, watcher))
+                following = tg.create_task(_follow(bus, router))
                 stopping = tg.create_task(stop.wait())
                 await asyncio.wait([following, stopping], return_when=asyncio.FIRST_COMPLETED)
                 following.cancel()
                 stopping.cancel()
-        finally:
-            with suppress(Exception):  # the connection may already be gone at shutdown
-                await watcher.stop()
-        return
+            return
+        except* BusError as group:
+            log.warning("cannot watch the router model pointer, retrying in %.0fs: %s", RETRY_SECONDS,
+                        group.exceptions[0])
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RETRY_SECONDS)
 
 
-async def _follow(bus: Bus, router: Router, watcher: KeyValue.KeyWatcher) -> None:
-    async for entry in watcher:
-        if entry is None or entry.operation is not None or not entry.value:
-            continue  # the "caught up" marker, or a delete/purge of the pointer: keep the current model
-        await apply_pointer(bus, router, entry.value)
+async def _follow(bus: Bus, router: Router) -> None:
+    async with aclosing(bus.kv_watch(bus.topology.kv_models, POINTER_KEY)) as pointers:
+        async for raw in pointers:  # deletes and purges of the pointer are skipped: keep the current model
+            await apply_pointer(bus, router, raw)
 
 
 async def apply_pointer(bus: Bus, router: Router, raw: bytes) -> bool:

@@ -1,0 +1,199 @@
+"""``MeshClient``: the one library door to a running mesh — for the CLI, the gateway, tests and scripts.
+
+It submits goals (optionally with a local folder as the goal's starting workspace), follows a goal's
+events from a stream sequence (resumable without gap or duplicate), reads goal state, results and
+live nodes, and asks for a cancellation. It never writes goal state: a cancel is a ``GoalCommand``
+on ``mesh.control.<goal>`` that the planner applies by compare-and-swap like every other transition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from mesh.bus.client import Bus, ConsumerState
+from mesh.config import MeshSettings, get_settings
+from mesh.contracts import ArtifactRef, Event, Goal, GoalCancelled, GoalCommand, GoalCompleted, GoalFailed
+from mesh.errors import MeshError, UnknownGoal
+from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstore import GoalStore
+from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
+from mesh.tools.workspace import Workspace
+
+FINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
+SIMULATED_NOTE = ("Some or all of this goal's model calls were answered by the simulated backend (mesh sim-server), "
+                  "not a real model: the outputs and costs are simulated.\n")
+# Folders an uploaded workspace leaves out: version control and caches, never the project itself.
+SKIPPED_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache",
+                          "node_modules", ".venv"})
+
+
+class NodeInfo(BaseModel):
+    """A live node, from its heartbeat in KV ``mesh_nodes`` (what else the beat says is kept, e.g. its time)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    node: str
+    role: str
+    host: str = ""
+    pid: int = 0
+    version: str = ""
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class GoalResults:
+    """What a goal produced: the synthesis text, the final workspace's files and the steps' text outputs."""
+
+    state: GoalState
+    synthesis: str | None = None
+    workspace: dict[str, bytes] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name → bytes of each text output
+
+    def write(self, folder: Path) -> None:
+        """``synthesis.md``, ``workspace/``, ``artifacts/`` and ``goal.json`` under ``folder`` (and ``SIMULATED``
+        when simulated model calls made any of it)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.state.simulated:
+            (folder / "SIMULATED").write_text(SIMULATED_NOTE)
+        if self.synthesis is not None:
+            (folder / "synthesis.md").write_text(self.synthesis)
+        for path, data in self.workspace.items():
+            target = folder / "workspace" / path  # manifest paths are canonical: relative, no '..'
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        if self.artifacts:
+            (folder / "artifacts").mkdir(exist_ok=True)
+        for name, data in self.artifacts.items():
+            (folder / "artifacts" / name).write_bytes(data)
+        (folder / "goal.json").write_text(self.state.model_dump_json(indent=2))
+
+
+class MeshClient:
+    """Talks to a mesh over a connected ``Bus`` (which the caller owns), or ``async with
+    MeshClient.connect(settings)`` for one that owns its connection."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._goals = GoalStore(bus)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, settings: MeshSettings | None = None, *,
+                      name: str = "mesh-client") -> AsyncIterator[MeshClient]:
+        async with await Bus.connect(settings or get_settings(), name=name) as bus:
+            yield cls(bus)
+
+    # --- goals ---------------------------------------------------------------------------------
+
+    async def submit(self, goal: Goal, *, workspace: Path | None = None) -> str:
+        """Publish ``goal`` (deduplicated by its id); with ``workspace``, that folder is uploaded first and
+        the goal's steps start from it. Returns the goal id."""
+        if workspace is not None:
+            goal = goal.model_copy(update={"workspace": await self.upload_workspace(workspace)})
+        await self.bus.submit_goal(goal)
+        return goal.goal_id
+
+    async def upload_workspace(self, folder: Path) -> ArtifactRef:
+        """Store a local folder's files and their manifest; the manifest's reference."""
+        if not folder.is_dir():
+            raise MeshError(f"workspace {folder} is not a folder")
+        ws = await Workspace.open(None, self.bus.get_blob)
+        ws.apply({path: file.read_bytes() for path, file in _files(folder)})  # checks paths, sizes, counts
+        return await ws.commit(self._store)
+
+    async def _store(self, data: bytes, media_type: str, name: str) -> ArtifactRef:
+        return await self.bus.put_blob(data, media_type=media_type, name=name)
+
+    async def watch(self, goal_id: str | None, from_seq: int | None = 0, *,
+                    until_final: bool = False) -> AsyncGenerator[tuple[int, Event]]:
+        """(stream sequence, event) of one goal (``None``: every goal) with sequence ≥ ``from_seq``
+        (0: from the start; ``None``: only new events). Resume after sequence ``n`` with ``from_seq=n + 1``.
+        Runs until the caller stops — or, with ``until_final``, after the goal's final event."""
+        start = None if from_seq is None else max(from_seq, 1)
+        async with contextlib.aclosing(self.bus.events(goal_id, from_seq=start)) as events:
+            async for seq, event in events:
+                yield seq, event
+                if until_final and goal_id is not None and isinstance(event, FINAL_EVENTS):
+                    return
+
+    async def goal(self, goal_id: str) -> GoalState | None:
+        return await self._goals.get(goal_id)
+
+    async def goals(self) -> list[GoalState]:
+        """Every goal the mesh holds state for, oldest first."""
+        states = [await self._goals.get(key) for key in await self._goals.keys()]
+        return sorted((s for s in states if s is not None), key=lambda s: s.started_at)
+
+    async def cancel(self, goal_id: str, *, by: str, reason: str = "") -> bool:
+        """Ask the planner to cancel the goal; False when it has ended already (nothing is sent).
+        ``UnknownGoal`` when the mesh has no such goal. Workers stop before their next model or tool call."""
+        state = await self.goal(goal_id)
+        if state is None:
+            raise UnknownGoal(f"no goal {goal_id!r}")
+        if state.done:
+            return False
+        command = GoalCommand(goal_id=goal_id, action="cancel", by=by, reason=reason)
+        await self.bus.publish(self.bus.topology.control_subject(goal_id), command, msg_id=command.command_id)
+        return True
+
+    async def results(self, goal_id: str) -> GoalResults:
+        """The goal's synthesis, final workspace and text outputs, as far as it got."""
+        state = await self.goal(goal_id)
+        if state is None:
+            raise UnknownGoal(f"no goal {goal_id!r}")
+        results = GoalResults(state=state)
+        if state.result is not None:
+            results.synthesis = (await self.bus.get_blob(state.result.digest)).decode(errors="replace")
+        ref = state.workspace or state.goal.workspace
+        if ref is not None:
+            ws = await Workspace.open(ref, self.bus.get_blob)
+            results.workspace = {path: await ws.read(path) for path in ws.paths}
+        for sid, st in state.steps.items():
+            for ref in st.outputs:
+                if ref.media_type.startswith("text/") and ref.media_type != MANIFEST_MEDIA_TYPE:
+                    name = ref.name.replace("/", "__") or f"{sid}-{ref.digest[:16]}"
+                    results.artifacts[f"{name}.md"] = await self.bus.get_blob(ref.digest)
+        return results
+
+    async def event_positions(self) -> tuple[int, int]:
+        """(first, last) sequence the event stream holds now: the oldest a watch can resume from (older events
+        are gone once ``MESH_EVENTS_MAX_AGE`` passes), and the newest event."""
+        state = await self.bus.stream_state(self.bus.topology.events_stream)
+        return state.first_seq, state.last_seq
+
+    # --- the mesh ------------------------------------------------------------------------------
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Live nodes (their heartbeats), by role then node id."""
+        entries = await self.bus.kv_entries(self.bus.topology.kv_nodes)
+        nodes = [NodeInfo.model_validate(_json(e.value)) for e in entries if e.value]
+        return sorted(nodes, key=lambda n: (n.role, n.node))
+
+    async def backlog(self) -> dict[str, ConsumerState]:
+        """Every role consumer's backlog (goals and tasks), by consumer name."""
+        topo = self.bus.topology
+        states = [*await self.bus.consumers(topo.tasks_stream), *await self.bus.consumers(topo.goals_stream)]
+        return {c.name: c for c in states}
+
+
+def _files(folder: Path) -> Iterator[tuple[str, Path]]:
+    """(canonical path, file) of every regular file under ``folder``, skipping ``SKIPPED_DIRS``."""
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder)
+        if any(part in SKIPPED_DIRS for part in rel.parts[:-1]) or not file.is_file() or file.is_symlink():
+            continue
+        yield rel.as_posix(), file
+
+
+def _json(value: bytes) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise MeshError(f"unreadable heartbeat in the nodes bucket: {exc}") from exc

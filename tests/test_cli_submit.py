@@ -1,0 +1,57 @@
+"""`mesh submit` for scripts: --file (many goals, one connection), --wait (exit code from the outcome),
+--workspace (an existing project as the goal's first workspace)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mesh.bus import Bus
+from mesh.client import MeshClient
+from mesh.config import MeshSettings
+from tests.meshkit import in_process_mesh
+from tests.test_cli_commands import mesh_cli
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def fast(settings: MeshSettings) -> MeshSettings:
+    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
+                                       "health_host": "127.0.0.1"})
+
+
+async def test_submit_file_wait_and_workspace(fast: MeshSettings, bus: Bus, tmp_path: Path) -> None:
+    goals = tmp_path / "goals.jsonl"
+    goals.write_text(json.dumps({"brief": "Build me a login system"}) + "\n\n"
+                     + json.dumps({"brief": "Write a CSV parser", "constraints": ["Python only"]}) + "\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("an existing project\n")
+    async with in_process_mesh(fast):
+        code, out, err = await mesh_cli(fast, "submit", "--file", str(goals), "--wait", "--workspace", str(project))
+        assert code == 0, err
+        ids = out.split()
+        assert len(ids) == 2 and all(f"goal {i}: completed" in err for i in ids)
+        client = MeshClient(bus)
+        for goal_id in ids:
+            results = await client.results(goal_id)
+            assert results.state.status == "completed"
+            assert results.workspace["README.md"] == b"an existing project\n"
+
+        # A goal that cannot complete (its token budget is spent by the first call): exit code 1.
+        code, out, err = await mesh_cli(fast, "submit", "Build me a login system", "--max-tokens", "1", "--wait")
+        assert code == 1 and f"goal {out.strip()}: failed" in err
+
+
+async def test_submit_refuses_bad_input(fast: MeshSettings, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"brief": "fine"}) + "\n" + json.dumps({"constraints": []}) + "\n")
+    code, _, err = await mesh_cli(fast, "submit", "--file", str(bad))
+    assert code == 1 and f"{bad}:2: not a goal" in err
+    code, _, err = await mesh_cli(fast, "submit")
+    assert code == 1 and "give either a goal's brief or --file" in err
+    code, _, err = await mesh_cli(fast, "submit", "x", "--workspace", str(tmp_path / "missing"))
+    assert code == 1 and "is not a folder" in err

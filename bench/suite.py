@@ -1,7 +1,7 @@
 """bench/suite: every benchmark of the mesh, scaled down, in one run — one table of ratios.
 
 Each row reuses its benchmark module's own measuring function (``bench.bus``, ``bench.router``,
-``bench.ledger``, ``bench.orchestration``, ``bench.backends``) at a fraction of its full size, so the
+``bench.ledger``, ``bench.orchestration``, ``bench.backends``, ``bench.cli``) at a fraction of its full size, so the
 whole suite takes a few minutes; the full-size figures are in those modules' own sections of
 ``bench/RESULTS.md``. Ratios, not absolute rates, are what to read on a shared machine: both sides
 of a ratio run in the same process, interleaved where the module does so.
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import backends, bus, ledger, orchestration, router
+from bench import backends, bus, cli, ledger, orchestration, router
 from bench.results import write_section
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, Budget, DagPosition, Step, Task, encode, new_id
@@ -157,6 +157,13 @@ async def backend_rows(scale: float) -> list[Row]:
                 1.2, higher_is_better=False)]
 
 
+async def cli_rows(scale: float) -> list[Row]:
+    times = (await cli.command_times(max(1, int(5 * scale)), [cli.ROOT]))[cli.ROOT]
+    return [Row(f"CLI start-up: `{name}` wall time (a fresh process, median) vs the {cli.TARGET} s target",
+                f"{t:.2f} s", f"{cli.TARGET} s", t / cli.TARGET, "× target", 1.0, higher_is_better=False)
+            for name, t in times.items()]
+
+
 class _server:
     """A fresh nats-server in a temporary directory for one group of rows."""
 
@@ -173,7 +180,7 @@ class _server:
 
 GROUPS: dict[str, Callable[[float], object]] = {
     "bus": bus_rows, "router": router_rows, "ledger": ledger_rows, "orchestration": orchestration_rows,
-    "backends": backend_rows,
+    "backends": backend_rows, "cli": cli_rows,
 }
 
 

@@ -20,6 +20,7 @@ GROUP_ROWS = {
     "ledger": "ledger ingest: `Ledger.ingest` batches",
     "orchestration": "orchestration: steps/s with 2 vs 1 node process per worker role",
     "backends": "model call: `ModelGateway.chat` vs a bare `AsyncOpenAI`",
+    "cli": "CLI start-up: `mesh goals` wall time",
 }
 
 

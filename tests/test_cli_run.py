@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ def test_mesh_run_completes_a_goal_and_writes_results(tmp_path: Path) -> None:
     out = proc.stdout
     assert "SIMULATED" in out  # no endpoint configured: it says so
     assert "plan v1:" in out and "goal completed" in out and "routed to" in out
+    assert re.search(r"nodes up: \d of 7; waiting for [a-z, ]+", out), out[:2000]  # what the start waits for
     results = next((tmp_path / "out").iterdir())
     assert "Use Python 3.11 only" in (results / "synthesis.md").read_text()
     assert any((results / "workspace").rglob("*.py")), "the coder's files are in the final workspace"

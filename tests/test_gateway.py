@@ -324,3 +324,24 @@ async def test_a_goal_can_start_from_an_uploaded_workspace(settings: MeshSetting
         form = await http.post("/v1/goals", data={"goal": goal})  # urlencoded: neither JSON nor multipart
         assert form.status_code == 415 and form.json()["error"]["param"] == "Content-Type"
         assert len(await client.goals()) == 1
+
+
+async def test_cancel_through_the_gateway_is_a_command_the_planner_applies(settings: MeshSettings,
+                                                                           tmp_path: Path) -> None:
+    path, token = tokens_file(tmp_path)
+    s = fast(settings, sim_latency_scale=0.05, gateway_tokens_file=path)
+    async with gateway(s) as (gw, client), \
+            httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+        r = await http.post("/v1/goals", json={"brief": "Build me a login system", "options": {"sim_plan_steps": 20}})
+        goal_id = r.json()["goal_id"]
+        async with http.stream("GET", f"/v1/goals/{goal_id}/events") as stream:
+            async for m in sse(stream):
+                if m.get("event") == "step.started":
+                    break  # it is running
+        c = await http.post(f"/v1/goals/{goal_id}/cancel", json={"reason": "changed my mind"})
+        assert c.status_code == 202 and c.json()["cancel"] == "requested"
+        events = await wait_done(http, goal_id)
+        final = events[-1][1]
+        assert final["type"] == "goal.cancelled" and final["reason"] == "changed my mind" and final["by"] == "ci"
+        assert (await http.get(f"/v1/goals/{goal_id}")).json()["status"] == "cancelled"
+        assert (await client.goal(goal_id)).status == "cancelled"  # type: ignore[union-attr]

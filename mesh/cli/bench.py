@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "a fraction of its full size. Writes the \"suite\" section of bench/RESULTS.md.",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every sample size (default 1: a few minutes)")
-    p.add_argument("--only", nargs="*", metavar="GROUP", help="bus, router, ledger, orchestration, backends")
+    p.add_argument("--only", nargs="*", metavar="GROUP", help="bus, router, ledger, orchestration, backends, cli")
     p.add_argument("--replicas", type=int, default=4,
                    help="worker replicas compared with one in the orchestration group (default 4, the target's)")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")

@@ -298,12 +298,22 @@ async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, role
     from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
+    say = sys.stderr if a.json else sys.stdout
+
+    def starting(missing: list[str]) -> None:
+        up = len(roles) - len(missing)
+        print(f"nodes up: {up} of {len(roles)}" + (f"; waiting for {', '.join(missing)}" if missing else ""),
+              file=say, flush=True)
+
     async with _client(settings) as client:
-        await wait_for_roles(client.bus, roles)
+        # Submitted while the nodes still start: the goal waits in its stream for the planner.
         await client.submit(goal, workspace=a.workspace)
         final = None
-        async for _, final in client.watch(goal.goal_id, until_final=True):
-            progress.show(final)
+        async with asyncio.TaskGroup() as tg:
+            nodes = tg.create_task(wait_for_roles(client.bus, roles, report=starting))
+            async for _, final in client.watch(goal.goal_id, until_final=True):
+                progress.show(final)
+            nodes.cancel()
         if isinstance(final, GoalCompleted):
             out = a.out or settings.out_dir / goal.goal_id
             (await client.results(goal.goal_id)).write(out)

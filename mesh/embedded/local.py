@@ -115,15 +115,17 @@ class LocalMesh:
         # MESH_ALLOW_SIM: the embedded default is where simulation is allowed (and said so on screen).
         env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
                "MESH_DATA_DIR": str(self.data_dir), "MESH_ALLOW_SIM": "1"}
+        if self.sim_tiers:  # started first: it imports and binds while the topology is provisioned
+            env.update(self._spawn_sim_server())
         await self._provision()
-        if self.sim_tiers:
-            env.update(await self._start_sim_server())
         if self.edge is not None:  # after the sim's env: the real model takes the edge tier over
             await self.edge.start()
             env.update(self.edge.tier_env(self.model_tiers))
         self.procs = [RoleProcess(role, env, self.data_dir / "logs") for role in self.roles]
         for p in self.procs:
             p.spawn()
+        if self.sim is not None:  # awaited after the nodes are spawned: they need it only at their first call
+            await wait_http(f"{self.sim_url}/healthz", self.sim)
         (self.data_dir / "local.json").write_text(json.dumps(
             {"nats_url": self.url, "sim_url": self.sim_url, "edge_url": self.edge.base_url if self.edge else None,
              "pid": os.getpid(),
@@ -139,14 +141,14 @@ class LocalMesh:
                                      provision=False) as bus:
             await bus.provision(self.roles, prune=self.nats is not None)
 
-    async def _start_sim_server(self) -> dict[str, str]:
-        """A sim-server on loopback, and the environment pointing every tier at it over HTTP."""
+    def _spawn_sim_server(self) -> dict[str, str]:
+        """A sim-server process on loopback (not yet answering), and the environment pointing every tier
+        at it over HTTP."""
         port = free_port()
         self.sim_url = f"http://127.0.0.1:{port}"
         self.sim = ChildProcess([sys.executable, "-m", "mesh", "sim-server", "--host", "127.0.0.1", "--port", str(port)],
                                 self.data_dir / "logs" / "sim-server.log", what="sim-server")
         self.sim.start()
-        await wait_http(f"{self.sim_url}/healthz", self.sim)
         return sim_server_env(self.sim_url, self.sim_tiers)
 
     async def supervise(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import aclosing, suppress
 from typing import TYPE_CHECKING
 
@@ -34,16 +34,24 @@ async def wait_http(url: str, proc: ChildProcess, timeout: float = 20.0) -> None
     raise EmbeddedServerError(f"{url} did not become ready within {timeout:.0f}s")
 
 
-async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0) -> None:
+async def wait_for_roles(bus: Bus, roles: Iterable[str], timeout: float = 180.0,
+                         report: Callable[[list[str]], None] | None = None) -> None:
     """Return once every role has a node heartbeat in KV ``mesh_nodes``: its node is connected, its durable
-    consumers are provisioned and its consumer loops have started."""
+    consumers are provisioned and its consumer loops have started. ``report`` hears the roles still
+    missing at the start and whenever that changes (the last time with none)."""
     missing = set(roles)
+    if report is not None:
+        report(sorted(missing))
     if not missing:
         return
     try:
         async with asyncio.timeout(timeout), aclosing(bus.kv_watch(bus.topology.kv_nodes)) as beats:
             async for beat in beats:
-                missing.discard(json.loads(beat)["role"])
+                role = json.loads(beat)["role"]
+                if role in missing:
+                    missing.discard(role)
+                    if report is not None:
+                        report(sorted(missing))
                 if not missing:
                     return
     except TimeoutError:

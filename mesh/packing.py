@@ -1,8 +1,8 @@
 """Context packing: one step's prompt, built from the goal's state, within a model's window.
 
 The prompt protocol is ``mesh.contracts.prompt`` (the sim reads it; real models read it as an ordinary
-prompt): the system message is the role prompt (first line ``ROLE: <role>``); the user message has the
-sections ``## Pinned constraints``, ``## Goal``, ``## Step`` (instruction + acceptance),
+prompt): the system message is the role prompt (headed ``ROLE: <role>`` and ``OUTPUT KIND: <kind>``);
+the user message has the sections ``## Pinned constraints``, ``## Goal``, ``## Step`` (instruction + acceptance),
 ``## Previous review`` (the feedback a revision addresses, each ``### <name>``), ``## Inputs`` (each
 ``### <name>``) and ``## Memory``.
 

@@ -10,8 +10,9 @@ import pytest
 from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
-from mesh.contracts import Goal, GoalCancelled, GoalCompleted, StepStarted
+from mesh.contracts import Goal, GoalCancelled, GoalCompleted, GoalFailed, StepStarted
 from mesh.errors import UnknownGoal
+from mesh.roles.orchestrator import Orchestrator
 from tests.meshkit import in_process_mesh
 
 pytestmark = pytest.mark.timeout(240)
@@ -73,6 +74,25 @@ async def test_cancel_is_a_command_the_planner_applies(fast: MeshSettings, bus: 
         assert not await client.cancel(goal_id, by="tester"), "an ended goal is not cancelled again"
     with pytest.raises(UnknownGoal, match="no goal 'nope'"):
         await client.cancel("nope", by="tester")
+
+
+async def test_a_cancel_the_planner_cannot_apply_still_stops_the_goal(fast: MeshSettings, bus: Bus,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control consumer has a give-up hook too: a command that fails every delivery ends the goal."""
+    async def broken(self: Orchestrator, delivery: object) -> None:
+        raise RuntimeError("a command bug")
+
+    monkeypatch.setattr(Orchestrator, "on_command", broken)
+    client = MeshClient(bus)
+    async with in_process_mesh(fast.model_copy(update={"sim_latency_scale": 1.0, "max_deliver": 2})):
+        goal_id = await client.submit(Goal(brief="Build me a login system"))
+        async for _, event in client.watch(goal_id):
+            if isinstance(event, StepStarted):
+                break
+        assert await client.cancel(goal_id, by="tester")
+        final = [event async for _, event in client.watch(goal_id, until_final=True)][-1]
+    assert isinstance(final, GoalFailed)
+    assert final.reason == "the cancel command of tester could not be applied: RuntimeError: a command bug"
 
 
 async def test_connect_owns_its_connection(fast: MeshSettings, bus: Bus) -> None:

@@ -54,30 +54,29 @@ def test_a_goal_runs_end_to_end_with_every_tier_on_smollm2(tmp_path: Path) -> No
     assert "every tier: SmolLM2" in proc.stderr
 
     calls = [e for e in events if e["type"] == "backend.call"]
-    assert calls and all(e["model"] == MODEL_ALIAS for e in calls), "every call went to the real model"
     planned = [e for e in events if e["type"] == "goal.planned"]
-    assert planned and planned[0]["source"] in ("model", "fallback")
     tools = [e for e in events if e["type"] == "tool.call"]
     writes = [e for e in tools if e["tool"] == "fs.write" and e["ok"]]
-    assert writes, "the coder wrote no file"
     runs = [e for e in tools if e["tool"] == "shell.run" and e["role"] == "tester"]
-    assert runs and runs[-1]["arguments"]["argv"][0] in ("python", "pytest"), "the tester ran no test command"
     completed = [e for e in events if e["type"] == "step.completed"]
-    assert any(e["role"] == "synthesizer" for e in completed) or last["type"] == "goal.failed"
-    assert "quality" in last and last["quality"]["tests"] in ("passed", "failed"), last.get("quality")
-    if last["type"] == "goal.completed":
-        assert (tmp_path / "out" / last["goal_id"] / "synthesis.md").is_file()
     verdicts = Counter(e["verdict"] for e in completed if e["role"] == "reviewer")
     no_verdict = [e for e in events if e["type"] == "step.progress" and e["message"].startswith("no verdict")]
-    logs = (tmp_path / ".mesh" / "logs")
-    crashed = [p.name for p in logs.glob("*.log") if "Traceback" in p.read_text(errors="replace")
-               and p.name != "edge-model.log"]
-    assert not crashed, f"a node crashed: {crashed}"
-    print(json.dumps({
-        "outcome": last["type"], "plan_source": planned[0]["source"], "plan_steps": len(planned[-1]["plan"]["steps"]),
-        "replans": len(planned) - 1, "files_written": sorted({e["arguments"]["path"] for e in writes}),
+    print(json.dumps({  # the model's own share, printed first so a failing run still shows it
+        "outcome": last["type"], "reason": last.get("reason", ""), "quality": last.get("quality"),
+        "plan_source": [p["source"] for p in planned], "plan_steps": [len(p["plan"]["steps"]) for p in planned],
+        "files_written": sorted({e["arguments"]["path"] for e in writes}), "tools": [(e["role"], e["tool"], e["ok"])
+                                                                                    for e in tools],
         "verdicts_by_model": dict(verdicts), "verdicts_missing": len(no_verdict),
-        "tests": last["quality"]["tests"], "tests_exit_code": last["quality"]["tests_exit_code"],
+        "steps": [(e["type"], e.get("step_id"), e.get("role"), e.get("error", "")[:200]) for e in events
+                  if e["type"] in ("step.completed", "step.failed", "step.progress")],
         "calls": len(calls), "completion_tokens": sum(e["usage"]["completion_tokens"] for e in calls),
-        "steps_completed": len(completed),
     }))
+    assert calls and all(e["model"] == MODEL_ALIAS for e in calls), "every call went to the real model"
+    assert planned and planned[0]["source"] in ("model", "fallback")
+    assert writes, "the coder wrote no file"
+    assert runs and runs[-1]["arguments"]["argv"][0] in ("python", "pytest"), "the tester ran no test command"
+    assert any(e["role"] == "synthesizer" for e in completed) or last["type"] == "goal.failed"
+    assert last.get("quality") is not None and last["quality"]["tests"] in ("passed", "failed"), last.get("quality")
+    if last["type"] == "goal.completed":
+        assert (tmp_path / "out" / last["goal_id"] / "synthesis.md").is_file()
+    assert "restarting in" not in proc.stderr, "a node died and was restarted by the local mesh's supervisor"

@@ -130,7 +130,8 @@ class Node:
                                  handler=orch.on_step_event, concurrency=self.spec.concurrency, dlq_subject=dlq,
                                  on_give_up=orch.give_up_outcome),
                     PullConsumer(bus, stream=topo.control_stream, durable=topo.control_consumer,
-                                 handler=orch.on_command, concurrency=self.spec.concurrency, dlq_subject=dlq),
+                                 handler=orch.on_command, concurrency=self.spec.concurrency, dlq_subject=dlq,
+                                 on_give_up=orch.give_up_command),
                 ]
                 runners.append(lambda: orch.sweep(self.stop))
             else:

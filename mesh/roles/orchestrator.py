@@ -150,6 +150,13 @@ class Orchestrator:
             await self.bus.emit(GoalCancelled(event_id=f"{gid}.cancelled", goal_id=gid, reason=state.reason or reason,
                                               by=command.by))
 
+    async def give_up_command(self, delivery: Delivery, exc: BaseException) -> None:
+        """The consumer gives up on a client's command it could not apply: the client asked the goal to
+        stop, so it stops — failed, with the reason — rather than running on as if nobody had asked."""
+        command = delivery.message(GoalCommand)
+        await self._fail_goal(command.goal_id, f"the {command.action} command of {command.by} could not be "
+                                               f"applied: {type(exc).__name__}: {exc}"[:2000])
+
     async def give_up_outcome(self, delivery: Delivery, exc: BaseException) -> None:
         """The consumer gives up on a step outcome it could not record (a bug, an error no retry fixes):
         the goal fails with the reason instead of waiting on a step whose outcome will never count."""

@@ -31,7 +31,8 @@ class _Strict(BaseModel):
 
 
 class Prompts(_Strict):
-    system: str = Field(min_length=1, description="System prompt; the worker prefixes 'ROLE: <role>'.")
+    system: str = Field(min_length=1, description="System prompt; the worker heads it with 'ROLE: <role>' and "
+                                                  "'OUTPUT KIND: <kind>'.")
     output: str = Field(default="", description="What the output must look like (appended to the step).")
 
 

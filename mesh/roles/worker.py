@@ -221,7 +221,7 @@ class Worker:
             )
             response = await self._converse(task, request, decision, toolbox, outbox, check)
             if not native:
-                await self._text_tools(task, response.text, toolbox, outbox, check)
+                await self._text_tools(task, response, toolbox, outbox, check, request, decision)
             tests_exit = toolbox.last_exit_code
             verdict = await self._verdict(task, request, response, decision, outbox, check) if spec.verdicts \
                 else _test_verdict(tests_exit) if spec.verdict_from_tests else None
@@ -271,12 +271,23 @@ class Worker:
         ))
         return result
 
-    async def _text_tools(self, task: Task, text: str, toolbox: ToolBox, outbox: Outbox,
-                          check: Callable[[], Awaitable[None]]) -> None:
+    async def _text_tools(self, task: Task, response: ChatResponse, toolbox: ToolBox, outbox: Outbox,
+                          check: Callable[[], Awaitable[None]], request: ChatRequest, decision: RouteDecision) -> None:
         """A tier without function calling: the edits and commands written in the answer run through the
-        same guarded toolbox. A role whose verdict is its tests runs the test command itself when the
-        model wrote none, so its verdict still comes from a real run."""
-        calls = parse_calls(text, toolbox.allowed)
+        same guarded toolbox. A role that revises work (the coder) whose answer held no file is asked once
+        more, briefly, for one fenced file (small models lose the protocol in a long prompt). A role whose
+        verdict is its tests runs the test command itself when the model wrote none, so its verdict still
+        comes from a real run."""
+        calls = parse_calls(response.text, toolbox.allowed)
+        if self.spec.revises and "fs.write" in toolbox.allowed and not any(c.name == "fs.write" for c in calls):
+            again = await self.caller.chat(request.model_copy(update={"messages": [
+                request.messages[0], ChatMessage(role="user", content=(
+                    f"{task.step.instruction}\n\nYour last answer wrote no file. Answer with ONLY one fenced code "
+                    f"block whose first line names the file, like:\n```python main.py\n<the whole file>\n```"))]}),
+                decision, task.remaining, check)
+            calls = parse_calls(again.text, toolbox.allowed)
+            await self._progress(outbox, task, "nofile", f"the answer wrote no file; asked again: "
+                                                         f"{len(calls)} edit(s) in the second answer", {})
         if self.spec.verdict_from_tests and not any(c.name == "shell.run" for c in calls) \
                 and DEFAULT_TEST_ARGV[0] in self.spec.shell_allow:
             calls.append(TextCall("shell.run", {"argv": DEFAULT_TEST_ARGV}))

@@ -44,7 +44,7 @@ from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, StepCompleted, Usage, encode, new_id, new_traceparent
 from mesh.embedded import EmbeddedNats
 
-ROLE = "bench"
+ROLE = "coder"  # a worker role: the tasks stream takes only the worker roles' subjects
 WINDOW = 32
 
 

@@ -1,7 +1,8 @@
 """bench/cli: how long the `mesh` command takes, as a user types it — each one a fresh process.
 
 1. `mesh --help`, `mesh goals`, `mesh submit "<goal>"` against a running nats-server (provisioned, a few
-   goals in KV): the median wall time of ``--runs`` runs each, against the 0.3 s target;
+   goals in KV): the median wall time of ``--runs`` runs each, against the 0.3 s target, and the median
+   CPU time (user + system) of the process — what the wall time would be on an idle core;
 2. `mesh run "<goal>" --json` on a fresh data folder (nats-server, sim-server and one process per role
    started by the command): seconds from the command's start to ``goal.submitted`` and ``goal.planned``
    on its output, and to its exit.
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,19 +45,25 @@ def _env(source: Path, **extra: str) -> dict[str, str]:
     return env | {"PYTHONPATH": str(source)} | extra
 
 
-def _wall(argv: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
+def _wall(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one `mesh` process; run one at a time (children's rusage is summed)."""
+    cpu0, started = _children_cpu(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "mesh", *argv], env=env, capture_output=True, timeout=120,
                           check=False)
-    took = time.perf_counter() - started
+    took, cpu = time.perf_counter() - started, _children_cpu() - cpu0
     if proc.returncode not in (0, 2):  # --help exits 0; a bare `mesh` 2
         raise RuntimeError(f"mesh {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
-    return took
+    return took, cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def command_times(runs: int, sources: list[Path]) -> dict[Path, dict[str, float]]:
-    """Median wall seconds of each command in ``COMMANDS`` per source tree, against a fresh, provisioned
-    nats-server."""
+    """Median wall seconds of each command in ``COMMANDS`` per source tree (and its CPU seconds, under
+    ``"<command> cpu"``), against a fresh, provisioned nats-server."""
     with tempfile.TemporaryDirectory(prefix="mesh-bench-cli-") as tmp:
         async with EmbeddedNats(Path(tmp) / "nats") as server:
             async with await Bus.connect(MeshSettings(nats_url=server.url), name="bench-cli") as bus:
@@ -64,11 +72,14 @@ async def command_times(runs: int, sources: list[Path]) -> dict[Path, dict[str, 
             envs = {src: _env(src, MESH_NATS_URL=server.url, MESH_DATA_DIR=str(Path(tmp) / "mesh")) for src in sources}
             for env in envs.values():
                 _wall(["--help"], env)  # bytecode compiled, files in the page cache: a user's second command
-            times: dict[Path, dict[str, list[float]]] = {src: {name: [] for name in COMMANDS} for src in sources}
+            times: dict[Path, dict[str, list[float]]] = {
+                src: {key: [] for name in COMMANDS for key in (name, f"{name} cpu")} for src in sources}
             for _ in range(runs):  # interleaved, so a burst of load hits every command and tree alike
                 for name, argv in COMMANDS.items():
                     for src, env in envs.items():
-                        times[src][name].append(await asyncio.to_thread(_wall, argv, env))
+                        wall, cpu = await asyncio.to_thread(_wall, argv, env)
+                        times[src][name].append(wall)
+                        times[src][f"{name} cpu"].append(cpu)
     return {src: {name: statistics.median(v) for name, v in per.items()} for src, per in times.items()}
 
 
@@ -106,10 +117,11 @@ def main() -> None:
     runs = {src: run_times(src) for src in reversed(sources)}  # the older one first: the same cold caches
     load = os.getloadavg()[0]
 
-    def cells(figures: dict[Path, dict[str, float]], key: str, digits: int) -> str:
-        return " | ".join(f"{figures[src][key]:.{digits}f} s" for src in sources)
+    def cells(figures: dict[Path, dict[str, float]], key: str, digits: int, cpu: str = "") -> str:
+        return " | ".join(f"{figures[src][key]:.{digits}f} s" + (f" ({figures[src][cpu]:.2f} s)" if cpu else "")
+                          for src in sources)
 
-    rows = [f"| `{name}` | {cells(times, name, 2)} | ≤ {TARGET} s |" for name in COMMANDS]
+    rows = [f"| `{name}` wall (CPU) | {cells(times, name, 2, f'{name} cpu')} | ≤ {TARGET} s |" for name in COMMANDS]
     rows += [f"| `mesh run` start → {what} | {cells(runs, key, 1)} | |"
              for key, what in (("submitted", "goal.submitted"), ("planned", "goal.planned"),
                                ("exit", "exit (goal completed, results written)"))]

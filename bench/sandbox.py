@@ -67,7 +67,7 @@ def _bare(runs: int) -> list[str]:
     bwrap = select("auto").bwrap
     if bwrap is None:
         return []
-    full = bwrap_argv(bwrap, network=False)
+    full = bwrap_argv(bwrap, network=False, binds=[])
     variants = {"`/bin/true`": ["/bin/true"], "`bwrap … -- /bin/true`": [*full, "--", "/bin/true"],
                 "`bwrap … -- /bin/true`, network shared": [a for a in full if a != "--unshare-net"] + ["--", "/bin/true"]}
     rows = []

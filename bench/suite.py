@@ -159,9 +159,10 @@ async def backend_rows(scale: float) -> list[Row]:
 
 async def cli_rows(scale: float) -> list[Row]:
     times = (await cli.command_times(max(1, int(5 * scale)), [cli.ROOT]))[cli.ROOT]
-    return [Row(f"CLI start-up: `{name}` wall time (a fresh process, median) vs the {cli.TARGET} s target",
-                f"{t:.2f} s", f"{cli.TARGET} s", t / cli.TARGET, "× target", 1.0, higher_is_better=False)
-            for name, t in times.items()]
+    return [Row(f"CLI start-up: `{name}` wall time (a fresh process, median; CPU {times[name + ' cpu']:.2f} s) vs "
+                f"the {cli.TARGET} s target", f"{times[name]:.2f} s", f"{cli.TARGET} s", times[name] / cli.TARGET,
+                "× target", 1.0, higher_is_better=False)
+            for name in cli.COMMANDS]
 
 
 class _server:

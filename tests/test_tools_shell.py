@@ -254,3 +254,29 @@ async def test_the_network_is_there_only_when_the_role_spec_allows_it(
                                f"    socket.create_connection(('127.0.0.1', {port}), timeout=5); print('connected')",
                                "except OSError as exc:", "    print('refused', exc)"))
     assert out["stdout"].startswith("connected" if network else "refused"), out
+
+
+def test_an_interpreter_under_tmp_is_not_hidden_by_the_private_tmp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone (and its .venv) under /tmp: the run's private /tmp is mounted first, the interpreter on top
+    of it — found when CI's clone in /tmp failed every tester run with `execvp …/.venv/bin/python`."""
+    import subprocess
+    import sys
+
+    from mesh.tools import sandbox
+
+    box = sandbox.select("auto")
+    if box.bwrap is None:
+        pytest.skip(f"bubblewrap unavailable here: {box.reason}")
+    venv = Path("/tmp") / f"mesh-venv-{os.getpid()}"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    try:
+        monkeypatch.setattr(sys, "prefix", str(venv))
+        private = tmp_path / "private-tmp"
+        private.mkdir()
+        argv = sandbox.bwrap_argv(box.bwrap, network=False, binds=["--bind", str(private), "/tmp"])
+        out = subprocess.run([*argv, "--", str(venv / "bin" / "python"), "-I", "-S", "-c", "print('ok')"],
+                             env={}, capture_output=True, text=True, timeout=30, check=False)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(venv)], check=True)

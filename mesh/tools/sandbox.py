@@ -111,8 +111,9 @@ class Sandbox:
             return Launch(shim, dirs.files, dirs.home, dirs.tmp)
         assert self.bwrap is not None
         binds = ["--bind", str(dirs.files), str(WORKSPACE), "--bind", str(dirs.home), str(HOME),
-                 "--bind", str(dirs.tmp), str(TMP), "--chdir", str(WORKSPACE)]
-        return Launch([*bwrap_argv(self.bwrap, network=network), *binds, "--", *shim], WORKSPACE, HOME, TMP)
+                 "--bind", str(dirs.tmp), str(TMP)]
+        argv = bwrap_argv(self.bwrap, network=network, binds=binds)
+        return Launch([*argv, "--chdir", str(WORKSPACE), "--", *shim], WORKSPACE, HOME, TMP)
 
     def hand_over(self, dirs: RunDirs, root: Path) -> None:
         """A root node's runs are another uid: give them the folder (links are changed, never followed)."""
@@ -127,8 +128,9 @@ class Sandbox:
                     os.lchown(os.path.join(dirpath, name), uid, uid)
 
 
-def bwrap_argv(bwrap: str, *, network: bool) -> list[str]:
-    """bwrap and every option but the per-task binds."""
+def bwrap_argv(bwrap: str, *, network: bool, binds: list[str]) -> list[str]:
+    """bwrap and its options, the per-task ``binds`` (workspace, HOME, private /tmp) mounted before the
+    interpreter: an interpreter or venv under /tmp or /home (a clone in /tmp) would else be hidden by them."""
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-uts",
             "--unshare-cgroup-try"]
     if os.geteuid() != 0:
@@ -142,6 +144,7 @@ def bwrap_argv(bwrap: str, *, network: bool) -> list[str]:
             argv += ["--ro-bind", d, d]
     for f in ETC_FILES:
         argv += ["--ro-bind-try", f, f]
+    argv += binds
     python = _python_dirs()
     for parent in sorted({str(p) for d in [*python, str(HOME)] for p in Path(d).parents if str(p) != "/"}):
         argv += ["--perms", "0755", "--dir", parent]  # made by bwrap, else 0700: a root node's runs could not pass
@@ -181,7 +184,10 @@ def select(requested: SandboxRequest = "auto") -> Sandbox:
 def _probe(bwrap: str) -> str | None:
     """None when a sandboxed interpreter starts; else bwrap's reason (no user namespaces, no /proc mount…)."""
     with tempfile.TemporaryDirectory(prefix="mesh-probe-") as tmp:
-        argv = [*bwrap_argv(bwrap, network=False), "--bind", tmp, str(WORKSPACE), "--chdir", str(WORKSPACE),
+        ws, private_tmp = os.path.join(tmp, "ws"), os.path.join(tmp, "tmp")
+        os.mkdir(ws), os.mkdir(private_tmp)
+        binds = ["--bind", ws, str(WORKSPACE), "--bind", private_tmp, str(TMP)]
+        argv = [*bwrap_argv(bwrap, network=False, binds=binds), "--chdir", str(WORKSPACE),
                 "--", sys.executable, "-I", "-S", "-c", "pass"]
         try:
             out = subprocess.run(argv, env={}, capture_output=True, text=True, timeout=PROBE_SECONDS, check=False)

@@ -95,7 +95,7 @@ class Pod:
         return list(container.get("command") or []) + list(container.get("args") or [])
 
     def mount(self, container: Doc) -> dict[str, Path]:
-        """Materialise the container's volumes (emptyDir, PVC template, configMap) under ``root``."""
+        """Materialise the container's volumes (emptyDir, PVC template, configMap, a given Secret) under ``root``."""
         volumes = {v["name"]: v for v in self.spec.get("volumes", [])}
         for m in container.get("volumeMounts", []):
             host = self.root / m["name"]
@@ -104,6 +104,9 @@ class Pod:
             if "configMap" in source:
                 cm = one(self.docs, "ConfigMap", _base_name(source["configMap"]["name"]))
                 for key, value in (cm.get("data") or {}).items():
+                    (host / key).write_text(value)
+            if "secret" in source:
+                for key, value in self.secrets.get(_base_name(source["secret"]["secretName"]), {}).items():
                     (host / key).write_text(value)
             self.mounts[m["mountPath"]] = host
         return self.mounts

@@ -13,6 +13,7 @@ role's credentials, and no secret may appear in the logs, the event stream or th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import secrets
@@ -142,6 +143,7 @@ async def _run(tmp: Path, result: Run) -> None:
     api_keys = secrets_from(K8S / "secrets" / "api-keys.template.yaml")["mesh-api-keys"]
     api_keys["DEEPSEEK_API_KEY"] = result.secrets["api key"] = f"sk-mesh-test-{secrets.token_hex(16)}"
     given["mesh-api-keys"] = api_keys
+    given["mesh-gateway-tokens"] = {"tokens.toml": _gateway_tokens()}
     result.secrets |= {f"{name} password": data["MESH_NATS_PASSWORD"] for name, data in given.items()
                        if "MESH_NATS_PASSWORD" in data}
 
@@ -195,13 +197,29 @@ def _containers(docs: list[dict], given: dict[str, dict[str, str]], nats_url: st
         result.overrides[pod.name] = {k for k in overrides if env.get(k) != overrides[k]}
         image_env = {"PATH": f"{scripts}:/usr/bin:/bin", "HOME": str(mounts["/tmp"]), "TMPDIR": str(mounts["/tmp"]),
                      "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # the Dockerfile's ENV
-        argv = pod.argv(container)
+        argv = _on_loopback(pod.argv(container), port)
         assert argv[0] == "mesh"
         (tmp / "logs").mkdir(exist_ok=True)
         ready = f"http://127.0.0.1:{port}{container['readinessProbe']['httpGet']['path']}"
         containers.append(Container(pod.name, [str(scripts / "mesh"), *argv[1:]], {**image_env, **env, **overrides},
                                     pod.root, tmp / "logs" / f"{pod.name}.log", ready))
     return containers
+
+
+def _on_loopback(argv: list[str], port: int) -> list[str]:
+    """A server's bind address in its args (the gateway's ``--host 0.0.0.0 --port 8080``) moved to loopback and
+    the pod's free port, like the health address in its environment."""
+    out = list(argv)
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port))):
+        if flag in out:
+            out[out.index(flag) + 1] = value
+    return out
+
+
+def _gateway_tokens() -> str:
+    """The gateway Secret's tokens.toml with one real token, as `mesh gateway token` prints its entry."""
+    token = secrets.token_urlsafe(24)
+    return f'[[token]]\nname = "smoke"\nsha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
 
 
 async def _drive(server: EmbeddedNats, given: dict[str, dict[str, str]], pods: list[Container],
@@ -220,10 +238,11 @@ async def _drive(server: EmbeddedNats, given: dict[str, dict[str, str]], pods: l
                 result.events.append(event)
                 if isinstance(event, GoalCompleted | GoalFailed):
                     break
+        nodes = sum(1 for p in pods if p.argv[1] == "node")  # the gateway is a pod but not a node
         async with aclosing(bus.watch_events(SYSTEM_GOAL_ID)) as system:  # node.up of every node
             async for event in system:
                 result.events.append(event)
-                if sum(isinstance(e, NodeUp) for e in result.events) >= len(pods):
+                if sum(isinstance(e, NodeUp) for e in result.events) >= nodes:
                     break
         result.users = await _connection_users(server)
         ledger = LedgerClient(bus)  # the operator may ask the ledger; wait until it has the goal

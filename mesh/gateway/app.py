@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -89,8 +90,9 @@ def build_app(client: MeshClient, settings: MeshSettings, tokens: TokenStore | N
 
 
 class _EmbeddedServer(uvicorn.Server):
-    """A server inside another program's event loop (`mesh up`, `mesh run`, tests): that program owns the
-    signals, so Ctrl-C stays its KeyboardInterrupt instead of a uvicorn shutdown."""
+    """A server whose program owns the signals: `mesh up`, `mesh run` and tests (Ctrl-C stays their
+    KeyboardInterrupt), and `mesh gateway`, which drains on SIGTERM and exits 0 — uvicorn's own handling
+    re-raises the signal after its shutdown, so a pod would end killed by SIGTERM instead of drained."""
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -125,15 +127,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_gateway(client: MeshClient, settings: MeshSettings, host: str, port: int, *,
-                 embedded: bool = True) -> Gateway:
+def make_gateway(client: MeshClient, settings: MeshSettings, host: str, port: int) -> Gateway:
     """Checks the bind (no tokens: loopback only), builds the app, binds the socket."""
     tokens = TokenStore.load(settings.gateway_tokens_file)
     require_safe_bind(host, tokens)
     config = uvicorn.Config(build_app(client, settings, tokens), log_level="warning", access_log=False,
                             lifespan="on", timeout_graceful_shutdown=2)
-    server = _EmbeddedServer(config) if embedded else uvicorn.Server(config)
-    return Gateway(server, bind(host, port))
+    return Gateway(_EmbeddedServer(config), bind(host, port))
 
 
 @asynccontextmanager
@@ -157,6 +157,9 @@ async def serve(settings: MeshSettings, host: str, port: int) -> None:
 
     setup_json_logging(settings.log_level, role="gateway")
     async with MeshClient.connect(settings, name="mesh-gateway") as client:
-        gateway = make_gateway(client, settings, host, port, embedded=False)
+        gateway = make_gateway(client, settings, host, port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn drains open requests, then serve returns
+            loop.add_signal_handler(sig, setattr, gateway.server, "should_exit", True)
         print(f"mesh gateway on {gateway.url}", flush=True)
         await gateway.server.serve(sockets=[gateway.sock])

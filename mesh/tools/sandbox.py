@@ -185,7 +185,8 @@ def _probe(bwrap: str) -> str | None:
     """None when a sandboxed interpreter starts; else bwrap's reason (no user namespaces, no /proc mount…)."""
     with tempfile.TemporaryDirectory(prefix="mesh-probe-") as tmp:
         ws, private_tmp = os.path.join(tmp, "ws"), os.path.join(tmp, "tmp")
-        os.mkdir(ws), os.mkdir(private_tmp)
+        os.mkdir(ws)
+        os.mkdir(private_tmp)
         binds = ["--bind", ws, str(WORKSPACE), "--bind", private_tmp, str(TMP)]
         argv = [*bwrap_argv(bwrap, network=False, binds=binds), "--chdir", str(WORKSPACE),
                 "--", sys.executable, "-I", "-S", "-c", "pass"]

@@ -161,11 +161,13 @@ async def _sample(bus: Bus, fleet: Fleet, consumers: list[tuple[str, str]], resu
     while True:
         pids = fleet.pids() | ({"nats-server": server_pid} if server_pid else {})
         rss = {name: rss_kb(pid) / 1024 for name, pid in pids.items()}
-        lag = {}
-        for stream, durable in consumers:
-            info = await bus._js.consumer_info(stream, durable)
-            lag[durable] = int(info.num_pending or 0)
-        last = (await bus._js.stream_info(bus.topology.events_stream)).state.last_seq
+        lag: dict[str, int] = {}
+        for stream in {s for s, _ in consumers}:
+            # A node creates its consumer as it starts consuming, which its first heartbeat can precede:
+            # a consumer not there yet is left out of this sample (it was a 404 that ended the soak).
+            pending = {c.name: c.pending for c in await bus.consumers(stream)}
+            lag |= {durable: pending[durable] for s, durable in consumers if s == stream and durable in pending}
+        last = (await bus.stream_state(bus.topology.events_stream)).last_seq
         try:
             lag["ledger"] = last - int((await ledger.status())["last_seq"])
         except LedgerError:

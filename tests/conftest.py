@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,6 +55,23 @@ def settings(nats_url: str, tmp_path: Path) -> MeshSettings:
         reconnect_wait=0.1,
         connect_timeout=2.0,
     )
+
+
+@pytest.fixture
+def fast(settings: MeshSettings) -> MeshSettings:
+    """Settings for a whole local mesh in a test: no sim latency, short drains, health on free ports."""
+    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
+                                       "health_host": "127.0.0.1"})
+
+
+@pytest.fixture
+def place() -> Iterator[Path]:
+    """A folder any user can enter (pytest's tmp_path is 0700 under root): the sandbox tests' runs drop
+    to an unprivileged uid."""
+    path = Path(tempfile.mkdtemp(prefix="mesh-sbx-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

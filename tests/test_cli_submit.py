@@ -17,12 +17,6 @@ from tests.test_cli_commands import mesh_cli
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def fast(settings: MeshSettings) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
-
-
 async def test_submit_file_wait_and_workspace(fast: MeshSettings, bus: Bus, tmp_path: Path) -> None:
     goals = tmp_path / "goals.jsonl"
     goals.write_text(json.dumps({"brief": "Build me a login system"}) + "\n\n"

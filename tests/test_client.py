@@ -18,12 +18,6 @@ from tests.meshkit import in_process_mesh
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def fast(settings: MeshSettings) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
-
-
 async def test_submit_with_a_workspace_watch_resume_and_results(fast: MeshSettings, bus: Bus, tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)

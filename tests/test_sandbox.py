@@ -8,12 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 import textwrap
 import uuid
-from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -50,15 +47,6 @@ def node(request: pytest.FixtureRequest) -> tuple[str, str]:
     if reason := _mode_skip(mode):
         pytest.skip(reason)
     return user, mode
-
-
-@pytest.fixture
-def place() -> Iterator[Path]:
-    """A folder any user can enter (pytest's tmp_path is 0700 under root)."""
-    path = Path(tempfile.mkdtemp(prefix="mesh-sbx-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def attack(node: tuple[str, str], place: Path, code: str, *args: str, timeout: int = 60) -> dict[str, Any]:

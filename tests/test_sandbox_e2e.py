@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import sys
-import tempfile
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mesh.client import MeshClient
 
 from mesh.backends.sim import SimServer, SimWorld
 from mesh.bus import Bus
+from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, GoalCompleted, ToolCall
 from tests.meshkit import in_process_mesh, node_env, role_specs
@@ -68,14 +65,6 @@ def test_attack():
     with open("attack-results.json", "w") as out:
         json.dump(found, out)
 '''
-
-
-@pytest.fixture
-def place() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="mesh-sbx-e2e-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("user", "mode"), [("root", "bwrap"), ("unprivileged", "fallback")],

@@ -47,13 +47,18 @@ async def test_sim_server_subprocess() -> None:
     assert code == 0
 
 
+async def _sim_server(*flags: str) -> asyncio.subprocess.Process:
+    """`mesh sim-server --port 0 FLAGS…` as its own process, no faults or latency, output piped."""
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "mesh"), "sim-server", "--port", "0", *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MESH_SIM_FAULTS": "", "MESH_SIM_LATENCY_SCALE": "0"})
+
+
 async def test_print_env_points_a_node_at_the_sim_server() -> None:
     """`mesh sim-server --print-env`: the printed lines are the tier environment of a hand-started node;
     sourced (here: parsed), every tier calls this server through the real SDK path."""
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "mesh"), "sim-server", "--port", "0", "--print-env",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "MESH_SIM_FAULTS": "", "MESH_SIM_LATENCY_SCALE": "0"})
+    proc = await _sim_server("--print-env")
     try:
         assert proc.stdout is not None
         lines = []
@@ -78,10 +83,7 @@ async def test_print_env_points_a_node_at_the_sim_server() -> None:
 
 
 async def test_pose_as_real_answers_without_the_sim_marks() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "mesh"), "sim-server", "--port", "0", "--pose-as-real",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "MESH_SIM_FAULTS": "", "MESH_SIM_LATENCY_SCALE": "0"})
+    proc = await _sim_server("--pose-as-real")
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()

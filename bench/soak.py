@@ -163,8 +163,8 @@ async def _sample(bus: Bus, fleet: Fleet, consumers: list[tuple[str, str]], resu
         rss = {name: rss_kb(pid) / 1024 for name, pid in pids.items()}
         lag: dict[str, int] = {}
         for stream in {s for s, _ in consumers}:
-            # A node creates its consumer as it starts consuming, which its first heartbeat can precede:
-            # a consumer not there yet is left out of this sample (it was a 404 that ended the soak).
+            # `fleet.started` waits for the nodes' signal handlers, which come before they connect and
+            # provision their consumers: one not there yet is left out of this sample (a 404 ended the soak).
             pending = {c.name: c.pending for c in await bus.consumers(stream)}
             lag |= {durable: pending[durable] for s, durable in consumers if s == stream and durable in pending}
         last = (await bus.stream_state(bus.topology.events_stream)).last_seq

@@ -89,5 +89,7 @@ async def test_kill_9_leaves_no_orphan(tmp_path: Path) -> None:
     up, children = await _start_up(tmp_path)
     up.kill()
     await up.wait()
-    await _until(lambda: not any(_alive(pid) for pid in children), DRAIN_SECONDS + 15,
+    # The nats-server dies with its parent too, so the nodes drain against a dead server; one took over
+    # 20 s once (CI fresh clone, 9f911cd; cause not found yet): the bound is generous, never infinite.
+    await _until(lambda: not any(_alive(pid) for pid in children), DRAIN_SECONDS + 45,
                  "every child of a killed mesh up gone")

@@ -14,7 +14,7 @@ from mesh.bus import Bus, Topology, provision
 from mesh.bus.topology import orchestrator_role
 from mesh.config import MeshSettings, default_nodes_dir
 from mesh.contracts import Step, Task
-from mesh.errors import NodeSpecError, NoStreamForSubject
+from mesh.errors import NodeSpecError, NoStreamForSubject, PublishError
 from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
 
@@ -158,6 +158,19 @@ async def test_the_tasks_stream_takes_the_worker_roles_only(bus: Bus) -> None:
     assert (await bus._js.stream_info(bus.topology.tasks_stream)).state.messages == 0
     await bus.dispatch(Task(task_id=Task.make_id("g1", "s1", 1), goal_id="g1",
                             step=Step(step_id="s1", role="coder", instruction="do it")))
+
+
+async def test_no_answer_for_a_subject_the_topology_streams_is_retryable(bus: Bus) -> None:
+    """JetStream answers "no responders" also while a clustered stream has no leader (a member lost):
+    a task for a worker role then must be retried, not given up as if nobody served the role (CI once
+    failed a goal that way when one cluster member was killed mid-run)."""
+    await bus._js.delete_stream(bus.topology.tasks_stream)  # what a publisher sees without a leader
+    task = Task(task_id=Task.make_id("g1", "s1", 1), goal_id="g1",
+                step=Step(step_id="s1", role="coder", instruction="do it"))
+    with pytest.raises(PublishError, match="JetStream did not answer") as caught:
+        await bus.dispatch(task)
+    assert not isinstance(caught.value, NoStreamForSubject) and caught.value.retryable is True
+    assert bus.topology.takes("mesh.event.g1.step.completed") and not bus.topology.takes("mesh.task.planner")
 
 
 async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consumers(nats_url: str) -> None:

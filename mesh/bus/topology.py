@@ -213,6 +213,13 @@ class Topology:
     def outcome_subjects(self) -> list[str]:
         return [self.event_subject("*", "step.completed"), self.event_subject("*", "step.failed")]
 
+    def takes(self, subject: str) -> bool:
+        """Whether a stream of this topology takes ``subject`` (NATS wildcard matching).
+
+        JetStream answers "no responders" both for a subject no stream takes and, briefly, while a
+        clustered stream has no leader: only the first is permanent."""
+        return any(_matches(pattern, subject) for config in self.stream_configs() for pattern in config.subjects or ())
+
     # --- configs ---------------------------------------------------------------------------
 
     def stream_configs(self) -> list[api.StreamConfig]:
@@ -270,6 +277,17 @@ class Topology:
 
 
 PROVISION_ATTEMPTS = 5
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(have) == len(want)
 
 
 async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = (), *, prune: bool = False) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 
 import nats
 import pytest
 from nats.js import api
 
 from mesh.bus import Bus, Topology, provision
-from mesh.config import MeshSettings
+from mesh.bus.topology import orchestrator_role
+from mesh.config import MeshSettings, default_nodes_dir
 from mesh.contracts import Step, Task
-from mesh.errors import NoStreamForSubject, PublishError
+from mesh.errors import NodeSpecError, NoStreamForSubject, PublishError
 from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
 
@@ -30,6 +33,27 @@ def test_names_follow_the_prefix() -> None:
     assert t.consumer_name("coder") == "role-coder"
     assert (t.stream_for("planner"), t.filter_for("planner")) == ("ACME_GOALS", "acme.goals")
     assert (t.stream_for("coder"), t.filter_for("coder")) == ("ACME_TASKS", "acme.task.coder")
+
+
+def test_the_role_that_reads_goals_is_the_orchestrator_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renaming the planner (file and role) renames its consumers; no name is fixed in the topology."""
+    nodes = tmp_path / "nodes"
+    shutil.copytree(default_nodes_dir(), nodes)
+    (nodes / "conductor.toml").write_text((nodes / "planner.toml").read_text().replace('role = "planner"',
+                                                                                      'role = "conductor"'))
+    (nodes / "planner.toml").unlink()
+    monkeypatch.setenv("MESH_NODES_DIR", str(nodes))
+    t = Topology()
+    assert t.goal_role == "conductor" and "conductor" not in t.task_roles
+    assert (t.stream_for("conductor"), t.filter_for("conductor")) == ("MESH_GOALS", "mesh.goals")
+    assert (t.outcomes_consumer, t.control_consumer) == ("conductor-outcomes", "conductor-control")
+    assert [stream for stream, _ in t.consumer_configs("conductor")] == ["MESH_GOALS", "MESH_EVENTS", "MESH_CONTROL"]
+    (nodes / "planner.toml").write_text((nodes / "conductor.toml").read_text().replace('role = "conductor"',
+                                                                                      'role = "planner"'))
+    with pytest.raises(NodeSpecError, match="more than one role spec of kind orchestrator: conductor, planner"):
+        orchestrator_role(nodes)
+    with pytest.raises(NodeSpecError, match="only one role may plan"):
+        load_specs(nodes)
 
 
 async def _snapshot(js: nats.js.JetStreamContext) -> dict[str, object]:

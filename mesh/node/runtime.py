@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mesh import __version__
+from mesh import __version__, tracing
 from mesh.aio import run_loop
 from mesh.backends.tiers import load_tiers
 from mesh.bus.client import Bus
@@ -222,6 +222,8 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
     # of whatever a run leaves behind; not in Node.run, which tests also run inside the test process.
     harden_process()
     node = Node(spec, specs, settings)
+    if tracing.configure(f"mesh-{role}", node.node_id):
+        log.info("exporting traces over OTLP/HTTP to %s", os.environ[tracing.ENDPOINT_ENV])
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -229,6 +231,9 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
             loop.add_signal_handler(sig, node.stop.set)
         await node.run()
 
-    run_loop(main())
+    try:
+        run_loop(main())
+    finally:
+        tracing.shutdown()  # the spans still queued go out before the process ends
     return 0
 

@@ -252,6 +252,9 @@ class Bus:
             raise PayloadRefused(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
                                  f"max_payload of {self._nc.max_payload} bytes") from exc
         except NoStreamResponseError as exc:
+            if self.topology.takes(subject):  # a stream leader election in a cluster: it passes
+                raise PublishError(f"publish to {subject}: JetStream did not answer (no stream leader "
+                                   "right now?)") from exc
             raise NoStreamForSubject(f"publish to {subject}: no stream takes this subject") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc

@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 from mesh.bus.client import Bus
 from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts import Event
-from mesh.errors import BusError, ContractError
+from mesh.errors import BusError, ContractError, ForgedEvent
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,10 @@ class EventFeed:
                             batch.upto + 1, seq - 1, seq)
             self._fresh = False
             try:
-                batch.events.append((seq, msg.subject, await self.bus.open_event(msg)))
+                event = await self.bus.open_event(msg)
+                if reason := self.bus.topology.forged(msg.subject, event):
+                    raise ForgedEvent(reason)
+                batch.events.append((seq, msg.subject, event))
             except ContractError as exc:
                 batch.dead.append((msg, exc))
             batch.upto, batch.last = seq, msg

@@ -349,7 +349,8 @@ class Bus:
 
         An ordered ephemeral consumer, which recreates itself after the last sequence it delivered when
         it misses a message or heartbeats, so a watch survives reconnects and server restarts.
-        Undecodable events are logged and skipped. Close the iterator (``contextlib.aclosing``) to
+        Undecodable events, and events their subject's role cannot have emitted (``Topology.forged``), are
+        logged and skipped. Close the iterator (``contextlib.aclosing``) to
         remove the consumer.
         """
         if from_seq is None:
@@ -366,6 +367,9 @@ class Bus:
                     event = await self.open_event(msg)
                 except ContractError as exc:
                     log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
+                    continue
+                if reason := self.topology.forged(msg.subject, event):
+                    log.warning("skipping forged event on %s: %s", msg.subject, reason)
                     continue
                 yield msg.metadata.sequence.stream, event
         finally:

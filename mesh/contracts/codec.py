@@ -25,7 +25,6 @@ at will, by ``models.FREEFORM_MAX_DEPTH`` / ``FREEFORM_MAX_BYTES``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -47,6 +46,7 @@ from mesh.contracts.models import (
     new_id,
 )
 from mesh.errors import CodecError, DecodeLimitExceeded, MessageTooLarge, SchemaViolation, UnsupportedVersion
+from mesh.tracing import trace_context
 
 SCHEMA_VERSION = "1.2"
 SCHEMA_MAJOR = 1
@@ -83,22 +83,6 @@ def kind_of(message: BaseModel) -> str:
         return _KIND_OF[type(message)]
     except KeyError:
         raise CodecError(f"{type(message).__name__} is not a Mesh wire contract") from None
-
-
-# --- W3C trace context -------------------------------------------------------------------------
-
-
-def new_traceparent() -> str:
-    """A fresh sampled W3C traceparent: version-trace_id-parent_id-flags."""
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
-
-
-def child_traceparent(parent: str | None) -> str:
-    """Same trace, new span id; a fresh trace when ``parent`` is missing or malformed."""
-    parts = (parent or "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-        return f"{parts[0]}-{parts[1]}-{os.urandom(8).hex()}-{parts[3]}"
-    return new_traceparent()
 
 
 # --- envelope ----------------------------------------------------------------------------------
@@ -158,7 +142,7 @@ def encode(
         "kind": kind_of(message),
         "goal": goal_id,
         "ts": datetime.now(UTC).isoformat(),
-        "trace": trace or {"traceparent": new_traceparent()},
+        "trace": trace or trace_context(),
         "body": message.model_dump(mode="json"),
     }
     data: bytes = msgpack.packb(doc, use_bin_type=True)

@@ -25,10 +25,11 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from mesh.bus.client import Bus
+from mesh.bus.client import Bus, event_of
 from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts import Event
-from mesh.errors import BusError, ContractError, SchemaViolation
+from mesh.contracts.codec import EVENT_HISTORY_MAJORS
+from mesh.errors import BusError, ContractError
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,9 @@ class EventFeed:
                             batch.upto + 1, seq - 1, seq)
             self._fresh = False
             try:
-                envelope = await self.bus.open(msg)
+                envelope = await self.bus.open(msg, majors=EVENT_HISTORY_MAJORS)
                 size += envelope.size
-                if envelope.kind != "event":
-                    raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
-                batch.events.append((seq, msg.subject, envelope.message()))
+                batch.events.append((seq, msg.subject, event_of(envelope)))
             except ContractError as exc:
                 size += len(msg.data)
                 batch.dead.append((msg, exc))

@@ -2,7 +2,7 @@
 
 On the wire every message is one msgpack map::
 
-    {"v": "1.2",            schema version, major.minor
+    {"v": "2.0",            schema version, major.minor
      "id": "<hex>",         message id (also the Nats-Msg-Id unless the caller picks a dedupe id)
      "kind": "event",       which contract the body is (see MESSAGE_KINDS)
      "goal": "<goal id>",   or nil
@@ -21,6 +21,10 @@ it is built, and decoding stops at the first one over the budget (``DecodeLimitE
 strings and scalars (≤ 20× their wire size) that bounds the heap at ~32× the wire size. Nesting
 depth is bounded by msgpack (1,024) and the budget; the free-form fields, the only ones that may nest
 at will, by ``models.FREEFORM_MAX_DEPTH`` / ``FREEFORM_MAX_BYTES``.
+
+Schema 2 changed no body, only the event subjects (they name the emitting role). Readers of the
+event history — the ledger and its rebuild, ``mesh watch``/``MeshClient.watch`` — also read schema-1
+envelopes (``EVENT_HISTORY_MAJORS``); every other consumer speaks only the current major.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ from mesh.contracts.models import (
 from mesh.errors import CodecError, DecodeLimitExceeded, MessageTooLarge, SchemaViolation, UnsupportedVersion
 from mesh.tracing import trace_context
 
-SCHEMA_VERSION = "1.2"
-SCHEMA_MAJOR = 1
+SCHEMA_VERSION = "2.0"
+SCHEMA_MAJOR = 2
+# Majors an event-history reader decodes: schema 1 events (no role in the subject) stay readable.
+EVENT_HISTORY_MAJORS: tuple[int, ...] = (1, SCHEMA_MAJOR)
 
 BYTES_PER_CONTAINER = 16  # wire bytes per map or array a message may hold
 CONTAINER_ALLOWANCE = 32  # maps and arrays any message may hold, however small
@@ -193,8 +199,9 @@ def decode_body(data: bytes) -> dict[str, Any]:
     return body
 
 
-def open_envelope(data: bytes, *, max_bytes: int | None = None) -> Envelope:
-    """Check bytes are a Mesh envelope of a supported version. Never raises anything but ``CodecError``."""
+def open_envelope(data: bytes, *, max_bytes: int | None = None,
+                  majors: tuple[int, ...] = (SCHEMA_MAJOR,)) -> Envelope:
+    """Check bytes are a Mesh envelope of a schema major in ``majors``. Never raises anything but ``CodecError``."""
     if max_bytes is not None and len(data) > max_bytes:
         raise MessageTooLarge(len(data), max_bytes)
     try:
@@ -211,7 +218,7 @@ def open_envelope(data: bytes, *, max_bytes: int | None = None) -> Envelope:
     major, _, _minor = version.partition(".")
     if not major.isdigit():
         raise CodecError(f"malformed schema version {version!r}")
-    if int(major) != SCHEMA_MAJOR:
+    if int(major) not in majors:
         raise UnsupportedVersion(version, SCHEMA_VERSION)
     kind, msg_id, goal_id, ts = doc.get("kind"), doc.get("id"), doc.get("goal"), doc.get("ts")
     if not isinstance(kind, str) or not isinstance(msg_id, str):

@@ -32,6 +32,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js.errors import (
     KeyWrongLastSequenceError,
     NoKeysError,
@@ -122,7 +123,8 @@ class Bus:
         self.name = name
         self.reconnects = 0  # bumped on every reconnect; pull consumers re-issue their pull requests
         self._roles: dict[str, None] = {}
-        self._kv: dict[str, KeyValue] = {}
+        self._kv: dict[tuple[str, bool], KeyValue] = {}  # (bucket, direct) → handle
+        self._kv_checked: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -449,9 +451,9 @@ class Bus:
         return [ConsumerState(name=i.name, pending=i.num_pending or 0, in_flight=i.num_ack_pending or 0,
                               redelivered=i.num_redelivered or 0) for i in infos]
 
-    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
-        """The key's latest value, or None when it does not exist (or was deleted)."""
-        kv = await self.kv(bucket)
+    async def kv_get(self, bucket: str, key: str, *, direct: bool = False) -> KvEntry | None:
+        """The key's latest value, or None when it does not exist (or was deleted). ``direct``: see ``kv``."""
+        kv = await self.kv(bucket, direct=direct)
         try:
             entry = await kv.get(key)
         except NotFoundError:  # KeyNotFoundError and KeyDeletedError are NotFoundErrors
@@ -527,9 +529,19 @@ class Bus:
             with contextlib.suppress(Exception):  # the connection may already be gone at shutdown
                 await watcher.stop()
 
-    async def kv(self, bucket: str) -> KeyValue:
-        """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
-        return await _cached(self._kv, bucket, self._js.key_value, "KV bucket")
+    async def kv(self, bucket: str, *, direct: bool = False) -> KeyValue:
+        """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``). Its reads are answered by the
+        stream's leader, or with ``direct`` by a direct get, which any replica may answer — no JSON API
+        request on either side, but a follower can be a write behind (the bucket must allow direct gets:
+        the goals bucket does)."""
+        handle = self._kv.get((bucket, direct))
+        if handle is None:
+            await _cached(self._kv_checked, bucket, self._js.key_value, "KV bucket")  # the bucket exists
+            # Built here, not taken from ``key_value``: that one reads directly whenever the bucket allows it.
+            handle = self._kv[(bucket, direct)] = KeyValue(
+                name=bucket, stream=KV_STREAM_TEMPLATE.format(bucket=bucket),
+                pre=KV_PRE_TEMPLATE.format(bucket=bucket), js=self._js, direct=direct)
+        return handle
 
     async def object_store(self, bucket: str) -> ObjectStore:
         """A cached object-store handle (``topology.obj_artifacts`` / ``topology.obj_models``)."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mesh import __version__
+from mesh import __version__, tracing
 from mesh.aio import run_loop, unless_set
 from mesh.backends.tiers import load_tiers
 from mesh.bus.client import Bus
@@ -255,10 +255,15 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
             loop.add_signal_handler(sig, node.stop.set)
 
     node = Node(spec, specs, settings, on_serving=drain_on_signals)
+    if tracing.configure(f"mesh-{role}", node.node_id):
+        log.info("exporting traces over OTLP/HTTP to %s", os.environ[tracing.ENDPOINT_ENV])
 
     async def main() -> None:
         await node.run()
 
-    run_loop(main())
+    try:
+        run_loop(main())
+    finally:
+        tracing.shutdown()  # the spans still queued go out before the process ends
     return 0
 

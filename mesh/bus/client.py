@@ -59,7 +59,6 @@ from mesh.contracts.codec import (
     encode,
     encode_body,
     encode_claim,
-    new_traceparent,
     open_envelope,
 )
 from mesh.contracts.events import Event, EventBase
@@ -75,6 +74,7 @@ from mesh.errors import (
     PublishError,
     SchemaViolation,
 )
+from mesh.tracing import trace_context
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class Bus:
         """Encode ``message`` in an envelope and publish it to JetStream; returns the stream's ack.
 
         ``msg_id`` is the dedupe id (default: the envelope's fresh id). ``trace`` is the W3C trace
-        context to continue; a new trace starts when it is missing.
+        context to continue; when missing, the task's current one (``mesh.tracing``), else a new trace.
         """
         data, headers = await self._encode(message, msg_id, trace)
         return await self.publish_raw(subject, data, headers=headers)
@@ -232,7 +232,7 @@ class Bus:
                       trace: dict[str, str] | None) -> tuple[bytes, dict[str, str]]:
         """The envelope (claim-checked when too big) and its headers."""
         envelope_id = new_id()
-        trace = trace or {"traceparent": new_traceparent()}
+        trace = trace or trace_context()
         data = encode(message, msg_id=envelope_id, trace=trace, max_bytes=self.settings.max_message_bytes)
         if len(data) > self.settings.claim_check_bytes:
             data = await self._claim_check(data)
@@ -252,16 +252,20 @@ class Bus:
             raise PayloadRefused(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
                                  f"max_payload of {self._nc.max_payload} bytes") from exc
         except NoStreamResponseError as exc:
+            if self.topology.takes(subject):  # a stream leader election in a cluster: it passes
+                raise PublishError(f"publish to {subject}: JetStream did not answer (no stream leader "
+                                   "right now?)") from exc
             raise NoStreamForSubject(f"publish to {subject}: no stream takes this subject") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise PublishError(f"publish to {subject} was not acknowledged: {exc!r}") from exc
 
-    async def emit(self, event: EventBase) -> None:
-        """Publish an event on its goal's event subject; deduped by ``event_id``."""
+    async def emit(self, event: EventBase, *, trace: dict[str, str] | None = None) -> None:
+        """Publish an event on its goal's event subject; deduped by ``event_id``. ``trace``: as ``publish``
+        (default: the task's current trace context, ``mesh.tracing.current``)."""
         subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
-        await self.publish(subject, event, msg_id=event.event_id)
+        await self.publish(subject, event, msg_id=event.event_id, trace=trace)
 
     async def emit_async(self, event: EventBase) -> asyncio.Future[api.PubAck]:
         """Like ``emit``, but returns once the event is sent: the future resolves with the stream's ack.
@@ -278,12 +282,13 @@ class Bus:
     async def submit_goal(self, goal: Goal) -> None:
         await self.publish(self.topology.goal_subject(), goal, msg_id=goal.goal_id)
 
-    async def dispatch(self, task: Task) -> bool:
+    async def dispatch(self, task: Task, *, trace: dict[str, str] | None = None) -> bool:
         """Publish a task to its role; False when the stream already had it (a duplicate task id).
-        ``NoStreamForSubject`` when the role is no worker role of the topology: nothing would take it."""
+        ``NoStreamForSubject`` when the role is no worker role of the topology: nothing would take it.
+        ``trace``: the goal's trace context, which the step's spans continue."""
         role = task.step.role
         try:
-            ack = await self.publish(self.topology.task_subject(role), task, msg_id=task.task_id)
+            ack = await self.publish(self.topology.task_subject(role), task, msg_id=task.task_id, trace=trace)
         except NoStreamForSubject as exc:
             raise NoStreamForSubject(
                 f"no worker serves role {role!r}: {self.topology.task_subject(role)} has no stream (the tasks "

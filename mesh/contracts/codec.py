@@ -17,7 +17,6 @@ bytes and the version, ``Envelope.message`` validates the body against its contr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -39,6 +38,7 @@ from mesh.contracts.models import (
     new_id,
 )
 from mesh.errors import CodecError, MessageTooLarge, SchemaViolation, UnsupportedVersion
+from mesh.tracing import trace_context
 
 SCHEMA_VERSION = "1.2"
 SCHEMA_MAJOR = 1
@@ -72,22 +72,6 @@ def kind_of(message: BaseModel) -> str:
         return _KIND_OF[type(message)]
     except KeyError:
         raise CodecError(f"{type(message).__name__} is not a Mesh wire contract") from None
-
-
-# --- W3C trace context -------------------------------------------------------------------------
-
-
-def new_traceparent() -> str:
-    """A fresh sampled W3C traceparent: version-trace_id-parent_id-flags."""
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
-
-
-def child_traceparent(parent: str | None) -> str:
-    """Same trace, new span id; a fresh trace when ``parent`` is missing or malformed."""
-    parts = (parent or "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-        return f"{parts[0]}-{parts[1]}-{os.urandom(8).hex()}-{parts[3]}"
-    return new_traceparent()
 
 
 # --- envelope ----------------------------------------------------------------------------------
@@ -146,7 +130,7 @@ def encode(
         "kind": kind_of(message),
         "goal": goal_id,
         "ts": datetime.now(UTC).isoformat(),
-        "trace": trace or {"traceparent": new_traceparent()},
+        "trace": trace or trace_context(),
         "body": message.model_dump(mode="json"),
     }
     data: bytes = msgpack.packb(doc, use_bin_type=True)

@@ -92,6 +92,11 @@ class GoalState(Wire):
     result: ArtifactRef | None = None
     workspace: ArtifactRef | None = None
     reason: str | None = None
+    # The goal span's W3C traceparent (trace id + the goal span's id), chosen when the planner first takes
+    # the goal: every task and event of the goal continues it, from any process, after any restart;
+    # the planner that ends the goal records the goal span under these ids (mesh/tracing.py). None: a
+    # state written before traces (its messages start a trace each, as they did then).
+    traceparent: str | None = None
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -173,6 +178,10 @@ class GoalState(Wire):
             "max_steps": None if b.max_steps is None else max(1, b.max_steps - self.steps_run),
             "max_wall_seconds": None if b.max_wall_seconds is None else max(1.0, b.max_wall_seconds - elapsed),
         }
+
+    def trace(self) -> dict[str, str] | None:
+        """The trace context the goal's tasks and events carry (children of the goal span)."""
+        return {"traceparent": self.traceparent} if self.traceparent else None
 
     # --- transitions -----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from mesh.bus import Bus, Topology, provision
 from mesh.bus.topology import orchestrator_role
 from mesh.config import MeshSettings, default_nodes_dir
 from mesh.contracts import Step, Task
+from mesh.contracts.events import EventAddress
 from mesh.errors import NodeSpecError, NoStreamForSubject, PublishError
 from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
@@ -27,7 +28,11 @@ def test_names_follow_the_prefix() -> None:
         "acme_goals", "acme_nodes", "acme_artifacts", "acme_models")
     assert t.goal_subject() == "acme.goals"
     assert t.task_subject("coder") == "acme.task.coder"
-    assert t.event_subject("g1", "step.completed") == "acme.event.g1.step.completed"
+    assert t.event_subject("g1", "coder", "step.completed") == "acme.event.g1.coder.step.completed"
+    assert t.event_address("acme.event.g1.coder.step.completed") == EventAddress("g1", "coder", "step.completed")
+    assert t.event_address("acme.event.g1.step.completed") == EventAddress("g1", None, "step.completed")  # schema 1
+    assert t.event_address("mesh.event.g1.coder.step.completed") is None  # another prefix
+    assert t.event_address("acme.event.g1.a.b.step.completed") is None
     assert t.events_filter() == "acme.event.>" and t.events_filter("g1") == "acme.event.g1.>"
     assert t.dlq_subject("coder") == "acme.dlq.coder"
     assert t.consumer_name("coder") == "role-coder"
@@ -82,7 +87,7 @@ async def test_provisioning_twice_is_a_no_op(nats_url: str) -> None:
         goals = await js.consumer_info("MESH_GOALS", "role-planner")
         assert goals.config.filter_subject == "mesh.goals"
         outcomes = await js.consumer_info("MESH_EVENTS", topo.outcomes_consumer)
-        assert outcomes.config.filter_subjects == ["mesh.event.*.step.completed", "mesh.event.*.step.failed"]
+        assert outcomes.config.filter_subjects == ["mesh.event.*.*.step.completed", "mesh.event.*.*.step.failed"]
         coder = await js.consumer_info("MESH_TASKS", "role-coder")
         assert coder.config.filter_subject == "mesh.task.coder"
         assert coder.config.ack_policy == api.AckPolicy.EXPLICIT

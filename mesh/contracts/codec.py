@@ -2,7 +2,7 @@
 
 On the wire every message is one msgpack map::
 
-    {"v": "1.2",            schema version, major.minor
+    {"v": "2.0",            schema version, major.minor
      "id": "<hex>",         message id (also the Nats-Msg-Id unless the caller picks a dedupe id)
      "kind": "event",       which contract the body is (see MESSAGE_KINDS)
      "goal": "<goal id>",   or nil
@@ -13,6 +13,10 @@ On the wire every message is one msgpack map::
 
 Decoding is two steps so the bus can resolve a claim-check in between: ``open_envelope`` checks the
 bytes and the version, ``Envelope.message`` validates the body against its contract.
+
+Schema 2 changed no body, only the event subjects (they name the emitting role). Readers of the
+event history — the ledger and its rebuild, ``mesh watch``/``MeshClient.watch`` — also read schema-1
+envelopes (``EVENT_HISTORY_MAJORS``); every other consumer speaks only the current major.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from mesh.contracts.models import (
 from mesh.errors import CodecError, MessageTooLarge, SchemaViolation, UnsupportedVersion
 from mesh.tracing import trace_context
 
-SCHEMA_VERSION = "1.2"
-SCHEMA_MAJOR = 1
+SCHEMA_VERSION = "2.0"
+SCHEMA_MAJOR = 2
+# Majors an event-history reader decodes: schema 1 events (no role in the subject) stay readable.
+EVENT_HISTORY_MAJORS: tuple[int, ...] = (1, SCHEMA_MAJOR)
 
 # kind -> how to validate its body. Events validate through the discriminated union.
 MESSAGE_KINDS: dict[str, TypeAdapter[Any]] = {
@@ -163,8 +169,9 @@ def decode_body(data: bytes) -> dict[str, Any]:
     return body
 
 
-def open_envelope(data: bytes, *, max_bytes: int | None = None) -> Envelope:
-    """Check bytes are a Mesh envelope of a supported version. Never raises anything but ``CodecError``."""
+def open_envelope(data: bytes, *, max_bytes: int | None = None,
+                  majors: tuple[int, ...] = (SCHEMA_MAJOR,)) -> Envelope:
+    """Check bytes are a Mesh envelope of a schema major in ``majors``. Never raises anything but ``CodecError``."""
     if max_bytes is not None and len(data) > max_bytes:
         raise MessageTooLarge(len(data), max_bytes)
     try:
@@ -179,7 +186,7 @@ def open_envelope(data: bytes, *, max_bytes: int | None = None) -> Envelope:
     major, _, _minor = version.partition(".")
     if not major.isdigit():
         raise CodecError(f"malformed schema version {version!r}")
-    if int(major) != SCHEMA_MAJOR:
+    if int(major) not in majors:
         raise UnsupportedVersion(version, SCHEMA_VERSION)
     kind, msg_id, goal_id, ts = doc.get("kind"), doc.get("id"), doc.get("goal"), doc.get("ts")
     if not isinstance(kind, str) or not isinstance(msg_id, str):

@@ -90,7 +90,8 @@ class Node:
                         self.settings.health_port, port)
         log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
         try:
-            async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role]) as bus:
+            async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role],
+                                         role=self.spec.role) as bus:
                 self.bus = bus
                 await self._serve(bus)
         finally:

@@ -32,6 +32,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js.errors import (
     KeyWrongLastSequenceError,
     NoKeysError,
@@ -129,7 +130,8 @@ class Bus:
         self.role = role
         self.reconnects = 0  # bumped on every reconnect; pull consumers re-issue their pull requests
         self._roles: dict[str, None] = {}
-        self._kv: dict[str, KeyValue] = {}
+        self._kv: dict[tuple[str, bool], KeyValue] = {}  # (bucket, direct) → handle
+        self._kv_checked: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -410,15 +412,16 @@ class Bus:
 
     async def put_blob(self, data: bytes, *, media_type: str = "application/octet-stream",
                        name: str = "", bucket: str | None = None) -> ArtifactRef:
-        """Store bytes under their sha256 (skipped when already there) and return the reference.
+        """Store bytes under their sha256 (a blob of several chunks: skipped when already there) and return
+        the reference.
         ``bucket``: an object store other than the artifacts (``topology.obj_models``)."""
         digest = sha256_hex(data)
         bucket = bucket or self.topology.obj_artifacts
-        store = await self.object_store(bucket)
         try:
             if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
-                await self._put_chunk(store, bucket, data, digest, media_type, name)
+                await self._put_chunk(bucket, data, digest, media_type, name)
             elif await self._blob_meta(bucket, digest, direct=True) is None:
+                store = await self.object_store(bucket)
                 await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
                                                                   headers={"Content-Type": media_type}))
         except (nats.errors.Error, TimeoutError) as exc:
@@ -452,25 +455,23 @@ class Bus:
             raise BusError(f"blob {digest} failed its digest check ({len(data)} bytes read)")
         return data
 
-    async def _put_chunk(self, store: ObjectStore, bucket: str, data: bytes, digest: str, media_type: str,
-                         name: str) -> None:
+    async def _put_chunk(self, bucket: str, data: bytes, digest: str, media_type: str, name: str) -> None:
         """A blob of one chunk, written as ``ObjectStore.put`` writes it (chunk, then the meta that points
-        at it), but with the existence lookup sent alongside the chunk rather than before it: one round
-        trip less. A blob that was already there leaves that chunk unreferenced (≤ 128 KiB, and only
-        when the same bytes are stored again)."""
+        at it), but without its existence lookup first: the two go out in one write and their acks are
+        awaited together. The stream stores them in that order, so a reader never finds the meta before
+        its chunk. Storing bytes that were already there replaces their meta (a rollup) and leaves the
+        earlier chunk unreferenced (≤ 128 KiB, and only when the same bytes are stored again) — a lookup
+        would cost every store a round trip to save that."""
         nuid = new_id()
-        exists, _ = await together(self._blob_meta(bucket, digest, direct=True),
-                                   self._js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
-        if exists is not None:  # (a replica behind the leader may say no: then the blob is stored again)
-            return
         sha = base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()
         info = api.ObjectInfo(name=digest, description=name or None, headers={"Content-Type": media_type},
                               bucket=bucket, nuid=nuid, size=len(data), chunks=1, mtime=datetime.now(UTC).isoformat(),
                               options=api.ObjectMetaOptions(max_chunk_size=OBJ_DEFAULT_CHUNK_SIZE),
                               digest=OBJ_DIGEST_TEMPLATE.format(digest=sha))
         meta = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
-        await self._js.publish(meta, json.dumps(info.as_dict()).encode(),
-                              headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        await together(self._js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data),
+                       self._js.publish(meta, json.dumps(info.as_dict()).encode(),
+                                        headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT}))
 
     async def _blob_meta(self, bucket: str, digest: str, *, direct: bool) -> api.ObjectInfo | None:
         """A blob's meta, None when there is none: what ``ObjectStore.get_info`` reads, but optionally by
@@ -514,9 +515,9 @@ class Bus:
         return [ConsumerState(name=i.name, pending=i.num_pending or 0, in_flight=i.num_ack_pending or 0,
                               redelivered=i.num_redelivered or 0) for i in infos]
 
-    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
-        """The key's latest value, or None when it does not exist (or was deleted)."""
-        kv = await self.kv(bucket)
+    async def kv_get(self, bucket: str, key: str, *, direct: bool = False) -> KvEntry | None:
+        """The key's latest value, or None when it does not exist (or was deleted). ``direct``: see ``kv``."""
+        kv = await self.kv(bucket, direct=direct)
         try:
             entry = await kv.get(key)
         except NotFoundError:  # KeyNotFoundError and KeyDeletedError are NotFoundErrors
@@ -592,9 +593,19 @@ class Bus:
             with contextlib.suppress(Exception):  # the connection may already be gone at shutdown
                 await watcher.stop()
 
-    async def kv(self, bucket: str) -> KeyValue:
-        """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
-        return await _cached(self._kv, bucket, self._js.key_value, "KV bucket")
+    async def kv(self, bucket: str, *, direct: bool = False) -> KeyValue:
+        """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``). Its reads are answered by the
+        stream's leader, or with ``direct`` by a direct get, which any replica may answer — no JSON API
+        request on either side, but a follower can be a write behind (the bucket must allow direct gets:
+        the goals bucket does)."""
+        handle = self._kv.get((bucket, direct))
+        if handle is None:
+            await _cached(self._kv_checked, bucket, self._js.key_value, "KV bucket")  # the bucket exists
+            # Built here, not taken from ``key_value``: that one reads directly whenever the bucket allows it.
+            handle = self._kv[(bucket, direct)] = KeyValue(
+                name=bucket, stream=KV_STREAM_TEMPLATE.format(bucket=bucket),
+                pre=KV_PRE_TEMPLATE.format(bucket=bucket), js=self._js, direct=direct)
+        return handle
 
     async def object_store(self, bucket: str) -> ObjectStore:
         """A cached object-store handle (``topology.obj_artifacts`` / ``topology.obj_models``)."""

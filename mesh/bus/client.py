@@ -365,15 +365,49 @@ class Bus:
                                       ordered_consumer=True, idle_heartbeat=1.0, config=config)
         try:
             async for msg in sub.messages:
-                try:
-                    event = await self.open_event(msg)
-                except ContractError as exc:
-                    log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
-                    continue
-                yield msg.metadata.sequence.stream, event
+                event = await self._event(msg)
+                if event is not None:
+                    yield msg.metadata.sequence.stream, event
         finally:
             if not self._nc.is_closed:
                 await sub.unsubscribe()
+
+    async def _event(self, msg: Msg) -> Event | None:
+        """The event of a message on the event stream; None (logged) when it is undecodable."""
+        try:
+            return await self.open_event(msg)
+        except ContractError as exc:
+            log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
+            return None
+
+    async def history(self, goal_id: str, *, batch: int = 256) -> list[tuple[int, Event]]:
+        """(stream sequence, event) of every event of one goal stored now, in order: a snapshot that ends,
+        unlike ``events``. An ephemeral pull consumer counts the goal's messages when it is created and
+        fetches exactly that many, so a goal with no events returns at once instead of waiting."""
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE,
+                                    inactive_threshold=30.0)
+        try:
+            sub = await self._js.pull_subscribe(self.topology.events_filter(goal_id), durable=None,
+                                                stream=self.topology.events_stream, config=config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
+        out: list[tuple[int, Event]] = []
+        try:
+            left = (await sub.consumer_info()).num_pending or 0
+            while left > 0:
+                msgs = await sub.fetch(min(left, batch), timeout=5.0)
+                for msg in msgs:
+                    event = await self._event(msg)
+                    if event is not None:
+                        out.append((msg.metadata.sequence.stream, event))
+                left = msgs[-1].metadata.num_pending if msgs else 0
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
+        finally:
+            if not self._nc.is_closed:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await sub.unsubscribe()
+        return out
 
     # --- objects and KV --------------------------------------------------------------------
 
@@ -467,6 +501,14 @@ class Bus:
             raise BusError(f"cannot read the state of {stream}: {exc!r}") from exc
         return StreamState(name=info.config.name or stream, created=info.created, first_seq=info.state.first_seq,
                            last_seq=info.state.last_seq, messages=info.state.messages)
+
+    async def subject_counts(self, stream: str, subjects: str) -> dict[str, int]:
+        """Messages stored per subject of ``stream`` matching the filter ``subjects``."""
+        try:
+            info = await self._js.stream_info(stream, subjects_filter=subjects)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot count the messages of {stream}: {exc!r}") from exc
+        return dict(info.state.subjects or {})
 
     async def consumers(self, stream: str) -> list[ConsumerState]:
         """The backlog of every consumer on ``stream``."""

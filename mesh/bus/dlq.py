@@ -98,7 +98,9 @@ class DeadLetter:
 
     @property
     def msg_id(self) -> str:
-        return f"dlq.{self.stream}.{self.stream_seq}"
+        """Dedupes a consumer's second letter for one message (a redelivery), never another consumer's:
+        the ledger and the planner both read step outcomes, and each dead-letters what it cannot use."""
+        return f"dlq.{self.stream}.{self.consumer}.{self.stream_seq}"
 
     def nats_headers(self) -> dict[str, str]:
         one_line = " ".join(self.reason.split())[:_MAX_HEADER_REASON]

@@ -1,6 +1,6 @@
 """Bad input. On the task and goal subjects: 10,000 fuzzed messages — random bytes, truncated msgpack,
-wrong types, huge fields, unknown versions (an old major among them), messages just under the server's 1 MiB limit, wrong kinds, dangling claim-checks —
-on every task subject and the goal subject, published raw while a real goal runs, at the server's and
+wrong types, huge fields, unknown versions (an old major among them), messages just under the server's
+1 MiB limit, wrong kinds, dangling claim-checks — on every task subject and the goal subject, published raw while a real goal runs, at the server's and
 the nodes' real size limits. No node process dies, every fuzzed message ends in MESH_DLQ with a reason
 (the near-limit ones with their original by claim-check), and the real goal completes meanwhile.
 

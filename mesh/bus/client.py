@@ -72,6 +72,7 @@ from mesh.errors import (
     CodecError,
     ConfigError,
     ContractError,
+    MessageTooLarge,
     NoStreamForSubject,
     NotConnected,
     PayloadRefused,
@@ -319,23 +320,23 @@ class Bus:
 
         Raises ``CodecError`` for bytes that are not an envelope or a claim that cannot be resolved.
         """
-        envelope = open_envelope(msg.data, max_bytes=self.settings.max_message_bytes, majors=majors)
+        limit = self.settings.max_message_bytes
+        envelope = open_envelope(msg.data, max_bytes=limit, majors=majors)
         if envelope.claim is not None:
+            if envelope.claim.size > limit:  # what the reference says; get_blob checks what is stored
+                raise MessageTooLarge(envelope.claim.size, limit)
             try:
-                envelope.body = decode_body(await self.get_blob(envelope.claim.digest))
+                body = await self.get_blob(envelope.claim.digest, max_bytes=limit)
             except BlobNotFound as exc:
                 raise CodecError(f"claim-check body {envelope.claim.digest} is missing: {exc}") from exc
-            envelope.claim = None
+            envelope.body, envelope.claim = decode_body(body), None
+            envelope.size += len(body)
         return envelope
 
     async def open_event(self, msg: Msg) -> Event:
         """A message of the event stream as an event, of the current schema major or an earlier one still in
         the history (``EVENT_HISTORY_MAJORS``). ``ContractError`` when it is none."""
-        envelope = await self.open(msg, majors=EVENT_HISTORY_MAJORS)
-        if envelope.kind != "event":
-            raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
-        event: Event = envelope.message()
-        return event
+        return event_of(await self.open(msg, majors=EVENT_HISTORY_MAJORS))
 
     async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncGenerator[Event, None]:
         """Decoded events of one goal (or all) in stream order: ``events`` without the sequences."""
@@ -428,8 +429,9 @@ class Bus:
             raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
         return ArtifactRef(digest=digest, media_type=media_type, size=len(data), name=name)
 
-    async def get_blob(self, digest: str, *, bucket: str | None = None) -> bytes:
-        """The bytes stored under ``digest``, verified against it."""
+    async def get_blob(self, digest: str, *, bucket: str | None = None, max_bytes: int | None = None) -> bytes:
+        """The bytes stored under ``digest``, verified against it. ``max_bytes``: a larger object is refused
+        (``MessageTooLarge``) from its info, before any of it is fetched."""
         bucket = bucket or self.topology.obj_artifacts
         store = await self.object_store(bucket)
         try:
@@ -438,6 +440,8 @@ class Bus:
                     or await self._blob_meta(bucket, digest, direct=False))
             if info is None:
                 raise BlobNotFound(f"no blob {digest} in {bucket}")
+            if max_bytes is not None and (info.size or 0) > max_bytes:
+                raise MessageTooLarge(info.size or 0, max_bytes)
             if info.chunks == 1 and not info.is_link():
                 # One chunk (every blob up to 128 KiB): read it directly instead of through an ordered
                 # consumer, which costs a consumer create and delete on the server per read.
@@ -615,6 +619,14 @@ class Bus:
         envelope = open_envelope(data)
         ref = await self.put_blob(encode_body(envelope), media_type=CLAIM_MEDIA_TYPE, name=f"{envelope.kind}-body")
         return encode_claim(envelope, ref)
+
+
+def event_of(envelope: Envelope) -> Event:
+    """An opened envelope of the event stream as its event; ``ContractError`` when it is not one."""
+    if envelope.kind != "event":
+        raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
+    event: Event = envelope.message()
+    return event
 
 
 async def _cached(cache: dict[str, H], bucket: str, opener: Callable[[str], Awaitable[H]], what: str) -> H:

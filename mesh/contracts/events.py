@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
 from mesh.contracts.models import (
     Artifact,
     ArtifactRef,
+    FreeForm,
     Goal,
     GoalQuality,
     Plan,
@@ -90,7 +91,7 @@ class StepProgress(StepEvent):
     type: Literal["step.progress"] = "step.progress"
     message: str
     fraction: float | None = Field(default=None, ge=0, le=1)
-    detail: dict[str, Any] = Field(default_factory=dict)
+    detail: FreeForm = Field(default_factory=dict)
 
 
 class StepCompleted(StepEvent):
@@ -137,7 +138,7 @@ class ToolCall(EventBase):
     step_id: Token | None = None
     role: Token | None = None
     tool: str
-    arguments: dict[str, Any] = Field(default_factory=dict, description="Arguments, large values truncated.")
+    arguments: FreeForm = Field(default_factory=dict, description="Arguments, large values truncated.")
     ok: bool = True
     refused: bool = False
     error: str | None = None

@@ -43,16 +43,35 @@ def test_a_200_step_dag_stays_readable() -> None:
     state = wide_state(200)
     placed, width, height = dag.layout(state.steps)
     assert set(placed) == set(state.steps)
-    # the 197-wide layer wraps into columns of MAX_ROWS: the drawing is as tall as one column, not 197 rows
-    assert height == 2 * dag.PAD + dag.MAX_ROWS * (dag.NODE_H + dag.ROW_GAP) - dag.ROW_GAP
+    # the 197-wide layer wraps into 9 columns of at most MAX_ROWS; the 12 columns into 2 bands of 6: the drawing
+    # is two columns tall, not 197 rows
+    column = dag.MAX_ROWS * (dag.NODE_H + dag.ROW_GAP) - dag.ROW_GAP
+    assert height == 2 * dag.PAD + 2 * column + dag.BAND_GAP
+    assert width == 2 * dag.PAD + dag.BAND_COLUMNS * (dag.NODE_W + dag.COL_GAP) - dag.COL_GAP
     boxes = {(p.x, p.y) for p in placed.values()}
     assert len(boxes) == len(placed)  # no two steps drawn on top of each other
     assert all(0 <= p.x <= width - dag.NODE_W and 0 <= p.y <= height - dag.NODE_H for p in placed.values())
-    # columns follow dependency depth: a step is right of everything it depends on
-    assert all(placed[d].x < placed[sid].x for sid, st in state.steps.items() for d in st.step.depends_on)
+    # columns follow dependency depth: a step is right of everything it depends on, or in a band below it
+    assert all(placed[d].x < placed[sid].x or placed[d].y < placed[sid].y
+               for sid, st in state.steps.items() for d in st.step.depends_on)
     svg = dag.render(state.steps, selected="code")
     assert svg.count('class="step st-pending') == 200 and svg.count('<path class="edge"') == 197 * 2 + 1
     assert 'class="step st-pending selected" data-step="code"' in svg
+
+
+def test_a_200_step_chain_wraps_into_bands() -> None:
+    steps = [Step(step_id="s0", role="coder", instruction="go")]
+    steps += [Step(step_id=f"s{i}", role="coder", instruction="go", depends_on=[f"s{i - 1}"]) for i in range(1, 200)]
+    state = GoalState(goal=Goal(brief="long"))
+    state.apply_plan(Plan(goal_id=state.goal.goal_id, steps=steps))
+    placed, width, height = dag.layout(state.steps)
+    assert width == 2 * dag.PAD + dag.BAND_COLUMNS * (dag.NODE_W + dag.COL_GAP) - dag.COL_GAP
+    bands = -(-200 // dag.BAND_COLUMNS)
+    assert height == 2 * dag.PAD + bands * (dag.NODE_H + dag.BAND_GAP) - dag.BAND_GAP
+    assert len({(p.x, p.y) for p in placed.values()}) == 200
+    # reading order: left to right within a band, then the next band down
+    order = sorted(placed.values(), key=lambda p: (p.y, p.x))
+    assert [p.step_id for p in order] == [f"s{i}" for i in range(200)]
 
 
 def test_views_cost_marks_simulation_and_the_diff_names_changes() -> None:

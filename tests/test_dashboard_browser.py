@@ -132,6 +132,18 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
         await expect(row).to_contain_text("simulated")
         await page.screenshot(path=str(shots / "goals.png"), full_page=True)
 
+        # a 200-step plan: every step drawn, in a box that scrolls rather than a page 10,000 pixels tall
+        r = await http.post("/v1/goals", json={"brief": "Build me a login system", "options": {"sim_plan_steps": 200}})
+        big = r.json()["goal_id"]
+        await page.goto(f"{gw.url}/ui/goals/{big}")
+        await expect(page.locator("#view svg.dag g.step")).to_have_count(200, timeout=WAIT_MS)
+        # the plan is one long chain: its columns wrap into bands, so it scrolls down, never sideways
+        shown, drawn = await page.evaluate("() => { const b = document.getElementById('dag-box'); "
+                                           "return [b.clientWidth, b.scrollWidth]; }")
+        assert 0 < drawn <= shown
+        await page.screenshot(path=str(shots / "dag-200.png"))  # the viewport: the graph is re-rendered as it runs
+        assert (await http.post(f"/v1/goals/{big}/cancel", json={"reason": "screenshot taken"})).status_code == 202
+
         # the mesh (heartbeats, lag, dead letters, breakers) and the router (from the ledger)
         await page.click("nav a[href='/ui/mesh']")
         await expect(page.locator("#view table.breakers tr[data-tier='swarm']")).to_contain_text("closed")

@@ -100,7 +100,7 @@ class StepRow:
 def step_rows(state: GoalState) -> list[StepRow]:
     return [StepRow(step_id=sid, role=st.step.role, status=st.status, tier=st.tier or "", attempts=st.attempt,
                     failures=st.failures, duration=duration(st.dispatched_at, st.finished_at) if st.attempt else "",
-                    tokens=st.usage.total_tokens, cost=money(st.usage.cost_usd, st.simulated),
+                    tokens=st.usage.total_tokens, cost=money(st.usage.cost_usd, st.simulated) if st.attempt else "",
                     verdict=st.verdict or _tests(st), revision_of=st.step.revision_of or "",
                     depends_on=st.step.depends_on) for sid, st in state.steps.items()]
 

@@ -152,10 +152,10 @@ function setupPanels() {
 
 // --- event streams -----------------------------------------------------------------------------------
 
-function setLive(on) {
+function setLive(on, text) {
   const live = $("#live");
   live.classList.toggle("off", !on);
-  live.textContent = on ? "live" : "offline";
+  live.textContent = text || (on ? "live" : "offline");
 }
 
 // Reads text/event-stream with fetch; reconnects with Last-Event-ID (the stream sequence) after a drop,
@@ -192,7 +192,7 @@ async function stream(url, onEvent) {
       if (e instanceof NeedsLogin) return;
       console.warn("stream dropped", e);
     }
-    setLive(false);
+    setLive(false, finished ? "ended" : "offline");
     if (!finished) await sleep(1000);
   }
 }

@@ -42,7 +42,7 @@ import asyncio
 import logging
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nats.errors
@@ -329,8 +329,10 @@ async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] =
 async def _provision_once(js: JetStreamContext, topo: Topology, roles: list[str]) -> None:
     for stream_config in topo.stream_configs():
         await _ensure_stream(js, stream_config)
-    await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
-                                                 storage=api.StorageType.FILE))
+    # Direct gets on the goal state: a worker checks it before every step, and a direct get costs neither
+    # side a JSON API request (any replica may answer: see ``GoalStore.progress``).
+    await _ensure_kv(js, api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
+                                            storage=api.StorageType.FILE, direct=True))
     await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,
                                                  replicas=topo.replicas, storage=api.StorageType.FILE))
     await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
@@ -351,6 +353,20 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
             raise
         log.info("stream %s exists with another configuration; updating it", config.name)
         await js.update_stream(config)
+
+
+async def _ensure_kv(js: JetStreamContext, config: api.KeyValueConfig) -> None:
+    """Create a bucket; one made before its direct gets were allowed (an older topology) is updated to allow them."""
+    try:
+        await js.create_key_value(config)
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        info = await js.stream_info(f"KV_{config.bucket}")
+        if bool(info.config.allow_direct) == bool(config.direct):
+            raise  # another difference: not ours to change
+        log.info("bucket %s: allowing direct gets", config.bucket)
+        await js.update_stream(replace(info.config, allow_direct=config.direct))
 
 
 async def _drop_stray_consumers(js: JetStreamContext, topo: Topology) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
@@ -14,6 +14,7 @@ from mesh.contracts.models import (
     Artifact,
     ArtifactRef,
     Decision,
+    FreeForm,
     Gate,
     Goal,
     GoalQuality,
@@ -93,7 +94,7 @@ class StepProgress(StepEvent):
     type: Literal["step.progress"] = "step.progress"
     message: str
     fraction: float | None = Field(default=None, ge=0, le=1)
-    detail: dict[str, Any] = Field(default_factory=dict)
+    detail: FreeForm = Field(default_factory=dict)
 
 
 class StepCompleted(StepEvent):
@@ -140,7 +141,7 @@ class ToolCall(EventBase):
     step_id: Token | None = None
     role: Token | None = None
     tool: str
-    arguments: dict[str, Any] = Field(default_factory=dict, description="Arguments, large values truncated.")
+    arguments: FreeForm = Field(default_factory=dict, description="Arguments, large values truncated.")
     ok: bool = True
     refused: bool = False
     error: str | None = None

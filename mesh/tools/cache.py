@@ -55,7 +55,7 @@ class BlobCache:
 
     def _store(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, data)
+        atomic_write(path, data, sync=False)  # every read checks the digest: a torn entry is fetched again
         if self._bytes is None:
             self._bytes = sum(size for _, size, _ in _entries(self.root))
         else:

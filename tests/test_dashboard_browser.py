@@ -18,10 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mesh.client import MeshClient
 from mesh.config import MeshSettings
+from mesh.gateway.app import running
 from mesh.gateway.dashboard.views import money
 from mesh.gateway.goals import idempotent_goal_id
-from tests.gatewaykit import fast, gateway, tokens_file
+from tests.gatewaykit import fast, tokens_file
+from tests.meshkit import in_process_mesh, role_specs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install "
@@ -72,7 +75,8 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
     assert isinstance(browser, BrowserContext)
     path, token = tokens_file(tmp_path)
     s = fast(settings, gateway_tokens_file=path, sim_latency_scale=0.02)
-    async with gateway(s) as (gw, client), \
+    async with MeshClient.connect(s, name="browser-test") as client, \
+            in_process_mesh(s, specs=role_specs(with_ledger=True)), running(client, s) as gw, \
             httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
         page = await browser.new_page()
         # the shell loads without a token; its data asks for one: the login form
@@ -127,3 +131,11 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
         await expect(row).to_contain_text(f"{len(state.steps)} / {len(state.steps)}")
         await expect(row).to_contain_text("simulated")
         await page.screenshot(path=str(shots / "goals.png"), full_page=True)
+
+        # the mesh (heartbeats, lag, dead letters, breakers) and the router (from the ledger)
+        await page.click("nav a[href='/ui/mesh']")
+        await expect(page.locator("#view table.breakers tr[data-tier='swarm']")).to_contain_text("closed")
+        await page.screenshot(path=str(shots / "mesh.png"), full_page=True)
+        await page.click("nav a[href='/ui/router']")
+        await expect(page.locator("#view #baseline-cost")).to_contain_text("sim$", timeout=WAIT_MS)
+        await page.screenshot(path=str(shots / "router.png"), full_page=True)

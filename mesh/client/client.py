@@ -15,9 +15,9 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.bus.client import Bus, ConsumerState
 from mesh.config import MeshSettings, get_settings
@@ -40,6 +40,9 @@ from mesh.roles.goalstore import GoalStore
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 from mesh.tools.workspace import Workspace
 
+if TYPE_CHECKING:
+    from mesh.roles.ledger_service import LedgerClient
+
 FINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 SIMULATED_NOTE = ("Some or all of this goal's model calls were answered by the simulated backend (mesh sim-server), "
                   "not a real model: the outputs and costs are simulated.\n")
@@ -59,6 +62,8 @@ class NodeInfo(BaseModel):
     pid: int = 0
     version: str = ""
     in_flight: int = 0
+    breakers: dict[str, str] = Field(default_factory=dict, description="tier → circuit state, in nodes that call "
+                                     "models (closed, half_open, open)")
 
 
 @dataclass(slots=True)
@@ -264,6 +269,12 @@ class MeshClient:
         entries = await self.bus.kv_entries(self.bus.topology.kv_nodes)
         nodes = [NodeInfo.model_validate(_json(e.value)) for e in entries if e.value]
         return sorted(nodes, key=lambda n: (n.role, n.node))
+
+    def ledger(self) -> LedgerClient:
+        """Read-only queries on the ledger through its NATS service (docs/LEDGER.md)."""
+        from mesh.roles.ledger_service import LedgerClient  # imports DuckDB: not at every client's start
+
+        return LedgerClient(self.bus)
 
     async def dead_letters(self) -> dict[str, int]:
         """Messages in the dead-letter stream per role (``mesh.dlq.<role>``)."""

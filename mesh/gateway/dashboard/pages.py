@@ -25,8 +25,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mesh.contracts import ArtifactRef
-from mesh.errors import RequestRefused
-from mesh.gateway.dashboard import dag, views
+from mesh.errors import LedgerError, RequestRefused
+from mesh.gateway.dashboard import dag, ops, views
 from mesh.gateway.goals import Desk
 from mesh.roles.goalstate import GoalState
 
@@ -164,6 +164,22 @@ async def blob_fragment(request: Request) -> Response:
     return render("blob.html", ref=ref, text=text)
 
 
+async def mesh_fragment(request: Request) -> Response:
+    client = desk(request).client
+    nodes, backlog, dead = await client.nodes(), await client.backlog(), await client.dead_letters()
+    return render("mesh.html", **ops.mesh_view(nodes, backlog, dead))
+
+
+async def router_fragment(request: Request) -> Response:
+    ledger = desk(request).client.ledger()
+    try:
+        tiers = await ledger.sql(ops.TIER_SQL)
+        times = await ledger.sql(ops.TIME_SQL, max_rows=ops.MAX_TIME_ROWS)
+    except LedgerError as exc:  # no ledger node, or it refused: the page says so instead of failing
+        return render("router.html", error=f"The ledger did not answer: {exc}")
+    return render("router.html", **ops.router_view(tiers.rows, times.rows))
+
+
 ROUTES = [
     Route("/", goals_page, methods=["GET"]),
     Route("/ui/goals/{goal_id}", goal_page, methods=["GET"]),
@@ -174,4 +190,6 @@ ROUTES = [
     Route("/v1/ui/goals/{goal_id}/steps/{step_id}", step_fragment, methods=["GET"]),
     Route("/v1/ui/goals/{goal_id}/files", files_fragment, methods=["GET"]),
     Route("/v1/ui/goals/{goal_id}/blobs/{digest}", blob_fragment, methods=["GET"]),
+    Route("/v1/ui/mesh", mesh_fragment, methods=["GET"]),
+    Route("/v1/ui/router", router_fragment, methods=["GET"]),
 ]

@@ -6,14 +6,21 @@ sim model, goals one after another), run in pairs on one nats-server: off (no
 to a receiver in this process, on loopback, which decodes and counts them — a collector's work, outside
 the measured processes). Pairs alternate so a change in the machine's load hits both sides alike.
 
+Beside it, in this process: the CPU of the tracing calls one step makes (an ``invoke_agent`` span with two
+``chat`` and two ``execute_tool`` spans under it, attributes of the size the roles set), off and exported —
+the end-to-end figures are a difference of two noisy medians on a shared machine, this is the cost itself.
+
 Run: ``.venv/bin/python -m bench.tracing`` (≈2 minutes per pair on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import statistics
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,6 +69,38 @@ async def sink() -> AsyncIterator[tuple[Sink, str]]:
         await runner.cleanup()
 
 
+STEP_ATTRIBUTES: dict[str, str | bool | int | float] = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "coder", "gen_ai.conversation.id": "g",
+                   "mesh.goal.id": "g", "mesh.step.id": "implement", "mesh.step.attempt": 1, "mesh.delivery.attempt": 1}
+CHAT_ATTRIBUTES: dict[str, str | bool | int | float] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.provider.name": "deepseek",
+                   "gen_ai.response.model": "m", "gen_ai.usage.input_tokens": 900, "gen_ai.usage.output_tokens": 300,
+                   "mesh.tier": "mid", "mesh.simulated": True, "mesh.route.tier": "mid", "mesh.route.propensity": 0.9,
+                   "mesh.route.explored": False, "mesh.outcome": "ok", "mesh.cost_usd": 0.001}
+
+
+def step_calls(n: int) -> float:
+    """CPU µs (of the calling thread) of the tracing calls of one step, as the worker makes them (``on()``
+    guards the attributes). Exported, that is building and queueing the spans: their encoding and sending
+    run on the SDK's export thread (in the end-to-end CPU figures)."""
+    parent = tracing.new_traceparent()
+    started = time.thread_time()
+    for _ in range(n):
+        with tracing.span("invoke_agent coder", parent=parent,
+                          attributes=STEP_ATTRIBUTES if tracing.on() else None) as step:
+            for _call in range(2):
+                if tracing.on():
+                    now = time.time_ns()
+                    tracing.record("chat m", kind="client", start_ns=now - 1000, end_ns=now,
+                                   attributes=dict(CHAT_ATTRIBUTES))
+            for _tool in range(2):
+                with tracing.span("execute_tool fs.write", attributes={"gen_ai.tool.name": "fs.write"}
+                                  if tracing.on() else None) as tool:
+                    if tracing.on():
+                        tool.update({"mesh.tool.ok": True, "mesh.tool.refused": False})
+            if tracing.on():
+                step.update({"mesh.outcome": "completed", "gen_ai.usage.input_tokens": 1800})
+    return (time.thread_time() - started) / n * 1e6
+
+
 async def main(pairs: int, goals: int, write: bool) -> None:
     runs: dict[str, list[dict[str, float]]] = {"off": [], "exported": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,10 +117,16 @@ async def main(pairs: int, goals: int, write: bool) -> None:
                           f"{o['total_p99']:.1f} ms over {o['steps']:.0f} steps; CPU per step {o['cpu_per_step']:.1f} ms; "
                           f"load {o['load']:.1f}")
             spans = counter.spans
+            calls_off = step_calls(20_000)
+            os.environ[tracing.ENDPOINT_ENV] = endpoint  # set only now: the node processes above chose for themselves
+            tracing.configure("bench", "bench")
+            # 400 steps' spans fit the export queue (2,048): none dropped. A thread: the loop serves the sink.
+            calls_on = await asyncio.to_thread(step_calls, 400)
+            await asyncio.to_thread(tracing.shutdown)  # its last export needs the loop to answer it
     off, on = (_summary(runs[m]) for m in ("off", "exported"))
     steps = sum(o["steps_run"] for o in runs["exported"])
     print(f"off: p50 {off[0]:.1f} ms, CPU {off[1]:.1f} ms/step; exported: p50 {on[0]:.1f} ms, CPU {on[1]:.1f} ms/step; "
-          f"{spans} spans received")
+          f"{spans} spans received; one step's tracing calls: off {calls_off:.1f} µs, exported {calls_on:.1f} µs CPU")
     if not write:
         return
     write_section("tracing", "\n".join([
@@ -90,6 +135,10 @@ async def main(pairs: int, goals: int, write: bool) -> None:
         "| --- | --- | --- | --- |",
         f"| off (no `OTEL_EXPORTER_OTLP_ENDPOINT`) | {off[0]:.1f} ms | {off[2]:.1f} ms | {off[1]:.1f} ms |",
         f"| exported over OTLP/HTTP | {on[0]:.1f} ms | {on[2]:.1f} ms | {on[1]:.1f} ms |",
+        "",
+        (f"The tracing calls of one step themselves (an `invoke_agent` span, two `chat` and two `execute_tool` spans "
+         f"with the roles' attributes; measured in the bench process, CPU): **off {calls_off:.1f} µs**, exported "
+         f"**{calls_on:.0f} µs** (building and queueing the spans; the batch export runs on the SDK's thread)."),
         "",
         (f"{pairs} pairs of `bench.orchestration`'s overhead measure (off, then exported; {goals} sequential goals "
          f"each, one node process per role, zero-latency sim model) on one nats-server. Exported: "

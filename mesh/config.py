@@ -124,6 +124,14 @@ class MeshSettings(BaseSettings):
     ledger_query_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a ledger query may run before it is stopped.")
     ledger_max_rows: int = Field(default=10_000, ge=1, description="Rows a ledger query returns at most.")
+    ledger_max_result_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Bytes (as JSON) a ledger query's answer may hold; a larger "
+        "answer is refused, never cut short. The query service also keeps it under the server's max_payload.")
+    ledger_max_queries: int = Field(
+        default=4, ge=1, description="Ledger queries served at once; more are refused as busy (retry later).")
+    ledger_batch_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, description="Bytes of events (wire + claim-checked bodies) the "
+        "recorder decodes into one batch, besides its 20,000-event bound: decoded events stay ≤ ~32× this.")
 
     # --- local data ---
     data_dir: Path = Field(default=Path(".mesh"), description="Embedded server data, ledger file, caches.")

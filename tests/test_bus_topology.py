@@ -14,6 +14,7 @@ from mesh.bus import Bus, Topology, provision
 from mesh.bus.topology import orchestrator_role
 from mesh.config import MeshSettings, default_nodes_dir
 from mesh.contracts import Step, Task
+from mesh.contracts.events import EventAddress
 from mesh.errors import NodeSpecError, NoStreamForSubject, PublishError
 from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
@@ -27,7 +28,11 @@ def test_names_follow_the_prefix() -> None:
         "acme_goals", "acme_nodes", "acme_artifacts", "acme_models")
     assert t.goal_subject() == "acme.goals"
     assert t.task_subject("coder") == "acme.task.coder"
-    assert t.event_subject("g1", "step.completed") == "acme.event.g1.step.completed"
+    assert t.event_subject("g1", "coder", "step.completed") == "acme.event.g1.coder.step.completed"
+    assert t.event_address("acme.event.g1.coder.step.completed") == EventAddress("g1", "coder", "step.completed")
+    assert t.event_address("acme.event.g1.step.completed") == EventAddress("g1", None, "step.completed")  # schema 1
+    assert t.event_address("mesh.event.g1.coder.step.completed") is None  # another prefix
+    assert t.event_address("acme.event.g1.a.b.step.completed") is None
     assert t.events_filter() == "acme.event.>" and t.events_filter("g1") == "acme.event.g1.>"
     assert t.dlq_subject("coder") == "acme.dlq.coder"
     assert t.consumer_name("coder") == "role-coder"
@@ -82,7 +87,7 @@ async def test_provisioning_twice_is_a_no_op(nats_url: str) -> None:
         goals = await js.consumer_info("MESH_GOALS", "role-planner")
         assert goals.config.filter_subject == "mesh.goals"
         outcomes = await js.consumer_info("MESH_EVENTS", topo.outcomes_consumer)
-        assert outcomes.config.filter_subjects == ["mesh.event.*.step.completed", "mesh.event.*.step.failed"]
+        assert outcomes.config.filter_subjects == ["mesh.event.*.*.step.completed", "mesh.event.*.*.step.failed"]
         coder = await js.consumer_info("MESH_TASKS", "role-coder")
         assert coder.config.filter_subject == "mesh.task.coder"
         assert coder.config.ack_policy == api.AckPolicy.EXPLICIT
@@ -120,6 +125,29 @@ async def test_changed_topology_updates_in_place(nats_url: str) -> None:
         assert (await js.consumer_info("MESH_TASKS", "role-coder")).config.ack_wait == 7.0
     finally:
         await nc.close()
+
+
+async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(nats_url: str) -> None:
+    """The goals bucket allows direct gets (the workers' step check reads by them); one created before
+    that is updated in place, its goals kept, and read back both ways."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        old = await js.create_key_value(api.KeyValueConfig(bucket="mesh_goals", history=8,
+                                                           storage=api.StorageType.FILE))
+        await old.put("g1", b"state")
+        await provision(js, Topology(), ["coder"])
+        goals = await js.stream_info("KV_mesh_goals")
+        assert goals.config.allow_direct and goals.state.messages == 1
+        await provision(js, Topology(), ["coder"])  # and again: a no-op
+        assert (await js.stream_info("KV_mesh_goals")).created == goals.created
+    finally:
+        await nc.close()
+    async with await Bus.connect(MeshSettings(nats_url=nats_url), provision=False) as bus:
+        for direct in (True, False):
+            entry = await bus.kv_get("mesh_goals", "g1", direct=direct)
+            assert entry is not None and entry.value == b"state"
+            assert await bus.kv_get("mesh_goals", "g2", direct=direct) is None
 
 
 async def test_events_expire_after_the_configured_age(nats_url: str, eventually: Eventually) -> None:

@@ -3,10 +3,13 @@
     stream MESH_GOALS   mesh.goals                    work-queue; consumer role-<planner> (the role
                                                       whose spec is of kind orchestrator), which also
                                                       owns <planner>-outcomes on MESH_EVENTS:
-                                                      step.completed / step.failed
+                                                      step.completed / step.failed of any role
     stream MESH_TASKS   mesh.task.<role>              work-queue; one subject and one durable pull consumer
                                                       role-<role> per WORKER role of the role specs
-    stream MESH_EVENTS  mesh.event.<goal_id>.<type>   limits retention, kept (the ledger can replay it all)
+    stream MESH_EVENTS  mesh.event.<goal_id>.<role>.<type>
+                                                      limits retention, kept (the ledger can replay it all);
+                                                      <role> is the emitting node's role (schema 2; schema 1
+                                                      subjects, mesh.event.<goal_id>.<type>, are still read)
     stream MESH_CONTROL mesh.control.<goal_id>        work-queue; consumer <planner>-control: clients' commands
                                                       (cancel) that the planner applies by CAS
     stream MESH_DLQ     mesh.dlq.<role>               limits; also captures JetStream's MAX_DELIVERIES
@@ -39,7 +42,7 @@ import asyncio
 import logging
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nats.errors
@@ -47,7 +50,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from mesh.config import MeshSettings, default_nodes_dir
-from mesh.contracts.events import event_subject
+from mesh.contracts.events import EventAddress, event_subject, parse_event_subject
 from mesh.errors import NodeSpecError, ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -169,8 +172,14 @@ class Topology:
     def task_subject(self, role: str) -> str:
         return f"{self.prefix}.task.{role}"
 
-    def event_subject(self, goal_id: str, type: str) -> str:
-        return event_subject(self.prefix, goal_id, type)
+    def event_subject(self, goal_id: str, role: str, type: str) -> str:
+        """An event's subject; wildcards make filters (``event_subject("*", "*", "goal.*")``). Only the bus
+        builds the subject of an event it publishes (``Bus.emit``, from its own role)."""
+        return event_subject(self.prefix, goal_id, role, type)
+
+    def event_address(self, subject: str) -> EventAddress | None:
+        """Goal, emitting role (``None``: a schema-1 subject) and type of an event subject."""
+        return parse_event_subject(self.prefix, subject)
 
     def events_filter(self, goal_id: str | None = None) -> str:
         return f"{self.prefix}.event.{goal_id}.>" if goal_id else f"{self.prefix}.event.>"
@@ -211,7 +220,9 @@ class Topology:
         return f"{self.goal_role}-control"
 
     def outcome_subjects(self) -> list[str]:
-        return [self.event_subject("*", "step.completed"), self.event_subject("*", "step.failed")]
+        """Step outcomes emitted by any role: the planner checks the role against the step's
+        (a schema-1 outcome, which names no role, does not match)."""
+        return [self.event_subject("*", "*", "step.completed"), self.event_subject("*", "*", "step.failed")]
 
     def takes(self, subject: str) -> bool:
         """Whether a stream of this topology takes ``subject`` (NATS wildcard matching).
@@ -318,8 +329,10 @@ async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] =
 async def _provision_once(js: JetStreamContext, topo: Topology, roles: list[str]) -> None:
     for stream_config in topo.stream_configs():
         await _ensure_stream(js, stream_config)
-    await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
-                                                 storage=api.StorageType.FILE))
+    # Direct gets on the goal state: a worker checks it before every step, and a direct get costs neither
+    # side a JSON API request (any replica may answer: see ``GoalStore.progress``).
+    await _ensure_kv(js, api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
+                                            storage=api.StorageType.FILE, direct=True))
     await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,
                                                  replicas=topo.replicas, storage=api.StorageType.FILE))
     await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
@@ -340,6 +353,20 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
             raise
         log.info("stream %s exists with another configuration; updating it", config.name)
         await js.update_stream(config)
+
+
+async def _ensure_kv(js: JetStreamContext, config: api.KeyValueConfig) -> None:
+    """Create a bucket; one made before its direct gets were allowed (an older topology) is updated to allow them."""
+    try:
+        await js.create_key_value(config)
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        info = await js.stream_info(f"KV_{config.bucket}")
+        if bool(info.config.allow_direct) == bool(config.direct):
+            raise  # another difference: not ours to change
+        log.info("bucket %s: allowing direct gets", config.bucket)
+        await js.update_stream(replace(info.config, allow_direct=config.direct))
 
 
 async def _drop_stray_consumers(js: JetStreamContext, topo: Topology) -> None:

@@ -243,9 +243,10 @@ async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
 
 
 @asynccontextmanager
-async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[None]:
+async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[str]:
     """The local mesh's gateway, in this process on loopback: MESH_GATEWAY_PORT, or any free port when that
-    one is taken (another `mesh up`, a test run) — the URL is printed either way."""
+    one is taken (another `mesh up`, a test run) — its URL and the dashboard's are printed either way, and
+    the URL is yielded."""
     from mesh.client import MeshClient
     from mesh.errors import ConfigError
     from mesh.gateway.app import running
@@ -257,7 +258,8 @@ async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[None]:
             gateway = await stack.enter_async_context(running(client, settings, "127.0.0.1", 0))
         print(f"gateway on {gateway.url} (Mesh API /v1/goals, OpenAI /v1, A2A /a2a, MCP /mcp: docs/GATEWAY.md)",
               file=out, flush=True)
-        yield
+        print(f"dashboard on {gateway.url}/ (docs/DASHBOARD.md)", file=out, flush=True)
+        yield gateway.url
 
 
 async def _up(a: argparse.Namespace) -> int:
@@ -284,8 +286,8 @@ async def _run(a: argparse.Namespace) -> int:
             supervisor = tg.create_task(mesh.supervise())
             try:
                 local = settings.model_copy(update={"nats_url": mesh.url})
-                async with _gateway(local, sys.stderr if a.json else sys.stdout):
-                    code = await _drive(local, goal, a, mesh.roles)
+                async with _gateway(local, sys.stderr if a.json else sys.stdout) as url:
+                    code = await _drive(local, goal, a, mesh.roles, url)
             finally:
                 await mesh.stop()
             await supervisor
@@ -294,7 +296,7 @@ async def _run(a: argparse.Namespace) -> int:
     return code
 
 
-async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str]) -> int:
+async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str], gateway_url: str) -> int:
     from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
@@ -308,6 +310,7 @@ async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, role
     async with _client(settings) as client:
         # Submitted while the nodes still start: the goal waits in its stream for the planner.
         await client.submit(goal, workspace=a.workspace)
+        print(f"goal {goal.goal_id}: {gateway_url}/ui/goals/{goal.goal_id}", file=say, flush=True)
         final = None
         async with asyncio.TaskGroup() as tg:
             nodes = tg.create_task(wait_for_roles(client.bus, roles, report=starting))

@@ -13,9 +13,9 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.bus.client import Bus, ConsumerState
 from mesh.config import MeshSettings, get_settings
@@ -25,6 +25,9 @@ from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 from mesh.tools.workspace import Workspace
+
+if TYPE_CHECKING:
+    from mesh.roles.ledger_service import LedgerClient
 
 FINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 SIMULATED_NOTE = ("Some or all of this goal's model calls were answered by the simulated backend (mesh sim-server), "
@@ -45,6 +48,8 @@ class NodeInfo(BaseModel):
     pid: int = 0
     version: str = ""
     in_flight: int = 0
+    breakers: dict[str, str] = Field(default_factory=dict, description="tier → circuit state, in nodes that call "
+                                     "models (closed, half_open, open)")
 
 
 @dataclass(slots=True)
@@ -123,6 +128,19 @@ class MeshClient:
                 if until_final and goal_id is not None and isinstance(event, FINAL_EVENTS):
                     return
 
+    async def history(self, goal_id: str) -> list[tuple[int, Event]]:
+        """(stream sequence, event) of every event the goal has now, in order — a snapshot, not a watch."""
+        return await self.bus.history(goal_id)
+
+    async def blob(self, ref: ArtifactRef) -> bytes:
+        """An artifact's bytes (a step output, a synthesis, a workspace manifest)."""
+        return await self.bus.get_blob(ref.digest)
+
+    async def workspace(self, ref: ArtifactRef) -> dict[str, bytes]:
+        """The files of one workspace revision (a manifest reference), by canonical path."""
+        ws = await Workspace.open(ref, self.bus.get_blob)
+        return {path: await ws.read(path) for path in ws.paths}
+
     async def goal(self, goal_id: str) -> GoalState | None:
         return await self._goals.get(goal_id)
 
@@ -153,8 +171,7 @@ class MeshClient:
             results.synthesis = (await self.bus.get_blob(state.result.digest)).decode(errors="replace")
         ref = state.workspace or state.goal.workspace
         if ref is not None:
-            ws = await Workspace.open(ref, self.bus.get_blob)
-            results.workspace = {path: await ws.read(path) for path in ws.paths}
+            results.workspace = await self.workspace(ref)
         for sid, st in state.steps.items():
             for ref in st.outputs:
                 if ref.media_type.startswith("text/") and ref.media_type != MANIFEST_MEDIA_TYPE:
@@ -175,6 +192,19 @@ class MeshClient:
         entries = await self.bus.kv_entries(self.bus.topology.kv_nodes)
         nodes = [NodeInfo.model_validate(_json(e.value)) for e in entries if e.value]
         return sorted(nodes, key=lambda n: (n.role, n.node))
+
+    def ledger(self) -> LedgerClient:
+        """Read-only queries on the ledger through its NATS service (docs/LEDGER.md)."""
+        from mesh.roles.ledger_service import LedgerClient  # imports DuckDB: not at every client's start
+
+        return LedgerClient(self.bus)
+
+    async def dead_letters(self) -> dict[str, int]:
+        """Messages in the dead-letter stream per role (``mesh.dlq.<role>``)."""
+        topo = self.bus.topology
+        counts = await self.bus.subject_counts(topo.dlq_stream, topo.dlq_subject(">"))
+        prefix = topo.dlq_subject("")
+        return {subject.removeprefix(prefix): n for subject, n in sorted(counts.items())}
 
     async def backlog(self) -> dict[str, ConsumerState]:
         """Every role consumer's backlog (goals and tasks), by consumer name."""

@@ -12,13 +12,45 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from mesh.errors import PlanInvalid
 
 # A step or role id is one NATS subject token, so it can appear in subjects and dedupe ids.
 Token = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lowercase hex")]
+
+# Free-form JSON fields (goal options, step.progress detail, tool.call arguments) are the only places a
+# message may nest at will; these bounds keep such a field, and so the heap it decodes into, small.
+FREEFORM_MAX_DEPTH = 16
+FREEFORM_MAX_BYTES = 64 * 1024  # summed string lengths, plus 8 per value, key and container
+
+
+def bounded_freeform(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` unchanged, or ``ValueError`` if it nests deeper or holds more than the free-form bounds."""
+    size = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]  # (item, depth)
+    while stack:  # checked before a container's items are stacked, so the walk itself stays small
+        item, depth = stack.pop()
+        if depth > FREEFORM_MAX_DEPTH:
+            raise ValueError(f"free-form data nested deeper than {FREEFORM_MAX_DEPTH} levels")
+        if isinstance(item, dict | list | tuple):
+            size += 8 * len(item)
+        else:
+            size += len(item) if isinstance(item, str | bytes) else 8
+        if size > FREEFORM_MAX_BYTES:
+            raise ValueError(f"free-form data larger than {FREEFORM_MAX_BYTES} bytes")
+        if isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)  # keys count as deep as their values
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+    return value
+
+
+FreeForm = Annotated[dict[str, Any], AfterValidator(bounded_freeform), Field(
+    description=f"Free-form JSON: at most {FREEFORM_MAX_DEPTH} levels deep and about {FREEFORM_MAX_BYTES // 1024} "
+                "KiB.")]
 
 
 def utcnow() -> datetime:
@@ -92,7 +124,7 @@ class Goal(Wire):
         default_factory=list, description="Pinned constraints: packed into every step's context, never dropped."
     )
     budget: Budget = Field(default_factory=Budget)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: FreeForm = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
     submitter: str | None = Field(default=None, max_length=128,
                                   description="Who submitted it: the gateway token's name, when it came that way.")
@@ -236,7 +268,7 @@ class Task(Wire):
     budget_fraction_left: float = Field(default=1.0, ge=0, le=1, description="Least left of any budget dimension.")
     prior_failures: int = Field(default=0, ge=0)
     deadline: datetime | None = None
-    options: dict[str, Any] = Field(default_factory=dict, description="The goal's options (hints for backends).")
+    options: FreeForm = Field(default_factory=dict, description="The goal's options (hints for backends).")
 
     @staticmethod
     def make_id(goal_id: str, step_id: str, attempt: int) -> str:

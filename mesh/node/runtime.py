@@ -90,7 +90,8 @@ class Node:
                         self.settings.health_port, port)
         log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
         try:
-            async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role]) as bus:
+            async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role],
+                                         role=self.spec.role) as bus:
                 self.bus = bus
                 await self._serve(bus)
         finally:
@@ -150,7 +151,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 work = [tg.create_task(runner()) for runner in runners]
-                tg.create_task(self._heartbeat(bus))
+                tg.create_task(self._heartbeat(bus, caller))
                 tg.create_task(self._drain_on_stop(work))
         except* DrainTimeout:
             reason = "drain timeout: unfinished work handed back to JetStream"
@@ -191,11 +192,11 @@ class Node:
     def in_flight(self) -> int:
         return sum(s.in_flight for s in self._stoppable)
 
-    async def _heartbeat(self, bus: Bus) -> None:
+    async def _heartbeat(self, bus: Bus, caller: ModelCaller | None) -> None:
         interval = min(HEARTBEAT_SECONDS, bus.topology.nodes_ttl / 3)
         while not self.stop.is_set():
             doc = beat(self.node_id, self.spec.role, socket.gethostname(), os.getpid(), __version__, self.in_flight,
-                       every=interval)
+                       every=interval, breakers=caller.gateway.breakers() if caller is not None else None)
             try:
                 await unless_set(self.stop, bus.kv_put(bus.topology.kv_nodes, self.node_id, json.dumps(doc).encode()))
             except BusError as exc:  # a missed beat is not fatal; the next one may land

@@ -205,6 +205,20 @@ class GoalState(Wire):
         st.dispatched_at = utcnow()
         return st.attempt
 
+    def outcome_refusal(self, step_id: str, attempt: int, emitter: str | None) -> str | None:
+        """Why a step outcome emitted by role ``emitter`` may not count, or None: the step is unknown
+        (``step``), the emitter is not the role the step was dispatched to (``role``), or the attempt is
+        not the one dispatched last (``attempt``). An outcome of that attempt for a step already finished
+        is no refusal: it is a redelivery of one that counted."""
+        st = self.steps.get(step_id)
+        if st is None:
+            return "step"
+        if emitter != st.step.role:
+            return "role"
+        if attempt != st.attempt:
+            return "attempt"
+        return None
+
     def complete(self, step_id: str, attempt: int, outputs: list[ArtifactRef], usage: Usage,
                  verdict: str | None, tier: str | None, summary: str, *, simulated: bool = False,
                  quality: StepQuality | None = None) -> bool:

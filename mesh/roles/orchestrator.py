@@ -54,7 +54,7 @@ from mesh.contracts import (
     utcnow,
 )
 from mesh.contracts.options import validate_options
-from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid, SimulationNotAllowed
+from mesh.errors import BackendError, BusError, GoalNotFound, OptionInvalid, PlanInvalid, SimulationNotAllowed
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles import spans
 from mesh.roles.calls import ModelCaller
@@ -83,6 +83,8 @@ PLAN_SCHEMA: dict[str, Any] = {
     "required": ["steps"],
 }
 SWEEP_SECONDS = 5.0
+_REFUSALS = {"goal": "no such goal", "step": "no such step", "role": "not the role the step was dispatched to",
+             "attempt": "not the attempt in flight"}
 # A memory summary is at most a third of the lines it replaces, within these bounds.
 MEMORY_SUMMARY_TOKENS = (32, 200)
 
@@ -262,23 +264,39 @@ class Orchestrator:
     # --- step outcomes -------------------------------------------------------------------------
 
     async def on_step_event(self, delivery: Delivery) -> None:
+        """A step outcome counts only when the role named in its subject is the role the step was
+        dispatched to and its attempt is the one in flight; anything else is refused — logged, counted
+        (``mesh_outcomes_refused_total``) and acked — and changes nothing."""
         event: object = delivery.envelope.message()
-        if isinstance(event, StepCompleted):
-            state = await self._on_completed(event)
-        elif isinstance(event, StepFailed):
-            state = await self._on_failed(event)
-        else:
+        if not isinstance(event, StepCompleted | StepFailed):
             return
-        await self._compact_memory(state)
+        address = self.bus.topology.event_address(delivery.subject)
+        emitter = address.role if address else None
+        try:
+            if isinstance(event, StepCompleted):
+                state = await self._on_completed(event, emitter)
+            else:
+                state = await self._on_failed(event, emitter)
+        except GoalNotFound:  # the planner writes a goal's state before it dispatches any step of it
+            self._refuse(event, emitter, "goal")
+            return
+        if state is not None:
+            await self._compact_memory(state)
 
-    async def _on_completed(self, ev: StepCompleted) -> GoalState:
+    def _refuse(self, ev: StepCompleted | StepFailed, emitter: str | None, reason: str) -> None:
+        log.warning("refused %s of goal %s step %s attempt %d emitted by role %s: %s", ev.type, ev.goal_id,
+                    ev.step_id, ev.attempt, emitter, _REFUSALS[reason])
+        self.caller.metrics.outcome_refused(reason)
+
+    async def _on_completed(self, ev: StepCompleted, emitter: str | None) -> GoalState | None:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
         tests = ev.quality.source == "tests"
 
         def record(s: GoalState) -> bool:
-            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
-                                        simulated=ev.simulated, quality=ev.quality):
+            if s.done or s.outcome_refusal(ev.step_id, ev.attempt, emitter) or not s.complete(
+                    ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
+                    simulated=ev.simulated, quality=ev.quality):
                 return False
             used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
                 (s.review_rounds, self.limits.max_review_iterations)
@@ -291,17 +309,25 @@ class Orchestrator:
 
         state, recorded = await self._advance(ev.goal_id, record)
         if not recorded:
+            # decided on the state ``_advance`` read last, the same one ``record`` refused
+            if reason := state.outcome_refusal(ev.step_id, ev.attempt, emitter):
+                self._refuse(ev, emitter, reason)
+                return None
             await self._resume(state)
         return state
 
-    async def _on_failed(self, ev: StepFailed) -> GoalState:
+    async def _on_failed(self, ev: StepFailed, emitter: str | None) -> GoalState | None:
         def record(s: GoalState) -> bool:
-            return not s.done and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage)
+            return (not s.done and not s.outcome_refusal(ev.step_id, ev.attempt, emitter)
+                    and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage))
 
         state, changed = await self.goals.mutate(ev.goal_id, record)
         if not changed:
-            st = state.steps.get(ev.step_id)
-            if state.done or st is None or st.status != "failed" or st.attempt != ev.attempt:
+            if reason := state.outcome_refusal(ev.step_id, ev.attempt, emitter):
+                self._refuse(ev, emitter, reason)
+                return None
+            st = state.steps[ev.step_id]
+            if state.done or st.status != "failed":
                 await self._resume(state)  # recorded and replanned (or finished) before: re-issue the effects
                 return state
             # recorded before, but that delivery died before it replanned: replan now
@@ -356,11 +382,13 @@ class Orchestrator:
             memory="\n".join(state.memory), position=state.position(step_id), remaining=_remaining(state),
             budget_fraction_left=_fraction_left(state), prior_failures=st.failures, options=goal.options,
         )
-        fresh = await self.bus.dispatch(task, trace=state.trace())
-        if fresh:
-            await self.bus.emit(StepDispatched(event_id=f"{task.task_id}.dispatched", goal_id=goal.goal_id,
-                                               step_id=step_id, role=st.step.role, attempt=st.attempt,
-                                               task_id=task.task_id, node=self.node_id), trace=state.trace())
+        # The task and its event in one write, their acks awaited together: a round trip less on every
+        # step's path. A re-published task (a duplicate) re-publishes the event under its same dedupe id,
+        # which the stream drops just as it drops the task.
+        trace = state.trace()
+        await together(self.bus.dispatch(task, trace=trace), self.bus.emit(StepDispatched(
+            event_id=f"{task.task_id}.dispatched", goal_id=goal.goal_id, step_id=step_id, role=st.step.role,
+            attempt=st.attempt, task_id=task.task_id, node=self.node_id), trace=trace))
 
     async def _resume(self, state: GoalState) -> None:
         """An outcome whose transition is already in the goal state: mostly a redelivery whose first

@@ -104,7 +104,7 @@ async def test_a_restarted_planner_redrives_a_step_in_the_goals_trace(bus: Bus, 
         await caller.gateway.aclose()
     topo = bus.topology
     for subject, stream in ((topo.task_subject("researcher"), topo.tasks_stream),
-                            (topo.event_subject(goal.goal_id, "step.dispatched"), topo.events_stream)):
+                            (topo.event_subject(goal.goal_id, "*", "step.dispatched"), topo.events_stream)):
         sub = await bus._js.pull_subscribe(subject, stream=stream)
         try:
             (msg,) = await sub.fetch(1, timeout=5)

@@ -8,10 +8,10 @@ import pytest
 from nats.aio.msg import Msg
 
 from mesh.bus import Bus
+from mesh.bus.client import CLAIM_MEDIA_TYPE
 from mesh.bus.feed import EventFeed
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, StepProgress, encode
-from mesh.bus.client import CLAIM_MEDIA_TYPE
 from mesh.contracts.codec import encode_claim, open_envelope
 from mesh.errors import MessageTooLarge
 

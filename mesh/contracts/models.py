@@ -133,16 +133,27 @@ class Goal(Wire):
         "works on it or on a newer workspace derived from it.")
 
 
+GATE_PATTERN = r"^(plan|final|[A-Za-z0-9_-]{1,64}\.(before|after))$"
+Gate = Annotated[str, Field(pattern=GATE_PATTERN, description="plan, final, or <step_id>.before / <step_id>.after")]
+GateKind = Literal["plan", "before", "after", "final"]
+Decision = Literal["approve", "reject"]
+TimeoutPolicy = Literal["fail", "approve", "reject"]
+
+
 class GoalCommand(Wire):
     """A client's request to change a goal, sent on ``mesh.control.<goal>``. The planner applies it to the
-    goal state by compare-and-swap like every other transition: clients never write goal state."""
+    goal state by compare-and-swap like every other transition: clients never write goal state.
+    ``approve`` / ``reject`` decide the pending approval ``gate`` (docs/APPROVALS.md)."""
 
     command_id: Token = Field(default_factory=new_id)
     goal_id: Token
-    action: Literal["cancel"]
+    action: Literal["cancel", "approve", "reject"]
     by: str = Field(min_length=1, max_length=200, description="who asks (user or service name)")
     reason: str = Field(default="", max_length=2000)
     issued_at: datetime = Field(default_factory=utcnow)
+    gate: Gate | None = Field(default=None, description="approve / reject: the gate decided")
+    note: str = Field(default="", max_length=4000, description="approve / reject: the decider's note (a rejection's "
+                                                                "feedback)")
 
 
 class StepQuality(Wire):
@@ -292,3 +303,39 @@ class RouteDecision(Wire):
     model_version: str = "rules-1"
     feature_version: str = ""
     features: list[float] = Field(default_factory=list)
+
+
+class Approval(Wire):
+    """One approval gate of a goal: what waits for a person, until when, and how it was decided.
+
+    ``plan``: the planned DAG waits before any step is dispatched; ``before``: a step of a role whose spec
+    says ``approve = "before"`` waits before it is dispatched; ``after``: such a step's outcome is recorded
+    but does not count until approved; ``final``: the goal's result waits before the goal completes."""
+
+    gate: Gate
+    kind: GateKind
+    request: int = Field(ge=1, description="the goal's n-th approval request (the ledger's key with the goal)")
+    status: Literal["pending", "approved", "rejected"] = "pending"
+    step_id: Token | None = None
+    role: Token | None = None
+    summary: str = Field(default="", max_length=4000, description="what is being approved, in a line or a few")
+    plan: Plan | None = Field(default=None, description="plan gate: the plan that waits")
+    outputs: list[ArtifactRef] = Field(default_factory=list, description="after: the step's outputs (its text, "
+                                       "workspace and diff); final: the goal's result")
+    requested_at: datetime = Field(default_factory=utcnow)
+    deadline: datetime | None = None
+    on_timeout: TimeoutPolicy = "fail"
+    decided_by: str | None = None
+    note: str = ""
+    decided_at: datetime | None = None
+    command_id: Token | None = Field(default=None, description="the command that decided it (none: its timeout)")
+
+
+class PendingApproval(Wire):
+    """One entry of the approvals inbox (``MeshClient.approvals``, ``GET /v1/approvals``): a pending gate and
+    the goal it holds."""
+
+    goal_id: Token
+    brief: str
+    submitter: str | None = None
+    approval: Approval

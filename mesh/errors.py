@@ -383,6 +383,11 @@ class UnknownGoal(MeshError):
     """A client asked about a goal the mesh has no state for."""
 
 
+class ApprovalNotPending(MeshError):
+    """A decision for an approval gate that is not pending (never requested, already decided, or its goal
+    has ended): refused, and nothing changes."""
+
+
 class NoResponders(BusError):
     """A request found no service listening on its subject."""
 

@@ -113,6 +113,7 @@ class Node:
         else:
             # Imported here: a recorder needs none of the model SDKs, the router's onnxruntime or the roles.
             from mesh.roles.calls import ModelCaller
+            from mesh.roles.gates import GatePolicy
             from mesh.roles.goalstore import GoalStore
             from mesh.roles.hotswap import watch_models
             from mesh.roles.orchestrator import Orchestrator
@@ -125,7 +126,8 @@ class Node:
             goals = GoalStore(bus)
             dlq = topo.dlq_subject(self.spec.role)
             if self.spec.kind == "orchestrator":
-                orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id)
+                gates = GatePolicy(self.settings.approval_timeout, self.settings.approval_on_timeout)
+                orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id, gates)
                 self._stoppable += [
                     PullConsumer(bus, stream=topo.goals_stream, durable=topo.consumer_name(self.spec.role),
                                  handler=orch.on_goal, concurrency=self.spec.concurrency, dlq_subject=dlq,

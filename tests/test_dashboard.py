@@ -197,3 +197,25 @@ async def test_mesh_and_router_pages_read_heartbeats_and_the_ledger(settings: Me
         await eventually(ledger_caught_up, timeout=30)
         text = (await http.get("/v1/ui/router")).text
         assert re.search(r'id="baseline-cost">sim\$\d+\.\d{4}<', text) and "highest success rate" in text
+
+
+async def test_the_inbox_and_the_goal_page_show_a_waiting_gate_with_its_form(settings: MeshSettings) -> None:
+    async with gateway(fast(settings)) as (gw, client), httpx.AsyncClient(base_url=gw.url, timeout=60) as http:
+        assert "Nothing waits for a person" in (await http.get("/v1/ui/approvals")).text
+        r = await http.post("/v1/goals", json={"brief": "Build me a login system", "options": {"approve": "plan"}})
+        goal_id = r.json()["goal_id"]
+        async for _, event in client.watch(goal_id):
+            if event.type == "approval.requested":
+                break
+        inbox = (await http.get("/v1/ui/approvals")).text
+        assert f'data-gate="plan" data-goal="{goal_id}"' in inbox and "1 gate waiting" in inbox
+        assert f'data-post="/v1/goals/{goal_id}/approvals/plan"' in inbox and 'value="approve"' in inbox
+        page = (await http.get(f"/v1/ui/goals/{goal_id}")).text
+        assert "Waiting for you" in page and 'id="goal-status">awaiting_approval' in page
+        listed = (await http.get("/v1/ui/goals", params={"status": "awaiting_approval"})).text
+        assert goal_id in listed
+        await client.approve(goal_id, "plan", by="test")
+        async for _, event in client.watch(goal_id, until_final=True):
+            pass
+        assert event.type == "goal.completed"
+        assert "Nothing waits for a person" in (await http.get("/v1/ui/approvals")).text

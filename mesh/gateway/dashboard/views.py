@@ -8,6 +8,7 @@ import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import get_args
 
 from mesh.contracts import (
     ArtifactRef,
@@ -21,11 +22,11 @@ from mesh.contracts import (
     Usage,
 )
 from mesh.contracts.models import RouteDecision, utcnow
-from mesh.roles.goalstate import GoalState, StepState
+from mesh.roles.goalstate import GoalState, GoalStatus, StepState
 from mesh.router.features import FEATURE_NAMES, FEATURE_VERSION
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 
-STATUSES = ("planning", "running", "completed", "failed", "cancelled")
+STATUSES: tuple[str, ...] = get_args(GoalStatus)
 TOP_FEATURES = 6
 DIFF_LINES = 4000
 

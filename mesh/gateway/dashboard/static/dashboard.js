@@ -140,6 +140,33 @@ function setupPanels() {
     e.preventDefault();
     load(document.getElementById(link.dataset.load), link.getAttribute("href")).catch(() => {});
   });
+  // Decisions (approve / reject, with a note) post JSON — the button pressed is the decision —, then the
+  // fragment they sit in is loaded again (a goal's page also hears approval.decided on its stream).
+  document.addEventListener("submit", async (e) => {
+    const form = e.target.closest("form[data-post]");
+    if (!form) return;
+    e.preventDefault();
+    const body = {};
+    for (const [k, v] of new FormData(form, e.submitter)) body[k] = v;
+    form.querySelectorAll("button").forEach((b) => (b.disabled = true));
+    try {
+      const r = await request(form.dataset.post, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      if (!r.ok) {
+        $(".error", form).textContent = await errorText(r);
+        form.querySelectorAll("button").forEach((b) => (b.disabled = false));
+        return;
+      }
+      state.decisions = (state.decisions || 0) + 1;
+      const panel = form.closest("[data-src]");
+      if (panel) await load(panel);
+    } catch (err) {
+      if (!(err instanceof NeedsLogin)) console.warn("decision failed", err);
+    }
+  });
   document.addEventListener("submit", (e) => {
     const form = e.target.closest("form[data-load-form]");
     if (!form) return;
@@ -351,21 +378,6 @@ function polledPage() {
   load(view).catch(() => {});
   setInterval(refresh, Number(view.dataset.poll));
   setLive(true);
-  // Decisions (approve / reject with a note) post JSON, then the view is loaded again.
-  view.addEventListener("submit", async (e) => {
-    const form = e.target.closest("form[data-post]");
-    if (!form) return;
-    e.preventDefault();
-    const body = {};
-    for (const [k, v] of new FormData(form)) body[k] = v;
-    const r = await request(form.dataset.post, {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    });
-    if (!r.ok) alert(await errorText(r));
-    refresh();
-  });
 }
 
 document.addEventListener("DOMContentLoaded", () => {

@@ -8,10 +8,10 @@ import pytest
 from nats.aio.msg import Msg
 
 from mesh.bus import Bus
+from mesh.bus.client import CLAIM_MEDIA_TYPE
 from mesh.bus.feed import EventFeed
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, StepProgress, encode
-from mesh.bus.client import CLAIM_MEDIA_TYPE
 from mesh.contracts.codec import encode_claim, open_envelope
 from mesh.errors import MessageTooLarge
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def progress(i: int, size: int) -> StepProgress:
-    return StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1, task_id="g1.s1.1",
+    return StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1,
                         message=f"{i}:" + "x" * size)
 
 

@@ -75,7 +75,23 @@ async function load(el, url) {
   el.querySelectorAll("[data-keep-scroll][id]").forEach((b) => (scroll[b.id] = [b.scrollLeft, b.scrollTop]));
   const open = {};
   el.querySelectorAll("details[id]").forEach((d) => (open[d.id] = d.open));
+  // a note being written survives the re-render (polls and events re-render the fragment it sits in)
+  const notes = {};
+  let focused = null;
+  el.querySelectorAll(".approval textarea").forEach((t) => {
+    const key = noteKey(t);
+    notes[key] = t.value;
+    if (t === document.activeElement) focused = [key, t.selectionStart, t.selectionEnd];
+  });
   el.innerHTML = html;
+  el.querySelectorAll(".approval textarea").forEach((t) => {
+    const key = noteKey(t);
+    if (key in notes) t.value = notes[key];
+    if (focused && focused[0] === key) {
+      t.focus();
+      t.setSelectionRange(focused[1], focused[2]);
+    }
+  });
   for (const [id, [left, top]] of Object.entries(scroll)) {
     const b = document.getElementById(id);
     if (b) [b.scrollLeft, b.scrollTop] = [left, top];
@@ -87,6 +103,11 @@ async function load(el, url) {
   decorate(el);
   state.loads += 1;
   el.dispatchEvent(new CustomEvent("mesh:loaded", { bubbles: true }));
+}
+
+function noteKey(textarea) {
+  const gate = textarea.closest(".approval");
+  return `${gate.dataset.goal}/${gate.dataset.gate}`;
 }
 
 // At most one load in flight and one queued per element, a short pause to gather a burst of events.

@@ -6,6 +6,7 @@ otherwise. docs/TRACING.md lists every span and attribute."""
 from __future__ import annotations
 
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from mesh import tracing
 from mesh.backends.gateway import CallRecord
@@ -73,8 +74,9 @@ def chat(rec: CallRecord, tier: TierConfig | None, decision: RouteDecision | Non
         attrs["gen_ai.response.model"] = rec.response_model
     if rec.finish_reason:
         attrs["gen_ai.response.finish_reasons"] = rec.finish_reason
-    if tier is not None and tier.base_url:
-        attrs["server.address"] = tier.base_url
+    if tier is not None and tier.base_url and (url := urlsplit(tier.base_url)).hostname:
+        attrs["server.address"] = url.hostname
+        attrs["server.port"] = url.port or (443 if url.scheme == "https" else 80)
     if rec.error is not None:
         attrs["error.type"] = rec.outcome
     if decision is not None:

@@ -263,14 +263,16 @@ async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSetting
     chats = [s for s in spans if s["name"].startswith("chat ")]
     assert {by_id[s["parent"]]["name"].split()[0] for s in chats} <= {"invoke_agent", "plan", "invoke_workflow"}
     # straight under the goal: only the planner's summaries of the goal memory
-    assert {c["attrs"]["mesh.step.id"] for c in chats if c["parent"] == root["span_id"]} <= {"memory"}
+    assert {(c["attrs"]["mesh.step.id"], c["attrs"]["mesh.requester"]) for c in chats
+            if c["parent"] == root["span_id"]} <= {("memory", "summariser")}
     assert {c["parent"] for c in chats} >= {a["span_id"] for a in agents}, "every step made a model call"
     for c in chats:
         a = c["attrs"]
         assert c["name"] == f"chat {a['gen_ai.request.model']}" and a["gen_ai.operation.name"] == "chat"
         assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
         assert a["gen_ai.provider.name"] and a["gen_ai.response.model"] and a["mesh.simulated"] is True
-        assert a["mesh.tier"] and ("mesh.route.propensity" in a) == (c["parent"] != root["span_id"])  # routed
+        # routed: every call but the edge tier's summaries (of inputs that do not fit, of the goal memory)
+        assert a["mesh.tier"] and ("mesh.route.propensity" in a) == (a["mesh.requester"] != "summariser"), a
     (plan,) = [s for s in spans if s["name"] == "plan planner"]
     assert plan["parent"] == root["span_id"] and any(c["parent"] == plan["span_id"] for c in chats)
 

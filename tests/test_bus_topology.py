@@ -1,4 +1,4 @@
-"""Topology names and idempotent, race-safe provisioning against a real server."""
+"""Topology names, idempotent and race-safe provisioning, and what a node checks, against a real server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from nats.js import api
 from mesh.bus import Bus, Topology, provision
 from mesh.config import MeshSettings
 from mesh.contracts import Step, Task
-from mesh.errors import NoStreamForSubject
+from mesh.embedded import EmbeddedNats
+from mesh.errors import NoStreamForSubject, NotProvisioned
 from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
 
@@ -136,10 +137,10 @@ async def test_the_tasks_stream_takes_the_worker_roles_only(bus: Bus) -> None:
                             step=Step(step_id="s1", role="coder", instruction="do it")))
 
 
-async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consumers(nats_url: str) -> None:
+async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consumers(bare_nats: EmbeddedNats) -> None:
     """A server provisioned by an older release (``mesh.task.>``, a ``role-ledger`` consumer that nothing
     read) is brought to the worker roles' subjects, and the ledger gets no consumer on the tasks stream."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(bare_nats.url)
     js = nc.jetstream()
     try:
         await js.add_stream(api.StreamConfig(name="MESH_TASKS", subjects=["mesh.task.>"],
@@ -148,11 +149,34 @@ async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consu
             durable_name="role-ledger", filter_subject="mesh.task.ledger", ack_policy=api.AckPolicy.EXPLICIT))
         topo = Topology(task_roles=("coder", "tester"))
         assert topo.consumer_configs("ledger") == []
-        await provision(js, topo, ["planner", "coder", "ledger"])  # a node: no deletes
+        changes = await provision(js, topo, ["planner", "coder", "ledger"])  # without prune: no deletes
         assert {c.name for c in await js.consumers_info("MESH_TASKS")} == {"role-coder", "role-ledger"}
-        await provision(js, topo, ["planner", "coder", "ledger"], prune=True)  # `mesh up`, an admin
+        assert "updated stream MESH_TASKS (subjects: mesh.task.coder, mesh.task.tester)" in changes
+        assert "created consumer role-coder on MESH_TASKS" in changes
+        changes = await provision(js, topo, ["planner", "coder", "ledger"], prune=True)  # `mesh provision`
         info = await js.stream_info("MESH_TASKS")
         assert info.config.subjects == ["mesh.task.coder", "mesh.task.tester"]
         assert {c.name for c in await js.consumers_info("MESH_TASKS")} == {"role-coder"}
+        assert changes == ["deleted consumer role-ledger on MESH_TASKS: ledger is not a worker role"]
+        assert await provision(js, topo, ["planner", "coder"], prune=True) == []  # nothing left to change
+    finally:
+        await nc.close()
+
+
+async def test_a_node_against_an_unprovisioned_server_fails_with_the_reason(bare_nats: EmbeddedNats) -> None:
+    """Nodes no longer create streams: against a bare server a role's connect fails fast, naming the first
+    missing stream and the command that fixes it; after provisioning for other workers, it names the role."""
+    settings = MeshSettings(nats_url=bare_nats.url, connect_timeout=2.0)
+    with pytest.raises(NotProvisioned, match="mesh not provisioned: stream MESH_GOALS missing — run `mesh provision`"):
+        await Bus.connect(settings, roles=["coder"])
+    nc = await nats.connect(bare_nats.url)
+    try:
+        await provision(nc.jetstream(), Topology(task_roles=("tester",)))
+        with pytest.raises(NotProvisioned, match="role 'coder': stream MESH_TASKS does not take mesh.task.coder"):
+            await Bus.connect(settings, roles=["coder"])
+        assert [c.name for c in await nc.jetstream().consumers_info("MESH_TASKS")] == []  # it created nothing
+        await provision(nc.jetstream(), Topology())
+        async with await Bus.connect(settings, roles=["coder"]):  # its own consumer is all it creates
+            assert [c.name for c in await nc.jetstream().consumers_info("MESH_TASKS")] == ["role-coder"]
     finally:
         await nc.close()

@@ -123,7 +123,7 @@ async def _connect(settings: MeshSettings) -> Any:
     if not url:
         raise NotConnected("no mesh to talk to: set MESH_NATS_URL or start one with `mesh up`")
     return await Bus.connect(settings.model_copy(update={"nats_url": url}), name="mesh-ledger-cli",
-                             provision=False)
+                             check=False)
 
 
 def _run(ask: Any) -> Any:

@@ -138,7 +138,7 @@ class LocalMesh:
         from mesh.bus.client import Bus
 
         async with await Bus.connect(self.settings.model_copy(update={"nats_url": self.url}), name="mesh-up",
-                                     provision=False) as bus:
+                                     check=False) as bus:
             await bus.provision(self.roles, prune=self.nats is not None)
 
     def _spawn_sim_server(self) -> dict[str, str]:

@@ -6,7 +6,7 @@
     nats_url      its URL
     settings      MeshSettings for it, data/out dirs in tmp_path, short ack_wait for fault tests
     bus           a connected, provisioned Bus (no role consumers; pass roles to bus.provision)
-    nats_cluster  a 3-node JetStream cluster (only for tests that ask for it)
+    nats_cluster  a 3-node JetStream cluster, provisioned with R3 streams (only for tests that ask for it)
     eventually    poll a condition until it holds or a timeout passes (for states with no event to await)
     retry         repeat an operation while it raises given errors (publishing through a reconnect or election)
 """
@@ -92,6 +92,7 @@ async def bus(settings: MeshSettings) -> AsyncIterator[Bus]:
 @pytest.fixture
 async def nats_cluster(tmp_path: Path) -> AsyncIterator[EmbeddedCluster]:
     async with EmbeddedCluster(tmp_path / "cluster", size=3) as cluster:
+        await provision_topology(MeshSettings(nats_url=cluster.url, replicas=3))  # R3: one member may be lost
         yield cluster
 
 

@@ -125,6 +125,7 @@ class Bus:
         self._roles: dict[str, None] = {}
         self._kv: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
+        self._connect_errors: list[str] = []  # why a first connect failed, for its error message
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -160,7 +161,15 @@ class Bus:
                 closed_cb=bus._on_closed, **_auth_options(settings),
             )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc!r}") from exc
+            # a refusal (authorization) arrives through the error callback; connect itself ends "no servers"
+            seen = [e for e in dict.fromkeys(bus._connect_errors) if e != repr(exc)]
+            exc_text = f"{exc!r} after {', '.join(seen)}" if seen else repr(exc)
+            hint = ""
+            if "authorization" in exc_text.lower():
+                hint = ("; the server wants credentials: MESH_NATS_USER / MESH_NATS_PASSWORD, or MESH_NATS_TOKEN "
+                        "(a local `mesh up` keeps its token in <data dir>/nats-token, which `mesh` commands "
+                        "run from the same data dir read)")
+            raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc_text}{hint}") from exc
         # ... then the configured policy (-1: forever) for reconnects once we have been up.
         bus._nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
         if check:
@@ -182,6 +191,8 @@ class Bus:
         log.warning("NATS reconnected (%s) to %s", self.name, url.netloc if url else "?")
 
     async def _on_error(self, exc: Exception) -> None:
+        if len(self._connect_errors) < 8 and not self._nc.is_connected:
+            self._connect_errors.append(repr(exc))
         log.debug("NATS client error (%s): %r", self.name, exc)
 
     async def _on_closed(self) -> None:

@@ -32,24 +32,21 @@ async def _provision(a: argparse.Namespace) -> int:
     return 0
 
 
-async def provision_mesh(nodes: Path | None = None, *, domain: str | None = None, prune: bool = True,
-                         url: str | None = None) -> list[str]:
-    """Provision the mesh at ``url`` (default: MESH_NATS_URL, else a running `mesh up`) for the role specs in
-    ``nodes``; returns what was done, for printing."""
+async def provision_mesh(nodes: Path | None = None, *, domain: str | None = None, prune: bool = True) -> list[str]:
+    """Provision the mesh at MESH_NATS_URL (else a running `mesh up`) for the role specs in ``nodes``; returns
+    what was done, for printing."""
     import dataclasses
 
     from mesh.bus.client import Bus
     from mesh.bus.topology import Topology, worker_roles
-    from mesh.embedded.local import local_nats_url
+    from mesh.embedded.localauth import local_settings
     from mesh.errors import NotConnected
     from mesh.roles.spec import load_specs
 
-    settings = get_settings()
-    url = url or local_nats_url(settings)
-    if not url:
+    settings = local_settings(get_settings())
+    if not settings.nats_url:
         raise NotConnected("no NATS server configured: set MESH_NATS_URL (and the admin's MESH_NATS_USER / "
                            "MESH_NATS_PASSWORD) or start `mesh up`")
-    settings = settings.model_copy(update={"nats_url": url})
     specs = load_specs(nodes)
     topo = dataclasses.replace(Topology.from_settings(settings), task_roles=worker_roles(nodes))
     if domain:  # an edge site's own topology: the hub's copies of sites' events live at the hub only

@@ -17,9 +17,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mesh ./mesh
-# The tester extra: pytest, which the tester role runs (nodes/tester.toml shell_allow); tests/test_image_install.py
+# The otel extra: span export when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/TRACING.md). The tester extra: pytest, which the tester role runs (nodes/tester.toml shell_allow); tests/test_image_install.py
 # installs the package the same way and runs `mesh node tester --check` there.
-RUN pip install --no-compile ".[tester]" && python -m compileall -q /opt/venv
+RUN pip install --no-compile ".[tester,otel]" && python -m compileall -q /opt/venv
 
 # --- build-edge: the edge model server (compiles llama.cpp: several minutes) -------------------
 FROM build AS build-edge

@@ -151,7 +151,7 @@ async def run(args: argparse.Namespace) -> str:
                 url = f"http://127.0.0.1:{port}"
                 await wait_http(f"{url}/healthz", gateway)
                 limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
-                async with await Bus.connect(settings, name="bench-publisher") as bus, \
+                async with await Bus.connect(settings, name="bench-publisher", role="planner") as bus, \
                         MeshClient.connect(settings, name="bench-watch") as client, \
                         httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
                     ages = await latency(bus, client, http, args.events, args.rate)

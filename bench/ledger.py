@@ -38,6 +38,7 @@ from bench.results import write_section
 from mesh.bus import Bus, Topology
 from mesh.config import MeshSettings
 from mesh.contracts import Event, encode
+from mesh.contracts.events import likely_emitter
 from mesh.roles.recorder import Recorder
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries
@@ -52,7 +53,7 @@ Item = tuple[int, str, Event]
 
 def numbered(events: Iterable[Event]) -> Iterator[Item]:
     for seq, event in enumerate(events, start=1):
-        yield seq, TOPO.event_subject(event.goal_id, event.type), event
+        yield seq, TOPO.event_subject(event.goal_id, likely_emitter(event), event.type), event
 
 
 def chunked(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
@@ -127,7 +128,7 @@ async def recorder_rates(root: Path, count: int) -> list[tuple[int, float]]:
         settings = MeshSettings(nats_url=server.url, data_dir=root / "mesh")
         async with await Bus.connect(settings, name="bench-ledger") as bus:
             for event in synthetic_events(count, seed=2):  # core publishes: the stream stores them all
-                await bus._nc.publish(TOPO.event_subject(event.goal_id, event.type), encode(event))
+                await bus._nc.publish(TOPO.event_subject(event.goal_id, likely_emitter(event), event.type), encode(event))
             await bus._nc.flush()
             while (await bus._js.stream_info(bus.topology.events_stream)).state.last_seq < count:
                 await asyncio.sleep(0.05)

@@ -126,7 +126,7 @@ async def _drive(bus: Bus, result: SoakResult, in_flight: int, stop: asyncio.Eve
     """Keep ``in_flight`` goals running until ``stop``; count how they end (one watch of goal events)."""
     topo = bus.topology
     slots = asyncio.Semaphore(in_flight)
-    sub = await bus._js.subscribe(topo.event_subject("*", "goal.*"), stream=topo.events_stream,
+    sub = await bus._js.subscribe(topo.event_subject("*", "*", "goal.*"), stream=topo.events_stream,
                                  ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW)
 
     async def watch() -> None:

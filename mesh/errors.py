@@ -25,6 +25,7 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     │   │   ├── PayloadRefused         (not [R]) above the server's max_payload: refused before sending
     │   │   └── NoStreamForSubject     (not [R]) no stream takes the subject (a role nobody serves)
     │   ├── BlobNotFound               no object under that digest in the object store
+    │   ├── GoalNotFound               no goal state under that goal id
     │   └── EmbeddedServerError
     ├── BackendError                   model I/O
     │   ├── RetryableBackendError [R]
@@ -181,6 +182,10 @@ class NoStreamForSubject(PublishError):
 
 class BlobNotFound(BusError):
     """The object store has no object under the requested sha256 digest."""
+
+
+class GoalNotFound(BusError):
+    """The goals bucket has no state for the goal (a replica may lag a fresh write: retryable)."""
 
 
 class EmbeddedServerError(BusError):

@@ -28,6 +28,10 @@ class Metrics:
         self.tokens = Counter("mesh_backend_tokens_total", "Tokens, by tier and kind.", ["tier", "kind"], registry=r)
         self.cost = Counter("mesh_backend_cost_usd_total", "Backend cost in USD.", ["tier"], registry=r)
         self.routes = Counter("mesh_router_choices_total", "Router decisions.", ["role", "tier"], registry=r)
+        self.outcomes_refused = Counter(
+            "mesh_outcomes_refused_total", "Step outcomes the planner refused, by reason: role (not emitted by the "
+            "role the step was dispatched to), attempt (not the attempt in flight), step or goal (unknown).",
+            ["reason"], registry=r)
         # (tier, outcome) → its labelled children: ``labels()`` takes a lock and builds the key on every
         # call, six times per backend call; tiers and outcomes (error class names) are few.
         self._call_children: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -53,6 +57,9 @@ class Metrics:
     def task_done(self, outcome: str, seconds: float) -> None:
         self.tasks.labels(self.role, outcome).inc()
         self.task_seconds.labels(self.role).observe(seconds)
+
+    def outcome_refused(self, reason: str) -> None:
+        self.outcomes_refused.labels(reason).inc()
 
     def error(self, kind: str) -> None:
         self.errors.labels(self.role, kind).inc()

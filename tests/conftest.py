@@ -85,7 +85,8 @@ def place() -> Iterator[Path]:
 
 @pytest.fixture
 async def bus(settings: MeshSettings) -> AsyncIterator[Bus]:
-    async with await Bus.connect(settings, name="test") as connected:
+    """A connected bus; the events a test emits on it carry the role ``test`` (no role spec's)."""
+    async with await Bus.connect(settings, name="test", role="test") as connected:
         yield connected
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import Event, encode
+from mesh.contracts.events import likely_emitter
 from mesh.errors import LedgerError
 from mesh.roles.ledger_service import LedgerClient
 from mesh.roles.recorder import Recorder
@@ -25,7 +26,7 @@ async def publish_burst(bus: Bus, events: Sequence[Event], *, chunk: int = 1000,
     topo = bus.topology
     for i in range(0, len(events), chunk):
         for event in events[i:i + chunk]:
-            await bus._nc.publish(topo.event_subject(event.goal_id, event.type), encode(event),
+            await bus._nc.publish(topo.event_subject(event.goal_id, likely_emitter(event), event.type), encode(event),
                                  headers={"Nats-Msg-Id": event.event_id})
         await bus._nc.flush()
         if pause:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 
 import nats
 import pytest
 from nats.js import api
 
 from mesh.bus import Bus, Topology, provision
-from mesh.config import MeshSettings
+from mesh.bus.topology import orchestrator_role
+from mesh.config import MeshSettings, default_nodes_dir
 from mesh.contracts import Step, Task
+from mesh.contracts.events import EventAddress
 from mesh.embedded import EmbeddedNats
-from mesh.errors import NoStreamForSubject, NotProvisioned
+from mesh.errors import NodeSpecError, NoStreamForSubject, NotProvisioned, PublishError
 from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
 
@@ -25,12 +29,37 @@ def test_names_follow_the_prefix() -> None:
         "acme_goals", "acme_nodes", "acme_artifacts", "acme_models")
     assert t.goal_subject() == "acme.goals"
     assert t.task_subject("coder") == "acme.task.coder"
-    assert t.event_subject("g1", "step.completed") == "acme.event.g1.step.completed"
+    assert t.event_subject("g1", "coder", "step.completed") == "acme.event.g1.coder.step.completed"
+    assert t.event_address("acme.event.g1.coder.step.completed") == EventAddress("g1", "coder", "step.completed")
+    assert t.event_address("acme.event.g1.step.completed") == EventAddress("g1", None, "step.completed")  # schema 1
+    assert t.event_address("mesh.event.g1.coder.step.completed") is None  # another prefix
+    assert t.event_address("acme.event.g1.a.b.step.completed") is None
     assert t.events_filter() == "acme.event.>" and t.events_filter("g1") == "acme.event.g1.>"
     assert t.dlq_subject("coder") == "acme.dlq.coder"
     assert t.consumer_name("coder") == "role-coder"
     assert (t.stream_for("planner"), t.filter_for("planner")) == ("ACME_GOALS", "acme.goals")
     assert (t.stream_for("coder"), t.filter_for("coder")) == ("ACME_TASKS", "acme.task.coder")
+
+
+def test_the_role_that_reads_goals_is_the_orchestrator_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renaming the planner (file and role) renames its consumers; no name is fixed in the topology."""
+    nodes = tmp_path / "nodes"
+    shutil.copytree(default_nodes_dir(), nodes)
+    (nodes / "conductor.toml").write_text((nodes / "planner.toml").read_text().replace('role = "planner"',
+                                                                                      'role = "conductor"'))
+    (nodes / "planner.toml").unlink()
+    monkeypatch.setenv("MESH_NODES_DIR", str(nodes))
+    t = Topology()
+    assert t.goal_role == "conductor" and "conductor" not in t.task_roles
+    assert (t.stream_for("conductor"), t.filter_for("conductor")) == ("MESH_GOALS", "mesh.goals")
+    assert (t.outcomes_consumer, t.control_consumer) == ("conductor-outcomes", "conductor-control")
+    assert [stream for stream, _ in t.consumer_configs("conductor")] == ["MESH_GOALS", "MESH_EVENTS", "MESH_CONTROL"]
+    (nodes / "planner.toml").write_text((nodes / "conductor.toml").read_text().replace('role = "conductor"',
+                                                                                      'role = "planner"'))
+    with pytest.raises(NodeSpecError, match="more than one role spec of kind orchestrator: conductor, planner"):
+        orchestrator_role(nodes)
+    with pytest.raises(NodeSpecError, match="only one role may plan"):
+        load_specs(nodes)
 
 
 async def _snapshot(js: nats.js.JetStreamContext) -> dict[str, object]:
@@ -59,7 +88,7 @@ async def test_provisioning_twice_is_a_no_op(nats_url: str) -> None:
         goals = await js.consumer_info("MESH_GOALS", "role-planner")
         assert goals.config.filter_subject == "mesh.goals"
         outcomes = await js.consumer_info("MESH_EVENTS", topo.outcomes_consumer)
-        assert outcomes.config.filter_subjects == ["mesh.event.*.step.completed", "mesh.event.*.step.failed"]
+        assert outcomes.config.filter_subjects == ["mesh.event.*.*.step.completed", "mesh.event.*.*.step.failed"]
         coder = await js.consumer_info("MESH_TASKS", "role-coder")
         assert coder.config.filter_subject == "mesh.task.coder"
         assert coder.config.ack_policy == api.AckPolicy.EXPLICIT
@@ -135,6 +164,19 @@ async def test_the_tasks_stream_takes_the_worker_roles_only(bus: Bus) -> None:
     assert (await bus._js.stream_info(bus.topology.tasks_stream)).state.messages == 0
     await bus.dispatch(Task(task_id=Task.make_id("g1", "s1", 1), goal_id="g1",
                             step=Step(step_id="s1", role="coder", instruction="do it")))
+
+
+async def test_no_answer_for_a_subject_the_topology_streams_is_retryable(bus: Bus) -> None:
+    """JetStream answers "no responders" also while a clustered stream has no leader (a member lost):
+    a task for a worker role then must be retried, not given up as if nobody served the role (CI once
+    failed a goal that way when one cluster member was killed mid-run)."""
+    await bus._js.delete_stream(bus.topology.tasks_stream)  # what a publisher sees without a leader
+    task = Task(task_id=Task.make_id("g1", "s1", 1), goal_id="g1",
+                step=Step(step_id="s1", role="coder", instruction="do it"))
+    with pytest.raises(PublishError, match="JetStream did not answer") as caught:
+        await bus.dispatch(task)
+    assert not isinstance(caught.value, NoStreamForSubject) and caught.value.retryable is True
+    assert bus.topology.takes("mesh.event.g1.step.completed") and not bus.topology.takes("mesh.task.planner")
 
 
 async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consumers(bare_nats: EmbeddedNats) -> None:

@@ -50,3 +50,13 @@ def test_a_ledger_node_imports_no_model_sdk_or_onnxruntime() -> None:
     code = ("import json, sys, mesh.node.runtime, mesh.roles.recorder\n"
             f"print(json.dumps({{'code': 0, 'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))")
     assert _probe(code, [], "nats://127.0.0.1:4222")["loaded"] == ["duckdb"]
+
+
+def test_the_bus_loads_nats_without_aiohttp_which_stays_importable() -> None:
+    """nats-py's websocket transport (aiohttp, ~40% of ``import nats``) is not loaded with the bus; the
+    modules that use aiohttp still can, afterwards."""
+    code = ("import json, sys, mesh.bus, nats.aio.transport as t\n"
+            "before = 'aiohttp' in sys.modules\n"
+            "import aiohttp\n"
+            "print(json.dumps({'code': 0, 'loaded': [before, t.aiohttp is None, bool(aiohttp.ClientSession)]}))")
+    assert _probe(code, [], "nats://127.0.0.1:4222")["loaded"] == [False, True, True]

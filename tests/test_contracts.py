@@ -28,6 +28,7 @@ from mesh.contracts import (
     Step,
     StepCompleted,
     StepProgress,
+    StepStarted,
     Task,
     ToolCall,
     Usage,
@@ -35,7 +36,7 @@ from mesh.contracts import (
     encode,
     open_envelope,
 )
-from mesh.contracts.codec import SCHEMA_VERSION
+from mesh.contracts.codec import EVENT_HISTORY_MAJORS, SCHEMA_MAJOR, SCHEMA_VERSION
 from mesh.errors import CodecError, MessageTooLarge, PlanInvalid, SchemaViolation, UnsupportedVersion
 
 token = st.from_regex(r"\A[A-Za-z0-9_-]{1,20}\Z")
@@ -126,7 +127,7 @@ def _envelope(**overrides: object) -> bytes:
 
 def test_newer_minor_version_with_extra_fields_is_tolerated() -> None:
     doc = msgpack.unpackb(encode(Goal(goal_id="g1", brief="b")))
-    doc["v"] = "1.7"
+    doc["v"] = f"{SCHEMA_MAJOR}.7"
     doc["future_envelope_field"] = True
     doc["body"]["future_body_field"] = {"x": 1}
     goal = decode(msgpack.packb(doc), Goal)
@@ -134,8 +135,19 @@ def test_newer_minor_version_with_extra_fields_is_tolerated() -> None:
 
 
 def test_unknown_major_version_is_rejected_clearly() -> None:
-    with pytest.raises(UnsupportedVersion, match=r"unsupported schema version '2\.0'.*major version 1"):
-        decode(_envelope(v="2.0"))
+    with pytest.raises(UnsupportedVersion, match=r"unsupported schema version '3\.0'.*major version 2"):
+        decode(_envelope(v="3.0"))
+
+
+def test_schema_1_is_read_only_where_the_event_history_is_read() -> None:
+    """Schema 2 changed subjects, not bodies: a schema-1 event decodes for the history's readers (ledger,
+    watch) and is refused by every other consumer."""
+    old = _envelope(v="1.2", kind="event", body=StepStarted(goal_id="g1", step_id="s1", role="coder").model_dump(
+        mode="json"))
+    with pytest.raises(UnsupportedVersion, match="'1.2'"):
+        open_envelope(old)
+    event = open_envelope(old, majors=EVENT_HISTORY_MAJORS).message()
+    assert isinstance(event, StepStarted) and event.role == "coder"
 
 
 @pytest.mark.parametrize("overrides,match", [

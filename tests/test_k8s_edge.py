@@ -152,7 +152,7 @@ async def test_edge_site_works_through_a_link_outage_and_catches_the_hub_up(
                     done = await _until(events, GoalCompleted, GoalFailed)
                 assert isinstance(done, GoalCompleted), done
                 stream = hub_bus.topology.edge_events_stream(DOMAIN)
-                completed = f"mesh.event.{goal.goal_id}.goal.completed"
+                completed = hub_bus.topology.event_subject(goal.goal_id, "planner", "goal.completed")
                 assert await _count(hub_bus, stream, completed) == 0  # nothing crossed while cut
 
                 await link.start()

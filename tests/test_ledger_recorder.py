@@ -4,15 +4,20 @@ a restart, and a rebuild from the stream equals the live ledger."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from mesh.bus import Bus, DeadLetter
+from mesh.client import MeshClient
 from mesh.config import MeshSettings
+from mesh.contracts import Goal, GoalSubmitted, StepCompleted, StepStarted, encode
 from mesh.errors import LedgerError, QueryRefused
 from mesh.roles.ledger_service import LedgerClient
 from mesh.roles.recorder import rebuild
+from mesh.store import Ledger
 from tests.ledgerkit import (
     Eventually,
     burst,
@@ -104,7 +109,7 @@ async def test_poison_is_dead_lettered_and_recording_goes_on(bus: Bus, settings:
     events = burst(100)
     async with recording(bus, settings):
         await publish_burst(bus, events[:50])
-        await bus._nc.publish(bus.topology.event_subject("g", "step.started"), b"\xc1 not msgpack")
+        await bus._nc.publish(bus.topology.event_subject("g", "coder", "step.started"), b"\xc1 not msgpack")
         await publish_burst(bus, events[50:])
         await caught_up(eventually, client, bus)
         assert (await client.sql("SELECT count(*), max(seq) FROM events")).rows == [(100, 101)]
@@ -139,6 +144,34 @@ async def test_rebuild_until_gives_the_ledger_as_it_was(bus: Bus, settings: Mesh
     await publish_burst(bus, events[250:])
     assert await rebuild(bus, tmp_path / "then.duckdb", until=250) == 250
     assert tables(tmp_path / "then.duckdb") == then
+
+
+async def test_rebuild_and_watch_read_schema_1_events_on_their_old_subjects(bus: Bus, tmp_path: Path) -> None:
+    """A stream written before schema 2 holds schema-1 envelopes on ``mesh.event.<goal>.<type>`` (no role):
+    ``mesh ledger rebuild`` and ``mesh watch`` (``MeshClient.watch``) still read them, next to new events."""
+    goal = Goal(goal_id="gold", brief="from the last release")
+    old = [GoalSubmitted(goal_id="gold", goal=goal), StepStarted(goal_id="gold", step_id="s1", role="coder")]
+    for event in old:  # as a schema-1 node published them: hand-made, since no code of this release does
+        doc = msgpack.unpackb(encode(event))
+        doc["v"] = "1.2"
+        await bus.publish_raw(f"mesh.event.gold.{event.type}", msgpack.packb(doc),
+                              headers={"Nats-Msg-Id": event.event_id})
+    new = StepCompleted(goal_id="gold", step_id="s1", role="coder")
+    await bus.emit(new)
+
+    watched = []
+    async with contextlib.aclosing(MeshClient(bus).watch("gold")) as events:
+        async for _, event in events:
+            watched.append(event)
+            if len(watched) == 3:
+                break
+    assert watched == [*old, new]
+
+    assert await rebuild(bus, tmp_path / "rebuilt.duckdb") == 3
+    with Ledger(tmp_path / "rebuilt.duckdb", read_only=True) as ledger:
+        rows = ledger.cursor().execute("SELECT subject, type FROM events ORDER BY seq").fetchall()
+    assert rows == [("mesh.event.gold.goal.submitted", "goal.submitted"), ("mesh.event.gold.step.started",
+                    "step.started"), ("mesh.event.gold.test.step.completed", "step.completed")]
 
 
 async def test_no_ledger_running_is_a_clear_error(client: LedgerClient) -> None:

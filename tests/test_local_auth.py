@@ -3,6 +3,7 @@ refused, every `mesh` command run from the same data dir finds it, and it is nev
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -56,8 +57,8 @@ async def test_a_client_without_the_local_token_is_refused(local: LocalMesh, tmp
     assert secret not in (local.data_dir / "local.json").read_text()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")} | {
         "PYTHONPATH": str(ROOT), "MESH_DATA_DIR": str(local.data_dir)}
-    status = subprocess.run([sys.executable, "-m", "mesh", "status", "--json"], env=env, capture_output=True,
-                            text=True, timeout=60, check=False, cwd=tmp_path)
+    status = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mesh", "status", "--json"], env=env,
+                                     capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert secret not in status.stdout + status.stderr
     # a token is never sent to a server it was not made for

@@ -126,7 +126,7 @@ async def test_a_planner_bug_fails_the_goal_with_the_reason(fast: MeshSettings, 
 async def test_a_planner_bug_on_a_step_outcome_fails_the_goal_with_the_reason(
         fast: MeshSettings, bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
     """The outcomes consumer has a give-up hook too: an outcome the planner cannot record ends the goal."""
-    async def broken(self: Orchestrator, ev: StepCompleted) -> object:
+    async def broken(self: Orchestrator, *args: object) -> object:
         raise RuntimeError("an outcome bug")
 
     monkeypatch.setattr(Orchestrator, "_on_completed", broken)

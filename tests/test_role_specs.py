@@ -97,11 +97,11 @@ def _auditor(tmp_path: Path) -> Path:
 
 @pytest.mark.timeout(300)
 def test_a_goal_completes_with_renamed_roles(tmp_path: Path) -> None:
-    """Nothing knows a role by its name: rename the coder and the synthesizer (file and role) in a copy
-    of nodes/ and `mesh run` still plans, implements, revises after review, tests and synthesises."""
+    """Nothing knows a role by its name: rename the planner, the coder and the synthesizer (file and role) in
+    a copy of nodes/ and `mesh run` still plans, implements, revises after review, tests and synthesises."""
     nodes = tmp_path / "nodes"
     shutil.copytree(default_nodes_dir(), nodes)
-    for old, new in (("coder", "developer"), ("synthesizer", "editor")):
+    for old, new in (("planner", "conductor"), ("coder", "developer"), ("synthesizer", "editor")):
         text = (nodes / f"{old}.toml").read_text().replace(f'role = "{old}"', f'role = "{new}"')
         (nodes / f"{new}.toml").write_text(text)
         (nodes / f"{old}.toml").unlink()

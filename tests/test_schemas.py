@@ -25,7 +25,7 @@ def test_asyncapi_lists_every_subject_with_payload_and_operations() -> None:
     doc = json.loads((SCHEMAS / "asyncapi.json").read_text())
     assert doc["asyncapi"].startswith("3.")
     addresses = {c["address"] for c in doc["channels"].values()}
-    assert {"mesh.goals", "mesh.task.{role}", "mesh.event.{goal_id}.{type}", "mesh.dlq.{role}"} <= addresses
+    assert {"mesh.goals", "mesh.task.{role}", "mesh.event.{goal_id}.{role}.{type}", "mesh.dlq.{role}"} <= addresses
     actions = {(op["action"], op["channel"]["$ref"].split("/")[-1]) for op in doc["operations"].values()}
     assert {("send", "goals"), ("receive", "goals"), ("send", "tasks"), ("receive", "tasks"),
             ("send", "events"), ("receive", "events")} <= actions

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -17,16 +17,23 @@ import yaml
 from nats.aio.client import Client
 from nats.js import api
 
-from mesh.bus import Bus
+from mesh.backends.tiers import load_tiers
+from mesh.bus import Bus, PullConsumer
 from mesh.bus.topology import Topology
 from mesh.config import MeshSettings
-from mesh.contracts import Goal, NodeUp
+from mesh.contracts import ArtifactRef, Goal, GoalCompleted, NodeUp, Plan, Step, StepCompleted
 from mesh.embedded import EmbeddedNats
 from mesh.errors import BusError, ConfigError, PublishError
+from mesh.metrics import Metrics
+from mesh.roles.calls import ModelCaller
+from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstore import GoalStore
+from mesh.roles.orchestrator import Orchestrator
 from mesh.roles.spec import load_specs
+from mesh.router.policy import RulePolicy
 from mesh.security import Credential, Generated, PermissionSet, generate
-from mesh.security.permissions import uncovered_event_types
 
+Eventually = Callable[..., Awaitable[None]]
 FAST_BCRYPT = 4  # the lowest bcrypt cost: the config is the same, only each connect's check is cheaper
 
 
@@ -90,8 +97,18 @@ async def session(secured: EmbeddedNats) -> AsyncIterator[Session]:
 # --- derivation ----------------------------------------------------------------------------------
 
 
-def test_every_event_type_is_granted_to_its_emitter() -> None:
-    assert uncovered_event_types() == set()
+def test_each_role_publishes_events_only_under_its_own_role() -> None:
+    specs = load_specs()
+    perms = PermissionSet(Topology(), specs)
+    for role, spec in specs.items():
+        events = [s for s in perms.role(role).publish if s.startswith("mesh.event.")]
+        assert events and all(s.startswith(f"mesh.event.*.{role}.") for s in events), (role, events)
+        if spec.kind == "orchestrator":  # every type, today's and tomorrow's (approvals …), under its role only
+            assert events == [f"mesh.event.*.{role}.>"]
+        else:  # never a goal-level event or a dispatch
+            assert not any(".goal." in s or s.endswith("step.dispatched") for s in events), (role, events)
+    for user in ("operator", "gateway", "observer"):
+        assert not any(s.startswith("mesh.event.") for s in getattr(perms, user)().publish), user
 
 
 def test_permissions_follow_the_topology_prefix() -> None:
@@ -184,17 +201,109 @@ async def test_a_role_cannot_subscribe_to_what_it_does_not_need(secured: Embedde
 
 async def test_a_worker_cannot_forge_goal_events(secured: EmbeddedNats, generated: Generated) -> None:
     async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False) as bus:
-        await bus.publish_raw("mesh.event.g1.step.started", b"x")  # its own kind of event: allowed
+        await bus.publish_raw("mesh.event.g1.coder.step.started", b"x")  # its own kind of event: allowed
         bus._js._timeout = 1.0
         with pytest.raises(PublishError):
-            await bus.publish_raw("mesh.event.g1.goal.completed", b"forged")
+            await bus.publish_raw("mesh.event.g1.coder.goal.completed", b"forged")
+        with pytest.raises(PublishError):
+            await bus.publish_raw("mesh.event.g1.step.completed", b"a schema-1 subject names no role")
+
+
+# --- acceptance: the coder's credentials cannot forge another role's outcome ----------------------
+
+
+def _reviewed_goal() -> GoalState:
+    """A goal whose review step (role reviewer) is dispatched, attempt 1, and awaits its outcome."""
+    goal = Goal(brief="review me")
+    state = GoalState(goal=goal)
+    state.apply_plan(Plan(goal_id=goal.goal_id, steps=[
+        Step(step_id="review", role="reviewer", instruction="review it"),
+        Step(step_id="sum", role="synthesizer", instruction="sum up", depends_on=["review"])]))
+    state.mark_dispatched("review")
+    return state
+
+
+def _review_done(state: GoalState) -> StepCompleted:
+    return StepCompleted(event_id=f"{state.goal.goal_id}.review.1.completed", goal_id=state.goal.goal_id,
+                         step_id="review", role="reviewer", attempt=1, verdict="approve")
+
+
+async def test_the_coder_cannot_publish_a_reviewer_outcome_under_the_reviewers_role(
+        secured: EmbeddedNats, generated: Generated) -> None:
+    """The server refuses it: the coder may publish events only under its own role token."""
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False,
+                                 role="reviewer") as impostor:  # claims the reviewer's role in the subject
+        impostor._js._timeout = 1.0
+        with pytest.raises(PublishError):
+            await impostor.emit(_review_done(_reviewed_goal()))
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "reviewer")), check=False,
+                                 role="reviewer") as reviewer:  # the same event from the reviewer is stored
+        await reviewer.emit(_review_done(_reviewed_goal()))
+
+
+async def test_the_planner_refuses_a_reviewer_outcome_the_coder_emits_as_itself(
+        secured: EmbeddedNats, generated: Generated, eventually: Eventually) -> None:
+    """Under its own role the server lets the coder publish step.completed; the planner's outcome consumer
+    refuses it (the step was dispatched to the reviewer), counts it and changes nothing — and then
+    accepts the reviewer's own outcome."""
+    state = _reviewed_goal()
+    specs = load_specs()
+    planner_settings = settings_for(secured.url, cred(generated, "planner"))
+    async with await Bus.connect(planner_settings, check=False, role="planner") as bus:
+        metrics = Metrics("planner")
+        caller = ModelCaller(bus, load_tiers(planner_settings), RulePolicy(), "planner-test", metrics)
+        orchestrator = Orchestrator(bus, specs["planner"], specs, caller, GoalStore(bus), "planner-test")
+        outcomes = PullConsumer(bus, stream=bus.topology.events_stream, durable=bus.topology.outcomes_consumer,
+                                handler=orchestrator.on_step_event, dlq_subject=bus.topology.dlq_subject("planner"))
+        assert await orchestrator.goals.create(state)
+
+        def refused() -> float:
+            return metrics.registry.get_sample_value("mesh_outcomes_refused_total", {"reason": "role"}) or 0.0
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(outcomes.run())
+                async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False,
+                                             role="coder") as coder:
+                    await coder.emit(_review_done(state))
+                await eventually(lambda: refused() == 1.0, message="the forged outcome refused and counted")
+                after = await orchestrator.goals.get(state.goal.goal_id)
+                assert after is not None and after.steps["review"].status == "dispatched"
+                assert after.steps["sum"].status == "pending"
+                async with await Bus.connect(settings_for(secured.url, cred(generated, "reviewer")),
+                                             check=False, role="reviewer") as reviewer:
+                    await reviewer.emit(_review_done(state).model_copy(update={"event_id": "genuine"}))
+
+                async def accepted() -> bool:
+                    now = await orchestrator.goals.get(state.goal.goal_id)
+                    return now is not None and now.steps["review"].status == "completed"
+
+                await eventually(accepted, message="the reviewer's own outcome recorded")
+                outcomes.stop()
+        finally:
+            await caller.gateway.aclose()
+    assert refused() == 1.0
+
+
+async def test_the_coder_cannot_publish_goal_completed(secured: EmbeddedNats, generated: Generated) -> None:
+    """Neither under its own role nor under the planner's: goal-level events are the planner's alone."""
+    event = GoalCompleted(goal_id="g1", result=ArtifactRef(digest="0" * 64, size=0))
+    for claimed in ("coder", "planner"):
+        async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False,
+                                     role=claimed) as coder:
+            coder._js._timeout = 1.0
+            with pytest.raises(PublishError):
+                await coder.emit(event)
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "admin")), check=False) as admin:
+        assert (await admin.stream_state(admin.topology.events_stream)).messages == 0
 
 
 async def test_the_observer_reads_events_and_can_change_nothing(secured: EmbeddedNats, generated: Generated,
                                                                 session: Session) -> None:
     async with await Bus.connect(settings_for(secured.url, cred(generated, "operator"))) as operator:
         await operator.submit_goal(Goal(brief="observe me"))
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), check=False) as planner:
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), check=False,
+                                 role="planner") as planner:
         await planner.emit(NodeUp(goal_id="g1", node="n1", role="planner", host="h", pid=1, version="0"))
     async with await Bus.connect(settings_for(secured.url, cred(generated, "observer")), check=False) as observer:
         async with aclosing(observer.watch_events("g1")) as events:
@@ -220,7 +329,7 @@ async def test_the_gateway_submits_and_commands_but_writes_no_goal_state(secured
         ref = await client.bus.put_blob(b"a starting workspace file")
         assert await client.bus.get_blob(ref.digest) == b"a starting workspace file"
     await session.connect(secured.url, cred(generated, "gateway"))
-    for forged in ("$KV.mesh_goals.g1", "mesh.task.coder", "mesh.event.g1.goal.completed"):
+    for forged in ("$KV.mesh_goals.g1", "mesh.task.coder", "mesh.event.g1.planner.goal.completed"):
         session.error_seen.clear()
         await session.nc.publish(forged, b"forged")
         assert f'publish to "{forged.lower()}"' in await session.refused()

@@ -26,6 +26,7 @@ from mesh.contracts import (
     StepProgress,
     Usage,
 )
+from mesh.contracts.events import likely_emitter
 from mesh.errors import LedgerError, LedgerVersionError
 from mesh.store import Ledger, schema
 from mesh.store.synthetic import synthetic_events
@@ -35,7 +36,7 @@ Batch = list[tuple[int, str, Event]]
 
 
 def numbered(events: list[Event], start: int = 1) -> Batch:
-    return [(start + i, TOPO.event_subject(e.goal_id, e.type), e) for i, e in enumerate(events)]
+    return [(start + i, TOPO.event_subject(e.goal_id, likely_emitter(e), e.type), e) for i, e in enumerate(events)]
 
 
 def table_rows(ledger: Ledger, table: str) -> list[tuple[object, ...]]:

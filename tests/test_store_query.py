@@ -10,6 +10,7 @@ import duckdb
 import pytest
 
 from mesh.bus import Topology
+from mesh.contracts.events import likely_emitter
 from mesh.errors import LedgerError, QueryRefused
 from mesh.store import Ledger, schema
 from mesh.store.export import export_parquet
@@ -20,7 +21,7 @@ TOPO = Topology()
 
 
 def fill(ledger: Ledger, count: int = 2_000) -> None:
-    ledger.ingest([(i + 1, TOPO.event_subject(e.goal_id, e.type), e)
+    ledger.ingest([(i + 1, TOPO.event_subject(e.goal_id, likely_emitter(e), e.type), e)
                    for i, e in enumerate(synthetic_events(count, seed=3))])
 
 

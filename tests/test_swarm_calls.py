@@ -51,7 +51,7 @@ async def _goal(bus: Bus) -> tuple[GoalStore, str]:
 async def test_a_goal_cancelled_during_a_swarm_step_stops_its_remaining_sub_agents(settings: MeshSettings) -> None:
     # Sub-agents take turns on one swarm slot, each call longer than the worker's cancellation re-check.
     slow = settings.model_copy(update={"sim_latency_ms": 1000 * (CANCEL_RECHECK_SECONDS + 0.5)})
-    async with await Bus.connect(slow, name="test") as bus:
+    async with await Bus.connect(slow, name="test", role="researcher") as bus:
         store, gid = await _goal(bus)
         caller = ModelCaller(bus, _tiers(slow, swarm_slots=1), RulePolicy(), "test-node", Metrics("researcher"))
         specs = role_specs()
@@ -69,7 +69,8 @@ async def test_a_goal_cancelled_during_a_swarm_step_stops_its_remaining_sub_agen
 
 
 async def test_a_swarm_step_the_budget_cannot_afford_is_refused_before_it_spends(settings: MeshSettings) -> None:
-    async with await Bus.connect(settings.model_copy(update={"sim_latency_scale": 0.0}), name="test") as bus:
+    async with await Bus.connect(settings.model_copy(update={"sim_latency_scale": 0.0}), name="test",
+                                 role="researcher") as bus:
         _, gid = await _goal(bus)
         caller = ModelCaller(bus, _tiers(settings, swarm_slots=8), RulePolicy(), "test-node", Metrics("researcher"))
         scope = caller.scope(gid, "research-1", "researcher", 1)

@@ -125,7 +125,7 @@ async def _one_coder_step(bus: Bus, step: Step, inputs: list[ArtifactRef]) -> tu
 
 
 async def test_a_redelivered_tool_step_gives_the_same_manifest_and_no_second_artifact(fast: MeshSettings) -> None:
-    async with await Bus.connect(fast, name="coder-test") as bus:  # the worker's sim reads the bus's settings
+    async with await Bus.connect(fast, name="coder-test", role="coder") as bus:  # the worker's sim reads the bus's settings
         await _redeliver_a_coder_step(bus)
 
 
@@ -150,8 +150,10 @@ async def _redeliver_a_coder_step(bus: Bus) -> None:
 
     assert objects[0] == objects[1], "the second run stored nothing new"
     counts = (await bus._js.stream_info(bus.topology.events_stream,
-                                       subjects_filter=bus.topology.event_subject(goal.goal_id, ">"))).state.subjects
-    topic = bus.topology.event_subject
+                                       subjects_filter=bus.topology.events_filter(goal.goal_id))).state.subjects
+    def topic(goal_id: str, type: str) -> str:
+        return bus.topology.event_subject(goal_id, "coder", type)
+
     assert counts is not None
     assert counts[topic(goal.goal_id, "route.decided")] == 2  # the step really ran twice
     assert counts[topic(goal.goal_id, "step.completed")] == 1
@@ -165,7 +167,7 @@ async def _redeliver_a_coder_step(bus: Bus) -> None:
 
 
 async def test_a_step_after_parallel_coder_branches_works_on_their_merge_and_announces_it(fast: MeshSettings) -> None:
-    async with await Bus.connect(fast, name="coder-test") as bus:
+    async with await Bus.connect(fast, name="coder-test", role="coder") as bus:
         await bus.provision(["coder"])
 
         async def store(data: bytes, media_type: str, name: str) -> ArtifactRef:

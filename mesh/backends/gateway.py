@@ -67,6 +67,8 @@ class CallRecord:
     thinking: bool
     simulated: bool
     error: str | None = None
+    response_model: str = ""  # the model the answer names (a provider may serve another than asked for)
+    finish_reason: str = ""
 
 
 OnCall = Callable[[CallRecord], Awaitable[None] | None]
@@ -306,19 +308,20 @@ class ModelGateway:
             if resp.simulated and not cfg.simulated:
                 self._answered_sim.add(cfg.name)
             simulated = cfg.simulated or resp.simulated
-            await self._report(cfg, req, attempt, resp.usage, resp.latency_ms, None, simulated)
+            await self._report(cfg, req, attempt, resp.usage, resp.latency_ms, None, simulated, resp)
             if simulated and not self.allow_sim:
                 raise SimulationNotAllowed(cfg.name, "configured as a simulator" if cfg.simulated
                                            else f"{cfg.endpoint} answered as the mesh sim-server")
             return resp if resp.simulated == simulated else resp.model_copy(update={"simulated": simulated})
 
     async def _report(self, cfg: TierConfig, req: ChatRequest, attempt: int, usage: Usage, latency_ms: float,
-                      error: BackendError | None, simulated: bool) -> None:
+                      error: BackendError | None, simulated: bool, resp: ChatResponse | None = None) -> None:
         if self._on_call is None:
             return
         record = CallRecord(tier=cfg.name, model=cfg.model, endpoint=cfg.endpoint, usage=usage, latency_ms=latency_ms,
                             outcome="ok" if error is None else type(error).__name__, attempt=attempt,
-                            thinking=req.thinking, simulated=simulated, error=None if error is None else str(error))
+                            thinking=req.thinking, simulated=simulated, error=None if error is None else str(error),
+                            response_model=resp.model if resp else "", finish_reason=resp.finish_reason if resp else "")
         result = self._on_call(record)
         if inspect.isawaitable(result):
             await result

@@ -54,12 +54,13 @@ from mesh.aio import together
 from mesh.bus.topology import Topology, ensure_consumers, provision, require_topology
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts.codec import (
+    EVENT_HISTORY_MAJORS,
+    SCHEMA_MAJOR,
     Envelope,
     decode_body,
     encode,
     encode_body,
     encode_claim,
-    new_traceparent,
     open_envelope,
 )
 from mesh.contracts.events import Event, EventBase
@@ -68,6 +69,7 @@ from mesh.errors import (
     BlobNotFound,
     BusError,
     CodecError,
+    ConfigError,
     ContractError,
     NoStreamForSubject,
     NotConnected,
@@ -75,6 +77,7 @@ from mesh.errors import (
     PublishError,
     SchemaViolation,
 )
+from mesh.tracing import trace_context
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +118,15 @@ class Bus:
     """A connected Mesh bus. Create with ``await Bus.connect(settings)``; close with ``await bus.close()``."""
 
     def __init__(self, nc: Client, settings: MeshSettings, topology: Topology, *, name: str = "mesh",
-                 domain: str | None = None) -> None:
+                 domain: str | None = None, role: str | None = None) -> None:
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream(domain=domain)
         self.settings = settings
         self.topology = topology
         self.name = name
+        # The role this connection emits events as: it names the role in every event subject, which is
+        # what the server's per-role publish permissions and the planner's outcome check rely on.
+        self.role = role
         self.reconnects = 0  # bumped on every reconnect; pull consumers re-issue their pull requests
         self._roles: dict[str, None] = {}
         self._kv: dict[str, KeyValue] = {}
@@ -137,18 +143,21 @@ class Bus:
         name: str = "mesh",
         roles: Iterable[str] = (),
         check: bool = True,
+        role: str | None = None,
         domain: str | None = None,
         topology: Topology | None = None,
     ) -> Bus:
         """Connect (failing fast with ``NotConnected`` when no server answers); with ``check``, verify the
         topology is provisioned (``NotProvisioned`` if not) and create the durable consumers ``roles`` own.
+        ``role``: the role this process emits events as (a node's role); without one it emits none.
         ``domain``: the JetStream domain to address (an edge site's); ``topology``: instead of the settings'
         (``mesh provision --nodes DIR`` takes the worker roles from other role specs)."""
         settings = settings or get_settings()
         servers = settings.servers
         if not servers:
             raise NotConnected("no NATS server configured: set MESH_NATS_URL (or use `mesh up` for a local one)")
-        bus = cls(Client(), settings, topology or Topology.from_settings(settings), name=name, domain=domain)
+        bus = cls(Client(), settings, topology or Topology.from_settings(settings), name=name, domain=domain,
+                  role=role)
         try:
             # Bounded attempts for the first connection, so a missing server is a clear error ...
             await bus._nc.connect(
@@ -250,7 +259,7 @@ class Bus:
         """Encode ``message`` in an envelope and publish it to JetStream; returns the stream's ack.
 
         ``msg_id`` is the dedupe id (default: the envelope's fresh id). ``trace`` is the W3C trace
-        context to continue; a new trace starts when it is missing.
+        context to continue; when missing, the task's current one (``mesh.tracing``), else a new trace.
         """
         data, headers = await self._encode(message, msg_id, trace)
         return await self.publish_raw(subject, data, headers=headers)
@@ -259,7 +268,7 @@ class Bus:
                       trace: dict[str, str] | None) -> tuple[bytes, dict[str, str]]:
         """The envelope (claim-checked when too big) and its headers."""
         envelope_id = new_id()
-        trace = trace or {"traceparent": new_traceparent()}
+        trace = trace or trace_context()
         data = encode(message, msg_id=envelope_id, trace=trace, max_bytes=self.settings.max_message_bytes)
         if len(data) > self.settings.claim_check_bytes:
             data = await self._claim_check(data)
@@ -279,22 +288,32 @@ class Bus:
             raise PayloadRefused(f"publish to {subject} refused: {len(data)} bytes exceed the server's "
                                  f"max_payload of {self._nc.max_payload} bytes") from exc
         except NoStreamResponseError as exc:
+            if self.topology.takes(subject):  # a stream leader election in a cluster: it passes
+                raise PublishError(f"publish to {subject}: JetStream did not answer (no stream leader "
+                                   "right now?)") from exc
             raise NoStreamForSubject(f"publish to {subject}: no stream takes this subject") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"publish to {subject}: the connection is closed") from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise PublishError(f"publish to {subject} was not acknowledged: {exc!r}") from exc
 
-    async def emit(self, event: EventBase) -> None:
-        """Publish an event on its goal's event subject; deduped by ``event_id``."""
-        subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
-        await self.publish(subject, event, msg_id=event.event_id)
+    def _event_subject(self, event: EventBase) -> str:
+        """The only place an event's subject is made: its goal, this bus's role, its type."""
+        if self.role is None:
+            raise ConfigError(f"bus {self.name!r} was connected without a role (Bus.connect(role=...)): "
+                              "it cannot emit events")
+        return self.topology.event_subject(event.goal_id, self.role, event.type)  # type: ignore[attr-defined]
+
+    async def emit(self, event: EventBase, *, trace: dict[str, str] | None = None) -> None:
+        """Publish an event on its goal's event subject under this bus's role; deduped by ``event_id``.
+        ``trace``: as ``publish`` (default: the task's current trace context, ``mesh.tracing.current``)."""
+        await self.publish(self._event_subject(event), event, msg_id=event.event_id, trace=trace)
 
     async def emit_async(self, event: EventBase) -> asyncio.Future[api.PubAck]:
         """Like ``emit``, but returns once the event is sent: the future resolves with the stream's ack.
         Whoever calls this owns the future (``mesh.bus.outbox.Outbox`` awaits or cancels it)."""
+        subject = self._event_subject(event)
         data, headers = await self._encode(event, event.event_id, None)
-        subject = self.topology.event_subject(event.goal_id, event.type)  # type: ignore[attr-defined]
         try:
             return await self._js.publish_async(subject, data, headers=headers)
         except nats.errors.ConnectionClosedError as exc:
@@ -305,12 +324,13 @@ class Bus:
     async def submit_goal(self, goal: Goal) -> None:
         await self.publish(self.topology.goal_subject(), goal, msg_id=goal.goal_id)
 
-    async def dispatch(self, task: Task) -> bool:
+    async def dispatch(self, task: Task, *, trace: dict[str, str] | None = None) -> bool:
         """Publish a task to its role; False when the stream already had it (a duplicate task id).
-        ``NoStreamForSubject`` when the role is no worker role of the topology: nothing would take it."""
+        ``NoStreamForSubject`` when the role is no worker role of the topology: nothing would take it.
+        ``trace``: the goal's trace context, which the step's spans continue."""
         role = task.step.role
         try:
-            ack = await self.publish(self.topology.task_subject(role), task, msg_id=task.task_id)
+            ack = await self.publish(self.topology.task_subject(role), task, msg_id=task.task_id, trace=trace)
         except NoStreamForSubject as exc:
             raise NoStreamForSubject(
                 f"no worker serves role {role!r}: {self.topology.task_subject(role)} has no stream (the tasks "
@@ -319,12 +339,12 @@ class Bus:
 
     # --- receive ---------------------------------------------------------------------------
 
-    async def open(self, msg: Msg) -> Envelope:
+    async def open(self, msg: Msg, *, majors: tuple[int, ...] = (SCHEMA_MAJOR,)) -> Envelope:
         """Decode a received message; a claim-check reference is fetched and put back as the body.
 
         Raises ``CodecError`` for bytes that are not an envelope or a claim that cannot be resolved.
         """
-        envelope = open_envelope(msg.data, max_bytes=self.settings.max_message_bytes)
+        envelope = open_envelope(msg.data, max_bytes=self.settings.max_message_bytes, majors=majors)
         if envelope.claim is not None:
             try:
                 envelope.body = decode_body(await self.get_blob(envelope.claim.digest))
@@ -332,6 +352,15 @@ class Bus:
                 raise CodecError(f"claim-check body {envelope.claim.digest} is missing: {exc}") from exc
             envelope.claim = None
         return envelope
+
+    async def open_event(self, msg: Msg) -> Event:
+        """A message of the event stream as an event, of the current schema major or an earlier one still in
+        the history (``EVENT_HISTORY_MAJORS``). ``ContractError`` when it is none."""
+        envelope = await self.open(msg, majors=EVENT_HISTORY_MAJORS)
+        if envelope.kind != "event":
+            raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
+        event: Event = envelope.message()
+        return event
 
     async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncGenerator[Event, None]:
         """Decoded events of one goal (or all) in stream order: ``events`` without the sequences."""
@@ -361,10 +390,7 @@ class Bus:
         try:
             async for msg in sub.messages:
                 try:
-                    envelope = await self.open(msg)
-                    if envelope.kind != "event":
-                        raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
-                    event: Event = envelope.message()
+                    event = await self.open_event(msg)
                 except ContractError as exc:
                     log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
                     continue

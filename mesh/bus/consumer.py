@@ -54,6 +54,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from mesh.aio import unless_set
 from mesh.bus.client import Bus
 from mesh.bus.dlq import DeadLetter
 from mesh.bus.pull import PullInbox, PullStatus
@@ -175,7 +176,9 @@ class PullConsumer:
 
     async def run(self) -> None:
         """Consume until ``stop()``. Cancelling ``run()`` naks the messages in flight (redelivered at once)."""
-        await self._check_consumer()
+        await unless_set(self._stopping, self._check_consumer())
+        if self._stopping.is_set():  # stopped while starting (against a dead server the check waits its timeout)
+            return
         await self._pulls.open()
         try:
             async with asyncio.TaskGroup() as tg:

@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 from mesh.bus.client import Bus
 from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts import Event
-from mesh.errors import BusError, ContractError, SchemaViolation
+from mesh.errors import BusError, ContractError
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,7 @@ class EventFeed:
                             batch.upto + 1, seq - 1, seq)
             self._fresh = False
             try:
-                envelope = await self.bus.open(msg)
-                if envelope.kind != "event":
-                    raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
-                batch.events.append((seq, msg.subject, envelope.message()))
+                batch.events.append((seq, msg.subject, await self.bus.open_event(msg)))
             except ContractError as exc:
                 batch.dead.append((msg, exc))
             batch.upto, batch.last = seq, msg

@@ -89,7 +89,10 @@ class PullInbox:
             raise BusError(f"pull request to {self._next} not sent: {exc!r}") from exc
 
     async def flush(self, timeout: int) -> None:
-        """Wait until what was written (acks included) reached the server, or ``timeout`` passed."""
+        """Wait until what was written (acks included) reached the server, or ``timeout`` passed.
+        Disconnected, there is nothing to wait for: unacknowledged messages are redelivered anyway."""
+        if not self._bus.connected:
+            return
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self._bus._nc.flush(timeout=timeout)
 

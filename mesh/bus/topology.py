@@ -1,13 +1,17 @@
 """The NATS topology, declared once; provisioned by an admin identity (``mesh provision``, ``mesh up``,
 the Kubernetes provisioning Job), verified by every node at start.
 
-    stream MESH_GOALS   mesh.goals                    work-queue; consumer role-planner
-                                                      (the planner also owns planner-outcomes on
-                                                      MESH_EVENTS: step.completed / step.failed)
+    stream MESH_GOALS   mesh.goals                    work-queue; consumer role-<planner> (the role
+                                                      whose spec is of kind orchestrator), which also
+                                                      owns <planner>-outcomes on MESH_EVENTS:
+                                                      step.completed / step.failed of any role
     stream MESH_TASKS   mesh.task.<role>              work-queue; one subject and one durable pull consumer
                                                       role-<role> per WORKER role of the role specs
-    stream MESH_EVENTS  mesh.event.<goal_id>.<type>   limits retention, kept (the ledger can replay it all)
-    stream MESH_CONTROL mesh.control.<goal_id>        work-queue; consumer planner-control: clients' commands
+    stream MESH_EVENTS  mesh.event.<goal_id>.<role>.<type>
+                                                      limits retention, kept (the ledger can replay it all);
+                                                      <role> is the emitting node's role (schema 2; schema 1
+                                                      subjects, mesh.event.<goal_id>.<type>, are still read)
+    stream MESH_CONTROL mesh.control.<goal_id>        work-queue; consumer <planner>-control: clients' commands
                                                       (cancel) that the planner applies by CAS
     stream MESH_DLQ     mesh.dlq.<role>               limits; also captures JetStream's MAX_DELIVERIES
                                                       advisories for the goal and task streams
@@ -51,7 +55,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from mesh.config import MeshSettings, default_nodes_dir
-from mesh.contracts.events import event_subject
+from mesh.contracts.events import EventAddress, event_subject, parse_event_subject
 from mesh.errors import NodeSpecError, NotProvisioned, ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -60,20 +64,36 @@ log = logging.getLogger(__name__)
 _STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 _CONSUMER_EXISTS = 10148  # "consumer already exists" (a create raced another create)
 _CONSUMER_NAME_EXISTS = 10013
+DEFAULT_GOAL_ROLE = "planner"  # the shipped orchestrator's name, for a folder without role specs
 
 
-def worker_roles(directory: Path | None = None) -> tuple[str, ...]:
-    """The roles whose spec in ``directory`` (default: the role specs' folder) is of kind ``worker``.
-    Only ``role`` and ``kind`` are read here; a node validates its whole spec when it starts."""
-    roles = []
+def _role_kinds(directory: Path | None) -> list[tuple[str, object]]:
+    """(role, kind) of every TOML role spec in ``directory`` (default: the role specs' folder). Only
+    ``role`` and ``kind`` are read here; a node validates its whole spec when it starts."""
+    kinds = []
     for path in sorted((directory or default_nodes_dir()).glob("*.toml")):
         try:
             doc = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise NodeSpecError(f"{path}: not a readable TOML role spec: {exc}") from exc
-        if doc.get("kind") == "worker":
-            roles.append(str(doc.get("role", path.stem)))
-    return tuple(roles)
+        kinds.append((str(doc.get("role", path.stem)), doc.get("kind")))
+    return kinds
+
+
+def worker_roles(directory: Path | None = None) -> tuple[str, ...]:
+    """The roles whose spec in ``directory`` (default: the role specs' folder) is of kind ``worker``."""
+    return tuple(role for role, kind in _role_kinds(directory) if kind == "worker")
+
+
+def orchestrator_role(directory: Path | None = None) -> str:
+    """The role whose spec in ``directory`` is of kind ``orchestrator``: it reads the goals and plans them.
+    ``DEFAULT_GOAL_ROLE`` when the folder has none (a client's machine without role specs needs no
+    planner of its own, only the consumer names); ``NodeSpecError`` when it has several."""
+    roles = [role for role, kind in _role_kinds(directory) if kind == "orchestrator"]
+    if len(roles) > 1:
+        raise NodeSpecError(f"more than one role spec of kind orchestrator: {', '.join(roles)}; the goals "
+                            "stream has one consumer, so one role plans")
+    return roles[0] if roles else DEFAULT_GOAL_ROLE
 
 
 @dataclass(frozen=True)
@@ -86,7 +106,7 @@ class Topology:
     max_deliver: int = 5
     duplicate_window: float = 120.0
     nodes_ttl: float = 15.0
-    goal_role: str = "planner"  # the role whose consumer reads goals instead of tasks
+    goal_role: str = field(default_factory=orchestrator_role)  # reads goals instead of tasks: the spec that plans
     max_ack_pending: int = 1000
     edge_domains: tuple[str, ...] = ()  # JetStream domains of edge sites whose events a hub keeps
     events_max_age: float = 0.0  # seconds the events stream keeps an event; 0 = forever
@@ -162,8 +182,14 @@ class Topology:
     def task_subject(self, role: str) -> str:
         return f"{self.prefix}.task.{role}"
 
-    def event_subject(self, goal_id: str, type: str) -> str:
-        return event_subject(self.prefix, goal_id, type)
+    def event_subject(self, goal_id: str, role: str, type: str) -> str:
+        """An event's subject; wildcards make filters (``event_subject("*", "*", "goal.*")``). Only the bus
+        builds the subject of an event it publishes (``Bus.emit``, from its own role)."""
+        return event_subject(self.prefix, goal_id, role, type)
+
+    def event_address(self, subject: str) -> EventAddress | None:
+        """Goal, emitting role (``None``: a schema-1 subject) and type of an event subject."""
+        return parse_event_subject(self.prefix, subject)
 
     def events_filter(self, goal_id: str | None = None) -> str:
         return f"{self.prefix}.event.{goal_id}.>" if goal_id else f"{self.prefix}.event.>"
@@ -204,7 +230,16 @@ class Topology:
         return f"{self.goal_role}-control"
 
     def outcome_subjects(self) -> list[str]:
-        return [self.event_subject("*", "step.completed"), self.event_subject("*", "step.failed")]
+        """Step outcomes emitted by any role: the planner checks the role against the step's
+        (a schema-1 outcome, which names no role, does not match)."""
+        return [self.event_subject("*", "*", "step.completed"), self.event_subject("*", "*", "step.failed")]
+
+    def takes(self, subject: str) -> bool:
+        """Whether a stream of this topology takes ``subject`` (NATS wildcard matching).
+
+        JetStream answers "no responders" both for a subject no stream takes and, briefly, while a
+        clustered stream has no leader: only the first is permanent."""
+        return any(_matches(pattern, subject) for config in self.stream_configs() for pattern in config.subjects or ())
 
     # --- configs ---------------------------------------------------------------------------
 
@@ -263,6 +298,17 @@ class Topology:
 
 
 PROVISION_ATTEMPTS = 5
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(have) == len(want)
 
 
 async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = (), *,

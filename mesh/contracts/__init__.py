@@ -1,13 +1,11 @@
-"""Layer 1: wire contracts and the codec. Imports nothing of Mesh but the error tree."""
+"""Layer 1: wire contracts and the codec. Imports nothing of Mesh but layer 0 (the error tree, the trace context)."""
 
 from mesh.contracts.codec import (
     MESSAGE_KINDS,
     SCHEMA_VERSION,
     Envelope,
-    child_traceparent,
     decode,
     encode,
-    new_traceparent,
     open_envelope,
 )
 from mesh.contracts.events import (
@@ -53,6 +51,7 @@ from mesh.contracts.models import (
     sha256_hex,
     utcnow,
 )
+from mesh.tracing import new_traceparent
 
 __all__ = [
     "EVENT_ADAPTER",
@@ -94,7 +93,6 @@ __all__ = [
     "Tier",
     "ToolCall",
     "Usage",
-    "child_traceparent",
     "decode",
     "encode",
     "new_id",

@@ -2,7 +2,7 @@
 
 On the wire every message is one msgpack map::
 
-    {"v": "1.2",            schema version, major.minor
+    {"v": "2.0",            schema version, major.minor
      "id": "<hex>",         message id (also the Nats-Msg-Id unless the caller picks a dedupe id)
      "kind": "event",       which contract the body is (see MESSAGE_KINDS)
      "goal": "<goal id>",   or nil
@@ -13,11 +13,14 @@ On the wire every message is one msgpack map::
 
 Decoding is two steps so the bus can resolve a claim-check in between: ``open_envelope`` checks the
 bytes and the version, ``Envelope.message`` validates the body against its contract.
+
+Schema 2 changed no body, only the event subjects (they name the emitting role). Readers of the
+event history — the ledger and its rebuild, ``mesh watch``/``MeshClient.watch`` — also read schema-1
+envelopes (``EVENT_HISTORY_MAJORS``); every other consumer speaks only the current major.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -39,9 +42,12 @@ from mesh.contracts.models import (
     new_id,
 )
 from mesh.errors import CodecError, MessageTooLarge, SchemaViolation, UnsupportedVersion
+from mesh.tracing import trace_context
 
-SCHEMA_VERSION = "1.2"
-SCHEMA_MAJOR = 1
+SCHEMA_VERSION = "2.0"
+SCHEMA_MAJOR = 2
+# Majors an event-history reader decodes: schema 1 events (no role in the subject) stay readable.
+EVENT_HISTORY_MAJORS: tuple[int, ...] = (1, SCHEMA_MAJOR)
 
 # kind -> how to validate its body. Events validate through the discriminated union.
 MESSAGE_KINDS: dict[str, TypeAdapter[Any]] = {
@@ -72,22 +78,6 @@ def kind_of(message: BaseModel) -> str:
         return _KIND_OF[type(message)]
     except KeyError:
         raise CodecError(f"{type(message).__name__} is not a Mesh wire contract") from None
-
-
-# --- W3C trace context -------------------------------------------------------------------------
-
-
-def new_traceparent() -> str:
-    """A fresh sampled W3C traceparent: version-trace_id-parent_id-flags."""
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
-
-
-def child_traceparent(parent: str | None) -> str:
-    """Same trace, new span id; a fresh trace when ``parent`` is missing or malformed."""
-    parts = (parent or "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-        return f"{parts[0]}-{parts[1]}-{os.urandom(8).hex()}-{parts[3]}"
-    return new_traceparent()
 
 
 # --- envelope ----------------------------------------------------------------------------------
@@ -146,7 +136,7 @@ def encode(
         "kind": kind_of(message),
         "goal": goal_id,
         "ts": datetime.now(UTC).isoformat(),
-        "trace": trace or {"traceparent": new_traceparent()},
+        "trace": trace or trace_context(),
         "body": message.model_dump(mode="json"),
     }
     data: bytes = msgpack.packb(doc, use_bin_type=True)
@@ -179,8 +169,9 @@ def decode_body(data: bytes) -> dict[str, Any]:
     return body
 
 
-def open_envelope(data: bytes, *, max_bytes: int | None = None) -> Envelope:
-    """Check bytes are a Mesh envelope of a supported version. Never raises anything but ``CodecError``."""
+def open_envelope(data: bytes, *, max_bytes: int | None = None,
+                  majors: tuple[int, ...] = (SCHEMA_MAJOR,)) -> Envelope:
+    """Check bytes are a Mesh envelope of a schema major in ``majors``. Never raises anything but ``CodecError``."""
     if max_bytes is not None and len(data) > max_bytes:
         raise MessageTooLarge(len(data), max_bytes)
     try:
@@ -195,7 +186,7 @@ def open_envelope(data: bytes, *, max_bytes: int | None = None) -> Envelope:
     major, _, _minor = version.partition(".")
     if not major.isdigit():
         raise CodecError(f"malformed schema version {version!r}")
-    if int(major) != SCHEMA_MAJOR:
+    if int(major) not in majors:
         raise UnsupportedVersion(version, SCHEMA_VERSION)
     kind, msg_id, goal_id, ts = doc.get("kind"), doc.get("id"), doc.get("goal"), doc.get("ts")
     if not isinstance(kind, str) or not isinstance(msg_id, str):

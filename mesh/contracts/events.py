@@ -1,7 +1,9 @@
-"""The public event stream: one discriminated union, published on ``<prefix>.event.<goal_id>.<type>``."""
+"""The public event stream: one discriminated union, published on ``<prefix>.event.<goal_id>.<role>.<type>``
+(``role``: the role of the node that emitted it — what subject permissions and the planner check)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -194,7 +196,41 @@ EVENT_TYPES: tuple[str, ...] = tuple(
 SYSTEM_GOAL_ID = "_system"
 
 
-def event_subject(prefix: str, goal_id: str, type: str) -> str:
-    """The subject an event travels on: ``<prefix>.event.<goal_id>.<type>``. ``type`` is dotted
-    (``step.completed``), so filters like ``mesh.event.*.step.>`` work."""
-    return f"{prefix}.event.{goal_id}.{type}"
+def event_subject(prefix: str, goal_id: str, role: str, type: str) -> str:
+    """The subject an event travels on: ``<prefix>.event.<goal_id>.<role>.<type>``, ``role`` being the
+    emitting node's role. ``type`` is dotted (``step.completed``), so filters like
+    ``mesh.event.*.*.step.>`` work, and a role may be granted exactly ``mesh.event.*.<role>.>``."""
+    return f"{prefix}.event.{goal_id}.{role}.{type}"
+
+
+def likely_emitter(event: EventBase, planner: str = "planner") -> str:
+    """The role that emits such an event in a mesh whose planner role is ``planner``: the role an event
+    names (a worker's step events, tool calls and routes, a node's up/down), except the planner's
+    dispatches; otherwise the planner. Only for synthetic histories (benches, tests, the router's sim
+    ledgers): a live event's role is the one of the bus that emits it (``Bus.emit``)."""
+    role = getattr(event, "role", None)
+    return role if isinstance(role, str) and event.type != "step.dispatched" else planner  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class EventAddress:
+    """What an event subject says: its goal, the emitting role (``None`` on a schema-1 subject,
+    ``<prefix>.event.<goal_id>.<type>``, which named no role) and the event type."""
+
+    goal_id: str
+    role: str | None
+    type: str
+
+
+def parse_event_subject(prefix: str, subject: str) -> EventAddress | None:
+    """The address of an event subject of either schema major; ``None`` when it is not one. Every event
+    type has two tokens (``step.completed``), so the token count tells a schema-1 subject from a schema-2."""
+    head = f"{prefix}.event."
+    if not subject.startswith(head):
+        return None
+    tokens = subject[len(head):].split(".")
+    if len(tokens) == 3:
+        return EventAddress(tokens[0], None, f"{tokens[1]}.{tokens[2]}")
+    if len(tokens) == 4:
+        return EventAddress(tokens[0], tokens[1], f"{tokens[2]}.{tokens[3]}")
+    return None

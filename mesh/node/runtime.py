@@ -20,8 +20,8 @@ from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mesh import __version__
-from mesh.aio import run_loop
+from mesh import __version__, tracing
+from mesh.aio import run_loop, unless_set
 from mesh.backends.tiers import load_tiers
 from mesh.bus.client import Bus
 from mesh.bus.consumer import PullConsumer
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ANNOUNCE_ATTEMPTS = 5
+LAST_WORDS_SECONDS = 2.0  # node.down and the heartbeat removal at shutdown, each
 
 
 class DrainTimeout(Exception):
@@ -58,8 +59,10 @@ class Stoppable(Protocol):
 
 
 class Node:
-    def __init__(self, spec: RoleSpec, specs: dict[str, RoleSpec], settings: MeshSettings) -> None:
+    def __init__(self, spec: RoleSpec, specs: dict[str, RoleSpec], settings: MeshSettings,
+                 on_serving: Callable[[], None] | None = None) -> None:
         self.spec = spec
+        self.on_serving = on_serving  # called once the consumers are built, just before they start
         self.specs = specs
         self.settings = settings
         self.node_id = f"{spec.role}-{socket.gethostname()}-{os.getpid()}-{new_id()[:6]}"
@@ -87,7 +90,8 @@ class Node:
                         self.settings.health_port, port)
         log.info("health endpoint on http://%s:%d", self.settings.health_host, port)
         try:
-            async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role]) as bus:
+            async with await Bus.connect(self.settings, name=self.node_id, roles=[self.spec.role],
+                                         role=self.spec.role) as bus:
                 self.bus = bus
                 await self._serve(bus)
         finally:
@@ -142,6 +146,8 @@ class Node:
                                  on_give_up=worker.give_up))
             runners += [c.run for c in self._stoppable]
         reason = "shutdown"
+        if self.on_serving is not None:
+            self.on_serving()
         try:
             async with asyncio.TaskGroup() as tg:
                 work = [tg.create_task(runner()) for runner in runners]
@@ -154,13 +160,22 @@ class Node:
             reason = f"crashed: {group.exceptions[0]!r}"
             raise
         finally:
-            with suppress(Exception):
-                await bus.emit(NodeDown(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role,
-                                        reason=reason))
-            with suppress(Exception):
-                await bus.kv_delete(topo.kv_nodes, self.node_id)
+            await self._last_words(bus, reason)
             if caller is not None:
                 await caller.gateway.aclose()
+
+    async def _last_words(self, bus: Bus, reason: str) -> None:
+        """node.down and the heartbeat's removal, when a server is there to take them: against a dead
+        server each would wait for its ack timeout (a killed ``mesh up`` took its nodes 20 s to exit),
+        and the heartbeat's TTL says the same thing a little later."""
+        if not bus.connected:
+            log.info("not connected: no node.down; the heartbeat expires instead")
+            return
+        down = NodeDown(goal_id=SYSTEM_GOAL_ID, node=self.node_id, role=self.spec.role, reason=reason)
+        with suppress(Exception):
+            await asyncio.wait_for(bus.emit(down), LAST_WORDS_SECONDS)
+        with suppress(Exception):
+            await asyncio.wait_for(bus.kv_delete(bus.topology.kv_nodes, self.node_id), LAST_WORDS_SECONDS)
 
     async def _drain_on_stop(self, work: list[asyncio.Task[None]]) -> None:
         """On stop: no new fetches; in-flight work gets ``drain_seconds`` to finish."""
@@ -183,7 +198,7 @@ class Node:
             doc = beat(self.node_id, self.spec.role, socket.gethostname(), os.getpid(), __version__, self.in_flight,
                        every=interval)
             try:
-                await bus.kv_put(bus.topology.kv_nodes, self.node_id, json.dumps(doc).encode())
+                await unless_set(self.stop, bus.kv_put(bus.topology.kv_nodes, self.node_id, json.dumps(doc).encode()))
             except BusError as exc:  # a missed beat is not fatal; the next one may land
                 log.warning("heartbeat failed: %s", exc)
             with suppress(TimeoutError):
@@ -205,6 +220,17 @@ async def _announce(bus: Bus, up: NodeUp) -> None:
             await asyncio.sleep(0.5 * attempt)
 
 
+def _stop_before_serving(signum: int, _: object) -> None:
+    """SIGTERM/SIGINT before the node serves: nothing is in flight, so it exits at once. A Python-level
+    handler runs between bytecodes, even while the loop is blocked for seconds importing the model SDKs
+    (a killed `mesh up` once left its starting nodes alive for 20 s); once serving, the loop's handler
+    drains instead."""
+    log.info("%s before serving: nothing in flight, exiting", signal.Signals(signum).name)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
+
+
 def run_node(role: str, settings: MeshSettings | None = None) -> int:
     """Entry point of ``mesh node <role>``; returns the process exit code. The preflight's findings
     (``mesh node <role> --check``) stop the node before it serves anything."""
@@ -221,14 +247,24 @@ def run_node(role: str, settings: MeshSettings | None = None) -> int:
     # A node process is non-dumpable (a same-uid tool run cannot read its environment) and the subreaper
     # of whatever a run leaves behind; not in Node.run, which tests also run inside the test process.
     harden_process()
-    node = Node(spec, specs, settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_before_serving)
 
-    async def main() -> None:
+    def drain_on_signals() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop.set)
+
+    node = Node(spec, specs, settings, on_serving=drain_on_signals)
+    if tracing.configure(f"mesh-{role}", node.node_id):
+        log.info("exporting traces over OTLP/HTTP to %s", os.environ[tracing.ENDPOINT_ENV])
+
+    async def main() -> None:
         await node.run()
 
-    run_loop(main())
+    try:
+        run_loop(main())
+    finally:
+        tracing.shutdown()  # the spans still queued go out before the process ends
     return 0
 

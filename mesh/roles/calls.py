@@ -4,10 +4,12 @@ every decision and call on the event stream. Shared by the orchestrator and the 
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from mesh import tracing
 from mesh.backends.base import ChatRequest, ChatResponse
 from mesh.backends.gateway import BudgetGuard, CallRecord, ModelGateway
 from mesh.backends.sim.world import SimWorld
@@ -26,6 +28,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.models import utcnow
 from mesh.metrics import Metrics
+from mesh.roles import spans
 from mesh.roles.spec import RoleSpec
 from mesh.router.features import RouteContext, call_costs, deadline_pressure
 from mesh.router.policy import RoutePolicy
@@ -43,6 +46,7 @@ class CallScope:
     usage: Usage
     outbox: Outbox | None = None
     simulated: bool = False  # some call of the scope was answered (or would be) by a simulator
+    decision: RouteDecision | None = None  # the scope's latest routing decision (its calls' spans show it)
 
 
 _scope: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar("mesh_call_scope", default=None)
@@ -63,6 +67,13 @@ class ModelCaller:
     async def _on_call(self, rec: CallRecord) -> None:
         scope = _scope.get()
         self.metrics.backend_call(rec.tier, rec.outcome, rec.usage, rec.latency_ms)
+        if tracing.on():  # reported once the call is over: the span ends now and began latency_ms ago
+            end = time.time_ns()
+            tracing.record(f"chat {rec.model}", kind="client", start_ns=end - int(rec.latency_ms * 1e6), end_ns=end,
+                           attributes=spans.chat(rec, self.gateway.tiers.get(rec.tier),
+                                                 scope.decision if scope else None,
+                                                 (scope.goal_id, scope.step_id) if scope else None),
+                           error=rec.error)
         if scope is None:
             return
         if rec.outcome == "ok":
@@ -119,6 +130,10 @@ class ModelCaller:
         )
         decision = self.policy.decide(ctx)
         self.metrics.route(spec.role, decision.tier)
+        if (scope := _scope.get()) is not None:
+            scope.decision = decision
+        if tracing.on():
+            tracing.active().update(spans.route(decision, tiers.get(decision.tier)))
         await self._emit(RouteDecided(event_id=event_id, goal_id=goal_id, step_id=step_id, role=spec.role,
                                       attempt=attempt, node=self.node_id, decision=decision))
         return decision

@@ -92,6 +92,11 @@ class GoalState(Wire):
     result: ArtifactRef | None = None
     workspace: ArtifactRef | None = None
     reason: str | None = None
+    # The goal span's W3C traceparent (trace id + the goal span's id), chosen when the planner first takes
+    # the goal: every task and event of the goal continues it, from any process, after any restart;
+    # the planner that ends the goal records the goal span under these ids (mesh/tracing.py). None: a
+    # state written before traces (its messages start a trace each, as they did then).
+    traceparent: str | None = None
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -174,6 +179,10 @@ class GoalState(Wire):
             "max_wall_seconds": None if b.max_wall_seconds is None else max(1.0, b.max_wall_seconds - elapsed),
         }
 
+    def trace(self) -> dict[str, str] | None:
+        """The trace context the goal's tasks and events carry (children of the goal span)."""
+        return {"traceparent": self.traceparent} if self.traceparent else None
+
     # --- transitions -----------------------------------------------------------------------
 
     def apply_plan(self, plan: Plan) -> None:
@@ -195,6 +204,20 @@ class GoalState(Wire):
         st.attempt += 1
         st.dispatched_at = utcnow()
         return st.attempt
+
+    def outcome_refusal(self, step_id: str, attempt: int, emitter: str | None) -> str | None:
+        """Why a step outcome emitted by role ``emitter`` may not count, or None: the step is unknown
+        (``step``), the emitter is not the role the step was dispatched to (``role``), or the attempt is
+        not the one dispatched last (``attempt``). An outcome of that attempt for a step already finished
+        is no refusal: it is a redelivery of one that counted."""
+        st = self.steps.get(step_id)
+        if st is None:
+            return "step"
+        if emitter != st.step.role:
+            return "role"
+        if attempt != st.attempt:
+            return "attempt"
+        return None
 
     def complete(self, step_id: str, attempt: int, outputs: list[ArtifactRef], usage: Usage,
                  verdict: str | None, tier: str | None, summary: str, *, simulated: bool = False,

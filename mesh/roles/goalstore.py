@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from mesh.bus.client import Bus
-from mesh.errors import BusError
+from mesh.errors import BusError, GoalNotFound
 from mesh.roles.goalstate import GoalProgressView, GoalState
 
 T = TypeVar("T")
@@ -56,7 +56,7 @@ class GoalStore:
             remembered = entry is not None
             entry = entry or await self._read(goal_id)
             if entry is None:
-                raise BusError(f"goal {goal_id} is not in {self.bucket}")
+                raise GoalNotFound(f"goal {goal_id} is not in {self.bucket}")
             revision, value = entry
             state = GoalState.model_validate_json(value)
             outcome = change(state)

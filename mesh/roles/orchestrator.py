@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
+from mesh import tracing
 from mesh.aio import together
 from mesh.backends.base import ChatMessage, ChatRequest
 from mesh.backends.gateway import BudgetGuard
@@ -53,8 +54,9 @@ from mesh.contracts import (
     utcnow,
 )
 from mesh.contracts.options import validate_options
-from mesh.errors import BackendError, BusError, OptionInvalid, PlanInvalid, SimulationNotAllowed
+from mesh.errors import BackendError, BusError, GoalNotFound, OptionInvalid, PlanInvalid, SimulationNotAllowed
 from mesh.packing import estimate_tokens, messages_tokens
+from mesh.roles import spans
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
@@ -81,6 +83,8 @@ PLAN_SCHEMA: dict[str, Any] = {
     "required": ["steps"],
 }
 SWEEP_SECONDS = 5.0
+_REFUSALS = {"goal": "no such goal", "step": "no such step", "role": "not the role the step was dispatched to",
+             "attempt": "not the attempt in flight"}
 # A memory summary is at most a third of the lines it replaces, within these bounds.
 MEMORY_SUMMARY_TOKENS = (32, 200)
 
@@ -108,8 +112,10 @@ class Orchestrator:
     async def on_goal(self, delivery: Delivery) -> None:
         goal = delivery.message(Goal)
         gid = goal.goal_id
-        if await self.goals.create(GoalState(goal=goal)):
-            await self.bus.emit(GoalSubmitted(event_id=f"{gid}.submitted", goal_id=gid, goal=goal, node=self.node_id))
+        fresh = _new_state(goal, delivery)
+        if await self.goals.create(fresh):
+            await self.bus.emit(GoalSubmitted(event_id=f"{gid}.submitted", goal_id=gid, goal=goal, node=self.node_id),
+                                trace=fresh.trace())
         state = await self.goals.get(gid)
         assert state is not None
         if state.status == "planning":
@@ -126,7 +132,7 @@ class Orchestrator:
         """The consumer gives up on a goal message (a bug, an error no retry fixes): the goal fails with
         the reason. Nothing else would end it: the sweep leaves goals that are still planning alone."""
         goal = delivery.message(Goal)
-        await self.goals.create(GoalState(goal=goal))
+        await self.goals.create(_new_state(goal, delivery))
         # only while planning: a running goal is the sweep's to look after
         await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000], planning=True)
 
@@ -146,9 +152,11 @@ class Orchestrator:
             log.info("command %s for unknown goal %s ignored", command.action, gid)
             return
         state, changed = await self.goals.mutate(gid, cancel)
+        if changed:
+            spans.record_goal(state)
         if changed or state.status == "cancelled":  # a redelivery after the write re-announces (deduped by id)
             await self.bus.emit(GoalCancelled(event_id=f"{gid}.cancelled", goal_id=gid, reason=state.reason or reason,
-                                              by=command.by))
+                                              by=command.by), trace=state.trace())
 
     async def give_up_command(self, delivery: Delivery, exc: BaseException) -> None:
         """The consumer gives up on a client's command it could not apply: the client asked the goal to
@@ -171,7 +179,9 @@ class Orchestrator:
         goal = state.goal
         version = state.plan_version + 1
         try:
-            plan, source, note = await self._ask_for_plan(state, version=version, failed=failed)
+            with tracing.span(f"plan {self.spec.role}", parent=state.traceparent,
+                              attributes=spans.planning(state, self.spec.role, version) if tracing.on() else None):
+                plan, source, note = await self._ask_for_plan(state, version=version, failed=failed)
         except PlanInvalid as exc:  # not even a fallback plan: no role can take any phase
             await self._fail_goal(goal.goal_id, f"no plan: {exc}")
             return
@@ -197,7 +207,8 @@ class Orchestrator:
         state, installed = await self.goals.mutate(goal.goal_id, install)
         if installed:
             await self.bus.emit(GoalPlanned(event_id=f"{goal.goal_id}.planned.{plan.version}", goal_id=goal.goal_id,
-                                            plan=plan, node=self.node_id, source=source, note=note[:2000]))
+                                            plan=plan, node=self.node_id, source=source, note=note[:2000]),
+                                trace=state.trace())
         await self._advance(goal.goal_id)
 
     async def _ask_for_plan(self, state: GoalState, *, version: int,
@@ -253,23 +264,39 @@ class Orchestrator:
     # --- step outcomes -------------------------------------------------------------------------
 
     async def on_step_event(self, delivery: Delivery) -> None:
+        """A step outcome counts only when the role named in its subject is the role the step was
+        dispatched to and its attempt is the one in flight; anything else is refused — logged, counted
+        (``mesh_outcomes_refused_total``) and acked — and changes nothing."""
         event: object = delivery.envelope.message()
-        if isinstance(event, StepCompleted):
-            state = await self._on_completed(event)
-        elif isinstance(event, StepFailed):
-            state = await self._on_failed(event)
-        else:
+        if not isinstance(event, StepCompleted | StepFailed):
             return
-        await self._compact_memory(state)
+        address = self.bus.topology.event_address(delivery.subject)
+        emitter = address.role if address else None
+        try:
+            if isinstance(event, StepCompleted):
+                state = await self._on_completed(event, emitter)
+            else:
+                state = await self._on_failed(event, emitter)
+        except GoalNotFound:  # the planner writes a goal's state before it dispatches any step of it
+            self._refuse(event, emitter, "goal")
+            return
+        if state is not None:
+            await self._compact_memory(state)
 
-    async def _on_completed(self, ev: StepCompleted) -> GoalState:
+    def _refuse(self, ev: StepCompleted | StepFailed, emitter: str | None, reason: str) -> None:
+        log.warning("refused %s of goal %s step %s attempt %d emitted by role %s: %s", ev.type, ev.goal_id,
+                    ev.step_id, ev.attempt, emitter, _REFUSALS[reason])
+        self.caller.metrics.outcome_refused(reason)
+
+    async def _on_completed(self, ev: StepCompleted, emitter: str | None) -> GoalState | None:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
         tests = ev.quality.source == "tests"
 
         def record(s: GoalState) -> bool:
-            if s.done or not s.complete(ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
-                                        simulated=ev.simulated, quality=ev.quality):
+            if s.done or s.outcome_refusal(ev.step_id, ev.attempt, emitter) or not s.complete(
+                    ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
+                    simulated=ev.simulated, quality=ev.quality):
                 return False
             used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
                 (s.review_rounds, self.limits.max_review_iterations)
@@ -282,17 +309,25 @@ class Orchestrator:
 
         state, recorded = await self._advance(ev.goal_id, record)
         if not recorded:
+            # decided on the state ``_advance`` read last, the same one ``record`` refused
+            if reason := state.outcome_refusal(ev.step_id, ev.attempt, emitter):
+                self._refuse(ev, emitter, reason)
+                return None
             await self._resume(state)
         return state
 
-    async def _on_failed(self, ev: StepFailed) -> GoalState:
+    async def _on_failed(self, ev: StepFailed, emitter: str | None) -> GoalState | None:
         def record(s: GoalState) -> bool:
-            return not s.done and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage)
+            return (not s.done and not s.outcome_refusal(ev.step_id, ev.attempt, emitter)
+                    and s.fail_attempt(ev.step_id, ev.attempt, ev.error, ev.usage))
 
         state, changed = await self.goals.mutate(ev.goal_id, record)
         if not changed:
-            st = state.steps.get(ev.step_id)
-            if state.done or st is None or st.status != "failed" or st.attempt != ev.attempt:
+            if reason := state.outcome_refusal(ev.step_id, ev.attempt, emitter):
+                self._refuse(ev, emitter, reason)
+                return None
+            st = state.steps[ev.step_id]
+            if state.done or st.status != "failed":
                 await self._resume(state)  # recorded and replanned (or finished) before: re-issue the effects
                 return state
             # recorded before, but that delivery died before it replanned: replan now
@@ -315,7 +350,8 @@ class Orchestrator:
                                    label=False)
         text = "\n".join(old)
         low, high = MEMORY_SUMMARY_TOKENS
-        summary = await summarise(text, min(max(estimate_tokens(text) // 3, low), high))
+        with tracing.adopt(state.traceparent):  # the summary's model calls belong to the goal's trace
+            summary = await summarise(text, min(max(estimate_tokens(text) // 3, low), high))
         await self.goals.mutate(goal_id, lambda s: s.compact_memory(old, summary, scope.usage,
                                                                     simulated=scope.simulated))
 
@@ -346,11 +382,11 @@ class Orchestrator:
             memory="\n".join(state.memory), position=state.position(step_id), remaining=_remaining(state),
             budget_fraction_left=_fraction_left(state), prior_failures=st.failures, options=goal.options,
         )
-        fresh = await self.bus.dispatch(task)
+        fresh = await self.bus.dispatch(task, trace=state.trace())
         if fresh:
             await self.bus.emit(StepDispatched(event_id=f"{task.task_id}.dispatched", goal_id=goal.goal_id,
                                                step_id=step_id, role=st.step.role, attempt=st.attempt,
-                                               task_id=task.task_id, node=self.node_id))
+                                               task_id=task.task_id, node=self.node_id), trace=state.trace())
 
     async def _resume(self, state: GoalState) -> None:
         """An outcome whose transition is already in the goal state: mostly a redelivery whose first
@@ -364,7 +400,7 @@ class Orchestrator:
         recent = utcnow() - timedelta(seconds=self.bus.topology.duplicate_window / 2)
         if state.done:
             if state.finished_at is not None and state.finished_at > recent:
-                await self._announce_end(state)
+                await self._announce_end(state, ended_here=False)
             return
         for sid, st in state.steps.items():
             if st.status == "dispatched" and st.dispatched_at is not None and st.dispatched_at > recent:
@@ -383,18 +419,23 @@ class Orchestrator:
         if changed:
             await self._announce_end(state)
 
-    async def _announce_end(self, state: GoalState) -> None:
-        """The final event of a finished goal (a cancellation is announced where its command is applied)."""
+    async def _announce_end(self, state: GoalState, *, ended_here: bool = True) -> None:
+        """The final event of a finished goal (a cancellation is announced where its command is applied).
+        ``ended_here``: this call's transition ended the goal (not a re-issue), so the goal span is recorded."""
         goal_id = state.goal.goal_id
+        if ended_here:
+            spans.record_goal(state)
         if state.status == "completed" and state.result is not None:
             await self.bus.emit(GoalCompleted(event_id=f"{goal_id}.completed", goal_id=goal_id, result=state.result,
                                               workspace=state.workspace, usage=state.usage,
                                               steps_run=state.steps_run, node=self.node_id,
-                                              simulated=state.simulated, quality=state.quality()))
+                                              simulated=state.simulated, quality=state.quality()),
+                                trace=state.trace())
         elif state.status != "cancelled":
             await self.bus.emit(GoalFailed(event_id=f"{goal_id}.failed", goal_id=goal_id, node=self.node_id,
                                            reason=state.reason or "failed", usage=state.usage,
-                                           simulated=state.simulated, quality=state.quality()))
+                                           simulated=state.simulated, quality=state.quality()),
+                                trace=state.trace())
 
     async def redrive(self, goal_id: str) -> None:
         """Re-publish every dispatched task (dedupe drops the ones that exist) and advance."""
@@ -487,6 +528,12 @@ def _final_output(state: GoalState, synthesizer: str) -> Any:
     done = [st for st in state.steps.values() if st.status == "completed" and st.outputs]
     done.sort(key=lambda st: (st.step.role == synthesizer, st.finished_at or utcnow()))
     return done[-1].outputs[0] if done else None
+
+
+def _new_state(goal: Goal, delivery: Delivery) -> GoalState:
+    """A goal's first state: its trace continues the submitting message's trace (the goal span's ids
+    chosen now, for the goal's whole life)."""
+    return GoalState(goal=goal, traceparent=tracing.goal_traceparent(delivery.envelope.trace.get("traceparent")))
 
 
 def _remaining(state: GoalState) -> Budget:

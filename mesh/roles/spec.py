@@ -144,6 +144,8 @@ def load_specs(directory: Path | None = None) -> dict[str, RoleSpec]:
         raise NodeSpecError(f"no role specs (*.toml) in {directory}")
     if len(synthesizers := [r for r, s in specs.items() if s.synthesizes]) > 1:
         raise NodeSpecError(f"{directory}: only one role may synthesize; {', '.join(synthesizers)} do")
+    if len(planners := [r for r, s in specs.items() if s.kind == "orchestrator"]) > 1:
+        raise NodeSpecError(f"{directory}: only one role may plan (kind orchestrator); {', '.join(planners)} do")
     return specs
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mesh import tracing
 from mesh.aio import together
 from mesh.backends.base import ChatMessage, ChatRequest, ChatResponse, ToolSpec
 from mesh.backends.gateway import BudgetGuard
@@ -40,6 +41,7 @@ from mesh.contracts import (
 )
 from mesh.errors import GoalCancelled, MeshError, OutputInvalid
 from mesh.packing import apack, estimate_tokens, messages_tokens
+from mesh.roles import spans
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
@@ -107,6 +109,19 @@ class Worker:
             log.info("skipping task %s: goal or step no longer waiting for this attempt", task.task_id)
             metrics.task_done("skipped", time.perf_counter() - started)
             return
+        # The step's span, child of the goal span (the task carries the goal's trace context); its events
+        # and model/tool spans continue it.
+        with tracing.span(f"invoke_agent {self.spec.role}", parent=delivery.envelope.trace.get("traceparent"),
+                          attributes=spans.agent(task, self.spec.role, delivery.attempt) if tracing.on() else None) \
+                as span:
+            outcome = await self._step(task, delivery, started)
+            if tracing.on():
+                span.update({"mesh.outcome": outcome, "mesh.simulated": self.caller.current_simulated(),
+                             **spans.usage(self.caller.current_usage())})
+
+    async def _step(self, task: Task, delivery: Delivery, started: float) -> str:
+        """Run the step and publish its outcome; returns how it ended (completed, failed, cancelled)."""
+        metrics = self.caller.metrics
         async with Outbox(self.bus) as outbox:  # the step's events; their acks are awaited before its outcome
             await outbox.emit(StepStarted(event_id=f"{task.task_id}.started.{delivery.attempt}", goal_id=task.goal_id,
                                           step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
@@ -116,7 +131,7 @@ class Worker:
                 completed = await self._execute(task, delivery, outbox, self._cancel_check(task.goal_id))
             except GoalCancelled:
                 metrics.task_done("cancelled", time.perf_counter() - started)
-                return
+                return "cancelled"
             except MeshError as exc:
                 metrics.error(type(exc).__name__)
                 if not delivery.gives_up(exc):
@@ -125,19 +140,21 @@ class Worker:
                 reason = f"gave up after {delivery.attempt} deliveries: {exc}" if exc.retryable else str(exc)
                 await self._fail(task, reason, scope.usage, outbox)
                 metrics.task_done("failed", time.perf_counter() - started)
-                return
+                return "failed"
             await outbox.settle()
         await self.bus.emit(completed)
         metrics.task_done("completed", time.perf_counter() - started)
+        return "completed"
 
     async def give_up(self, delivery: Delivery, exc: BaseException) -> None:
         """The consumer gives up on a task the handler could not deal with (a bug, an error no retry
         fixes): the step fails with the reason, so the orchestrator replans instead of the sweep
         re-driving the same failure until the goal's wall budget runs out."""
         task = delivery.message(Task)
-        async with Outbox(self.bus) as outbox:
-            await self._fail(task, f"gave up after {delivery.attempt} deliveries: {type(exc).__name__}: {exc}",
-                             Usage(), outbox)
+        with tracing.adopt(delivery.envelope.trace.get("traceparent")):  # still the goal's trace
+            async with Outbox(self.bus) as outbox:
+                await self._fail(task, f"gave up after {delivery.attempt} deliveries: {type(exc).__name__}: {exc}",
+                                 Usage(), outbox)
 
     async def _fail(self, task: Task, error: str, usage: Usage, outbox: Outbox) -> None:
         await outbox.settle()
@@ -262,7 +279,13 @@ class Worker:
     async def _tool(self, task: Task, call_id: str, name: str, arguments: dict[str, Any], toolbox: ToolBox,
                     outbox: Outbox, check: Callable[[], Awaitable[None]]) -> ToolResult:
         await check()
-        result = await toolbox.call(name, arguments)
+        with tracing.span(f"execute_tool {name}", attributes=spans.tool(name, call_id) if tracing.on() else None) \
+                as span:
+            result = await toolbox.call(name, arguments)
+            if tracing.on():
+                span.update({"mesh.tool.ok": result.ok, "mesh.tool.refused": result.refused,
+                             **({"mesh.sandbox": result.sandbox} if result.sandbox else {}),
+                             **({} if result.ok else {"error.type": "refused" if result.refused else "tool_error"})})
         await outbox.emit(ToolCall(
             event_id=f"{task.task_id}.tool.{call_id}", goal_id=task.goal_id, step_id=task.step.step_id,
             role=self.spec.role, node=self.node_id, tool=name, arguments=result.arguments,

@@ -333,7 +333,7 @@ def attempt_events(attempt: Attempt, prefix: str = "mesh") -> Iterator[tuple[str
                                  role=role, attempt=n, retryable=True,
                                  error="the answer did not meet the step's acceptance criteria (sim quality model)"))
     for event in events:
-        yield event_subject(prefix, case.goal_id, event.type), event
+        yield event_subject(prefix, case.goal_id, role, event.type), event
 
 
 def write_ledger(path: str | Path, attempts: Iterator[Attempt] | Sequence[Attempt], *, batch: int = 20_000) -> int:

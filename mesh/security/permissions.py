@@ -3,11 +3,14 @@
 Every allow-list is built from ``Topology`` names, so a different prefix or a new role spec changes
 the permissions with it; nothing here is a hand-kept copy of a subject. What a user may do:
 
+* every node publishes events only under its own role (``mesh.event.*.<role>.…``), so a worker cannot
+  announce a step outcome as another role or any goal-level event;
 * a **worker** pulls from its own durable consumer (``role-<role>`` on the tasks stream) and acks
   only there; publishes the event types a worker emits, its own dead letters, artifacts (object
   store) and its heartbeat; reads goal state (cancellation checks) but cannot write it;
 * the **orchestrator** pulls goals and step outcomes, publishes tasks to the worker roles that
-  exist, the goal-level events, and reads and writes goal state (compare-and-swap);
+  exist, every event type under its role (goal-level events are its alone), and reads and writes
+  goal state (compare-and-swap);
 * the **recorder** owns the consumers of the event stream (except the orchestrator's) and serves
   the ledger's request/reply service (``allow_responses`` lets it answer any requester);
 * the **operator** is the CLI (submit, watch, status, goals, show, cancel, sql, router publish);
@@ -44,7 +47,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mesh.bus.topology import Topology
-from mesh.contracts.events import EVENT_TYPES
 from mesh.roles.spec import RoleSpec
 
 JS_API = "$JS.API"
@@ -53,16 +55,16 @@ JS_API = "$JS.API"
 ADMIN_ONLY: tuple[str, ...] = tuple(f"{JS_API}.STREAM.{op}.>" for op in ("CREATE", "UPDATE", "DELETE", "PURGE",
                                                                          "MSG.DELETE"))
 
-# Which event types each kind of process emits (``mesh.event.<goal>.<type>``). A client's cancel is a
-# command on ``mesh.control.<goal>``; the planner applies it and announces goal.cancelled.
-# A new event type must be given to someone here: tests fail while one is emitted by no one.
+
+# Which event types each kind of process emits, always under its own role in the subject
+# (``mesh.event.<goal>.<role>.<type>``), so no role can speak for another. The orchestrator (planner)
+# emits every type under its own role: whatever it announces (goal.*, step.dispatched, approvals …)
+# needs no grant per type, and nobody else may emit a type that is not listed here. A client's cancel
+# is a command on ``mesh.control.<goal>``; the planner applies it and announces goal.cancelled.
 EMITS: dict[str, frozenset[str]] = {
-    "orchestrator": frozenset({"goal.submitted", "goal.planned", "goal.completed", "goal.failed", "goal.cancelled",
-                               "step.dispatched", "route.decided", "backend.call", "node.up", "node.down"}),
     "worker": frozenset({"step.started", "step.progress", "step.completed", "step.failed", "tool.call",
                          "artifact.created", "route.decided", "backend.call", "node.up", "node.down"}),
     "recorder": frozenset({"node.up", "node.down"}),
-    "operator": frozenset(),
 }
 
 
@@ -164,8 +166,14 @@ class PermissionSet:
         if models in self._buckets("kv"):
             self._kv(g, models, write=write)
 
-    def _events(self, g: _Grants, types: Iterable[str]) -> None:
-        g.publish(*(self.topo.event_subject("*", t) for t in sorted(types)))
+    def _events(self, g: _Grants, role: str, kind: str) -> None:
+        """Events under the role's own subject token only: every type for the orchestrator, the
+        listed types for the others."""
+        t = self.topo
+        if kind == "orchestrator":
+            g.publish(t.event_subject("*", role, ">"))
+        else:
+            g.publish(*(t.event_subject("*", role, type) for type in sorted(EMITS.get(kind, ()))))
 
     def _node(self, g: _Grants, role: str, kind: str) -> None:
         """What every ``mesh node`` process does: check the topology, its role's consumer, heartbeat, events,
@@ -175,7 +183,7 @@ class PermissionSet:
         self._durable(g, t.stream_for(role), t.consumer_name(role))
         self._kv(g, t.kv_nodes, write=True)
         self._objects(g, t.obj_artifacts, write=True)
-        self._events(g, EMITS[kind])
+        self._events(g, role, kind)
         g.publish(t.dlq_subject(role))
 
     # --- users -----------------------------------------------------------------------------------
@@ -213,7 +221,6 @@ class PermissionSet:
         g = _Grants()
         self._inspect(g)
         g.publish(t.goal_subject(), t.control_filter(), f"{t.prefix}.ledger.>", "$SRV.>")
-        self._events(g, EMITS["operator"])
         self._read_stream(g, t.events_stream)
         self._kv(g, t.kv_goals, write=False)  # cancel is a command on the control subject
         self._kv(g, t.kv_nodes, write=False)
@@ -275,10 +282,3 @@ class PermissionSet:
         g.subscribe(f"{inbox}.>")
         return Permissions(publish=tuple(g.pub), subscribe=tuple(g.sub), deny_publish=ADMIN_ONLY + deny,
                            allow_responses=allow_responses, inbox_prefix=inbox)
-
-
-def uncovered_event_types() -> set[str]:
-    """Event types of the contracts that no user may publish (a new event nobody was granted)."""
-    return set(EVENT_TYPES) - set().union(*EMITS.values())
-
-

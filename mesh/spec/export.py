@@ -78,11 +78,16 @@ def asyncapi(topo: Topology) -> dict[str, Any]:
             "messages": {"task": {"$ref": "#/components/messages/task"}},
         },
         "events": {
-            "address": topo.event_subject(GOAL_PARAM, TYPE_PARAM),
+            "address": topo.event_subject(GOAL_PARAM, ROLE_PARAM, TYPE_PARAM),
             "description": f"The public event stream (stream {topo.events_stream}, limits retention). Subscribe "
-            f"to {topo.events_filter()} or one goal's {topo.events_filter(GOAL_PARAM)}. `type` is the event type "
-            "and may contain dots (step.completed).",
+            f"to {topo.events_filter()} or one goal's {topo.events_filter(GOAL_PARAM)}. `role` is the role of the "
+            "node that emitted the event: each role may publish only under its own role (server permissions, "
+            f"docs/DEPLOY.md); goal-level events come only from {topo.goal_role!r}, and the planner counts a "
+            "step outcome only from the role the step was dispatched to. `type` is the event type, two tokens "
+            "(step.completed). Schema-1 events (before schema 2.0) were published on "
+            f"{topo.prefix}.event.{{goal_id}}.{{type}} and are still read from the stream's history.",
             "parameters": {"goal_id": {"description": "goal id, or _system for node events"},
+                           "role": {"description": "role of the emitting node, e.g. coder or planner"},
                            "type": {"description": "event type"}},
             "messages": {"event": {"$ref": "#/components/messages/event"}},
         },
@@ -110,7 +115,7 @@ def asyncapi(topo: Topology) -> dict[str, Any]:
         "receiveTask": {"action": "receive", "channel": {"$ref": "#/channels/tasks"},
                         "description": "Received by the worker role named in the subject."},
         "publishEvent": {"action": "send", "channel": {"$ref": "#/channels/events"},
-                         "description": "Sent by every node."},
+                         "description": "Sent by every node, under its own role."},
         "receiveEvent": {"action": "receive", "channel": {"$ref": "#/channels/events"},
                          "description": "Received by the ledger, the planner, `mesh watch` and anyone else."},
         "sendCommand": {"action": "send", "channel": {"$ref": "#/channels/control"},

@@ -86,20 +86,22 @@ async def test_losing_one_cluster_member_mid_run(nats_cluster: EmbeddedCluster, 
 
 
 @pytest.fixture
-async def orchestrator(bus: Bus, settings: MeshSettings) -> AsyncIterator[Orchestrator]:
+async def orchestrator(settings: MeshSettings) -> AsyncIterator[Orchestrator]:
     specs = role_specs()
-    caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "planner-test", Metrics("planner"))
-    try:
-        yield Orchestrator(bus, specs["planner"], specs, caller, GoalStore(bus),
-                           "planner-test")
-    finally:
-        await caller.gateway.aclose()
+    async with await Bus.connect(settings, name="planner-test", role="planner") as bus:
+        caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "planner-test", Metrics("planner"))
+        try:
+            yield Orchestrator(bus, specs["planner"], specs, caller, GoalStore(bus), "planner-test")
+        finally:
+            await caller.gateway.aclose()
 
 
 async def _outcome_delivery(bus: Bus, event: StepCompleted, attempt: int) -> Delivery:
-    """``event`` as the planner's consumer hands it over, on its ``attempt``-th delivery."""
-    await bus.emit(event)
-    sub = await bus._js.pull_subscribe(bus.topology.event_subject(event.goal_id, event.type),
+    """``event``, emitted by a node of the step's role, as the planner's consumer hands it over, on its
+    ``attempt``-th delivery."""
+    async with await Bus.connect(bus.settings, name="worker-test", role=event.role, check=False) as worker:
+        await worker.emit(event)
+    sub = await bus._js.pull_subscribe(bus.topology.event_subject(event.goal_id, event.role, event.type),
                                       stream=bus.topology.events_stream)
     try:
         msg = (await sub.fetch(1, timeout=5))[0]

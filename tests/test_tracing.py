@@ -1,0 +1,244 @@
+"""Traces: one trace per goal across every process (mesh/tracing.py, docs/TRACING.md).
+
+- Off (no ``OTEL_EXPORTER_OTLP_ENDPOINT``): the OTel SDK is never imported, spans are one shared no-op,
+  and still every message of a goal — the submission, its tasks, its events — carries the goal's trace id.
+- On: real node processes export over OTLP/HTTP to a receiver in this test (protobuf decoded with
+  opentelemetry-proto); one goal gives one trace: the goal span, a ``plan`` span, one ``invoke_agent``
+  span per step under the goal span, ``chat`` spans with token usage under them, ``execute_tool`` spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from mesh import tracing
+from mesh.bus.client import Bus
+from mesh.config import MeshSettings
+from mesh.contracts import Goal, GoalCompleted, open_envelope
+from mesh.roles.goalstore import GoalStore
+from tests.meshkit import NodeProcess, in_process_mesh, node_env, role_specs, run_goal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trace_id(traceparent: str | None) -> int:
+    parsed = tracing.parse(traceparent)
+    assert parsed is not None, traceparent
+    return parsed[0]
+
+
+async def test_every_message_of_a_goal_carries_the_goal_trace_and_no_sdk_is_loaded(fast: MeshSettings,
+                                                                                     bus: Bus) -> None:
+    assert not tracing.on()
+    goal = Goal(brief="Build me a login system")
+    seen: list[Msg] = []
+    ended = asyncio.Event()
+
+    async def keep(msg: Msg) -> None:
+        seen.append(msg)
+        if msg.subject.endswith(".goal.completed"):
+            ended.set()
+
+    topo = bus.topology
+    subs = [await bus._nc.subscribe(subject, cb=keep)
+            for subject in (topo.goal_subject(), f"{topo.prefix}.task.>", topo.events_filter(goal.goal_id))]
+    try:
+        async with in_process_mesh(fast):
+            events = await run_goal(bus, goal)
+        await asyncio.wait_for(ended.wait(), 10)
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    assert isinstance(events[-1], GoalCompleted), events[-1]
+    state = await GoalStore(bus).get(goal.goal_id)
+    assert state is not None and state.traceparent is not None
+    trace = _trace_id(state.traceparent)
+
+    envelopes = [open_envelope(m.data) for m in seen]
+    mine = [e for e in envelopes if e.goal_id == goal.goal_id]
+    kinds = Counter(e.kind for e in mine)
+    assert kinds["goal"] == 1 and kinds["task"] >= len(state.steps) and kinds["event"] > 3 * len(state.steps), kinds
+    assert {_trace_id(e.trace.get("traceparent")) for e in mine} == {trace}, "one trace id for the whole goal"
+    # the tasks name the goal span as their parent: the steps' spans are its children
+    assert {e.trace["traceparent"] for e in mine if e.kind == "task"} == {state.traceparent}
+    assert {m.headers["traceparent"] for m in seen if m.headers and open_envelope(m.data).goal_id == goal.goal_id} \
+        == {e.trace["traceparent"] for e in mine}, "the NATS header and the envelope agree"
+    assert not [m for m in sys.modules if m.startswith(("opentelemetry.sdk", "opentelemetry.exporter"))]
+
+
+def test_off_nothing_is_exported_and_the_sdk_is_not_imported() -> None:
+    """A fresh interpreter without the endpoint: configure declines, spans are the shared no-op, a
+    recorded span goes nowhere, and no OTel SDK or exporter module is ever imported."""
+    code = textwrap.dedent("""
+        import sys
+        from mesh import tracing
+        assert not tracing.configure("mesh-test", "n1")
+        parent = tracing.new_traceparent()
+        with tracing.span("invoke_agent coder", parent=parent) as outer:
+            assert tracing.current() == parent  # the context still propagates
+            with tracing.span("execute_tool fs.write") as inner:
+                assert inner is tracing.NO_SPAN and tracing.active() is tracing.NO_SPAN
+                inner.update({"a": 1})
+        tracing.record("chat m", start_ns=0, end_ns=1, attributes={"x": 1})
+        assert tracing.current() is None and not tracing.on()
+        loaded = [m for m in sys.modules if m.startswith(("opentelemetry.sdk", "opentelemetry.exporter"))]
+        assert not loaded, loaded
+        print("ok")
+    """)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}  # no OTEL_EXPORTER_OTLP_ENDPOINT
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_goal_traceparent_continues_the_submitters_trace() -> None:
+    submitted = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    goal = tracing.goal_traceparent(submitted)
+    assert goal.startswith("00-" + "a" * 32 + "-") and goal != submitted and tracing.parse(goal) is not None
+    assert tracing.parse(tracing.goal_traceparent("garbage")) is not None  # a fresh trace, never an error
+    assert tracing.parse("00-" + "0" * 32 + "-" + "b" * 16 + "-01") is None  # all-zero ids are invalid
+
+
+@pytest.mark.parametrize(("kind", "model", "base_url", "expected"), [
+    ("openai", "deepseek-v4-flash", "https://api.deepseek.com", "deepseek"),
+    ("openai", "kimi-k2.6", "https://api.moonshot.ai/v1", "moonshot_ai"),
+    ("anthropic", "kimi-k2.6", "https://api.moonshot.ai/anthropic", "anthropic"),
+    ("openai", "gpt-5-mini", "https://api.openai.com/v1", "openai"),
+    ("sim", "deepseek-v4-pro", None, "deepseek"),
+])
+def test_provider_names_follow_the_conventions(kind: str, model: str, base_url: str | None, expected: str) -> None:
+    assert tracing.provider_name(kind, model, base_url) == expected
+
+
+# --- exported, through real node processes ------------------------------------------------------
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver on loopback: every span of every export request, decoded."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.requests = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        export = ExportTraceServiceRequest.FromString(body)
+        self.requests += 1
+        for resource_spans in export.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for s in scope_spans.spans:
+                    self.spans.append({
+                        "name": s.name, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                        "parent": s.parent_span_id.hex(), "kind": s.kind, "service": resource.get("service.name"),
+                        "scope": (scope_spans.scope.name, scope_spans.scope.version, scope_spans.schema_url),
+                        "attrs": {a.key: _value(a.value) for a in s.attributes},
+                        "start": s.start_time_unix_nano, "end": s.end_time_unix_nano})
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/v1/traces", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield rec, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSettings, bus: Bus, tmp_path: Path,
+                                                              receiver: tuple[Receiver, str]) -> None:
+    rec, endpoint = receiver
+    env = node_env(fast, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="200")
+    nodes = [NodeProcess(role, env, tmp_path).start() for role in role_specs()]
+    goal = Goal(brief="Build me a login system")
+    try:
+        events = await run_goal(bus, goal, timeout=240)
+        for node in nodes:
+            node.signal(signal.SIGTERM)
+        for node in nodes:  # a node flushes its queued spans before it exits
+            assert await node.wait(60) == 0, node.log()[-3000:]
+    finally:
+        for node in nodes:
+            node.stop()
+    assert isinstance(events[-1], GoalCompleted), events[-1]
+    state = await GoalStore(bus).get(goal.goal_id)
+    assert state is not None and state.traceparent is not None
+    trace_id, goal_span_id, _ = tracing.parse(state.traceparent) or (0, 0, 0)
+
+    spans = [s for s in rec.spans if s["attrs"].get("mesh.goal.id") == goal.goal_id or s["trace_id"] ==
+             f"{trace_id:032x}"]
+    assert {s["trace_id"] for s in spans} == {f"{trace_id:032x}"}, "one goal, one trace"
+    by_id = {s["span_id"]: s for s in spans}
+    assert len(by_id) == len(spans), "no span exported twice"
+    assert all(s["scope"] == ("mesh", tracing.GENAI_SEMCONV_VERSION, tracing.GENAI_SEMCONV_URL) for s in spans)
+
+    # the goal span: the root, under the ids the goal state chose at planning, from start to end
+    (root,) = [s for s in spans if s["name"] == "invoke_workflow mesh"]
+    assert root["span_id"] == f"{goal_span_id:016x}" and root["parent"] == "" and root["service"] == "mesh-planner"
+    assert root["attrs"]["mesh.goal.status"] == "completed" and root["attrs"]["gen_ai.operation.name"] == \
+        "invoke_workflow"
+    assert all(s["parent"] in by_id for s in spans if s is not root), "every other span's parent is in the trace"
+    assert all(root["start"] <= s["start"] and s["end"] <= root["end"] + 10**9 for s in spans)
+
+    # one invoke_agent span per step, each a child of the goal span, each in its role's process
+    agents = [s for s in spans if s["name"].startswith("invoke_agent ")]
+    assert Counter(s["attrs"]["mesh.step.id"] for s in agents) == Counter(set(state.steps)), \
+        sorted(s["attrs"]["mesh.step.id"] for s in agents)
+    for s in agents:
+        role = state.steps[s["attrs"]["mesh.step.id"]].step.role
+        assert s["name"] == f"invoke_agent {role}" and s["service"] == f"mesh-{role}" and s["parent"] == root["span_id"]
+        assert s["attrs"]["gen_ai.agent.name"] == role and s["attrs"]["mesh.outcome"] == "completed"
+        assert s["attrs"]["mesh.route.tier"] and s["attrs"]["gen_ai.provider.name"]
+
+    # chat spans: under a step (or the planning), with the conventions' usage, provider, model and routing
+    chats = [s for s in spans if s["name"].startswith("chat ")]
+    assert {by_id[s["parent"]]["name"].split()[0] for s in chats} <= {"invoke_agent", "plan", "invoke_workflow"}
+    # straight under the goal: only the planner's summaries of the goal memory
+    assert {c["attrs"]["mesh.step.id"] for c in chats if c["parent"] == root["span_id"]} <= {"memory"}
+    assert {c["parent"] for c in chats} >= {a["span_id"] for a in agents}, "every step made a model call"
+    for c in chats:
+        a = c["attrs"]
+        assert c["name"] == f"chat {a['gen_ai.request.model']}" and a["gen_ai.operation.name"] == "chat"
+        assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
+        assert a["gen_ai.provider.name"] and a["gen_ai.response.model"] and a["mesh.simulated"] is True
+        assert a["mesh.tier"] and ("mesh.route.propensity" in a) == (c["parent"] != root["span_id"])  # routed
+    (plan,) = [s for s in spans if s["name"] == "plan planner"]
+    assert plan["parent"] == root["span_id"] and any(c["parent"] == plan["span_id"] for c in chats)
+
+    # tool calls: execute_tool spans under the step that made them
+    tools = [s for s in spans if s["name"].startswith("execute_tool ")]
+    assert tools and all(by_id[t["parent"]]["name"].startswith("invoke_agent ") for t in tools)
+    assert {t["attrs"]["gen_ai.tool.name"] for t in tools} >= {"fs.write"}, Counter(t["name"] for t in tools)
+    assert all(t["name"] == f"execute_tool {t['attrs']['gen_ai.tool.name']}" for t in tools)

@@ -12,7 +12,7 @@ GOAL ?= Build me a login system
 EDGE_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: run up test bench schemas clean edge
+.PHONY: run up test bench schemas screenshots clean edge
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 
 schemas: $(STAMP)
 	$(BIN)/mesh schemas export
+
+# docs/img/: the dashboard screenshots, made by the browser test itself (Chromium: apt-get install chromium)
+screenshots: $(STAMP)
+	MESH_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_dashboard_browser.py
 
 clean:
 	rm -rf $(VENV) .mesh

@@ -89,6 +89,10 @@ class MeshSettings(BaseSettings):
         default=None, description="ONNX router model to start with; unset: the packaged default.")
 
     # --- tools (mesh.tools): limits of one shell.run command ---
+    approval_timeout: float = Field(default=24 * 3600, gt=0, description="Seconds an approval gate waits for a "
+                                    "decision (docs/APPROVALS.md); a goal may set its own (approve_timeout).")
+    approval_on_timeout: Literal["fail", "approve", "reject"] = Field(
+        default="fail", description="What a gate does when its deadline passes: fail the goal, approve, or reject.")
     shell_timeout: float = Field(default=120.0, gt=0, description="shell.run wall-clock limit (seconds).")
     shell_cpu_seconds: int = Field(default=120, ge=1, description="shell.run CPU-time limit (seconds).")
     shell_memory_mb: int = Field(default=1024, ge=64, description="shell.run address-space limit (MiB).")
@@ -124,6 +128,14 @@ class MeshSettings(BaseSettings):
     ledger_query_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a ledger query may run before it is stopped.")
     ledger_max_rows: int = Field(default=10_000, ge=1, description="Rows a ledger query returns at most.")
+    ledger_max_result_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Bytes (as JSON) a ledger query's answer may hold; a larger "
+        "answer is refused, never cut short. The query service also keeps it under the server's max_payload.")
+    ledger_max_queries: int = Field(
+        default=4, ge=1, description="Ledger queries served at once; more are refused as busy (retry later).")
+    ledger_batch_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, description="Bytes of events (wire + claim-checked bodies) the "
+        "recorder decodes into one batch, besides its 20,000-event bound: decoded events stay ≤ ~32× this.")
 
     # --- local data ---
     data_dir: Path = Field(default=Path(".mesh"), description="Embedded server data, ledger file, caches.")

@@ -13,7 +13,8 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     ├── ContractError                  wire contracts and plans
     │   ├── CodecError                 bytes that are not a Mesh envelope
     │   │   ├── UnsupportedVersion
-    │   │   └── MessageTooLarge
+    │   │   ├── MessageTooLarge
+    │   │   └── DecodeLimitExceeded    more objects than its size allows (an amplification attack)
     │   ├── SchemaViolation            a well-formed envelope whose body fails validation
     │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
     │   ├── OptionInvalid              a goal option that is unknown or out of range
@@ -51,6 +52,8 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     │   └── ToolTimeout
     ├── LedgerError
     │   ├── QueryRefused
+    │   │   └── ResultTooLarge         a query whose answer would exceed the result byte cap
+    │   ├── LedgerBusy [R]             every query slot is taken
     │   └── LedgerVersionError
     ├── RouterError                    routing models: training, evaluation, publishing
     │   └── ModelRejected              a corrupt or incompatible router model (the current one stays)
@@ -121,6 +124,17 @@ class MessageTooLarge(CodecError):
         super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+
+
+class DecodeLimitExceeded(CodecError):
+    """Bytes that would decode into more objects than their size allows: refused part-way through decoding,
+    so a small hostile message cannot cost a large heap (``mesh.contracts.codec``)."""
+
+    def __init__(self, size: int, objects: int) -> None:
+        super().__init__(f"message of {size} bytes holds more than {objects} maps and arrays, the most a "
+                         f"message of its size may hold; refused before decoding the rest")
+        self.size = size
+        self.objects = objects
 
 
 class SchemaViolation(ContractError):
@@ -320,7 +334,23 @@ class LedgerError(MeshError):
 
 
 class QueryRefused(LedgerError):
-    """A ledger query is not a single read-only SELECT/WITH statement."""
+    """A ledger query the service will not run or answer: not a single read-only SELECT over the ledger,
+    over its time limit, or revealing the database's settings."""
+
+
+class ResultTooLarge(QueryRefused):
+    """A query whose answer exceeds the result byte cap: refused as a whole, never cut short silently."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the query's result exceeds the limit of {limit} bytes (as JSON) and was refused; "
+                         "select fewer rows or columns (LIMIT, WHERE, aggregates)")
+        self.limit = limit
+
+
+class LedgerBusy(LedgerError):
+    """Every query slot of the ledger service is taken; a later attempt may get one."""
+
+    retryable = True
 
 
 class LedgerVersionError(LedgerError):
@@ -358,6 +388,11 @@ class RequestRefused(MeshError):
 
 class UnknownGoal(MeshError):
     """A client asked about a goal the mesh has no state for."""
+
+
+class ApprovalNotPending(MeshError):
+    """A decision for an approval gate that is not pending (never requested, already decided, or its goal
+    has ended): refused, and nothing changes."""
 
 
 class NoResponders(BusError):

@@ -8,9 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from mesh.bus import Bus
 from mesh.client import MeshClient
@@ -21,6 +22,7 @@ from mesh.node.runtime import Node
 from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
 
 TERMINAL = (GoalCompleted, GoalFailed, GoalCancelled)
+E = TypeVar("E", bound=EventBase)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,6 +74,45 @@ async def run_goal(bus: Bus, goal: Goal, timeout: float = 120.0) -> list[EventBa
 
     await client.submit(goal)
     return await asyncio.wait_for(collect(), timeout)
+
+
+class EventLog:
+    """A goal's events as they arrive (``follow`` runs in a task the caller owns), and waits for the first
+    one that matches, without polling."""
+
+    def __init__(self, client: MeshClient, goal_id: str) -> None:
+        self.client, self.goal_id = client, goal_id
+        self.events: list[tuple[int, EventBase]] = []
+        self._arrived = asyncio.Condition()
+
+    async def follow(self) -> None:
+        async for seq, event in self.client.watch(self.goal_id, 0):
+            async with self._arrived:
+                self.events.append((seq, event))
+                self._arrived.notify_all()
+
+    async def wait(self, match: Callable[[EventBase], bool], timeout: float = 60.0, *, after: int = 0) -> EventBase:
+        """The first event after stream sequence ``after`` that ``match``es."""
+        def found() -> EventBase | None:
+            return next((e for seq, e in self.events if seq > after and match(e)), None)
+
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(lambda: found() is not None), timeout)
+        event = found()
+        assert event is not None
+        return event
+
+    async def position(self, event: EventBase) -> int:
+        """The stream sequence of ``event``, once it has arrived here."""
+        await self.wait(lambda e: e.event_id == event.event_id)
+        return self.seq(event)
+
+    def seq(self, event: EventBase) -> int:
+        """The stream sequence of ``event`` (by its id: it may be a copy read elsewhere), once it arrived."""
+        return next(seq for seq, e in self.events if e.event_id == event.event_id)
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for _, e in self.events if isinstance(e, kind)]
 
 
 def node_env(settings: MeshSettings, **extra: str) -> dict[str, str]:

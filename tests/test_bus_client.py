@@ -72,6 +72,17 @@ async def test_small_blob_round_trips_in_one_chunk(bus: Bus) -> None:
     assert await bus.get_blob(ref.digest) == b"notes"
 
 
+async def test_a_small_blob_stored_again_still_reads_back(bus: Bus) -> None:
+    """A one-chunk blob is stored without looking it up first: storing it again replaces its meta, and
+    it still reads back, through the bus and through a plain object-store client."""
+    first = await bus.put_blob(b"same bytes", media_type="text/markdown", name="s1/note")
+    again = await bus.put_blob(b"same bytes", media_type="text/markdown", name="s2/note")
+    assert (first.digest, first.name, again.name) == (sha256_hex(b"same bytes"), "s1/note", "s2/note")
+    assert await bus.get_blob(first.digest) == b"same bytes"
+    store = await bus.object_store(bus.topology.obj_artifacts)
+    assert (await store.get(first.digest)).data == b"same bytes"
+
+
 async def test_outbox_stores_every_event_before_settle_returns(bus: Bus) -> None:
     sent = [StepStarted(goal_id="g8", step_id="s1", role="coder"),
             StepCompleted(goal_id="g8", step_id="s1", role="coder")]

@@ -128,6 +128,29 @@ async def test_changed_topology_updates_in_place(nats_url: str) -> None:
         await nc.close()
 
 
+async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(nats_url: str) -> None:
+    """The goals bucket allows direct gets (the workers' step check reads by them); one created before
+    that is updated in place, its goals kept, and read back both ways."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        old = await js.create_key_value(api.KeyValueConfig(bucket="mesh_goals", history=8,
+                                                           storage=api.StorageType.FILE))
+        await old.put("g1", b"state")
+        await provision(js, Topology(), ["coder"])
+        goals = await js.stream_info("KV_mesh_goals")
+        assert goals.config.allow_direct and goals.state.messages == 1
+        await provision(js, Topology(), ["coder"])  # and again: a no-op
+        assert (await js.stream_info("KV_mesh_goals")).created == goals.created
+    finally:
+        await nc.close()
+    async with await Bus.connect(MeshSettings(nats_url=nats_url), provision=False) as bus:
+        for direct in (True, False):
+            entry = await bus.kv_get("mesh_goals", "g1", direct=direct)
+            assert entry is not None and entry.value == b"state"
+            assert await bus.kv_get("mesh_goals", "g2", direct=direct) is None
+
+
 async def test_events_expire_after_the_configured_age(nats_url: str, eventually: Eventually) -> None:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()

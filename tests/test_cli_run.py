@@ -44,6 +44,10 @@ def test_mesh_run_completes_a_goal_and_writes_results(tmp_path: Path) -> None:
     assert state["status"] == "completed"
     assert state["simulated"] is True and "simulated" in (results / "SIMULATED").read_text()
     assert "sim$" in out and "goal completed" in out and "[SIMULATED" in out  # no cost passes as plain dollars
+    # the dashboard and the goal's own page on it
+    assert re.search(r"^dashboard on http://127\.0\.0\.1:\d+/ ", out, re.MULTILINE), out[:2000]
+    assert re.search(rf"^goal {state['goal']['goal_id']}: http://127\.0\.0\.1:\d+/ui/goals/{state['goal']['goal_id']}$",
+                     out, re.MULTILINE), out[:2000]
     assert not (tmp_path / ".mesh" / "local.json").exists(), "the local mesh was stopped"
 
 

@@ -285,9 +285,13 @@ async def test_mesh_up_serves_a_gateway_on_loopback_and_prints_its_url(tmp_path:
             assert line, "mesh up ended before it printed the gateway's URL"
         url = line.split()[2]
         assert url.startswith("http://127.0.0.1:")
+        dashboard = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert dashboard.startswith(f"dashboard on {url}/ "), dashboard
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             assert [m["id"] for m in (await http.get("/v1/models")).json()["data"]] == ["mesh"]
             assert (await http.get("/readyz")).status_code == 200
+            page = await http.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     finally:
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60) == 130  # stopped by Ctrl-C, cleanly

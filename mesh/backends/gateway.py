@@ -181,6 +181,10 @@ class ModelGateway:
         """The tier's circuit lets calls through (a router hard constraint)."""
         return self._breakers[self.tiers[tier].endpoint].available()
 
+    def breakers(self) -> dict[str, str]:
+        """Each tier's circuit state (closed, half_open, open), for the node's heartbeat."""
+        return {name: self._breakers[cfg.endpoint].state.value for name, cfg in self.tiers.items()}
+
     def window(self, tier: str) -> int:
         return self.tiers[tier].context_window
 

@@ -32,6 +32,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js.errors import (
     KeyWrongLastSequenceError,
     NoKeysError,
@@ -71,6 +72,7 @@ from mesh.errors import (
     CodecError,
     ConfigError,
     ContractError,
+    MessageTooLarge,
     NoStreamForSubject,
     NotConnected,
     PayloadRefused,
@@ -129,7 +131,8 @@ class Bus:
         self.role = role
         self.reconnects = 0  # bumped on every reconnect; pull consumers re-issue their pull requests
         self._roles: dict[str, None] = {}
-        self._kv: dict[str, KeyValue] = {}
+        self._kv: dict[tuple[str, bool], KeyValue] = {}  # (bucket, direct) → handle
+        self._kv_checked: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
         self._connect_errors: list[str] = []  # why a first connect failed, for its error message
 
@@ -344,23 +347,23 @@ class Bus:
 
         Raises ``CodecError`` for bytes that are not an envelope or a claim that cannot be resolved.
         """
-        envelope = open_envelope(msg.data, max_bytes=self.settings.max_message_bytes, majors=majors)
+        limit = self.settings.max_message_bytes
+        envelope = open_envelope(msg.data, max_bytes=limit, majors=majors)
         if envelope.claim is not None:
+            if envelope.claim.size > limit:  # what the reference says; get_blob checks what is stored
+                raise MessageTooLarge(envelope.claim.size, limit)
             try:
-                envelope.body = decode_body(await self.get_blob(envelope.claim.digest))
+                body = await self.get_blob(envelope.claim.digest, max_bytes=limit)
             except BlobNotFound as exc:
                 raise CodecError(f"claim-check body {envelope.claim.digest} is missing: {exc}") from exc
-            envelope.claim = None
+            envelope.body, envelope.claim = decode_body(body), None
+            envelope.size += len(body)
         return envelope
 
     async def open_event(self, msg: Msg) -> Event:
         """A message of the event stream as an event, of the current schema major or an earlier one still in
         the history (``EVENT_HISTORY_MAJORS``). ``ContractError`` when it is none."""
-        envelope = await self.open(msg, majors=EVENT_HISTORY_MAJORS)
-        if envelope.kind != "event":
-            raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
-        event: Event = envelope.message()
-        return event
+        return event_of(await self.open(msg, majors=EVENT_HISTORY_MAJORS))
 
     async def watch_events(self, goal_id: str | None = None, *, from_start: bool = True) -> AsyncGenerator[Event, None]:
         """Decoded events of one goal (or all) in stream order: ``events`` without the sequences."""
@@ -389,37 +392,73 @@ class Bus:
                                       ordered_consumer=True, idle_heartbeat=1.0, config=config)
         try:
             async for msg in sub.messages:
-                try:
-                    event = await self.open_event(msg)
-                except ContractError as exc:
-                    log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
-                    continue
-                yield msg.metadata.sequence.stream, event
+                event = await self._event(msg)
+                if event is not None:
+                    yield msg.metadata.sequence.stream, event
         finally:
             if not self._nc.is_closed:
                 await sub.unsubscribe()
+
+    async def _event(self, msg: Msg) -> Event | None:
+        """The event of a message on the event stream; None (logged) when it is undecodable."""
+        try:
+            return await self.open_event(msg)
+        except ContractError as exc:
+            log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
+            return None
+
+    async def history(self, goal_id: str, *, batch: int = 256) -> list[tuple[int, Event]]:
+        """(stream sequence, event) of every event of one goal stored now, in order: a snapshot that ends,
+        unlike ``events``. An ephemeral pull consumer counts the goal's messages when it is created and
+        fetches exactly that many, so a goal with no events returns at once instead of waiting."""
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE,
+                                    inactive_threshold=30.0)
+        try:
+            sub = await self._js.pull_subscribe(self.topology.events_filter(goal_id), durable=None,
+                                                stream=self.topology.events_stream, config=config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
+        out: list[tuple[int, Event]] = []
+        try:
+            left = (await sub.consumer_info()).num_pending or 0
+            while left > 0:
+                msgs = await sub.fetch(min(left, batch), timeout=5.0)
+                for msg in msgs:
+                    event = await self._event(msg)
+                    if event is not None:
+                        out.append((msg.metadata.sequence.stream, event))
+                left = msgs[-1].metadata.num_pending if msgs else 0
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
+        finally:
+            if not self._nc.is_closed:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await sub.unsubscribe()
+        return out
 
     # --- objects and KV --------------------------------------------------------------------
 
     async def put_blob(self, data: bytes, *, media_type: str = "application/octet-stream",
                        name: str = "", bucket: str | None = None) -> ArtifactRef:
-        """Store bytes under their sha256 (skipped when already there) and return the reference.
+        """Store bytes under their sha256 (a blob of several chunks: skipped when already there) and return
+        the reference.
         ``bucket``: an object store other than the artifacts (``topology.obj_models``)."""
         digest = sha256_hex(data)
         bucket = bucket or self.topology.obj_artifacts
-        store = await self.object_store(bucket)
         try:
             if 0 < len(data) <= OBJ_DEFAULT_CHUNK_SIZE:
-                await self._put_chunk(store, bucket, data, digest, media_type, name)
+                await self._put_chunk(bucket, data, digest, media_type, name)
             elif await self._blob_meta(bucket, digest, direct=True) is None:
+                store = await self.object_store(bucket)
                 await store.put(digest, data, meta=api.ObjectMeta(name=digest, description=name or None,
                                                                   headers={"Content-Type": media_type}))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"storing blob {digest} ({len(data)} bytes) failed: {exc!r}") from exc
         return ArtifactRef(digest=digest, media_type=media_type, size=len(data), name=name)
 
-    async def get_blob(self, digest: str, *, bucket: str | None = None) -> bytes:
-        """The bytes stored under ``digest``, verified against it."""
+    async def get_blob(self, digest: str, *, bucket: str | None = None, max_bytes: int | None = None) -> bytes:
+        """The bytes stored under ``digest``, verified against it. ``max_bytes``: a larger object is refused
+        (``MessageTooLarge``) from its info, before any of it is fetched."""
         bucket = bucket or self.topology.obj_artifacts
         store = await self.object_store(bucket)
         try:
@@ -428,6 +467,8 @@ class Bus:
                     or await self._blob_meta(bucket, digest, direct=False))
             if info is None:
                 raise BlobNotFound(f"no blob {digest} in {bucket}")
+            if max_bytes is not None and (info.size or 0) > max_bytes:
+                raise MessageTooLarge(info.size or 0, max_bytes)
             if info.chunks == 1 and not info.is_link():
                 # One chunk (every blob up to 128 KiB): read it directly instead of through an ordered
                 # consumer, which costs a consumer create and delete on the server per read.
@@ -445,25 +486,23 @@ class Bus:
             raise BusError(f"blob {digest} failed its digest check ({len(data)} bytes read)")
         return data
 
-    async def _put_chunk(self, store: ObjectStore, bucket: str, data: bytes, digest: str, media_type: str,
-                         name: str) -> None:
+    async def _put_chunk(self, bucket: str, data: bytes, digest: str, media_type: str, name: str) -> None:
         """A blob of one chunk, written as ``ObjectStore.put`` writes it (chunk, then the meta that points
-        at it), but with the existence lookup sent alongside the chunk rather than before it: one round
-        trip less. A blob that was already there leaves that chunk unreferenced (≤ 128 KiB, and only
-        when the same bytes are stored again)."""
+        at it), but without its existence lookup first: the two go out in one write and their acks are
+        awaited together. The stream stores them in that order, so a reader never finds the meta before
+        its chunk. Storing bytes that were already there replaces their meta (a rollup) and leaves the
+        earlier chunk unreferenced (≤ 128 KiB, and only when the same bytes are stored again) — a lookup
+        would cost every store a round trip to save that."""
         nuid = new_id()
-        exists, _ = await together(self._blob_meta(bucket, digest, direct=True),
-                                   self._js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data))
-        if exists is not None:  # (a replica behind the leader may say no: then the blob is stored again)
-            return
         sha = base64.urlsafe_b64encode(bytes.fromhex(digest)).decode()
         info = api.ObjectInfo(name=digest, description=name or None, headers={"Content-Type": media_type},
                               bucket=bucket, nuid=nuid, size=len(data), chunks=1, mtime=datetime.now(UTC).isoformat(),
                               options=api.ObjectMetaOptions(max_chunk_size=OBJ_DEFAULT_CHUNK_SIZE),
                               digest=OBJ_DIGEST_TEMPLATE.format(digest=sha))
         meta = OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=base64.urlsafe_b64encode(digest.encode()).decode())
-        await self._js.publish(meta, json.dumps(info.as_dict()).encode(),
-                              headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT})
+        await together(self._js.publish(OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid), data),
+                       self._js.publish(meta, json.dumps(info.as_dict()).encode(),
+                                        headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT}))
 
     async def _blob_meta(self, bucket: str, digest: str, *, direct: bool) -> api.ObjectInfo | None:
         """A blob's meta, None when there is none: what ``ObjectStore.get_info`` reads, but optionally by
@@ -490,6 +529,14 @@ class Bus:
         return StreamState(name=info.config.name or stream, created=info.created, first_seq=info.state.first_seq,
                            last_seq=info.state.last_seq, messages=info.state.messages)
 
+    async def subject_counts(self, stream: str, subjects: str) -> dict[str, int]:
+        """Messages stored per subject of ``stream`` matching the filter ``subjects``."""
+        try:
+            info = await self._js.stream_info(stream, subjects_filter=subjects)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(f"cannot count the messages of {stream}: {exc!r}") from exc
+        return dict(info.state.subjects or {})
+
     async def consumers(self, stream: str) -> list[ConsumerState]:
         """The backlog of every consumer on ``stream``."""
         try:
@@ -499,9 +546,9 @@ class Bus:
         return [ConsumerState(name=i.name, pending=i.num_pending or 0, in_flight=i.num_ack_pending or 0,
                               redelivered=i.num_redelivered or 0) for i in infos]
 
-    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
-        """The key's latest value, or None when it does not exist (or was deleted)."""
-        kv = await self.kv(bucket)
+    async def kv_get(self, bucket: str, key: str, *, direct: bool = False) -> KvEntry | None:
+        """The key's latest value, or None when it does not exist (or was deleted). ``direct``: see ``kv``."""
+        kv = await self.kv(bucket, direct=direct)
         try:
             entry = await kv.get(key)
         except NotFoundError:  # KeyNotFoundError and KeyDeletedError are NotFoundErrors
@@ -577,9 +624,19 @@ class Bus:
             with contextlib.suppress(Exception):  # the connection may already be gone at shutdown
                 await watcher.stop()
 
-    async def kv(self, bucket: str) -> KeyValue:
-        """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``)."""
-        return await _cached(self._kv, bucket, self._js.key_value, "KV bucket")
+    async def kv(self, bucket: str, *, direct: bool = False) -> KeyValue:
+        """A cached KV handle (``topology.kv_goals`` / ``topology.kv_nodes``). Its reads are answered by the
+        stream's leader, or with ``direct`` by a direct get, which any replica may answer — no JSON API
+        request on either side, but a follower can be a write behind (the bucket must allow direct gets:
+        the goals bucket does)."""
+        handle = self._kv.get((bucket, direct))
+        if handle is None:
+            await _cached(self._kv_checked, bucket, self._js.key_value, "KV bucket")  # the bucket exists
+            # Built here, not taken from ``key_value``: that one reads directly whenever the bucket allows it.
+            handle = self._kv[(bucket, direct)] = KeyValue(
+                name=bucket, stream=KV_STREAM_TEMPLATE.format(bucket=bucket),
+                pre=KV_PRE_TEMPLATE.format(bucket=bucket), js=self._js, direct=direct)
+        return handle
 
     async def object_store(self, bucket: str) -> ObjectStore:
         """A cached object-store handle (``topology.obj_artifacts`` / ``topology.obj_models``)."""
@@ -589,6 +646,14 @@ class Bus:
         envelope = open_envelope(data)
         ref = await self.put_blob(encode_body(envelope), media_type=CLAIM_MEDIA_TYPE, name=f"{envelope.kind}-body")
         return encode_claim(envelope, ref)
+
+
+def event_of(envelope: Envelope) -> Event:
+    """An opened envelope of the event stream as its event; ``ContractError`` when it is not one."""
+    if envelope.kind != "event":
+        raise SchemaViolation(f"a {envelope.kind!r} message on the event stream")
+    event: Event = envelope.message()
+    return event
 
 
 async def _cached(cache: dict[str, H], bucket: str, opener: Callable[[str], Awaitable[H]], what: str) -> H:

@@ -25,9 +25,10 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from mesh.bus.client import Bus
+from mesh.bus.client import Bus, event_of
 from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts import Event
+from mesh.contracts.codec import EVENT_HISTORY_MAJORS
 from mesh.errors import BusError, ContractError
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,10 @@ class Batch:
 class EventFeed:
     """A pull consumer (ack policy ALL) on the events stream, recreated at a chosen sequence."""
 
-    def __init__(self, bus: Bus, *, consumer: str, durable: bool, batch_size: int) -> None:
+    def __init__(self, bus: Bus, *, consumer: str, durable: bool, batch_size: int,
+                 batch_bytes: int | None = None) -> None:
         self.bus, self.consumer, self.durable, self.batch_size = bus, consumer, durable, batch_size
+        self.batch_bytes = batch_bytes or bus.settings.ledger_batch_bytes
         self.stream = bus.topology.events_stream
         self._pulls = PullInbox(bus, self.stream, consumer, on_message=self._collect, on_status=self._ended)
         self._arrived: list[Msg] = []
@@ -117,7 +120,7 @@ class EventFeed:
         """One pull request; returns when it ended, its batch arrived, or it is written off."""
         self._want = len(self._arrived) + batch
         self._done.clear()
-        await self._pulls.request(batch, expires=wait)
+        await self._pulls.request(batch, expires=wait, max_bytes=self.batch_bytes)
         try:
             await asyncio.wait_for(self._done.wait(), (wait or 0.0) + _GRACE)
         except TimeoutError:
@@ -141,9 +144,14 @@ class EventFeed:
     # --- decoding and acking ---------------------------------------------------------------------
 
     async def decode(self, msgs: list[Msg], mark: int) -> Batch:
-        """Decode the messages after ``mark``; stop at a gap (``resync``)."""
+        """Decode the messages after ``mark``; stop at a gap (``resync``), or once the batch holds
+        ``batch_bytes`` (messages plus claim-checked bodies): the rest is the next ``fetch``'s."""
         batch = Batch(upto=mark)
+        size = 0
         for i, msg in enumerate(msgs):
+            if size >= self.batch_bytes:
+                self._arrived[:0] = msgs[i:]
+                break
             seq = msg.metadata.sequence.stream
             if seq <= batch.upto:
                 continue  # stored already (a redelivery), or a duplicate within the batch
@@ -156,8 +164,11 @@ class EventFeed:
                             batch.upto + 1, seq - 1, seq)
             self._fresh = False
             try:
-                batch.events.append((seq, msg.subject, await self.bus.open_event(msg)))
+                envelope = await self.bus.open(msg, majors=EVENT_HISTORY_MAJORS)
+                size += envelope.size
+                batch.events.append((seq, msg.subject, event_of(envelope)))
             except ContractError as exc:
+                size += len(msg.data)
                 batch.dead.append((msg, exc))
             batch.upto, batch.last = seq, msg
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:

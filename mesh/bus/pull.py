@@ -72,11 +72,15 @@ class PullInbox:
             with contextlib.suppress(nats.errors.Error):  # a closed connection has nothing left to drain
                 await sub.unsubscribe()
 
-    async def request(self, batch: int, *, expires: float | None = None, heartbeat: float | None = None) -> None:
-        """Ask for up to ``batch`` messages: what is stored now (``expires=None``: no_wait, ended by a 404),
-        or what arrives within ``expires`` seconds."""
+    async def request(self, batch: int, *, expires: float | None = None, heartbeat: float | None = None,
+                      max_bytes: int | None = None) -> None:
+        """Ask for up to ``batch`` messages (and ``max_bytes`` bytes of them: the server ends the request
+        before the message that would pass it): what is stored now (``expires=None``: no_wait, ended by a
+        404), or what arrives within ``expires`` seconds."""
         assert self._sub is not None, "open() first"
         body: dict[str, object] = {"batch": batch}
+        if max_bytes is not None:
+            body["max_bytes"] = max_bytes
         if expires is None:
             body["no_wait"] = True
         else:

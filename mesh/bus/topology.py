@@ -47,7 +47,7 @@ import asyncio
 import logging
 import tomllib
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nats.errors
@@ -380,14 +380,20 @@ async def _retrying(step: Callable[[], Awaitable[None]], what: str) -> None:
 async def _provision_once(js: JetStreamContext, topo: Topology, roles: list[str], changes: list[str]) -> None:
     for stream_config in topo.stream_configs():
         await _ensure_stream(js, stream_config, changes)
-    buckets = [api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas, storage=api.StorageType.FILE),
-               api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl, replicas=topo.replicas,
-                                  storage=api.StorageType.FILE),
-               api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
-                                  storage=api.StorageType.FILE)]
-    for kv in buckets:
+    # Direct gets on the goal state: a worker checks it before every step, and a direct get costs neither
+    # side a JSON API request (any replica may answer: see ``GoalStore.progress``).
+    goals = api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas, storage=api.StorageType.FILE,
+                               direct=True)
+    others = [api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl, replicas=topo.replicas,
+                                 storage=api.StorageType.FILE),
+              api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
+                                 storage=api.StorageType.FILE)]
+    for kv in (goals, *others):
         new = not await _exists(js, f"KV_{kv.bucket}")
-        await js.create_key_value(kv)
+        if kv is goals:
+            await _ensure_kv(js, kv, changes)
+        else:
+            await js.create_key_value(kv)
         if new:
             changes.append(f"created KV bucket {kv.bucket}")
     for bucket in (topo.obj_artifacts, topo.obj_models):
@@ -422,6 +428,21 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, changes
         return
     if new:
         changes.append(f"created stream {config.name} (subjects: {', '.join(config.subjects or ['sourced'])})")
+
+
+async def _ensure_kv(js: JetStreamContext, config: api.KeyValueConfig, changes: list[str]) -> None:
+    """Create a bucket; one made before its direct gets were allowed (an older topology) is updated to allow them."""
+    try:
+        await js.create_key_value(config)
+    except APIError as exc:
+        if exc.err_code != _STREAM_NAME_IN_USE:
+            raise
+        info = await js.stream_info(f"KV_{config.bucket}")
+        if bool(info.config.allow_direct) == bool(config.direct):
+            raise  # another difference: not ours to change
+        log.info("bucket %s: allowing direct gets", config.bucket)
+        await js.update_stream(replace(info.config, allow_direct=config.direct))
+        changes.append(f"updated KV bucket {config.bucket} (direct gets allowed)")
 
 
 async def _drop_stray_consumers(js: JetStreamContext, topo: Topology, changes: list[str]) -> None:

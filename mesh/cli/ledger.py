@@ -59,7 +59,7 @@ def _sql(args: argparse.Namespace) -> int:
         settings = get_settings()
         with Ledger(args.file, read_only=True) as ledger:
             queries = LedgerQueries(ledger, timeout=settings.ledger_query_timeout,
-                                    max_rows=settings.ledger_max_rows)
+                                    max_rows=settings.ledger_max_rows, max_bytes=settings.ledger_max_result_bytes)
             result = queries.sql(args.query, max_rows=args.max_rows)
     else:
         result = _run(lambda client: client.sql(args.query, max_rows=args.max_rows))

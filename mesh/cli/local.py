@@ -1,4 +1,5 @@
-"""`mesh node | up | run | submit | watch | status | goals | show | cancel`."""
+"""`mesh node | up | run | submit | watch | status | goals | show | cancel` (and `mesh run`'s gate prompt,
+from mesh.cli.approvals)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from mesh.aio import together
 from mesh.cli.progress import SIM_NOTE, Progress, cost, dump_json
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import (
+    ApprovalDecided,
+    ApprovalRequested,
     Budget,
     Goal,
     GoalCancelled,
@@ -242,9 +245,10 @@ async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
 
 
 @asynccontextmanager
-async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[None]:
+async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[str]:
     """The local mesh's gateway, in this process on loopback: MESH_GATEWAY_PORT, or any free port when that
-    one is taken (another `mesh up`, a test run) — the URL is printed either way."""
+    one is taken (another `mesh up`, a test run) — its URL and the dashboard's are printed either way, and
+    the URL is yielded."""
     from mesh.client import MeshClient
     from mesh.errors import ConfigError
     from mesh.gateway.app import running
@@ -256,7 +260,8 @@ async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[None]:
             gateway = await stack.enter_async_context(running(client, settings, "127.0.0.1", 0))
         print(f"gateway on {gateway.url} (Mesh API /v1/goals, OpenAI /v1, A2A /a2a, MCP /mcp: docs/GATEWAY.md)",
               file=out, flush=True)
-        yield
+        print(f"dashboard on {gateway.url}/ (docs/DASHBOARD.md)", file=out, flush=True)
+        yield gateway.url
 
 
 async def _up(a: argparse.Namespace) -> int:
@@ -283,8 +288,8 @@ async def _run(a: argparse.Namespace) -> int:
             supervisor = tg.create_task(mesh.supervise())
             try:
                 local = mesh.client_settings
-                async with _gateway(local, sys.stderr if a.json else sys.stdout):
-                    code = await _drive(local, goal, a, mesh.roles)
+                async with _gateway(local, sys.stderr if a.json else sys.stdout) as url:
+                    code = await _drive(local, goal, a, mesh.roles, url)
             finally:
                 await mesh.stop()
             await supervisor
@@ -293,7 +298,8 @@ async def _run(a: argparse.Namespace) -> int:
     return code
 
 
-async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str]) -> int:
+async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str], gateway_url: str) -> int:
+    from mesh.cli.approvals import answer_gate
     from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
@@ -307,11 +313,19 @@ async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, role
     async with _client(settings) as client:
         # Submitted while the nodes still start: the goal waits in its stream for the planner.
         await client.submit(goal, workspace=a.workspace)
+        print(f"goal {goal.goal_id}: {gateway_url}/ui/goals/{goal.goal_id}", file=say, flush=True)
         final = None
         async with asyncio.TaskGroup() as tg:
             nodes = tg.create_task(wait_for_roles(client.bus, roles, report=starting))
+            asking: asyncio.Task[None] | None = None
             async for _, final in client.watch(goal.goal_id, until_final=True):
                 progress.show(final)
+                if isinstance(final, ApprovalRequested | ApprovalDecided) and asking is not None:
+                    asking.cancel()  # decided (here or elsewhere), or a newer gate
+                if isinstance(final, ApprovalRequested):
+                    asking = tg.create_task(answer_gate(client, final, say, ask=sys.stdin.isatty() and not a.json))
+            if asking is not None:
+                asking.cancel()
             nodes.cancel()
         if isinstance(final, GoalCompleted):
             out = a.out or settings.out_dir / goal.goal_id
@@ -414,12 +428,12 @@ async def _goals(a: argparse.Namespace) -> int:
     if a.json:
         print(dump_json([{"goal_id": s.goal.goal_id, "status": s.status, "brief": s.goal.brief,
                           "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd,
-                          "simulated": s.simulated}
+                          "simulated": s.simulated, "pending_gates": [p.gate for p in s.pending_approvals()]}
                          for s in states]))
         return 0
     for s in states:
         done = sum(1 for st in s.steps.values() if st.status == "completed")
-        print(f"{s.goal.goal_id}  {s.status:<10} {done:>3}/{len(s.steps):<3} steps  {s.usage.total_tokens:>9,} tok  "
+        print(f"{s.goal.goal_id}  {s.status:<17} {done:>3}/{len(s.steps):<3} steps  {s.usage.total_tokens:>9,} tok  "
               f"{cost(s.usage, s.simulated):>12}  {'SIMULATED  ' if s.simulated else ''}{s.goal.brief[:60]}")
     return 0
 
@@ -454,7 +468,7 @@ async def _show(a: argparse.Namespace) -> int:
 async def _cancel(a: argparse.Namespace) -> int:
     """Send the planner a cancel command and report how the goal ended."""
     async with _client() as client:
-        if not await client.cancel(a.goal, by=_who(), reason=a.reason):
+        if not await client.cancel(a.goal, by=who("mesh cancel"), reason=a.reason):
             print("goal already finished")
             return 0
         try:
@@ -468,9 +482,9 @@ async def _cancel(a: argparse.Namespace) -> int:
     return 0
 
 
-def _who() -> str:
-    """Who cancels, for the record: the OS user running the CLI."""
+def who(command: str) -> str:
+    """Who cancels or decides, for the record: the OS user running the CLI (and through which command)."""
     try:
-        return f"{getpass.getuser()} (mesh cancel)"
+        return f"{getpass.getuser()} ({command})"
     except (OSError, KeyError):  # no login name in this environment
-        return "mesh cancel"
+        return command

@@ -14,6 +14,14 @@ On the wire every message is one msgpack map::
 Decoding is two steps so the bus can resolve a claim-check in between: ``open_envelope`` checks the
 bytes and the version, ``Envelope.message`` validates the body against its contract.
 
+Decoding is bounded (docs/RELIABILITY.md, "Bounded decoding"). A map or array costs one byte on the wire
+and 56-200 bytes of heap, so a message may hold at most one map or array per ``BYTES_PER_CONTAINER``
+bytes (plus ``CONTAINER_ALLOWANCE``); the count is kept by msgpack's hooks, which see every container as
+it is built, and decoding stops at the first one over the budget (``DecodeLimitExceeded``). With
+strings and scalars (≤ 20× their wire size) that bounds the heap at ~32× the wire size. Nesting
+depth is bounded by msgpack (1,024) and the budget; the free-form fields, the only ones that may nest
+at will, by ``models.FREEFORM_MAX_DEPTH`` / ``FREEFORM_MAX_BYTES``.
+
 Schema 2 changed no body, only the event subjects (they name the emitting role). Readers of the
 event history — the ledger and its rebuild, ``mesh watch``/``MeshClient.watch`` — also read schema-1
 envelopes (``EVENT_HISTORY_MAJORS``); every other consumer speaks only the current major.
@@ -41,13 +49,16 @@ from mesh.contracts.models import (
     Usage,
     new_id,
 )
-from mesh.errors import CodecError, MessageTooLarge, SchemaViolation, UnsupportedVersion
+from mesh.errors import CodecError, DecodeLimitExceeded, MessageTooLarge, SchemaViolation, UnsupportedVersion
 from mesh.tracing import trace_context
 
 SCHEMA_VERSION = "2.0"
 SCHEMA_MAJOR = 2
 # Majors an event-history reader decodes: schema 1 events (no role in the subject) stay readable.
 EVENT_HISTORY_MAJORS: tuple[int, ...] = (1, SCHEMA_MAJOR)
+
+BYTES_PER_CONTAINER = 16  # wire bytes per map or array a message may hold
+CONTAINER_ALLOWANCE = 32  # maps and arrays any message may hold, however small
 
 # kind -> how to validate its body. Events validate through the discriminated union.
 MESSAGE_KINDS: dict[str, TypeAdapter[Any]] = {
@@ -95,6 +106,7 @@ class Envelope:
     trace: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None
     claim: ArtifactRef | None = None
+    size: int = 0  # bytes decoded: the message's, plus its claim-checked body's once resolved
 
     def message(self, expect: type[M] | None = None) -> M:
         """Validate the body against its contract; ``expect`` additionally checks the type."""
@@ -159,9 +171,27 @@ def encode_body(envelope: Envelope) -> bytes:
     return cast(bytes, msgpack.packb(envelope.body, use_bin_type=True))
 
 
+def unpack(data: bytes) -> Any:
+    """msgpack → Python, refused part-way (``DecodeLimitExceeded``) once the data holds more maps and arrays
+    than its size allows; other failures are msgpack's own exceptions."""
+    budget = CONTAINER_ALLOWANCE + len(data) // BYTES_PER_CONTAINER
+    built = 0
+
+    def count(container: Any) -> Any:
+        nonlocal built
+        built += 1
+        if built > budget:
+            raise DecodeLimitExceeded(len(data), budget)
+        return container
+
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, object_hook=count, list_hook=count)
+
+
 def decode_body(data: bytes) -> dict[str, Any]:
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        body = unpack(data)
+    except DecodeLimitExceeded:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise CodecError(f"claim-checked body is not valid msgpack: {exc}") from exc
     if not isinstance(body, dict):
@@ -175,7 +205,9 @@ def open_envelope(data: bytes, *, max_bytes: int | None = None,
     if max_bytes is not None and len(data) > max_bytes:
         raise MessageTooLarge(len(data), max_bytes)
     try:
-        doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        doc = unpack(data)
+    except DecodeLimitExceeded:
+        raise
     except Exception as exc:  # ExtraData, FormatError, StackError, ValueError, UnicodeDecodeError …
         raise CodecError(f"not a msgpack message ({type(exc).__name__}: {exc})"[:300]) from exc
     if not isinstance(doc, dict):
@@ -212,7 +244,7 @@ def open_envelope(data: bytes, *, max_bytes: int | None = None,
         except ValidationError as exc:
             raise CodecError(f"envelope 'claim' is not an artifact reference: {_summarise(exc)}") from exc
     return Envelope(kind=kind, msg_id=msg_id, goal_id=goal_id, created_at=created_at, version=version,
-                    trace=trace, body=body, claim=ref)
+                    trace=trace, body=body, claim=ref, size=len(data))
 
 
 def decode(data: bytes, expect: type[M] | None = None, *, max_bytes: int | None = None) -> M:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
 from mesh.contracts.models import (
+    Approval,
     Artifact,
     ArtifactRef,
+    Decision,
+    FreeForm,
+    Gate,
     Goal,
     GoalQuality,
     Plan,
@@ -90,7 +94,7 @@ class StepProgress(StepEvent):
     type: Literal["step.progress"] = "step.progress"
     message: str
     fraction: float | None = Field(default=None, ge=0, le=1)
-    detail: dict[str, Any] = Field(default_factory=dict)
+    detail: FreeForm = Field(default_factory=dict)
 
 
 class StepCompleted(StepEvent):
@@ -137,7 +141,7 @@ class ToolCall(EventBase):
     step_id: Token | None = None
     role: Token | None = None
     tool: str
-    arguments: dict[str, Any] = Field(default_factory=dict, description="Arguments, large values truncated.")
+    arguments: FreeForm = Field(default_factory=dict, description="Arguments, large values truncated.")
     ok: bool = True
     refused: bool = False
     error: str | None = None
@@ -166,6 +170,39 @@ class NodeDown(EventBase):
     reason: str = "shutdown"
 
 
+class ApprovalRequested(EventBase):
+    """A gate waits for a person (docs/APPROVALS.md): ``approval`` says what, and until when."""
+
+    type: Literal["approval.requested"] = "approval.requested"
+    approval: Approval
+
+
+class ApprovalDecided(EventBase):
+    """A gate was decided: by a person's command (``command_id``), or by its timeout policy (``timed_out``)."""
+
+    type: Literal["approval.decided"] = "approval.decided"
+    gate: Gate
+    request: int = Field(ge=1, description="which request of the gate (Approval.request)")
+    decision: Decision
+    by: str
+    note: str = ""
+    decided_at: datetime = Field(default_factory=utcnow)
+    timed_out: bool = False
+    command_id: Token | None = None
+
+
+class ApprovalRefused(EventBase):
+    """A decision the planner did not apply: its gate is not pending (already decided, never requested,
+    or the goal has ended). The goal is unchanged; the deciding client waits for this or ``approval.decided``."""
+
+    type: Literal["approval.refused"] = "approval.refused"
+    gate: str = Field(max_length=200)
+    decision: Decision
+    by: str
+    reason: str
+    command_id: Token
+
+
 Event = Annotated[
     GoalSubmitted
     | GoalPlanned
@@ -182,7 +219,10 @@ Event = Annotated[
     | ToolCall
     | ArtifactCreated
     | NodeUp
-    | NodeDown,
+    | NodeDown
+    | ApprovalRequested
+    | ApprovalDecided
+    | ApprovalRefused,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -190,7 +230,7 @@ EVENT_TYPES: tuple[str, ...] = tuple(
     m.model_fields["type"].default
     for m in (GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalCancelled, StepDispatched, StepStarted,
               StepProgress, StepCompleted, StepFailed, RouteDecided, BackendCall, ToolCall, ArtifactCreated,
-              NodeUp, NodeDown)
+              NodeUp, NodeDown, ApprovalRequested, ApprovalDecided, ApprovalRefused)
 )
 # Node events are not about a goal; they use this goal id so every event has a subject.
 SYSTEM_GOAL_ID = "_system"

@@ -8,9 +8,10 @@ goal that silently runs with the default.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from mesh.contracts.models import FreeForm
 
 
 class _Request(BaseModel):
@@ -33,7 +34,7 @@ class GoalRequest(_Request):
     brief: str = Field(min_length=1, max_length=100_000, description="The goal, e.g. \"Build me a login system\".")
     constraints: list[str] = Field(default_factory=list, description="Pinned into every step's context.")
     budget: BudgetRequest = Field(default_factory=BudgetRequest)
-    options: dict[str, Any] = Field(default_factory=dict, description="Goal options (backend hints).")
+    options: FreeForm = Field(default_factory=dict, description="Goal options (backend hints).")
 
 
 class CancelRequest(_Request):

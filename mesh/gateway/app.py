@@ -2,6 +2,7 @@
 
     /v1/goals…            Mesh API (mesh_api.py)         /v1/models, /v1/chat/completions  OpenAI (openai_api.py)
     /a2a, /.well-known/…  A2A v1.0 JSON-RPC (a2a_api.py) /mcp                              MCP (mcp_api.py)
+    /, /ui/…, /v1/ui/…    the web dashboard (dashboard/)
 
 The gateway holds no goal state: every answer is read from the mesh, every stream is a view of the event
 stream from a sequence, so any replica can serve any client and resume any stream.
@@ -29,6 +30,7 @@ from mesh.config import MeshSettings
 from mesh.errors import ConfigError, MeshError, RequestRefused
 from mesh.gateway import a2a_api, mcp_api, mesh_api, openai_api
 from mesh.gateway.auth import GuardMiddleware, RateLimiter, TokenStore, error_body, require_safe_bind
+from mesh.gateway.dashboard import pages as dashboard
 from mesh.gateway.goals import Desk
 
 if TYPE_CHECKING:
@@ -77,7 +79,7 @@ def build_app(client: MeshClient, settings: MeshSettings, tokens: TokenStore | N
     app = Starlette(
         routes=[Route("/healthz", _healthz, methods=["GET"]), Route("/readyz", _readyz, methods=["GET"]),
                 *mesh_api.ROUTES, *openai_api.ROUTES,
-                *a2a.routes(), *mcp.routes()],
+                *a2a.routes(), *mcp.routes(), *dashboard.ROUTES],
         middleware=[Middleware(GuardMiddleware, tokens=tokens, limiter=RateLimiter(settings.gateway_rate_per_minute),
                                max_body=settings.gateway_max_body_bytes)],
         exception_handlers={RequestRefused: _refused, MeshError: _mesh_error},

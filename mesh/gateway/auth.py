@@ -35,7 +35,10 @@ from mesh.contracts.http import BudgetRequest
 from mesh.errors import ConfigError, RequestRefused
 
 # Reachable without a token: liveness and the documents that say how to authenticate.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/.well-known/agent-card.json", "/.well-known/agent.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/.well-known/agent-card.json", "/.well-known/agent.json",
+                          "/"})
+# The dashboard's page shells and assets hold no data (what they show comes from /v1/ui/…, with a token).
+PUBLIC_PREFIXES = ("/ui/",)
 CAP_FIELDS = ("max_tokens", "max_cost_usd", "max_steps", "max_wall_seconds")
 
 
@@ -191,7 +194,7 @@ class GuardMiddleware:
             if length > self.max_body:
                 raise RequestRefused(f"request body of {length} bytes exceeds the limit of {self.max_body}",
                                      status=413, type="request_too_large", code="body_too_large")
-            if scope["path"] in PUBLIC_PATHS:
+            if scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
                 who = LOCAL if not self.tokens else Principal("anonymous")
             else:
                 who = self.tokens.principal(headers.get("authorization"))

@@ -87,6 +87,12 @@ class Desk:
             async for seq, event in feed:
                 yield seq, event
 
+    async def all_events(self, after: int | None = None) -> AsyncGenerator[tuple[int, Event]]:
+        """Every goal's events after stream sequence ``after`` (``None``: from now on), without end."""
+        async with aclosing(self.client.watch(None, from_seq=None if after is None else after + 1)) as feed:
+            async for seq, event in feed:
+                yield seq, event
+
     async def check_position(self, after: int) -> None:
         """A resume position the event stream no longer keeps (``MESH_EVENTS_MAX_AGE``) is a 410 naming the
         earliest one it has: resuming from there would silently skip what was dropped."""

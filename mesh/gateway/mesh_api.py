@@ -4,6 +4,7 @@
     GET  /v1/goals                         summaries, newest first
     GET  /v1/goals/{id}                    the goal's state: plan, steps, usage
     GET  /v1/goals/{id}/events             SSE; id: = stream sequence; Last-Event-ID (or ?after=N) resumes
+    GET  /v1/events                        SSE of every goal (new events, or after Last-Event-ID / ?after=N)
     POST /v1/goals/{id}/cancel             a cancel command to the planner → 202
     GET  /v1/goals/{id}/workspace          the final workspace as tar.gz
     GET  /v1/goals/{id}/artifacts/{name}   one output artifact's bytes
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mesh.contracts import Event
 from mesh.contracts.http import CancelRequest, GoalAccepted, GoalList, GoalRequest
 from mesh.errors import MeshError, RequestRefused
 from mesh.gateway.auth import Principal, error_body
@@ -108,30 +110,46 @@ def resume_position(request: Request) -> int:
     return after
 
 
-async def goal_events(request: Request) -> Response:
-    # No 404 for a goal without state: one just submitted has none until the planner takes it up, and its
-    # events are worth waiting for (keep-alives fill the wait).
-    goal_id, d = request.path_params["goal_id"], desk(request)
-    after = resume_position(request)
-    await d.check_position(after)
+def event_stream(request: Request, events: AsyncIterator[tuple[int, Event]], what: str,
+                 headers: dict[str, str] | None = None) -> EventStreamResponse:
+    """``events`` as SSE: ``id:`` = stream sequence, ``event:`` = type, keep-alives in silences."""
     interval: float = request.app.state.keepalive
 
     async def body() -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n"
         try:
-            async for item in with_silences(d.events(goal_id, after), interval):
+            async for item in with_silences(events, interval):
                 if item is None:
                     yield KEEPALIVE
                 else:
                     seq, event = item
                     yield frame(event_json(event), event=event.type, id=seq)
         except MeshError as exc:  # the status line went out already: say it in the stream, then end it
-            log.warning("event stream of %s failed: %r", goal_id, exc)
+            log.warning("event stream of %s failed: %r", what, exc)
             yield frame(error_body(RequestRefused(f"the event stream failed: {exc}; reconnect with Last-Event-ID",
                                                   status=503, type="server_error", code="stream_failed")),
                         event="error")
 
-    return EventStreamResponse(body(), headers={"X-Mesh-Goal-Id": goal_id})
+    return EventStreamResponse(body(), headers=headers)
+
+
+async def goal_events(request: Request) -> Response:
+    # No 404 for a goal without state: one just submitted has none until the planner takes it up, and its
+    # events are worth waiting for (keep-alives fill the wait).
+    goal_id, d = request.path_params["goal_id"], desk(request)
+    after = resume_position(request)
+    await d.check_position(after)
+    return event_stream(request, d.events(goal_id, after), goal_id, {"X-Mesh-Goal-Id": goal_id})
+
+
+async def all_events(request: Request) -> Response:
+    """Every goal's events, endless: from ``Last-Event-ID`` / ``?after=`` when given, else new ones only."""
+    d = desk(request)
+    resuming = "last-event-id" in request.headers or "after" in request.query_params
+    after = resume_position(request) if resuming else None
+    if after is not None:
+        await d.check_position(after)
+    return event_stream(request, d.all_events(after), "every goal")
 
 
 async def cancel_goal(request: Request) -> Response:
@@ -175,6 +193,7 @@ ROUTES = [
     Route("/v1/goals", list_goals, methods=["GET"]),
     Route("/v1/goals/{goal_id}", get_goal, methods=["GET"]),
     Route("/v1/goals/{goal_id}/events", goal_events, methods=["GET"]),
+    Route("/v1/events", all_events, methods=["GET"]),
     Route("/v1/goals/{goal_id}/cancel", cancel_goal, methods=["POST"]),
     Route("/v1/goals/{goal_id}/workspace", workspace, methods=["GET"]),
     Route("/v1/goals/{goal_id}/artifacts/{name:path}", artifact, methods=["GET"]),

@@ -30,10 +30,15 @@ class GoalStore:
         entry = await self._read(goal_id)
         return GoalState.model_validate_json(entry[1]) if entry is not None and entry[1] else None
 
-    async def progress(self, goal_id: str) -> GoalProgressView | None:
-        """The goal's status and its steps' status and attempt, without parsing the rest (see the view)."""
-        entry = await self._read(goal_id)
-        return GoalProgressView.model_validate_json(entry[1]) if entry is not None and entry[1] else None
+    async def progress(self, goal_id: str, *, direct: bool = False) -> GoalProgressView | None:
+        """The goal's status and its steps' status and attempt, without parsing the rest (see the view).
+        ``direct``: by a direct get, cheaper, which any replica may answer a write behind — for a check
+        that confirms on the leader (``direct=False``) whatever it would act on from a stale answer."""
+        if not direct:
+            entry = await self._read(goal_id)
+            return GoalProgressView.model_validate_json(entry[1]) if entry is not None and entry[1] else None
+        read = await self.bus.kv_get(self.bucket, goal_id, direct=True)  # not remembered: not for writes
+        return GoalProgressView.model_validate_json(read.value) if read is not None and read.value else None
 
     async def create(self, state: GoalState) -> bool:
         """Store a new goal; False when another replica created it first."""

@@ -43,6 +43,7 @@ from mesh.errors import GoalCancelled, MeshError, OutputInvalid
 from mesh.packing import apack, estimate_tokens, messages_tokens
 from mesh.roles import spans
 from mesh.roles.calls import ModelCaller
+from mesh.roles.goalstate import GoalProgressView
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
 from mesh.tools.cache import BlobCache, MemoryCache
@@ -102,10 +103,10 @@ class Worker:
         task = delivery.message(Task)
         started = time.perf_counter()
         metrics = self.caller.metrics
-        state = await self.goals.progress(task.goal_id)
-        current = state.steps.get(task.step.step_id) if state else None
-        if state is None or state.done or current is None or current.status != "dispatched" \
-                or current.attempt != task.attempt:
+        state = await self.goals.progress(task.goal_id, direct=True)
+        if not _awaits(state, task):  # a replica a write behind may say so: only the leader's word skips it
+            state = await self.goals.progress(task.goal_id)
+        if not _awaits(state, task):
             log.info("skipping task %s: goal or step no longer waiting for this attempt", task.task_id)
             metrics.task_done("skipped", time.perf_counter() - started)
             return
@@ -172,7 +173,9 @@ class Worker:
             nonlocal checked
             if time.monotonic() - checked < CANCEL_RECHECK_SECONDS:
                 return
-            state = await self.goals.progress(goal_id)
+            state = await self.goals.progress(goal_id, direct=True)  # a cancelled goal stays cancelled
+            if state is None:  # a replica that has not seen the goal yet: the leader knows
+                state = await self.goals.progress(goal_id)
             if state is None or state.status == "cancelled":
                 raise GoalCancelled(f"goal {goal_id} was cancelled")
             checked = time.monotonic()
@@ -391,6 +394,12 @@ class Worker:
                             producer_role=self.spec.role, kind=kind, parents=parents)
         await outbox.emit(ArtifactCreated(event_id=f"{task.task_id}.artifact.{ref.digest[:16]}",
                                             goal_id=task.goal_id, node=self.node_id, artifact=artifact))
+
+
+def _awaits(state: GoalProgressView | None, task: Task) -> bool:
+    """Whether the goal state still waits for this task: its step dispatched with this attempt."""
+    current = state.steps.get(task.step.step_id) if state is not None and not state.done else None
+    return current is not None and current.status == "dispatched" and current.attempt == task.attempt
 
 
 def _ledger_query(bus: Bus) -> LedgerQueryFn:

@@ -81,6 +81,13 @@ def openapi_document() -> dict[str, Any]:
                                                "schema": {"type": "integer", "minimum": 0}},
                                      {"name": "after", "in": "query", "required": False,
                                       "schema": {"type": "integer", "minimum": 0}}])},
+        "/v1/events": {"get": _op(
+            "Every goal's events as Server-Sent Events, without end: new ones, or those after `Last-Event-ID` "
+            "(or `?after=`)", {"200": events, "410": {"description": "the resume position is older than the "
+                                                             "stream keeps", **_json("ErrorBody")}},
+            params=[{"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}])},
         "/v1/goals/{goal_id}/cancel": {"post": _op(
             "Ask the planner to cancel the goal", {"202": {"description": "cancel command sent"},
                                                    "200": {"description": "the goal had ended already"}},

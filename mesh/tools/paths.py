@@ -50,13 +50,15 @@ def is_binary(data: bytes) -> bool:
     return False
 
 
-def atomic_write(target: Path, data: bytes | Iterable[bytes]) -> None:
+def atomic_write(target: Path, data: bytes | Iterable[bytes], *, sync: bool = True) -> None:
     """Write ``target`` so that it holds either its old content or all of the new, never a part.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and the file is
     renamed over the target (``os.replace`` is atomic on POSIX). A process killed midway leaves
     the old file and at most a stray ``.mesh-tmp-*`` file. ``data`` may be an iterable of chunks
     so large copies stream. Replacing a symlink replaces the link, never the file it points to.
+    ``sync=False`` skips the fsync: for a file whose reader checks it anyway (a cache entry against its
+    digest), so a machine crash can only leave a file that is found damaged and replaced.
     """
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
     try:
@@ -64,7 +66,8 @@ def atomic_write(target: Path, data: bytes | Iterable[bytes]) -> None:
             for chunk in (data,) if isinstance(data, bytes) else data:
                 f.write(chunk)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with suppress(FileNotFoundError):

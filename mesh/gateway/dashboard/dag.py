@@ -1,0 +1,108 @@
+"""A plan's DAG laid out on the server as SVG: columns by dependency depth, so no layout library ships to
+the browser. A layer wider than ``MAX_ROWS`` steps wraps into several columns, so a 200-step plan stays
+readable (every step labelled at full size) inside a scrolling box instead of a 10,000-pixel column.
+
+Within a layer, steps are ordered by the mean row of their dependencies (one barycentre pass), which keeps
+most edges short; ties keep plan order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from html import escape
+
+from mesh.roles.goalstate import StepState
+
+NODE_W, NODE_H = 168, 42
+COL_GAP, ROW_GAP, PAD = 56, 12, 16
+MAX_ROWS = 24
+LABEL_CHARS = 22
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    step_id: str
+    x: int
+    y: int
+
+
+def depths(steps: Mapping[str, StepState]) -> dict[str, int]:
+    """Longest dependency chain to each step (roots are 0); unknown dependencies are ignored."""
+    out: dict[str, int] = {}
+
+    def depth(sid: str, seen: frozenset[str]) -> int:
+        if sid not in out:
+            deps = [d for d in steps[sid].step.depends_on if d in steps and d not in seen]
+            out[sid] = 1 + max((depth(d, seen | {sid}) for d in deps), default=-1)
+        return out[sid]
+
+    for sid in steps:
+        depth(sid, frozenset())
+    return out
+
+
+def layout(steps: Mapping[str, StepState]) -> tuple[dict[str, Placed], int, int]:
+    """Each step's top-left corner, and the drawing's width and height."""
+    depth = depths(steps)
+    layers: dict[int, list[str]] = {}
+    for sid in steps:  # dict order = plan order
+        layers.setdefault(depth[sid], []).append(sid)
+    row: dict[str, float] = {}
+    placed: dict[str, Placed] = {}
+    column = 0
+    height = 0
+    for d in sorted(layers):
+        order = list(enumerate(layers[d]))
+
+        def key(item: tuple[int, str]) -> tuple[float, int]:
+            deps = [row[p] for p in steps[item[1]].step.depends_on if p in row]
+            return (sum(deps) / len(deps) if deps else float(item[0]), item[0])
+
+        ordered = [sid for _, sid in sorted(order, key=key)]
+        for i, sid in enumerate(ordered):
+            col, r = column + i // MAX_ROWS, i % MAX_ROWS
+            row[sid] = r
+            placed[sid] = Placed(sid, PAD + col * (NODE_W + COL_GAP), PAD + r * (NODE_H + ROW_GAP))
+        height = max(height, min(len(ordered), MAX_ROWS))
+        column += -(-len(ordered) // MAX_ROWS)
+    width = PAD * 2 + max(column, 1) * (NODE_W + COL_GAP) - COL_GAP
+    return placed, width, PAD * 2 + max(height, 1) * (NODE_H + ROW_GAP) - ROW_GAP
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
+
+
+def render(steps: Mapping[str, StepState], *, selected: str | None = None) -> str:
+    """The SVG element: one ``g.step`` per step (``data-step``, class ``st-<status>``) with its id, role and
+    tier, and one path per dependency."""
+    placed, width, height = layout(steps)
+    edges: list[str] = []
+    for sid, st in steps.items():
+        to = placed[sid]
+        for dep in st.step.depends_on:
+            fr = placed.get(dep)
+            if fr is None:
+                continue
+            x1, y1 = fr.x + NODE_W, fr.y + NODE_H // 2
+            x2, y2 = to.x, to.y + NODE_H // 2
+            mid = (x1 + x2) // 2 if x2 > x1 else x1 + COL_GAP // 2
+            edges.append(f'<path class="edge" d="M{x1},{y1} C{mid},{y1} {mid},{y2} {x2},{y2}"/>')
+    nodes: list[str] = []
+    for sid, st in steps.items():
+        p = placed[sid]
+        tier = st.tier or ""
+        sub = st.step.role + (f" · {tier}" if tier else "") + (f" · #{st.attempt}" if st.attempt > 1 else "")
+        cls = f"step st-{st.status}" + (" revision" if st.step.revision_of else "") + \
+            (" selected" if sid == selected else "")
+        tip = f"{sid} ({st.step.role}, {st.status}): {st.step.instruction[:300]}"
+        nodes.append(
+            f'<g class="{cls}" data-step="{escape(sid)}" transform="translate({p.x},{p.y})" tabindex="0">'
+            f"<title>{escape(tip)}</title>"
+            f'<rect width="{NODE_W}" height="{NODE_H}" rx="6"/>'
+            f'<text x="8" y="17" class="sid">{escape(_short(sid))}</text>'
+            f'<text x="8" y="33" class="sub">{escape(_short(sub))}</text></g>')
+    return (f'<svg class="dag" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="plan DAG, {len(steps)} steps">'
+            f'<g class="edges">{"".join(edges)}</g><g class="nodes">{"".join(nodes)}</g></svg>')

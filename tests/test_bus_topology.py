@@ -128,23 +128,24 @@ async def test_changed_topology_updates_in_place(nats_url: str) -> None:
         await nc.close()
 
 
-async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(nats_url: str) -> None:
+async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(bare_nats: EmbeddedNats) -> None:
     """The goals bucket allows direct gets (the workers' step check reads by them); one created before
     that is updated in place, its goals kept, and read back both ways."""
+    nats_url = bare_nats.url
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     try:
         old = await js.create_key_value(api.KeyValueConfig(bucket="mesh_goals", history=8,
                                                            storage=api.StorageType.FILE))
         await old.put("g1", b"state")
-        await provision(js, Topology(), ["coder"])
+        assert "updated KV bucket mesh_goals (direct gets allowed)" in await provision(js, Topology(), ["coder"])
         goals = await js.stream_info("KV_mesh_goals")
         assert goals.config.allow_direct and goals.state.messages == 1
-        await provision(js, Topology(), ["coder"])  # and again: a no-op
+        assert await provision(js, Topology(), ["coder"]) == []  # and again: a no-op
         assert (await js.stream_info("KV_mesh_goals")).created == goals.created
     finally:
         await nc.close()
-    async with await Bus.connect(MeshSettings(nats_url=nats_url), provision=False) as bus:
+    async with await Bus.connect(MeshSettings(nats_url=nats_url), check=False) as bus:
         for direct in (True, False):
             entry = await bus.kv_get("mesh_goals", "g1", direct=direct)
             assert entry is not None and entry.value == b"state"

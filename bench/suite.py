@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import backends, bus, cli, ledger, orchestration, router
+from bench import backends, bus, cli, codec, ledger, orchestration, router
 from bench.results import write_section
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, Budget, DagPosition, Step, Task, encode, new_id
@@ -166,6 +166,19 @@ async def cli_rows(scale: float) -> list[Row]:
             for name in cli.COMMANDS]
 
 
+def codec_rows(scale: float) -> list[Row]:
+    """The pinned hostile corpus (fixed: ``scale`` does not apply), decoded as a consumer decodes it."""
+    corpus = codec.hostile_corpus()
+    worst = max(codec.heap_cost(data).ratio for data in corpus.values())
+    slowest = max(codec.cpu_ms(data, rounds=1) for data in corpus.values())
+    return [
+        Row(f"decoding, hostile corpus ({len(corpus)} messages ≤ 1 MB): worst peak heap vs the 32× wire-size target",
+            f"{worst:.1f}× wire", "32× wire", worst / 32, "× target", 1.0, higher_is_better=False),
+        Row("decoding, hostile corpus: slowest message's CPU vs the 250 ms target", f"{slowest:.0f} ms", "250 ms",
+            slowest / 250, "× target", 1.0, higher_is_better=False),
+    ]
+
+
 class _server:
     """A fresh nats-server in a temporary directory for one group of rows."""
 
@@ -183,7 +196,7 @@ class _server:
 
 GROUPS: dict[str, Callable[[float], object]] = {
     "bus": bus_rows, "router": router_rows, "ledger": ledger_rows, "orchestration": orchestration_rows,
-    "backends": backend_rows, "cli": cli_rows,
+    "backends": backend_rows, "cli": cli_rows, "codec": codec_rows,
 }
 
 

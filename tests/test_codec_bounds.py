@@ -52,7 +52,7 @@ def test_ordinary_messages_decode() -> None:
                   acceptance=["tests pass"]) for i in range(200)]
     plan = Plan(goal_id="g1", steps=steps)
     assert decode(encode(plan), Plan) == plan
-    progress = StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1, task_id="g1.s1.1", message="x",
+    progress = StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1, message="x",
                             detail={"tiers": {"edge": [1, 2, 3], "swarm": {"calls": 2}}, "dropped": 3})
     assert decode(encode(progress)) == progress
     assert open_envelope(CORPUS_BYTES["one long string"]).message().message.startswith("xxx")
@@ -66,10 +66,10 @@ def _deep(depth: int) -> dict[str, object]:
 
 
 def test_free_form_fields_refuse_deep_or_large_data() -> None:
-    StepProgress(goal_id="g", step_id="s", role="r", attempt=1, task_id="t", message="m",
+    StepProgress(goal_id="g", step_id="s", role="r", attempt=1, message="m",
                  detail=_deep(FREEFORM_MAX_DEPTH - 1))
     with pytest.raises(ValidationError, match="nested deeper than"):
-        StepProgress(goal_id="g", step_id="s", role="r", attempt=1, task_id="t", message="m",
+        StepProgress(goal_id="g", step_id="s", role="r", attempt=1, message="m",
                      detail=_deep(FREEFORM_MAX_DEPTH + 1))
     with pytest.raises(ValidationError, match=f"larger than {FREEFORM_MAX_BYTES} bytes"):
         Goal(brief="b", options={"x": "y" * FREEFORM_MAX_BYTES})

@@ -25,10 +25,16 @@ from aiohttp import web
 from nats.aio.msg import Msg
 
 from mesh import tracing
+from mesh.backends.tiers import load_tiers
 from mesh.bus.client import Bus
 from mesh.config import MeshSettings
-from mesh.contracts import Goal, GoalCompleted, open_envelope
+from mesh.contracts import Goal, GoalCompleted, Plan, Step, open_envelope
+from mesh.metrics import Metrics
+from mesh.roles.calls import ModelCaller
+from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
+from mesh.roles.orchestrator import Orchestrator
+from mesh.router.policy import RulePolicy
 from tests.meshkit import NodeProcess, in_process_mesh, node_env, role_specs, run_goal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +60,7 @@ async def test_every_message_of_a_goal_carries_the_goal_trace_and_no_sdk_is_load
 
     topo = bus.topology
     subs = [await bus._nc.subscribe(subject, cb=keep)
-            for subject in (topo.goal_subject(), f"{topo.prefix}.task.>", topo.events_filter(goal.goal_id))]
+            for subject in (topo.goal_subject(), topo.task_subject(">"), topo.events_filter(goal.goal_id))]
     try:
         async with in_process_mesh(fast):
             events = await run_goal(bus, goal)
@@ -79,6 +85,35 @@ async def test_every_message_of_a_goal_carries_the_goal_trace_and_no_sdk_is_load
     assert not [m for m in sys.modules if m.startswith(("opentelemetry.sdk", "opentelemetry.exporter"))]
 
 
+async def test_a_restarted_planner_redrives_a_step_in_the_goals_trace(bus: Bus, settings: MeshSettings) -> None:
+    """The trace lives in the goal state, not in a process: a planner with nothing in memory (a restarted
+    node, or another replica) that re-drives a dispatched step publishes its task and event in the goal's
+    trace, the task naming the goal span as parent."""
+    specs = role_specs()
+    goal = Goal(brief="Build me a login system")
+    state = GoalState(goal=goal, traceparent=tracing.goal_traceparent(tracing.new_traceparent()))
+    state.apply_plan(Plan(goal_id=goal.goal_id, steps=[Step(step_id="research", role="researcher",
+                                                             instruction="look around")]))
+    state.mark_dispatched("research")
+    assert await GoalStore(bus).create(state)
+    caller = ModelCaller(bus, load_tiers(settings), RulePolicy(), "planner-restarted", Metrics("planner"))
+    try:
+        await Orchestrator(bus, specs["planner"], specs, caller, GoalStore(bus), "planner-restarted").redrive(
+            goal.goal_id)
+    finally:
+        await caller.gateway.aclose()
+    topo = bus.topology
+    for subject, stream in ((topo.task_subject("researcher"), topo.tasks_stream),
+                            (topo.event_subject(goal.goal_id, "*", "step.dispatched"), topo.events_stream)):
+        sub = await bus._js.pull_subscribe(subject, stream=stream)
+        try:
+            (msg,) = await sub.fetch(1, timeout=5)
+        finally:
+            await sub.unsubscribe()
+        envelope = open_envelope(msg.data)
+        assert envelope.trace["traceparent"] == state.traceparent == (msg.headers or {})["traceparent"], subject
+
+
 def test_off_nothing_is_exported_and_the_sdk_is_not_imported() -> None:
     """A fresh interpreter without the endpoint: configure declines, spans are the shared no-op, a
     recorded span goes nowhere, and no OTel SDK or exporter module is ever imported."""
@@ -99,7 +134,7 @@ def test_off_nothing_is_exported_and_the_sdk_is_not_imported() -> None:
         print("ok")
     """)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}  # no OTEL_EXPORTER_OTLP_ENDPOINT
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

@@ -64,17 +64,6 @@ async def _decide(a: argparse.Namespace, decision: Decision) -> int:
     return 0
 
 
-def parse_answer(text: str) -> tuple[Decision, str] | None:
-    """A person's answer at a gate: "approve" / "a" / "y", or "reject: <note>" / "r <note>"; None otherwise."""
-    head, _, rest = text.strip().partition(":") if ":" in text else text.strip().partition(" ")
-    word = head.strip().lower()
-    if word in ("approve", "approved", "a", "y", "yes"):
-        return "approve", rest.strip()
-    if word in ("reject", "rejected", "r", "n", "no"):
-        return "reject", rest.strip()
-    return None
-
-
 async def read_line(prompt: str, out: TextIO = sys.stdout) -> str:
     """A line typed on stdin, read without blocking the loop (and cancellable, unlike a thread's input())."""
     loop = asyncio.get_running_loop()
@@ -95,6 +84,8 @@ async def read_line(prompt: str, out: TextIO = sys.stdout) -> str:
 
 async def answer_gate(client: MeshClient, request: ApprovalRequested, out: TextIO, *, ask: bool) -> None:
     """At a gate of `mesh run`: ask in the terminal (``ask``: stdin is one), else say which command decides."""
+    from mesh.client import parse_decision
+
     ap, gid = request.approval, request.goal_id
     print(f"\n⏸  goal {gid} waits for approval at gate {ap.gate} ({ap.kind}):\n{ap.summary}", file=out, flush=True)
     if not ask:
@@ -102,7 +93,7 @@ async def answer_gate(client: MeshClient, request: ApprovalRequested, out: TextI
               file=out, flush=True)
         return
     while True:
-        answer = parse_answer(await read_line("   approve, or reject: <note>? ", out))
+        answer = parse_decision(await read_line("   approve, or reject: <note>? ", out))
         if answer is None:
             print("   type 'approve' (or 'a'), or 'reject: <note>' (or 'r <note>')", file=out, flush=True)
             continue

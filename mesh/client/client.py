@@ -210,7 +210,9 @@ class MeshClient:
         state = await self.goal(goal_id)
         if state is None:
             raise UnknownGoal(f"no goal {goal_id!r}")
-        pending = [] if state.done else [a.gate for a in state.pending_approvals()]
+        if state.done:
+            raise ApprovalNotPending(f"goal {goal_id} has ended ({state.status}); its gates are closed")
+        pending = [a.gate for a in state.pending_approvals()]
         if gate is None:
             if len(pending) != 1:
                 raise ApprovalNotPending(f"goal {goal_id} has {len(pending)} pending gates"
@@ -218,8 +220,7 @@ class MeshClient:
             gate = pending[0]
         if gate not in pending:
             known = state.approvals.get(gate)
-            why = (f"goal {goal_id} has ended ({state.status})" if state.done else
-                   f"gate {gate} was already {known.status} by {known.decided_by}" if known is not None else
+            why = (f"gate {gate} was already {known.status} by {known.decided_by}" if known is not None else
                    f"goal {goal_id} has no gate {gate!r}")
             raise ApprovalNotPending(f"{why}; pending gates: {', '.join(pending) or 'none'}")
         command = GoalCommand(goal_id=goal_id, action=decision, by=by, gate=gate, note=note)

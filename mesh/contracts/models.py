@@ -24,27 +24,35 @@ Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lo
 # message may nest at will; these bounds keep such a field, and so the heap it decodes into, small.
 FREEFORM_MAX_DEPTH = 16
 FREEFORM_MAX_BYTES = 64 * 1024  # summed string lengths, plus 8 per value, key and container
+_SIZED, _NESTED = (str, bytes), (dict, list, tuple)
 
 
 def bounded_freeform(value: dict[str, Any]) -> dict[str, Any]:
-    """``value`` unchanged, or ``ValueError`` if it nests deeper or holds more than the free-form bounds."""
+    """``value`` unchanged, or ``ValueError`` if it nests deeper or holds more than the free-form bounds.
+    A container's size is counted before its items are looked at, so refusing a big one is cheap."""
     size = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]  # (item, depth)
-    while stack:  # checked before a container's items are stacked, so the walk itself stays small
+    stack: list[tuple[Any, int]] = [(value, 1)]  # containers still to look into, with their depth
+    while stack:
         item, depth = stack.pop()
         if depth > FREEFORM_MAX_DEPTH:
             raise ValueError(f"free-form data nested deeper than {FREEFORM_MAX_DEPTH} levels")
-        if isinstance(item, dict | list | tuple):
-            size += 8 * len(item)
-        else:
-            size += len(item) if isinstance(item, str | bytes) else 8
+        size += 8 * len(item)
         if size > FREEFORM_MAX_BYTES:
-            raise ValueError(f"free-form data larger than {FREEFORM_MAX_BYTES} bytes")
+            break
         if isinstance(item, dict):
-            stack.extend((k, depth + 1) for k in item)  # keys count as deep as their values
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend((v, depth + 1) for v in item)
+            for k in item:
+                if isinstance(k, str):
+                    size += len(k)
+            item = item.values()
+        for v in item:  # (tuples, not X | Y unions: isinstance is several times faster with them)
+            if isinstance(v, _SIZED):
+                size += len(v)
+            elif isinstance(v, _NESTED):
+                stack.append((v, depth + 1))
+        if size > FREEFORM_MAX_BYTES:
+            break
+    if size > FREEFORM_MAX_BYTES:
+        raise ValueError(f"free-form data larger than {FREEFORM_MAX_BYTES} bytes")
     return value
 
 

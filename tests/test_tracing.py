@@ -25,11 +25,13 @@ from aiohttp import web
 from nats.aio.msg import Msg
 
 from mesh import tracing
-from mesh.backends.tiers import load_tiers
+from mesh.backends.gateway import CallRecord
+from mesh.backends.tiers import TierConfig, load_tiers
 from mesh.bus.client import Bus
 from mesh.config import MeshSettings
-from mesh.contracts import Goal, GoalCompleted, Plan, Step, open_envelope
+from mesh.contracts import Goal, GoalCompleted, Plan, RouteDecision, Step, Usage, open_envelope
 from mesh.metrics import Metrics
+from mesh.roles import spans
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
@@ -261,14 +263,16 @@ async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSetting
     chats = [s for s in spans if s["name"].startswith("chat ")]
     assert {by_id[s["parent"]]["name"].split()[0] for s in chats} <= {"invoke_agent", "plan", "invoke_workflow"}
     # straight under the goal: only the planner's summaries of the goal memory
-    assert {c["attrs"]["mesh.step.id"] for c in chats if c["parent"] == root["span_id"]} <= {"memory"}
+    assert {(c["attrs"]["mesh.step.id"], c["attrs"]["mesh.requester"]) for c in chats
+            if c["parent"] == root["span_id"]} <= {("memory", "summariser")}
     assert {c["parent"] for c in chats} >= {a["span_id"] for a in agents}, "every step made a model call"
     for c in chats:
         a = c["attrs"]
         assert c["name"] == f"chat {a['gen_ai.request.model']}" and a["gen_ai.operation.name"] == "chat"
         assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
         assert a["gen_ai.provider.name"] and a["gen_ai.response.model"] and a["mesh.simulated"] is True
-        assert a["mesh.tier"] and ("mesh.route.propensity" in a) == (c["parent"] != root["span_id"])  # routed
+        # routed: every call but the edge tier's summaries (of inputs that do not fit, of the goal memory)
+        assert a["mesh.tier"] and ("mesh.route.propensity" in a) == (a["mesh.requester"] != "summariser"), a
     (plan,) = [s for s in spans if s["name"] == "plan planner"]
     assert plan["parent"] == root["span_id"] and any(c["parent"] == plan["span_id"] for c in chats)
 
@@ -277,3 +281,23 @@ async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSetting
     assert tools and all(by_id[t["parent"]]["name"].startswith("invoke_agent ") for t in tools)
     assert {t["attrs"]["gen_ai.tool.name"] for t in tools} >= {"fs.write"}, Counter(t["name"] for t in tools)
     assert all(t["name"] == f"execute_tool {t['attrs']['gen_ai.tool.name']}" for t in tools)
+
+
+def test_a_chat_span_says_provider_endpoint_usage_and_the_routing_behind_it() -> None:
+    tier = TierConfig(name="long_context", kind="openai", base_url="https://api.deepseek.com/v1", model="deepseek-v4-pro",
+                      context_window=128_000, output_reserve=8_000)
+    rec = CallRecord(tier="long_context", model="deepseek-v4-pro", endpoint=tier.endpoint, latency_ms=900.0,
+                     usage=Usage(prompt_tokens=1200, completion_tokens=400, reasoning_tokens=250, cached_tokens=800,
+                                 cost_usd=0.01, calls=1),
+                     outcome="ok", attempt=1, thinking=True, simulated=False, response_model="deepseek-v4-pro-0901",
+                     finish_reason="stop")
+    attrs = spans.chat(rec, tier, RouteDecision(tier="edge", propensity=0.25, explored=True), ("g1", "implement"))
+    assert attrs["gen_ai.provider.name"] == "deepseek" and attrs["gen_ai.operation.name"] == "chat"
+    assert (attrs["server.address"], attrs["server.port"]) == ("api.deepseek.com", 443)
+    assert (attrs["gen_ai.request.model"], attrs["gen_ai.response.model"]) == ("deepseek-v4-pro", "deepseek-v4-pro-0901")
+    assert attrs["gen_ai.usage.input_tokens"] == 1200 and attrs["gen_ai.usage.output_tokens"] == 400
+    assert attrs["gen_ai.usage.reasoning.output_tokens"] == 250 and attrs["gen_ai.usage.cache_read.input_tokens"] == 800
+    # routed to edge, answered by long_context: a fallback, and the decision that was made is on the span
+    assert attrs["mesh.route.fallback"] is True and attrs["mesh.route.tier"] == "edge" and attrs["mesh.tier"] == "long_context"
+    assert attrs["mesh.route.explored"] is True and attrs["mesh.route.propensity"] == 0.25
+    assert attrs["mesh.simulated"] is False and "error.type" not in attrs

@@ -270,3 +270,38 @@ async def test_the_cli_lists_approves_and_rejects_gates(fast: MeshSettings, bus:
     assert isinstance(end, GoalFailed) and "NOTE-e5: the summary is wrong" in end.reason
     decided = log.of(ApprovalDecided)
     assert [d.gate for d in decided] == ["plan", "final"] and all("(mesh " in d.by for d in decided)
+
+
+async def test_a_before_gate_holds_a_risky_roles_step_undispatched_and_a_rejection_replans_with_the_note(
+        fast: MeshSettings, bus: Bus, sim_server: SimServer) -> None:
+    specs = role_specs()
+    specs["tester"] = specs["tester"].model_copy(update={"approve": "before"})
+    goal = Goal(brief="Build me a login system", options={"sim_review": "approve"})
+    gid = goal.goal_id
+    note = "NOTE-b41: run the tests in the staging sandbox only"
+    async with following(bus, goal, specs=specs, settings=fast) as (client, log):
+        first = await log.wait(requested(kind="before", role="tester"))
+        assert isinstance(first, ApprovalRequested)
+        tester = first.approval.step_id
+        assert tester is not None
+        state = await client.goal(gid)
+        assert state is not None and state.steps[tester].status == "awaiting_approval"
+        assert state.steps[tester].attempt == 0, "a step at its before gate was never dispatched"
+        decided = await client.reject(gid, first.approval.gate, by="alice", note=note)
+        assert decided is not None
+        # the step fails as rejected and the goal replans around it, with the reason in the prompt
+        cursor = await log.position(decided)
+        replanned = await log.wait(lambda e: isinstance(e, GoalPlanned) and e.plan.version == 2, after=cursor)
+        assert isinstance(replanned, GoalPlanned)
+        while True:  # approve every tester step of the new plan
+            event = await log.wait(lambda e: isinstance(e, (ApprovalRequested, *TERMINAL)), after=cursor)
+            cursor = log.seq(event)
+            if isinstance(event, TERMINAL):
+                break
+            assert isinstance(event, ApprovalRequested)
+            await client.approve(gid, event.approval.gate, by="alice")
+    assert isinstance(event, GoalCompleted), event
+    rejected_dispatches = [e for e in log.of(StepDispatched) if e.step_id == tester and log.seq(e) < log.seq(decided)]
+    assert not rejected_dispatches
+    plans = [r["prompt"] for r in await received(sim_server) if r["hints"].get("role") == "planner"]
+    assert any(note in p for p in plans[1:]) and note not in plans[0]

@@ -43,16 +43,35 @@ def test_a_200_step_dag_stays_readable() -> None:
     state = wide_state(200)
     placed, width, height = dag.layout(state.steps)
     assert set(placed) == set(state.steps)
-    # the 197-wide layer wraps into columns of MAX_ROWS: the drawing is as tall as one column, not 197 rows
-    assert height == 2 * dag.PAD + dag.MAX_ROWS * (dag.NODE_H + dag.ROW_GAP) - dag.ROW_GAP
+    # the 197-wide layer wraps into 9 columns of at most MAX_ROWS; the 12 columns into 2 bands of 6: the drawing
+    # is two columns tall, not 197 rows
+    column = dag.MAX_ROWS * (dag.NODE_H + dag.ROW_GAP) - dag.ROW_GAP
+    assert height == 2 * dag.PAD + 2 * column + dag.BAND_GAP
+    assert width == 2 * dag.PAD + dag.BAND_COLUMNS * (dag.NODE_W + dag.COL_GAP) - dag.COL_GAP
     boxes = {(p.x, p.y) for p in placed.values()}
     assert len(boxes) == len(placed)  # no two steps drawn on top of each other
     assert all(0 <= p.x <= width - dag.NODE_W and 0 <= p.y <= height - dag.NODE_H for p in placed.values())
-    # columns follow dependency depth: a step is right of everything it depends on
-    assert all(placed[d].x < placed[sid].x for sid, st in state.steps.items() for d in st.step.depends_on)
+    # columns follow dependency depth: a step is right of everything it depends on, or in a band below it
+    assert all(placed[d].x < placed[sid].x or placed[d].y < placed[sid].y
+               for sid, st in state.steps.items() for d in st.step.depends_on)
     svg = dag.render(state.steps, selected="code")
     assert svg.count('class="step st-pending') == 200 and svg.count('<path class="edge"') == 197 * 2 + 1
     assert 'class="step st-pending selected" data-step="code"' in svg
+
+
+def test_a_200_step_chain_wraps_into_bands() -> None:
+    steps = [Step(step_id="s0", role="coder", instruction="go")]
+    steps += [Step(step_id=f"s{i}", role="coder", instruction="go", depends_on=[f"s{i - 1}"]) for i in range(1, 200)]
+    state = GoalState(goal=Goal(brief="long"))
+    state.apply_plan(Plan(goal_id=state.goal.goal_id, steps=steps))
+    placed, width, height = dag.layout(state.steps)
+    assert width == 2 * dag.PAD + dag.BAND_COLUMNS * (dag.NODE_W + dag.COL_GAP) - dag.COL_GAP
+    bands = -(-200 // dag.BAND_COLUMNS)
+    assert height == 2 * dag.PAD + bands * (dag.NODE_H + dag.BAND_GAP) - dag.BAND_GAP
+    assert len({(p.x, p.y) for p in placed.values()}) == 200
+    # reading order: left to right within a band, then the next band down
+    order = sorted(placed.values(), key=lambda p: (p.y, p.x))
+    assert [p.step_id for p in order] == [f"s{i}" for i in range(200)]
 
 
 def test_views_cost_marks_simulation_and_the_diff_names_changes() -> None:
@@ -178,3 +197,25 @@ async def test_mesh_and_router_pages_read_heartbeats_and_the_ledger(settings: Me
         await eventually(ledger_caught_up, timeout=30)
         text = (await http.get("/v1/ui/router")).text
         assert re.search(r'id="baseline-cost">sim\$\d+\.\d{4}<', text) and "highest success rate" in text
+
+
+async def test_the_inbox_and_the_goal_page_show_a_waiting_gate_with_its_form(settings: MeshSettings) -> None:
+    async with gateway(fast(settings)) as (gw, client), httpx.AsyncClient(base_url=gw.url, timeout=60) as http:
+        assert "Nothing waits for a person" in (await http.get("/v1/ui/approvals")).text
+        r = await http.post("/v1/goals", json={"brief": "Build me a login system", "options": {"approve": "plan"}})
+        goal_id = r.json()["goal_id"]
+        async for _, event in client.watch(goal_id):
+            if event.type == "approval.requested":
+                break
+        inbox = (await http.get("/v1/ui/approvals")).text
+        assert f'data-gate="plan" data-goal="{goal_id}"' in inbox and "1 gate waiting" in inbox
+        assert f'data-post="/v1/goals/{goal_id}/approvals/plan"' in inbox and 'value="approve"' in inbox
+        page = (await http.get(f"/v1/ui/goals/{goal_id}")).text
+        assert "Waiting for you" in page and 'id="goal-status">awaiting_approval' in page
+        listed = (await http.get("/v1/ui/goals", params={"status": "awaiting_approval"})).text
+        assert goal_id in listed
+        await client.approve(goal_id, "plan", by="test")
+        async for _, event in client.watch(goal_id, until_final=True):
+            pass
+        assert event.type == "goal.completed"
+        assert "Nothing waits for a person" in (await http.get("/v1/ui/approvals")).text

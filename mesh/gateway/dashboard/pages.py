@@ -103,7 +103,8 @@ async def goal_fragment(request: Request) -> Response:
                   steps=views.step_rows(state), loop=views.review_loop(state), outputs=views.outputs(state),
                   revisions=views.workspace_revisions(state), quality=state.quality() if state.done else None,
                   cost=views.money(state.usage.cost_usd, state.simulated), tiers=views.tier_mix(state),
-                  age=views.duration(state.started_at, state.finished_at), synthesis=synthesis)
+                  age=views.duration(state.started_at, state.finished_at), synthesis=synthesis,
+                  pending=[] if state.done else state.pending_approvals())
 
 
 async def step_fragment(request: Request) -> Response:
@@ -164,6 +165,12 @@ async def blob_fragment(request: Request) -> Response:
     return render("blob.html", ref=ref, text=text)
 
 
+async def approvals_fragment(request: Request) -> Response:
+    """The inbox: every pending gate of every running goal, oldest first, each with its decision form (which
+    posts to the Mesh API's ``POST /v1/goals/{id}/approvals/{gate}``)."""
+    return render("approvals.html", pending=await desk(request).client.approvals())
+
+
 async def mesh_fragment(request: Request) -> Response:
     client = desk(request).client
     nodes, backlog, dead = await client.nodes(), await client.backlog(), await client.dead_letters()
@@ -190,6 +197,7 @@ ROUTES = [
     Route("/v1/ui/goals/{goal_id}/steps/{step_id}", step_fragment, methods=["GET"]),
     Route("/v1/ui/goals/{goal_id}/files", files_fragment, methods=["GET"]),
     Route("/v1/ui/goals/{goal_id}/blobs/{digest}", blob_fragment, methods=["GET"]),
+    Route("/v1/ui/approvals", approvals_fragment, methods=["GET"]),
     Route("/v1/ui/mesh", mesh_fragment, methods=["GET"]),
     Route("/v1/ui/router", router_fragment, methods=["GET"]),
 ]

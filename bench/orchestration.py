@@ -38,9 +38,8 @@ from mesh.aio import run_loop
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalPlanned, StepCompleted, StepStarted
-from mesh.embedded import EmbeddedNats
 from mesh.roles.spec import RoleSpec
-from tests.meshkit import NodeProcess, node_env, role_specs, run_goal
+from tests.meshkit import NodeProcess, node_env, provisioned_nats, role_specs, run_goal
 
 WORKERS = ("researcher", "coder", "reviewer", "tester", "synthesizer")
 IDLE_SECONDS = 5.0
@@ -222,7 +221,7 @@ async def throughput(settings: MeshSettings, server_pid: int, replicas: int, goa
 
 async def main(goals: int, concurrent_goals: int, replicas: list[int], write: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats") as server:
+        async with provisioned_nats(Path(tmp) / "nats") as server:
             base = MeshSettings(nats_url=server.url, data_dir=Path(tmp) / "mesh", health_port=0,
                                 health_host="127.0.0.1", drain_seconds=5.0, sim_latency_scale=0.0)
             assert server.pid is not None

@@ -32,6 +32,7 @@ from mesh.embedded import EmbeddedNats
 from mesh.roles.spec import default_nodes_dir, load_specs
 from mesh.router.simenv import SimRouting
 from mesh.store.synthetic import synthetic_events
+from tests.meshkit import provision_topology, provisioned_nats
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def ledger_rows(scale: float) -> list[Row]:
 async def orchestration_rows(scale: float, replicas: int = 4) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="mesh-suite-orch-") as tmp:
         work = Path(tmp)
-        async with EmbeddedNats(work / "nats") as server:
+        async with provisioned_nats(work / "nats") as server:
             assert server.pid is not None
             base = MeshSettings(nats_url=server.url, data_dir=work / "mesh", health_port=0, health_host="127.0.0.1",
                                 drain_seconds=5.0, sim_latency_scale=0.0)
@@ -185,6 +186,7 @@ class _server:
         self._tmp = tempfile.TemporaryDirectory(prefix="mesh-suite-nats-")
         self._nats = EmbeddedNats(Path(self._tmp.name) / "nats")
         await self._nats.start()
+        await provision_topology(MeshSettings(nats_url=self._nats.url))
         return self._nats.url
 
     async def __aexit__(self, *exc: object) -> None:

@@ -32,7 +32,7 @@ from bench.results import write_section
 from mesh import tracing
 from mesh.aio import run_loop
 from mesh.config import MeshSettings
-from mesh.embedded import EmbeddedNats
+from tests.meshkit import provisioned_nats
 
 
 class Sink:
@@ -104,7 +104,7 @@ def step_calls(n: int) -> float:
 async def main(pairs: int, goals: int, write: bool) -> None:
     runs: dict[str, list[dict[str, float]]] = {"off": [], "exported": []}
     with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats") as server, sink() as (counter, endpoint):
+        async with provisioned_nats(Path(tmp) / "nats") as server, sink() as (counter, endpoint):
             assert server.pid is not None
             base = MeshSettings(nats_url=server.url, data_dir=Path(tmp) / "mesh", health_port=0,
                                 health_host="127.0.0.1", drain_seconds=5.0, sim_latency_scale=0.0)

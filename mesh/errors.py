@@ -170,6 +170,13 @@ class ProvisioningError(BusError):
     """Streams, consumers, KV buckets or object stores could not be created or do not match."""
 
 
+class NotProvisioned(ProvisioningError):
+    """A stream or bucket a node needs is missing (or does not take its role): the admin's ``mesh provision``
+    has not run for this mesh. Nodes do not create streams, so retrying cannot help until it does."""
+
+    retryable = False
+
+
 class PublishError(BusError):
     """A publish was not acknowledged by JetStream."""
 

@@ -17,6 +17,7 @@ from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalCancelled, GoalCompleted, GoalFailed
+from mesh.embedded import EmbeddedNats
 from mesh.node.runtime import Node
 from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
 
@@ -31,9 +32,26 @@ def role_specs(*, with_ledger: bool = False) -> dict[str, RoleSpec]:
 
 
 @asynccontextmanager
+async def provisioned_nats(store: Path) -> AsyncIterator[EmbeddedNats]:
+    """A fresh nats-server with the topology provisioned (what the benchmarks start their meshes on)."""
+    async with EmbeddedNats(store) as server:
+        await provision_topology(MeshSettings(nats_url=server.url))
+        yield server
+
+
+async def provision_topology(settings: MeshSettings) -> None:
+    """What the admin's `mesh provision` does before nodes start (here without role consumers: a test may
+    read a role's task subject with a consumer of its own, which a work-queue stream allows only once)."""
+    async with await Bus.connect(settings, name="test-admin", check=False) as admin:
+        await admin.provision()
+
+
+@asynccontextmanager
 async def in_process_mesh(settings: MeshSettings, replicas: dict[str, int] | None = None,
                           specs: dict[str, RoleSpec] | None = None) -> AsyncIterator[list[Node]]:
-    """Every role (or the given replica counts) as in-process nodes; stopped and drained on exit."""
+    """Every role (or the given replica counts) as in-process nodes, the topology provisioned for
+    ``settings`` first; stopped and drained on exit."""
+    await provision_topology(settings)
     specs = specs or role_specs()
     counts = replicas or {role: 1 for role in specs}
     nodes = [Node(specs[role], specs, settings) for role, n in counts.items() for _ in range(n)]

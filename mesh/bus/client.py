@@ -52,7 +52,7 @@ from nats.js.object_store import (
 from pydantic import BaseModel
 
 from mesh.aio import together
-from mesh.bus.topology import Topology, provision
+from mesh.bus.topology import Topology, ensure_consumers, provision, require_topology
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts.codec import (
     EVENT_HISTORY_MAJORS,
@@ -120,9 +120,9 @@ class Bus:
     """A connected Mesh bus. Create with ``await Bus.connect(settings)``; close with ``await bus.close()``."""
 
     def __init__(self, nc: Client, settings: MeshSettings, topology: Topology, *, name: str = "mesh",
-                 role: str | None = None) -> None:
+                 domain: str | None = None, role: str | None = None) -> None:
         self._nc = nc
-        self._js: JetStreamContext = nc.jetstream()
+        self._js: JetStreamContext = nc.jetstream(domain=domain)
         self.settings = settings
         self.topology = topology
         self.name = name
@@ -134,6 +134,7 @@ class Bus:
         self._kv: dict[tuple[str, bool], KeyValue] = {}  # (bucket, direct) → handle
         self._kv_checked: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
+        self._connect_errors: list[str] = []  # why a first connect failed, for its error message
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -144,16 +145,22 @@ class Bus:
         *,
         name: str = "mesh",
         roles: Iterable[str] = (),
-        provision: bool = True,
+        check: bool = True,
         role: str | None = None,
+        domain: str | None = None,
+        topology: Topology | None = None,
     ) -> Bus:
-        """Connect (failing fast with ``NotConnected`` when no server answers), then provision.
-        ``role``: the role this process emits events as (a node's role); without one it emits none."""
+        """Connect (failing fast with ``NotConnected`` when no server answers); with ``check``, verify the
+        topology is provisioned (``NotProvisioned`` if not) and create the durable consumers ``roles`` own.
+        ``role``: the role this process emits events as (a node's role); without one it emits none.
+        ``domain``: the JetStream domain to address (an edge site's); ``topology``: instead of the settings'
+        (``mesh provision --nodes DIR`` takes the worker roles from other role specs)."""
         settings = settings or get_settings()
         servers = settings.servers
         if not servers:
             raise NotConnected("no NATS server configured: set MESH_NATS_URL (or use `mesh up` for a local one)")
-        bus = cls(Client(), settings, Topology.from_settings(settings), name=name, role=role)
+        bus = cls(Client(), settings, topology or Topology.from_settings(settings), name=name, domain=domain,
+                  role=role)
         try:
             # Bounded attempts for the first connection, so a missing server is a clear error ...
             await bus._nc.connect(
@@ -166,12 +173,21 @@ class Bus:
                 closed_cb=bus._on_closed, **_auth_options(settings),
             )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc!r}") from exc
+            # a refusal (authorization) arrives through the error callback; connect itself ends "no servers"
+            seen = [e for e in dict.fromkeys(bus._connect_errors) if e != repr(exc)]
+            exc_text = f"{exc!r} after {', '.join(seen)}" if seen else repr(exc)
+            hint = ""
+            if "authorization" in exc_text.lower():
+                hint = ("; the server wants credentials: MESH_NATS_USER / MESH_NATS_PASSWORD, or MESH_NATS_TOKEN "
+                        "(a local `mesh up` keeps its token in <data dir>/nats-token, which `mesh` commands "
+                        "run from the same data dir read)")
+            raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc_text}{hint}") from exc
         # ... then the configured policy (-1: forever) for reconnects once we have been up.
         bus._nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
-        if provision:
+        if check:
             try:
-                await bus.provision(roles)
+                await bus.require_topology(roles)
+                await bus.ensure_consumers(roles)
             except BaseException:
                 await bus._nc.close()
                 raise
@@ -187,16 +203,27 @@ class Bus:
         log.warning("NATS reconnected (%s) to %s", self.name, url.netloc if url else "?")
 
     async def _on_error(self, exc: Exception) -> None:
+        if len(self._connect_errors) < 8 and not self._nc.is_connected:
+            self._connect_errors.append(repr(exc))
         log.debug("NATS client error (%s): %r", self.name, exc)
 
     async def _on_closed(self) -> None:
         log.info("NATS connection closed (%s)", self.name)
 
-    async def provision(self, roles: Iterable[str] = (), *, prune: bool = False) -> None:
-        """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before;
-        ``prune``: also delete consumers of roles that are no worker (``mesh.bus.topology``)."""
+    async def provision(self, roles: Iterable[str] = (), *, prune: bool = False) -> list[str]:
+        """The admin's act (``mesh provision``): create or update every stream and bucket, and the consumers
+        of ``roles``; ``prune``: also delete consumers of roles that are no worker (``mesh.bus.topology``).
+        Returns what changed, one line each."""
+        return await provision(self._js, self.topology, roles, prune=prune)
+
+    async def require_topology(self, roles: Iterable[str] = ()) -> None:
+        """``NotProvisioned`` unless every stream and bucket exists and the tasks stream takes ``roles``."""
+        await require_topology(self._js, self.topology, roles)
+
+    async def ensure_consumers(self, roles: Iterable[str] = ()) -> None:
+        """(Re-)create the durable consumers of ``roles`` plus of every role ensured before on this bus."""
         self._roles.update(dict.fromkeys(roles))
-        await provision(self._js, self.topology, self._roles, prune=prune)
+        await ensure_consumers(self._js, self.topology, self._roles)
 
     async def close(self) -> None:
         if not self._nc.is_closed:

@@ -149,13 +149,12 @@ async def _check(role: str) -> int:
 @asynccontextmanager
 async def _client(settings: MeshSettings | None = None) -> AsyncIterator[MeshClient]:
     from mesh.client import MeshClient
-    from mesh.embedded.local import local_nats_url
+    from mesh.embedded.localauth import local_settings
 
-    settings = settings or get_settings()
-    url = local_nats_url(settings)
-    if not url:
+    settings = local_settings(settings or get_settings())
+    if not settings.nats_url:
         raise NotConnected("no mesh to talk to: set MESH_NATS_URL or start one with `mesh up`")
-    async with MeshClient.connect(settings.model_copy(update={"nats_url": url}), name="mesh-cli") as client:
+    async with MeshClient.connect(settings, name="mesh-cli") as client:
         yield client
 
 
@@ -269,7 +268,7 @@ async def _up(a: argparse.Namespace) -> int:
     settings = get_settings()
     mesh = await _start_local(settings, sys.stdout)
     try:
-        async with _gateway(settings.model_copy(update={"nats_url": mesh.url}), sys.stdout):
+        async with _gateway(mesh.client_settings, sys.stdout):
             print("press Ctrl-C to stop", flush=True)
             await mesh.supervise()
     finally:
@@ -288,7 +287,7 @@ async def _run(a: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as tg:
             supervisor = tg.create_task(mesh.supervise())
             try:
-                local = settings.model_copy(update={"nats_url": mesh.url})
+                local = mesh.client_settings
                 async with _gateway(local, sys.stderr if a.json else sys.stdout) as url:
                     code = await _drive(local, goal, a, mesh.roles, url)
             finally:

@@ -155,6 +155,13 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
         await expect(row).to_contain_text(f"{len(state.steps)} / {len(state.steps)}")
         await expect(row).to_contain_text("simulated")
         await page.screenshot(path=str(shots / "goals.png"), full_page=True)
+        # a goal submitted with the list's form opens its own page
+        await page.fill("#submit-goal input[name=brief]", "Write a haiku about queues")
+        await page.click("#submit-goal button[type=submit]")
+        await page.wait_for_url(f"{gw.url}/ui/goals/*")
+        haiku = page.url.rsplit("/", 1)[1]
+        await expect(page.locator("#view h1")).to_contain_text("Write a haiku about queues", timeout=WAIT_MS)
+        assert (await http.post(f"/v1/goals/{haiku}/cancel", json={"reason": "seen"})).status_code in (200, 202)
 
         # a 200-step plan: every step drawn, in a box that scrolls rather than a page 10,000 pixels tall
         r = await http.post("/v1/goals", json={"brief": "Build me a login system", "options": {"sim_plan_steps": 200}})

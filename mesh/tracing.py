@@ -52,7 +52,7 @@ FRESH_STATE = "mesh=root"
 
 # The traceparent messages and spans started from this task continue (None: a fresh trace each).
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("mesh_traceparent", default=None)
-# The span being recorded in this task, when exporting (``annotate`` adds to it).
+# The span being recorded in this task, when exporting (``active`` hands it out to add attributes).
 _active: contextvars.ContextVar[_Span | None] = contextvars.ContextVar("mesh_span", default=None)
 # Ids the next span must take (the goal span: chosen at planning, recorded at the end).
 _forced: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("mesh_span_ids", default=None)

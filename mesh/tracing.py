@@ -52,7 +52,7 @@ FRESH_STATE = "mesh=root"
 
 # The traceparent messages and spans started from this task continue (None: a fresh trace each).
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("mesh_traceparent", default=None)
-# The span being recorded in this task, when exporting (``annotate`` adds to it).
+# The span being recorded in this task, when exporting (``active`` hands it out to add attributes).
 _active: contextvars.ContextVar[_Span | None] = contextvars.ContextVar("mesh_span", default=None)
 # Ids the next span must take (the goal span: chosen at planning, recorded at the end).
 _forced: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("mesh_span_ids", default=None)
@@ -115,25 +115,6 @@ def current() -> str | None:
     return _current.get()
 
 
-class adopt:
-    """Continue ``traceparent`` (no span) for messages and spans started inside the block."""
-
-    __slots__ = ("_token", "_traceparent")
-
-    def __init__(self, traceparent: str | None) -> None:
-        self._traceparent = traceparent
-        self._token: contextvars.Token[str | None] | None = None
-
-    def __enter__(self) -> Self:
-        if self._traceparent is not None:
-            self._token = _current.set(self._traceparent)
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
-
-
 # --- spans --------------------------------------------------------------------------------------
 
 
@@ -161,6 +142,26 @@ class _NoSpan:
 
 
 NO_SPAN = _NoSpan()
+
+
+class adopt(_NoSpan):
+    """Continue ``traceparent`` (no span) for messages and spans started inside the block. Also what ``span``
+    returns for a span with a parent when nothing is exported: only the parent's context is continued."""
+
+    __slots__ = ("_token", "_traceparent")
+
+    def __init__(self, traceparent: str | None) -> None:
+        self._traceparent = traceparent
+        self._token: contextvars.Token[str | None] | None = None
+
+    def __enter__(self) -> Self:
+        if self._traceparent is not None:
+            self._token = _current.set(self._traceparent)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
 
 
 class _Span(_NoSpan):
@@ -198,28 +199,12 @@ class _Span(_NoSpan):
             self._span.set_attributes(dict(attributes))
 
 
-class _Adopting(_NoSpan):
-    """A span with a parent when nothing is exported: only the parent's context is continued."""
-
-    __slots__ = ("_adopt",)
-
-    def __init__(self, parent: str) -> None:
-        self._adopt = adopt(parent)
-
-    def __enter__(self) -> Self:
-        self._adopt.__enter__()
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self._adopt.__exit__(et, e, tb)
-
-
 def span(name: str, *, kind: Kind = "internal", attributes: Attributes | None = None,
          parent: str | None = None) -> _NoSpan:
     """A span around a block, child of ``parent`` (a traceparent) or of the task's current context.
     Not exporting: the shared no-op object — or, given a ``parent``, only that context is continued."""
     if _tracer is None:
-        return NO_SPAN if parent is None else _Adopting(parent)
+        return NO_SPAN if parent is None else adopt(parent)
     return _Span(name, kind, attributes, parent)
 
 

@@ -256,6 +256,10 @@ async def test_the_cli_lists_approves_and_rejects_gates(fast: MeshSettings, bus:
         assert [(p["goal_id"], p["approval"]["gate"]) for p in json.loads(out)] == [(gid, "plan")]
         code, out, _ = await mesh_cli(fast, "goals")
         assert f"{gid}  awaiting_approval" in out
+        code, out, _ = await mesh_cli(fast, "goals", "--json")
+        assert [g["pending_gates"] for g in json.loads(out)] == [["plan"]]
+        code, out, _ = await mesh_cli(fast, "show", gid)
+        assert code == 0 and "waiting for approval: gate plan (plan) until" in out and f"mesh approve {gid} plan" in out
         code, _, err = await mesh_cli(fast, "reject", gid)
         assert code == 2 and "--note" in err, "a rejection needs its note"
         code, _, err = await mesh_cli(fast, "approve", gid, "final")

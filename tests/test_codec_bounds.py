@@ -13,6 +13,9 @@ from mesh.contracts import Goal, Plan, Step, StepProgress, ToolCall, decode, enc
 from mesh.contracts.codec import decode_body, open_envelope
 from mesh.contracts.models import FREEFORM_MAX_BYTES, FREEFORM_MAX_DEPTH
 from mesh.errors import CodecError, DecodeLimitExceeded, SchemaViolation
+from mesh.tools.toolbox import ToolBox
+from mesh.tools.workspace import Workspace
+from tests.test_workspace import Blobs
 
 HEAP_RATIO = 32  # the acceptance bound: peak heap of decoding ≤ ~32× the wire size
 PINNED = "aa9b439bab7590cb"  # corpus_digest()[:16]; a changed corpus is a changed acceptance test
@@ -78,3 +81,18 @@ def test_free_form_fields_refuse_deep_or_large_data() -> None:
     body = {"type": "tool.call", "goal_id": "g", "tool": "fs.write", "arguments": _deep(40)}
     with pytest.raises(SchemaViolation, match="arguments: Value error, free-form data nested deeper"):
         decode(envelope(body))
+
+
+async def test_a_models_deep_or_huge_tool_arguments_are_recorded_within_the_bounds() -> None:
+    """Whatever arguments a model sends, the tool.call event that records them is valid (elided if need be)."""
+    ws = Workspace({}, Blobs().fetch)
+    async with ToolBox(["fs.read"], ws) as tools:
+        deep = await tools.call("fs.read", {"path": "a.py", "x": _deep(40)})
+        wide = await tools.call("fs.read", {"path": "a.py", "x": list(range(20_000))})
+        plain = await tools.call("fs.read", {"path": "a.py" + "y" * 500})
+    assert deep.arguments == {"elided": "arguments not recorded: free-form data nested deeper than 16 levels"}
+    assert wide.arguments["elided"].endswith(f"larger than {FREEFORM_MAX_BYTES} bytes")
+    assert plain.arguments == {"path": "a.py" + "y" * 196 + "…"}  # long strings are cut, as before
+    for result in (deep, wide, plain):
+        event = ToolCall(goal_id="g", tool="fs.read", arguments=result.arguments)
+        assert decode(encode(event)) == event

@@ -16,10 +16,11 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from nats.aio.msg import Msg
@@ -37,6 +38,7 @@ from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.orchestrator import Orchestrator
 from mesh.router.policy import RulePolicy
+from tests import gatewaykit
 from tests.meshkit import NodeProcess, in_process_mesh, node_env, role_specs, run_goal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +95,7 @@ async def test_a_restarted_planner_redrives_a_step_in_the_goals_trace(bus: Bus, 
     trace, the task naming the goal span as parent."""
     specs = role_specs()
     goal = Goal(brief="Build me a login system")
-    state = GoalState(goal=goal, traceparent=tracing.goal_traceparent(tracing.new_traceparent()))
+    state = GoalState(goal=goal, traceparent=tracing.new_traceparent())
     state.apply_plan(Plan(goal_id=goal.goal_id, steps=[Step(step_id="research", role="researcher",
                                                              instruction="look around")]))
     state.mark_dispatched("research")
@@ -142,10 +144,16 @@ def test_off_nothing_is_exported_and_the_sdk_is_not_imported() -> None:
 
 def test_goal_traceparent_continues_the_submitters_trace() -> None:
     submitted = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
-    goal = tracing.goal_traceparent(submitted)
+    goal, parent = tracing.goal_traceparent({"traceparent": submitted})
     assert goal.startswith("00-" + "a" * 32 + "-") and goal != submitted and tracing.parse(goal) is not None
-    assert tracing.parse(tracing.goal_traceparent("garbage")) is not None  # a fresh trace, never an error
+    assert parent == "b" * 16, "a submitter inside a trace: the goal span is its span's child"
+    fresh = tracing.trace_context()  # published outside any trace: a new one, marked as having no span
+    goal, parent = tracing.goal_traceparent(fresh)
+    assert parent is None and goal.split("-")[1] == fresh["traceparent"].split("-")[1]
+    goal, parent = tracing.goal_traceparent({"traceparent": "garbage"})  # a fresh trace, never an error
+    assert tracing.parse(goal) is not None and parent is None
     assert tracing.parse("00-" + "0" * 32 + "-" + "b" * 16 + "-01") is None  # all-zero ids are invalid
+    assert tracing.valid(submitted + "\r\nX-Evil: 1") is None and tracing.valid(submitted.upper()) == submitted
 
 
 @pytest.mark.parametrize(("kind", "model", "base_url", "expected"), [
@@ -220,8 +228,10 @@ async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSetting
     env = node_env(fast, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="200")
     nodes = [NodeProcess(role, env, tmp_path).start() for role in role_specs()]
     goal = Goal(brief="Build me a login system")
+    caller = "00-" + "c" * 32 + "-" + "d" * 16 + "-01"  # this test, submitting inside a trace of its own
     try:
-        events = await run_goal(bus, goal, timeout=240)
+        with tracing.adopt(caller):
+            events = await run_goal(bus, goal, timeout=240)
         for node in nodes:
             node.signal(signal.SIGTERM)
         for node in nodes:  # a node flushes its queued spans before it exits
@@ -233,6 +243,7 @@ async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSetting
     state = await GoalStore(bus).get(goal.goal_id)
     assert state is not None and state.traceparent is not None
     trace_id, goal_span_id, _ = tracing.parse(state.traceparent) or (0, 0, 0)
+    assert trace_id == int("c" * 32, 16), "the goal joined its submitter's trace"
 
     spans = [s for s in rec.spans if s["attrs"].get("mesh.goal.id") == goal.goal_id or s["trace_id"] ==
              f"{trace_id:032x}"]
@@ -241,9 +252,10 @@ async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSetting
     assert len(by_id) == len(spans), "no span exported twice"
     assert all(s["scope"] == ("mesh", tracing.GENAI_SEMCONV_VERSION, tracing.GENAI_SEMCONV_URL) for s in spans)
 
-    # the goal span: the root, under the ids the goal state chose at planning, from start to end
+    # the goal span: under the ids the goal state chose at planning, from start to end, a child of the
+    # submitter's span (the test's: not exported) — the root of everything the mesh did
     (root,) = [s for s in spans if s["name"] == "invoke_workflow mesh"]
-    assert root["span_id"] == f"{goal_span_id:016x}" and root["parent"] == "" and root["service"] == "mesh-planner"
+    assert root["span_id"] == f"{goal_span_id:016x}" and root["parent"] == "d" * 16 and root["service"] == "mesh-planner"
     assert root["attrs"]["mesh.goal.status"] == "completed" and root["attrs"]["gen_ai.operation.name"] == \
         "invoke_workflow"
     assert all(s["parent"] in by_id for s in spans if s is not root), "every other span's parent is in the trace"
@@ -301,3 +313,27 @@ def test_a_chat_span_says_provider_endpoint_usage_and_the_routing_behind_it() ->
     assert attrs["mesh.route.fallback"] is True and attrs["mesh.route.tier"] == "edge" and attrs["mesh.tier"] == "long_context"
     assert attrs["mesh.route.explored"] is True and attrs["mesh.route.propensity"] == 0.25
     assert attrs["mesh.simulated"] is False and "error.type" not in attrs
+
+
+async def test_a_goal_submitted_inside_a_callers_trace_joins_it(settings: MeshSettings, bus: Bus,
+                                                                eventually: Callable[..., Awaitable[None]]) -> None:
+    """Through the gateway with a W3C ``traceparent`` header: the goal's trace is the caller's and the goal
+    span a child of the caller's span; without one (or with a malformed one) the goal span is a root."""
+    caller = "00-" + "c" * 32 + "-" + "d" * 16 + "-01"
+    fast = gatewaykit.fast(settings)
+    async with gatewaykit.gateway(fast, roles=False) as (gw, _), httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        ids = [(await http.post("/v1/goals", json={"brief": "Build me a login system"},
+                                headers={"traceparent": tp} if tp else {})).json()["goal_id"]
+               for tp in (caller, None, caller[:-2] + "zz")]
+        specs = role_specs()
+        async with in_process_mesh(fast, {"planner": 1}, specs):  # the planner takes the goals
+            store = GoalStore(bus)
+
+            async def all_planned() -> bool:
+                return all([await store.get(gid) is not None for gid in ids])
+            await eventually(all_planned, timeout=60)
+    joined, plain, malformed = [await store.get(gid) for gid in ids]
+    assert joined is not None and plain is not None and malformed is not None
+    assert _trace_id(joined.traceparent) == int("c" * 32, 16) and joined.trace_parent == "d" * 16
+    assert _trace_id(plain.traceparent) != int("c" * 32, 16) and plain.trace_parent is None
+    assert _trace_id(malformed.traceparent) != int("c" * 32, 16) and malformed.trace_parent is None

@@ -109,6 +109,9 @@ class GoalState(Wire):
     # the planner that ends the goal records the goal span under these ids (mesh/tracing.py). None: a
     # state written before traces (its messages start a trace each, as they did then).
     traceparent: str | None = None
+    # The span id of the goal span's parent: the submitter's span, when it submitted inside a trace of its own
+    # (a traced client through the gateway); None: the goal span is the root of the goal's trace.
+    trace_parent: str | None = None
 
     # --- queries ---------------------------------------------------------------------------
 

@@ -763,7 +763,8 @@ def _final_output(state: GoalState, synthesizer: str) -> Any:
 def _new_state(goal: Goal, delivery: Delivery) -> GoalState:
     """A goal's first state: its trace continues the submitting message's trace (the goal span's ids
     chosen now, for the goal's whole life)."""
-    return GoalState(goal=goal, traceparent=tracing.goal_traceparent(delivery.envelope.trace.get("traceparent")))
+    traceparent, parent = tracing.goal_traceparent(delivery.envelope.trace)
+    return GoalState(goal=goal, traceparent=traceparent, trace_parent=parent)
 
 
 def _remaining(state: GoalState) -> Budget:

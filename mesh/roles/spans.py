@@ -108,7 +108,7 @@ def record_goal(state: GoalState) -> None:
         "mesh.simulated": state.simulated, **usage(state.usage)}
     if state.goal.submitter:
         attrs["mesh.goal.submitter"] = state.goal.submitter
-    tracing.record(GOAL_SPAN, ids=state.traceparent, start_ns=_ns(state.started_at),
+    tracing.record(GOAL_SPAN, ids=state.traceparent, parent=state.trace_parent, start_ns=_ns(state.started_at),
                    end_ns=_ns(state.finished_at) if state.finished_at else None, attributes=attrs,
                    error=state.reason if state.status == "failed" else None)
 

@@ -49,7 +49,6 @@ REVEALING_RELATIONS = frozenset({"pg_settings", "pg_prepared_statements"})
 REVEALING_FUNCTIONS = frozenset({"current_setting", "getvariable", "getenv"})
 MAX_QUERY_CHARS = 20_000
 MAX_RESULT_BYTES = 1024 * 1024
-_FIRST_CHUNK = 64  # rows of the first fetch; later fetches are sized by the bytes per row seen so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +239,7 @@ class LedgerQueries:
         is ever held."""
         rows: list[tuple[Any, ...]] = []
         encoded: list[str] = []
-        chunk = _FIRST_CHUNK
+        chunk = 1  # then doubling, but never more rows than the bytes per row so far leave room for
         while len(rows) < max_rows:
             got = cursor.fetchmany(min(chunk, max_rows - len(rows)))
             if not got:
@@ -254,7 +253,7 @@ class LedgerQueries:
             rows.extend(got)
             if time.perf_counter() > deadline:
                 raise QueryRefused(f"query exceeded the time limit of {timeout:g} s and was stopped")
-            chunk = max(1, min(2048, (max_bytes - size) * len(rows) // max(size, 1)))
+            chunk = max(1, min(2048, 2 * chunk, (max_bytes - size) * len(rows) // max(size, 1)))
         return rows, encoded, bool(cursor.fetchmany(1))
 
     # --- typed queries -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -28,11 +29,16 @@ from mesh.contracts import (
     GoalCompleted,
     GoalFailed,
     GoalPlanned,
+    Plan,
+    Step,
     StepCompleted,
     StepDispatched,
+    utcnow,
 )
 from mesh.embedded.local import sim_server_env
 from mesh.errors import ApprovalNotPending
+from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
 from tests.meshkit import TERMINAL, EventLog, in_process_mesh, role_specs
 from tests.test_cli_commands import mesh_cli
@@ -309,3 +315,36 @@ async def test_a_before_gate_holds_a_risky_roles_step_undispatched_and_a_rejecti
     assert not rejected_dispatches
     plans = [r["prompt"] for r in await received(sim_server) if r["hints"].get("role") == "planner"]
     assert any(note in p for p in plans[1:]) and note not in plans[0]
+
+
+async def test_the_sweep_replans_after_a_rejection_whose_replan_was_lost(fast: MeshSettings, bus: Bus) -> None:
+    """A planner that died between a rejection's write and its replan (a deadline's rejection has no command
+    to redeliver): the goal state alone tells the sweep to replan — a rejected plan, a step rejected before
+    it ran."""
+    store = GoalStore(bus)
+    long_ago = utcnow() - timedelta(hours=1)
+    planned, stepped = Goal(brief="Build me a login system"), Goal(brief="Build me a login system")
+    for goal, kind in ((planned, "plan"), (stepped, "before")):
+        s = GoalState(goal=goal)
+        s.apply_plan(Plan(goal_id=goal.goal_id, steps=[Step(step_id="t", role="tester", instruction="test it")]))
+        gate = "plan" if kind == "plan" else "t.before"
+        s.request_approval(gate, kind, timeout=60, on_timeout="fail", step_id=None if kind == "plan" else "t")
+        s.decide(gate, "reject", "timeout", "no decision before the deadline")
+        s.approvals[gate].decided_at = long_ago
+        if kind == "plan":
+            s.status, s.replan_note = "planning", "no decision before the deadline"
+        else:
+            st = s.steps["t"]
+            st.status, st.error, st.failures = "failed", "rejected before it ran by timeout", 1
+        assert await store.create(s)
+    client = MeshClient(bus)
+    logs = [EventLog(client, g.goal_id) for g in (planned, stepped)]
+    async with asyncio.TaskGroup() as tg, in_process_mesh(fast):
+        followers = [tg.create_task(log.follow()) for log in logs]
+        for log in logs:
+            replanned = await log.wait(lambda e: isinstance(e, GoalPlanned), timeout=30)
+            assert isinstance(replanned, GoalPlanned) and replanned.plan.version == 2
+        for follower in followers:
+            follower.cancel()
+    state = await client.goal(stepped.goal_id)
+    assert state is not None and state.replans == 1

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from mesh import tracing
@@ -276,6 +276,14 @@ class Orchestrator:
         elif a.kind == "before" and a.step_id is not None and state.steps.get(a.step_id) is not None \
                 and state.steps[a.step_id].status == "failed":
             await self._replan_or_fail(state, a.step_id, state.steps[a.step_id].error or "rejected")
+
+    async def _finish_rejections(self, state: GoalState) -> None:
+        """The sweep's part: a rejection whose replan was lost with its planner (a command's redelivery
+        redoes it, but a deadline's rejection has none) is replanned once it is older than a stale dispatch."""
+        old = utcnow() - self.stale_after
+        for a in list(state.approvals.values()):
+            if a.status == "rejected" and a.decided_at is not None and a.decided_at < old:
+                await self._after_decision(state, a)
 
     async def _enforce_deadlines(self, state: GoalState) -> None:
         """The sweep's part: every pending gate past its deadline follows its policy."""
@@ -671,7 +679,7 @@ class Orchestrator:
     async def sweep(self, stop: asyncio.Event) -> None:
         """Reconciliation: wall-time budgets (less the time spent waiting for approvals), stale dispatches
         (never a step whose outcome waits at its "after" gate: it is not dispatched any more), gate
-        deadlines, and the replan of a rejected plan whose planner died."""
+        deadlines, and the replan after a rejection whose planner died."""
         # Goals seen finished: a finished goal never runs again, so it is not read (and parsed) again every
         # sweep: the bucket keeps every goal, so reading them all cost more with every goal ever run.
         finished: set[str] = set()
@@ -687,9 +695,8 @@ class Orchestrator:
                         finished.add(gid)
                     if state is None or state.done:
                         continue
-                    if state.status == "planning":  # a rejected plan whose replan was lost with its planner
-                        if state.replan_note is not None and _decided_before(state, utcnow() - self.stale_after):
-                            await self._plan(state, delivery=None)
+                    await self._finish_rejections(state)
+                    if state.status == "planning":
                         continue
                     await self._enforce_deadlines(state)
                     now = utcnow()
@@ -728,11 +735,6 @@ def _not_pending(state: GoalState | None, gate: str) -> str:
     if a.status != "pending":
         return f"gate {gate} of goal {state.goal.goal_id} was already {a.status} by {a.decided_by}"
     return ""
-
-
-def _decided_before(state: GoalState, when: datetime) -> bool:
-    plan = state.approvals.get(PLAN_GATE)
-    return plan is not None and plan.decided_at is not None and plan.decided_at < when
 
 
 def _accepts_failing_tests(options: dict[str, Any]) -> bool:

@@ -120,7 +120,8 @@ class EventFeed:
         """One pull request; returns when it ended, its batch arrived, or it is written off."""
         self._want = len(self._arrived) + batch
         self._done.clear()
-        await self._pulls.request(batch, expires=wait, max_bytes=self.batch_bytes)
+        # never below two messages of the largest size: a message above a request's max_bytes is never delivered
+        await self._pulls.request(batch, expires=wait, max_bytes=max(self.batch_bytes, 2 * self.bus.max_payload))
         try:
             await asyncio.wait_for(self._done.wait(), (wait or 0.0) + _GRACE)
         except TimeoutError:

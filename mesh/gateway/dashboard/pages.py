@@ -32,6 +32,9 @@ from mesh.roles.goalstate import GoalState
 
 STATIC = Path(str(files("mesh.gateway.dashboard") / "static"))
 PAGES = {"goals": "Goals", "approvals": "Approvals", "mesh": "Mesh", "router": "Router"}
+# What re-renders an operator page: event type prefixes on `GET /v1/events`, and a poll (ms; 0 = none).
+TRIGGERS = {"approvals": "approval. goal.", "mesh": "node. step. goal.", "router": "step.completed step.failed"}
+POLLS = {"approvals": 5_000, "mesh": 2_000, "router": 10_000}  # router: the ledger ingests a moment after an event
 
 
 @cache
@@ -61,7 +64,7 @@ def desk(request: Request) -> Desk:
 
 
 def _shell(page: str, **context: Any) -> HTMLResponse:
-    return render("shell.html", page=page, pages=PAGES, **context)
+    return render("shell.html", page=page, pages=PAGES, triggers=TRIGGERS, polls=POLLS, **context)
 
 
 async def goals_page(request: Request) -> Response:

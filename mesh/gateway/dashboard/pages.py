@@ -29,6 +29,7 @@ from mesh.errors import LedgerError, RequestRefused
 from mesh.gateway.dashboard import dag, ops, views
 from mesh.gateway.goals import Desk
 from mesh.roles.goalstate import GoalState
+from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 
 STATIC = Path(str(files("mesh.gateway.dashboard") / "static"))
 PAGES = {"goals": "Goals", "approvals": "Approvals", "mesh": "Mesh", "router": "Router"}
@@ -42,6 +43,7 @@ def _templates() -> Environment:
     env = Environment(loader=PackageLoader("mesh.gateway.dashboard", "templates"),
                       autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
     env.filters["short"] = lambda text, n=80: text if len(text) <= n else text[:n - 1] + "…"
+    env.globals["WORKSPACE"] = MANIFEST_MEDIA_TYPE
     return env
 
 

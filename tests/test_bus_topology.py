@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -150,6 +151,25 @@ async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(bare_nat
             entry = await bus.kv_get("mesh_goals", "g1", direct=direct)
             assert entry is not None and entry.value == b"state"
             assert await bus.kv_get("mesh_goals", "g2", direct=direct) is None
+
+
+async def test_a_node_against_a_goals_bucket_without_direct_gets_asks_for_provisioning(
+        bare_nats: EmbeddedNats) -> None:
+    """A server provisioned by an older version: a node refuses to start (its step checks would find no
+    responder) and names the fix."""
+    nc = await nats.connect(bare_nats.url)
+    js = nc.jetstream()
+    try:
+        await provision(js, Topology())
+        info = await js.stream_info("KV_mesh_goals")
+        await js.update_stream(dataclasses.replace(info.config, allow_direct=False))
+        with pytest.raises(NotProvisioned, match="bucket mesh_goals does not allow direct gets — run `mesh provision`"):
+            await Bus.connect(MeshSettings(nats_url=bare_nats.url), roles=["coder"])
+        await provision(js, Topology())
+        async with await Bus.connect(MeshSettings(nats_url=bare_nats.url), roles=["coder"]):
+            pass
+    finally:
+        await nc.close()
 
 
 async def test_events_expire_after_the_configured_age(nats_url: str, eventually: Eventually) -> None:

@@ -338,6 +338,9 @@ async def require_topology(js: JetStreamContext, topo: Topology, roles: Iterable
                 info = await js.stream_info(name)
             except NotFoundError:
                 raise NotProvisioned(f"mesh not provisioned: stream {name} missing — run `mesh provision`") from None
+            if name == f"KV_{topo.kv_goals}" and not info.config.allow_direct:  # the workers' step checks read so
+                raise NotProvisioned(f"mesh provisioned by an older version: bucket {topo.kv_goals} does not allow "
+                                     "direct gets — run `mesh provision`")
             if name == topo.tasks_stream:
                 taken = set(info.config.subjects or ())
                 for role in roles:

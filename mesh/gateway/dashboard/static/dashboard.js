@@ -393,12 +393,15 @@ function goalPage() {
   });
 }
 
-function polledPage() {
+function operatorPage() {
   const view = $("#view");
-  const refresh = refresher(view, 0);
+  const triggers = view.dataset.on.split(" ");
+  const refresh = refresher(view, 1000); // the router's ledger queries are the heaviest: at most one a second
   load(view).catch(() => {});
-  setInterval(refresh, Number(view.dataset.poll));
-  setLive(true);
+  if (Number(view.dataset.poll)) setInterval(refresh, Number(view.dataset.poll));
+  stream(view.dataset.stream, (ev) => {
+    if (triggers.some((t) => ev.type.startsWith(t))) refresh();
+  });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -407,5 +410,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "goals") goalsPage();
   else if (page === "goal") goalPage();
-  else polledPage();
+  else operatorPage();
 });

@@ -42,7 +42,7 @@ from bench.results import write_section
 from mesh.bus import Bus, Delivery, PullConsumer, Topology, provision
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, StepCompleted, Usage, encode, new_id, new_traceparent
-from mesh.embedded import EmbeddedNats
+from tests.meshkit import provisioned_nats
 
 ROLE = "coder"  # a worker role: the tasks stream takes only the worker roles' subjects
 WINDOW = 32
@@ -184,7 +184,7 @@ async def core_raw(url: str, n: int, payload: bytes) -> float:
 
 async def core_mesh(url: str, n: int, event: StepCompleted) -> float:
     """The envelope path without JetStream: encode + trace/dedupe headers, then open + validate."""
-    async with await Bus.connect(MeshSettings(nats_url=url), name="bench-core", provision=False) as bus:
+    async with await Bus.connect(MeshSettings(nats_url=url), name="bench-core", check=False) as bus:
         counter = Counter(n)
 
         async def on_msg(msg: Msg) -> None:
@@ -235,7 +235,7 @@ async def bench(n: int, core_n: int, rounds: int) -> dict[str, float]:
     }
     rates: dict[str, list[float]] = {name: [] for name in runners}
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats") as server:
+        async with provisioned_nats(Path(tmp) / "nats") as server:
             for run in runners.values():  # warm-up: streams, consumers, imports, first-use caches
                 await run(server.url, 300)
             for r in range(rounds):  # interleaved, so a noisy moment hits every path alike

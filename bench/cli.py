@@ -33,7 +33,7 @@ from bench.results import write_section
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import Goal
-from mesh.embedded import EmbeddedNats
+from tests.meshkit import provisioned_nats
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.3  # seconds, at load average < 1
@@ -65,7 +65,7 @@ async def command_times(runs: int, sources: list[Path]) -> dict[Path, dict[str, 
     """Median wall seconds of each command in ``COMMANDS`` per source tree (and its CPU seconds, under
     ``"<command> cpu"``), against a fresh, provisioned nats-server."""
     with tempfile.TemporaryDirectory(prefix="mesh-bench-cli-") as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats") as server:
+        async with provisioned_nats(Path(tmp) / "nats") as server:
             async with await Bus.connect(MeshSettings(nats_url=server.url), name="bench-cli") as bus:
                 for i in range(3):
                     await bus.submit_goal(Goal(brief=f"an earlier goal {i}"))

@@ -156,11 +156,11 @@ def typical() -> dict[str, bytes]:
     gid = new_id()
     return {
         "step.completed": encode(StepCompleted(
-            goal_id=gid, step_id="implement-login", role="coder", attempt=1, task_id=f"{gid}.x.1", outputs=refs,
+            goal_id=gid, step_id="implement-login", role="coder", attempt=1, outputs=refs,
             usage=Usage(prompt_tokens=18_000, completion_tokens=2_400, cost_usd=0.0123, calls=3), tier="long_context",
             node="coder-7f9c")),
         "step.progress (detail)": encode(StepProgress(
-            goal_id=gid, step_id="implement-login", role="coder", attempt=1, task_id=f"{gid}.x.1",
+            goal_id=gid, step_id="implement-login", role="coder", attempt=1,
             message="context packed", detail={"dropped": 3, "summarised": 2, "tier": "long_context"})),
         "tool.call (arguments)": encode(ToolCall(
             goal_id=gid, step_id="implement-login", role="coder", tool="fs.write",
@@ -179,12 +179,33 @@ def hot_path_us(messages: dict[str, bytes], rounds: int, n: int) -> dict[str, fl
     return {name: statistics.median(v) for name, v in per.items()}
 
 
+def bounds_overhead_us(messages: dict[str, bytes], rounds: int, n: int) -> dict[str, tuple[float, float]]:
+    """Per message: (µs of plain ``msgpack.unpackb``, µs of the bounded ``unpack``), interleaved in one process
+    — what the container budget adds to the hot path, free of the load on the machine. Empty when this
+    tree has no bounded ``unpack`` (before)."""
+    try:
+        from mesh.contracts.codec import unpack  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return {}
+    plain: dict[str, list[float]] = {name: [] for name in messages}
+    bounded: dict[str, list[float]] = {name: [] for name in messages}
+    for _ in range(rounds):
+        for name, data in messages.items():
+            for fn, out in ((lambda d: msgpack.unpackb(d, raw=False, strict_map_key=True), plain), (unpack, bounded)):
+                started = time.perf_counter()
+                for _ in range(n):
+                    fn(data)
+                out[name].append((time.perf_counter() - started) / n * 1e6)
+    return {name: (statistics.median(plain[name]), statistics.median(bounded[name])) for name in messages}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.codec", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--n", type=int, default=5_000, help="decodes per round per typical message")
     parser.add_argument("--label", default="after", help="name of this tree in the output (before/after)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--hot-only", action="store_true", help="only the typical messages (before/after rounds)")
     args = parser.parse_args(argv)
 
     lines = [f"`mesh` from `{os.path.dirname(mesh.__file__)}` ({args.label}); corpus {corpus_digest()[:12]}", "",
@@ -192,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     messages = typical()
     for name, us in hot_path_us(messages, args.rounds, args.n).items():
         lines.append(f"| {name} | {len(messages[name])} | {us:.1f} |")
+    overhead = bounds_overhead_us(messages, args.rounds, args.n)
+    if overhead:
+        lines += ["", "| typical message | µs `msgpack.unpackb` | µs bounded `unpack` (same process, interleaved) |",
+                  "|---|---:|---:|"]
+        lines += [f"| {name} | {a:.2f} | {b:.2f} |" for name, (a, b) in overhead.items()]
+    if args.hot_only:
+        print("\n".join(lines))
+        return 0
     lines += ["", "| hostile message | wire bytes | peak heap | × wire | CPU ms | outcome |", "|---|---:|---:|---:|---:|---|"]
     for name, data in hostile_corpus().items():
         cost = heap_cost(data)

@@ -35,10 +35,10 @@ from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, GoalCompleted, StepProgress, new_id
-from mesh.embedded import EmbeddedNats
 from mesh.embedded.child import ChildProcess
 from mesh.embedded.natsserver import free_port
 from mesh.embedded.readiness import wait_http
+from tests.meshkit import provisioned_nats
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -139,7 +139,7 @@ async def fan_out(bus: Bus, http: httpx.AsyncClient, pids: tuple[int, int], clie
 
 async def run(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats") as server:
+        async with provisioned_nats(Path(tmp) / "nats") as server:
             settings = MeshSettings(nats_url=server.url, data_dir=Path(tmp) / "mesh")
             port = free_port()
             env = {**os.environ, "MESH_NATS_URL": server.url, "MESH_DATA_DIR": str(Path(tmp) / "mesh"),

@@ -39,11 +39,11 @@ from mesh.bus import Bus, Topology
 from mesh.config import MeshSettings
 from mesh.contracts import Event, encode
 from mesh.contracts.events import likely_emitter
-from mesh.embedded import EmbeddedNats
 from mesh.roles.recorder import Recorder
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries
 from mesh.store.synthetic import synthetic_events
+from tests.meshkit import provisioned_nats
 
 TOPO = Topology()
 SWEEP_BATCHES = (1_000, 2_000, 10_000, 20_000, 50_000)
@@ -124,7 +124,7 @@ def latency(fn: Callable[[], object], runs: int) -> tuple[float, float]:
 
 async def recorder_rates(root: Path, count: int) -> list[tuple[int, float]]:
     """(batch size, events/s) of the ledger role catching up on ``count`` stored events."""
-    async with EmbeddedNats(root / "nats") as server:
+    async with provisioned_nats(root / "nats") as server:
         settings = MeshSettings(nats_url=server.url, data_dir=root / "mesh")
         async with await Bus.connect(settings, name="bench-ledger") as bus:
             for event in synthetic_events(count, seed=2):  # core publishes: the stream stores them all

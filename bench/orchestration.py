@@ -38,9 +38,8 @@ from mesh.aio import run_loop
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalPlanned, StepCompleted, StepStarted
-from mesh.embedded import EmbeddedNats
 from mesh.roles.spec import RoleSpec
-from tests.meshkit import NodeProcess, node_env, role_specs, run_goal
+from tests.meshkit import NodeProcess, node_env, provisioned_nats, role_specs, run_goal
 
 WORKERS = ("researcher", "coder", "reviewer", "tester", "synthesizer")
 IDLE_SECONDS = 5.0
@@ -82,12 +81,14 @@ async def round_trip(bus: Bus, n: int = 200) -> float:
     return statistics.median(times)
 
 
-async def overhead(settings: MeshSettings, server_pid: int, goals: int, work: Path) -> dict[str, float]:
-    """The overhead figures, and ``cpu:<process>``: CPU ms per step of each process (nats-server, each role)."""
+async def overhead(settings: MeshSettings, server_pid: int, goals: int, work: Path,
+                   env: dict[str, str] | None = None) -> dict[str, float]:
+    """The overhead figures, and ``cpu:<process>``: CPU ms per step of each process (nats-server, each role).
+    ``env``: more environment for the node processes (``bench.tracing``: the OTLP endpoint)."""
     dispatch: list[float] = []
     worker: list[float] = []
     counts = {"planner": 1} | dict.fromkeys(WORKERS, 1)
-    async with node_fleet(settings, server_pid, counts, model_only_specs(), work) as (bus, pids):
+    async with node_fleet(settings, server_pid, counts, model_only_specs(), work, env) as (bus, pids):
         names = dict(zip(pids, ["nats-server", *counts], strict=True))  # one process per role, in fleet order
         rtt = await round_trip(bus)
         # Nodes are long-lived: the first goal pays one-time costs (lazy schema builds, the router's first
@@ -186,10 +187,11 @@ async def _await_nodes(bus: Bus, counts: dict[str, int], timeout: float = 180.0)
 
 @asynccontextmanager
 async def node_fleet(settings: MeshSettings, server_pid: int, counts: dict[str, int], specs: dict[str, RoleSpec],
-                     work: Path) -> AsyncIterator[tuple[Bus, list[int]]]:
+                     work: Path, extra_env: dict[str, str] | None = None) -> AsyncIterator[tuple[Bus, list[int]]]:
     """``counts[role]`` ``mesh node <role>`` processes, as deployed, running ``specs``; yields a bus once
     they are all up, and the pids of the server and the nodes (for their CPU use). SIGTERM on exit."""
-    env = node_env(settings, MESH_NODES_DIR=str(write_specs(specs, work / "nodes")), MESH_LOG_LEVEL="WARNING")
+    env = node_env(settings, MESH_NODES_DIR=str(write_specs(specs, work / "nodes")), MESH_LOG_LEVEL="WARNING",
+                   **(extra_env or {}))
     if settings.sim_latency_ms is not None:
         env["MESH_SIM_LATENCY_MS"] = str(settings.sim_latency_ms)
     procs = [NodeProcess(role, env, work).start() for role, n in counts.items() for _ in range(n)]
@@ -219,7 +221,7 @@ async def throughput(settings: MeshSettings, server_pid: int, replicas: int, goa
 
 async def main(goals: int, concurrent_goals: int, replicas: list[int], write: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats") as server:
+        async with provisioned_nats(Path(tmp) / "nats") as server:
             base = MeshSettings(nats_url=server.url, data_dir=Path(tmp) / "mesh", health_port=0,
                                 health_host="127.0.0.1", drain_seconds=5.0, sim_latency_scale=0.0)
             assert server.pid is not None

@@ -37,10 +37,9 @@ from bench.results import write_section
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, open_envelope
-from mesh.embedded import EmbeddedNats
 from mesh.errors import LedgerError
 from mesh.roles.ledger_service import LedgerClient
-from tests.meshkit import node_env, role_specs
+from tests.meshkit import node_env, provisioned_nats, role_specs
 from tests.reliability.kit import Fleet, rss_kb
 
 PNG = Path(__file__).with_name("soak.png")
@@ -231,7 +230,7 @@ def run_suite() -> list[str]:
 
 async def _main(minutes: float, in_flight: int, interval: float) -> SoakResult:
     with tempfile.TemporaryDirectory(prefix="mesh-soak-") as tmp:
-        async with EmbeddedNats(Path(tmp) / "nats") as server:
+        async with provisioned_nats(Path(tmp) / "nats") as server:
             settings = MeshSettings(nats_url=server.url, data_dir=Path(tmp) / "mesh", ack_wait=10.0)
             return await soak(settings, minutes * 60, Path(tmp) / "logs", in_flight=in_flight, interval=interval,
                               server_pid=server.pid)

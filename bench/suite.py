@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import backends, bus, cli, ledger, orchestration, router
+from bench import backends, bus, cli, codec, ledger, orchestration, router
 from bench.results import write_section
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, Budget, DagPosition, Step, Task, encode, new_id
@@ -32,6 +32,7 @@ from mesh.embedded import EmbeddedNats
 from mesh.roles.spec import default_nodes_dir, load_specs
 from mesh.router.simenv import SimRouting
 from mesh.store.synthetic import synthetic_events
+from tests.meshkit import provision_topology, provisioned_nats
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def ledger_rows(scale: float) -> list[Row]:
 async def orchestration_rows(scale: float, replicas: int = 4) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="mesh-suite-orch-") as tmp:
         work = Path(tmp)
-        async with EmbeddedNats(work / "nats") as server:
+        async with provisioned_nats(work / "nats") as server:
             assert server.pid is not None
             base = MeshSettings(nats_url=server.url, data_dir=work / "mesh", health_port=0, health_host="127.0.0.1",
                                 drain_seconds=5.0, sim_latency_scale=0.0)
@@ -165,6 +166,19 @@ async def cli_rows(scale: float) -> list[Row]:
             for name in cli.COMMANDS]
 
 
+def codec_rows(scale: float) -> list[Row]:
+    """The pinned hostile corpus (fixed: ``scale`` does not apply), decoded as a consumer decodes it."""
+    corpus = codec.hostile_corpus()
+    worst = max(codec.heap_cost(data).ratio for data in corpus.values())
+    slowest = max(codec.cpu_ms(data, rounds=1) for data in corpus.values())
+    return [
+        Row(f"decoding, hostile corpus ({len(corpus)} messages ≤ 1 MB): worst peak heap vs the 32× wire-size target",
+            f"{worst:.1f}× wire", "32× wire", worst / 32, "× target", 1.0, higher_is_better=False),
+        Row("decoding, hostile corpus: slowest message's CPU vs the 250 ms target", f"{slowest:.0f} ms", "250 ms",
+            slowest / 250, "× target", 1.0, higher_is_better=False),
+    ]
+
+
 class _server:
     """A fresh nats-server in a temporary directory for one group of rows."""
 
@@ -172,6 +186,7 @@ class _server:
         self._tmp = tempfile.TemporaryDirectory(prefix="mesh-suite-nats-")
         self._nats = EmbeddedNats(Path(self._tmp.name) / "nats")
         await self._nats.start()
+        await provision_topology(MeshSettings(nats_url=self._nats.url))
         return self._nats.url
 
     async def __aexit__(self, *exc: object) -> None:
@@ -181,7 +196,7 @@ class _server:
 
 GROUPS: dict[str, Callable[[float], object]] = {
     "bus": bus_rows, "router": router_rows, "ledger": ledger_rows, "orchestration": orchestration_rows,
-    "backends": backend_rows, "cli": cli_rows,
+    "backends": backend_rows, "cli": cli_rows, "codec": codec_rows,
 }
 
 

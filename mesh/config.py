@@ -89,6 +89,10 @@ class MeshSettings(BaseSettings):
         default=None, description="ONNX router model to start with; unset: the packaged default.")
 
     # --- tools (mesh.tools): limits of one shell.run command ---
+    approval_timeout: float = Field(default=24 * 3600, gt=0, description="Seconds an approval gate waits for a "
+                                    "decision (docs/APPROVALS.md); a goal may set its own (approve_timeout).")
+    approval_on_timeout: Literal["fail", "approve", "reject"] = Field(
+        default="fail", description="What a gate does when its deadline passes: fail the goal, approve, or reject.")
     shell_timeout: float = Field(default=120.0, gt=0, description="shell.run wall-clock limit (seconds).")
     shell_cpu_seconds: int = Field(default=120, ge=1, description="shell.run CPU-time limit (seconds).")
     shell_memory_mb: int = Field(default=1024, ge=64, description="shell.run address-space limit (MiB).")

@@ -176,6 +176,13 @@ class ProvisioningError(BusError):
     """Streams, consumers, KV buckets or object stores could not be created or do not match."""
 
 
+class NotProvisioned(ProvisioningError):
+    """A stream or bucket a node needs is missing (or does not take its role): the admin's ``mesh provision``
+    has not run for this mesh. Nodes do not create streams, so retrying cannot help until it does."""
+
+    retryable = False
+
+
 class PublishError(BusError):
     """A publish was not acknowledged by JetStream."""
 
@@ -387,6 +394,11 @@ class RequestRefused(MeshError):
 
 class UnknownGoal(MeshError):
     """A client asked about a goal the mesh has no state for."""
+
+
+class ApprovalNotPending(MeshError):
+    """A decision for an approval gate that is not pending (never requested, already decided, or its goal
+    has ended): refused, and nothing changes."""
 
 
 class NoResponders(BusError):

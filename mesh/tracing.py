@@ -45,9 +45,14 @@ SCOPE = "mesh"
 Kind = Literal["internal", "client"]
 Attributes = Mapping[str, str | bool | int | float]
 
+# The tracestate of a context started here, with no span behind its parent id: a goal submitted with it
+# gets a root goal span; one submitted inside a caller's trace (the gateway adopts a request's traceparent)
+# gets a goal span that is a child of the caller's span.
+FRESH_STATE = "mesh=root"
+
 # The traceparent messages and spans started from this task continue (None: a fresh trace each).
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("mesh_traceparent", default=None)
-# The span being recorded in this task, when exporting (``annotate`` adds to it).
+# The span being recorded in this task, when exporting (``active`` hands it out to add attributes).
 _active: contextvars.ContextVar[_Span | None] = contextvars.ContextVar("mesh_span", default=None)
 # Ids the next span must take (the goal span: chosen at planning, recorded at the end).
 _forced: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("mesh_span_ids", default=None)
@@ -80,42 +85,34 @@ def format_traceparent(trace_id: int, span_id: int, flags: int = 1) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
 
 
-def goal_traceparent(submitted: str | None) -> str:
-    """The goal span's context: the trace of the message that submitted the goal (so a submitter's
-    trace id is the goal's), a new span id — the goal span's, recorded when the goal ends."""
-    parsed = parse(submitted)
+def valid(traceparent: str | None) -> str | None:
+    """A well-formed traceparent, rewritten from its parsed ids (so nothing else from outside, such as a
+    line break in an HTTP header, travels on); None for anything else."""
+    parsed = parse(traceparent)
+    return None if parsed is None else format_traceparent(*parsed)
+
+
+def goal_traceparent(submission: Mapping[str, str]) -> tuple[str, str | None]:
+    """The goal span's context and its parent span id, from the trace context of the message that
+    submitted the goal: the same trace id (so the submitter's trace holds the goal), a new span id — the
+    goal span's, recorded when the goal ends; its parent is the submitter's span when the submitter was
+    inside a trace (no ``FRESH_STATE``), else none (the goal span is the trace's root)."""
+    parsed = parse(submission.get("traceparent"))
     if parsed is None:
-        return new_traceparent()
-    return format_traceparent(parsed[0], int.from_bytes(os.urandom(8), "big") or 1, parsed[2])
+        return new_traceparent(), None
+    own = format_traceparent(parsed[0], int.from_bytes(os.urandom(8), "big") or 1, parsed[2])
+    return own, None if submission.get("tracestate") == FRESH_STATE else f"{parsed[1]:016x}"
 
 
 def trace_context() -> dict[str, str]:
     """The trace context of a message published now: the task's current one, else a fresh trace."""
-    return {"traceparent": _current.get() or new_traceparent()}
+    current = _current.get()
+    return {"traceparent": current} if current else {"traceparent": new_traceparent(), "tracestate": FRESH_STATE}
 
 
 def current() -> str | None:
     """The traceparent a message published from this task continues."""
     return _current.get()
-
-
-class adopt:
-    """Continue ``traceparent`` (no span) for messages and spans started inside the block."""
-
-    __slots__ = ("_token", "_traceparent")
-
-    def __init__(self, traceparent: str | None) -> None:
-        self._traceparent = traceparent
-        self._token: contextvars.Token[str | None] | None = None
-
-    def __enter__(self) -> Self:
-        if self._traceparent is not None:
-            self._token = _current.set(self._traceparent)
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
 
 
 # --- spans --------------------------------------------------------------------------------------
@@ -145,6 +142,26 @@ class _NoSpan:
 
 
 NO_SPAN = _NoSpan()
+
+
+class adopt(_NoSpan):
+    """Continue ``traceparent`` (no span) for messages and spans started inside the block. Also what ``span``
+    returns for a span with a parent when nothing is exported: only the parent's context is continued."""
+
+    __slots__ = ("_token", "_traceparent")
+
+    def __init__(self, traceparent: str | None) -> None:
+        self._traceparent = traceparent
+        self._token: contextvars.Token[str | None] | None = None
+
+    def __enter__(self) -> Self:
+        if self._traceparent is not None:
+            self._token = _current.set(self._traceparent)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
 
 
 class _Span(_NoSpan):
@@ -182,28 +199,12 @@ class _Span(_NoSpan):
             self._span.set_attributes(dict(attributes))
 
 
-class _Adopting(_NoSpan):
-    """A span with a parent when nothing is exported: only the parent's context is continued."""
-
-    __slots__ = ("_adopt",)
-
-    def __init__(self, parent: str) -> None:
-        self._adopt = adopt(parent)
-
-    def __enter__(self) -> Self:
-        self._adopt.__enter__()
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self._adopt.__exit__(et, e, tb)
-
-
 def span(name: str, *, kind: Kind = "internal", attributes: Attributes | None = None,
          parent: str | None = None) -> _NoSpan:
     """A span around a block, child of ``parent`` (a traceparent) or of the task's current context.
     Not exporting: the shared no-op object — or, given a ``parent``, only that context is continued."""
     if _tracer is None:
-        return NO_SPAN if parent is None else _Adopting(parent)
+        return NO_SPAN if parent is None else adopt(parent)
     return _Span(name, kind, attributes, parent)
 
 
@@ -216,14 +217,16 @@ def record(name: str, *, start_ns: int, end_ns: int | None = None, kind: Kind = 
            attributes: Attributes | None = None, parent: str | None = None, ids: str | None = None,
            error: str | None = None) -> None:
     """A span already over (a model call reported after the fact, the goal at its end). ``ids``: the
-    traceparent whose trace and span ids the span takes (the goal span's, chosen long before); it is
-    then a root span. Not exporting: returns at once."""
+    traceparent whose trace and span ids the span takes (the goal span's, chosen long before); its parent
+    is then ``parent`` if given (a span id, in the same trace), else none. Not exporting: returns at once."""
     if _tracer is None:
         return
     forced = parse(ids) if ids else None
     token = _forced.set((forced[0], forced[1])) if forced else None
+    if forced:
+        parent = format_traceparent(forced[0], int(parent, 16), forced[2]) if parent else None
     try:
-        sdk_span = _start(name, kind, attributes, None if forced else parent or _current.get(), start_ns)
+        sdk_span = _start(name, kind, attributes, parent if forced else parent or _current.get(), start_ns)
     finally:
         if token is not None:
             _forced.reset(token)

@@ -1,10 +1,12 @@
 """Shared fixtures: a real nats-server per test (fast: ~60 ms), settings pointing at it, a connected bus.
 
-    nats_server   EmbeddedNats in tmp_path (function scope; kill()/start() restarts it on the same port)
+    nats_server   EmbeddedNats in tmp_path (function scope; kill()/start() restarts it on the same port),
+                  provisioned as `mesh provision` would (streams and buckets; each node creates its consumers)
+    bare_nats     the same, unprovisioned
     nats_url      its URL
     settings      MeshSettings for it, data/out dirs in tmp_path, short ack_wait for fault tests
     bus           a connected, provisioned Bus (no role consumers; pass roles to bus.provision)
-    nats_cluster  a 3-node JetStream cluster (only for tests that ask for it)
+    nats_cluster  a 3-node JetStream cluster, provisioned with R3 streams (only for tests that ask for it)
     eventually    poll a condition until it holds or a timeout passes (for states with no event to await)
     retry         repeat an operation while it raises given errors (publishing through a reconnect or election)
 """
@@ -28,15 +30,22 @@ os.environ.setdefault("MESH_ALLOW_SIM", "1")
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedCluster, EmbeddedNats
+from tests.meshkit import provision_topology
 
 Condition = Callable[[], bool | Awaitable[bool]]
 T = TypeVar("T")
 
 
 @pytest.fixture
-async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+async def bare_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
     async with EmbeddedNats(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture
+async def nats_server(bare_nats: EmbeddedNats) -> EmbeddedNats:
+    await provision_topology(MeshSettings(nats_url=bare_nats.url))
+    return bare_nats
 
 
 @pytest.fixture
@@ -84,6 +93,7 @@ async def bus(settings: MeshSettings) -> AsyncIterator[Bus]:
 @pytest.fixture
 async def nats_cluster(tmp_path: Path) -> AsyncIterator[EmbeddedCluster]:
     async with EmbeddedCluster(tmp_path / "cluster", size=3) as cluster:
+        await provision_topology(MeshSettings(nats_url=cluster.url, replicas=3))  # R3: one member may be lost
         yield cluster
 
 

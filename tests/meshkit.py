@@ -8,18 +8,21 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalCancelled, GoalCompleted, GoalFailed
+from mesh.embedded import EmbeddedNats
 from mesh.node.runtime import Node
 from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
 
 TERMINAL = (GoalCompleted, GoalFailed, GoalCancelled)
+E = TypeVar("E", bound=EventBase)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,9 +32,26 @@ def role_specs(*, with_ledger: bool = False) -> dict[str, RoleSpec]:
 
 
 @asynccontextmanager
+async def provisioned_nats(store: Path) -> AsyncIterator[EmbeddedNats]:
+    """A fresh nats-server with the topology provisioned (what the benchmarks start their meshes on)."""
+    async with EmbeddedNats(store) as server:
+        await provision_topology(MeshSettings(nats_url=server.url))
+        yield server
+
+
+async def provision_topology(settings: MeshSettings) -> None:
+    """What the admin's `mesh provision` does before nodes start (here without role consumers: a test may
+    read a role's task subject with a consumer of its own, which a work-queue stream allows only once)."""
+    async with await Bus.connect(settings, name="test-admin", check=False) as admin:
+        await admin.provision()
+
+
+@asynccontextmanager
 async def in_process_mesh(settings: MeshSettings, replicas: dict[str, int] | None = None,
                           specs: dict[str, RoleSpec] | None = None) -> AsyncIterator[list[Node]]:
-    """Every role (or the given replica counts) as in-process nodes; stopped and drained on exit."""
+    """Every role (or the given replica counts) as in-process nodes, the topology provisioned for
+    ``settings`` first; stopped and drained on exit."""
+    await provision_topology(settings)
     specs = specs or role_specs()
     counts = replicas or {role: 1 for role in specs}
     nodes = [Node(specs[role], specs, settings) for role, n in counts.items() for _ in range(n)]
@@ -54,6 +74,45 @@ async def run_goal(bus: Bus, goal: Goal, timeout: float = 120.0) -> list[EventBa
 
     await client.submit(goal)
     return await asyncio.wait_for(collect(), timeout)
+
+
+class EventLog:
+    """A goal's events as they arrive (``follow`` runs in a task the caller owns), and waits for the first
+    one that matches, without polling."""
+
+    def __init__(self, client: MeshClient, goal_id: str) -> None:
+        self.client, self.goal_id = client, goal_id
+        self.events: list[tuple[int, EventBase]] = []
+        self._arrived = asyncio.Condition()
+
+    async def follow(self) -> None:
+        async for seq, event in self.client.watch(self.goal_id, 0):
+            async with self._arrived:
+                self.events.append((seq, event))
+                self._arrived.notify_all()
+
+    async def wait(self, match: Callable[[EventBase], bool], timeout: float = 60.0, *, after: int = 0) -> EventBase:
+        """The first event after stream sequence ``after`` that ``match``es."""
+        def found() -> EventBase | None:
+            return next((e for seq, e in self.events if seq > after and match(e)), None)
+
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(lambda: found() is not None), timeout)
+        event = found()
+        assert event is not None
+        return event
+
+    async def position(self, event: EventBase) -> int:
+        """The stream sequence of ``event``, once it has arrived here."""
+        await self.wait(lambda e: e.event_id == event.event_id)
+        return self.seq(event)
+
+    def seq(self, event: EventBase) -> int:
+        """The stream sequence of ``event`` (by its id: it may be a copy read elsewhere), once it arrived."""
+        return next(seq for seq, e in self.events if e.event_id == event.event_id)
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for _, e in self.events if isinstance(e, kind)]
 
 
 def node_env(settings: MeshSettings, **extra: str) -> dict[str, str]:

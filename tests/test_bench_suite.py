@@ -21,6 +21,7 @@ GROUP_ROWS = {
     "orchestration": "orchestration: steps/s with 2 vs 1 node process per worker role",
     "backends": "model call: `ModelGateway.chat` vs a bare `AsyncOpenAI`",
     "cli": "CLI start-up: `mesh goals` wall time",
+    "codec": "decoding, hostile corpus (14 messages ≤ 1 MB): worst peak heap",
 }
 
 

@@ -1,8 +1,9 @@
-"""Topology names and idempotent, race-safe provisioning against a real server."""
+"""Topology names, idempotent and race-safe provisioning, and what a node checks, against a real server."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from mesh.bus.topology import orchestrator_role
 from mesh.config import MeshSettings, default_nodes_dir
 from mesh.contracts import Step, Task
 from mesh.contracts.events import EventAddress
-from mesh.errors import NodeSpecError, NoStreamForSubject, PublishError
+from mesh.embedded import EmbeddedNats
+from mesh.errors import NodeSpecError, NoStreamForSubject, NotProvisioned, PublishError
 from mesh.roles.spec import load_specs
 from tests.ledgerkit import Eventually
 
@@ -127,27 +129,47 @@ async def test_changed_topology_updates_in_place(nats_url: str) -> None:
         await nc.close()
 
 
-async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(nats_url: str) -> None:
+async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(bare_nats: EmbeddedNats) -> None:
     """The goals bucket allows direct gets (the workers' step check reads by them); one created before
     that is updated in place, its goals kept, and read back both ways."""
+    nats_url = bare_nats.url
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     try:
         old = await js.create_key_value(api.KeyValueConfig(bucket="mesh_goals", history=8,
                                                            storage=api.StorageType.FILE))
         await old.put("g1", b"state")
-        await provision(js, Topology(), ["coder"])
+        assert "updated KV bucket mesh_goals (direct gets allowed)" in await provision(js, Topology(), ["coder"])
         goals = await js.stream_info("KV_mesh_goals")
         assert goals.config.allow_direct and goals.state.messages == 1
-        await provision(js, Topology(), ["coder"])  # and again: a no-op
+        assert await provision(js, Topology(), ["coder"]) == []  # and again: a no-op
         assert (await js.stream_info("KV_mesh_goals")).created == goals.created
     finally:
         await nc.close()
-    async with await Bus.connect(MeshSettings(nats_url=nats_url), provision=False) as bus:
+    async with await Bus.connect(MeshSettings(nats_url=nats_url), check=False) as bus:
         for direct in (True, False):
             entry = await bus.kv_get("mesh_goals", "g1", direct=direct)
             assert entry is not None and entry.value == b"state"
             assert await bus.kv_get("mesh_goals", "g2", direct=direct) is None
+
+
+async def test_a_node_against_a_goals_bucket_without_direct_gets_asks_for_provisioning(
+        bare_nats: EmbeddedNats) -> None:
+    """A server provisioned by an older version: a node refuses to start (its step checks would find no
+    responder) and names the fix."""
+    nc = await nats.connect(bare_nats.url)
+    js = nc.jetstream()
+    try:
+        await provision(js, Topology())
+        info = await js.stream_info("KV_mesh_goals")
+        await js.update_stream(dataclasses.replace(info.config, allow_direct=False))
+        with pytest.raises(NotProvisioned, match="bucket mesh_goals does not allow direct gets — run `mesh provision`"):
+            await Bus.connect(MeshSettings(nats_url=bare_nats.url), roles=["coder"])
+        await provision(js, Topology())
+        async with await Bus.connect(MeshSettings(nats_url=bare_nats.url), roles=["coder"]):
+            pass
+    finally:
+        await nc.close()
 
 
 async def test_events_expire_after_the_configured_age(nats_url: str, eventually: Eventually) -> None:
@@ -201,10 +223,10 @@ async def test_no_answer_for_a_subject_the_topology_streams_is_retryable(bus: Bu
     assert bus.topology.takes("mesh.event.g1.step.completed") and not bus.topology.takes("mesh.task.planner")
 
 
-async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consumers(nats_url: str) -> None:
+async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consumers(bare_nats: EmbeddedNats) -> None:
     """A server provisioned by an older release (``mesh.task.>``, a ``role-ledger`` consumer that nothing
     read) is brought to the worker roles' subjects, and the ledger gets no consumer on the tasks stream."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(bare_nats.url)
     js = nc.jetstream()
     try:
         await js.add_stream(api.StreamConfig(name="MESH_TASKS", subjects=["mesh.task.>"],
@@ -213,11 +235,34 @@ async def test_provisioning_replaces_the_catch_all_subject_and_drops_stray_consu
             durable_name="role-ledger", filter_subject="mesh.task.ledger", ack_policy=api.AckPolicy.EXPLICIT))
         topo = Topology(task_roles=("coder", "tester"))
         assert topo.consumer_configs("ledger") == []
-        await provision(js, topo, ["planner", "coder", "ledger"])  # a node: no deletes
+        changes = await provision(js, topo, ["planner", "coder", "ledger"])  # without prune: no deletes
         assert {c.name for c in await js.consumers_info("MESH_TASKS")} == {"role-coder", "role-ledger"}
-        await provision(js, topo, ["planner", "coder", "ledger"], prune=True)  # `mesh up`, an admin
+        assert "updated stream MESH_TASKS (subjects: mesh.task.coder, mesh.task.tester)" in changes
+        assert "created consumer role-coder on MESH_TASKS" in changes
+        changes = await provision(js, topo, ["planner", "coder", "ledger"], prune=True)  # `mesh provision`
         info = await js.stream_info("MESH_TASKS")
         assert info.config.subjects == ["mesh.task.coder", "mesh.task.tester"]
         assert {c.name for c in await js.consumers_info("MESH_TASKS")} == {"role-coder"}
+        assert changes == ["deleted consumer role-ledger on MESH_TASKS: ledger is not a worker role"]
+        assert await provision(js, topo, ["planner", "coder"], prune=True) == []  # nothing left to change
+    finally:
+        await nc.close()
+
+
+async def test_a_node_against_an_unprovisioned_server_fails_with_the_reason(bare_nats: EmbeddedNats) -> None:
+    """Nodes no longer create streams: against a bare server a role's connect fails fast, naming the first
+    missing stream and the command that fixes it; after provisioning for other workers, it names the role."""
+    settings = MeshSettings(nats_url=bare_nats.url, connect_timeout=2.0)
+    with pytest.raises(NotProvisioned, match="mesh not provisioned: stream MESH_GOALS missing — run `mesh provision`"):
+        await Bus.connect(settings, roles=["coder"])
+    nc = await nats.connect(bare_nats.url)
+    try:
+        await provision(nc.jetstream(), Topology(task_roles=("tester",)))
+        with pytest.raises(NotProvisioned, match="role 'coder': stream MESH_TASKS does not take mesh.task.coder"):
+            await Bus.connect(settings, roles=["coder"])
+        assert [c.name for c in await nc.jetstream().consumers_info("MESH_TASKS")] == []  # it created nothing
+        await provision(nc.jetstream(), Topology())
+        async with await Bus.connect(settings, roles=["coder"]):  # its own consumer is all it creates
+            assert [c.name for c in await nc.jetstream().consumers_info("MESH_TASKS")] == ["role-coder"]
     finally:
         await nc.close()

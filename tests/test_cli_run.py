@@ -73,3 +73,47 @@ def test_mesh_run_exits_non_zero_when_the_tests_still_fail(tmp_path: Path) -> No
     assert end["type"] == "goal.failed" and end["reason"] == "tests still failing after 2 revisions"
     assert end["simulated"] is True and end["quality"]["tests"] == "failed"
     assert all(e["simulated"] for e in events if e["type"] == "backend.call")
+
+
+def test_mesh_run_asks_at_a_gate_in_a_terminal(tmp_path: Path) -> None:
+    """stdin a terminal (a pty): `mesh run` asks at each gate; the answers reject plan v1 with a note, then
+    approve plan v2 and the final result."""
+    import pty
+
+    answers = [b"reject: NOTE-run: a smaller plan please\n", b"approve\n", b"a\n"]
+    prompt = b"approve, or reject: <note>? "
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "run", "Build me a login system", "-o", "approve=plan,final",
+         "-o", "sim_review=approve"], env=_env(tmp_path), cwd=tmp_path, stdin=slave, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    os.close(slave)
+    out, asked = b"", 0
+    try:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(65536):
+            out += chunk
+            while out.count(prompt) > asked:
+                os.write(master, answers[asked])
+                asked += 1
+        assert proc.wait(timeout=60) == 0, out.decode(errors="replace")[-3000:]
+    finally:
+        proc.kill()
+        os.close(master)
+    text = out.decode()
+    assert asked == 3, text[-3000:]
+    assert "waits for approval at gate plan" in text and "gate plan rejected by" in text
+    assert "NOTE-run: a smaller plan please" in text and "plan v2:" in text
+    assert "gate final approved by" in text and "goal completed" in text
+
+
+def test_mesh_run_without_a_terminal_names_the_command_that_decides(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh", "run", "Build me a login system", "-o", "approve=plan",
+         "-o", "approve_timeout=1", "-o", "approve_on_timeout=approve", "-o", "sim_review=approve"],
+        env=_env(tmp_path), cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    goal_id = re.search(r"decide with: mesh approve (\S+) plan", proc.stdout)
+    assert goal_id is not None, proc.stdout[-3000:]
+    assert f"mesh reject {goal_id.group(1)} plan --note" in proc.stdout
+    assert "gate plan approved by timeout (deadline passed)" in proc.stdout and "goal completed" in proc.stdout

@@ -13,6 +13,9 @@ from mesh.contracts import Goal, Plan, Step, StepProgress, ToolCall, decode, enc
 from mesh.contracts.codec import decode_body, open_envelope
 from mesh.contracts.models import FREEFORM_MAX_BYTES, FREEFORM_MAX_DEPTH
 from mesh.errors import CodecError, DecodeLimitExceeded, SchemaViolation
+from mesh.tools.toolbox import ToolBox
+from mesh.tools.workspace import Workspace
+from tests.test_workspace import Blobs
 
 HEAP_RATIO = 32  # the acceptance bound: peak heap of decoding ≤ ~32× the wire size
 PINNED = "aa9b439bab7590cb"  # corpus_digest()[:16]; a changed corpus is a changed acceptance test
@@ -52,7 +55,7 @@ def test_ordinary_messages_decode() -> None:
                   acceptance=["tests pass"]) for i in range(200)]
     plan = Plan(goal_id="g1", steps=steps)
     assert decode(encode(plan), Plan) == plan
-    progress = StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1, task_id="g1.s1.1", message="x",
+    progress = StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1, message="x",
                             detail={"tiers": {"edge": [1, 2, 3], "swarm": {"calls": 2}}, "dropped": 3})
     assert decode(encode(progress)) == progress
     assert open_envelope(CORPUS_BYTES["one long string"]).message().message.startswith("xxx")
@@ -66,10 +69,10 @@ def _deep(depth: int) -> dict[str, object]:
 
 
 def test_free_form_fields_refuse_deep_or_large_data() -> None:
-    StepProgress(goal_id="g", step_id="s", role="r", attempt=1, task_id="t", message="m",
+    StepProgress(goal_id="g", step_id="s", role="r", attempt=1, message="m",
                  detail=_deep(FREEFORM_MAX_DEPTH - 1))
     with pytest.raises(ValidationError, match="nested deeper than"):
-        StepProgress(goal_id="g", step_id="s", role="r", attempt=1, task_id="t", message="m",
+        StepProgress(goal_id="g", step_id="s", role="r", attempt=1, message="m",
                      detail=_deep(FREEFORM_MAX_DEPTH + 1))
     with pytest.raises(ValidationError, match=f"larger than {FREEFORM_MAX_BYTES} bytes"):
         Goal(brief="b", options={"x": "y" * FREEFORM_MAX_BYTES})
@@ -78,3 +81,18 @@ def test_free_form_fields_refuse_deep_or_large_data() -> None:
     body = {"type": "tool.call", "goal_id": "g", "tool": "fs.write", "arguments": _deep(40)}
     with pytest.raises(SchemaViolation, match="arguments: Value error, free-form data nested deeper"):
         decode(envelope(body))
+
+
+async def test_a_models_deep_or_huge_tool_arguments_are_recorded_within_the_bounds() -> None:
+    """Whatever arguments a model sends, the tool.call event that records them is valid (elided if need be)."""
+    ws = Workspace({}, Blobs().fetch)
+    async with ToolBox(["fs.read"], ws) as tools:
+        deep = await tools.call("fs.read", {"path": "a.py", "x": _deep(40)})
+        wide = await tools.call("fs.read", {"path": "a.py", "x": list(range(20_000))})
+        plain = await tools.call("fs.read", {"path": "a.py" + "y" * 500})
+    assert deep.arguments == {"elided": "not recorded: free-form data nested deeper than 16 levels"}
+    assert wide.arguments["elided"].endswith(f"larger than {FREEFORM_MAX_BYTES} bytes")
+    assert plain.arguments == {"path": "a.py" + "y" * 196 + "…"}  # long strings are cut, as before
+    for result in (deep, wide, plain):
+        event = ToolCall(goal_id="g", tool="fs.read", arguments=result.arguments)
+        assert decode(encode(event)) == event

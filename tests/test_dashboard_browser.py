@@ -2,9 +2,10 @@
 browser is downloaded) against a real local mesh on the sim behind a gateway with tokens.
 
 It signs in with the login form, opens a goal's page before the goal exists, submits the goal through the
-gateway and watches, without a reload, the plan's graph gain every step; reads a step's routing decision
-and cost; and sees the goal complete. Screenshots go to a temporary folder, or to ``MESH_SCREENSHOTS``
-(`make screenshots` points it at docs/img/).
+gateway and watches, without a reload, the plan's graph gain every step; approves the plan with the
+inbox's button and sees the goal move on; reads a step's routing decision and cost; and sees the goal
+complete. Screenshots go to a temporary folder, or to ``MESH_SCREENSHOTS`` (`make screenshots` points it
+at docs/img/).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mesh.client import MeshClient
 from mesh.config import MeshSettings
+from mesh.gateway.app import running
 from mesh.gateway.dashboard.views import money
 from mesh.gateway.goals import idempotent_goal_id
-from tests.gatewaykit import fast, gateway, tokens_file
+from tests.gatewaykit import fast, tokens_file
+from tests.meshkit import in_process_mesh, role_specs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install "
@@ -72,7 +76,8 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
     assert isinstance(browser, BrowserContext)
     path, token = tokens_file(tmp_path)
     s = fast(settings, gateway_tokens_file=path, sim_latency_scale=0.02)
-    async with gateway(s) as (gw, client), \
+    async with MeshClient.connect(s, name="browser-test") as client, \
+            in_process_mesh(s, specs=role_specs(with_ledger=True)), running(client, s) as gw, \
             httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
         page = await browser.new_page()
         # the shell loads without a token; its data asks for one: the login form
@@ -87,14 +92,38 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
         await page.goto(f"{gw.url}/ui/goals/{goal_id}")
         await expect(page.locator("#view")).to_contain_text("Waiting for the planner")
         await page.evaluate(RECORDER)
-        r = await http.post("/v1/goals", json={"brief": "Build me a login system", "constraints": ["use bcrypt"]},
+        r = await http.post("/v1/goals", json={"brief": "Build me a login system", "constraints": ["use bcrypt"],
+                                               "options": {"approve": "plan"}},
                             headers={"Idempotency-Key": "browser-1"})
         assert r.status_code == 202 and r.json()["goal_id"] == goal_id
+        # the plan waits for a person: on the goal's page, and in the inbox (another tab, signed in there too:
+        # the token lives in one tab's sessionStorage)
+        await expect(page.locator("#goal-status")).to_have_text("awaiting_approval", timeout=WAIT_MS)
+        await expect(page.locator("#view .gates .approval[data-gate='plan']")).to_be_visible()
+        inbox = await browser.new_page()
+        await inbox.goto(gw.url + "/ui/approvals")
+        await inbox.fill("#login input[name=token]", token)
+        await inbox.click("#login button[type=submit]")
+        gate = inbox.locator(f".approval[data-goal='{goal_id}'][data-gate='plan']")
+        await expect(gate).to_contain_text("Build me a login system")
+        await gate.locator("textarea[name=note]").fill("looks right, go")
+        loads = await inbox.evaluate("window.meshDashboard.loads")  # the inbox is polled: the note survives it
+        await inbox.wait_for_function(f"window.meshDashboard.loads > {loads}")
+        await expect(gate.locator("textarea[name=note]")).to_have_value("looks right, go")
+        await inbox.screenshot(path=str(shots / "approvals.png"), full_page=True)
+        await gate.locator("button[value=approve]").click()
+        await expect(inbox.locator("#view")).to_contain_text("Nothing waits for a person")
+        await inbox.close()
+        # the goal moves on, on the page that never reloaded
+        await expect(page.locator("#timeline .ev[data-type='approval.decided']")).to_contain_text(
+            "plan: approve by ci: looks right, go")
         await expect(page.locator("#goal-status")).to_have_text("completed", timeout=WAIT_MS)
         await expect(page.locator("#timeline .ev[data-type='goal.completed']")).to_have_count(1)
 
         state = await client.goal(goal_id)
         assert state is not None and state.status == "completed"
+        decided = state.approvals["plan"]
+        assert (decided.status, decided.decided_by, decided.note) == ("approved", "ci", "looks right, go")
         everything = ",".join(sorted(state.steps))
         seen: list[str] = await page.evaluate("window.__seen")
         assert await page.evaluate("window.__sameDocument") is True  # no reload happened
@@ -127,3 +156,30 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
         await expect(row).to_contain_text(f"{len(state.steps)} / {len(state.steps)}")
         await expect(row).to_contain_text("simulated")
         await page.screenshot(path=str(shots / "goals.png"), full_page=True)
+        # a goal submitted with the list's form opens its own page
+        await page.fill("#submit-goal input[name=brief]", "Write a haiku about queues")
+        await page.click("#submit-goal button[type=submit]")
+        await page.wait_for_url(f"{gw.url}/ui/goals/*")
+        haiku = page.url.rsplit("/", 1)[1]
+        await expect(page.locator("#view h1")).to_contain_text("Write a haiku about queues", timeout=WAIT_MS)
+        assert (await http.post(f"/v1/goals/{haiku}/cancel", json={"reason": "seen"})).status_code in (200, 202)
+
+        # a 200-step plan: every step drawn, in a box that scrolls rather than a page 10,000 pixels tall
+        r = await http.post("/v1/goals", json={"brief": "Build me a login system", "options": {"sim_plan_steps": 200}})
+        big = r.json()["goal_id"]
+        await page.goto(f"{gw.url}/ui/goals/{big}")
+        await expect(page.locator("#view svg.dag g.step")).to_have_count(200, timeout=WAIT_MS)
+        # the plan is one long chain: its columns wrap into bands, so it scrolls down, never sideways
+        shown, drawn = await page.evaluate("() => { const b = document.getElementById('dag-box'); "
+                                           "return [b.clientWidth, b.scrollWidth]; }")
+        assert 0 < drawn <= shown
+        await page.screenshot(path=str(shots / "dag-200.png"))  # the viewport: the graph is re-rendered as it runs
+        assert (await http.post(f"/v1/goals/{big}/cancel", json={"reason": "screenshot taken"})).status_code == 202
+
+        # the mesh (heartbeats, lag, dead letters, breakers) and the router (from the ledger)
+        await page.click("nav a[href='/ui/mesh']")
+        await expect(page.locator("#view table.breakers tr[data-tier='swarm']")).to_contain_text("closed")
+        await page.screenshot(path=str(shots / "mesh.png"), full_page=True)
+        await page.click("nav a[href='/ui/router']")
+        await expect(page.locator("#view #baseline-cost")).to_contain_text("sim$", timeout=WAIT_MS)
+        await page.screenshot(path=str(shots / "router.png"), full_page=True)

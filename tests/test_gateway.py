@@ -174,7 +174,8 @@ async def test_mcp_client_lists_tools_submits_and_polls_to_completion(settings: 
     async with gateway(fast(settings)) as (gw, client), httpx2.AsyncClient(timeout=60) as http, \
             Client(streamable_http_client(f"{gw.url}/mcp", http_client=http)) as mcp:  # type: ignore[arg-type]
         tools = {t.name for t in (await mcp.list_tools()).tools}
-        assert tools == {"submit_goal", "goal_status", "goal_events", "cancel_goal", "goal_result"}
+        assert tools == {"submit_goal", "goal_status", "goal_events", "cancel_goal", "goal_result", "list_approvals",
+                         "decide_approval"}
         submitted = await mcp.call_tool("submit_goal", {"brief": "Build me a login system",
                                                         "constraints": ["use bcrypt"]})
         goal_id = submitted.structured_content["goal_id"]  # type: ignore[index]

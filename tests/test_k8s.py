@@ -146,6 +146,8 @@ def test_every_workload_is_hardened(target: str) -> None:
             assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), name
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{name}: {kind}"
+            if w["kind"] == "Job":
+                continue  # runs to completion: no server to probe
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert "httpGet" in c[probe], f"{name}: {probe}"
             assert c["image"] and ":" in c["image"], f"{name}: image must be pinned to a tag"
@@ -173,6 +175,27 @@ def test_mesh_nodes_probe_their_health_endpoint_and_can_write_only_to_volumes(ta
 
 
 # --- the manifests agree with the code -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_only_the_provisioning_job_holds_the_admin_credentials(target: str) -> None:
+    """Streams and buckets are the admin's: one Job runs `mesh provision` with Secret mesh-nats-admin (at an
+    edge site for the site's own JetStream domain); no other workload references that Secret."""
+    docs = render(target)
+    job = one(docs, "Job", "mesh-provision")
+    c = pod_spec(job)["containers"][0]
+    argv = c["command"] + c["args"]
+    if target == "edge":
+        domain = re.search(r"domain: ([a-z0-9-]+)", one(docs, "ConfigMap", "nats-config")["data"]["topology.conf"])
+        assert domain is not None and argv == ["mesh", "provision", "--domain", domain[1]]
+    else:
+        assert argv == ["mesh", "provision"]
+    sources = [next(iter(e.values()))["name"] for e in c["envFrom"]]
+    assert "mesh-nats-admin" in sources and any(n.startswith("mesh-config") for n in sources)
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {mesh_config(docs)["MESH_NODES_DIR"], "/tmp"}
+    for w in workloads(docs):
+        if w is not job:
+            assert "mesh-nats-admin" not in yaml.safe_dump(w), w["metadata"]["name"]
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -107,9 +107,9 @@ async def hub(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, Generated, in
     with pod_env(POD_NAME="nats-0"):
         await server.start()
     try:
-        # hub nodes provision with MESH_EDGE_DOMAINS set: the hub's copy of the site's events
-        async with await Bus.connect(settings(server.url, gen, "operator", edge_domains=DOMAIN)):
-            pass
+        # the hub's `mesh provision` with MESH_EDGE_DOMAINS set: the hub's copy of the site's events
+        async with await Bus.connect(settings(server.url, gen, "admin", edge_domains=DOMAIN), check=False) as admin:
+            await admin.provision()
         yield server, gen, leaf_port
     finally:
         await server.stop()
@@ -133,6 +133,9 @@ async def test_edge_site_works_through_a_link_outage_and_catches_the_hub_up(
         await leaf.start()
     roles = [r for r, s in specs.items() if s.kind != "recorder"]
     try:
+        # the site's `mesh provision --domain`, as its admin, before its nodes start
+        async with await Bus.connect(settings(leaf.url, edge_gen, "admin"), check=False, domain=DOMAIN) as admin:
+            await admin.provision()
         base_env = {**os.environ, "MESH_NATS_URL": leaf.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
                     "MESH_SIM_LATENCY_SCALE": "0", "MESH_DATA_DIR": str(site / "mesh")}
         procs = [RoleProcess(r, {**base_env, **creds(edge_gen, r)}, site) for r in roles]

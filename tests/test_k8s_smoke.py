@@ -54,7 +54,7 @@ class Container:
     env: dict[str, str]
     cwd: Path
     log: Path
-    ready_url: str  # the container's readinessProbe, on the port it got here
+    ready_url: str  # the container's readinessProbe, on the port it got here; "" for a Job
     restarts: int = 0
     stopping: bool = False
     proc: subprocess.Popen[bytes] = field(init=False)
@@ -66,7 +66,7 @@ class Container:
 
     async def supervise(self) -> None:
         """A container that exits is started again after a back-off, like the kubelet does (a node
-        exits when it cannot provision in time on a loaded machine; the pod then restarts)."""
+        exits when it cannot reach the mesh in time on a loaded machine; the pod then restarts)."""
         while True:
             await asyncio.to_thread(self.proc.wait)
             if self.stopping:
@@ -159,7 +159,13 @@ async def _run(tmp: Path, result: Run) -> None:
     finally:
         os.environ.pop("POD_NAME", None)
     try:
-        pods = _containers(docs, given, server.url, tmp, result)
+        containers = _containers(docs, given, server.url, tmp, result)
+        for job in (c for c in containers if not c.ready_url):  # the provisioning Job, before the nodes
+            job.spawn()
+            code = await asyncio.to_thread(job.proc.wait)
+            assert code == 0, job.log.read_text(errors="replace")
+            result.logs[job.name] = job.log.read_text(errors="replace")
+        pods = [c for c in containers if c.ready_url]
         async with asyncio.TaskGroup() as tg:
             for p in pods:
                 p.spawn()
@@ -188,7 +194,7 @@ def _containers(docs: list[dict], given: dict[str, dict[str, str]], nats_url: st
         if w["metadata"]["name"] == "nats":
             continue
         pod = Pod(docs, w, tmp / "pods" / w["metadata"]["name"], secrets=given)
-        container = pod.container("node")
+        container = pod.container("provision" if w["kind"] == "Job" else "node")
         mounts = pod.mount(container)
         env = pod.env(container)
         port = free_port()
@@ -200,7 +206,8 @@ def _containers(docs: list[dict], given: dict[str, dict[str, str]], nats_url: st
         argv = _on_loopback(pod.argv(container), port)
         assert argv[0] == "mesh"
         (tmp / "logs").mkdir(exist_ok=True)
-        ready = f"http://127.0.0.1:{port}{container['readinessProbe']['httpGet']['path']}"
+        probe = container.get("readinessProbe")  # none on a Job's container: it runs to completion
+        ready = f"http://127.0.0.1:{port}{probe['httpGet']['path']}" if probe else ""
         containers.append(Container(pod.name, [str(scripts / "mesh"), *argv[1:]], {**image_env, **env, **overrides},
                                     pod.root, tmp / "logs" / f"{pod.name}.log", ready))
     return containers

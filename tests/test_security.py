@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -14,15 +15,15 @@ import nats
 import pytest
 import yaml
 from nats.aio.client import Client
+from nats.js import api
 
-from mesh.bus import Bus
+from mesh.backends.tiers import load_tiers
+from mesh.bus import Bus, PullConsumer
 from mesh.bus.topology import Topology
 from mesh.config import MeshSettings
-from mesh.backends.tiers import load_tiers
-from mesh.bus import PullConsumer
 from mesh.contracts import ArtifactRef, Goal, GoalCompleted, NodeUp, Plan, Step, StepCompleted
 from mesh.embedded import EmbeddedNats
-from mesh.errors import ConfigError, PublishError
+from mesh.errors import BusError, ConfigError, PublishError
 from mesh.metrics import Metrics
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -53,9 +54,8 @@ async def secured(tmp_path: Path, generated: Generated) -> AsyncIterator[Embedde
     (tmp_path / "auth.conf").write_text(generated.auth_conf.read_text())  # includes are relative
     conf.write_text('include "auth.conf"\n')
     async with EmbeddedNats(tmp_path / "nats", extra_args=["-c", str(conf)]) as server:
-        admin = cred(generated, "admin")
-        async with await Bus.connect(settings_for(server.url, admin), roles=list(load_specs())):
-            pass
+        async with await Bus.connect(settings_for(server.url, cred(generated, "admin")), check=False) as admin:
+            await admin.provision(load_specs())  # `mesh provision`
         yield server
 
 
@@ -175,7 +175,7 @@ async def test_a_role_cannot_publish_to_another_roles_task_subject(secured: Embe
         await js.publish("mesh.task.researcher", b"forged")
     assert 'permissions violation for publish to "mesh.task.researcher"' in await session.refused()
     # the planner may: that is its job
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), provision=False) as bus:
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), check=False) as bus:
         ack = await bus.publish_raw("mesh.task.researcher", b"x")
         assert ack.stream == "MESH_TASKS"
 
@@ -200,7 +200,7 @@ async def test_a_role_cannot_subscribe_to_what_it_does_not_need(secured: Embedde
 
 
 async def test_a_worker_cannot_forge_goal_events(secured: EmbeddedNats, generated: Generated) -> None:
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), provision=False) as bus:
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False) as bus:
         await bus.publish_raw("mesh.event.g1.coder.step.started", b"x")  # its own kind of event: allowed
         bus._js._timeout = 1.0
         with pytest.raises(PublishError):
@@ -231,12 +231,12 @@ def _review_done(state: GoalState) -> StepCompleted:
 async def test_the_coder_cannot_publish_a_reviewer_outcome_under_the_reviewers_role(
         secured: EmbeddedNats, generated: Generated) -> None:
     """The server refuses it: the coder may publish events only under its own role token."""
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), provision=False,
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False,
                                  role="reviewer") as impostor:  # claims the reviewer's role in the subject
         impostor._js._timeout = 1.0
         with pytest.raises(PublishError):
             await impostor.emit(_review_done(_reviewed_goal()))
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "reviewer")), provision=False,
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "reviewer")), check=False,
                                  role="reviewer") as reviewer:  # the same event from the reviewer is stored
         await reviewer.emit(_review_done(_reviewed_goal()))
 
@@ -249,7 +249,7 @@ async def test_the_planner_refuses_a_reviewer_outcome_the_coder_emits_as_itself(
     state = _reviewed_goal()
     specs = load_specs()
     planner_settings = settings_for(secured.url, cred(generated, "planner"))
-    async with await Bus.connect(planner_settings, provision=False, role="planner") as bus:
+    async with await Bus.connect(planner_settings, check=False, role="planner") as bus:
         metrics = Metrics("planner")
         caller = ModelCaller(bus, load_tiers(planner_settings), RulePolicy(), "planner-test", metrics)
         orchestrator = Orchestrator(bus, specs["planner"], specs, caller, GoalStore(bus), "planner-test")
@@ -263,7 +263,7 @@ async def test_the_planner_refuses_a_reviewer_outcome_the_coder_emits_as_itself(
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(outcomes.run())
-                async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), provision=False,
+                async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False,
                                              role="coder") as coder:
                     await coder.emit(_review_done(state))
                 await eventually(lambda: refused() == 1.0, message="the forged outcome refused and counted")
@@ -271,7 +271,7 @@ async def test_the_planner_refuses_a_reviewer_outcome_the_coder_emits_as_itself(
                 assert after is not None and after.steps["review"].status == "dispatched"
                 assert after.steps["sum"].status == "pending"
                 async with await Bus.connect(settings_for(secured.url, cred(generated, "reviewer")),
-                                             provision=False, role="reviewer") as reviewer:
+                                             check=False, role="reviewer") as reviewer:
                     await reviewer.emit(_review_done(state).model_copy(update={"event_id": "genuine"}))
 
                 async def accepted() -> bool:
@@ -289,12 +289,12 @@ async def test_the_coder_cannot_publish_goal_completed(secured: EmbeddedNats, ge
     """Neither under its own role nor under the planner's: goal-level events are the planner's alone."""
     event = GoalCompleted(goal_id="g1", result=ArtifactRef(digest="0" * 64, size=0))
     for claimed in ("coder", "planner"):
-        async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), provision=False,
+        async with await Bus.connect(settings_for(secured.url, cred(generated, "coder")), check=False,
                                      role=claimed) as coder:
             coder._js._timeout = 1.0
             with pytest.raises(PublishError):
                 await coder.emit(event)
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "admin")), provision=False) as admin:
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "admin")), check=False) as admin:
         assert (await admin.stream_state(admin.topology.events_stream)).messages == 0
 
 
@@ -302,10 +302,10 @@ async def test_the_observer_reads_events_and_can_change_nothing(secured: Embedde
                                                                 session: Session) -> None:
     async with await Bus.connect(settings_for(secured.url, cred(generated, "operator"))) as operator:
         await operator.submit_goal(Goal(brief="observe me"))
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), provision=False,
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "planner")), check=False,
                                  role="planner") as planner:
         await planner.emit(NodeUp(goal_id="g1", node="n1", role="planner", host="h", pid=1, version="0"))
-    async with await Bus.connect(settings_for(secured.url, cred(generated, "observer")), provision=False) as observer:
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "observer")), check=False) as observer:
         async with aclosing(observer.watch_events("g1")) as events:
             first = await asyncio.wait_for(anext(events), 5)
         assert isinstance(first, NodeUp) and first.node == "n1"
@@ -324,6 +324,7 @@ async def test_the_gateway_submits_and_commands_but_writes_no_goal_state(secured
         assert await client.goals() == [] and await client.nodes() == []
         first, last = await client.event_positions()
         assert first <= last
+        assert await client.history(goal_id) == [] and await client.dead_letters() == {}  # what the dashboard reads
         ack = await client.bus.publish_raw("mesh.control.g1", b"x")  # a command: the planner applies it
         assert ack.stream == "MESH_CONTROL"
         ref = await client.bus.put_blob(b"a starting workspace file")
@@ -333,3 +334,68 @@ async def test_the_gateway_submits_and_commands_but_writes_no_goal_state(secured
         session.error_seen.clear()
         await session.nc.publish(forged, b"forged")
         assert f'publish to "{forged.lower()}"' in await session.refused()
+
+
+# --- only the admin reconfigures the topology ----------------------------------------------------
+
+
+async def test_a_role_cannot_create_update_delete_or_purge_a_stream(secured: EmbeddedNats, generated: Generated,
+                                                                    session: Session) -> None:
+    """With the coder's credentials, shrinking MESH_EVENTS or the goal-state bucket (a purge in disguise),
+    creating, deleting or purging a stream are each refused by the server; the streams are unchanged."""
+    await session.connect(secured.url, cred(generated, "coder"))
+    js = session.nc.jetstream(timeout=1.0)
+    attempts = [
+        ("$JS.API.STREAM.UPDATE.MESH_EVENTS",
+         lambda: js.update_stream(api.StreamConfig(name="MESH_EVENTS", subjects=["mesh.event.>"], max_msgs=1))),
+        ("$JS.API.STREAM.UPDATE.KV_mesh_goals",
+         lambda: js.update_stream(api.StreamConfig(name="KV_mesh_goals", subjects=["$KV.mesh_goals.>"], max_msgs=1))),
+        ("$JS.API.STREAM.CREATE.MESH_ROGUE", lambda: js.add_stream(name="MESH_ROGUE", subjects=["rogue.>"])),
+        ("$JS.API.STREAM.PURGE.MESH_EVENTS", lambda: js.purge_stream("MESH_EVENTS")),
+        ("$JS.API.STREAM.DELETE.MESH_TASKS", lambda: js.delete_stream("MESH_TASKS")),
+    ]
+    for subject, attempt in attempts:
+        session.error_seen.clear()
+        with pytest.raises(nats.errors.TimeoutError):  # the server drops the request: no reply comes
+            await attempt()
+        assert f'permissions violation for publish to "{subject.lower()}"' in await session.refused()
+    async with await Bus.connect(settings_for(secured.url, cred(generated, "admin")), check=False) as admin:
+        for name in ("MESH_EVENTS", "KV_mesh_goals"):
+            assert (await admin._js.stream_info(name)).config.max_msgs == -1  # not shrunk
+        assert "MESH_ROGUE" not in await admin._js.streams_info() and await admin._js.stream_info("MESH_TASKS")
+
+
+async def test_a_role_cannot_delete_or_purge_an_artifact_and_a_rewritten_meta_is_caught(
+        secured: EmbeddedNats, generated: Generated, session: Session) -> None:
+    """Artifacts are shared and content-addressed: with the coder's credentials, purging an object's chunks
+    (what an object delete does) and deleting its meta message are refused by the server, and the blob
+    still reads back. What stays possible (a new meta for an existing name) cannot make a reader accept
+    other bytes: every read is checked against the digest."""
+    coder = settings_for(secured.url, cred(generated, "coder"))
+    async with await Bus.connect(coder, check=False) as bus:
+        ref = await bus.put_blob(b"the reviewed code")
+        other = await bus.put_blob(b"something else entirely")
+        bucket = bus.topology.obj_artifacts
+        meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(ref.digest.encode()).decode()}"
+        meta = await bus._js.get_last_msg(f"OBJ_{bucket}", meta_subject)
+    await session.connect(secured.url, cred(generated, "coder"))
+    js = session.nc.jetstream(timeout=1.0)
+    store = await js.object_store(bucket)
+    info = await store.get_info(ref.digest)
+    attempts = [
+        ("$JS.API.STREAM.PURGE.OBJ_mesh_artifacts",
+         lambda: js.purge_stream(f"OBJ_{bucket}", subject=f"$O.{bucket}.C.{info.nuid}")),
+        ("$JS.API.STREAM.MSG.DELETE.OBJ_mesh_artifacts", lambda: js.delete_msg(f"OBJ_{bucket}", meta.seq)),
+    ]
+    for subject, attempt in attempts:
+        session.error_seen.clear()
+        with pytest.raises(nats.errors.TimeoutError):
+            await attempt()
+        assert f'permissions violation for publish to "{subject.lower()}"' in await session.refused()
+    async with await Bus.connect(coder, check=False) as bus:
+        assert await bus.get_blob(ref.digest) == b"the reviewed code"
+        # a forged meta pointing the name at other bytes: stored (the server cannot tell), refused on read
+        forged = (await store.get_info(other.digest)).as_dict() | {"name": ref.digest}
+        await bus._js.publish(meta_subject, json.dumps(forged).encode(), headers={"Nats-Rollup": "sub"})
+        with pytest.raises(BusError, match="failed its digest check"):
+            await bus.get_blob(ref.digest)

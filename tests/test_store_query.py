@@ -3,6 +3,8 @@ typed queries answer; parquet export writes every table."""
 
 from __future__ import annotations
 
+import json
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from mesh.bus import Topology
 from mesh.contracts.events import likely_emitter
-from mesh.errors import LedgerError, QueryRefused
+from mesh.errors import LedgerError, QueryRefused, ResultTooLarge
 from mesh.store import Ledger, schema
 from mesh.store.export import export_parquet
 from mesh.store.query import LedgerQueries
@@ -66,6 +68,23 @@ REFUSED = {
     "file scan in subquery": "SELECT (SELECT count(*) FROM 'data.csv') FROM events",
     "nested sql": "SELECT * FROM query('DROP TABLE events')",
     "settings": "SELECT * FROM duckdb_settings()",
+    "pg_settings": "SELECT name, setting FROM pg_catalog.pg_settings",
+    "pg_settings unqualified": "SELECT * FROM pg_settings",
+    "pg_settings in a subquery": "SELECT (SELECT setting FROM pg_catalog.pg_settings LIMIT 1) FROM events",
+    "pg_settings in a CTE": "WITH s AS (FROM pg_catalog.pg_settings) SELECT * FROM s",
+    "pg_settings joined": "SELECT e.seq FROM events e JOIN pg_catalog.pg_settings p ON p.name = e.type",
+    "pg_settings quoted": 'SELECT * FROM "pg_catalog"."PG_SETTINGS"',
+    "current_setting": "SELECT current_setting('memory_limit')",
+    "current_setting upper case": "SELECT CURRENT_SETTING('temp_directory')",
+    "current_setting qualified": "SELECT pg_catalog.current_setting('threads')",
+    "current_setting in a lambda": "SELECT list_transform(['threads'], x -> current_setting(x))",
+    "current_setting in WHERE": "SELECT seq FROM events WHERE current_setting('threads') IS NOT NULL",
+    "current_setting in ORDER BY": "SELECT seq FROM events ORDER BY current_setting('home_directory')",
+    "getvariable": "SELECT getvariable('x')",
+    "prepared statements": "SELECT * FROM pg_catalog.pg_prepared_statements",
+    "databases view": "SELECT * FROM duckdb_databases",
+    "databases function": "SELECT * FROM duckdb_databases()",
+    "database list": "SELECT * FROM pragma_database_list",
     "other database": "SELECT * FROM other.main.events",
     "other schema": "SELECT * FROM temp.main.events",
     "python object": "SELECT * FROM ledger",
@@ -129,6 +148,47 @@ def test_row_limit_truncates(queries: LedgerQueries) -> None:
     small = queries.sql("SELECT seq FROM events ORDER BY seq", max_rows=5)
     assert len(small.rows) == 5 and small.truncated
     assert not queries.sql("SELECT 1").truncated
+
+
+def test_refused_settings_say_why(queries: LedgerQueries) -> None:
+    with pytest.raises(QueryRefused, match=r"current_setting\(\) is not allowed"):
+        queries.sql("SELECT current_setting('memory_limit')")
+    with pytest.raises(QueryRefused, match="'pg_settings' is not allowed"):
+        queries.sql("SELECT * FROM pg_catalog.pg_settings")
+    assert queries.sql("SELECT count(*) FROM pg_catalog.pg_tables").rows  # the rest of the catalog is readable
+
+
+def test_a_result_above_the_byte_cap_is_refused_not_cut(queries: LedgerQueries) -> None:
+    big = "SELECT seq, repeat('x', 1000) AS pad FROM events ORDER BY seq"
+    with pytest.raises(ResultTooLarge, match="exceeds the limit of 20000 bytes") as caught:
+        queries.sql(big, max_bytes=20_000)
+    assert isinstance(caught.value, QueryRefused)
+    fits = queries.sql("SELECT seq, repeat('x', 100) AS pad FROM events ORDER BY seq LIMIT 50", max_bytes=20_000)
+    data = fits.encode()
+    assert len(data) <= 20_000 and len(fits.rows) == 50 and not fits.truncated
+    assert json.loads(data) == json.loads(json.dumps(fits.to_json()))  # the streamed JSON is the whole answer
+    with pytest.raises(ResultTooLarge):  # the cap counts the columns and types too
+        queries.sql("SELECT 1 AS " + ", 1 AS ".join(f"c{i}" for i in range(100)), max_bytes=1024)
+
+
+def test_a_huge_result_never_materialises(ledger: Ledger) -> None:
+    """A 1 GB result against a 1 MiB cap: refused after about a megabyte of rows has been read."""
+    capped = LedgerQueries(ledger, timeout=30, max_rows=2_000_000, max_bytes=1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResultTooLarge):
+            capped.sql("SELECT repeat('x', 1000) AS s FROM range(1000000)")  # 1 GB as JSON
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"{peak:,} B of Python heap for a refused result"
+
+
+def test_the_time_limit_covers_the_conversion_to_json(ledger: Ledger) -> None:
+    """2,000,000 rows are quick for DuckDB (~0.5 s) and slow to convert (~5 s): the limit stops the conversion."""
+    roomy = LedgerQueries(ledger, timeout=1.0, max_rows=2_000_000, max_bytes=1 << 30)
+    with pytest.raises(QueryRefused, match="time limit of 1 s"):
+        roomy.sql("SELECT range AS i, range::VARCHAR AS s FROM range(2000000)")
 
 
 def test_time_limit_interrupts(queries: LedgerQueries) -> None:

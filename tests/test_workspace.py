@@ -14,7 +14,7 @@ import pytest
 
 from mesh.contracts.models import ArtifactRef, sha256_hex
 from mesh.errors import PathRefused, ToolError, WorkspaceConflict
-from mesh.tools.cache import BlobCache, MemoryCache
+from mesh.tools.cache import INLINE_BYTES, BlobCache, MemoryCache
 from mesh.tools.diff import diff_manifests
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE, Manifest
 from mesh.tools.merge import resolve_workspace
@@ -179,18 +179,19 @@ async def test_render_names_binary_files_instead_of_dumping_them() -> None:
     assert "--- a.txt\nxxxxxxxxxx\n…[40 more characters]" in text
 
 
-async def test_blob_cache_serves_by_digest_and_recovers_from_a_damaged_entry(tmp_path: Path) -> None:
+@pytest.mark.parametrize("payload", [b"payload", b"p" * (INLINE_BYTES + 1)], ids=["inline", "in a thread"])
+async def test_blob_cache_serves_by_digest_and_recovers_from_a_damaged_entry(tmp_path: Path, payload: bytes) -> None:
     blobs = Blobs()
-    ref = await blobs.store(b"payload", "", "f")
+    ref = await blobs.store(payload, "", "f")
     cache = BlobCache(tmp_path / "blobs", blobs.fetch)
-    assert await cache(ref.digest) == b"payload"
+    assert await cache(ref.digest) == payload
     again = BlobCache(tmp_path / "blobs", blobs.fetch)  # another task, or another node on the host
-    assert await again(ref.digest) == b"payload"
+    assert await again(ref.digest) == payload
     assert blobs.fetches == 1 and again.hits == 1
 
     cache.path(ref.digest).write_bytes(b"tampered")
-    assert await cache(ref.digest) == b"payload"
-    assert blobs.fetches == 2 and cache.path(ref.digest).read_bytes() == b"payload"
+    assert await cache(ref.digest) == payload
+    assert blobs.fetches == 2 and cache.path(ref.digest).read_bytes() == payload
 
 
 async def test_blob_cache_evicts_least_recently_used_entries(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ class CallRecord:
     simulated: bool
     error: str | None = None
     response_model: str = ""  # the model the answer names (a provider may serve another than asked for)
+    requester: str = ""  # who asked, from the request's metadata "role" (a role, or "summariser")
     finish_reason: str = ""
 
 
@@ -180,6 +181,10 @@ class ModelGateway:
     def available(self, tier: str) -> bool:
         """The tier's circuit lets calls through (a router hard constraint)."""
         return self._breakers[self.tiers[tier].endpoint].available()
+
+    def breakers(self) -> dict[str, str]:
+        """Each tier's circuit state (closed, half_open, open), for the node's heartbeat."""
+        return {name: self._breakers[cfg.endpoint].state.value for name, cfg in self.tiers.items()}
 
     def window(self, tier: str) -> int:
         return self.tiers[tier].context_window
@@ -321,7 +326,8 @@ class ModelGateway:
         record = CallRecord(tier=cfg.name, model=cfg.model, endpoint=cfg.endpoint, usage=usage, latency_ms=latency_ms,
                             outcome="ok" if error is None else type(error).__name__, attempt=attempt,
                             thinking=req.thinking, simulated=simulated, error=None if error is None else str(error),
-                            response_model=resp.model if resp else "", finish_reason=resp.finish_reason if resp else "")
+                            response_model=resp.model if resp else "", finish_reason=resp.finish_reason if resp else "",
+                            requester=str(req.metadata.get("role", "")))
         result = self._on_call(record)
         if inspect.isawaitable(result):
             await result

@@ -52,7 +52,7 @@ from nats.js.object_store import (
 from pydantic import BaseModel
 
 from mesh.aio import together
-from mesh.bus.topology import Topology, provision
+from mesh.bus.topology import Topology, ensure_consumers, provision, require_topology
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts.codec import (
     EVENT_HISTORY_MAJORS,
@@ -120,9 +120,9 @@ class Bus:
     """A connected Mesh bus. Create with ``await Bus.connect(settings)``; close with ``await bus.close()``."""
 
     def __init__(self, nc: Client, settings: MeshSettings, topology: Topology, *, name: str = "mesh",
-                 role: str | None = None) -> None:
+                 domain: str | None = None, role: str | None = None) -> None:
         self._nc = nc
-        self._js: JetStreamContext = nc.jetstream()
+        self._js: JetStreamContext = nc.jetstream(domain=domain)
         self.settings = settings
         self.topology = topology
         self.name = name
@@ -134,6 +134,7 @@ class Bus:
         self._kv: dict[tuple[str, bool], KeyValue] = {}  # (bucket, direct) → handle
         self._kv_checked: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
+        self._connect_errors: list[str] = []  # why a first connect failed, for its error message
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -144,16 +145,22 @@ class Bus:
         *,
         name: str = "mesh",
         roles: Iterable[str] = (),
-        provision: bool = True,
+        check: bool = True,
         role: str | None = None,
+        domain: str | None = None,
+        topology: Topology | None = None,
     ) -> Bus:
-        """Connect (failing fast with ``NotConnected`` when no server answers), then provision.
-        ``role``: the role this process emits events as (a node's role); without one it emits none."""
+        """Connect (failing fast with ``NotConnected`` when no server answers); with ``check``, verify the
+        topology is provisioned (``NotProvisioned`` if not) and create the durable consumers ``roles`` own.
+        ``role``: the role this process emits events as (a node's role); without one it emits none.
+        ``domain``: the JetStream domain to address (an edge site's); ``topology``: instead of the settings'
+        (``mesh provision --nodes DIR`` takes the worker roles from other role specs)."""
         settings = settings or get_settings()
         servers = settings.servers
         if not servers:
             raise NotConnected("no NATS server configured: set MESH_NATS_URL (or use `mesh up` for a local one)")
-        bus = cls(Client(), settings, Topology.from_settings(settings), name=name, role=role)
+        bus = cls(Client(), settings, topology or Topology.from_settings(settings), name=name, domain=domain,
+                  role=role)
         try:
             # Bounded attempts for the first connection, so a missing server is a clear error ...
             await bus._nc.connect(
@@ -166,12 +173,21 @@ class Bus:
                 closed_cb=bus._on_closed, **_auth_options(settings),
             )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc!r}") from exc
+            # a refusal (authorization) arrives through the error callback; connect itself ends "no servers"
+            seen = [e for e in dict.fromkeys(bus._connect_errors) if e != repr(exc)]
+            exc_text = f"{exc!r} after {', '.join(seen)}" if seen else repr(exc)
+            hint = ""
+            if "authorization" in exc_text.lower():
+                hint = ("; the server wants credentials: MESH_NATS_USER / MESH_NATS_PASSWORD, or MESH_NATS_TOKEN "
+                        "(a local `mesh up` keeps its token in <data dir>/nats-token, which `mesh` commands "
+                        "run from the same data dir read)")
+            raise NotConnected(f"cannot connect to NATS at {', '.join(servers)}: {exc_text}{hint}") from exc
         # ... then the configured policy (-1: forever) for reconnects once we have been up.
         bus._nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
-        if provision:
+        if check:
             try:
-                await bus.provision(roles)
+                await bus.require_topology(roles)
+                await bus.ensure_consumers(roles)
             except BaseException:
                 await bus._nc.close()
                 raise
@@ -187,16 +203,27 @@ class Bus:
         log.warning("NATS reconnected (%s) to %s", self.name, url.netloc if url else "?")
 
     async def _on_error(self, exc: Exception) -> None:
+        if len(self._connect_errors) < 8 and not self._nc.is_connected:
+            self._connect_errors.append(repr(exc))
         log.debug("NATS client error (%s): %r", self.name, exc)
 
     async def _on_closed(self) -> None:
         log.info("NATS connection closed (%s)", self.name)
 
-    async def provision(self, roles: Iterable[str] = (), *, prune: bool = False) -> None:
-        """(Re-)provision the topology with consumers for ``roles`` plus every role provisioned before;
-        ``prune``: also delete consumers of roles that are no worker (``mesh.bus.topology``)."""
+    async def provision(self, roles: Iterable[str] = (), *, prune: bool = False) -> list[str]:
+        """The admin's act (``mesh provision``): create or update every stream and bucket, and the consumers
+        of ``roles``; ``prune``: also delete consumers of roles that are no worker (``mesh.bus.topology``).
+        Returns what changed, one line each."""
+        return await provision(self._js, self.topology, roles, prune=prune)
+
+    async def require_topology(self, roles: Iterable[str] = ()) -> None:
+        """``NotProvisioned`` unless every stream and bucket exists and the tasks stream takes ``roles``."""
+        await require_topology(self._js, self.topology, roles)
+
+    async def ensure_consumers(self, roles: Iterable[str] = ()) -> None:
+        """(Re-)create the durable consumers of ``roles`` plus of every role ensured before on this bus."""
         self._roles.update(dict.fromkeys(roles))
-        await provision(self._js, self.topology, self._roles, prune=prune)
+        await ensure_consumers(self._js, self.topology, self._roles)
 
     async def close(self) -> None:
         if not self._nc.is_closed:
@@ -356,6 +383,15 @@ class Bus:
         logged and skipped. Close the iterator (``contextlib.aclosing``) to
         remove the consumer.
         """
+        async with contextlib.aclosing(self._event_messages(goal_id, from_seq)) as feed:
+            async for msg, event in feed:
+                if event is not None:
+                    yield msg.metadata.sequence.stream, event
+
+    async def _event_messages(self, goal_id: str | None,
+                              from_seq: int | None) -> AsyncGenerator[tuple[Msg, Event | None], None]:
+        """Each message of ``events`` with its event (None when undecodable, or when its subject's role
+        cannot have emitted it: ``Topology.forged``; logged)."""
         if from_seq is None:
             config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
         elif from_seq <= 1:
@@ -366,53 +402,37 @@ class Bus:
                                       ordered_consumer=True, idle_heartbeat=1.0, config=config)
         try:
             async for msg in sub.messages:
-                event = await self._event(msg)
-                if event is not None:
-                    yield msg.metadata.sequence.stream, event
+                try:
+                    event: Event | None = await self.open_event(msg)
+                except ContractError as exc:
+                    log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
+                    event = None
+                if event is not None and (reason := self.topology.forged(msg.subject, event)):
+                    log.warning("skipping forged event on %s: %s", msg.subject, reason)
+                    event = None
+                yield msg, event
         finally:
             if not self._nc.is_closed:
                 await sub.unsubscribe()
 
-    async def _event(self, msg: Msg) -> Event | None:
-        """The event of a message on the event stream; None (logged) when it is undecodable, or when its
-        subject's role cannot have emitted it (``Topology.forged``)."""
-        try:
-            event = await self.open_event(msg)
-        except ContractError as exc:
-            log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
-            return None
-        if reason := self.topology.forged(msg.subject, event):
-            log.warning("skipping forged event on %s: %s", msg.subject, reason)
-            return None
-        return event
-
-    async def history(self, goal_id: str, *, batch: int = 256) -> list[tuple[int, Event]]:
+    async def history(self, goal_id: str, *, timeout: float = 30.0) -> list[tuple[int, Event]]:
         """(stream sequence, event) of every event of one goal stored now, in order: a snapshot that ends,
-        unlike ``events``. An ephemeral pull consumer counts the goal's messages when it is created and
-        fetches exactly that many, so a goal with no events returns at once instead of waiting."""
-        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE,
-                                    inactive_threshold=30.0)
-        try:
-            sub = await self._js.pull_subscribe(self.topology.events_filter(goal_id), durable=None,
-                                                stream=self.topology.events_stream, config=config)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
+        unlike ``events``. Read with the same ordered consumer (all a read-only user such as the gateway may
+        create) up to the message after which the server has none pending; the goal's stored message count,
+        asked first, returns a goal without events at once instead of waiting for one."""
+        stored = await self.subject_counts(self.topology.events_stream, self.topology.events_filter(goal_id))
         out: list[tuple[int, Event]] = []
+        if not sum(stored.values()):
+            return out
         try:
-            left = (await sub.consumer_info()).num_pending or 0
-            while left > 0:
-                msgs = await sub.fetch(min(left, batch), timeout=5.0)
-                for msg in msgs:
-                    event = await self._event(msg)
+            async with asyncio.timeout(timeout), contextlib.aclosing(self._event_messages(goal_id, 1)) as feed:
+                async for msg, event in feed:
                     if event is not None:
                         out.append((msg.metadata.sequence.stream, event))
-                left = msgs[-1].metadata.num_pending if msgs else 0
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
-        finally:
-            if not self._nc.is_closed:
-                with contextlib.suppress(nats.errors.Error, TimeoutError):
-                    await sub.unsubscribe()
+                    if not msg.metadata.num_pending:
+                        break
+        except TimeoutError as exc:
+            raise BusError(f"reading the {len(out)}+ events of goal {goal_id} took over {timeout:g} s") from exc
         return out
 
     # --- objects and KV --------------------------------------------------------------------

@@ -13,8 +13,8 @@ nats-py's ``PullSubscription.fetch``, for three reasons:
   (nats.py#504, nats.go#890). Requests here carry an idle heartbeat; when nothing (message,
   heartbeat or status) arrives for ``2.5 × heartbeat`` the outstanding requests are written off
   and re-issued. While disconnected no requests are sent (none pile up in the client's buffer to
-  be replayed later). A missing consumer or stream (503 / 409 "consumer deleted", a server that
-  lost its data) is re-provisioned.
+  be replayed later). A missing consumer (503 / 409 "consumer deleted") is re-created; a missing stream
+  (a server that lost its data) waits, logged, for the admin's ``mesh provision``.
 
 What happens to a message, by handler outcome:
 
@@ -385,17 +385,17 @@ class PullConsumer:
     # --- recovery --------------------------------------------------------------------------
 
     async def _check_consumer(self) -> None:
-        """Make sure the durable consumer exists (re-provisioning it if lost) and learn its ack_wait."""
+        """Make sure the durable consumer exists (re-creating it if lost) and learn its ack_wait."""
         try:
             info = await self._bus._js.consumer_info(self.stream, self.durable)
         except NotFoundError:
-            log.warning("consumer %s on %s is missing; re-provisioning", self.durable, self.stream)
-            await self._bus.provision([self._role] if self._role else [])
+            log.warning("consumer %s on %s is missing; re-creating it", self.durable, self.stream)
+            await self._bus.ensure_consumers([self._role] if self._role else [])
             try:
                 info = await self._bus._js.consumer_info(self.stream, self.durable)
             except NotFoundError:
-                raise BusError(f"consumer {self.durable} on {self.stream} does not exist and no provisioned "
-                               "role declares it") from None
+                raise BusError(f"consumer {self.durable} on {self.stream} does not exist and no role of "
+                               "this node declares it") from None
         if info.config.ack_wait:
             self._ack_wait = info.config.ack_wait
 

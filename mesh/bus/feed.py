@@ -120,7 +120,8 @@ class EventFeed:
         """One pull request; returns when it ended, its batch arrived, or it is written off."""
         self._want = len(self._arrived) + batch
         self._done.clear()
-        await self._pulls.request(batch, expires=wait, max_bytes=self.batch_bytes)
+        # never below two messages of the largest size: a message above a request's max_bytes is never delivered
+        await self._pulls.request(batch, expires=wait, max_bytes=max(self.batch_bytes, 2 * self.bus.max_payload))
         try:
             await asyncio.wait_for(self._done.wait(), (wait or 0.0) + _GRACE)
         except TimeoutError:
@@ -163,15 +164,15 @@ class EventFeed:
                 log.warning("stream messages %d..%d no longer exist; the ledger goes on from %d",
                             batch.upto + 1, seq - 1, seq)
             self._fresh = False
+            size += len(msg.data)
             try:
                 envelope = await self.bus.open(msg, majors=EVENT_HISTORY_MAJORS)
                 event = event_of(envelope)
                 if reason := self.bus.topology.forged(msg.subject, event):
                     raise ForgedEvent(reason)
-                size += envelope.size
+                size += envelope.size - len(msg.data)  # its claim-checked body, if any
                 batch.events.append((seq, msg.subject, event))
             except ContractError as exc:
-                size += len(msg.data)
                 batch.dead.append((msg, exc))
             batch.upto, batch.last = seq, msg
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:

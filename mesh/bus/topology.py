@@ -1,4 +1,5 @@
-"""The NATS topology, declared once and provisioned idempotently by every node at start.
+"""The NATS topology, declared once; provisioned by an admin identity (``mesh provision``, ``mesh up``,
+the Kubernetes provisioning Job), verified by every node at start.
 
     stream MESH_GOALS   mesh.goals                    work-queue; consumer role-<planner> (the role
                                                       whose spec is of kind orchestrator), which also
@@ -25,8 +26,12 @@ Every stream dedupes on ``Nats-Msg-Id`` over ``duplicate_window`` (2 minutes): a
 same id inside that window is acknowledged as a duplicate and not stored. Task ids are
 ``goal.step.attempt``, so a re-driven dispatch of the same attempt is dropped while a new attempt passes.
 
-Provisioning is safe when many nodes start at once: creating a stream or consumer whose identical
-config already exists is a no-op on the server, and a mismatch (an older topology) is updated.
+Provisioning (``provision``) is idempotent: creating a stream or consumer whose identical config already
+exists is a no-op on the server, and a mismatch (an older topology) is updated. Only the admin does it:
+with the role specs of one place, so MESH_TASKS' subjects are no longer decided by whichever node started
+last. A role node only checks (``require_topology``) that every stream and bucket exists and that the tasks
+stream takes its role, failing fast with "mesh not provisioned ... run `mesh provision`", and then creates
+(or re-creates after a loss) its own durable consumers (``ensure_consumers``) — all its user may create.
 
 Why MESH_TASKS lists its subjects instead of taking ``mesh.task.>``: a work-queue stream keeps what
 no consumer takes, so a task for a role nobody serves (``mesh.task.planner``, a typo) would wait there
@@ -41,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,7 +56,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from mesh.config import MeshSettings, default_nodes_dir
 from mesh.contracts.events import EventAddress, EventBase, event_subject, parse_event_subject
-from mesh.errors import NodeSpecError, ProvisioningError
+from mesh.errors import NodeSpecError, NotProvisioned, ProvisioningError
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +168,11 @@ class Topology:
     def kv_models(self) -> str:
         """Pointers to the current models in ``obj_models`` (KV and object buckets have separate namespaces)."""
         return f"{self.prefix}_models"
+
+    def bucket_streams(self) -> list[str]:
+        """The streams behind the KV buckets and object stores (``KV_<bucket>``, ``OBJ_<bucket>``)."""
+        return [f"KV_{self.kv_goals}", f"KV_{self.kv_nodes}", f"KV_{self.kv_models}",
+                f"OBJ_{self.obj_artifacts}", f"OBJ_{self.obj_models}"]
 
     # --- subjects --------------------------------------------------------------------------
 
@@ -320,51 +330,115 @@ def _matches(pattern: str, subject: str) -> bool:
     return len(have) == len(want)
 
 
-async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = (), *, prune: bool = False) -> None:
-    """Create or update every stream, bucket and store, and a durable pull consumer per role; with
-    ``prune``, delete the tasks stream's consumers of roles that are no worker role.
-
-    A JetStream API timeout is retried with backoff: when a whole mesh starts at once on a busy
-    machine, the server can take longer than the client's API timeout to answer the burst, and
-    every step here is idempotent, so trying again is safe.
-    """
+async def provision(js: JetStreamContext, topo: Topology, roles: Iterable[str] = (), *,
+                    prune: bool = False) -> list[str]:
+    """The admin's act: create or update every stream, bucket and store, and the durable pull consumers of
+    ``roles``; with ``prune``, delete the tasks stream's consumers of roles that are no worker role.
+    Returns what changed, one line each ("created stream MESH_TASKS"); empty when nothing did."""
     roles = list(dict.fromkeys(roles))
+    changes: list[str] = []
+
+    async def once() -> None:
+        changes.clear()
+        await _provision_once(js, topo, roles, changes)
+        if prune:
+            await _drop_stray_consumers(js, topo, changes)
+
+    await _retrying(once, f"provisioning the {topo.prefix!r} topology")
+    return changes
+
+
+async def require_topology(js: JetStreamContext, topo: Topology, roles: Iterable[str] = ()) -> None:
+    """``NotProvisioned`` unless every stream and bucket exists and the tasks stream takes each of ``roles``
+    that is a worker role here: what a node checks at start instead of provisioning."""
+    async def once() -> None:
+        for name in [c.name for c in topo.stream_configs() if c.name] + topo.bucket_streams():
+            try:
+                info = await js.stream_info(name)
+            except NotFoundError:
+                raise NotProvisioned(f"mesh not provisioned: stream {name} missing — run `mesh provision`") from None
+            if name == f"KV_{topo.kv_goals}" and not info.config.allow_direct:  # the workers' step checks read so
+                raise NotProvisioned(f"mesh provisioned by an older version: bucket {topo.kv_goals} does not allow "
+                                     "direct gets — run `mesh provision`")
+            if name == topo.tasks_stream:
+                taken = set(info.config.subjects or ())
+                for role in roles:
+                    if role in topo.task_roles and topo.task_subject(role) not in taken:
+                        raise NotProvisioned(
+                            f"mesh not provisioned for role {role!r}: stream {name} does not take "
+                            f"{topo.task_subject(role)} — run `mesh provision` with this role's spec in nodes/")
+
+    await _retrying(once, f"checking the {topo.prefix!r} topology")
+
+
+async def ensure_consumers(js: JetStreamContext, topo: Topology, roles: Iterable[str]) -> None:
+    """Create (or re-create after a loss, or update) the durable consumers ``roles`` own — all a role
+    user may create."""
+    async def once() -> None:
+        for role in dict.fromkeys(roles):
+            for stream, config in topo.consumer_configs(role):
+                await _ensure_consumer(js, stream, config)
+
+    await _retrying(once, f"creating the consumers of {', '.join(roles) or 'no role'}")
+
+
+async def _retrying(step: Callable[[], Awaitable[None]], what: str) -> None:
+    """``step`` with a JetStream API timeout retried with backoff: when a whole mesh starts at once on a busy
+    machine, the server can take longer than the client's API timeout to answer the burst, and every step
+    here is idempotent, so trying again is safe."""
     for attempt in range(1, PROVISION_ATTEMPTS + 1):
         try:
-            await _provision_once(js, topo, roles)
-            if prune:
-                await _drop_stray_consumers(js, topo)
+            await step()
             return
         except TimeoutError as exc:  # nats.errors.TimeoutError is one too
             if attempt == PROVISION_ATTEMPTS:
-                raise ProvisioningError(f"provisioning the {topo.prefix!r} topology timed out "
-                                        f"{attempt} times: {exc!r}") from exc
-            log.warning("provisioning timed out (attempt %d of %d); retrying", attempt, PROVISION_ATTEMPTS)
+                raise ProvisioningError(f"{what} timed out {attempt} times: {exc!r}") from exc
+            log.warning("%s timed out (attempt %d of %d); retrying", what, attempt, PROVISION_ATTEMPTS)
             await asyncio.sleep(0.5 * 2 ** (attempt - 1))
         except nats.errors.Error as exc:  # APIError is a nats.errors.Error
-            raise ProvisioningError(f"provisioning the {topo.prefix!r} topology failed: {exc!r}") from exc
+            raise ProvisioningError(f"{what} failed: {exc!r}") from exc
 
 
-async def _provision_once(js: JetStreamContext, topo: Topology, roles: list[str]) -> None:
+async def _provision_once(js: JetStreamContext, topo: Topology, roles: list[str], changes: list[str]) -> None:
     for stream_config in topo.stream_configs():
-        await _ensure_stream(js, stream_config)
+        await _ensure_stream(js, stream_config, changes)
     # Direct gets on the goal state: a worker checks it before every step, and a direct get costs neither
     # side a JSON API request (any replica may answer: see ``GoalStore.progress``).
-    await _ensure_kv(js, api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas,
-                                            storage=api.StorageType.FILE, direct=True))
-    await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl,
-                                                 replicas=topo.replicas, storage=api.StorageType.FILE))
-    await js.create_key_value(api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
-                                                 storage=api.StorageType.FILE))
+    goals = api.KeyValueConfig(bucket=topo.kv_goals, history=8, replicas=topo.replicas, storage=api.StorageType.FILE,
+                               direct=True)
+    others = [api.KeyValueConfig(bucket=topo.kv_nodes, history=1, ttl=topo.nodes_ttl, replicas=topo.replicas,
+                                 storage=api.StorageType.FILE),
+              api.KeyValueConfig(bucket=topo.kv_models, history=16, replicas=topo.replicas,
+                                 storage=api.StorageType.FILE)]
+    for kv in (goals, *others):
+        new = not await _exists(js, f"KV_{kv.bucket}")
+        if kv is goals:
+            await _ensure_kv(js, kv, changes)
+        else:
+            await js.create_key_value(kv)
+        if new:
+            changes.append(f"created KV bucket {kv.bucket}")
     for bucket in (topo.obj_artifacts, topo.obj_models):
+        new = not await _exists(js, f"OBJ_{bucket}")
         await js.create_object_store(bucket, api.ObjectStoreConfig(replicas=topo.replicas,
                                                                    storage=api.StorageType.FILE))
+        if new:
+            changes.append(f"created object store {bucket}")
     for role in roles:
         for stream, config in topo.consumer_configs(role):
-            await _ensure_consumer(js, stream, config)
+            await _ensure_consumer(js, stream, config, changes)
 
 
-async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+async def _exists(js: JetStreamContext, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        return False
+    return True
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, changes: list[str]) -> None:
+    new = not await _exists(js, str(config.name))
     try:
         await js.add_stream(config)  # identical config already there: the server answers with it
     except APIError as exc:
@@ -372,9 +446,13 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
             raise
         log.info("stream %s exists with another configuration; updating it", config.name)
         await js.update_stream(config)
+        changes.append(f"updated stream {config.name} (subjects: {', '.join(config.subjects or ['sourced'])})")
+        return
+    if new:
+        changes.append(f"created stream {config.name} (subjects: {', '.join(config.subjects or ['sourced'])})")
 
 
-async def _ensure_kv(js: JetStreamContext, config: api.KeyValueConfig) -> None:
+async def _ensure_kv(js: JetStreamContext, config: api.KeyValueConfig, changes: list[str]) -> None:
     """Create a bucket; one made before its direct gets were allowed (an older topology) is updated to allow them."""
     try:
         await js.create_key_value(config)
@@ -386,26 +464,33 @@ async def _ensure_kv(js: JetStreamContext, config: api.KeyValueConfig) -> None:
             raise  # another difference: not ours to change
         log.info("bucket %s: allowing direct gets", config.bucket)
         await js.update_stream(replace(info.config, allow_direct=config.direct))
+        changes.append(f"updated KV bucket {config.bucket} (direct gets allowed)")
 
 
-async def _drop_stray_consumers(js: JetStreamContext, topo: Topology) -> None:
+async def _drop_stray_consumers(js: JetStreamContext, topo: Topology, changes: list[str]) -> None:
     """Delete ``role-*`` consumers on the tasks stream whose role is no worker: nothing reaches them."""
     wanted = {topo.consumer_name(role) for role in topo.task_roles}
     for info in await js.consumers_info(topo.tasks_stream):
         if info.name.startswith(topo.consumer_name("")) and info.name not in wanted:
-            log.info("deleting consumer %s on %s: %s is not a worker role", info.name, topo.tasks_stream,
-                     info.name.removeprefix(topo.consumer_name("")))
             try:
                 await js.delete_consumer(topo.tasks_stream, info.name)
-            except NotFoundError:  # another node deleted it first
-                pass
+            except NotFoundError:  # deleted by someone else first
+                continue
+            changes.append(f"deleted consumer {info.name} on {topo.tasks_stream}: "
+                           f"{info.name.removeprefix(topo.consumer_name(''))} is not a worker role")
 
 
-async def _ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig) -> None:
+async def _ensure_consumer(js: JetStreamContext, stream: str, config: api.ConsumerConfig,
+                           changes: list[str] | None = None) -> None:
+    assert config.durable_name is not None
+    if changes is not None:
+        try:
+            await js.consumer_info(stream, config.durable_name)
+        except NotFoundError:
+            changes.append(f"created consumer {config.durable_name} on {stream}")
     try:
         await js.add_consumer(stream, config)  # create-or-update: a no-op when identical
     except APIError as exc:
         if exc.err_code not in (_CONSUMER_EXISTS, _CONSUMER_NAME_EXISTS):
             raise
-        assert config.durable_name is not None
         await js.consumer_info(stream, config.durable_name)  # raced another node's create: it exists now

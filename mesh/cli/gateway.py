@@ -25,9 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _serve(a: argparse.Namespace) -> int:
     from mesh.aio import run_loop
+    from mesh.embedded.localauth import local_settings
     from mesh.gateway.app import serve
 
-    settings = get_settings()
+    settings = local_settings(get_settings())  # MESH_NATS_URL, else (with its token) a running `mesh up`
     run_loop(serve(settings, a.host or settings.gateway_host,
                    settings.gateway_port if a.port is None else a.port))
     return 0

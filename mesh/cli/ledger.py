@@ -59,7 +59,7 @@ def _sql(args: argparse.Namespace) -> int:
         settings = get_settings()
         with Ledger(args.file, read_only=True) as ledger:
             queries = LedgerQueries(ledger, timeout=settings.ledger_query_timeout,
-                                    max_rows=settings.ledger_max_rows)
+                                    max_rows=settings.ledger_max_rows, max_bytes=settings.ledger_max_result_bytes)
             result = queries.sql(args.query, max_rows=args.max_rows)
     else:
         result = _run(lambda client: client.sql(args.query, max_rows=args.max_rows))
@@ -117,13 +117,12 @@ def _export(args: argparse.Namespace) -> int:
 
 async def _connect(settings: MeshSettings) -> Any:
     from mesh.bus import Bus
-    from mesh.embedded.local import local_nats_url
+    from mesh.embedded.localauth import local_settings
 
-    url = local_nats_url(settings)
-    if not url:
+    settings = local_settings(settings)
+    if not settings.nats_url:
         raise NotConnected("no mesh to talk to: set MESH_NATS_URL or start one with `mesh up`")
-    return await Bus.connect(settings.model_copy(update={"nats_url": url}), name="mesh-ledger-cli",
-                             provision=False)
+    return await Bus.connect(settings, name="mesh-ledger-cli", check=False)
 
 
 def _run(ask: Any) -> Any:

@@ -1,4 +1,5 @@
-"""`mesh node | up | run | submit | watch | status | goals | show | cancel`."""
+"""`mesh node | up | run | submit | watch | status | goals | show | cancel` (and `mesh run`'s gate prompt,
+from mesh.cli.approvals)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from mesh.aio import together
 from mesh.cli.progress import SIM_NOTE, Progress, cost, dump_json
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import (
+    ApprovalDecided,
+    ApprovalRequested,
     Budget,
     Goal,
     GoalCancelled,
@@ -146,13 +149,12 @@ async def _check(role: str) -> int:
 @asynccontextmanager
 async def _client(settings: MeshSettings | None = None) -> AsyncIterator[MeshClient]:
     from mesh.client import MeshClient
-    from mesh.embedded.local import local_nats_url
+    from mesh.embedded.localauth import local_settings
 
-    settings = settings or get_settings()
-    url = local_nats_url(settings)
-    if not url:
+    settings = local_settings(settings or get_settings())
+    if not settings.nats_url:
         raise NotConnected("no mesh to talk to: set MESH_NATS_URL or start one with `mesh up`")
-    async with MeshClient.connect(settings.model_copy(update={"nats_url": url}), name="mesh-cli") as client:
+    async with MeshClient.connect(settings, name="mesh-cli") as client:
         yield client
 
 
@@ -266,7 +268,7 @@ async def _up(a: argparse.Namespace) -> int:
     settings = get_settings()
     mesh = await _start_local(settings, sys.stdout)
     try:
-        async with _gateway(settings.model_copy(update={"nats_url": mesh.url}), sys.stdout):
+        async with _gateway(mesh.client_settings, sys.stdout):
             print("press Ctrl-C to stop", flush=True)
             await mesh.supervise()
     finally:
@@ -285,7 +287,7 @@ async def _run(a: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as tg:
             supervisor = tg.create_task(mesh.supervise())
             try:
-                local = settings.model_copy(update={"nats_url": mesh.url})
+                local = mesh.client_settings
                 async with _gateway(local, sys.stderr if a.json else sys.stdout) as url:
                     code = await _drive(local, goal, a, mesh.roles, url)
             finally:
@@ -297,6 +299,7 @@ async def _run(a: argparse.Namespace) -> int:
 
 
 async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str], gateway_url: str) -> int:
+    from mesh.cli.approvals import answer_gate
     from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
@@ -314,8 +317,15 @@ async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, role
         final = None
         async with asyncio.TaskGroup() as tg:
             nodes = tg.create_task(wait_for_roles(client.bus, roles, report=starting))
+            asking: asyncio.Task[None] | None = None
             async for _, final in client.watch(goal.goal_id, until_final=True):
                 progress.show(final)
+                if isinstance(final, ApprovalRequested | ApprovalDecided) and asking is not None:
+                    asking.cancel()  # decided (here or elsewhere), or a newer gate
+                if isinstance(final, ApprovalRequested):
+                    asking = tg.create_task(answer_gate(client, final, say, ask=sys.stdin.isatty() and not a.json))
+            if asking is not None:
+                asking.cancel()
             nodes.cancel()
         if isinstance(final, GoalCompleted):
             out = a.out or settings.out_dir / goal.goal_id
@@ -418,12 +428,12 @@ async def _goals(a: argparse.Namespace) -> int:
     if a.json:
         print(dump_json([{"goal_id": s.goal.goal_id, "status": s.status, "brief": s.goal.brief,
                           "steps": len(s.steps), "tokens": s.usage.total_tokens, "cost_usd": s.usage.cost_usd,
-                          "simulated": s.simulated}
+                          "simulated": s.simulated, "pending_gates": [p.gate for p in s.pending_approvals()]}
                          for s in states]))
         return 0
     for s in states:
         done = sum(1 for st in s.steps.values() if st.status == "completed")
-        print(f"{s.goal.goal_id}  {s.status:<10} {done:>3}/{len(s.steps):<3} steps  {s.usage.total_tokens:>9,} tok  "
+        print(f"{s.goal.goal_id}  {s.status:<17} {done:>3}/{len(s.steps):<3} steps  {s.usage.total_tokens:>9,} tok  "
               f"{cost(s.usage, s.simulated):>12}  {'SIMULATED  ' if s.simulated else ''}{s.goal.brief[:60]}")
     return 0
 
@@ -448,9 +458,13 @@ async def _show(a: argparse.Namespace) -> int:
         q = state.quality()
         print(f"quality: tests {q.tests}" + (f" (exit {q.tests_exit_code})" if q.tests_exit_code is not None else "")
               + f", reviews {', '.join(q.reviews) or '-'}")
+    for ap in [] if state.done else state.pending_approvals():
+        deadline = ap.deadline.isoformat(timespec="seconds") if ap.deadline else "-"
+        print(f"waiting for approval: gate {ap.gate} ({ap.kind}) until {deadline}, then {ap.on_timeout} — "
+              f"mesh approve {state.goal.goal_id} {ap.gate}")
     for sid, st in state.steps.items():
         deps = ",".join(st.step.depends_on) or "-"
-        print(f"  {sid:<24} {st.step.role:<12} {st.status:<10} attempt {st.attempt}  tier {st.tier or '-':<13} "
+        print(f"  {sid:<24} {st.step.role:<12} {st.status:<17} attempt {st.attempt}  tier {st.tier or '-':<13} "
               f"{'sim ' if st.simulated else ''}after {deps}")
     return 0
 
@@ -458,7 +472,7 @@ async def _show(a: argparse.Namespace) -> int:
 async def _cancel(a: argparse.Namespace) -> int:
     """Send the planner a cancel command and report how the goal ended."""
     async with _client() as client:
-        if not await client.cancel(a.goal, by=_who(), reason=a.reason):
+        if not await client.cancel(a.goal, by=who("mesh cancel"), reason=a.reason):
             print("goal already finished")
             return 0
         try:
@@ -472,9 +486,9 @@ async def _cancel(a: argparse.Namespace) -> int:
     return 0
 
 
-def _who() -> str:
-    """Who cancels, for the record: the OS user running the CLI."""
+def who(command: str) -> str:
+    """Who cancels or decides, for the record: the OS user running the CLI (and through which command)."""
     try:
-        return f"{getpass.getuser()} (mesh cancel)"
+        return f"{getpass.getuser()} ({command})"
     except (OSError, KeyError):  # no login name in this environment
-        return "mesh cancel"
+        return command

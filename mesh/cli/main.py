@@ -11,7 +11,7 @@ from collections.abc import Sequence
 # Command groups, each a module in this package with `register(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.local", "mesh.cli.schemas", "mesh.cli.sim", "mesh.cli.security",
                                      "mesh.cli.ledger", "mesh.cli.router", "mesh.cli.bench", "mesh.cli.tools",
-                                     "mesh.cli.gateway")
+                                     "mesh.cli.gateway", "mesh.cli.approvals", "mesh.cli.provision")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,9 @@ from typing import TextIO
 
 from mesh.contracts import (
     EVENT_ADAPTER,
+    ApprovalDecided,
+    ApprovalRefused,
+    ApprovalRequested,
     BackendCall,
     EventBase,
     GoalCancelled,
@@ -96,6 +99,16 @@ class Progress:
                 return self._c("1;31", f"goal failed: {e.reason}") + (SIM_NOTE if e.simulated else "")
             case GoalCancelled():
                 return self._c("1;33", f"goal cancelled: {e.reason}")
+            case ApprovalRequested():
+                deadline = e.approval.deadline.isoformat(timespec="seconds") if e.approval.deadline else "-"
+                return self._c("1;35", f"⏸ awaiting approval: gate {e.approval.gate}") + \
+                    f" (until {deadline}, then {e.approval.on_timeout})"
+            case ApprovalDecided():
+                verb = "approved" if e.decision == "approve" else "rejected"
+                how = " (deadline passed)" if e.timed_out else ""
+                return self._c("35", f"  gate {e.gate} {verb} by {e.by}{how}") + (f": {e.note}" if e.note else "")
+            case ApprovalRefused():
+                return self._c("33", f"  {e.decision} of gate {e.gate} by {e.by} refused: {e.reason}")
         return None
 
 

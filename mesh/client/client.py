@@ -2,29 +2,46 @@
 
 It submits goals (optionally with a local folder as the goal's starting workspace), follows a goal's
 events from a stream sequence (resumable without gap or duplicate), reads goal state, results and
-live nodes, and asks for a cancellation. It never writes goal state: a cancel is a ``GoalCommand``
-on ``mesh.control.<goal>`` that the planner applies by compare-and-swap like every other transition.
+live nodes, lists the approval gates waiting for a person, and asks for a cancellation or a gate's
+decision. It never writes goal state: a cancel or a decision is a ``GoalCommand`` on
+``mesh.control.<goal>`` that the planner applies by compare-and-swap like every other transition.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.bus.client import Bus, ConsumerState
 from mesh.config import MeshSettings, get_settings
-from mesh.contracts import ArtifactRef, Event, Goal, GoalCancelled, GoalCommand, GoalCompleted, GoalFailed
-from mesh.errors import MeshError, UnknownGoal
+from mesh.contracts import (
+    ApprovalDecided,
+    ApprovalRefused,
+    ArtifactRef,
+    Decision,
+    Event,
+    Goal,
+    GoalCancelled,
+    GoalCommand,
+    GoalCompleted,
+    GoalFailed,
+    PendingApproval,
+)
+from mesh.errors import ApprovalNotPending, MeshError, UnknownGoal
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 from mesh.tools.workspace import Workspace
+
+if TYPE_CHECKING:
+    from mesh.roles.ledger_service import LedgerClient
 
 FINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 SIMULATED_NOTE = ("Some or all of this goal's model calls were answered by the simulated backend (mesh sim-server), "
@@ -45,6 +62,8 @@ class NodeInfo(BaseModel):
     pid: int = 0
     version: str = ""
     in_flight: int = 0
+    breakers: dict[str, str] = Field(default_factory=dict, description="tier → circuit state, in nodes that call "
+                                     "models (closed, half_open, open)")
 
 
 @dataclass(slots=True)
@@ -156,6 +175,70 @@ class MeshClient:
         await self.bus.publish(self.bus.topology.control_subject(goal_id), command, msg_id=command.command_id)
         return True
 
+    # --- approvals (docs/APPROVALS.md) ----------------------------------------------------------
+
+    async def approvals(self, goal_id: str | None = None) -> list[PendingApproval]:
+        """The inbox: every pending gate of every running goal (or of one goal), oldest request first."""
+        if goal_id is not None:
+            state = await self.goal(goal_id)
+            states = [state] if state is not None else []
+        else:
+            states = await self.goals()
+        items = [PendingApproval(goal_id=s.goal.goal_id, brief=s.goal.brief, submitter=s.goal.submitter, approval=a)
+                 for s in states if not s.done for a in s.pending_approvals()]
+        return sorted(items, key=lambda p: p.approval.requested_at)
+
+    async def approve(self, goal_id: str, gate: str | None = None, *, by: str, note: str = "",
+                      wait: float = 30.0) -> ApprovalDecided | None:
+        """Approve a pending gate (``None``: the goal's only pending one). See ``decide``."""
+        return await self.decide(goal_id, gate, "approve", by=by, note=note, wait=wait)
+
+    async def reject(self, goal_id: str, gate: str | None = None, *, by: str, note: str = "",
+                     wait: float = 30.0) -> ApprovalDecided | None:
+        """Reject a pending gate; ``note`` is the feedback (the next plan's prompt, a revision's review)."""
+        return await self.decide(goal_id, gate, "reject", by=by, note=note, wait=wait)
+
+    async def decide(self, goal_id: str, gate: str | None, decision: Decision, *, by: str, note: str = "",
+                     wait: float = 30.0) -> ApprovalDecided | None:
+        """Send the planner a decision on a gate, and wait up to ``wait`` seconds for its answer.
+
+        Refused with ``ApprovalNotPending`` — and nothing sent — when the goal's state shows the gate is not
+        pending; the planner checks again in its compare-and-swap, and a decision that lost a race (another
+        decider, the deadline) comes back as an ``approval.refused`` event, raised here as the same error.
+        Returns the ``approval.decided`` event, or None when no planner answered within ``wait`` (the
+        command is durable: a planner applies it when it is back). ``wait=0`` sends without waiting."""
+        state = await self.goal(goal_id)
+        if state is None:
+            raise UnknownGoal(f"no goal {goal_id!r}")
+        if state.done:
+            raise ApprovalNotPending(f"goal {goal_id} has ended ({state.status}); its gates are closed")
+        pending = [a.gate for a in state.pending_approvals()]
+        if gate is None:
+            if len(pending) != 1:
+                raise ApprovalNotPending(f"goal {goal_id} has {len(pending)} pending gates"
+                                         + (f" ({', '.join(pending)}): name one" if pending else ""))
+            gate = pending[0]
+        if gate not in pending:
+            known = state.approvals.get(gate)
+            why = (f"gate {gate} was already {known.status} by {known.decided_by}" if known is not None else
+                   f"goal {goal_id} has no gate {gate!r}")
+            raise ApprovalNotPending(f"{why}; pending gates: {', '.join(pending) or 'none'}")
+        command = GoalCommand(goal_id=goal_id, action=decision, by=by, gate=gate, note=note)
+        _, last = await self.event_positions()
+        await self.bus.publish(self.bus.topology.control_subject(goal_id), command, msg_id=command.command_id)
+        if wait <= 0:
+            return None
+        try:
+            async with asyncio.timeout(wait):
+                async for _, event in self.watch(goal_id, last + 1):
+                    if isinstance(event, ApprovalDecided) and event.command_id == command.command_id:
+                        return event
+                    if isinstance(event, ApprovalRefused) and event.command_id == command.command_id:
+                        raise ApprovalNotPending(event.reason)
+        except TimeoutError:
+            return None
+        return None  # not reached: a watch without until_final runs until the timeout
+
     async def results(self, goal_id: str) -> GoalResults:
         """The goal's synthesis, final workspace and text outputs, as far as it got."""
         state = await self.goal(goal_id)
@@ -187,6 +270,12 @@ class MeshClient:
         entries = await self.bus.kv_entries(self.bus.topology.kv_nodes)
         nodes = [NodeInfo.model_validate(_json(e.value)) for e in entries if e.value]
         return sorted(nodes, key=lambda n: (n.role, n.node))
+
+    def ledger(self) -> LedgerClient:
+        """Read-only queries on the ledger through its NATS service (docs/LEDGER.md)."""
+        from mesh.roles.ledger_service import LedgerClient  # imports DuckDB: not at every client's start
+
+        return LedgerClient(self.bus)
 
     async def dead_letters(self) -> dict[str, int]:
         """Messages in the dead-letter stream per role (``mesh.dlq.<role>``)."""

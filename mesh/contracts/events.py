@@ -10,9 +10,12 @@ from typing import Annotated, Literal
 from pydantic import Field, TypeAdapter
 
 from mesh.contracts.models import (
+    Approval,
     Artifact,
     ArtifactRef,
+    Decision,
     FreeForm,
+    Gate,
     Goal,
     GoalQuality,
     Plan,
@@ -167,6 +170,39 @@ class NodeDown(EventBase):
     reason: str = "shutdown"
 
 
+class ApprovalRequested(EventBase):
+    """A gate waits for a person (docs/APPROVALS.md): ``approval`` says what, and until when."""
+
+    type: Literal["approval.requested"] = "approval.requested"
+    approval: Approval
+
+
+class ApprovalDecided(EventBase):
+    """A gate was decided: by a person's command (``command_id``), or by its timeout policy (``timed_out``)."""
+
+    type: Literal["approval.decided"] = "approval.decided"
+    gate: Gate
+    request: int = Field(ge=1, description="which request of the gate (Approval.request)")
+    decision: Decision
+    by: str
+    note: str = ""
+    decided_at: datetime = Field(default_factory=utcnow)
+    timed_out: bool = False
+    command_id: Token | None = None
+
+
+class ApprovalRefused(EventBase):
+    """A decision the planner did not apply: its gate is not pending (already decided, never requested,
+    or the goal has ended). The goal is unchanged; the deciding client waits for this or ``approval.decided``."""
+
+    type: Literal["approval.refused"] = "approval.refused"
+    gate: str = Field(max_length=200)
+    decision: Decision
+    by: str
+    reason: str
+    command_id: Token
+
+
 Event = Annotated[
     GoalSubmitted
     | GoalPlanned
@@ -183,7 +219,10 @@ Event = Annotated[
     | ToolCall
     | ArtifactCreated
     | NodeUp
-    | NodeDown,
+    | NodeDown
+    | ApprovalRequested
+    | ApprovalDecided
+    | ApprovalRefused,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -191,7 +230,7 @@ EVENT_TYPES: tuple[str, ...] = tuple(
     m.model_fields["type"].default
     for m in (GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalCancelled, StepDispatched, StepStarted,
               StepProgress, StepCompleted, StepFailed, RouteDecided, BackendCall, ToolCall, ArtifactCreated,
-              NodeUp, NodeDown)
+              NodeUp, NodeDown, ApprovalRequested, ApprovalDecided, ApprovalRefused)
 )
 # Node events are not about a goal; they use this goal id so every event has a subject.
 SYSTEM_GOAL_ID = "_system"

@@ -8,10 +8,11 @@ goal that silently runs with the default.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh.contracts.models import FreeForm
+from mesh.contracts.models import FreeForm, PendingApproval
 
 
 class _Request(BaseModel):
@@ -39,6 +40,31 @@ class GoalRequest(_Request):
 
 class CancelRequest(_Request):
     reason: str = Field(default="cancelled through the gateway", max_length=2_000)
+
+
+class DecisionRequest(_Request):
+    """Body of ``POST /v1/goals/{id}/approvals/{gate}``: a person's decision on a pending gate."""
+
+    decision: Literal["approve", "reject"]
+    note: str = Field(default="", max_length=4000, description="Kept with the decision; a rejection's note is the "
+                                                                "feedback (the next plan's prompt, a revision's review).")
+
+
+class DecisionAnswer(BaseModel):
+    """Answer of ``POST /v1/goals/{id}/approvals/{gate}``: 200 ``applied`` once the planner applied it, 202
+    ``sent`` when no planner answered within the gateway's wait (the command is durable and will be applied)."""
+
+    goal_id: str
+    gate: str
+    decision: Literal["approve", "reject"]
+    by: str
+    status: Literal["applied", "sent"]
+
+
+class ApprovalList(BaseModel):
+    """``GET /v1/approvals``: every pending gate of every running goal, oldest request first."""
+
+    approvals: list[PendingApproval]
 
 
 class GoalAccepted(BaseModel):

@@ -24,28 +24,45 @@ Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, lo
 # message may nest at will; these bounds keep such a field, and so the heap it decodes into, small.
 FREEFORM_MAX_DEPTH = 16
 FREEFORM_MAX_BYTES = 64 * 1024  # summed string lengths, plus 8 per value, key and container
+_SIZED, _NESTED = (str, bytes), (dict, list, tuple)
 
 
 def bounded_freeform(value: dict[str, Any]) -> dict[str, Any]:
-    """``value`` unchanged, or ``ValueError`` if it nests deeper or holds more than the free-form bounds."""
+    """``value`` unchanged, or ``ValueError`` if it nests deeper or holds more than the free-form bounds.
+    A container's size is counted before its items are looked at, so refusing a big one is cheap."""
     size = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]  # (item, depth)
-    while stack:  # checked before a container's items are stacked, so the walk itself stays small
+    stack: list[tuple[Any, int]] = [(value, 1)]  # containers still to look into, with their depth
+    while stack:
         item, depth = stack.pop()
         if depth > FREEFORM_MAX_DEPTH:
             raise ValueError(f"free-form data nested deeper than {FREEFORM_MAX_DEPTH} levels")
-        if isinstance(item, dict | list | tuple):
-            size += 8 * len(item)
-        else:
-            size += len(item) if isinstance(item, str | bytes) else 8
+        size += 8 * len(item)
         if size > FREEFORM_MAX_BYTES:
-            raise ValueError(f"free-form data larger than {FREEFORM_MAX_BYTES} bytes")
+            break
         if isinstance(item, dict):
-            stack.extend((k, depth + 1) for k in item)  # keys count as deep as their values
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend((v, depth + 1) for v in item)
+            for k in item:
+                if isinstance(k, str):
+                    size += len(k)
+            item = item.values()
+        for v in item:  # (tuples, not X | Y unions: isinstance is several times faster with them)
+            if isinstance(v, _SIZED):
+                size += len(v)
+            elif isinstance(v, _NESTED):
+                stack.append((v, depth + 1))
+        if size > FREEFORM_MAX_BYTES:
+            break
+    if size > FREEFORM_MAX_BYTES:
+        raise ValueError(f"free-form data larger than {FREEFORM_MAX_BYTES} bytes")
     return value
+
+
+def fit_freeform(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` if it is within the free-form bounds, else a note of why it was left out: for producers that
+    record data they do not control (a model's tool arguments, its errors), so their event stays valid."""
+    try:
+        return bounded_freeform(value)
+    except ValueError as exc:
+        return {"elided": f"not recorded: {exc}"}
 
 
 FreeForm = Annotated[dict[str, Any], AfterValidator(bounded_freeform), Field(
@@ -133,16 +150,27 @@ class Goal(Wire):
         "works on it or on a newer workspace derived from it.")
 
 
+GATE_PATTERN = r"^(plan|final|[A-Za-z0-9_-]{1,64}\.(before|after))$"
+Gate = Annotated[str, Field(pattern=GATE_PATTERN, description="plan, final, or <step_id>.before / <step_id>.after")]
+GateKind = Literal["plan", "before", "after", "final"]
+Decision = Literal["approve", "reject"]
+TimeoutPolicy = Literal["fail", "approve", "reject"]
+
+
 class GoalCommand(Wire):
     """A client's request to change a goal, sent on ``mesh.control.<goal>``. The planner applies it to the
-    goal state by compare-and-swap like every other transition: clients never write goal state."""
+    goal state by compare-and-swap like every other transition: clients never write goal state.
+    ``approve`` / ``reject`` decide the pending approval ``gate`` (docs/APPROVALS.md)."""
 
     command_id: Token = Field(default_factory=new_id)
     goal_id: Token
-    action: Literal["cancel"]
+    action: Literal["cancel", "approve", "reject"]
     by: str = Field(min_length=1, max_length=200, description="who asks (user or service name)")
     reason: str = Field(default="", max_length=2000)
     issued_at: datetime = Field(default_factory=utcnow)
+    gate: Gate | None = Field(default=None, description="approve / reject: the gate decided")
+    note: str = Field(default="", max_length=4000, description="approve / reject: the decider's note (a rejection's "
+                                                                "feedback)")
 
 
 class StepQuality(Wire):
@@ -292,3 +320,39 @@ class RouteDecision(Wire):
     model_version: str = "rules-1"
     feature_version: str = ""
     features: list[float] = Field(default_factory=list)
+
+
+class Approval(Wire):
+    """One approval gate of a goal: what waits for a person, until when, and how it was decided.
+
+    ``plan``: the planned DAG waits before any step is dispatched; ``before``: a step of a role whose spec
+    says ``approve = "before"`` waits before it is dispatched; ``after``: such a step's outcome is recorded
+    but does not count until approved; ``final``: the goal's result waits before the goal completes."""
+
+    gate: Gate
+    kind: GateKind
+    request: int = Field(ge=1, description="the goal's n-th approval request (the ledger's key with the goal)")
+    status: Literal["pending", "approved", "rejected"] = "pending"
+    step_id: Token | None = None
+    role: Token | None = None
+    summary: str = Field(default="", max_length=4000, description="what is being approved, in a line or a few")
+    plan: Plan | None = Field(default=None, description="plan gate: the plan that waits")
+    outputs: list[ArtifactRef] = Field(default_factory=list, description="after: the step's outputs (its text, "
+                                       "workspace and diff); final: the goal's result")
+    requested_at: datetime = Field(default_factory=utcnow)
+    deadline: datetime | None = None
+    on_timeout: TimeoutPolicy = "fail"
+    decided_by: str | None = None
+    note: str = ""
+    decided_at: datetime | None = None
+    command_id: Token | None = Field(default=None, description="the command that decided it (none: its timeout)")
+
+
+class PendingApproval(Wire):
+    """One entry of the approvals inbox (``MeshClient.approvals``, ``GET /v1/approvals``): a pending gate and
+    the goal it holds."""
+
+    goal_id: Token
+    brief: str
+    submitter: str | None = None
+    approval: Approval

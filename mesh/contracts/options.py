@@ -29,6 +29,7 @@ class GoalOption:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    several: bool = False  # a comma-separated set of ``choices`` ("plan,final")
 
     def check(self, value: Any) -> Any:
         """``value`` as this option's type; ``OptionInvalid`` naming the option and what it takes."""
@@ -37,6 +38,11 @@ class GoalOption:
               "bool": isinstance(value, bool), "str": isinstance(value, str)}[self.type]
         if not ok:
             raise OptionInvalid(f"goal option {self.name!r} takes {self.describe()}; got {value!r}")
+        if self.several and isinstance(value, str):
+            picked = [v.strip() for v in value.split(",") if v.strip()]
+            if not picked or any(v not in self.choices for v in picked):
+                raise OptionInvalid(f"goal option {self.name!r} takes {self.describe()}; got {value!r}")
+            return ",".join(dict.fromkeys(picked))
         if self.choices and value not in self.choices:
             raise OptionInvalid(f"goal option {self.name!r} takes {self.describe()}; got {value!r}")
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
@@ -44,6 +50,8 @@ class GoalOption:
         return float(value) if self.type == "float" else value
 
     def describe(self) -> str:
+        if self.several:
+            return "a comma-separated set of " + ", ".join(self.choices)
         if self.choices:
             return "one of " + ", ".join(self.choices)
         kind = "an int" if self.type == "int" else f"a {self.type}"
@@ -71,6 +79,13 @@ OPTIONS: dict[str, GoalOption] = {o.name: o for o in (
                choices=("first_changes", "approve", "changes")),
     GoalOption("sim_tests", "str", "fail_first: the simulated coder's first version fails its tests; fail_always: "
                "every version does", "sim backend", choices=("fail_first", "fail_always")),
+    GoalOption("approve", "str", "approval gates of the goal: plan (the plan waits for a person before any step "
+               "runs), final (the result waits before the goal completes); docs/APPROVALS.md", "planner",
+               choices=("plan", "final"), several=True),
+    GoalOption("approve_timeout", "float", "seconds a gate of this goal waits for a decision (default: "
+               "MESH_APPROVAL_TIMEOUT)", "planner", minimum=1, maximum=30 * 86400),
+    GoalOption("approve_on_timeout", "str", "what a gate of this goal does when its deadline passes (default: "
+               "MESH_APPROVAL_ON_TIMEOUT)", "planner", choices=("fail", "approve", "reject")),
     GoalOption("accept_failing_tests", "bool", "complete the goal even though its last test run failed (its quality "
                "record says tests: failed); by default such a goal fails", "planner"),
 )}

@@ -6,7 +6,8 @@ drain) and then SIGKILL, then stops the servers. Every child is a ``mesh.embedde
 in its own session, and dying with this process even when it is killed -9.
 
 The running mesh writes ``<data_dir>/local.json`` (NATS URL, pids) so ``mesh submit``/``watch``/
-``status`` in another terminal find it.
+``status`` in another terminal find it; its own nats-server wants the token of ``<data_dir>/nats-token``
+(``mesh.embedded.localauth``), which those commands read and the nodes get in their environment.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from mesh.config import MeshSettings
 from mesh.embedded.child import ChildProcess
 from mesh.embedded.edge import EdgeModelServer
+from mesh.embedded.localauth import LOCAL_FILE, new_token, token_path
 from mesh.embedded.natsserver import EmbeddedNats, free_port
 from mesh.embedded.readiness import wait_http
 
@@ -97,6 +101,15 @@ class LocalMesh:
         self.model_tiers = tuple(model_tiers)
         self.procs: list[RoleProcess] = []
         self.url = settings.nats_url or ""
+        self.token: SecretStr | None = None  # of our own nats-server
+
+    @property
+    def client_settings(self) -> MeshSettings:
+        """Settings that reach this mesh (its URL, and its token when it runs its own server)."""
+        update: dict[str, object] = {"nats_url": self.url}
+        if self.token is not None:
+            update["nats_token"] = self.token
+        return self.settings.model_copy(update=update)
 
     async def start(self) -> None:
         """Servers, then nodes; when a part fails to come up, the parts already up are stopped again."""
@@ -109,12 +122,15 @@ class LocalMesh:
     async def _start(self) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         if not self.url:
-            self.nats = EmbeddedNats(self.data_dir / "nats", http_port=None)
+            self.token = new_token(self.data_dir)
+            self.nats = EmbeddedNats(self.data_dir / "nats", http_port=None, token=self.token)
             await self.nats.start()
             self.url = self.nats.url
         # MESH_ALLOW_SIM: the embedded default is where simulation is allowed (and said so on screen).
         env = {**os.environ, "MESH_NATS_URL": self.url, "MESH_HEALTH_PORT": "0", "MESH_HEALTH_HOST": "127.0.0.1",
                "MESH_DATA_DIR": str(self.data_dir), "MESH_ALLOW_SIM": "1"}
+        if self.token is not None:
+            env["MESH_NATS_TOKEN"] = self.token.get_secret_value()
         if self.sim_tiers:  # started first: it imports and binds while the topology is provisioned
             env.update(self._spawn_sim_server())
         await self._provision()
@@ -126,7 +142,7 @@ class LocalMesh:
             p.spawn()
         if self.sim is not None:  # awaited after the nodes are spawned: they need it only at their first call
             await wait_http(f"{self.sim_url}/healthz", self.sim)
-        (self.data_dir / "local.json").write_text(json.dumps(
+        (self.data_dir / LOCAL_FILE).write_text(json.dumps(
             {"nats_url": self.url, "sim_url": self.sim_url, "edge_url": self.edge.base_url if self.edge else None,
              "pid": os.getpid(),
              "nodes": {p.role: p.pid for p in self.procs if p.pid}}))
@@ -137,8 +153,7 @@ class LocalMesh:
         server given by MESH_NATS_URL that is its operator's act — role users may not delete)."""
         from mesh.bus.client import Bus
 
-        async with await Bus.connect(self.settings.model_copy(update={"nats_url": self.url}), name="mesh-up",
-                                     provision=False) as bus:
+        async with await Bus.connect(self.client_settings, name="mesh-up", check=False) as bus:
             await bus.provision(self.roles, prune=self.nats is not None)
 
     def _spawn_sim_server(self) -> dict[str, str]:
@@ -170,8 +185,10 @@ class LocalMesh:
             await self.edge.stop()
         if self.nats is not None:
             await self.nats.stop()
-        with suppress(FileNotFoundError):
-            (self.data_dir / "local.json").unlink()
+        for done in (self.data_dir / LOCAL_FILE, token_path(self.data_dir), self.nats.auth_conf if self.nats else None):
+            if done is not None:
+                with suppress(FileNotFoundError):
+                    done.unlink()
 
 
 def sim_server_env(url: str, tiers: Iterable[str] | None = None) -> dict[str, str]:
@@ -192,13 +209,3 @@ def sim_server_env(url: str, tiers: Iterable[str] | None = None) -> dict[str, st
         env |= {f"{prefix}PRICE_{p.upper()}": str(v) for p, v in cfg.prices.model_dump().items()}
     env["MESH_SIM_API_KEY"] = "sim-local"  # the SDKs insist on a key; the sim ignores it
     return env
-
-
-def local_nats_url(settings: MeshSettings) -> str | None:
-    """MESH_NATS_URL, else the URL of a `mesh up` running from the same data dir."""
-    if settings.nats_url:
-        return settings.nats_url
-    path = settings.data_dir / "local.json"
-    if path.exists():
-        return str(json.loads(path.read_text()).get("nats_url") or "") or None
-    return None

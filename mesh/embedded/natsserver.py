@@ -31,7 +31,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from pydantic import SecretStr
+
 from mesh.embedded.child import ChildProcess, log_tail
+from mesh.embedded.localauth import write_private
 from mesh.errors import EmbeddedServerError
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class EmbeddedNats:
         host: str = LOOPBACK,
         ready_timeout: float = 15.0,
         extra_args: Sequence[str] = (),
+        token: SecretStr | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -101,6 +105,7 @@ class EmbeddedNats:
         self.binary = binary
         self.ready_timeout = ready_timeout
         self.extra_args = tuple(extra_args)
+        self.token = token  # clients must present it (authorization { token }); given in a 0600 config file
         self._proc: ChildProcess | None = None
 
     # --- addresses -------------------------------------------------------------------------
@@ -120,6 +125,11 @@ class EmbeddedNats:
         return self.data_dir / _LOG_NAME
 
     @property
+    def auth_conf(self) -> Path:
+        """The 0600 configuration file holding the token (beside the store, not in it)."""
+        return self.data_dir.parent / f"{self.data_dir.name}-auth.conf"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
@@ -136,6 +146,8 @@ class EmbeddedNats:
                "-p", str(self.port), "-m", str(self.http_port)]
         if self.server_name:
             cmd += ["-n", self.server_name]
+        if self.token is not None:  # in a file: a command line is readable by every local user
+            cmd += ["-c", str(self.auth_conf)]
         if self.cluster:
             cmd += ["--cluster_name", self.cluster.name, "--cluster", f"nats://{self.host}:{self.cluster.port}"]
             if self.cluster.routes:
@@ -148,6 +160,8 @@ class EmbeddedNats:
             raise EmbeddedServerError(f"nats-server already running (pid {self.pid})")
         self.port = self.port or free_port(self.host)
         self.http_port = self.http_port or free_port(self.host)
+        if self.token is not None:
+            write_private(self.auth_conf, f'authorization {{\n  token: "{self.token.get_secret_value()}"\n}}\n')
         self._proc = ChildProcess(self.command(), self.log_path, what="nats-server")
         self._proc.start()
         log.info("nats-server pid %s on %s (monitor %s, data %s)", self._proc.pid, self.url,

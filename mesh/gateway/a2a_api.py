@@ -2,9 +2,12 @@
 gateway. The SDK's default handler keeps tasks and their event queues in process memory; this one reads
 them from the mesh, so a task outlives the connection that created it and any replica serves any task.
 
-    SendMessage            the message's text becomes a goal; the task snapshot (waits for the end unless
-                           ``configuration.return_immediately``, up to MESH_GATEWAY_REQUEST_TIMEOUT)
-    SendStreamingMessage   the task, then a status update per step and an artifact update per output
+    SendMessage            the message's text becomes a goal; the task snapshot (waits for the end, or for
+                           an approval gate, unless ``configuration.return_immediately``, up to
+                           MESH_GATEWAY_REQUEST_TIMEOUT). A message on an existing task (``task_id``) is a
+                           decision on its pending gate (below)
+    SendStreamingMessage   the task, then a status update per step and an artifact update per output, until
+                           the end or an approval gate (INPUT_REQUIRED)
     GetTask / ListTasks    snapshots from goal state
     CancelTask             a cancel command to the planner; the snapshot
     SubscribeToTask        the current snapshot, then every later update
@@ -13,6 +16,12 @@ Resuming without loss (extension ``RESUME_EXTENSION``): every update carries ``m
 event-stream sequence. A2A 1.0's SubscribeToTaskRequest has no metadata field, so a client sends the last
 sequence it saw as the service parameter (HTTP header) ``Mesh-Resume-After``; it then gets exactly the
 updates after it — no snapshot, nothing twice, nothing missed.
+
+Approval gates (docs/APPROVALS.md): a goal waiting for a person is a task in INPUT_REQUIRED whose status
+message says what waits (text, plus a data part with the gate). The client answers with a message on the
+same task: a data part ``{"decision": "approve" | "reject", "gate": …, "note": …}`` (gate optional when one
+is pending), or the text "approve" / "reject: <note>". A decision on a gate that is not pending is an
+invalid-params error naming why; the decider is the token's name.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
-from a2a.helpers.proto_helpers import get_message_text, new_data_part, new_text_message
+from a2a.helpers.proto_helpers import get_data_parts, get_message_text, new_data_part, new_text_message
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.request_handler import RequestHandler
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
@@ -69,12 +78,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mesh.client.decisions import parse_decision
 from mesh.config import MeshSettings
-from mesh.contracts import ArtifactCreated, Event, GoalCancelled, GoalCompleted, GoalFailed
+from mesh.contracts import (
+    Approval,
+    ApprovalRequested,
+    ArtifactCreated,
+    Decision,
+    Event,
+    GoalCancelled,
+    GoalCompleted,
+    GoalFailed,
+)
 from mesh.contracts.http import GoalRequest
 from mesh.errors import RequestRefused
 from mesh.gateway.auth import Principal
-from mesh.gateway.goals import Desk, describe
+from mesh.gateway.goals import Desk, describe, waiting_text
 
 if TYPE_CHECKING:
     from mesh.roles.goalstate import GoalState
@@ -84,11 +103,14 @@ RESUME_EXTENSION = "urn:mesh:a2a:resume:v1"
 RESUME_HEADER = "mesh-resume-after"
 SEQ = "mesh.seq"
 STATES: dict[str, TaskState] = {"planning": TaskState.TASK_STATE_SUBMITTED, "running": TaskState.TASK_STATE_WORKING,
+                          "awaiting_approval": TaskState.TASK_STATE_INPUT_REQUIRED,
                           "completed": TaskState.TASK_STATE_COMPLETED, "failed": TaskState.TASK_STATE_FAILED,
                           "cancelled": TaskState.TASK_STATE_CANCELED}
 FINAL_STATES: dict[type, TaskState] = {GoalCompleted: TaskState.TASK_STATE_COMPLETED,
                                  GoalFailed: TaskState.TASK_STATE_FAILED,
                                  GoalCancelled: TaskState.TASK_STATE_CANCELED}
+# Where a blocking SendMessage returns and a SendStreamingMessage ends: the end, or a gate waiting for a person.
+STOPS: tuple[type, ...] = (*FINAL_STATES, ApprovalRequested)
 
 
 def _agent_text(text: str, task_id: str) -> Message:
@@ -97,12 +119,24 @@ def _agent_text(text: str, task_id: str) -> Message:
     return msg
 
 
+def _gate_part(approval: Approval) -> Part:
+    return new_data_part({"gate": approval.gate, "kind": approval.kind, "step_id": approval.step_id or "",
+                          "summary": approval.summary,
+                          "deadline": approval.deadline.isoformat() if approval.deadline else "",
+                          "on_timeout": approval.on_timeout}, "application/json")
+
+
 def snapshot(state: GoalState, synthesis: str | None = None) -> Task:
-    """A goal as an A2A task."""
+    """A goal as an A2A task (INPUT_REQUIRED, with what waits, while a gate is pending)."""
     gid = state.goal.goal_id
     done = sum(st.status == "completed" for st in state.steps.values())
+    pending = [] if state.done else state.pending_approvals()
     text = state.reason or f"{state.status}: {done}/{len(state.steps)} steps completed"
-    task = Task(id=gid, context_id=gid, status=TaskStatus(state=STATES[state.status], message=_agent_text(text, gid)),
+    if pending:
+        text = "\n".join(waiting_text(a.gate, a.summary) for a in pending)
+    message = _agent_text(text, gid)
+    message.parts.extend(_gate_part(a) for a in pending)
+    task = Task(id=gid, context_id=gid, status=TaskStatus(state=STATES[state.status], message=message),
                 history=[new_text_message(state.goal.brief, role=Role.ROLE_USER, context_id=gid)])
     task.status.timestamp.FromDatetime(state.finished_at or state.started_at)
     if synthesis is not None:
@@ -131,8 +165,6 @@ class MeshRequestHandler(RequestHandler):
         return snapshot(state, synthesis)
 
     async def _submit(self, params: SendMessageRequest, context: ServerCallContext) -> str:
-        if params.message.task_id:
-            raise InvalidParamsError("a mesh task takes no follow-up messages: send a new message for a new goal")
         brief = get_message_text(params.message).strip()
         if not brief:
             raise InvalidParamsError("the message has no text part to take as the goal")
@@ -144,12 +176,51 @@ class MeshRequestHandler(RequestHandler):
             raise InvalidParamsError(str(exc), data={"type": exc.type, "code": exc.code}) from None
         return goal_id
 
-    async def _updates(self, goal_id: str, after: int) -> AsyncGenerator[TaskStatusUpdateEvent | TaskArtifactUpdateEvent]:
-        """The goal's events after ``after`` as A2A updates, each tagged with its sequence."""
+    async def _decide(self, params: SendMessageRequest, context: ServerCallContext) -> tuple[str, int]:
+        """A message on an existing task: a decision on its pending gate. (the goal id, the event stream's last
+        sequence before the decision was sent)."""
+        gid, message = params.message.task_id, params.message
+        data = [d for d in get_data_parts(message.parts) if isinstance(d, dict) and "decision" in d]
+        gate: str | None = None
+        if data:
+            decision, gate, note = data[0].get("decision"), data[0].get("gate") or None, data[0].get("note", "")
+            if decision not in ("approve", "reject") or not isinstance(note, str) or \
+                    not (gate is None or isinstance(gate, str)):
+                raise InvalidParamsError('a decision data part is {"decision": "approve" | "reject", "gate": '
+                                         '"<gate>" (optional), "note": "<text>"}; got ' + repr(data[0]))
+        else:
+            parsed = parse_decision(get_message_text(message))
+            if parsed is None:
+                raise InvalidParamsError("a message on a mesh task decides its pending approval gate: send "
+                                         "'approve' or 'reject: <note>' (or a decision data part); a new goal is a "
+                                         "new message without a task id")
+            decision, note = parsed
+        _, after = await self.desk.client.event_positions()
+        chosen: Decision = "approve" if decision == "approve" else "reject"
+        try:
+            await self.desk.decide(context.state["principal"], gid, gate, chosen, note)
+        except RequestRefused as exc:
+            if exc.status == 404:
+                raise TaskNotFoundError(str(exc)) from None
+            raise InvalidParamsError(str(exc), data={"type": exc.type, "code": exc.code}) from None
+        return gid, after
+
+    async def _start(self, params: SendMessageRequest, context: ServerCallContext) -> tuple[str, int]:
+        """A new goal, or a decision on a task's gate: (goal id, the sequence its updates follow)."""
+        if params.message.task_id:
+            return await self._decide(params, context)
+        return await self._submit(params, context), 0
+
+    async def _updates(self, goal_id: str, after: int, *,
+                       stop_at_gate: bool = False) -> AsyncGenerator[TaskStatusUpdateEvent | TaskArtifactUpdateEvent]:
+        """The goal's events after ``after`` as A2A updates, each tagged with its sequence (``stop_at_gate``:
+        ending after an approval request, the INPUT_REQUIRED update)."""
         async for seq, event in self.desk.events(goal_id, after):
             for update in await self._as_updates(goal_id, event):
                 update.metadata.update({SEQ: seq, "mesh.type": event.type})
                 yield update
+            if stop_at_gate and isinstance(event, ApprovalRequested):
+                return
 
     async def _as_updates(self, gid: str, event: Event) -> list[TaskStatusUpdateEvent | TaskArtifactUpdateEvent]:
         if isinstance(event, ArtifactCreated):
@@ -167,31 +238,38 @@ class MeshRequestHandler(RequestHandler):
         text = describe(event)
         if text is not None:
             state = FINAL_STATES.get(type(event), TaskState.TASK_STATE_WORKING)
-            out.append(TaskStatusUpdateEvent(task_id=gid, context_id=gid,
-                                             status=TaskStatus(state=state, message=_agent_text(text, gid))))
+            message = _agent_text(text, gid)
+            if isinstance(event, ApprovalRequested):
+                state = TaskState.TASK_STATE_INPUT_REQUIRED
+                message.parts.append(_gate_part(event.approval))
+            out.append(TaskStatusUpdateEvent(task_id=gid, context_id=gid, status=TaskStatus(state=state, message=message)))
         return out
 
     # --- the A2A methods -------------------------------------------------------------------------
 
     async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext) -> Task | Message:
-        goal_id = await self._submit(params, context)
+        goal_id, after = await self._start(params, context)
         if not params.configuration.return_immediately:
             try:
                 async with asyncio.timeout(self.request_timeout):
-                    async for _ in self.desk.events(goal_id):
-                        pass
+                    async for _, event in self.desk.events(goal_id, after):
+                        if isinstance(event, STOPS):
+                            break
             except TimeoutError:
                 pass  # the task is returned as it stands; GetTask or SubscribeToTask follow it
         return await self._task(goal_id)
 
     async def on_message_send_stream(self, params: SendMessageRequest,
                                      context: ServerCallContext) -> AsyncGenerator[Any]:
-        goal_id = await self._submit(params, context)
-        first = Task(id=goal_id, context_id=goal_id, status=TaskStatus(state=TaskState.TASK_STATE_SUBMITTED),
-                     history=[params.message])
-        first.metadata.update({SEQ: 0})
+        goal_id, after = await self._start(params, context)
+        if after:  # a decision: the task as it stands, then what follows it
+            first = await self._task(goal_id)
+        else:
+            first = Task(id=goal_id, context_id=goal_id, status=TaskStatus(state=TaskState.TASK_STATE_SUBMITTED),
+                         history=[params.message])
+        first.metadata.update({SEQ: after})
         yield first
-        async for update in self._updates(goal_id, 0):
+        async for update in self._updates(goal_id, after, stop_at_gate=True):
             yield update
 
     async def on_subscribe_to_task(self, params: SubscribeToTaskRequest,

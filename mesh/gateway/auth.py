@@ -30,6 +30,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mesh import tracing
 from mesh.contracts import Budget
 from mesh.contracts.http import BudgetRequest
 from mesh.errors import ConfigError, RequestRefused
@@ -206,7 +207,9 @@ class GuardMiddleware:
             await send_refusal(send, exc)
             return
         scope.setdefault("state", {})["principal"] = who
-        await self.app(scope, self._limited(receive), send)
+        # A caller inside a trace of its own: the goals it submits join that trace (mesh/tracing.py).
+        with tracing.adopt(tracing.valid(headers.get("traceparent"))):
+            await self.app(scope, self._limited(receive), send)
 
     def _limited(self, receive: Receive) -> Receive:
         """A chunked body has no Content-Length: count it as it arrives."""

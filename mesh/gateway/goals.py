@@ -9,6 +9,7 @@ any bucket.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import io
 import re
@@ -20,12 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mesh.contracts import (
+    ApprovalDecided,
+    ApprovalRequested,
+    Decision,
     Event,
     Goal,
     GoalCancelled,
     GoalCompleted,
     GoalFailed,
     GoalPlanned,
+    PendingApproval,
     StepCompleted,
     StepFailed,
     StepProgress,
@@ -33,14 +38,15 @@ from mesh.contracts import (
 )
 from mesh.contracts.http import GoalRequest, GoalSummary
 from mesh.contracts.options import validate_options
-from mesh.errors import OptionInvalid, RequestRefused
-from mesh.gateway.auth import Principal
+from mesh.errors import ApprovalNotPending, OptionInvalid, RequestRefused
+from mesh.gateway.auth import LOCAL, Principal
 
 if TYPE_CHECKING:
     from mesh.client import GoalResults, MeshClient
     from mesh.roles.goalstate import GoalState
 
 TERMINAL = (GoalCompleted, GoalFailed, GoalCancelled)
+DECISION_WAIT_SECONDS = 10.0  # how long a decision request waits for the planner to apply it
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as HTTP header values are in practice
 
 
@@ -109,6 +115,20 @@ class Desk:
         await self.state(goal_id)
         return await self.client.cancel(goal_id, by=who.name, reason=reason)
 
+    async def approvals(self, goal_id: str | None = None) -> list[PendingApproval]:
+        return await self.client.approvals(goal_id)
+
+    async def decide(self, who: Principal, goal_id: str, gate: str | None, decision: Decision,
+                     note: str) -> tuple[str, ApprovalDecided | None]:
+        """Send ``who``'s decision and wait a little for the planner to apply it: (the decider's name, the
+        ``approval.decided`` event or None if it was not applied yet). 409 when the gate is not pending."""
+        await self.state(goal_id)
+        by = decider(who)
+        try:
+            return by, await self.client.decide(goal_id, gate, decision, by=by, note=note, wait=DECISION_WAIT_SECONDS)
+        except ApprovalNotPending as exc:
+            raise RequestRefused(str(exc), status=409, code="gate_not_pending", param="gate") from exc
+
     async def results(self, goal_id: str) -> GoalResults:
         await self.state(goal_id)
         return await self.client.results(goal_id)
@@ -122,6 +142,17 @@ def summary(s: GoalState) -> GoalSummary:
                        steps=len(s.steps), steps_completed=sum(st.status == "completed" for st in s.steps.values()),
                        total_tokens=s.usage.total_tokens, cost_usd=s.usage.cost_usd, started_at=s.started_at,
                        finished_at=s.finished_at)
+
+
+def decider(who: Principal) -> str:
+    """Who decides, for the record: the gateway token's name, or on a loopback gateway without tokens the
+    local user it runs as."""
+    if who is not LOCAL:
+        return who.name
+    try:
+        return f"{getpass.getuser()} (local gateway)"
+    except (OSError, KeyError):  # no login name in this environment
+        return "local gateway"
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -177,4 +208,16 @@ def describe(event: Event) -> str | None:
             return f"goal failed: {event.reason}"
         case GoalCancelled():
             return f"goal cancelled: {event.reason}"
+        case ApprovalRequested():
+            return waiting_text(event.approval.gate, event.approval.summary)
+        case ApprovalDecided():
+            verb = "approved" if event.decision == "approve" else "rejected"
+            return f"gate {event.gate} {verb} by {event.by}" + (f": {event.note}" if event.note else "")
     return None
+
+
+def waiting_text(gate: str, summary: str) -> str:
+    """What a waiting gate tells a person (A2A's input-required message, chat progress)."""
+    return (f"waiting for approval at gate {gate}: {summary}\nAnswer with 'approve' or 'reject: <note>' "
+            f"(A2A: a message on this task with a data part {{\"decision\": \"approve\" | \"reject\", \"gate\": "
+            f"\"{gate}\", \"note\": \"…\"}}).")

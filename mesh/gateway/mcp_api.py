@@ -6,6 +6,11 @@ goals. Stateless HTTP with JSON responses: any replica answers any call, as with
     goal_events(goal_id, after, limit, wait_seconds)                   → events after a stream sequence
     cancel_goal(goal_id, reason)
     goal_result(goal_id)                                               → synthesis, artifacts, workspace paths
+    list_approvals(goal_id)                                            → gates waiting for a person
+    decide_approval(goal_id, decision, gate, note)                     → approve / reject a pending gate
+
+The decider of ``decide_approval`` is the gateway token's name: an MCP host should let its user make the
+call (docs/APPROVALS.md) — a gate a model may approve on its own protects nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -58,9 +63,12 @@ class McpFace:
         kept = root.handlers[:], root.level
         self.server: MCPServer[Any] = MCPServer(
             "mesh", instructions="Mesh runs long goals on an agent mesh: submit_goal, then poll goal_status or "
-                                 "goal_events (from the last sequence you saw) until done, then goal_result.")
+                                 "goal_events (from the last sequence you saw) until done, then goal_result. A "
+                                 "goal in status awaiting_approval waits for a person: list_approvals shows what "
+                                 "waits; decide_approval only with your user's decision.")
         root.handlers[:], root.level = kept  # the SDK's logging.basicConfig must not take over the host's logs
-        for tool in (self.submit_goal, self.goal_status, self.goal_events, self.cancel_goal, self.goal_result):
+        for tool in (self.submit_goal, self.goal_status, self.goal_events, self.cancel_goal, self.goal_result,
+                     self.list_approvals, self.decide_approval):
             self.server.tool()(_refusals_as_tool_errors(tool))
         # The gateway's own guard authenticates; DNS-rebinding checks would refuse every non-loopback Host.
         self.server.streamable_http_app(stateless_http=True, json_response=True,
@@ -112,6 +120,19 @@ class McpFace:
         """Ask the mesh to cancel a goal; its steps stop before their next model or tool call."""
         sent = await self.desk.cancel(_caller(ctx), goal_id, reason)
         return {"goal_id": goal_id, "cancel": "requested" if sent else "goal already ended"}
+
+    async def list_approvals(self, goal_id: str | None = None) -> dict[str, Any]:
+        """Approval gates waiting for a person (of every running goal, or of one): gate, kind (plan, before,
+        after, final), what waits (summary, plan, outputs), deadline and what happens at it."""
+        return {"approvals": [p.model_dump(mode="json") for p in await self.desk.approvals(goal_id)]}
+
+    async def decide_approval(self, goal_id: str, decision: Literal["approve", "reject"], ctx: Context,
+                              gate: str | None = None, note: str = "") -> dict[str, Any]:
+        """Approve or reject a goal's pending gate (default: its only pending one). A rejection's note is the
+        feedback: the next plan's prompt, or the review a revision addresses. Ask your user before calling."""
+        by, decided = await self.desk.decide(_caller(ctx), goal_id, gate, decision, note)
+        return {"goal_id": goal_id, "gate": decided.gate if decided else gate, "decision": decision, "by": by,
+                "status": "applied" if decided is not None else "sent"}
 
     async def goal_result(self, goal_id: str) -> dict[str, Any]:
         """A finished goal's synthesis, its artifact names and workspace paths (status only while it runs)."""

@@ -6,6 +6,8 @@
     GET  /v1/goals/{id}/events             SSE; id: = stream sequence; Last-Event-ID (or ?after=N) resumes
     GET  /v1/events                        SSE of every goal (new events, or after Last-Event-ID / ?after=N)
     POST /v1/goals/{id}/cancel             a cancel command to the planner → 202
+    GET  /v1/approvals                     the pending approval gates of every running goal
+    POST /v1/goals/{id}/approvals/{gate}   a decision (approve / reject + note) → 200 applied, 202 sent, 409
     GET  /v1/goals/{id}/workspace          the final workspace as tar.gz
     GET  /v1/goals/{id}/artifacts/{name}   one output artifact's bytes
 """
@@ -24,7 +26,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mesh.contracts import Event
-from mesh.contracts.http import CancelRequest, GoalAccepted, GoalList, GoalRequest
+from mesh.contracts.http import (
+    ApprovalList,
+    CancelRequest,
+    DecisionAnswer,
+    DecisionRequest,
+    GoalAccepted,
+    GoalList,
+    GoalRequest,
+)
 from mesh.errors import MeshError, RequestRefused
 from mesh.gateway.auth import Principal, error_body
 from mesh.gateway.goals import Desk, event_json, pack_folder, scratch_dir, unpack_workspace
@@ -160,6 +170,19 @@ async def cancel_goal(request: Request) -> Response:
                         status_code=202 if sent else 200)
 
 
+async def list_approvals(request: Request) -> Response:
+    return JSONResponse(ApprovalList(approvals=await desk(request).approvals()).model_dump(mode="json"))
+
+
+async def decide_gate(request: Request) -> Response:
+    goal_id, gate = request.path_params["goal_id"], request.path_params["gate"]
+    body = await read_json(request, DecisionRequest)
+    by, decided = await desk(request).decide(principal(request), goal_id, gate, body.decision, body.note)
+    answer = DecisionAnswer(goal_id=goal_id, gate=gate, decision=body.decision, by=by,
+                            status="applied" if decided is not None else "sent")
+    return JSONResponse(answer.model_dump(), status_code=200 if decided is not None else 202)
+
+
 async def workspace(request: Request) -> Response:
     goal_id = request.path_params["goal_id"]
     results = await desk(request).results(goal_id)
@@ -195,6 +218,8 @@ ROUTES = [
     Route("/v1/goals/{goal_id}/events", goal_events, methods=["GET"]),
     Route("/v1/events", all_events, methods=["GET"]),
     Route("/v1/goals/{goal_id}/cancel", cancel_goal, methods=["POST"]),
+    Route("/v1/approvals", list_approvals, methods=["GET"]),
+    Route("/v1/goals/{goal_id}/approvals/{gate}", decide_gate, methods=["POST"]),
     Route("/v1/goals/{goal_id}/workspace", workspace, methods=["GET"]),
     Route("/v1/goals/{goal_id}/artifacts/{name:path}", artifact, methods=["GET"]),
 ]

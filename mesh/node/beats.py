@@ -16,9 +16,14 @@ OVERDUE_BEATS = 3
 
 
 def beat(node: str, role: str, host: str, pid: int, version: str, in_flight: int,
-         every: float = HEARTBEAT_SECONDS) -> dict[str, Any]:
-    return {"node": node, "role": role, "host": host, "pid": pid, "version": version, "in_flight": in_flight,
-            "at": time.time(), "every": every}
+         every: float = HEARTBEAT_SECONDS, breakers: dict[str, str] | None = None) -> dict[str, Any]:
+    """A heartbeat document. ``breakers``: each tier's circuit state ({tier: closed | half_open | open}) in a
+    node that calls models — a breaker lives in that node's memory, and the beat is how others see it."""
+    doc: dict[str, Any] = {"node": node, "role": role, "host": host, "pid": pid, "version": version,
+                           "in_flight": in_flight, "at": time.time(), "every": every}
+    if breakers is not None:
+        doc["breakers"] = breakers
+    return doc
 
 
 def overdue(doc: dict[str, Any], now: float | None = None) -> bool:

@@ -4,7 +4,8 @@ line per problem, and exits non-zero when there is any.
 
 Checked: the role spec loads and validates; every ``shell_allow`` program resolves on the tools' PATH;
 every tier a model-calling role may use (any, through the fallback order) has its key variable set, and
-is not a simulator unless ``MESH_ALLOW_SIM=1``; with ``--check`` also that the bus answers.
+is not a simulator unless ``MESH_ALLOW_SIM=1``; with ``--check`` also that the bus answers and the mesh is
+provisioned for this role (``mesh provision`` has run).
 """
 
 from __future__ import annotations
@@ -54,16 +55,22 @@ def tier_problems(tiers: Mapping[str, TierConfig], *, allow_sim: bool, environ: 
     return problems
 
 
-async def bus_problem(settings: MeshSettings) -> str | None:
-    """Whether a NATS server answers at ``MESH_NATS_URL`` (one attempt, no provisioning)."""
+async def bus_problem(settings: MeshSettings, role: str) -> str | None:
+    """Whether a NATS server answers at ``MESH_NATS_URL`` (one attempt) with every stream and bucket
+    provisioned and the tasks stream taking ``role``; creates nothing."""
     from mesh.bus.client import Bus
 
     try:
         bus = await Bus.connect(settings.model_copy(update={"connect_attempts": 1}), name="mesh-preflight",
-                                provision=False)
+                                check=False)
     except MeshError as exc:
         return f"bus: {exc}"
-    await bus.close()
+    try:
+        await bus.require_topology([role])
+    except MeshError as exc:
+        return f"bus: {exc}"
+    finally:
+        await bus.close()
     return None
 
 
@@ -75,6 +82,6 @@ async def check(role: str, settings: MeshSettings) -> list[str]:
         problems = [f"role spec: {exc}"]
     else:
         problems = spec_problems(spec, settings)
-    if (bus := await bus_problem(settings)) is not None:
+    if (bus := await bus_problem(settings, role)) is not None:
         problems.append(bus)
     return problems

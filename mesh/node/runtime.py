@@ -113,6 +113,7 @@ class Node:
         else:
             # Imported here: a recorder needs none of the model SDKs, the router's onnxruntime or the roles.
             from mesh.roles.calls import ModelCaller
+            from mesh.roles.gates import GatePolicy
             from mesh.roles.goalstore import GoalStore
             from mesh.roles.hotswap import watch_models
             from mesh.roles.orchestrator import Orchestrator
@@ -125,7 +126,8 @@ class Node:
             goals = GoalStore(bus)
             dlq = topo.dlq_subject(self.spec.role)
             if self.spec.kind == "orchestrator":
-                orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id)
+                gates = GatePolicy(self.settings.approval_timeout, self.settings.approval_on_timeout)
+                orch = Orchestrator(bus, self.spec, self.specs, caller, goals, self.node_id, gates)
                 self._stoppable += [
                     PullConsumer(bus, stream=topo.goals_stream, durable=topo.consumer_name(self.spec.role),
                                  handler=orch.on_goal, concurrency=self.spec.concurrency, dlq_subject=dlq,
@@ -151,7 +153,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 work = [tg.create_task(runner()) for runner in runners]
-                tg.create_task(self._heartbeat(bus))
+                tg.create_task(self._heartbeat(bus, caller))
                 tg.create_task(self._drain_on_stop(work))
         except* DrainTimeout:
             reason = "drain timeout: unfinished work handed back to JetStream"
@@ -192,11 +194,11 @@ class Node:
     def in_flight(self) -> int:
         return sum(s.in_flight for s in self._stoppable)
 
-    async def _heartbeat(self, bus: Bus) -> None:
+    async def _heartbeat(self, bus: Bus, caller: ModelCaller | None) -> None:
         interval = min(HEARTBEAT_SECONDS, bus.topology.nodes_ttl / 3)
         while not self.stop.is_set():
             doc = beat(self.node_id, self.spec.role, socket.gethostname(), os.getpid(), __version__, self.in_flight,
-                       every=interval)
+                       every=interval, breakers=caller.gateway.breakers() if caller is not None else None)
             try:
                 await unless_set(self.stop, bus.kv_put(bus.topology.kv_nodes, self.node_id, json.dumps(doc).encode()))
             except BusError as exc:  # a missed beat is not fatal; the next one may land

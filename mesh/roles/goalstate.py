@@ -9,26 +9,32 @@ and re-driven goals harmless.
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import Field
 
 from mesh.contracts.models import (
+    Approval,
     ArtifactRef,
     DagPosition,
+    Decision,
+    GateKind,
     Goal,
     GoalQuality,
     Plan,
     Step,
     StepQuality,
+    TimeoutPolicy,
     Usage,
     Wire,
     utcnow,
 )
 
-StepStatus = Literal["pending", "dispatched", "completed", "failed"]
-GoalStatus = Literal["planning", "running", "completed", "failed", "cancelled"]
+# awaiting_approval (docs/APPROVALS.md): a step behind a "before" gate is not dispatched; one behind an
+# "after" gate has its outcome recorded but not counted. A goal is awaiting_approval while any gate is pending.
+StepStatus = Literal["pending", "dispatched", "awaiting_approval", "completed", "failed"]
+GoalStatus = Literal["planning", "running", "awaiting_approval", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 WORKSPACE_MEDIA_TYPE = "application/vnd.mesh.workspace+json"
 MEMORY_LINES = 24  # a hard bound; compaction keeps the memory well below it
@@ -92,11 +98,20 @@ class GoalState(Wire):
     result: ArtifactRef | None = None
     workspace: ArtifactRef | None = None
     reason: str | None = None
+    approvals: dict[str, Approval] = Field(default_factory=dict)  # by gate: pending ones and the last decisions
+    approval_requests: int = 0
+    # Time spent waiting for a person does not count toward max_wall_seconds (docs/APPROVALS.md).
+    waited_seconds: float = 0.0
+    waiting_since: datetime | None = None
+    replan_note: str | None = None  # a rejected plan's note, until the next plan is installed
     # The goal span's W3C traceparent (trace id + the goal span's id), chosen when the planner first takes
     # the goal: every task and event of the goal continues it, from any process, after any restart;
     # the planner that ends the goal records the goal span under these ids (mesh/tracing.py). None: a
     # state written before traces (its messages start a trace each, as they did then).
     traceparent: str | None = None
+    # The span id of the goal span's parent: the submitter's span, when it submitted inside a trace of its own
+    # (a traced client through the gateway); None: the goal span is the root of the goal's trace.
+    trace_parent: str | None = None
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -164,14 +179,14 @@ class GoalState(Wire):
             return f"cost budget exceeded: ${self.usage.cost_usd:.4f} > ${b.max_cost_usd:.4f}"
         if b.max_steps is not None and self.steps_run > b.max_steps:
             return f"step budget exceeded: {self.steps_run} steps run > {b.max_steps}"
-        elapsed = ((now or utcnow()) - self.started_at).total_seconds()
+        elapsed = self.active_seconds(now)
         if b.max_wall_seconds is not None and elapsed > b.max_wall_seconds:
             return f"wall-time budget exceeded: {elapsed:.0f}s > {b.max_wall_seconds:.0f}s"
         return None
 
     def remaining_budget(self) -> dict[str, float | int | None]:
         b = self.goal.budget
-        elapsed = (utcnow() - self.started_at).total_seconds()
+        elapsed = self.active_seconds()
         return {
             "max_tokens": None if b.max_tokens is None else max(1, b.max_tokens - self.usage.total_tokens),
             "max_cost_usd": None if b.max_cost_usd is None else max(0.0, b.max_cost_usd - self.usage.cost_usd),
@@ -179,15 +194,92 @@ class GoalState(Wire):
             "max_wall_seconds": None if b.max_wall_seconds is None else max(1.0, b.max_wall_seconds - elapsed),
         }
 
+    def active_seconds(self, now: datetime | None = None) -> float:
+        """Seconds since the start, less the time any approval gate was pending."""
+        now = now or utcnow()
+        waiting = self.waited_seconds + ((now - self.waiting_since).total_seconds() if self.waiting_since else 0.0)
+        return (now - self.started_at).total_seconds() - waiting
+
+    def pending_approvals(self) -> list[Approval]:
+        return [a for a in self.approvals.values() if a.status == "pending"]
+
+    def approved(self, gate: str) -> bool:
+        a = self.approvals.get(gate)
+        return a is not None and a.status == "approved"
+
     def trace(self) -> dict[str, str] | None:
         """The trace context the goal's tasks and events carry (children of the goal span)."""
         return {"traceparent": self.traceparent} if self.traceparent else None
 
     # --- transitions -----------------------------------------------------------------------
 
+    def request_approval(self, gate: str, kind: GateKind, *, timeout: float, on_timeout: TimeoutPolicy,
+                         step_id: str | None = None, summary: str = "", plan: Plan | None = None,
+                         outputs: list[ArtifactRef] | None = None) -> Approval:
+        """Open a gate (a new request replaces the gate's last decision): the goal waits for a person."""
+        now = utcnow()
+        self.approval_requests += 1
+        role = self.steps[step_id].step.role if step_id is not None else None
+        approval = Approval(gate=gate, kind=kind, request=self.approval_requests, step_id=step_id, role=role,
+                            summary=summary[:4000], plan=plan, outputs=outputs or [], requested_at=now,
+                            deadline=now + timedelta(seconds=timeout), on_timeout=on_timeout)
+        self.approvals[gate] = approval
+        if self.waiting_since is None:
+            self.waiting_since = now
+        self.status = "awaiting_approval"
+        return approval
+
+    def decide(self, gate: str, decision: Decision, by: str, note: str) -> Approval | None:
+        """Close a pending gate; None when it is not pending. Its consequence is the caller's (same CAS)."""
+        approval = self.approvals.get(gate)
+        if self.done or approval is None or approval.status != "pending":
+            return None
+        now = utcnow()
+        approval.status = "approved" if decision == "approve" else "rejected"
+        approval.decided_by, approval.note, approval.decided_at = by, note, now
+        self._stop_waiting_if_clear(now)
+        self.remember(f"gate {gate} {approval.status} by {by}" + (f": {note}" if note else ""))
+        return approval
+
+    def _stop_waiting_if_clear(self, now: datetime) -> None:
+        if self.pending_approvals():
+            return
+        if self.waiting_since is not None:
+            self.waited_seconds += (now - self.waiting_since).total_seconds()
+        self.waiting_since = None
+        if self.status == "awaiting_approval":
+            self.status = "running"
+
+    def hold_outcome(self, step_id: str) -> None:
+        """A completed step whose outcome waits for an "after" gate: recorded, not yet counted."""
+        self.steps[step_id].status = "awaiting_approval"
+
+    def add_rejection_revision(self, step_id: str, note: ArtifactRef) -> str:
+        """A person rejected a step's outcome: a revision of it by the same role, with the note as the review
+        it addresses (``note``: stored under a feedback kind's name). Dependents wait for the revision."""
+        st = self.steps[step_id]
+        self.review_rounds += 1
+        n = self.review_rounds + self.test_rounds
+        base = st.step.revision_of or step_id
+        new = Step(step_id=f"{base}-rev{n}", role=st.step.role, depends_on=[step_id], inputs=[note],
+                   instruction=f"Revise the work of step {step_id}: a person rejected it; address every point of "
+                               f"their review.\nOriginal instruction: {st.step.instruction}",
+                   acceptance=st.step.acceptance, difficulty=st.step.difficulty, revision_of=base)
+        for other in self.steps.values():
+            if other.status == "pending":
+                other.step.depends_on = [new.step_id if d == step_id else d for d in other.step.depends_on]
+        self.steps[new.step_id] = StepState(step=new)
+        return new.step_id
+
     def apply_plan(self, plan: Plan) -> None:
         """Install a (re)plan: completed steps are kept, every other step is replaced by the plan's."""
-        kept = {sid: st for sid, st in self.steps.items() if st.status == "completed"}
+        # Kept: completed steps and outcomes held by an "after" gate (done work); a step waiting for its
+        # "before" gate is replaced like every other unfinished step, and its gate dropped.
+        kept = {sid: st for sid, st in self.steps.items() if st.status == "completed"
+                or (st.status == "awaiting_approval" and f"{sid}.after" in self.approvals)}
+        for gate, a in list(self.approvals.items()):
+            if a.kind == "before" and a.status == "pending" and a.step_id not in kept:
+                del self.approvals[gate]
         steps = dict(kept)
         for step in plan.steps:
             if step.step_id not in kept:
@@ -196,7 +288,9 @@ class GoalState(Wire):
                                                 failures=previous.failures if previous else 0)
         self.steps = steps
         self.plan_version = plan.version
-        self.status = "running"
+        self.replan_note = None
+        self.status = "awaiting_approval" if self.pending_approvals() else "running"
+        self._stop_waiting_if_clear(utcnow())
 
     def mark_dispatched(self, step_id: str) -> int:
         st = self.steps[step_id]

@@ -8,10 +8,15 @@ Endpoints, request/reply with JSON bodies so any NATS client (``nats req``, Go, 
     <prefix>.ledger.routing_stats  {}
     <prefix>.ledger.status         {}   → {"path", "schema_version", "last_seq", "events"}
 
-A query answers ``{"columns", "types", "rows", "truncated", "elapsed_ms"}``. Errors use the micro
-protocol's ``Nats-Service-Error`` / ``-Code`` headers: 400 for a refused or malformed request, 500
-for a query that failed. The service discovers like any micro service (``nats micro ls``) under
-the name ``<prefix>-ledger``.
+A query answers ``{"columns", "types", "rows", "truncated", "elapsed_ms"}`` (``truncated``: the row
+limit cut it). Errors use the micro protocol's ``Nats-Service-Error`` / ``-Code`` headers: 400 for a
+refused or malformed request (an answer above the result byte cap is refused, never cut short), 500
+for a query that failed, 503 when ``MESH_LEDGER_MAX_QUERIES`` are in progress already. The service
+discovers like any micro service (``nats micro ls``) under the name ``<prefix>-ledger``.
+
+Bounds (docs/LEDGER.md, "Limits"): each request is its own task, its query and the conversion of its
+rows to JSON run in a thread under the time limit, and the answer is at most the result byte cap
+(``MESH_LEDGER_MAX_RESULT_BYTES``, and never above the server's ``max_payload``).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mesh import __version__
 from mesh.bus.client import Bus
-from mesh.bus.service import BusService, request
-from mesh.errors import BusError, LedgerError, NoResponders, QueryRefused, ServiceError
+from mesh.bus.service import BUSY, BusService, request
+from mesh.errors import BusError, LedgerBusy, LedgerError, NoResponders, QueryRefused, ServiceError
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries, QueryResult
 
@@ -70,21 +75,23 @@ class LedgerService:
     """Serves ``LedgerQueries`` on the bus while open (``async with``). Queries run in threads, so
     the event loop (and the recorder's ingest) keeps going while one runs; closing waits for them."""
 
-    def __init__(self, bus: Bus, ledger: Ledger, queries: LedgerQueries) -> None:
+    def __init__(self, bus: Bus, ledger: Ledger, queries: LedgerQueries, *, max_concurrent: int = 4) -> None:
         self._bus, self._ledger, self._queries = bus, ledger, queries
+        self._max_concurrent = max_concurrent
+        self._max_bytes = min(queries.max_bytes, bus.max_payload - _HEADROOM)
         self._service: BusService | None = None
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def __aenter__(self) -> Self:
-        q = self._queries
-        routes: dict[str, Callable[[Any], Any]] = {
-            "sql": lambda r: q.sql(r.sql, timeout=r.timeout, max_rows=r.max_rows).to_json(),
-            "goal_summary": lambda r: q.goal_summary(r.goal_id, limit=r.limit).to_json(),
-            "usage": lambda r: q.usage(goal_id=r.goal_id, by=r.by).to_json(),
-            "routing_stats": lambda r: q.routing_stats().to_json(),
-            "status": lambda r: self._status(),
+        q, cap = self._queries, self._max_bytes
+        routes: dict[str, Callable[[Any], bytes]] = {
+            "sql": lambda r: q.sql(r.sql, timeout=r.timeout, max_rows=r.max_rows, max_bytes=cap).encode(),
+            "goal_summary": lambda r: q.goal_summary(r.goal_id, limit=r.limit, max_bytes=cap).encode(),
+            "usage": lambda r: q.usage(goal_id=r.goal_id, by=r.by, max_bytes=cap).encode(),
+            "routing_stats": lambda r: q.routing_stats(max_bytes=cap).encode(),
+            "status": lambda r: json.dumps(self._status()).encode(),
         }
         models: dict[str, type[_Request]] = {"sql": SqlRequest, "goal_summary": GoalSummaryRequest,
                                              "usage": UsageRequest}
@@ -92,7 +99,8 @@ class LedgerService:
         self._service = BusService(
             self._bus, name=f"{prefix}-ledger", version=__version__, group=f"{prefix}.ledger",
             description="Read-only queries over the mesh ledger (DuckDB)",
-            endpoints={name: self._endpoint(models.get(name, EmptyRequest), run) for name, run in routes.items()})
+            endpoints={name: self._endpoint(models.get(name, EmptyRequest), run) for name, run in routes.items()},
+            max_concurrent=self._max_concurrent)
         await self._service.__aenter__()
         return self
 
@@ -111,7 +119,7 @@ class LedgerService:
         return {"path": self._ledger.path, "schema_version": self._ledger.schema_version,
                 "last_seq": self._ledger.last_seq(), "events": row[0] if row else 0}
 
-    def _endpoint(self, model: type[_Request], run: Callable[[Any], Any]) -> Callable[[bytes], Awaitable[bytes]]:
+    def _endpoint(self, model: type[_Request], run: Callable[[Any], bytes]) -> Callable[[bytes], Awaitable[bytes]]:
         async def handle(data: bytes) -> bytes:
             try:
                 body = model.model_validate_json(data or b"{}")
@@ -120,7 +128,7 @@ class LedgerService:
             self._running += 1
             self._idle.clear()
             try:
-                answer = await asyncio.to_thread(run, body)
+                return await asyncio.to_thread(run, body)  # the query and its JSON, off the event loop
             except QueryRefused as exc:
                 raise ServiceError(_REFUSED, str(exc)) from exc
             except LedgerError as exc:
@@ -129,25 +137,8 @@ class LedgerService:
                 self._running -= 1
                 if not self._running:
                     self._idle.set()
-            return _fit(answer, self._bus.max_payload - _HEADROOM)
 
         return handle
-
-
-def _fit(answer: dict[str, Any], limit: int) -> bytes:
-    """The JSON answer, with trailing rows dropped (and ``truncated`` set) until it fits ``limit``."""
-    data = json.dumps(answer).encode()
-    rows = answer.get("rows")
-    if len(data) <= limit or not isinstance(rows, list):
-        return data
-    lo, hi = 0, len(rows)  # the largest row count that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(json.dumps({**answer, "rows": rows[:mid], "truncated": True}).encode()) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return json.dumps({**answer, "rows": rows[:lo], "truncated": True}).encode()
 
 
 class LedgerClient:
@@ -163,7 +154,8 @@ class LedgerClient:
         except NoResponders as exc:
             raise LedgerError(f"no ledger service answers on {target}: is the ledger node running?") from exc
         except ServiceError as exc:
-            raise (QueryRefused if exc.code == _REFUSED else LedgerError)(str(exc)) from exc
+            kind = {_REFUSED: QueryRefused, BUSY: LedgerBusy}.get(exc.code, LedgerError)
+            raise kind(str(exc)) from exc
         except BusError as exc:
             raise LedgerError(f"ledger request on {target} failed: {exc}") from exc
         doc: dict[str, Any] = json.loads(reply)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -35,8 +35,14 @@ from mesh.backends.summarise import EdgeSummariser
 from mesh.bus.client import Bus
 from mesh.bus.consumer import Delivery
 from mesh.contracts import (
+    Approval,
+    ApprovalDecided,
+    ApprovalRefused,
+    ApprovalRequested,
+    ArtifactRef,
     Budget,
     DagPosition,
+    Decision,
     Goal,
     GoalCancelled,
     GoalCommand,
@@ -58,10 +64,19 @@ from mesh.errors import BackendError, BusError, GoalNotFound, OptionInvalid, Pla
 from mesh.packing import estimate_tokens, messages_tokens
 from mesh.roles import spans
 from mesh.roles.calls import ModelCaller
+from mesh.roles.gates import (
+    FINAL_GATE,
+    PLAN_GATE,
+    GatePolicy,
+    gated_roles,
+    goal_gates,
+    plan_summary,
+    step_gate,
+)
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.plans import fallback_plan, plan_from_doc
-from mesh.roles.spec import RoleSpec, revising_roles, synthesizing_role
+from mesh.roles.spec import RoleSpec, feedback_kinds, revising_roles, synthesizing_role
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +106,18 @@ MEMORY_SUMMARY_TOKENS = (32, 200)
 
 class Orchestrator:
     def __init__(self, bus: Bus, spec: RoleSpec, roles: dict[str, RoleSpec], caller: ModelCaller,
-                 goals: GoalStore, node_id: str) -> None:
+                 goals: GoalStore, node_id: str, gates: GatePolicy | None = None) -> None:
         self.bus = bus
         self.spec = spec
         self.roles = {r: s for r, s in roles.items() if s.kind == "worker"}
         # The jobs the plan hands out, by what the role specs say (never by role name).
         self.synthesizer = synthesizing_role(self.roles)
         self.revisers = revising_roles(self.roles)
+        self.gates = gates or GatePolicy()
+        self.before_roles, self.after_roles = gated_roles(self.roles, "before"), gated_roles(self.roles, "after")
+        # A rejected outcome's note is stored under a feedback kind's name, so the revision packs it as a review.
+        kinds = feedback_kinds(self.roles)
+        self.note_kind = "review" if "review" in kinds or not kinds else min(kinds)
         self.caller = caller
         self.goals = goals
         self.node_id = node_id
@@ -140,6 +160,9 @@ class Orchestrator:
         """A client's command (``mesh.control.<goal>``), applied by CAS like every other transition.
         Cancelling a goal that has ended, or that does not exist, changes nothing."""
         command = delivery.message(GoalCommand)
+        if command.action != "cancel":
+            await self._on_decision(command)
+            return
         gid, reason = command.goal_id, command.reason or f"cancelled by {command.by}"
 
         def cancel(s: GoalState) -> bool:
@@ -157,6 +180,127 @@ class Orchestrator:
         if changed or state.status == "cancelled":  # a redelivery after the write re-announces (deduped by id)
             await self.bus.emit(GoalCancelled(event_id=f"{gid}.cancelled", goal_id=gid, reason=state.reason or reason,
                                               by=command.by), trace=state.trace())
+
+    # --- approvals -----------------------------------------------------------------------------
+
+    async def _on_decision(self, command: GoalCommand) -> None:
+        """A person's decision on a gate, applied by CAS. One that finds its gate not pending is refused with
+        an ``approval.refused`` event (the deciding client waits for it or for ``approval.decided``); a
+        redelivery of a decision already applied re-issues its effects instead."""
+        decision: Decision = "approve" if command.action == "approve" else "reject"
+        outcome = await self._decide(command.goal_id, command.gate or "", decision, command.by, command.note,
+                                     command_id=command.command_id)
+        if isinstance(outcome, str):
+            log.info("goal %s: %s of gate %s by %s refused: %s", command.goal_id, decision, command.gate,
+                     command.by, outcome)
+            await self.bus.emit(ApprovalRefused(event_id=f"{command.command_id}.refused", goal_id=command.goal_id,
+                                                gate=command.gate or "", decision=decision, by=command.by,
+                                                reason=outcome, command_id=command.command_id, node=self.node_id))
+
+    async def _decide(self, goal_id: str, gate: str, decision: Decision, by: str, note: str, *,
+                      command_id: str | None = None, timed_out: bool = False,
+                      fail: bool = False) -> Approval | str:
+        """Decide a pending gate and act on it in the same CAS; the decided gate, or why it was not pending.
+        ``fail``: the gate's timeout policy fails the goal."""
+        state = await self.goals.get(goal_id)
+        current = state.approvals.get(gate) if state is not None else None
+        if state is not None and current is not None and command_id is not None and current.command_id == command_id:
+            await self._after_decision(state, current)  # a redelivery: this command was applied already
+            return current
+        if refused := _not_pending(state, gate):
+            return refused
+        note_ref: ArtifactRef | None = None
+        if decision == "reject" and current is not None and current.kind == "after" and not fail:
+            text = f"# Review by {by}\n\nA person rejected the output of step {current.step_id}:\n\n{note or '(no note)'}\n"
+            note_ref = await self.bus.put_blob(text.encode(), media_type="text/markdown",
+                                               name=f"{gate}/{self.note_kind}")
+        decided: list[Approval] = []
+
+        def apply(s: GoalState) -> bool:
+            decided.clear()
+            a = s.decide(gate, decision, by, note)
+            if a is None:
+                return False
+            a.command_id = command_id
+            decided.append(a)
+            self._consequence(s, a, note_ref, fail=fail, timed_out=timed_out)
+            return True
+
+        async def announce(s: GoalState) -> None:
+            a = decided[0]
+            await self.bus.emit(ApprovalDecided(event_id=f"{goal_id}.approval.{a.request}.decided", goal_id=goal_id,
+                                                gate=gate, request=a.request, decision=decision, by=by, note=note,
+                                                decided_at=a.decided_at or utcnow(), timed_out=timed_out,
+                                                command_id=command_id, node=self.node_id), trace=s.trace())
+
+        state, changed = await self._advance(goal_id, apply, prelude=announce)
+        if not changed:
+            return _not_pending(state, gate) or f"gate {gate} of goal {goal_id} is not pending"
+        await self._after_decision(state, decided[0])
+        return decided[0]
+
+    def _consequence(self, s: GoalState, a: Approval, note_ref: ArtifactRef | None, *, fail: bool,
+                     timed_out: bool) -> None:
+        """What a decision does to the goal, inside the deciding CAS (dispatches follow in ``_forward``).
+        A person may reject plans without limit; a deadline's rejections count as replans (``max_replans``),
+        or an unattended goal would plan again and again, paying for every plan."""
+        rejected = a.status == "rejected"
+        by_note = f"{a.decided_by}" + (f": {a.note}" if a.note else "")
+        if fail:
+            s.finish("failed", f"approval gate {a.gate} got no decision before its deadline")
+        elif a.kind == "plan" and rejected and timed_out and s.replans >= self.limits.max_replans:
+            s.finish("failed", f"the plan gate's deadline passed {s.replans + 1} times without a decision")
+        elif a.kind == "plan" and rejected:
+            s.replans += int(timed_out)
+            s.status, s.replan_note = "planning", a.note or "(no note)"
+        elif a.kind == "final" and rejected:
+            s.finish("failed", f"the final result was rejected by {by_note}")
+        elif a.kind == "before" and a.step_id is not None:
+            st = s.steps[a.step_id]
+            if rejected:
+                st.status, st.error, st.finished_at = "failed", f"rejected before it ran by {by_note}", utcnow()
+                st.failures += 1
+            else:
+                st.status = "pending"  # approved: _forward dispatches it
+        elif a.kind == "after" and a.step_id is not None:
+            s.steps[a.step_id].status = "completed"
+            if not rejected:
+                self._act_on_verdict(s, a.step_id)
+            elif s.review_rounds < self._revision_budget(s) and note_ref is not None:
+                s.add_rejection_revision(a.step_id, note_ref)
+            else:
+                s.finish("failed", f"step {a.step_id} was rejected by {by_note} and the revision budget "
+                                   f"({self._revision_budget(s)}) is spent")
+
+    async def _after_decision(self, state: GoalState, a: Approval) -> None:
+        """Effects a decision leaves to after its CAS: a rejected plan is planned again with the note, a step
+        rejected before it ran is replanned around. Both find their work done on a second run."""
+        if state.done or a.status != "rejected":
+            return
+        if a.kind == "plan" and state.status == "planning":
+            await self._plan(state, delivery=None)
+        elif a.kind == "before" and a.step_id is not None and state.steps.get(a.step_id) is not None \
+                and state.steps[a.step_id].status == "failed":
+            await self._replan_or_fail(state, a.step_id, state.steps[a.step_id].error or "rejected")
+
+    async def _finish_rejections(self, state: GoalState) -> None:
+        """The sweep's part: a rejection whose replan was lost with its planner (a command's redelivery
+        redoes it, but a deadline's rejection has none) is replanned once it is older than a stale dispatch."""
+        old = utcnow() - self.stale_after
+        for a in list(state.approvals.values()):
+            if a.status == "rejected" and a.decided_at is not None and a.decided_at < old:
+                await self._after_decision(state, a)
+
+    async def _enforce_deadlines(self, state: GoalState) -> None:
+        """The sweep's part: every pending gate past its deadline follows its policy."""
+        now = utcnow()
+        for a in state.pending_approvals():
+            if a.deadline is None or a.deadline > now:
+                continue
+            note = f"no decision before the deadline {a.deadline.isoformat(timespec='seconds')}"
+            decision: Decision = "approve" if a.on_timeout == "approve" else "reject"
+            await self._decide(state.goal.goal_id, a.gate, decision, "timeout", note, timed_out=True,
+                               fail=a.on_timeout == "fail")
 
     async def give_up_command(self, delivery: Delivery, exc: BaseException) -> None:
         """The consumer gives up on a client's command it could not apply: the client asked the goal to
@@ -194,21 +338,26 @@ class Orchestrator:
         planning = self.caller.current_usage()
         simulated = self.caller.current_simulated()
 
-        def install(s: GoalState) -> bool:
+        def install(s: GoalState) -> tuple[Approval, ...] | None:  # () is a write: mutate skips only None/[]/False
             if s.done or s.plan_version >= plan.version:
-                return False
+                return None
             if failed is not None:
                 s.replans += 1
             s.usage = s.usage + planning
             s.simulated = s.simulated or simulated
             s.apply_plan(plan)
-            return True
+            if PLAN_GATE not in goal_gates(s.goal):
+                return ()
+            timeout, policy = self.gates.for_goal(s.goal)
+            return (s.request_approval(PLAN_GATE, "plan", timeout=timeout, on_timeout=policy, plan=plan,
+                                       summary=plan_summary(plan)),)
 
-        state, installed = await self.goals.mutate(goal.goal_id, install)
-        if installed:
+        state, requested = await self.goals.mutate(goal.goal_id, install)
+        if requested is not None:
             await self.bus.emit(GoalPlanned(event_id=f"{goal.goal_id}.planned.{plan.version}", goal_id=goal.goal_id,
                                             plan=plan, node=self.node_id, source=source, note=note[:2000]),
                                 trace=state.trace())
+            await self._announce_requests(state, requested)
         await self._advance(goal.goal_id)
 
     async def _ask_for_plan(self, state: GoalState, *, version: int,
@@ -222,9 +371,14 @@ class Orchestrator:
         if failed is not None:
             done = [f"{sid} ({st.step.role}): completed" for sid, st in state.steps.items()
                     if st.status == "completed"]
-            sections.append((prompt.REPLAN, "Step " + failed + " failed after retries. Completed steps (keep their "
+            why = state.steps[failed].error if failed in state.steps else None
+            sections.append((prompt.REPLAN, "Step " + failed + " failed after retries" + (f" ({why[:1000]})" if why
+                             else "") + ". Completed steps (keep their "
                              "ids, they will not run again):\n" + prompt.bullets(done or [prompt.NONE]) +
                              "\nPlan the remaining work; you may change or replace the failed step."))
+        if state.replan_note is not None:
+            sections.append((prompt.REPLAN, (f"A person rejected plan v{state.plan_version} with this note:\n"
+                             f"{state.replan_note}\nPlan again, addressing the note.")))
         sections.append((prompt.OUTPUT, self.spec.prompts.output if self.spec.prompts else ""))
         messages = [ChatMessage(role="system", content=prompt.system(self.spec.role, self.spec.output_kind,
                                                                      self.spec.prompts.system)),  # type: ignore[union-attr]
@@ -291,20 +445,19 @@ class Orchestrator:
     async def _on_completed(self, ev: StepCompleted, emitter: str | None) -> GoalState | None:
         summary = f"{len(ev.outputs)} output(s)" + (f", verdict {ev.verdict}" if ev.verdict else "")
 
-        tests = ev.quality.source == "tests"
-
         def record(s: GoalState) -> bool:
             if s.done or s.outcome_refusal(ev.step_id, ev.attempt, emitter) or not s.complete(
                     ev.step_id, ev.attempt, ev.outputs, ev.usage, ev.verdict, ev.tier, summary,
                     simulated=ev.simulated, quality=ev.quality):
                 return False
-            used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
-                (s.review_rounds, self.limits.max_review_iterations)
-            budget = min(budget, s.goal.options.get("max_revisions", budget))  # a goal may cap its revisions
-            if ev.verdict == "changes_requested" and used < budget:
-                reviewer = self.roles.get(ev.role)
-                s.add_revision(ev.step_id, self.revisers,
-                               reviewer.output_kind.replace("_", " ") if reviewer else "review", tests=tests)
+            if ev.role in self.after_roles:  # recorded; it counts (and its verdict acts) once a person approves
+                s.hold_outcome(ev.step_id)
+                timeout, policy = self.gates.for_goal(s.goal)
+                s.request_approval(step_gate(ev.step_id, "after"), "after", timeout=timeout, on_timeout=policy,
+                                   step_id=ev.step_id, outputs=ev.outputs,
+                                   summary=f"the outcome of step {ev.step_id} ({ev.role}): {summary}")
+                return True
+            self._act_on_verdict(s, ev.step_id)
             return True
 
         state, recorded = await self._advance(ev.goal_id, record)
@@ -315,6 +468,23 @@ class Orchestrator:
                 return None
             await self._resume(state)
         return state
+
+    def _act_on_verdict(self, s: GoalState, step_id: str) -> None:
+        """Review → revision: a completed step's "changes requested" verdict (a review's, or failing tests')
+        adds a revision while the goal's revision budget lasts."""
+        st = s.steps[step_id]
+        tests = st.quality is not None and st.quality.source == "tests"
+        used, budget = (s.test_rounds, self.limits.max_test_revisions) if tests else \
+            (s.review_rounds, self.limits.max_review_iterations)
+        budget = min(budget, s.goal.options.get("max_revisions", budget))  # a goal may cap its revisions
+        if st.verdict == "changes_requested" and used < budget:
+            reviewer = self.roles.get(st.step.role)
+            s.add_revision(step_id, self.revisers,
+                           reviewer.output_kind.replace("_", " ") if reviewer else "review", tests=tests)
+
+    def _revision_budget(self, s: GoalState) -> int:
+        return int(min(self.limits.max_review_iterations,
+                       s.goal.options.get("max_revisions", self.limits.max_review_iterations)))
 
     async def _on_failed(self, ev: StepFailed, emitter: str | None) -> GoalState | None:
         def record(s: GoalState) -> bool:
@@ -331,12 +501,15 @@ class Orchestrator:
                 await self._resume(state)  # recorded and replanned (or finished) before: re-issue the effects
                 return state
             # recorded before, but that delivery died before it replanned: replan now
-        if state.replans >= self.limits.max_replans:
-            await self._fail_goal(ev.goal_id, f"step {ev.step_id} failed and the replan limit "
-                                              f"({self.limits.max_replans}) is reached: {ev.error}")
-            return state
-        await self._plan(state, delivery=None, failed=ev.step_id)
+        await self._replan_or_fail(state, ev.step_id, ev.error)
         return state
+
+    async def _replan_or_fail(self, state: GoalState, step_id: str, error: str) -> None:
+        if state.replans >= self.limits.max_replans:
+            await self._fail_goal(state.goal.goal_id, f"step {step_id} failed and the replan limit "
+                                                      f"({self.limits.max_replans}) is reached: {error}")
+            return
+        await self._plan(state, delivery=None, failed=step_id)
 
     async def _compact_memory(self, state: GoalState) -> None:
         """Summarise the oldest memory lines on the edge tier (its calls are the goal's step "memory").
@@ -357,22 +530,81 @@ class Orchestrator:
 
     # --- driving ---------------------------------------------------------------------------------
 
-    async def _advance(self, goal_id: str, record: Callable[[GoalState], bool] | None = None) -> tuple[GoalState, bool]:
+    async def _advance(self, goal_id: str, record: Callable[[GoalState], bool] | None = None, *,
+                       prelude: Callable[[GoalState], Awaitable[None]] | None = None) -> tuple[GoalState, bool]:
         """In one compare-and-swap: ``record`` (an outcome's transition, when given), then budgets,
-        completion and the dispatch of every step that became ready; then their side effects.
-        Returns the state and whether anything was written (``record`` applied)."""
+        completion, approval gates and the dispatch of every step that became ready; then their side
+        effects (``prelude`` first, when the write happened). Returns the state and whether anything was
+        written (``record`` applied)."""
 
         def move(s: GoalState) -> _Moves | None:
+            asked = s.approval_requests
             if record is not None and not record(s):
                 return None
-            return _forward(s, self.synthesizer) or (_Moves([]) if record is not None else None)
+            moves = self._forward(s) or (_Moves([]) if record is not None else None)
+            if moves is not None:
+                moves.requested = [a for a in s.approvals.values() if a.request > asked]
+                moves.finished = moves.finished or s.done
+            return moves
 
         state, moves = await self.goals.mutate(goal_id, move)
+        if moves is not None and prelude is not None:
+            await prelude(state)
         if moves is not None and moves.finished:
             await self._announce_end(state)
         elif moves is not None:  # the tasks go out together, each followed by its event
+            await self._announce_requests(state, moves.requested)
             await together(*(self._publish_task(state, sid) for sid in moves.ready))
         return state, moves is not None
+
+    def _forward(self, s: GoalState) -> _Moves | None:
+        """Budgets, completion, then every ready step marked dispatched; None when nothing changed. Nothing
+        is dispatched while the plan waits for approval (or a rejected plan for its successor); a step of a
+        "before" role waits at its gate instead; a complete goal with a final gate waits at it."""
+        if s.done:
+            return None
+        if breach := s.budget_breach():
+            s.finish("failed", breach)
+            return _Moves([], finished=True)
+        plan_gate = s.approvals.get(PLAN_GATE)
+        if s.status == "planning" or (plan_gate is not None and plan_gate.status == "pending"):
+            return None
+        if s.all_completed():
+            s.result = _final_output(s, self.synthesizer)
+            if s.quality().tests == "failed" and not _accepts_failing_tests(s.goal.options):
+                s.finish("failed", f"tests still failing after {s.test_rounds} revisions")
+                return _Moves([], finished=True)  # nothing to sign off
+            if FINAL_GATE in goal_gates(s.goal) and not s.approved(FINAL_GATE):
+                final = s.approvals.get(FINAL_GATE)
+                if final is not None and final.status == "pending":
+                    return None
+                timeout, policy = self.gates.for_goal(s.goal)
+                s.request_approval(FINAL_GATE, "final", timeout=timeout, on_timeout=policy,
+                                   outputs=[s.result] if s.result is not None else [],
+                                   summary=f"the goal's result after {s.steps_run} steps")
+                return _Moves([])
+            s.finish("completed")
+            return _Moves([], finished=True)
+        ready, held = [], False
+        for sid in s.ready():
+            st = s.steps[sid]
+            if st.step.role in self.before_roles and not s.approved(step_gate(sid, "before")):
+                timeout, policy = self.gates.for_goal(s.goal)
+                st.status = "awaiting_approval"
+                s.request_approval(step_gate(sid, "before"), "before", timeout=timeout, on_timeout=policy,
+                                   step_id=sid, summary=f"step {sid} ({st.step.role}) is ready to run: "
+                                                        f"{st.step.instruction[:600]}")
+                held = True
+                continue
+            s.mark_dispatched(sid)
+            ready.append(sid)
+        return _Moves(ready) if ready or held else None
+
+    async def _announce_requests(self, state: GoalState, requested: list[Approval] | tuple[Approval, ...]) -> None:
+        gid = state.goal.goal_id
+        for a in requested:
+            await self.bus.emit(ApprovalRequested(event_id=f"{gid}.approval.{a.request}", goal_id=gid, approval=a,
+                                                  node=self.node_id), trace=state.trace())
 
     async def _publish_task(self, state: GoalState, step_id: str) -> None:
         st, goal = state.steps[step_id], state.goal
@@ -407,6 +639,7 @@ class Orchestrator:
         for sid, st in state.steps.items():
             if st.status == "dispatched" and st.dispatched_at is not None and st.dispatched_at > recent:
                 await self._publish_task(state, sid)
+        await self._announce_requests(state, [a for a in state.pending_approvals() if a.requested_at > recent])
         await self._advance(state.goal.goal_id)
 
     async def _fail_goal(self, goal_id: str, reason: str, *, planning: bool = False) -> None:
@@ -450,7 +683,9 @@ class Orchestrator:
         await self._advance(goal_id)
 
     async def sweep(self, stop: asyncio.Event) -> None:
-        """Reconciliation: wall-time budgets and stale dispatches of running goals."""
+        """Reconciliation: wall-time budgets (less the time spent waiting for approvals), stale dispatches
+        (never a step whose outcome waits at its "after" gate: it is not dispatched any more), gate
+        deadlines, and the replan after a rejection whose planner died."""
         # Goals seen finished: a finished goal never runs again, so it is not read (and parsed) again every
         # sweep: the bucket keeps every goal, so reading them all cost more with every goal ever run.
         finished: set[str] = set()
@@ -464,8 +699,12 @@ class Orchestrator:
                     state = await self.goals.get(gid)
                     if state is not None and state.done:
                         finished.add(gid)
-                    if state is None or state.done or state.status == "planning":
+                    if state is None or state.done:
                         continue
+                    await self._finish_rejections(state)
+                    if state.status == "planning":
+                        continue
+                    await self._enforce_deadlines(state)
                     now = utcnow()
                     stale = any(st.status == "dispatched" and st.dispatched_at is not None
                                 and now - st.dispatched_at > self.stale_after for st in state.steps.values())
@@ -481,30 +720,27 @@ class Orchestrator:
 
 @dataclass(slots=True)
 class _Moves:
-    """What one advance did to a goal: the steps it dispatched, or that it finished the goal."""
+    """What one advance did to a goal: the steps it dispatched, the gates it opened, or that it finished
+    the goal."""
 
     ready: list[str]
     finished: bool = False
+    requested: list[Approval] = field(default_factory=list)  # gates opened
 
 
-def _forward(s: GoalState, synthesizer: str) -> _Moves | None:
-    """Budgets, completion, then every ready step marked dispatched; None when nothing changed."""
-    if s.done:
-        return None
-    if breach := s.budget_breach():
-        s.finish("failed", breach)
-        return _Moves([], finished=True)
-    if s.all_completed():
-        s.result = _final_output(s, synthesizer)
-        if s.quality().tests == "failed" and not _accepts_failing_tests(s.goal.options):
-            s.finish("failed", f"tests still failing after {s.test_rounds} revisions")
-        else:
-            s.finish("completed")
-        return _Moves([], finished=True)
-    ready = s.ready()
-    for sid in ready:
-        s.mark_dispatched(sid)
-    return _Moves(ready) if ready else None
+def _not_pending(state: GoalState | None, gate: str) -> str:
+    """Why ``gate`` cannot be decided now ("" when it is pending)."""
+    if state is None:
+        return "no such goal"
+    if state.done:
+        return f"goal {state.goal.goal_id} has ended ({state.status}); its gates are closed"
+    a = state.approvals.get(gate)
+    if a is None:
+        pending = ", ".join(p.gate for p in state.pending_approvals()) or "none"
+        return f"goal {state.goal.goal_id} has no gate {gate!r} (pending: {pending})"
+    if a.status != "pending":
+        return f"gate {gate} of goal {state.goal.goal_id} was already {a.status} by {a.decided_by}"
+    return ""
 
 
 def _accepts_failing_tests(options: dict[str, Any]) -> bool:
@@ -535,7 +771,8 @@ def _final_output(state: GoalState, synthesizer: str) -> Any:
 def _new_state(goal: Goal, delivery: Delivery) -> GoalState:
     """A goal's first state: its trace continues the submitting message's trace (the goal span's ids
     chosen now, for the goal's whole life)."""
-    return GoalState(goal=goal, traceparent=tracing.goal_traceparent(delivery.envelope.trace.get("traceparent")))
+    traceparent, parent = tracing.goal_traceparent(delivery.envelope.trace)
+    return GoalState(goal=goal, traceparent=traceparent, trace_parent=parent)
 
 
 def _remaining(state: GoalState) -> Budget:

@@ -91,10 +91,11 @@ class Recorder:
         try:
             ledger = writer.ledger
             queries = LedgerQueries(ledger, timeout=self.settings.ledger_query_timeout,
-                                    max_rows=self.settings.ledger_max_rows)
+                                    max_rows=self.settings.ledger_max_rows,
+                                    max_bytes=self.settings.ledger_max_result_bytes)
             feed = EventFeed(self.bus, consumer=self.bus.topology.consumer_name(ROLE), durable=True,
                              batch_size=self.batch_size)
-            async with LedgerService(self.bus, ledger, queries):
+            async with LedgerService(self.bus, ledger, queries, max_concurrent=self.settings.ledger_max_queries):
                 await feed.open(ledger.last_seq() + 1)
                 self.ready.set()
                 try:

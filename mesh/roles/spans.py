@@ -6,6 +6,7 @@ otherwise. docs/TRACING.md lists every span and attribute."""
 from __future__ import annotations
 
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from mesh import tracing
 from mesh.backends.gateway import CallRecord
@@ -14,6 +15,7 @@ from mesh.contracts import RouteDecision, Task, Usage
 from mesh.roles.goalstate import GoalState
 
 GOAL_SPAN = "invoke_workflow mesh"
+SUMMARISER = "summariser"  # the requester of the edge tier's summaries (mesh/backends/summarise.py)
 WORKFLOW = "mesh"
 
 
@@ -69,15 +71,18 @@ def chat(rec: CallRecord, tier: TierConfig | None, decision: RouteDecision | Non
         "gen_ai.provider.name": provider(tier) if tier else "openai",
         "mesh.tier": rec.tier, "mesh.simulated": rec.simulated, "mesh.call.attempt": rec.attempt,
         "mesh.thinking": rec.thinking, "mesh.outcome": rec.outcome, **usage(rec.usage)}
+    if rec.requester:
+        attrs["mesh.requester"] = rec.requester
     if rec.response_model:
         attrs["gen_ai.response.model"] = rec.response_model
     if rec.finish_reason:
         attrs["gen_ai.response.finish_reasons"] = rec.finish_reason
-    if tier is not None and tier.base_url:
-        attrs["server.address"] = tier.base_url
+    if tier is not None and tier.base_url and (url := urlsplit(tier.base_url)).hostname:
+        attrs["server.address"] = url.hostname
+        attrs["server.port"] = url.port or (443 if url.scheme == "https" else 80)
     if rec.error is not None:
         attrs["error.type"] = rec.outcome
-    if decision is not None:
+    if decision is not None and rec.requester != SUMMARISER:  # a summary is no routed call of the step
         attrs.update(route(decision))
         attrs["mesh.route.fallback"] = rec.tier != decision.tier
     if step is not None:
@@ -103,7 +108,7 @@ def record_goal(state: GoalState) -> None:
         "mesh.simulated": state.simulated, **usage(state.usage)}
     if state.goal.submitter:
         attrs["mesh.goal.submitter"] = state.goal.submitter
-    tracing.record(GOAL_SPAN, ids=state.traceparent, start_ns=_ns(state.started_at),
+    tracing.record(GOAL_SPAN, ids=state.traceparent, parent=state.trace_parent, start_ns=_ns(state.started_at),
                    end_ns=_ns(state.finished_at) if state.finished_at else None, attributes=attrs,
                    error=state.reason if state.status == "failed" else None)
 

@@ -86,6 +86,9 @@ class RoleSpec(_Strict):
     synthesizes: bool = Field(
         default=False, description="Every plan ends in a step of this role that depends on all the others; "
                                    "its output is the goal's result.")
+    approve: Literal["before", "after"] | None = Field(
+        default=None, description="A person approves every step of this role: before it is dispatched, or "
+                                  "after it ran, before its outcome counts (docs/APPROVALS.md).")
     prompts: Prompts | None = None
     router: RouterPrefs = Field(default_factory=RouterPrefs)
     limits: Limits = Field(default_factory=Limits)
@@ -108,6 +111,8 @@ class RoleSpec(_Strict):
             raise ValueError("verdict_from_tests needs shell.run in tools and excludes verdicts")
         if (self.revises or self.synthesizes) and self.kind != "worker":
             raise ValueError("revises and synthesizes are jobs of worker roles")
+        if self.approve is not None and self.kind != "worker":
+            raise ValueError("approve gates the steps of worker roles (a goal's plan gate is the goal option approve=plan)")
         if self.kind == "orchestrator" and "output_kind" not in self.model_fields_set:
             self.output_kind = PLAN_KIND
         return self

@@ -21,9 +21,21 @@ the permissions with it; nothing here is a hand-kept copy of a subject. What a u
 * **admin** may do anything (break glass, topology changes by hand);
 * **leaf-<domain>** is an edge site's leaf-node link: only the hub's copy of the site's events crosses.
 
-Mesh processes provision the topology at start (create-or-noop; update when the code's config
-changed), so every mesh user may create, update and inspect the mesh's streams and its own durable
-consumers — never delete or purge them, and never touch another role's consumer.
+Only the admin provisions (``mesh provision``: streams, KV buckets, object stores). No other user may
+create, update, delete or purge a stream, or delete a message from one — denied explicitly on top of
+the allow-lists (``ADMIN_ONLY``); shrinking a stream's limits would be a purge. Every mesh user may
+inspect the mesh's streams (a node checks at start that the mesh is provisioned) and create, inspect and
+pull from its own durable consumers only (``role-<role>``; the orchestrator's outcomes and control
+consumers), re-creating one after a loss.
+
+Object stores: objects are content-addressed (the name is the sha256 of the bytes) and shared, so who
+wrote an object cannot be a subject permission. A writer publishes chunks (``$O.<bucket>.C.<nuid>``) and
+one meta message per object (``$O.<bucket>.M.<name>``), so both stay allowed to the roles that store
+blobs; purging a stream (what deleting an object's chunks is) and deleting messages are refused, so no
+role can remove an object's bytes. A role can still publish a meta message for a name that exists (the
+server cannot tell it from a new object's meta): that can make an object unreadable, never make a reader
+accept other bytes, because every read is checked against the digest (``Bus.get_blob``). docs/DEPLOY.md
+says the same for operators.
 
 Replies: each user has its own inbox prefix (``_INBOX_<user>``) and may subscribe only to that, so
 one role cannot read another role's replies or pull deliveries.
@@ -38,6 +50,11 @@ from mesh.bus.topology import Topology
 from mesh.roles.spec import RoleSpec
 
 JS_API = "$JS.API"
+
+# The admin's alone (``mesh provision``); every other user is refused these even if an allow-list grew.
+ADMIN_ONLY: tuple[str, ...] = tuple(f"{JS_API}.STREAM.{op}.>" for op in ("CREATE", "UPDATE", "DELETE", "PURGE",
+                                                                         "MSG.DELETE"))
+
 
 # Which event types each kind of process emits, always under its own role in the subject
 # (``mesh.event.<goal>.<role>.<type>``), so no role can speak for another. The orchestrator (planner)
@@ -112,13 +129,14 @@ class PermissionSet:
         return ([c.name for c in self.topo.stream_configs() if c.name] + [f"KV_{b}" for b in self._buckets("kv")]
                 + [f"OBJ_{b}" for b in self._buckets("obj")])
 
-    def _provision(self, g: _Grants) -> None:
-        """Create-or-noop (and update) of the shared topology; no delete, no purge."""
-        g.publish(*(f"{JS_API}.STREAM.{op}.{s}" for s in self._streams() for op in ("CREATE", "UPDATE", "INFO")))
+    def _inspect(self, g: _Grants) -> None:
+        """Stream info of the whole topology: how a process checks at start that the mesh is provisioned."""
+        g.publish(*(f"{JS_API}.STREAM.INFO.{s}" for s in self._streams()))
 
     def _durable(self, g: _Grants, stream: str, name: str) -> None:
-        """Create, inspect, pull from and ack one named durable consumer."""
+        """Create (re-create after a loss), inspect, pull from and ack one named durable consumer."""
         g.publish(f"{JS_API}.CONSUMER.CREATE.{stream}.{name}", f"{JS_API}.CONSUMER.CREATE.{stream}.{name}.>",
+                  f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
                   f"{JS_API}.CONSUMER.INFO.{stream}.{name}", f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{name}",
                   f"$JS.ACK.{stream}.{name}.>")
 
@@ -158,10 +176,10 @@ class PermissionSet:
             g.publish(*(t.event_subject("*", role, type) for type in sorted(EMITS.get(kind, ()))))
 
     def _node(self, g: _Grants, role: str, kind: str) -> None:
-        """What every ``mesh node`` process does: provision, its role's consumer, heartbeat, events,
+        """What every ``mesh node`` process does: check the topology, its role's consumer, heartbeat, events,
         dead letters, claim-checked bodies and artifacts."""
         t = self.topo
-        self._provision(g)
+        self._inspect(g)
         self._durable(g, t.stream_for(role), t.consumer_name(role))
         self._kv(g, t.kv_nodes, write=True)
         self._objects(g, t.obj_artifacts, write=True)
@@ -201,10 +219,10 @@ class PermissionSet:
         """The CLI against a running mesh: submit, watch, status, goals, show, cancel, ledger queries."""
         t = self.topo
         g = _Grants()
-        self._provision(g)
+        self._inspect(g)
         g.publish(t.goal_subject(), t.control_filter(), f"{t.prefix}.ledger.>", "$SRV.>")
         self._read_stream(g, t.events_stream)
-        self._kv(g, t.kv_goals, write=True)
+        self._kv(g, t.kv_goals, write=False)  # cancel is a command on the control subject
         self._kv(g, t.kv_nodes, write=False)
         self._objects(g, t.obj_artifacts, write=True)
         self._models(g, write=True)  # `mesh router publish`
@@ -218,7 +236,7 @@ class PermissionSet:
         store and read objects (an uploaded starting workspace is stored there). Nothing else."""
         t = self.topo
         g = _Grants()
-        self._provision(g)  # MeshClient connects like every mesh process: create-or-noop, never delete
+        self._inspect(g)  # MeshClient checks at connect that the mesh is provisioned
         g.publish(t.goal_subject(), t.control_filter(), f"{t.prefix}.ledger.>", "$SRV.>")
         self._read_stream(g, t.events_stream)
         self._kv(g, t.kv_goals, write=False)
@@ -229,7 +247,7 @@ class PermissionSet:
         return self._finish("gateway", g)
 
     def observer(self) -> Permissions:
-        """Read-only: the event stream and the artifacts its events refer to; no provisioning."""
+        """Read-only: the event stream and the artifacts its events refer to."""
         g = _Grants()
         self._read_stream(g, self.topo.events_stream)
         self._objects(g, self.topo.obj_artifacts, write=False)
@@ -262,5 +280,5 @@ class PermissionSet:
     def _finish(user: str, g: _Grants, *, deny: tuple[str, ...] = (), allow_responses: bool = False) -> Permissions:
         inbox = inbox_prefix(user)
         g.subscribe(f"{inbox}.>")
-        return Permissions(publish=tuple(g.pub), subscribe=tuple(g.sub), deny_publish=deny,
+        return Permissions(publish=tuple(g.pub), subscribe=tuple(g.sub), deny_publish=ADMIN_ONLY + deny,
                            allow_responses=allow_responses, inbox_prefix=inbox)

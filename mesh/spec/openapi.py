@@ -8,11 +8,22 @@ from typing import Any
 from pydantic import BaseModel
 
 from mesh.contracts.codec import SCHEMA_VERSION
-from mesh.contracts.http import CancelRequest, ErrorBody, GoalAccepted, GoalList, GoalRequest
+from mesh.contracts.http import (
+    ApprovalList,
+    CancelRequest,
+    DecisionAnswer,
+    DecisionRequest,
+    ErrorBody,
+    GoalAccepted,
+    GoalList,
+    GoalRequest,
+)
 
-_MODELS: tuple[type[BaseModel], ...] = (GoalRequest, CancelRequest, GoalAccepted, GoalList, ErrorBody)
+_MODELS: tuple[type[BaseModel], ...] = (GoalRequest, CancelRequest, GoalAccepted, GoalList, ErrorBody, ApprovalList,
+                                        DecisionRequest, DecisionAnswer)
 _ERRORS = {"400": "invalid request (the message and `param` say what)", "401": "missing or invalid bearer token",
            "403": "over the token's budget cap", "404": "no such goal, artifact or model",
+           "409": "the approval gate is not pending (never requested, already decided, or the goal ended)",
            "413": "body too large", "429": "rate limited (Retry-After)"}
 
 
@@ -92,6 +103,15 @@ def openapi_document() -> dict[str, Any]:
             "Ask the planner to cancel the goal", {"202": {"description": "cancel command sent"},
                                                    "200": {"description": "the goal had ended already"}},
             body={"application/json": {"schema": _ref("CancelRequest")}}, errors=("404",), params=[GOAL_ID])},
+        "/v1/approvals": {"get": _op(
+            "The approvals inbox: every pending gate of every running goal (docs/APPROVALS.md)",
+            {"200": {"description": "pending gates", **_json("ApprovalList")}})},
+        "/v1/goals/{goal_id}/approvals/{gate}": {"post": _op(
+            "Decide a pending gate (plan, final, <step>.before, <step>.after); the decider is the token's name",
+            {"200": {"description": "applied by the planner", **_json("DecisionAnswer")},
+             "202": {"description": "sent; no planner applied it within the wait (it will)", **_json("DecisionAnswer")}},
+            body={"application/json": {"schema": _ref("DecisionRequest")}}, errors=("404", "409"),
+            params=[GOAL_ID, {"name": "gate", "in": "path", "required": True, "schema": {"type": "string"}}])},
         "/v1/goals/{goal_id}/workspace": {"get": _op(
             "The goal's final workspace", {"200": {"description": "tar.gz", "content": {
                 "application/gzip": {"schema": {"type": "string", "format": "binary"}}}}},

@@ -10,7 +10,13 @@ Untrusted SQL must pass three independent walls, so one mistake is not a breach:
 3. the database itself, locked down before serving (``Ledger.lock_down``): no file, network or
    extension access, configuration frozen.
 
-Every query runs on its own cursor with a time limit (the cursor is interrupted) and a row limit.
+Settings-revealing relations and functions (``pg_catalog.pg_settings``, ``current_setting()``,
+``duckdb_settings()`` …) are refused by the guard: they show paths and configuration.
+
+Every query runs on its own cursor with a time limit (the cursor is interrupted, and converting rows to
+JSON checks the same deadline), a row limit, and a result byte cap: rows are fetched a few at a time
+and counted as JSON as they come, so an answer above the cap is refused (``ResultTooLarge``) without
+ever being held whole. The time limit covers the conversion, which runs in the caller's thread.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from datetime import time as dtime
 from decimal import Decimal
@@ -28,7 +34,7 @@ from uuid import UUID
 
 import duckdb
 
-from mesh.errors import LedgerError, QueryRefused
+from mesh.errors import LedgerError, QueryRefused, ResultTooLarge
 from mesh.store.ledger import Ledger
 
 # Table functions that touch nothing outside the query itself (or only the ledger's own catalog).
@@ -36,9 +42,13 @@ SAFE_TABLE_FUNCTIONS = frozenset({
     "range", "generate_series", "unnest", "json_each", "json_tree",
     "duckdb_tables", "duckdb_columns", "duckdb_views", "duckdb_types",
 })
-# Schemas whose relations are catalog metadata, readable by anyone.
+# Schemas whose relations are catalog metadata, readable by anyone (but for the revealing ones below).
 _CATALOG_SCHEMAS = frozenset({"information_schema", "pg_catalog"})
+# Catalog relations and scalar functions that reveal settings (file paths, limits) or other sessions' SQL.
+REVEALING_RELATIONS = frozenset({"pg_settings", "pg_prepared_statements"})
+REVEALING_FUNCTIONS = frozenset({"current_setting", "getvariable", "getenv"})
 MAX_QUERY_CHARS = 20_000
+MAX_RESULT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,13 @@ class QueryResult:
     rows: list[tuple[Any, ...]]
     truncated: bool = False
     elapsed_ms: float = 0.0
+    encoded_rows: list[str] = field(default_factory=list, repr=False, compare=False)  # each row as JSON
+
+    def encode(self) -> bytes:
+        """The answer as JSON bytes (``to_json``'s document), from the rows encoded while they were fetched."""
+        return (f'{{"columns": {json.dumps(self.columns)}, "types": {json.dumps(self.types)}, '
+                f'"rows": [{", ".join(self.encoded_rows)}], "truncated": {json.dumps(self.truncated)}, '
+                f'"elapsed_ms": {round(self.elapsed_ms, 3)}}}').encode()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready: timestamps as RFC 3339, decimals as floats, maps as objects."""
@@ -119,6 +136,9 @@ def check_query(sql: str, relations: frozenset[str], parser: duckdb.DuckDBPyConn
     ctes = {entry["key"].lower() for node in nodes for entry in node.get("cte_map", {}).get("map", [])}
     for node in nodes:
         kind_ = node.get("type")
+        if node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in REVEALING_FUNCTIONS:
+            raise QueryRefused(f"function {node['function_name']}() is not allowed: ledger queries may not read "
+                               "the database's settings or environment")
         if kind_ == "BASE_TABLE":
             _check_table(node, relations | ctes, catalog)
         elif kind_ == "TABLE_FUNCTION":
@@ -144,6 +164,8 @@ def _check_table(node: Mapping[str, Any], allowed: frozenset[str], catalog: str)
     catalog_ = str(node.get("catalog_name", ""))
     if catalog_ not in ("", catalog):
         raise QueryRefused(f"unknown database {catalog_!r}: ledger queries may read only the ledger")
+    if name.lower() in REVEALING_RELATIONS:
+        raise QueryRefused(f"relation {name!r} is not allowed: ledger queries may not read the database's settings")
     if schema_ in _CATALOG_SCHEMAS:
         return
     if schema_ not in ("", "main") or name.lower() not in allowed:
@@ -163,8 +185,8 @@ class LedgerQueries:
     """
 
     def __init__(self, ledger: Ledger, *, timeout: float = 10.0, max_rows: int = 10_000,
-                 lock_down: bool = True) -> None:
-        self.ledger, self.timeout, self.max_rows = ledger, timeout, max_rows
+                 max_bytes: int = MAX_RESULT_BYTES, lock_down: bool = True) -> None:
+        self.ledger, self.timeout, self.max_rows, self.max_bytes = ledger, timeout, max_rows, max_bytes
         if lock_down:
             ledger.lock_down()
         self._parser = ledger.cursor()
@@ -175,24 +197,30 @@ class LedgerQueries:
         self.catalog = str(rows[0][0]) if rows else ""
         self._parser_lock = threading.Lock()
 
-    def sql(self, sql: str, *, timeout: float | None = None, max_rows: int | None = None) -> QueryResult:
+    def sql(self, sql: str, *, timeout: float | None = None, max_rows: int | None = None,
+            max_bytes: int | None = None) -> QueryResult:
         """Run untrusted SQL: refused unless a single read-only SELECT over the ledger's relations."""
         with self._parser_lock:  # one cursor serves every guard check; DuckDB cursors are not shared
             check_query(sql, self.relations, self._parser, self.catalog)
-        return self._run(sql, (), timeout=timeout, max_rows=max_rows)
+        return self._run(sql, (), timeout=timeout, max_rows=max_rows, max_bytes=max_bytes)
 
     def _run(self, sql: str, params: Sequence[Any] | Mapping[str, Any], *, timeout: float | None = None,
-             max_rows: int | None = None) -> QueryResult:
+             max_rows: int | None = None, max_bytes: int | None = None) -> QueryResult:
+        """Rows up to ``max_rows`` (``truncated`` says there were more); ``ResultTooLarge`` as soon as the
+        rows as JSON pass ``max_bytes``; ``QueryRefused`` past ``timeout``, conversion included."""
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         max_rows = self.max_rows if max_rows is None else max(0, min(max_rows, self.max_rows))
+        max_bytes = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
         cursor = self.ledger.cursor()
         timer = threading.Timer(timeout, cursor.interrupt)
         started = time.perf_counter()
         timer.start()
         try:
             cursor.execute(sql, params)
-            rows = cursor.fetchmany(max_rows + 1)
             description = cursor.description or []
+            columns, types = [d[0] for d in description], [str(d[1]) for d in description]
+            head = len(json.dumps([columns, types])) + 96  # the answer's keys and other fields
+            rows, encoded, truncated = self._fetch(cursor, started + timeout, timeout, max_rows, max_bytes, head)
         except duckdb.InterruptException as exc:
             raise QueryRefused(f"query exceeded the time limit of {timeout:g} s and was stopped") from exc
         except duckdb.Error as exc:
@@ -200,21 +228,46 @@ class LedgerQueries:
         finally:
             timer.cancel()
             cursor.close()
-        return QueryResult(columns=[d[0] for d in description], types=[str(d[1]) for d in description],
-                           rows=rows[:max_rows], truncated=len(rows) > max_rows,
-                           elapsed_ms=(time.perf_counter() - started) * 1000)
+        return QueryResult(columns=columns, types=types, rows=rows, truncated=truncated,
+                           elapsed_ms=(time.perf_counter() - started) * 1000, encoded_rows=encoded)
+
+    @staticmethod
+    def _fetch(cursor: duckdb.DuckDBPyConnection, deadline: float, timeout: float, max_rows: int,
+               max_bytes: int, size: int) -> tuple[list[tuple[Any, ...]], list[str], bool]:
+        """(rows, the rows as JSON, whether there were more than ``max_rows``), fetched in chunks sized by
+        the bytes per row so far, so that little more than ``max_bytes`` (of which ``size`` are taken)
+        is ever held."""
+        rows: list[tuple[Any, ...]] = []
+        encoded: list[str] = []
+        chunk = 1  # then doubling, but never more rows than the bytes per row so far leave room for
+        while len(rows) < max_rows:
+            got = cursor.fetchmany(min(chunk, max_rows - len(rows)))
+            if not got:
+                return rows, encoded, False
+            for row in got:
+                text = json.dumps([jsonable(v) for v in row])
+                size += len(text) + 2
+                if size > max_bytes:
+                    raise ResultTooLarge(max_bytes)
+                encoded.append(text)
+            rows.extend(got)
+            if time.perf_counter() > deadline:
+                raise QueryRefused(f"query exceeded the time limit of {timeout:g} s and was stopped")
+            chunk = max(1, min(2048, 2 * chunk, (max_bytes - size) * len(rows) // max(size, 1)))
+        return rows, encoded, bool(cursor.fetchmany(1))
 
     # --- typed queries -----------------------------------------------------------------------------
 
-    def goal_summary(self, goal_id: str | None = None, *, limit: int = 50) -> QueryResult:
+    def goal_summary(self, goal_id: str | None = None, *, limit: int = 50,
+                     max_bytes: int | None = None) -> QueryResult:
         """One goal's summary, or the latest ``limit`` goals'."""
         if goal_id is not None:
-            return self._run("SELECT * FROM goal_summary WHERE goal_id = ?", [goal_id])
+            return self._run("SELECT * FROM goal_summary WHERE goal_id = ?", [goal_id], max_bytes=max_bytes)
         return self._run("SELECT * FROM goal_summary ORDER BY submitted_at DESC NULLS LAST, goal_id LIMIT ?",
-                         [limit])
+                         [limit], max_bytes=max_bytes)
 
     def usage(self, *, goal_id: str | None = None,
-              by: Literal["tier", "model", "goal"] = "tier") -> QueryResult:
+              by: Literal["tier", "model", "goal"] = "tier", max_bytes: int | None = None) -> QueryResult:
         """Backend calls, tokens, cost and latency grouped by tier, model or goal (optionally of one goal)."""
         if by not in ("tier", "model", "goal"):
             raise QueryRefused(f"usage can be grouped by tier, model or goal, not {by!r}")
@@ -226,9 +279,9 @@ class LedgerQueries:
             "sum(cost_usd) AS cost_usd, avg(latency_ms) AS mean_latency_ms "
             f"FROM backend_calls WHERE $goal IS NULL OR goal_id = $goal "
             f"GROUP BY {key} ORDER BY cost_usd DESC, {key}",
-            {"goal": goal_id})
+            {"goal": goal_id}, max_bytes=max_bytes)
 
-    def routing_stats(self) -> QueryResult:
+    def routing_stats(self, *, max_bytes: int | None = None) -> QueryResult:
         """Per router model and chosen tier: decisions, exploration, mean propensity, and how the
         routed steps ended (latest attempt of each step)."""
         return self._run(
@@ -242,4 +295,4 @@ class LedgerQueries:
                       count(*) FILTER (o.status = 'completed') AS steps_completed,
                       count(*) FILTER (o.status = 'failed') AS steps_failed
                FROM route_decisions r LEFT JOIN outcome o USING (goal_id, step_id)
-               GROUP BY ALL ORDER BY r.model_version, r.tier""", ())
+               GROUP BY ALL ORDER BY r.model_version, r.tier""", (), max_bytes=max_bytes)

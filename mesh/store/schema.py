@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from mesh.contracts import EVENT_TYPES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     # 2: simulated on calls, steps and goals; step and goal quality; attempt on route decisions. Only
     # derived tables changed: they are refolded from the events.
     Migration(2, ()),
+    # 3: the approvals table (approval.requested / approval.decided); derived only.
+    Migration(3, ()),
 )
 
 META_DDL = "CREATE TABLE IF NOT EXISTS ledger_meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)"
@@ -59,7 +61,7 @@ RAW_DDL: tuple[str, ...] = (
 )
 
 DERIVED_TABLES: tuple[str, ...] = (
-    "goals", "steps", "artifacts", "route_decisions", "backend_calls", "tool_calls", "nodes",
+    "goals", "steps", "artifacts", "route_decisions", "backend_calls", "tool_calls", "nodes", "approvals",
 )
 VIEWS: tuple[str, ...] = ("artifact_lineage", "goal_summary", "tier_stats")
 TABLES: tuple[str, ...] = ("events", *DERIVED_TABLES)
@@ -119,6 +121,16 @@ DERIVED_DDL: tuple[str, ...] = (
         role VARCHAR, status VARCHAR,     -- up | down
         host VARCHAR, pid BIGINT, version VARCHAR,
         up_at TIMESTAMPTZ, down_at TIMESTAMPTZ, down_reason VARCHAR, last_seen TIMESTAMPTZ
+    )""",
+    """CREATE TABLE approvals (
+        goal_id VARCHAR, request INTEGER,  -- the goal's n-th approval request (docs/APPROVALS.md)
+        gate VARCHAR, kind VARCHAR,       -- plan | final | <step>.before | <step>.after; plan | before | after | final
+        step_id VARCHAR, role VARCHAR, summary VARCHAR,
+        status VARCHAR,                   -- pending | approved | rejected
+        requested_at TIMESTAMPTZ, deadline TIMESTAMPTZ, on_timeout VARCHAR,
+        decision VARCHAR, decided_by VARCHAR, note VARCHAR, decided_at TIMESTAMPTZ, timed_out BOOLEAN,
+        updated_at TIMESTAMPTZ,
+        PRIMARY KEY (goal_id, request)
     )""",
     """CREATE VIEW artifact_lineage AS
         SELECT a.digest, a.goal_id, a.producer_step, a.kind, unnest(a.parents) AS parent
@@ -252,6 +264,13 @@ _STEP_JSON = (
     f'"error":"VARCHAR","retryable":"BOOLEAN","usage":{_USAGE_JSON},"simulated":"BOOLEAN",'
     '"quality":{"grade":"DOUBLE","source":"VARCHAR","exit_code":"INTEGER","judged":"VARCHAR[]"}}'
 )
+_APPROVAL_TYPES = frozenset({"approval.requested", "approval.decided"})  # a refusal changes nothing
+_APPROVAL_JSON = (
+    '{"approval":{"gate":"VARCHAR","kind":"VARCHAR","request":"INTEGER","step_id":"VARCHAR","role":"VARCHAR",'
+    '"summary":"VARCHAR","requested_at":"TIMESTAMPTZ","deadline":"TIMESTAMPTZ","on_timeout":"VARCHAR"},'
+    '"gate":"VARCHAR","request":"INTEGER","decision":"VARCHAR","by":"VARCHAR","note":"VARCHAR",'
+    '"decided_at":"TIMESTAMPTZ","timed_out":"BOOLEAN"}'
+)
 _NODE_TYPES = _types("node.")
 _NODE_JSON = '{"role":"VARCHAR","host":"VARCHAR","pid":"BIGINT","version":"VARCHAR","reason":"VARCHAR"}'
 
@@ -316,6 +335,22 @@ FOLDS: tuple[Fold, ...] = (
             '{"step_id":"VARCHAR","role":"VARCHAR","tool":"VARCHAR","arguments":"JSON","ok":"BOOLEAN",'
             '"refused":"BOOLEAN","error":"VARCHAR","duration_ms":"DOUBLE"}',
             "j.step_id, j.role, j.tool, j.arguments, j.ok, j.refused, j.error, j.duration_ms"),
+    _merge("approvals", "goal_id, request", _APPROVAL_TYPES,
+           f"(SELECT *, coalesce(j.approval.request, j.request) AS request "
+           f"FROM {_source(_APPROVAL_TYPES, _APPROVAL_JSON)})",
+           latest={"gate": "coalesce(j.approval.gate, j.gate)",
+                   "status": "CASE WHEN type = 'approval.requested' THEN 'pending' "
+                             "WHEN j.decision = 'approve' THEN 'approved' ELSE 'rejected' END",
+                   "updated_at": "ts"},
+           groups=(
+               _Group("type = 'approval.requested'", {
+                   "requested_at": "j.approval.requested_at", "kind": "j.approval.kind",
+                   "step_id": "j.approval.step_id", "role": "j.approval.role", "summary": "j.approval.summary",
+                   "deadline": "j.approval.deadline", "on_timeout": "j.approval.on_timeout"}),
+               _Group("type = 'approval.decided'", {
+                   "decided_at": "j.decided_at", "decision": "j.decision", "decided_by": "j.by", "note": "j.note",
+                   "timed_out": "j.timed_out"}),
+           )),
     _merge("nodes", "node_id", _NODE_TYPES,
            f"(SELECT *, coalesce(node, j.role) AS node_id FROM {_source(_NODE_TYPES, _NODE_JSON)})",
            latest={"role": "j.role", "status": "CASE type WHEN 'node.up' THEN 'up' ELSE 'down' END",

@@ -64,6 +64,16 @@ class Fleet:
             self.kills.append(role)
             self._killed.notify_all()
 
+    async def kill9_all(self) -> None:
+        """SIGKILL every process at once (no drain, no goodbye), then start a fresh one per role."""
+        for node in self.nodes.values():
+            node.signal(signal.SIGKILL)
+        for role, node in list(self.nodes.items()):
+            assert await node.wait() == -signal.SIGKILL
+            self.retired.append(node)
+            self.kills.append(role)
+        self.nodes = {role: NodeProcess(role, self.env, self.log_dir).start() for role in self.nodes}
+
     async def next_kill(self, seen: int) -> None:
         """Wait until more than ``seen`` kills have happened."""
         async with self._killed:

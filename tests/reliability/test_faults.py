@@ -99,7 +99,7 @@ async def orchestrator(settings: MeshSettings) -> AsyncIterator[Orchestrator]:
 async def _outcome_delivery(bus: Bus, event: StepCompleted, attempt: int) -> Delivery:
     """``event``, emitted by a node of the step's role, as the planner's consumer hands it over, on its
     ``attempt``-th delivery."""
-    async with await Bus.connect(bus.settings, name="worker-test", role=event.role, provision=False) as worker:
+    async with await Bus.connect(bus.settings, name="worker-test", role=event.role, check=False) as worker:
         await worker.emit(event)
     sub = await bus._js.pull_subscribe(bus.topology.event_subject(event.goal_id, event.role, event.type),
                                       stream=bus.topology.events_stream)

@@ -1,6 +1,8 @@
 """A plan's DAG laid out on the server as SVG: columns by dependency depth, so no layout library ships to
-the browser. A layer wider than ``MAX_ROWS`` steps wraps into several columns, so a 200-step plan stays
-readable (every step labelled at full size) inside a scrolling box instead of a 10,000-pixel column.
+the browser. A 200-step plan stays readable — every step labelled at full size, in a box that scrolls a
+little rather than a drawing 40,000 pixels long: a layer wider than ``MAX_ROWS`` steps wraps into several
+columns, and the columns wrap into bands of ``BAND_COLUMNS`` below each other (a long chain of revisions
+reads like lines of text).
 
 Within a layer, steps are ordered by the mean row of their dependencies (one barycentre pass), which keeps
 most edges short; ties keep plan order.
@@ -15,8 +17,9 @@ from html import escape
 from mesh.roles.goalstate import StepState
 
 NODE_W, NODE_H = 168, 42
-COL_GAP, ROW_GAP, PAD = 56, 12, 16
+COL_GAP, ROW_GAP, PAD, BAND_GAP = 56, 12, 16, 36
 MAX_ROWS = 24
+BAND_COLUMNS = 6  # 1,320 pixels: the width of a laptop screen
 LABEL_CHARS = 22
 
 
@@ -49,9 +52,8 @@ def layout(steps: Mapping[str, StepState]) -> tuple[dict[str, Placed], int, int]
     for sid in steps:  # dict order = plan order
         layers.setdefault(depth[sid], []).append(sid)
     row: dict[str, float] = {}
-    placed: dict[str, Placed] = {}
+    cell: dict[str, tuple[int, int]] = {}  # step → (column, row)
     column = 0
-    height = 0
     for d in sorted(layers):
         order = list(enumerate(layers[d]))
 
@@ -61,13 +63,22 @@ def layout(steps: Mapping[str, StepState]) -> tuple[dict[str, Placed], int, int]
 
         ordered = [sid for _, sid in sorted(order, key=key)]
         for i, sid in enumerate(ordered):
-            col, r = column + i // MAX_ROWS, i % MAX_ROWS
-            row[sid] = r
-            placed[sid] = Placed(sid, PAD + col * (NODE_W + COL_GAP), PAD + r * (NODE_H + ROW_GAP))
-        height = max(height, min(len(ordered), MAX_ROWS))
+            row[sid] = i % MAX_ROWS
+            cell[sid] = (column + i // MAX_ROWS, i % MAX_ROWS)
         column += -(-len(ordered) // MAX_ROWS)
-    width = PAD * 2 + max(column, 1) * (NODE_W + COL_GAP) - COL_GAP
-    return placed, width, PAD * 2 + max(height, 1) * (NODE_H + ROW_GAP) - ROW_GAP
+    columns = max(column, 1)
+    # bands of BAND_COLUMNS columns, each as tall as its tallest column
+    rows_in_band: dict[int, int] = {}
+    for col, r in cell.values():
+        rows_in_band[col // BAND_COLUMNS] = max(rows_in_band.get(col // BAND_COLUMNS, 0), r + 1)
+    band_y, y = {}, PAD
+    for band in range(-(-columns // BAND_COLUMNS)):
+        band_y[band] = y
+        y += rows_in_band.get(band, 1) * (NODE_H + ROW_GAP) - ROW_GAP + BAND_GAP
+    placed = {sid: Placed(sid, PAD + (col % BAND_COLUMNS) * (NODE_W + COL_GAP),
+                          band_y[col // BAND_COLUMNS] + r * (NODE_H + ROW_GAP)) for sid, (col, r) in cell.items()}
+    width = PAD * 2 + min(columns, BAND_COLUMNS) * (NODE_W + COL_GAP) - COL_GAP
+    return placed, width, y - BAND_GAP + PAD
 
 
 def _short(text: str) -> str:
@@ -87,8 +98,8 @@ def render(steps: Mapping[str, StepState], *, selected: str | None = None) -> st
                 continue
             x1, y1 = fr.x + NODE_W, fr.y + NODE_H // 2
             x2, y2 = to.x, to.y + NODE_H // 2
-            mid = (x1 + x2) // 2 if x2 > x1 else x1 + COL_GAP // 2
-            edges.append(f'<path class="edge" d="M{x1},{y1} C{mid},{y1} {mid},{y2} {x2},{y2}"/>')
+            bend = max(COL_GAP // 2, (x2 - x1) // 2)  # into the next band: out to the right, in from the left
+            edges.append(f'<path class="edge" d="M{x1},{y1} C{x1 + bend},{y1} {x2 - bend},{y2} {x2},{y2}"/>')
     nodes: list[str] = []
     for sid, st in steps.items():
         p = placed[sid]

@@ -25,13 +25,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mesh.contracts import ArtifactRef
-from mesh.errors import RequestRefused
-from mesh.gateway.dashboard import dag, views
+from mesh.errors import LedgerError, RequestRefused
+from mesh.gateway.dashboard import dag, ops, views
 from mesh.gateway.goals import Desk
 from mesh.roles.goalstate import GoalState
+from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 
 STATIC = Path(str(files("mesh.gateway.dashboard") / "static"))
 PAGES = {"goals": "Goals", "approvals": "Approvals", "mesh": "Mesh", "router": "Router"}
+# What re-renders an operator page: event type prefixes on `GET /v1/events`, and a poll (ms; 0 = none).
+TRIGGERS = {"approvals": "approval. goal.", "mesh": "node. step. goal.", "router": "step.completed step.failed"}
+POLLS = {"approvals": 5_000, "mesh": 2_000, "router": 10_000}  # router: the ledger ingests a moment after an event
 
 
 @cache
@@ -39,6 +43,7 @@ def _templates() -> Environment:
     env = Environment(loader=PackageLoader("mesh.gateway.dashboard", "templates"),
                       autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
     env.filters["short"] = lambda text, n=80: text if len(text) <= n else text[:n - 1] + "…"
+    env.globals["WORKSPACE"] = MANIFEST_MEDIA_TYPE
     return env
 
 
@@ -61,7 +66,7 @@ def desk(request: Request) -> Desk:
 
 
 def _shell(page: str, **context: Any) -> HTMLResponse:
-    return render("shell.html", page=page, pages=PAGES, **context)
+    return render("shell.html", page=page, pages=PAGES, triggers=TRIGGERS, polls=POLLS, **context)
 
 
 async def goals_page(request: Request) -> Response:
@@ -103,7 +108,8 @@ async def goal_fragment(request: Request) -> Response:
                   steps=views.step_rows(state), loop=views.review_loop(state), outputs=views.outputs(state),
                   revisions=views.workspace_revisions(state), quality=state.quality() if state.done else None,
                   cost=views.money(state.usage.cost_usd, state.simulated), tiers=views.tier_mix(state),
-                  age=views.duration(state.started_at, state.finished_at), synthesis=synthesis)
+                  age=views.duration(state.started_at, state.finished_at), synthesis=synthesis,
+                  pending=[] if state.done else state.pending_approvals())
 
 
 async def step_fragment(request: Request) -> Response:
@@ -164,6 +170,28 @@ async def blob_fragment(request: Request) -> Response:
     return render("blob.html", ref=ref, text=text)
 
 
+async def approvals_fragment(request: Request) -> Response:
+    """The inbox: every pending gate of every running goal, oldest first, each with its decision form (which
+    posts to the Mesh API's ``POST /v1/goals/{id}/approvals/{gate}``)."""
+    return render("approvals.html", pending=await desk(request).client.approvals())
+
+
+async def mesh_fragment(request: Request) -> Response:
+    client = desk(request).client
+    nodes, backlog, dead = await client.nodes(), await client.backlog(), await client.dead_letters()
+    return render("mesh.html", **ops.mesh_view(nodes, backlog, dead))
+
+
+async def router_fragment(request: Request) -> Response:
+    ledger = desk(request).client.ledger()
+    try:
+        tiers = await ledger.sql(ops.TIER_SQL)
+        times = await ledger.sql(ops.TIME_SQL, max_rows=ops.MAX_TIME_ROWS)
+    except LedgerError as exc:  # no ledger node, or it refused: the page says so instead of failing
+        return render("router.html", error=f"The ledger did not answer: {exc}")
+    return render("router.html", **ops.router_view(tiers.rows, times.rows))
+
+
 ROUTES = [
     Route("/", goals_page, methods=["GET"]),
     Route("/ui/goals/{goal_id}", goal_page, methods=["GET"]),
@@ -174,4 +202,7 @@ ROUTES = [
     Route("/v1/ui/goals/{goal_id}/steps/{step_id}", step_fragment, methods=["GET"]),
     Route("/v1/ui/goals/{goal_id}/files", files_fragment, methods=["GET"]),
     Route("/v1/ui/goals/{goal_id}/blobs/{digest}", blob_fragment, methods=["GET"]),
+    Route("/v1/ui/approvals", approvals_fragment, methods=["GET"]),
+    Route("/v1/ui/mesh", mesh_fragment, methods=["GET"]),
+    Route("/v1/ui/router", router_fragment, methods=["GET"]),
 ]

@@ -8,6 +8,7 @@ import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import get_args
 
 from mesh.contracts import (
     ArtifactRef,
@@ -21,11 +22,11 @@ from mesh.contracts import (
     Usage,
 )
 from mesh.contracts.models import RouteDecision, utcnow
-from mesh.roles.goalstate import GoalState, StepState
+from mesh.roles.goalstate import GoalState, GoalStatus, StepState
 from mesh.router.features import FEATURE_NAMES, FEATURE_VERSION
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 
-STATUSES = ("planning", "running", "completed", "failed", "cancelled")
+STATUSES: tuple[str, ...] = get_args(GoalStatus)
 TOP_FEATURES = 6
 DIFF_LINES = 4000
 
@@ -100,7 +101,7 @@ class StepRow:
 def step_rows(state: GoalState) -> list[StepRow]:
     return [StepRow(step_id=sid, role=st.step.role, status=st.status, tier=st.tier or "", attempts=st.attempt,
                     failures=st.failures, duration=duration(st.dispatched_at, st.finished_at) if st.attempt else "",
-                    tokens=st.usage.total_tokens, cost=money(st.usage.cost_usd, st.simulated),
+                    tokens=st.usage.total_tokens, cost=money(st.usage.cost_usd, st.simulated) if st.attempt else "",
                     verdict=st.verdict or _tests(st), revision_of=st.step.revision_of or "",
                     depends_on=st.step.depends_on) for sid, st in state.steps.items()]
 

@@ -75,7 +75,23 @@ async function load(el, url) {
   el.querySelectorAll("[data-keep-scroll][id]").forEach((b) => (scroll[b.id] = [b.scrollLeft, b.scrollTop]));
   const open = {};
   el.querySelectorAll("details[id]").forEach((d) => (open[d.id] = d.open));
+  // a note being written survives the re-render (polls and events re-render the fragment it sits in)
+  const notes = {};
+  let focused = null;
+  el.querySelectorAll(".approval textarea").forEach((t) => {
+    const key = noteKey(t);
+    notes[key] = t.value;
+    if (t === document.activeElement) focused = [key, t.selectionStart, t.selectionEnd];
+  });
   el.innerHTML = html;
+  el.querySelectorAll(".approval textarea").forEach((t) => {
+    const key = noteKey(t);
+    if (key in notes) t.value = notes[key];
+    if (focused && focused[0] === key) {
+      t.focus();
+      t.setSelectionRange(focused[1], focused[2]);
+    }
+  });
   for (const [id, [left, top]] of Object.entries(scroll)) {
     const b = document.getElementById(id);
     if (b) [b.scrollLeft, b.scrollTop] = [left, top];
@@ -87,6 +103,11 @@ async function load(el, url) {
   decorate(el);
   state.loads += 1;
   el.dispatchEvent(new CustomEvent("mesh:loaded", { bubbles: true }));
+}
+
+function noteKey(textarea) {
+  const gate = textarea.closest(".approval");
+  return `${gate.dataset.goal}/${gate.dataset.gate}`;
 }
 
 // At most one load in flight and one queued per element, a short pause to gather a burst of events.
@@ -140,6 +161,33 @@ function setupPanels() {
     e.preventDefault();
     load(document.getElementById(link.dataset.load), link.getAttribute("href")).catch(() => {});
   });
+  // Decisions (approve / reject, with a note) post JSON — the button pressed is the decision —, then the
+  // fragment they sit in is loaded again (a goal's page also hears approval.decided on its stream).
+  document.addEventListener("submit", async (e) => {
+    const form = e.target.closest("form[data-post]");
+    if (!form) return;
+    e.preventDefault();
+    const body = {};
+    for (const [k, v] of new FormData(form, e.submitter)) body[k] = v;
+    form.querySelectorAll("button").forEach((b) => (b.disabled = true));
+    try {
+      const r = await request(form.dataset.post, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      if (!r.ok) {
+        $(".error", form).textContent = await errorText(r);
+        form.querySelectorAll("button").forEach((b) => (b.disabled = false));
+        return;
+      }
+      state.decisions = (state.decisions || 0) + 1;
+      const panel = form.closest("[data-src]");
+      if (panel) await load(panel);
+    } catch (err) {
+      if (!(err instanceof NeedsLogin)) console.warn("decision failed", err);
+    }
+  });
   document.addEventListener("submit", (e) => {
     const form = e.target.closest("form[data-load-form]");
     if (!form) return;
@@ -152,10 +200,10 @@ function setupPanels() {
 
 // --- event streams -----------------------------------------------------------------------------------
 
-function setLive(on) {
+function setLive(on, text) {
   const live = $("#live");
   live.classList.toggle("off", !on);
-  live.textContent = on ? "live" : "offline";
+  live.textContent = text || (on ? "live" : "offline");
 }
 
 // Reads text/event-stream with fetch; reconnects with Last-Event-ID (the stream sequence) after a drop,
@@ -192,7 +240,7 @@ async function stream(url, onEvent) {
       if (e instanceof NeedsLogin) return;
       console.warn("stream dropped", e);
     }
-    setLive(false);
+    setLive(false, finished ? "ended" : "offline");
     if (!finished) await sleep(1000);
   }
 }
@@ -242,6 +290,12 @@ function describe(ev) {
       return `${ev.verdict ? ev.verdict + ", " : ""}${ev.tier || ""} ${tokens(ev.usage)} tokens ${cost(ev.usage, ev.simulated)}`;
     case "step.failed":
       return ev.error;
+    case "approval.requested":
+      return `${ev.approval.kind} gate ${ev.approval.gate} waits${ev.approval.step_id ? ` (step ${ev.approval.step_id})` : ""}`;
+    case "approval.decided":
+      return `${ev.gate}: ${ev.decision} by ${ev.by}${ev.timed_out ? " (deadline)" : ""}${ev.note ? `: ${ev.note}` : ""}`;
+    case "approval.refused":
+      return `${ev.gate}: ${ev.decision} by ${ev.by} refused: ${ev.reason}`;
     case "artifact.created":
       return `${ev.artifact.kind} ${ev.artifact.ref.name || ev.artifact.ref.digest.slice(0, 12)} (${ev.artifact.ref.size} B)`;
     default:
@@ -345,26 +399,14 @@ function goalPage() {
   });
 }
 
-function polledPage() {
+function operatorPage() {
   const view = $("#view");
-  const refresh = refresher(view, 0);
+  const triggers = view.dataset.on.split(" ");
+  const refresh = refresher(view, 1000); // the router's ledger queries are the heaviest: at most one a second
   load(view).catch(() => {});
-  setInterval(refresh, Number(view.dataset.poll));
-  setLive(true);
-  // Decisions (approve / reject with a note) post JSON, then the view is loaded again.
-  view.addEventListener("submit", async (e) => {
-    const form = e.target.closest("form[data-post]");
-    if (!form) return;
-    e.preventDefault();
-    const body = {};
-    for (const [k, v] of new FormData(form)) body[k] = v;
-    const r = await request(form.dataset.post, {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    });
-    if (!r.ok) alert(await errorText(r));
-    refresh();
+  if (Number(view.dataset.poll)) setInterval(refresh, Number(view.dataset.poll));
+  stream(view.dataset.stream, (ev) => {
+    if (triggers.some((t) => ev.type.startsWith(t))) refresh();
   });
 }
 
@@ -374,5 +416,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "goals") goalsPage();
   else if (page === "goal") goalPage();
-  else polledPage();
+  else operatorPage();
 });

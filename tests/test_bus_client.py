@@ -115,7 +115,7 @@ async def test_watch_events_yields_decoded_events_in_order(bus: Bus) -> None:
     sent = [GoalSubmitted(goal_id="g7", goal=goal), StepStarted(goal_id="g7", step_id="s1", role="test"),
             StepCompleted(goal_id="g7", step_id="s1", role="test")]
     await bus.emit(StepStarted(goal_id="other", step_id="s1", role="test"))
-    async with await Bus.connect(bus.settings, name="planner", role="planner", provision=False) as planner:
+    async with await Bus.connect(bus.settings, name="planner", role="planner", check=False) as planner:
         await planner.emit(sent[0])  # goal-level events are the planner's (the fixture's bus is role "test")
         # role "test" may not report a coder's step: a watcher skips it (and the ledger dead-letters it)
         await bus.emit(StepCompleted(goal_id="g7", step_id="s1", role="coder", event_id="forged"))

@@ -157,7 +157,7 @@ async def test_rebuild_and_watch_read_schema_1_events_on_their_old_subjects(bus:
         await bus.publish_raw(f"mesh.event.gold.{event.type}", msgpack.packb(doc),
                               headers={"Nats-Msg-Id": event.event_id})
     new = StepCompleted(goal_id="gold", step_id="s1", role="coder")
-    async with await Bus.connect(bus.settings, name="coder", role="coder", provision=False) as coder:
+    async with await Bus.connect(bus.settings, name="coder", role="coder", check=False) as coder:
         await coder.emit(new)
 
     watched = []
@@ -181,11 +181,11 @@ async def test_an_event_its_subjects_role_cannot_have_emitted_is_dead_lettered(
     ledger's dead letters with the reason; the genuine events around it are recorded."""
     review = StepCompleted(goal_id="g1", step_id="review", role="reviewer", verdict="approve")
     async with recording(bus, settings):
-        async with await Bus.connect(bus.settings, name="coder", role="coder", provision=False) as coder:
+        async with await Bus.connect(bus.settings, name="coder", role="coder", check=False) as coder:
             await coder.emit(review)
             await coder.emit(GoalFailed(goal_id="g1", reason="forged"))
             await coder.emit(StepStarted(goal_id="g1", step_id="code", role="coder"))
-        async with await Bus.connect(bus.settings, name="reviewer", role="reviewer", provision=False) as reviewer:
+        async with await Bus.connect(bus.settings, name="reviewer", role="reviewer", check=False) as reviewer:
             await reviewer.emit(review.model_copy(update={"event_id": "genuine"}))
         await caught_up(eventually, client, bus)
         assert (await client.sql("SELECT subject FROM events ORDER BY seq")).rows == [

@@ -237,7 +237,8 @@ async def test_a_gate_past_its_deadline_follows_its_policy(fast: MeshSettings, b
         rejected = await logs[reject.goal_id].wait(lambda e: isinstance(e, ApprovalDecided), timeout=30)
         replanned = await logs[reject.goal_id].wait(requested("plan"), after=await logs[reject.goal_id].position(rejected))
         completed = await logs[approve.goal_id].wait(lambda e: isinstance(e, TERMINAL), timeout=120)
-        await client.cancel(reject.goal_id, by="test")
+        # unattended, a rejecting deadline does not replan for ever: its rejections count as replans
+        unattended = await logs[reject.goal_id].wait(lambda e: isinstance(e, TERMINAL), timeout=120)
         for follower in followers:
             follower.cancel()
     assert isinstance(approved, ApprovalDecided) and approved.timed_out and approved.decision == "approve"
@@ -247,6 +248,8 @@ async def test_a_gate_past_its_deadline_follows_its_policy(fast: MeshSettings, b
     assert isinstance(rejected, ApprovalDecided) and rejected.timed_out and rejected.decision == "reject"
     assert isinstance(replanned, ApprovalRequested) and replanned.approval.plan is not None
     assert replanned.approval.plan.version == 2
+    assert isinstance(unattended, GoalFailed) and "deadline passed 3 times" in unattended.reason
+    assert [e.plan.version for e in logs[reject.goal_id].of(GoalPlanned)] == [1, 2, 3]
     # waiting does not count toward max_wall: the approved goal's active time excludes the wait
     state = await client.goal(approve.goal_id)
     assert state is not None and state.waited_seconds >= 1.0

@@ -164,12 +164,12 @@ class EventFeed:
                 log.warning("stream messages %d..%d no longer exist; the ledger goes on from %d",
                             batch.upto + 1, seq - 1, seq)
             self._fresh = False
+            size += len(msg.data)
             try:
                 envelope = await self.bus.open(msg, majors=EVENT_HISTORY_MAJORS)
-                size += envelope.size
+                size += envelope.size - len(msg.data)  # its claim-checked body, if any
                 batch.events.append((seq, msg.subject, event_of(envelope)))
             except ContractError as exc:
-                size += len(msg.data)
                 batch.dead.append((msg, exc))
             batch.upto, batch.last = seq, msg
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:

@@ -223,7 +223,7 @@ class Orchestrator:
                 return False
             a.command_id = command_id
             decided.append(a)
-            self._consequence(s, a, note_ref, fail=fail)
+            self._consequence(s, a, note_ref, fail=fail, timed_out=timed_out)
             return True
 
         async def announce(s: GoalState) -> None:
@@ -239,13 +239,19 @@ class Orchestrator:
         await self._after_decision(state, decided[0])
         return decided[0]
 
-    def _consequence(self, s: GoalState, a: Approval, note_ref: ArtifactRef | None, *, fail: bool) -> None:
-        """What a decision does to the goal, inside the deciding CAS (dispatches follow in ``_forward``)."""
+    def _consequence(self, s: GoalState, a: Approval, note_ref: ArtifactRef | None, *, fail: bool,
+                     timed_out: bool) -> None:
+        """What a decision does to the goal, inside the deciding CAS (dispatches follow in ``_forward``).
+        A person may reject plans without limit; a deadline's rejections count as replans (``max_replans``),
+        or an unattended goal would plan again and again, paying for every plan."""
         rejected = a.status == "rejected"
         by_note = f"{a.decided_by}" + (f": {a.note}" if a.note else "")
         if fail:
             s.finish("failed", f"approval gate {a.gate} got no decision before its deadline")
+        elif a.kind == "plan" and rejected and timed_out and s.replans >= self.limits.max_replans:
+            s.finish("failed", f"the plan gate's deadline passed {s.replans + 1} times without a decision")
         elif a.kind == "plan" and rejected:
+            s.replans += int(timed_out)
             s.status, s.replan_note = "planning", a.note or "(no note)"
         elif a.kind == "final" and rejected:
             s.finish("failed", f"the final result was rejected by {by_note}")

@@ -290,6 +290,12 @@ function describe(ev) {
       return `${ev.verdict ? ev.verdict + ", " : ""}${ev.tier || ""} ${tokens(ev.usage)} tokens ${cost(ev.usage, ev.simulated)}`;
     case "step.failed":
       return ev.error;
+    case "approval.requested":
+      return `${ev.approval.kind} gate ${ev.approval.gate} waits${ev.approval.step_id ? ` (step ${ev.approval.step_id})` : ""}`;
+    case "approval.decided":
+      return `${ev.gate}: ${ev.decision} by ${ev.by}${ev.timed_out ? " (deadline)" : ""}${ev.note ? `: ${ev.note}` : ""}`;
+    case "approval.refused":
+      return `${ev.gate}: ${ev.decision} by ${ev.by} refused: ${ev.reason}`;
     case "artifact.created":
       return `${ev.artifact.kind} ${ev.artifact.ref.name || ev.artifact.ref.digest.slice(0, 12)} (${ev.artifact.ref.size} B)`;
     default:

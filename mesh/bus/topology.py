@@ -55,7 +55,14 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from mesh.config import MeshSettings, default_nodes_dir
-from mesh.contracts.events import EventAddress, EventBase, event_subject, parse_event_subject
+from mesh.contracts.events import (
+    STEP_REPORTS,
+    WORKER_EVENTS,
+    EventAddress,
+    EventBase,
+    event_subject,
+    parse_event_subject,
+)
 from mesh.errors import NodeSpecError, NotProvisioned, ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -193,19 +200,22 @@ class Topology:
 
     def forged(self, subject: str, event: EventBase) -> str | None:
         """Why ``event`` cannot have been emitted by the role its subject names, or None. Checked are what
-        the subject and body say of each other: a report about a step (started, progress, completed,
-        failed) comes from the step's role, a goal-level event or a dispatch from the planner, and the
-        subject names the event's goal and type. A schema-1 subject names no role: only goal and type."""
+        the subject and body say of each other: a report on a step (started, progress, completed, failed)
+        comes from the step's role, a type no worker emits (goal.*, step.dispatched, approval.* …) from the
+        planner, and the subject names the event's goal and type. A schema-1 subject names no role: only
+        goal and type are checked."""
         address = self.event_address(subject)
         type = str(getattr(event, "type", ""))
         if address is None or address.goal_id != event.goal_id or address.type != type:
             return f"subject {subject} does not address a {type} event of goal {event.goal_id}"
         if address.role is None:
             return None
-        if type.startswith("goal.") or type == "step.dispatched":
-            expected: str | None = self.goal_role
+        if type in STEP_REPORTS:
+            expected = getattr(event, "role", None)
+        elif type in WORKER_EVENTS:
+            expected = address.role
         else:
-            expected = getattr(event, "role", None) if type.startswith("step.") else address.role
+            expected = self.goal_role
         if address.role != expected:
             return f"a {type} event emitted by role {address.role}: only {expected} emits it"
         return None

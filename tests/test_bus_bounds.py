@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def progress(i: int, size: int) -> StepProgress:
-    return StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1,
+    return StepProgress(goal_id="g1", step_id="s1", role="test", attempt=1,
                         message=f"{i}:" + "x" * size)
 
 

@@ -226,12 +226,12 @@ async def test_history_is_a_goals_events_stored_now_and_ends(bus: Bus) -> None:
     """What a step's detail reads: exactly the goal's events so far, in order — and at once for a goal with
     none (an ordered consumer alone would wait for the first)."""
     assert await bus.history("nothing-yet") == []
-    await bus.emit(StepStarted(goal_id="other", step_id="s1", role="coder"))
-    sent = [StepStarted(goal_id="g1", step_id=f"s{i}", role="coder") for i in range(300)]
+    await bus.emit(StepStarted(goal_id="other", step_id="s1", role="test"))
+    sent = [StepStarted(goal_id="g1", step_id=f"s{i}", role="test") for i in range(300)]
     for event in sent:
         await bus.emit(event)
     got = await bus.history("g1")
     assert [e.event_id for _, e in got] == [e.event_id for e in sent]
     assert [seq for seq, _ in got] == sorted(seq for seq, _ in got)
-    await bus.emit(StepStarted(goal_id="g1", step_id="late", role="coder"))
+    await bus.emit(StepStarted(goal_id="g1", step_id="late", role="test"))
     assert len(await bus.history("g1")) == 301

@@ -68,14 +68,14 @@ async def publish(bus: Bus, goal: str, n: int, rate: float) -> None:
     """``n`` progress events at ``rate`` a second, then the goal's final event."""
     start = time.monotonic()
     for i in range(n):
-        await bus.emit(StepProgress(goal_id=goal, step_id="s", role="bench", message=f"event {i}"))
+        await bus.emit(StepProgress(goal_id=goal, step_id="s", role="planner", message=f"event {i}"))
         await asyncio.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))  # pacing, not synchronisation
     await bus.emit(GoalCompleted(goal_id=goal, result=ArtifactRef(digest="0" * 64, size=0)))
 
 
 async def warm(bus: Bus, goal: str, seen: list[asyncio.Event]) -> None:
     """One event every receiver must see before the clock starts (their subscriptions are live then)."""
-    await bus.emit(StepProgress(goal_id=goal, step_id="s", role="bench", message="warm-up"))
+    await bus.emit(StepProgress(goal_id=goal, step_id="s", role="planner", message="warm-up"))
     await asyncio.gather(*(e.wait() for e in seen))
 
 

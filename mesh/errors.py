@@ -16,6 +16,7 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     │   │   ├── MessageTooLarge
     │   │   └── DecodeLimitExceeded    more objects than its size allows (an amplification attack)
     │   ├── SchemaViolation            a well-formed envelope whose body fails validation
+    │   ├── ForgedEvent                a valid event on a subject whose role cannot have emitted it
     │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
     │   ├── OptionInvalid              a goal option that is unknown or out of range
     │   └── OutputInvalid              a model's answer that is not the structured output asked for
@@ -139,6 +140,11 @@ class DecodeLimitExceeded(CodecError):
 
 class SchemaViolation(ContractError):
     """A well-formed envelope whose body does not validate against its model."""
+
+
+class ForgedEvent(ContractError):
+    """A valid event on a subject whose role cannot have emitted it (a worker's report about another
+    role's step, a goal-level event or dispatch not from the planner)."""
 
 
 class PlanInvalid(ContractError):

@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -28,11 +29,16 @@ from mesh.contracts import (
     GoalCompleted,
     GoalFailed,
     GoalPlanned,
+    Plan,
+    Step,
     StepCompleted,
     StepDispatched,
+    utcnow,
 )
 from mesh.embedded.local import sim_server_env
 from mesh.errors import ApprovalNotPending
+from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
 from tests.meshkit import TERMINAL, EventLog, in_process_mesh, role_specs
 from tests.test_cli_commands import mesh_cli
@@ -231,7 +237,8 @@ async def test_a_gate_past_its_deadline_follows_its_policy(fast: MeshSettings, b
         rejected = await logs[reject.goal_id].wait(lambda e: isinstance(e, ApprovalDecided), timeout=30)
         replanned = await logs[reject.goal_id].wait(requested("plan"), after=await logs[reject.goal_id].position(rejected))
         completed = await logs[approve.goal_id].wait(lambda e: isinstance(e, TERMINAL), timeout=120)
-        await client.cancel(reject.goal_id, by="test")
+        # unattended, a rejecting deadline does not replan for ever: its rejections count as replans
+        unattended = await logs[reject.goal_id].wait(lambda e: isinstance(e, TERMINAL), timeout=120)
         for follower in followers:
             follower.cancel()
     assert isinstance(approved, ApprovalDecided) and approved.timed_out and approved.decision == "approve"
@@ -241,6 +248,8 @@ async def test_a_gate_past_its_deadline_follows_its_policy(fast: MeshSettings, b
     assert isinstance(rejected, ApprovalDecided) and rejected.timed_out and rejected.decision == "reject"
     assert isinstance(replanned, ApprovalRequested) and replanned.approval.plan is not None
     assert replanned.approval.plan.version == 2
+    assert isinstance(unattended, GoalFailed) and "deadline passed 3 times" in unattended.reason
+    assert [e.plan.version for e in logs[reject.goal_id].of(GoalPlanned)] == [1, 2, 3]
     # waiting does not count toward max_wall: the approved goal's active time excludes the wait
     state = await client.goal(approve.goal_id)
     assert state is not None and state.waited_seconds >= 1.0
@@ -256,6 +265,10 @@ async def test_the_cli_lists_approves_and_rejects_gates(fast: MeshSettings, bus:
         assert [(p["goal_id"], p["approval"]["gate"]) for p in json.loads(out)] == [(gid, "plan")]
         code, out, _ = await mesh_cli(fast, "goals")
         assert f"{gid}  awaiting_approval" in out
+        code, out, _ = await mesh_cli(fast, "goals", "--json")
+        assert [g["pending_gates"] for g in json.loads(out)] == [["plan"]]
+        code, out, _ = await mesh_cli(fast, "show", gid)
+        assert code == 0 and "waiting for approval: gate plan (plan) until" in out and f"mesh approve {gid} plan" in out
         code, _, err = await mesh_cli(fast, "reject", gid)
         assert code == 2 and "--note" in err, "a rejection needs its note"
         code, _, err = await mesh_cli(fast, "approve", gid, "final")
@@ -305,3 +318,36 @@ async def test_a_before_gate_holds_a_risky_roles_step_undispatched_and_a_rejecti
     assert not rejected_dispatches
     plans = [r["prompt"] for r in await received(sim_server) if r["hints"].get("role") == "planner"]
     assert any(note in p for p in plans[1:]) and note not in plans[0]
+
+
+async def test_the_sweep_replans_after_a_rejection_whose_replan_was_lost(fast: MeshSettings, bus: Bus) -> None:
+    """A planner that died between a rejection's write and its replan (a deadline's rejection has no command
+    to redeliver): the goal state alone tells the sweep to replan — a rejected plan, a step rejected before
+    it ran."""
+    store = GoalStore(bus)
+    long_ago = utcnow() - timedelta(hours=1)
+    planned, stepped = Goal(brief="Build me a login system"), Goal(brief="Build me a login system")
+    for goal, kind in ((planned, "plan"), (stepped, "before")):
+        s = GoalState(goal=goal)
+        s.apply_plan(Plan(goal_id=goal.goal_id, steps=[Step(step_id="t", role="tester", instruction="test it")]))
+        gate = "plan" if kind == "plan" else "t.before"
+        s.request_approval(gate, kind, timeout=60, on_timeout="fail", step_id=None if kind == "plan" else "t")
+        s.decide(gate, "reject", "timeout", "no decision before the deadline")
+        s.approvals[gate].decided_at = long_ago
+        if kind == "plan":
+            s.status, s.replan_note = "planning", "no decision before the deadline"
+        else:
+            st = s.steps["t"]
+            st.status, st.error, st.failures = "failed", "rejected before it ran by timeout", 1
+        assert await store.create(s)
+    client = MeshClient(bus)
+    logs = [EventLog(client, g.goal_id) for g in (planned, stepped)]
+    async with asyncio.TaskGroup() as tg, in_process_mesh(fast):
+        followers = [tg.create_task(log.follow()) for log in logs]
+        for log in logs:
+            replanned = await log.wait(lambda e: isinstance(e, GoalPlanned), timeout=30)
+            assert isinstance(replanned, GoalPlanned) and replanned.plan.version == 2
+        for follower in followers:
+            follower.cancel()
+    state = await client.goal(stepped.goal_id)
+    assert state is not None and state.replans == 1

@@ -7,19 +7,19 @@ import msgpack
 import pytest
 from nats.aio.msg import Msg
 
-from mesh.bus import Bus
+from mesh.bus import Bus, DeadLetter
 from mesh.bus.client import CLAIM_MEDIA_TYPE
 from mesh.bus.feed import EventFeed
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, StepProgress, encode
 from mesh.contracts.codec import encode_claim, open_envelope
-from mesh.errors import MessageTooLarge
+from mesh.errors import CodecError, MessageTooLarge
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def progress(i: int, size: int) -> StepProgress:
-    return StepProgress(goal_id="g1", step_id="s1", role="coder", attempt=1,
+    return StepProgress(goal_id="g1", step_id="s1", role="test", attempt=1,
                         message=f"{i}:" + "x" * size)
 
 
@@ -65,3 +65,12 @@ async def test_the_feed_bounds_a_batch_by_decoded_bytes(bus: Bus) -> None:
     finally:
         await feed.close(delete=True)
     assert sum(sizes) == 12 and max(sizes) == 4, sizes  # 4 × 300 KB passes 1 MB: the batch ends there
+
+
+def test_a_forged_dead_letter_is_decoded_within_the_same_bounds() -> None:
+    """Dead letters are read back by the dashboard and `mesh dlq`: forged ones amplify no more than messages."""
+    with pytest.raises(CodecError, match="not a Mesh dead letter: DecodeLimitExceeded"):
+        DeadLetter.decode(msgpack.packb({"reason": [{}] * 200_000}))
+    letter = DeadLetter(reason="r", error="E", stream="S", subject="s", stream_seq=1, consumer="c", num_delivered=1,
+                        data=b"x")
+    assert DeadLetter.decode(letter.encode()) == letter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,16 @@ from nats.js import api
 from mesh.bus import Bus, Topology, provision
 from mesh.bus.topology import orchestrator_role
 from mesh.config import MeshSettings, default_nodes_dir
-from mesh.contracts import Step, Task
+from mesh.contracts import (
+    GoalCancelled,
+    NodeUp,
+    RouteDecided,
+    RouteDecision,
+    Step,
+    StepDispatched,
+    StepStarted,
+    Task,
+)
 from mesh.contracts.events import EventAddress
 from mesh.embedded import EmbeddedNats
 from mesh.errors import NodeSpecError, NoStreamForSubject, NotProvisioned, PublishError
@@ -39,6 +49,24 @@ def test_names_follow_the_prefix() -> None:
     assert t.consumer_name("coder") == "role-coder"
     assert (t.stream_for("planner"), t.filter_for("planner")) == ("ACME_GOALS", "acme.goals")
     assert (t.stream_for("coder"), t.filter_for("coder")) == ("ACME_TASKS", "acme.task.coder")
+
+
+def test_forged_tells_what_a_subjects_role_cannot_have_emitted() -> None:
+    t = Topology()
+    started = StepStarted(goal_id="g1", step_id="s1", role="coder")
+    assert t.forged("mesh.event.g1.coder.step.started", started) is None
+    assert t.forged("mesh.event.g1.step.started", started) is None  # schema 1: no role to check
+    assert "only coder emits it" in (t.forged("mesh.event.g1.reviewer.step.started", started) or "")
+    assert "does not address" in (t.forged("mesh.event.g2.coder.step.started", started) or "")
+    assert "does not address" in (t.forged("mesh.event.g1.coder.step.failed", started) or "")
+    dispatched = StepDispatched(goal_id="g1", step_id="s1", role="coder", task_id="g1.s1.1")
+    assert t.forged("mesh.event.g1.planner.step.dispatched", dispatched) is None
+    assert "only planner emits it" in (t.forged("mesh.event.g1.coder.step.dispatched", dispatched) or "")
+    cancelled = GoalCancelled(goal_id="g1")  # any type no worker emits (approvals too) is the planner's
+    assert "only planner emits it" in (t.forged("mesh.event.g1.coder.goal.cancelled", cancelled) or "")
+    assert t.forged("mesh.event._system.ledger.node.up", NodeUp(goal_id="_system", role="ledger")) is None
+    assert t.forged("mesh.event.g1.planner.route.decided", RouteDecided(
+        goal_id="g1", step_id="plan", role="planner", decision=RouteDecision(tier="edge"))) is None
 
 
 def test_the_role_that_reads_goals_is_the_orchestrator_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,6 +178,25 @@ async def test_a_goals_bucket_of_an_older_topology_is_given_direct_gets(bare_nat
             entry = await bus.kv_get("mesh_goals", "g1", direct=direct)
             assert entry is not None and entry.value == b"state"
             assert await bus.kv_get("mesh_goals", "g2", direct=direct) is None
+
+
+async def test_a_node_against_a_goals_bucket_without_direct_gets_asks_for_provisioning(
+        bare_nats: EmbeddedNats) -> None:
+    """A server provisioned by an older version: a node refuses to start (its step checks would find no
+    responder) and names the fix."""
+    nc = await nats.connect(bare_nats.url)
+    js = nc.jetstream()
+    try:
+        await provision(js, Topology())
+        info = await js.stream_info("KV_mesh_goals")
+        await js.update_stream(dataclasses.replace(info.config, allow_direct=False))
+        with pytest.raises(NotProvisioned, match="bucket mesh_goals does not allow direct gets — run `mesh provision`"):
+            await Bus.connect(MeshSettings(nats_url=bare_nats.url), roles=["coder"])
+        await provision(js, Topology())
+        async with await Bus.connect(MeshSettings(nats_url=bare_nats.url), roles=["coder"]):
+            pass
+    finally:
+        await nc.close()
 
 
 async def test_events_expire_after_the_configured_age(nats_url: str, eventually: Eventually) -> None:

@@ -90,7 +90,7 @@ async def test_a_models_deep_or_huge_tool_arguments_are_recorded_within_the_boun
         deep = await tools.call("fs.read", {"path": "a.py", "x": _deep(40)})
         wide = await tools.call("fs.read", {"path": "a.py", "x": list(range(20_000))})
         plain = await tools.call("fs.read", {"path": "a.py" + "y" * 500})
-    assert deep.arguments == {"elided": "arguments not recorded: free-form data nested deeper than 16 levels"}
+    assert deep.arguments == {"elided": "not recorded: free-form data nested deeper than 16 levels"}
     assert wide.arguments["elided"].endswith(f"larger than {FREEFORM_MAX_BYTES} bytes")
     assert plain.arguments == {"path": "a.py" + "y" * 196 + "…"}  # long strings are cut, as before
     for result in (deep, wide, plain):

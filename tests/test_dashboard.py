@@ -14,9 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
+from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
-from mesh.contracts import Goal, Plan, Step
+from mesh.contracts import Goal, Plan, Step, StepStarted
 from mesh.contracts.models import RouteDecision
 from mesh.gateway.app import running
 from mesh.gateway.dashboard import dag, ops, views
@@ -219,3 +220,18 @@ async def test_the_inbox_and_the_goal_page_show_a_waiting_gate_with_its_form(set
             pass
         assert event.type == "goal.completed"
         assert "Nothing waits for a person" in (await http.get("/v1/ui/approvals")).text
+
+
+async def test_history_is_a_goals_events_stored_now_and_ends(bus: Bus) -> None:
+    """What a step's detail reads: exactly the goal's events so far, in order — and at once for a goal with
+    none (an ordered consumer alone would wait for the first)."""
+    assert await bus.history("nothing-yet") == []
+    await bus.emit(StepStarted(goal_id="other", step_id="s1", role="test"))
+    sent = [StepStarted(goal_id="g1", step_id=f"s{i}", role="test") for i in range(300)]
+    for event in sent:
+        await bus.emit(event)
+    got = await bus.history("g1")
+    assert [e.event_id for _, e in got] == [e.event_id for e in sent]
+    assert [seq for seq, _ in got] == sorted(seq for seq, _ in got)
+    await bus.emit(StepStarted(goal_id="g1", step_id="late", role="test"))
+    assert len(await bus.history("g1")) == 301

@@ -115,7 +115,8 @@ async def test_dashboard_follows_a_goal_live(settings: MeshSettings, tmp_path: P
         await expect(inbox.locator("#view")).to_contain_text("Nothing waits for a person")
         await inbox.close()
         # the goal moves on, on the page that never reloaded
-        await expect(page.locator("#timeline .ev[data-type='approval.decided']")).to_have_count(1)
+        await expect(page.locator("#timeline .ev[data-type='approval.decided']")).to_contain_text(
+            "plan: approve by ci: looks right, go")
         await expect(page.locator("#goal-status")).to_have_text("completed", timeout=WAIT_MS)
         await expect(page.locator("#timeline .ev[data-type='goal.completed']")).to_have_count(1)
 

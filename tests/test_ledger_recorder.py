@@ -13,7 +13,7 @@ import pytest
 from mesh.bus import Bus, DeadLetter
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
-from mesh.contracts import Goal, GoalSubmitted, StepCompleted, StepStarted, encode
+from mesh.contracts import Goal, GoalFailed, GoalSubmitted, StepCompleted, StepStarted, encode
 from mesh.errors import LedgerError, QueryRefused
 from mesh.roles.ledger_service import LedgerClient
 from mesh.roles.recorder import rebuild
@@ -157,7 +157,8 @@ async def test_rebuild_and_watch_read_schema_1_events_on_their_old_subjects(bus:
         await bus.publish_raw(f"mesh.event.gold.{event.type}", msgpack.packb(doc),
                               headers={"Nats-Msg-Id": event.event_id})
     new = StepCompleted(goal_id="gold", step_id="s1", role="coder")
-    await bus.emit(new)
+    async with await Bus.connect(bus.settings, name="coder", role="coder", check=False) as coder:
+        await coder.emit(new)
 
     watched = []
     async with contextlib.aclosing(MeshClient(bus).watch("gold")) as events:
@@ -171,7 +172,29 @@ async def test_rebuild_and_watch_read_schema_1_events_on_their_old_subjects(bus:
     with Ledger(tmp_path / "rebuilt.duckdb", read_only=True) as ledger:
         rows = ledger.cursor().execute("SELECT subject, type FROM events ORDER BY seq").fetchall()
     assert rows == [("mesh.event.gold.goal.submitted", "goal.submitted"), ("mesh.event.gold.step.started",
-                    "step.started"), ("mesh.event.gold.test.step.completed", "step.completed")]
+                    "step.started"), ("mesh.event.gold.coder.step.completed", "step.completed")]
+
+
+async def test_an_event_its_subjects_role_cannot_have_emitted_is_dead_lettered(
+        bus: Bus, settings: MeshSettings, client: LedgerClient, eventually: Eventually) -> None:
+    """A coder reporting the reviewer's step, or announcing a goal's end, is not recorded: it goes to the
+    ledger's dead letters with the reason; the genuine events around it are recorded."""
+    review = StepCompleted(goal_id="g1", step_id="review", role="reviewer", verdict="approve")
+    async with recording(bus, settings):
+        async with await Bus.connect(bus.settings, name="coder", role="coder", check=False) as coder:
+            await coder.emit(review)
+            await coder.emit(GoalFailed(goal_id="g1", reason="forged"))
+            await coder.emit(StepStarted(goal_id="g1", step_id="code", role="coder"))
+        async with await Bus.connect(bus.settings, name="reviewer", role="reviewer", check=False) as reviewer:
+            await reviewer.emit(review.model_copy(update={"event_id": "genuine"}))
+        await caught_up(eventually, client, bus)
+        assert (await client.sql("SELECT subject FROM events ORDER BY seq")).rows == [
+            ("mesh.event.g1.coder.step.started",), ("mesh.event.g1.reviewer.step.completed",)]
+    sub = await bus._js.pull_subscribe(bus.topology.dlq_subject("ledger"), stream=bus.topology.dlq_stream)
+    letters = [DeadLetter.decode(msg.data) for msg in await sub.fetch(2, timeout=5)]
+    assert [letter.error for letter in letters] == ["ForgedEvent", "ForgedEvent"]
+    assert "step.completed event emitted by role coder: only reviewer emits it" in letters[0].reason
+    assert "goal.failed event emitted by role coder: only planner emits it" in letters[1].reason
 
 
 async def test_no_ledger_running_is_a_clear_error(client: LedgerClient) -> None:

@@ -324,6 +324,7 @@ async def test_the_gateway_submits_and_commands_but_writes_no_goal_state(secured
         assert await client.goals() == [] and await client.nodes() == []
         first, last = await client.event_positions()
         assert first <= last
+        assert await client.history(goal_id) == [] and await client.dead_letters() == {}  # what the dashboard reads
         ack = await client.bus.publish_raw("mesh.control.g1", b"x")  # a command: the planner applies it
         assert ack.stream == "MESH_CONTROL"
         ref = await client.bus.put_blob(b"a starting workspace file")

@@ -184,6 +184,13 @@ def test_a_huge_result_never_materialises(ledger: Ledger) -> None:
     assert peak < 32 * 1024 * 1024, f"{peak:,} B of Python heap for a refused result"
 
 
+def test_the_time_limit_covers_the_conversion_to_json(ledger: Ledger) -> None:
+    """2,000,000 rows are quick for DuckDB (~0.5 s) and slow to convert (~5 s): the limit stops the conversion."""
+    roomy = LedgerQueries(ledger, timeout=1.0, max_rows=2_000_000, max_bytes=1 << 30)
+    with pytest.raises(QueryRefused, match="time limit of 1 s"):
+        roomy.sql("SELECT range AS i, range::VARCHAR AS s FROM range(2000000)")
+
+
 def test_time_limit_interrupts(queries: LedgerQueries) -> None:
     with pytest.raises(QueryRefused, match="time limit of 0.3 s"):
         queries.sql("SELECT sum(a.range * b.range) FROM range(100000000) a, range(1000) b", timeout=0.3)

@@ -379,9 +379,19 @@ class Bus:
 
         An ordered ephemeral consumer, which recreates itself after the last sequence it delivered when
         it misses a message or heartbeats, so a watch survives reconnects and server restarts.
-        Undecodable events are logged and skipped. Close the iterator (``contextlib.aclosing``) to
+        Undecodable events, and events their subject's role cannot have emitted (``Topology.forged``), are
+        logged and skipped. Close the iterator (``contextlib.aclosing``) to
         remove the consumer.
         """
+        async with contextlib.aclosing(self._event_messages(goal_id, from_seq)) as feed:
+            async for msg, event in feed:
+                if event is not None:
+                    yield msg.metadata.sequence.stream, event
+
+    async def _event_messages(self, goal_id: str | None,
+                              from_seq: int | None) -> AsyncGenerator[tuple[Msg, Event | None], None]:
+        """Each message of ``events`` with its event (None when undecodable, or when its subject's role
+        cannot have emitted it: ``Topology.forged``; logged)."""
         if from_seq is None:
             config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
         elif from_seq <= 1:
@@ -392,48 +402,37 @@ class Bus:
                                       ordered_consumer=True, idle_heartbeat=1.0, config=config)
         try:
             async for msg in sub.messages:
-                event = await self._event(msg)
-                if event is not None:
-                    yield msg.metadata.sequence.stream, event
+                try:
+                    event: Event | None = await self.open_event(msg)
+                except ContractError as exc:
+                    log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
+                    event = None
+                if event is not None and (reason := self.topology.forged(msg.subject, event)):
+                    log.warning("skipping forged event on %s: %s", msg.subject, reason)
+                    event = None
+                yield msg, event
         finally:
             if not self._nc.is_closed:
                 await sub.unsubscribe()
 
-    async def _event(self, msg: Msg) -> Event | None:
-        """The event of a message on the event stream; None (logged) when it is undecodable."""
-        try:
-            return await self.open_event(msg)
-        except ContractError as exc:
-            log.warning("skipping undecodable event on %s: %s", msg.subject, exc)
-            return None
-
-    async def history(self, goal_id: str, *, batch: int = 256) -> list[tuple[int, Event]]:
+    async def history(self, goal_id: str, *, timeout: float = 30.0) -> list[tuple[int, Event]]:
         """(stream sequence, event) of every event of one goal stored now, in order: a snapshot that ends,
-        unlike ``events``. An ephemeral pull consumer counts the goal's messages when it is created and
-        fetches exactly that many, so a goal with no events returns at once instead of waiting."""
-        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE,
-                                    inactive_threshold=30.0)
-        try:
-            sub = await self._js.pull_subscribe(self.topology.events_filter(goal_id), durable=None,
-                                                stream=self.topology.events_stream, config=config)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
+        unlike ``events``. Read with the same ordered consumer (all a read-only user such as the gateway may
+        create) up to the message after which the server has none pending; the goal's stored message count,
+        asked first, returns a goal without events at once instead of waiting for one."""
+        stored = await self.subject_counts(self.topology.events_stream, self.topology.events_filter(goal_id))
         out: list[tuple[int, Event]] = []
+        if not sum(stored.values()):
+            return out
         try:
-            left = (await sub.consumer_info()).num_pending or 0
-            while left > 0:
-                msgs = await sub.fetch(min(left, batch), timeout=5.0)
-                for msg in msgs:
-                    event = await self._event(msg)
+            async with asyncio.timeout(timeout), contextlib.aclosing(self._event_messages(goal_id, 1)) as feed:
+                async for msg, event in feed:
                     if event is not None:
                         out.append((msg.metadata.sequence.stream, event))
-                left = msgs[-1].metadata.num_pending if msgs else 0
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(f"cannot read the events of goal {goal_id}: {exc!r}") from exc
-        finally:
-            if not self._nc.is_closed:
-                with contextlib.suppress(nats.errors.Error, TimeoutError):
-                    await sub.unsubscribe()
+                    if not msg.metadata.num_pending:
+                        break
+        except TimeoutError as exc:
+            raise BusError(f"reading the {len(out)}+ events of goal {goal_id} took over {timeout:g} s") from exc
         return out
 
     # --- objects and KV --------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any, cast
 import msgpack
 from nats.aio.msg import Msg
 
+from mesh.contracts.codec import unpack
 from mesh.errors import BlobNotFound, CodecError
 
 DLQ_REASON_HEADER = "Mesh-Dlq-Reason"
@@ -98,7 +99,9 @@ class DeadLetter:
 
     @property
     def msg_id(self) -> str:
-        return f"dlq.{self.stream}.{self.stream_seq}"
+        """Dedupes a consumer's second letter for one message (a redelivery), never another consumer's:
+        the ledger and the planner both read step outcomes, and each dead-letters what it cannot use."""
+        return f"dlq.{self.stream}.{self.consumer}.{self.stream_seq}"
 
     def nats_headers(self) -> dict[str, str]:
         one_line = " ".join(self.reason.split())[:_MAX_HEADER_REASON]
@@ -110,7 +113,7 @@ class DeadLetter:
     @classmethod
     def decode(cls, data: bytes) -> DeadLetter:
         try:
-            doc: Any = msgpack.unpackb(data, raw=False)
+            doc: Any = unpack(data)  # bounded like any message: letters are read by the dashboard and the CLI
             return cls(**doc)
         except Exception as exc:  # garbage, wrong shape, missing or unknown keys
             raise CodecError(f"not a Mesh dead letter: {exc!r}"[:300]) from exc

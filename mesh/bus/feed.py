@@ -29,7 +29,7 @@ from mesh.bus.client import Bus, event_of
 from mesh.bus.pull import PullInbox, PullStatus
 from mesh.contracts import Event
 from mesh.contracts.codec import EVENT_HISTORY_MAJORS
-from mesh.errors import BusError, ContractError
+from mesh.errors import BusError, ContractError, ForgedEvent
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,15 @@ class EventFeed:
                 log.warning("stream messages %d..%d no longer exist; the ledger goes on from %d",
                             batch.upto + 1, seq - 1, seq)
             self._fresh = False
+            size += len(msg.data)
             try:
                 envelope = await self.bus.open(msg, majors=EVENT_HISTORY_MAJORS)
-                size += envelope.size
-                batch.events.append((seq, msg.subject, event_of(envelope)))
+                event = event_of(envelope)
+                if reason := self.bus.topology.forged(msg.subject, event):
+                    raise ForgedEvent(reason)
+                size += envelope.size - len(msg.data)  # its claim-checked body, if any
+                batch.events.append((seq, msg.subject, event))
             except ContractError as exc:
-                size += len(msg.data)
                 batch.dead.append((msg, exc))
             batch.upto, batch.last = seq, msg
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:

@@ -55,7 +55,14 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from mesh.config import MeshSettings, default_nodes_dir
-from mesh.contracts.events import EventAddress, event_subject, parse_event_subject
+from mesh.contracts.events import (
+    STEP_REPORTS,
+    WORKER_EVENTS,
+    EventAddress,
+    EventBase,
+    event_subject,
+    parse_event_subject,
+)
 from mesh.errors import NodeSpecError, NotProvisioned, ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -190,6 +197,28 @@ class Topology:
     def event_address(self, subject: str) -> EventAddress | None:
         """Goal, emitting role (``None``: a schema-1 subject) and type of an event subject."""
         return parse_event_subject(self.prefix, subject)
+
+    def forged(self, subject: str, event: EventBase) -> str | None:
+        """Why ``event`` cannot have been emitted by the role its subject names, or None. Checked are what
+        the subject and body say of each other: a report on a step (started, progress, completed, failed)
+        comes from the step's role, a type no worker emits (goal.*, step.dispatched, approval.* …) from the
+        planner, and the subject names the event's goal and type. A schema-1 subject names no role: only
+        goal and type are checked."""
+        address = self.event_address(subject)
+        type = str(getattr(event, "type", ""))
+        if address is None or address.goal_id != event.goal_id or address.type != type:
+            return f"subject {subject} does not address a {type} event of goal {event.goal_id}"
+        if address.role is None:
+            return None
+        if type in STEP_REPORTS:
+            expected = getattr(event, "role", None)
+        elif type in WORKER_EVENTS:
+            expected = address.role
+        else:
+            expected = self.goal_role
+        if address.role != expected:
+            return f"a {type} event emitted by role {address.role}: only {expected} emits it"
+        return None
 
     def events_filter(self, goal_id: str | None = None) -> str:
         return f"{self.prefix}.event.{goal_id}.>" if goal_id else f"{self.prefix}.event.>"
@@ -338,6 +367,9 @@ async def require_topology(js: JetStreamContext, topo: Topology, roles: Iterable
                 info = await js.stream_info(name)
             except NotFoundError:
                 raise NotProvisioned(f"mesh not provisioned: stream {name} missing — run `mesh provision`") from None
+            if name == f"KV_{topo.kv_goals}" and not info.config.allow_direct:  # the workers' step checks read so
+                raise NotProvisioned(f"mesh provisioned by an older version: bucket {topo.kv_goals} does not allow "
+                                     "direct gets — run `mesh provision`")
             if name == topo.tasks_stream:
                 taken = set(info.config.subjects or ())
                 for role in roles:

@@ -458,9 +458,13 @@ async def _show(a: argparse.Namespace) -> int:
         q = state.quality()
         print(f"quality: tests {q.tests}" + (f" (exit {q.tests_exit_code})" if q.tests_exit_code is not None else "")
               + f", reviews {', '.join(q.reviews) or '-'}")
+    for ap in [] if state.done else state.pending_approvals():
+        deadline = ap.deadline.isoformat(timespec="seconds") if ap.deadline else "-"
+        print(f"waiting for approval: gate {ap.gate} ({ap.kind}) until {deadline}, then {ap.on_timeout} — "
+              f"mesh approve {state.goal.goal_id} {ap.gate}")
     for sid, st in state.steps.items():
         deps = ",".join(st.step.depends_on) or "-"
-        print(f"  {sid:<24} {st.step.role:<12} {st.status:<10} attempt {st.attempt}  tier {st.tier or '-':<13} "
+        print(f"  {sid:<24} {st.step.role:<12} {st.status:<17} attempt {st.attempt}  tier {st.tier or '-':<13} "
               f"{'sim ' if st.simulated else ''}after {deps}")
     return 0
 

@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _permission_set(nodes: Path | None, edge: list[str] | None = None) -> PermissionSet:
-    """Permissions for this topology; edge sites named on the command line are linked to it (the
-    hub then provisions their event copies, which its users must be allowed to create)."""
+    """Permissions for this topology; edge sites named on the command line are linked to it (their leaf
+    users, and stream info of the hub's copies of their events)."""
     import dataclasses
 
     from mesh.bus.topology import Topology

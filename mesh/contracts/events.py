@@ -243,6 +243,16 @@ def event_subject(prefix: str, goal_id: str, role: str, type: str) -> str:
     return f"{prefix}.event.{goal_id}.{role}.{type}"
 
 
+# Who emits what (an event's subject names its emitter's role): a worker reports on its own step
+# (STEP_REPORTS, under the step's role) and what it did for it (WORKER_EVENTS); every node announces
+# itself (NODE_EVENTS); every other type — goal.*, step.dispatched, approval.*, whatever comes next —
+# is the planner's alone.
+STEP_REPORTS: frozenset[str] = frozenset({"step.started", "step.progress", "step.completed", "step.failed"})
+NODE_EVENTS: frozenset[str] = frozenset({"node.up", "node.down"})
+WORKER_EVENTS: frozenset[str] = STEP_REPORTS | NODE_EVENTS | {"tool.call", "artifact.created", "route.decided",
+                                                              "backend.call"}
+
+
 def likely_emitter(event: EventBase, planner: str = "planner") -> str:
     """The role that emits such an event in a mesh whose planner role is ``planner``: the role an event
     names (a worker's step events, tool calls and routes, a node's up/down), except the planner's

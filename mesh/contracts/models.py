@@ -56,6 +56,15 @@ def bounded_freeform(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def fit_freeform(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` if it is within the free-form bounds, else a note of why it was left out: for producers that
+    record data they do not control (a model's tool arguments, its errors), so their event stays valid."""
+    try:
+        return bounded_freeform(value)
+    except ValueError as exc:
+        return {"elided": f"not recorded: {exc}"}
+
+
 FreeForm = Annotated[dict[str, Any], AfterValidator(bounded_freeform), Field(
     description=f"Free-form JSON: at most {FREEFORM_MAX_DEPTH} levels deep and about {FREEFORM_MAX_BYTES // 1024} "
                 "KiB.")]

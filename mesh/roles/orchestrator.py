@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from mesh import tracing
@@ -223,7 +223,7 @@ class Orchestrator:
                 return False
             a.command_id = command_id
             decided.append(a)
-            self._consequence(s, a, note_ref, fail=fail)
+            self._consequence(s, a, note_ref, fail=fail, timed_out=timed_out)
             return True
 
         async def announce(s: GoalState) -> None:
@@ -239,13 +239,19 @@ class Orchestrator:
         await self._after_decision(state, decided[0])
         return decided[0]
 
-    def _consequence(self, s: GoalState, a: Approval, note_ref: ArtifactRef | None, *, fail: bool) -> None:
-        """What a decision does to the goal, inside the deciding CAS (dispatches follow in ``_forward``)."""
+    def _consequence(self, s: GoalState, a: Approval, note_ref: ArtifactRef | None, *, fail: bool,
+                     timed_out: bool) -> None:
+        """What a decision does to the goal, inside the deciding CAS (dispatches follow in ``_forward``).
+        A person may reject plans without limit; a deadline's rejections count as replans (``max_replans``),
+        or an unattended goal would plan again and again, paying for every plan."""
         rejected = a.status == "rejected"
         by_note = f"{a.decided_by}" + (f": {a.note}" if a.note else "")
         if fail:
             s.finish("failed", f"approval gate {a.gate} got no decision before its deadline")
+        elif a.kind == "plan" and rejected and timed_out and s.replans >= self.limits.max_replans:
+            s.finish("failed", f"the plan gate's deadline passed {s.replans + 1} times without a decision")
         elif a.kind == "plan" and rejected:
+            s.replans += int(timed_out)
             s.status, s.replan_note = "planning", a.note or "(no note)"
         elif a.kind == "final" and rejected:
             s.finish("failed", f"the final result was rejected by {by_note}")
@@ -276,6 +282,14 @@ class Orchestrator:
         elif a.kind == "before" and a.step_id is not None and state.steps.get(a.step_id) is not None \
                 and state.steps[a.step_id].status == "failed":
             await self._replan_or_fail(state, a.step_id, state.steps[a.step_id].error or "rejected")
+
+    async def _finish_rejections(self, state: GoalState) -> None:
+        """The sweep's part: a rejection whose replan was lost with its planner (a command's redelivery
+        redoes it, but a deadline's rejection has none) is replanned once it is older than a stale dispatch."""
+        old = utcnow() - self.stale_after
+        for a in list(state.approvals.values()):
+            if a.status == "rejected" and a.decided_at is not None and a.decided_at < old:
+                await self._after_decision(state, a)
 
     async def _enforce_deadlines(self, state: GoalState) -> None:
         """The sweep's part: every pending gate past its deadline follows its policy."""
@@ -671,7 +685,7 @@ class Orchestrator:
     async def sweep(self, stop: asyncio.Event) -> None:
         """Reconciliation: wall-time budgets (less the time spent waiting for approvals), stale dispatches
         (never a step whose outcome waits at its "after" gate: it is not dispatched any more), gate
-        deadlines, and the replan of a rejected plan whose planner died."""
+        deadlines, and the replan after a rejection whose planner died."""
         # Goals seen finished: a finished goal never runs again, so it is not read (and parsed) again every
         # sweep: the bucket keeps every goal, so reading them all cost more with every goal ever run.
         finished: set[str] = set()
@@ -687,9 +701,8 @@ class Orchestrator:
                         finished.add(gid)
                     if state is None or state.done:
                         continue
-                    if state.status == "planning":  # a rejected plan whose replan was lost with its planner
-                        if state.replan_note is not None and _decided_before(state, utcnow() - self.stale_after):
-                            await self._plan(state, delivery=None)
+                    await self._finish_rejections(state)
+                    if state.status == "planning":
                         continue
                     await self._enforce_deadlines(state)
                     now = utcnow()
@@ -728,11 +741,6 @@ def _not_pending(state: GoalState | None, gate: str) -> str:
     if a.status != "pending":
         return f"gate {gate} of goal {state.goal.goal_id} was already {a.status} by {a.decided_by}"
     return ""
-
-
-def _decided_before(state: GoalState, when: datetime) -> bool:
-    plan = state.approvals.get(PLAN_GATE)
-    return plan is not None and plan.decided_at is not None and plan.decided_at < when
 
 
 def _accepts_failing_tests(options: dict[str, Any]) -> bool:

@@ -39,6 +39,7 @@ from mesh.contracts import (
     Usage,
     prompt,
 )
+from mesh.contracts.models import fit_freeform
 from mesh.errors import GoalCancelled, MeshError, OutputInvalid
 from mesh.packing import apack, estimate_tokens, messages_tokens
 from mesh.roles import spans
@@ -347,7 +348,7 @@ class Worker:
         await outbox.emit(StepProgress(
             event_id=f"{task.task_id}.{key}", goal_id=task.goal_id,
             step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt, node=self.node_id,
-            message=message[:2000], detail=detail))
+            message=message[:2000], detail=fit_freeform(detail)))  # a model's errors may be anything
 
     async def _load_inputs(self, task: Task) -> tuple[ArtifactRef | None, list[tuple[str, str, int]],
                                                       list[tuple[str, str, int]]]:

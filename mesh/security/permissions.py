@@ -47,6 +47,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mesh.bus.topology import Topology
+from mesh.contracts.events import NODE_EVENTS, WORKER_EVENTS
 from mesh.roles.spec import RoleSpec
 
 JS_API = "$JS.API"
@@ -61,11 +62,7 @@ ADMIN_ONLY: tuple[str, ...] = tuple(f"{JS_API}.STREAM.{op}.>" for op in ("CREATE
 # emits every type under its own role: whatever it announces (goal.*, step.dispatched, approvals …)
 # needs no grant per type, and nobody else may emit a type that is not listed here. A client's cancel
 # is a command on ``mesh.control.<goal>``; the planner applies it and announces goal.cancelled.
-EMITS: dict[str, frozenset[str]] = {
-    "worker": frozenset({"step.started", "step.progress", "step.completed", "step.failed", "tool.call",
-                         "artifact.created", "route.decided", "backend.call", "node.up", "node.down"}),
-    "recorder": frozenset({"node.up", "node.down"}),
-}
+EMITS: dict[str, frozenset[str]] = {"worker": WORKER_EVENTS, "recorder": NODE_EVENTS}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from mesh.store.ledger import Ledger
 from mesh.store.schema import TABLES
 
 # A stable row order makes exports of equal ledgers byte-comparable.
-_ORDER = {"goals": "goal_id", "steps": "goal_id, step_id, attempt", "nodes": "node_id"}
+_ORDER = {"goals": "goal_id", "steps": "goal_id, step_id, attempt", "nodes": "node_id", "approvals": "goal_id, request"}
 
 
 def export_parquet(ledger: Ledger, directory: str | Path) -> list[Path]:

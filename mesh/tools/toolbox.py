@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from pydantic import ValidationError
 
-from mesh.contracts.models import bounded_freeform
+from mesh.contracts.models import fit_freeform
 from mesh.errors import BlobNotFound, LedgerError, ToolError, ToolRefused
 from mesh.tools.catalog import (
     TOOL_NAMES,
@@ -114,7 +114,7 @@ class ToolBox:
             result = ToolResult(name, False, json.dumps(error), refused=isinstance(exc, ToolRefused))
         result.sandbox = sandbox
         result.duration_ms = (time.perf_counter() - started) * 1000
-        result.arguments = _recorded(arguments)
+        result.arguments = fit_freeform({k: _short(v) for k, v in arguments.items()})
         return result
 
     # --- the tools -----------------------------------------------------------------------------
@@ -225,12 +225,3 @@ def _cut(text: str, limit: int) -> str:
 def _short(value: Any) -> Any:
     """An argument as recorded in the tool.call event: long strings cut, so events stay small."""
     return value if not isinstance(value, str) or len(value) <= 200 else value[:200] + "…"
-
-
-def _recorded(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The arguments for the tool.call event, within the contract's free-form bounds whatever a model sent."""
-    short = {k: _short(v) for k, v in arguments.items()}
-    try:
-        return bounded_freeform(short)
-    except ValueError as exc:
-        return {"elided": f"arguments not recorded: {exc}"}

@@ -1,20 +1,24 @@
-"""Bad input: 10,000 fuzzed messages — random bytes, truncated msgpack, wrong types, huge fields,
-unknown versions, messages just under the server's 1 MiB limit, wrong kinds, dangling claim-checks —
-on every task subject and the goal subject, published raw while a real goal runs, at the server's and
+"""Bad input. On the task and goal subjects: 10,000 fuzzed messages — random bytes, truncated msgpack,
+wrong types, huge fields, unknown versions (an old major among them), messages just under the server's
+1 MiB limit, wrong kinds, dangling claim-checks — on every task subject and the goal subject, published raw while a real goal runs, at the server's and
 the nodes' real size limits. No node process dies, every fuzzed message ends in MESH_DLQ with a reason
 (the near-limit ones with their original by claim-check), and the real goal completes meanwhile.
 
 Payloads above the *server's* max_payload never reach a consumer: the server refuses them at
-publish time, and the publisher gets a clear error (tested on its own below)."""
+publish time, and the publisher gets a clear error (tested on its own below).
+
+On the event stream: 10,000 hostile events, forged outcomes among them, while real goals run (below)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +26,32 @@ import msgpack
 import pytest
 from nats.js import api
 
-from mesh.bus import Bus, DeadLetter
+from mesh.bus import Bus, DeadLetter, Topology
 from mesh.bus.dlq import DLQ_REASON_HEADER
 from mesh.config import MeshSettings
-from mesh.contracts import ArtifactRef, Goal, GoalCompleted, Step, Task, encode, new_id, open_envelope
+from mesh.contracts import (
+    ArtifactRef,
+    EventBase,
+    Goal,
+    GoalCompleted,
+    Step,
+    StepCompleted,
+    StepDispatched,
+    StepFailed,
+    StepProgress,
+    Task,
+    encode,
+    new_id,
+    open_envelope,
+)
+from mesh.contracts.events import EVENT_TYPES
 from mesh.embedded.readiness import wait_for_roles
-from mesh.errors import MessageTooLarge, PublishError
-from tests.ledgerkit import Eventually
-from tests.meshkit import node_env, role_specs
+from mesh.errors import ContractError, MessageTooLarge, PublishError
+from mesh.roles.goalstore import GoalStore
+from mesh.roles.ledger_service import LedgerClient
+from mesh.store import Ledger
+from tests.ledgerkit import Eventually, caught_up
+from tests.meshkit import in_process_mesh, node_env, role_specs
 from tests.reliability.kit import Fleet, padded_to, wait_terminal
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,7 +96,7 @@ def fuzz_one(role: str, rng: random.Random) -> Payload:
         ("random bytes", 20, lambda: rng.randbytes(rng.randrange(0, 2048))),
         ("truncated msgpack", 20, lambda: (b := msgpack.packb(doc))[: rng.randrange(0, len(b))]),
         ("wrong types", 20, lambda: msgpack.packb(_wrong_types(doc, rng))),
-        ("unknown version", 10, lambda: msgpack.packb(doc | {"v": rng.choice(["2.0", "0.9", "99.1", "v1", ""])})),
+        ("unknown version", 10, lambda: msgpack.packb(doc | {"v": rng.choice(["1.2", "3.0", "0.9", "99.1", "v1", ""])})),
         ("not a map", 9, lambda: msgpack.packb(rng.choice([[1, 2, 3], "envelope", 42, None, b"raw"]))),
         ("broken envelope", 10, lambda: msgpack.packb(rng.choice([
             doc | {"body": ["not", "a", "map"]}, doc | {"ts": "yesterday"}, doc | {"trace": {"a": 1}},
@@ -205,6 +227,21 @@ async def _read_dlq(bus: Bus) -> list[tuple[DeadLetter, dict[str, str]]]:
     return letters
 
 
+async def _pull_dlq(bus: Bus) -> list[tuple[DeadLetter, dict[str, str]]]:
+    """Every letter in MESH_DLQ, pulled in batches (a push consumer of ~10,000 letters outruns a busy client)."""
+    stored = (await bus._js.stream_info(bus.topology.dlq_stream)).state.messages
+    sub = await bus._js.pull_subscribe(f"{bus.topology.prefix}.dlq.>", stream=bus.topology.dlq_stream)
+    letters: list[tuple[DeadLetter, dict[str, str]]] = []
+    try:
+        while len(letters) < stored:
+            for msg in await sub.fetch(500, timeout=10):
+                letters.append((DeadLetter.decode(msg.data), dict(msg.headers or {})))
+                await msg.ack()
+    finally:
+        await sub.unsubscribe()
+    return letters
+
+
 async def test_a_payload_above_the_servers_max_payload_is_refused_at_publish(bus: Bus) -> None:
     limit = bus._nc.max_payload
     with pytest.raises(PublishError, match=f"{limit + 1} bytes exceed the server's max_payload of {limit}") as info:
@@ -219,3 +256,223 @@ async def test_a_payload_above_the_servers_max_payload_is_refused_at_publish(bus
     # ... and past the configured message size it is refused before anything is sent.
     with pytest.raises(MessageTooLarge):
         encode(big, max_bytes=1_000_000)
+
+
+# --- the event stream ------------------------------------------------------------------------------
+#
+# 10,000 hostile messages on mesh.event.> while real goals run on the sim, published in acknowledged
+# batches. Every reader of the stream survives: the ledger dead-letters what it cannot decode, and what a
+# subject's role cannot have emitted (ForgedEvent); the planner dead-letters undecodable outcomes and
+# refuses, counts and ignores every well-formed forged one — from another role, or from the step's own
+# role for an attempt never dispatched.
+
+EVENT_FUZZ = 10_000
+EVENT_BATCH = 250
+EVENT_STORM_SECONDS = 30.0
+REAL_GOALS = 3
+FAKE = ArtifactRef(digest="f" * 64, size=1, name="forged")  # what every forged outcome claims to have made
+OUTCOMES = ("step.completed", "step.failed")
+POISON = ("CodecError", "SchemaViolation", "UnsupportedVersion")
+Target = tuple[str, str, str, int]  # a dispatched real step: goal, step, role, attempt
+
+
+@dataclass(frozen=True)
+class Hostile:
+    kind: str
+    fate: str  # poison | forged role | forged goal | forged attempt | forged end | free (decodes: either fate)
+    subject: str
+    data: bytes
+
+
+def _doc(event: EventBase) -> dict[str, Any]:
+    doc: dict[str, Any] = msgpack.unpackb(encode(event), raw=False)
+    return doc
+
+
+def _nested(depth: int) -> bytes:
+    """``{"a": {"a": … nil}}`` ``depth`` maps deep, written by hand: msgpack's packer stops at 512 levels."""
+    return b"\x81\xa1a" * depth + b"\xc0"
+
+
+def _deep_progress(msg_id: str, goal: str, depth: int) -> bytes:
+    marker = "NESTING-GOES-HERE"
+    doc = _doc(StepProgress(event_id=msg_id, goal_id=goal, step_id="s1", role="coder", message="m",
+                            detail={"x": marker}))
+    return msgpack.packb(doc).replace(msgpack.packb(marker), _nested(depth))
+
+
+def fuzz_event(msg_id: str, rng: random.Random, roles: list[str], targets: list[Target],
+               topo: Topology) -> Hostile:
+    goal = f"fz{rng.randrange(10**6)}"
+    role = rng.choice(roles)
+    subject = topo.event_subject(goal, role, rng.choice(OUTCOMES) if rng.random() < 0.5 else rng.choice(EVENT_TYPES))
+    valid = _doc(StepCompleted(event_id=msg_id, goal_id=goal, step_id="s1", role=role, outputs=[FAKE]))
+
+    def poison(kind: str, data: bytes) -> Hostile:
+        return Hostile(kind, "poison", subject, data)
+
+    def forged(target: Target | None, *, attempt_off: int = 0) -> Hostile:
+        """A well-formed outcome of ``target`` (or of a goal nobody has) emitted under another role's
+        subject, or, with ``attempt_off``, under the step's own role for an attempt never dispatched."""
+        gid, step, owner, attempt = target or (goal, "s1", "coder", 1)
+        claimed = owner if attempt_off else rng.choice([r for r in roles if r != owner])
+        kind = rng.choice((StepCompleted, StepFailed))
+        body: dict[str, Any] = {"outputs": [FAKE], "verdict": "approve"} if kind is StepCompleted else {"error": "forged"}
+        event = kind(event_id=msg_id, goal_id=gid, step_id=step, role=owner, attempt=attempt + attempt_off, **body)
+        fate = "forged attempt" if attempt_off else ("forged role" if target else "forged goal")
+        return Hostile(f"forged outcome ({fate.removeprefix('forged ')})", fate,
+                       topo.event_subject(gid, claimed, event.type), msgpack.packb(_doc(event)))
+
+    def wrong_types() -> bytes:
+        key, value = rng.choice([("attempt", "many"), ("outputs", "x"), ("usage", [1]), ("type", "no.such"),
+                                 ("goal_id", 7), ("step_id", {"a": 1}), ("verdict", "maybe"), ("at", "then")])
+        return msgpack.packb(valid | {"body": valid["body"] | {key: value}})
+
+    kinds: list[tuple[int, Callable[[], Hostile]]] = [
+        (12, lambda: poison("random bytes", rng.randbytes(rng.randrange(0, 2048)))),
+        (12, lambda: poison("truncated msgpack", (b := msgpack.packb(valid))[: rng.randrange(0, len(b))])),
+        (5, lambda: poison("not a map", msgpack.packb(rng.choice([[1, 2, 3], "envelope", 42, None, b"raw"])))),
+        (6, lambda: poison("unknown version", msgpack.packb(valid | {"v": rng.choice(["3.0", "0.9", "99.1", "v1", ""])}))),
+        (6, lambda: poison("broken envelope", msgpack.packb(rng.choice([
+            valid | {"body": ["not", "a", "map"]}, valid | {"ts": "yesterday"}, valid | {"trace": {"a": 1}},
+            {k: v for k, v in valid.items() if k != "body"}, valid | {"kind": "no-such-kind"}])))),
+        (5, lambda: poison("wrong kind", msgpack.packb(valid | {"kind": rng.choice(["task", "goal", "plan"])}))),
+        (12, lambda: poison("wrong types", wrong_types())),
+        (2, lambda: poison("huge id", msgpack.packb(valid | {"body": valid["body"] | {
+            "step_id": "s" * rng.randrange(100_000, 200_000)}}))),
+        (2, lambda: poison("nesting past the decoder", _deep_progress(msg_id, goal, rng.randrange(1100, 5000)))),
+        (4, lambda: Hostile("deep nesting", "free", topo.event_subject(goal, "coder", "step.progress"),
+                            _deep_progress(msg_id, goal, rng.randrange(16, 1000)))),
+        (3, lambda: Hostile("huge string", "free", topo.event_subject(goal, "coder", "step.progress"),
+                            encode(StepProgress(event_id=msg_id, goal_id=goal, step_id="s1", role="coder",
+                                                message="m" * rng.randrange(100_000, 300_000))))),
+        (14, lambda: forged(rng.choice(targets) if targets and rng.random() < 0.8 else None)),
+        (9, lambda: forged(rng.choice(targets), attempt_off=1000) if targets else forged(None)),
+        (3, lambda: Hostile("forged goal end", "forged end", topo.event_subject(
+            rng.choice(targets)[0] if targets else goal, role if role != topo.goal_role else "coder",
+            "goal.completed"), encode(GoalCompleted(event_id=msg_id, goal_id=rng.choice(targets)[0] if targets
+                                                    else goal, result=FAKE)))),
+    ]
+    return rng.choices([make for _, make in kinds], weights=[w for w, _ in kinds])[0]()
+
+
+async def test_10000_hostile_events_are_dead_lettered_or_refused_while_real_goals_run_unaltered(
+        bus: Bus, fast: MeshSettings, eventually: Eventually, retry: Retry) -> None:
+    topo = bus.topology
+    roles = sorted(role_specs(with_ledger=True))
+    rng = random.Random(6)
+    sent: dict[str, Hostile] = {}
+    targets: list[Target] = []
+    reals = [Goal(brief="Build me a login system") for _ in range(REAL_GOALS)]
+    real_ids = {g.goal_id for g in reals}
+
+    async def follow_dispatches() -> None:
+        """The real goals' dispatched steps, as the planner announces them: what the forgeries aim at."""
+        sub = await bus._js.subscribe(topo.event_subject("*", topo.goal_role, "step.dispatched"),
+                                      stream=topo.events_stream, ordered_consumer=True,
+                                      deliver_policy=api.DeliverPolicy.NEW)
+        try:
+            async for msg in sub.messages:
+                with contextlib.suppress(ContractError):
+                    event = await bus.open_event(msg)
+                    if isinstance(event, StepDispatched) and event.goal_id in real_ids:
+                        targets.append((event.goal_id, event.step_id, event.role, event.attempt))
+        finally:
+            await sub.unsubscribe()
+
+    async def publish(batch: list[tuple[str, Hostile]]) -> None:
+        acks = [await bus._js.publish_async(h.subject, h.data, headers={"Nats-Msg-Id": m}) for m, h in batch]
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        for (msg_id, hostile), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):  # an ambiguous ack on a loaded machine: the msg id dedupes
+                await retry(lambda h=hostile, m=msg_id: bus.publish_raw(h.subject, h.data, headers={
+                    "Nats-Msg-Id": m}), errors=(PublishError,))
+
+    async with in_process_mesh(fast, specs=role_specs(with_ledger=True)) as nodes:
+        await wait_for_roles(bus, roles)
+        planner = next(n for n in nodes if n.spec.role == topo.goal_role)
+        started = time.monotonic()
+        async with asyncio.TaskGroup() as tg:
+            follower = tg.create_task(follow_dispatches())
+            ends = tg.create_task(wait_terminal(bus, real_ids, timeout=240))
+            # Paced: a storm faster than the planner takes outcomes would only queue the real goals' outcomes
+            # behind it. The goals are submitted during its first quarter and run inside it.
+            for i in range(EVENT_FUZZ // EVENT_BATCH):
+                if i % 3 == 0 and i // 3 < REAL_GOALS:
+                    await bus.submit_goal(reals[i // 3])
+                batch = [(m, fuzz_event(m, rng, roles, targets, topo))
+                         for m in (f"fuzz-{len(sent) + k}" for k in range(EVENT_BATCH))]
+                sent.update(batch)
+                await publish(batch)
+                ahead = started + EVENT_STORM_SECONDS * (i + 1) * EVENT_BATCH / EVENT_FUZZ - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)  # pacing the storm, not waiting for anything
+            storm_seconds = time.monotonic() - started
+            await ends
+            follower.cancel()
+        client = LedgerClient(bus, timeout=10)
+        await caught_up(eventually, client, bus, timeout=120)
+
+        async def planner_drained() -> bool:
+            info = await bus._js.consumer_info(topo.events_stream, topo.outcomes_consumer)
+            return not info.num_pending and not info.num_ack_pending
+
+        await eventually(planner_drained, timeout=120, message="the planner took every outcome")
+        disposed_seconds = time.monotonic() - started
+        refused = {reason: planner.metrics.registry.get_sample_value(
+            "mesh_outcomes_refused_total", {"reason": reason}) or 0.0 for reason in ("role", "attempt", "goal", "step")}
+        states = {gid: await GoalStore(bus).get(gid) for gid in real_ids}
+
+    # the real goals: completed, holding nothing any forgery claimed
+    finals = ends.result()
+    assert all(isinstance(finals[gid], GoalCompleted) for gid in real_ids), finals
+    for gid, state in states.items():
+        assert state is not None and state.status == "completed", gid
+        assert FAKE.digest not in state.model_dump_json(), f"a forged outcome reached goal {gid}"
+        end = finals[gid]
+        assert isinstance(end, GoalCompleted) and FAKE.digest not in end.model_dump_json()
+        assert not any(st.error == "forged" for st in state.steps.values())
+
+    # the planner: undecodable outcomes dead-lettered, every forged one refused and counted
+    fates = Counter(h.fate for h in sent.values())
+    letters = await _pull_dlq(bus)
+    for letter, headers in letters:
+        assert letter.reason and headers[DLQ_REASON_HEADER], letter
+    ledger_letters = {l.headers.get("Nats-Msg-Id"): l for l, _ in letters if l.stream == topo.events_stream
+                      and l.consumer == topo.consumer_name("ledger")}
+    planner_letters = {l.headers.get("Nats-Msg-Id"): l for l, _ in letters if l.stream == topo.events_stream
+                       and l.consumer == topo.outcomes_consumer}
+    missing = Counter(h.kind for m, h in sent.items() if h.fate != "forged attempt" and h.fate != "free"
+                      and m not in ledger_letters)
+    assert not missing, f"hostile events the ledger neither recorded nor dead-lettered, by kind: {dict(missing)}"
+    assert refused["role"] >= fates["forged role"] and refused["attempt"] >= fates["forged attempt"]
+    assert refused["goal"] >= fates["forged goal"] and fates["forged attempt"] and fates["forged role"]
+    for msg_id, hostile in sent.items():
+        outcome = topo.event_address(hostile.subject).type in OUTCOMES  # type: ignore[union-attr]
+        if hostile.fate == "poison":
+            assert ledger_letters[msg_id].error in POISON, (hostile.kind, ledger_letters[msg_id])
+            if outcome:
+                assert planner_letters[msg_id].error in POISON, (hostile.kind, planner_letters[msg_id])
+        elif hostile.fate in ("forged role", "forged goal", "forged end"):
+            assert ledger_letters[msg_id].error == "ForgedEvent", (hostile.kind, ledger_letters[msg_id])
+            assert msg_id not in planner_letters
+        else:
+            assert msg_id not in planner_letters, (hostile.kind, planner_letters[msg_id])
+
+    # the ledger: what decodes and its subject's role may emit is recorded; everything else is a letter
+    with Ledger(fast.ledger_file, read_only=True) as ledger:
+        recorded = {r[0] for r in ledger.cursor().execute(
+            "SELECT event_id FROM events WHERE event_id LIKE 'fuzz-%'").fetchall()}
+    for msg_id, hostile in sent.items():
+        if hostile.fate == "forged attempt":
+            assert msg_id in recorded, hostile.kind  # subject and body agree: only the planner can tell
+        elif hostile.fate == "free":
+            assert (msg_id in recorded) != (msg_id in ledger_letters), hostile.kind
+        else:
+            assert msg_id not in recorded, hostile.kind
+    kinds = Counter(h.kind for h in sent.values())
+    print(f"figure: event fuzz: {len(sent):,} hostile events in {storm_seconds:.0f} s while {REAL_GOALS} real goals "
+          f"completed unaltered; every message disposed of after {disposed_seconds:.0f} s; "
+          f"{len(ledger_letters):,} ledger and {len(planner_letters):,} planner dead letters; forged outcomes "
+          f"refused: {', '.join(f'{r} {int(n)}' for r, n in refused.items())} "
+          f"({', '.join(f'{k} {n}' for k, n in kinds.most_common())})")

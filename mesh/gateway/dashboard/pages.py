@@ -29,9 +29,13 @@ from mesh.errors import LedgerError, RequestRefused
 from mesh.gateway.dashboard import dag, ops, views
 from mesh.gateway.goals import Desk
 from mesh.roles.goalstate import GoalState
+from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
 
 STATIC = Path(str(files("mesh.gateway.dashboard") / "static"))
 PAGES = {"goals": "Goals", "approvals": "Approvals", "mesh": "Mesh", "router": "Router"}
+# What re-renders an operator page: event type prefixes on `GET /v1/events`, and a poll (ms; 0 = none).
+TRIGGERS = {"approvals": "approval. goal.", "mesh": "node. step. goal.", "router": "step.completed step.failed"}
+POLLS = {"approvals": 5_000, "mesh": 2_000, "router": 10_000}  # router: the ledger ingests a moment after an event
 
 
 @cache
@@ -39,6 +43,7 @@ def _templates() -> Environment:
     env = Environment(loader=PackageLoader("mesh.gateway.dashboard", "templates"),
                       autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
     env.filters["short"] = lambda text, n=80: text if len(text) <= n else text[:n - 1] + "…"
+    env.globals["WORKSPACE"] = MANIFEST_MEDIA_TYPE
     return env
 
 
@@ -61,7 +66,7 @@ def desk(request: Request) -> Desk:
 
 
 def _shell(page: str, **context: Any) -> HTMLResponse:
-    return render("shell.html", page=page, pages=PAGES, **context)
+    return render("shell.html", page=page, pages=PAGES, triggers=TRIGGERS, polls=POLLS, **context)
 
 
 async def goals_page(request: Request) -> Response:

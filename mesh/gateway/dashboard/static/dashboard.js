@@ -290,6 +290,12 @@ function describe(ev) {
       return `${ev.verdict ? ev.verdict + ", " : ""}${ev.tier || ""} ${tokens(ev.usage)} tokens ${cost(ev.usage, ev.simulated)}`;
     case "step.failed":
       return ev.error;
+    case "approval.requested":
+      return `${ev.approval.kind} gate ${ev.approval.gate} waits${ev.approval.step_id ? ` (step ${ev.approval.step_id})` : ""}`;
+    case "approval.decided":
+      return `${ev.gate}: ${ev.decision} by ${ev.by}${ev.timed_out ? " (deadline)" : ""}${ev.note ? `: ${ev.note}` : ""}`;
+    case "approval.refused":
+      return `${ev.gate}: ${ev.decision} by ${ev.by} refused: ${ev.reason}`;
     case "artifact.created":
       return `${ev.artifact.kind} ${ev.artifact.ref.name || ev.artifact.ref.digest.slice(0, 12)} (${ev.artifact.ref.size} B)`;
     default:
@@ -393,12 +399,15 @@ function goalPage() {
   });
 }
 
-function polledPage() {
+function operatorPage() {
   const view = $("#view");
-  const refresh = refresher(view, 0);
+  const triggers = view.dataset.on.split(" ");
+  const refresh = refresher(view, 1000); // the router's ledger queries are the heaviest: at most one a second
   load(view).catch(() => {});
-  setInterval(refresh, Number(view.dataset.poll));
-  setLive(true);
+  if (Number(view.dataset.poll)) setInterval(refresh, Number(view.dataset.poll));
+  stream(view.dataset.stream, (ev) => {
+    if (triggers.some((t) => ev.type.startsWith(t))) refresh();
+  });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -407,5 +416,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "goals") goalsPage();
   else if (page === "goal") goalPage();
-  else polledPage();
+  else operatorPage();
 });

@@ -2,9 +2,10 @@
 
 The step-overhead measure of ``bench.orchestration`` (one ``mesh node`` process per role, zero-latency
 sim model, goals one after another), run in pairs on one nats-server: off (no
-``OTEL_EXPORTER_OTLP_ENDPOINT``: the no-op path) then exported (every node sends its spans over OTLP/HTTP
+``OTEL_EXPORTER_OTLP_ENDPOINT``: the no-op path) and exported (every node sends its spans over OTLP/HTTP
 to a receiver in this process, on loopback, which decodes and counts them — a collector's work, outside
-the measured processes). Pairs alternate so a change in the machine's load hits both sides alike.
+the measured processes). Within a pair the mode that runs first alternates, so a load that rises or falls
+through a pair favours neither.
 
 Beside it, in this process: the CPU of the tracing calls one step makes (an ``invoke_agent`` span with two
 ``chat`` and two ``execute_tool`` spans under it, attributes of the size the roles set), off and exported —
@@ -108,9 +109,10 @@ async def main(pairs: int, goals: int, write: bool) -> None:
             assert server.pid is not None
             base = MeshSettings(nats_url=server.url, data_dir=Path(tmp) / "mesh", health_port=0,
                                 health_host="127.0.0.1", drain_seconds=5.0, sim_latency_scale=0.0)
+            # exported with the SDK's default batching (a batch every 5 s, or at 512 spans), as deployed
+            modes = [("off", {}), ("exported", {tracing.ENDPOINT_ENV: endpoint})]
             for i in range(pairs):
-                for mode, env in (("off", {}), ("exported", {tracing.ENDPOINT_ENV: endpoint,
-                                                             "OTEL_BSP_SCHEDULE_DELAY": "1000"})):
+                for mode, env in modes if i % 2 == 0 else modes[::-1]:  # each mode goes first in half the pairs
                     o = await overhead(base, server.pid, goals, Path(tmp) / f"{mode}-{i}", env)
                     runs[mode].append(o)
                     print(f"pair {i + 1}, tracing {mode}: overhead p50 {o['total_p50']:.1f} ms / p99 "
@@ -140,7 +142,8 @@ async def main(pairs: int, goals: int, write: bool) -> None:
          f"with the roles' attributes; measured in the bench process, CPU): **off {calls_off:.1f} µs**, exported "
          f"**{calls_on:.0f} µs** (building and queueing the spans; the batch export runs on the SDK's thread)."),
         "",
-        (f"{pairs} pairs of `bench.orchestration`'s overhead measure (off, then exported; {goals} sequential goals "
+        (f"{pairs} pairs of `bench.orchestration`'s overhead measure (off and exported, the first of a pair "
+         f"alternating; {goals} sequential goals "
          f"each, one node process per role, zero-latency sim model) on one nats-server. Exported: "
          f"{spans} spans sent to a receiver on loopback in the bench process (each run's unmeasured warm-up goal "
          f"included; {steps:.0f} measured steps). Per run (off / exported, p50 ms): "

@@ -272,7 +272,7 @@ EVENT_STORM_SECONDS = 30.0
 REAL_GOALS = 3
 FAKE = ArtifactRef(digest="f" * 64, size=1, name="forged")  # what every forged outcome claims to have made
 OUTCOMES = ("step.completed", "step.failed")
-POISON = ("CodecError", "SchemaViolation", "UnsupportedVersion")
+POISON = ("CodecError", "SchemaViolation", "UnsupportedVersion", "DecodeLimitExceeded", "MessageTooLarge")
 Target = tuple[str, str, str, int]  # a dispatched real step: goal, step, role, attempt
 
 

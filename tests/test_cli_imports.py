@@ -60,3 +60,18 @@ def test_the_bus_loads_nats_without_aiohttp_which_stays_importable() -> None:
             "import aiohttp\n"
             "print(json.dumps({'code': 0, 'loaded': [before, t.aiohttp is None, bool(aiohttp.ClientSession)]}))")
     assert _probe(code, [], "nats://127.0.0.1:4222")["loaded"] == [False, True, True]
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`mesh … | head`: a reader that went away is no traceback; the command stops with 141 (128 + SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: every write meets EPIPE
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mesh", "security", "perms", "planner"], stdout=write_end,
+                              stderr=subprocess.PIPE, env=env, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 141, proc.stderr[-3000:]

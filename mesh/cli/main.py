@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     make_undumpable()  # a tool run sharing this uid cannot read this process's environment (docs/TOOLS.md)
     try:
         code = handler(args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at interpreter exit
+    except BrokenPipeError:
+        # `mesh status | head`: the reader went away. Stop quietly like any filter (128 + SIGPIPE), and
+        # point stdout at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     except MeshError as exc:
         print(f"mesh: error: {exc}", file=sys.stderr)
         code = 1

@@ -83,6 +83,28 @@ async def test_a_small_blob_stored_again_still_reads_back(bus: Bus) -> None:
     assert (await store.get(first.digest)).data == b"same bytes"
 
 
+async def test_a_small_blob_keeps_one_chunk_under_its_digest(bus: Bus) -> None:
+    """``get_blob`` reads a one-chunk blob by its digest alone (no meta read): the chunk's subject is the
+    digest, and storing the bytes again replaces it rather than adding a second chunk there."""
+    bucket = bus.topology.obj_artifacts
+    for name in ("s1/note", "s2/note"):
+        ref = await bus.put_blob(b"digest-named chunk", name=name)
+    counts = await bus.subject_counts(f"OBJ_{bucket}", f"$O.{bucket}.C.>")
+    assert counts == {f"$O.{bucket}.C.{ref.digest}": 1}
+    assert await bus.get_blob(ref.digest) == b"digest-named chunk"
+
+
+async def test_a_blob_stored_by_a_plain_object_store_client_is_read_through_its_meta(bus: Bus) -> None:
+    """Bytes at the digest's chunk subject that are not the blob (here: put there by someone else) are
+    passed over: the meta names the real chunk."""
+    data = b"stored with a random nuid"
+    digest = sha256_hex(data)
+    bucket = bus.topology.obj_artifacts
+    await (await bus.object_store(bucket)).put(digest, data)
+    await bus._js.publish(f"$O.{bucket}.C.{digest}", b"not the blob")
+    assert await bus.get_blob(digest) == data
+
+
 async def test_outbox_stores_every_event_before_settle_returns(bus: Bus) -> None:
     sent = [StepStarted(goal_id="g8", step_id="s1", role="coder"),
             StepCompleted(goal_id="g8", step_id="s1", role="coder")]

@@ -369,8 +369,8 @@ async def test_a_role_cannot_delete_or_purge_an_artifact_and_a_rewritten_meta_is
         secured: EmbeddedNats, generated: Generated, session: Session) -> None:
     """Artifacts are shared and content-addressed: with the coder's credentials, purging an object's chunks
     (what an object delete does) and deleting its meta message are refused by the server, and the blob
-    still reads back. What stays possible (a new meta for an existing name) cannot make a reader accept
-    other bytes: every read is checked against the digest."""
+    still reads back. What stays possible (a new meta for an existing name, new bytes on a chunk's subject)
+    cannot make a reader accept other bytes: every read is checked against the digest."""
     coder = settings_for(secured.url, cred(generated, "coder"))
     async with await Bus.connect(coder, check=False) as bus:
         ref = await bus.put_blob(b"the reviewed code")
@@ -394,8 +394,11 @@ async def test_a_role_cannot_delete_or_purge_an_artifact_and_a_rewritten_meta_is
         assert f'permissions violation for publish to "{subject.lower()}"' in await session.refused()
     async with await Bus.connect(coder, check=False) as bus:
         assert await bus.get_blob(ref.digest) == b"the reviewed code"
-        # a forged meta pointing the name at other bytes: stored (the server cannot tell), refused on read
+        # a forged meta pointing the name at other bytes: stored (the server cannot tell); the read takes the
+        # chunk under the digest, and once that is overwritten too, the meta's bytes are refused on read
         forged = (await store.get_info(other.digest)).as_dict() | {"name": ref.digest}
         await bus._js.publish(meta_subject, json.dumps(forged).encode(), headers={"Nats-Rollup": "sub"})
+        assert await bus.get_blob(ref.digest) == b"the reviewed code"
+        await bus._js.publish(f"$O.{bucket}.C.{ref.digest}", b"forged", headers={"Nats-Rollup": "sub"})
         with pytest.raises(BusError, match="failed its digest check"):
             await bus.get_blob(ref.digest)

@@ -382,7 +382,7 @@ def test_dead_letter_round_trips() -> None:
                         stream_seq=7, consumer="role-x", num_delivered=1, data=b"\x00\xff",
                         headers={"Nats-Msg-Id": "m"})
     assert DeadLetter.decode(letter.encode()) == letter
-    assert letter.nats_headers() == {DLQ_REASON_HEADER: "CodecError: bad bytes", "Nats-Msg-Id": "dlq.S.7"}
+    assert letter.nats_headers() == {DLQ_REASON_HEADER: "CodecError: bad bytes", "Nats-Msg-Id": "dlq.S.role-x.7"}
     assert encode(task()) != letter.encode()
 
 

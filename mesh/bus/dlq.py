@@ -14,7 +14,8 @@ The payload is one msgpack map::
      "size": 1048000, "sha256": "", "claim": False}             the original's size; see below
 
 with headers ``Mesh-Dlq-Reason`` (the reason, one line, truncated) and
-``Nats-Msg-Id = dlq.<stream>.<stream_seq>`` so a retried dead-lettering is stored once.
+``Nats-Msg-Id = dlq.<stream>.<consumer>.<stream_seq>`` so a retried dead-lettering is stored once (and each
+consumer's letter for one message is kept).
 
 A letter must fit the server's max_payload, and the original alone may nearly fill it. So an original
 above the claim-check threshold travels by claim-check (``claim_checked``): ``data`` keeps its first

@@ -78,8 +78,11 @@ async def _start_up(tmp_path: Path) -> tuple[asyncio.subprocess.Process, set[int
 async def test_a_signal_drains_and_stops_every_child(tmp_path: Path, sig: signal.Signals) -> None:
     up, children = await _start_up(tmp_path)
     up.send_signal(sig)
-    code = await asyncio.wait_for(up.wait(), DRAIN_SECONDS + 30)
+    assert up.stdout is not None
+    said = (await asyncio.wait_for(up.stdout.read(), DRAIN_SECONDS + 30)).decode(errors="replace")
+    code = await asyncio.wait_for(up.wait(), 10)
     assert code == 128 + sig
+    assert "Traceback" not in said and "ERROR" not in said, said  # a clean stop, nothing to alarm anyone
     left = {pid for pid in children if _alive(pid)}
     assert not left, f"children left running after mesh up exited: {left}"
     assert not (tmp_path / ".mesh" / "local.json").exists()

@@ -145,11 +145,15 @@ async def running(client: MeshClient, settings: MeshSettings, host: str = "127.0
     listens before the server starts, and connections wait in its backlog until it accepts them."""
     gateway = make_gateway(client, settings, host, port)
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(gateway.server.serve(sockets=[gateway.sock]))
+        serving = tg.create_task(gateway.server.serve(sockets=[gateway.sock]))
         try:
             yield gateway
         finally:
             gateway.server.should_exit = True
+            # Let uvicorn shut down (lifespan, connections; `timeout_graceful_shutdown` bounds it) also when
+            # the block ends by cancellation — SIGTERM or Ctrl-C to `mesh up`: the group would cancel the
+            # serving task, and its lifespan task, left pending, is logged as an ERROR traceback at exit.
+            await asyncio.wait([serving])
 
 
 async def serve(settings: MeshSettings, host: str, port: int) -> None:

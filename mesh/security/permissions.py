@@ -31,9 +31,9 @@ consumers), re-creating one after a loss.
 Object stores: objects are content-addressed (the name is the sha256 of the bytes) and shared, so who
 wrote an object cannot be a subject permission. A writer publishes chunks (``$O.<bucket>.C.<nuid>``) and
 one meta message per object (``$O.<bucket>.M.<name>``), so both stay allowed to the roles that store
-blobs; purging a stream (what deleting an object's chunks is) and deleting messages are refused, so no
-role can remove an object's bytes. A role can still publish a meta message for a name that exists (the
-server cannot tell it from a new object's meta): that can make an object unreadable, never make a reader
+blobs; purging a stream (what deleting an object's chunks is) and deleting messages are refused. A role
+can still publish a meta message for a name that exists, or a rollup message on a chunk's subject (the
+server cannot tell either from a new object's): that can make an object unreadable, never make a reader
 accept other bytes, because every read is checked against the digest (``Bus.get_blob``). docs/DEPLOY.md
 says the same for operators.
 

@@ -33,7 +33,7 @@ from bench.results import write_section
 from mesh import tracing
 from mesh.aio import run_loop
 from mesh.config import MeshSettings
-from tests.meshkit import provisioned_nats
+from tests.meshkit import http_receiver, provisioned_nats
 
 
 class Sink:
@@ -57,17 +57,8 @@ class Sink:
 @asynccontextmanager
 async def sink() -> AsyncIterator[tuple[Sink, str]]:
     counter = Sink()
-    app = web.Application()
-    app.router.add_post("/v1/traces", counter.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield counter, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with http_receiver("/v1/traces", counter.handle) as url:
+        yield counter, url
 
 
 STEP_ATTRIBUTES: dict[str, str | bool | int | float] = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "coder", "gen_ai.conversation.id": "g",

@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from aiohttp import web
 
 from mesh.bus import Bus
 from mesh.client import MeshClient
@@ -155,3 +157,19 @@ class NodeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@asynccontextmanager
+async def http_receiver(path: str, handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """A loopback HTTP server taking POSTs on ``path`` (e.g. an OTLP/HTTP receiver); yields its base URL."""
+    app = web.Application()
+    app.router.add_post(path, handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -39,7 +39,7 @@ from mesh.roles.goalstore import GoalStore
 from mesh.roles.orchestrator import Orchestrator
 from mesh.router.policy import RulePolicy
 from tests import gatewaykit
-from tests.meshkit import NodeProcess, in_process_mesh, node_env, role_specs, run_goal
+from tests.meshkit import NodeProcess, http_receiver, in_process_mesh, node_env, role_specs, run_goal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,17 +209,8 @@ def _value(v: Any) -> Any:
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/v1/traces", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield rec, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with http_receiver("/v1/traces", rec.handle) as url:
+        yield rec, url
 
 
 async def test_one_goal_is_one_trace_across_the_node_processes(fast: MeshSettings, bus: Bus, tmp_path: Path,

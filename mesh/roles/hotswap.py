@@ -17,6 +17,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from mesh.aio import unless_set
 from mesh.bus.client import Bus
 from mesh.contracts.models import utcnow
 from mesh.errors import BlobNotFound, BusError, ModelRejected
@@ -73,16 +74,10 @@ async def watch_models(bus: Bus, router: Router, stop: asyncio.Event) -> None:
     """
     while not stop.is_set():
         try:
-            async with asyncio.TaskGroup() as tg:
-                following = tg.create_task(_follow(bus, router))
-                stopping = tg.create_task(stop.wait())
-                await asyncio.wait([following, stopping], return_when=asyncio.FIRST_COMPLETED)
-                following.cancel()
-                stopping.cancel()
+            await unless_set(stop, _follow(bus, router))
             return
-        except* BusError as group:
-            log.warning("cannot watch the router model pointer, retrying in %.0fs: %s", RETRY_SECONDS,
-                        group.exceptions[0])
+        except BusError as exc:
+            log.warning("cannot watch the router model pointer, retrying in %.0fs: %s", RETRY_SECONDS, exc)
         with suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), RETRY_SECONDS)
 

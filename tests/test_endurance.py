@@ -84,8 +84,11 @@ async def test_24_step_goal_survives_failure_bursts_and_keeps_pinned_constraints
             assert constraint in r["prompt"], f"step {r['hints'].get('step_id')} lost a pinned constraint"
 
 
+@pytest.mark.parametrize("at", ["first coder step", "first revision"])
 async def test_a_step_that_fails_permanently_triggers_a_bounded_replan(
-        settings: MeshSettings, bus: Bus, sim_server: SimServer) -> None:
+        settings: MeshSettings, bus: Bus, sim_server: SimServer, at: str) -> None:
+    """The injected 400 fails the next call on the tier; "first revision" aims it at a review's revision,
+    which the replan's plan never names (CI once saw the goal complete without ever re-running it)."""
     fast = settings.model_copy(update={"health_port": 0, "health_host": "127.0.0.1", "drain_seconds": 5.0})
     goal = Goal(brief="Build me a login system")
     events: list[object] = []
@@ -95,7 +98,8 @@ async def test_a_step_that_fails_permanently_triggers_a_bounded_replan(
         async with aclosing(bus.watch_events(goal.goal_id)) as stream:
             async for event in stream:
                 events.append(event)
-                if isinstance(event, StepStarted) and event.role == "coder" and not injected:
+                if isinstance(event, StepStarted) and not injected and (
+                        event.role == "coder" if at == "first coder step" else "-rev" in event.step_id):
                     injected = True
                     # the next call is refused as a bad request: permanent, so its step fails at once
                     async with http.post(f"{sim_server.url}/_sim/faults",

@@ -286,11 +286,36 @@ class GoalState(Wire):
                 previous = self.steps.get(step.step_id)
                 steps[step.step_id] = StepState(step=step, attempt=previous.attempt if previous else 0,
                                                 failures=previous.failures if previous else 0)
+        self._carry_revisions(steps, {step.step_id for step in plan.steps if step.step_id not in kept})
         self.steps = steps
         self.plan_version = plan.version
         self.replan_note = None
         self.status = "awaiting_approval" if self.pending_approvals() else "running"
         self._stop_waiting_if_clear(utcnow())
+
+    def _carry_revisions(self, steps: dict[str, StepState], planned: set[str]) -> None:
+        """Revisions a review, the tests or a person asked for are not the plan's to drop: one not completed
+        is carried into the new plan (to run again, its attempts kept) while what it revises is still there,
+        and the plan's new steps that wait on the revised work wait on the revision instead — else a failed
+        revision's replan would complete the goal on the unrevised work."""
+        swap: dict[str, str] = {}  # revised step -> the revision carried for it
+        for sid, st in self.steps.items():  # in insertion order: a revision after what it depends on
+            base = st.step.revision_of
+            if base is None or sid in steps or not all(d in steps for d in st.step.depends_on):
+                continue
+            steps[sid] = StepState(step=st.step, attempt=st.attempt, failures=st.failures)
+            for d in st.step.depends_on:
+                if d == base or steps[d].step.revision_of == base:
+                    swap[d] = sid
+        for sid in planned:
+            st = steps[sid]
+            deps = []
+            for d in st.step.depends_on:
+                while d in swap:
+                    d = swap[d]
+                deps.append(d)
+            if deps != st.step.depends_on:  # a copy: the plan's own steps stay as the planner wrote them
+                st.step = st.step.model_copy(update={"depends_on": list(dict.fromkeys(deps))})
 
     def mark_dispatched(self, step_id: str) -> int:
         st = self.steps[step_id]

@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from mesh.bus import Bus
-from mesh.bus.outbox import Outbox
+from mesh.bus.outbox import MAX_HELD, Outbox
 from mesh.config import MeshSettings
-from mesh.contracts import Goal, GoalSubmitted, Step, StepCompleted, StepStarted, Task, sha256_hex
+from mesh.contracts import Goal, GoalSubmitted, Step, StepCompleted, StepFailed, StepStarted, Task, sha256_hex
 from mesh.embedded import EmbeddedNats, free_port
-from mesh.errors import BlobNotFound, NotConnected, PublishError
+from mesh.errors import BlobNotFound, MessageTooLarge, NotConnected, PublishError
 
 
 def _task(goal_id: str = "g1", attempt: int = 1, brief: str = "build it") -> Task:
@@ -117,6 +117,38 @@ async def test_outbox_stores_every_event_before_settle_returns(bus: Bus) -> None
     await bus.close()
     with pytest.raises(NotConnected):
         await Outbox(bus).emit(sent[0])
+
+
+async def test_outbox_sends_held_events_after_the_linger_in_order_and_on_leaving(bus: Bus) -> None:
+    """Held events go out by themselves once the linger passes (no settle: a watcher sees them while the
+    step runs), a burst past ``MAX_HELD`` goes at once, order is kept, and leaving the block sends the rest."""
+    steps = [StepStarted(goal_id="g9", step_id=f"s{i}", role="test") for i in range(MAX_HELD + 3)]
+    got: list[str] = []
+    async with contextlib.aclosing(bus.watch_events("g9")) as watch:
+        async def seen(n: int) -> None:
+            async for event in watch:
+                got.append(event.step_id)  # type: ignore[attr-defined]
+                if len(got) == n:
+                    return
+        async with Outbox(bus, linger=0.05) as outbox:
+            await outbox.emit(steps[0])
+            await asyncio.wait_for(seen(1), 10)  # sent by the outbox's own task, nobody settled
+            for event in steps[1:MAX_HELD + 1]:  # the MAX_HELD-th held event sends the burst at once
+                await outbox.emit(event)
+        async with Outbox(bus, linger=3600) as outbox:  # would hold them for an hour: leaving sends them
+            for event in steps[MAX_HELD + 1:]:
+                await outbox.emit(event)
+        await asyncio.wait_for(seen(len(steps)), 10)
+    assert got == [e.step_id for e in steps]
+
+
+async def test_outbox_refuses_a_bad_event_where_it_is_emitted(bus: Bus) -> None:
+    async with Outbox(bus, linger=3600) as outbox:
+        with pytest.raises(MessageTooLarge):  # not an hour later from the sender, nor at settle
+            await outbox.emit(StepFailed(goal_id="g10", step_id="s1", role="test",
+                                         error="x" * (bus.settings.max_message_bytes + 1)))
+    with pytest.raises(RuntimeError, match="async with"):
+        await Outbox(bus).emit(StepStarted(goal_id="g10", step_id="s1", role="test"))
 
 
 async def test_large_message_travels_by_claim_check(bus: Bus) -> None:

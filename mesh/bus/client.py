@@ -108,6 +108,15 @@ class ConsumerState:
 
 
 @dataclass(frozen=True, slots=True)
+class PreparedEvent:
+    """An event encoded for its subject, ready to send (``Bus.prepare``)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class StreamState:
     name: str
     created: datetime | None  # tells a recreated stream from the one a reader knew
@@ -281,10 +290,7 @@ class Bus:
         """JetStream publish of ready bytes, with the bus' error mapping."""
         # nats-py checks the payload alone, the server payload + headers: a message over the limit by its
         # headers would reach the server, which answers by closing the whole connection.
-        size = len(data) + _headers_size(headers)
-        if size > self._nc.max_payload:
-            raise PayloadRefused(f"publish to {subject} refused: {size} bytes exceed the server's "
-                                 f"max_payload of {self._nc.max_payload} bytes")
+        _check_payload(subject, len(data) + _headers_size(headers), self._nc.max_payload)
         try:
             return await self._js.publish(subject, data, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # refused before sending: no retry can help
@@ -312,17 +318,24 @@ class Bus:
         ``trace``: as ``publish`` (default: the task's current trace context, ``mesh.tracing.current``)."""
         await self.publish(self._event_subject(event), event, msg_id=event.event_id, trace=trace)
 
-    async def emit_async(self, event: EventBase) -> asyncio.Future[api.PubAck]:
-        """Like ``emit``, but returns once the event is sent: the future resolves with the stream's ack.
-        Whoever calls this owns the future (``mesh.bus.outbox.Outbox`` awaits or cancels it)."""
+    async def prepare(self, event: EventBase) -> PreparedEvent:
+        """An event encoded now (its subject, envelope and the current trace context) to be sent later
+        by ``send_async``: ``mesh.bus.outbox.Outbox`` encodes each event as it is emitted, so a bad one
+        fails where it is made, and sends them in batches."""
         subject = self._event_subject(event)
         data, headers = await self._encode(event, event.event_id, None)
+        _check_payload(subject, len(data) + _headers_size(headers), self._nc.max_payload)
+        return PreparedEvent(subject, data, headers)
+
+    async def send_async(self, event: PreparedEvent) -> asyncio.Future[api.PubAck]:
+        """Send a prepared event without waiting for its ack: the future resolves with the stream's ack.
+        Whoever calls this owns the future (``mesh.bus.outbox.Outbox`` awaits or cancels it)."""
         try:
-            return await self._js.publish_async(subject, data, headers=headers)
+            return await self._js.publish_async(event.subject, event.data, headers=event.headers)
         except nats.errors.ConnectionClosedError as exc:
-            raise NotConnected(f"publish to {subject}: the connection is closed") from exc
+            raise NotConnected(f"publish to {event.subject}: the connection is closed") from exc
         except nats.errors.Error as exc:
-            raise PublishError(f"publish to {subject} failed: {exc!r}") from exc
+            raise PublishError(f"publish to {event.subject} failed: {exc!r}") from exc
 
     async def submit_goal(self, goal: Goal) -> None:
         await self.publish(self.topology.goal_subject(), goal, msg_id=goal.goal_id)
@@ -674,6 +687,12 @@ async def _cached(cache: dict[str, H], bucket: str, opener: Callable[[str], Awai
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(f"{what} {bucket} is not available: {exc!r}") from exc
     return handle
+
+
+def _check_payload(subject: str, size: int, max_payload: int) -> None:
+    if size > max_payload:
+        raise PayloadRefused(f"publish to {subject} refused: {size} bytes exceed the server's "
+                             f"max_payload of {max_payload} bytes")
 
 
 def _headers_size(headers: dict[str, str] | None) -> int:

@@ -48,7 +48,7 @@ class Outbox:
             raise RuntimeError("an Outbox is used as `async with Outbox(bus) as outbox`")
         self._held.append(await self._bus.prepare(event))
         if len(self._held) >= MAX_HELD or self._linger <= 0:
-            await self._send()
+            await self.send()
         else:
             self._wake.set()
 
@@ -58,11 +58,13 @@ class Outbox:
             await asyncio.sleep(self._linger)  # what is emitted meanwhile goes in the same batch
             self._wake.clear()
             try:
-                await self._send()
+                await self.send()
             except MeshError as exc:  # the step, not this task, decides what an unsent event means
                 self._failed = self._failed or exc
 
-    async def _send(self) -> None:
+    async def send(self) -> None:
+        """Send what is held now, without waiting for the acks: before the step waits on something else
+        anyway (storing its outputs), so those acks come back meanwhile instead of at ``settle``."""
         async with self._sending:
             held, self._held = self._held, []
             for event in held:  # no wait in between: nats-py writes them to the socket together
@@ -71,7 +73,7 @@ class Outbox:
     async def settle(self) -> None:
         """Send what is held and wait for every ack; ``PublishError`` when one is refused or does not come
         in time (or the error that kept a batch from being sent)."""
-        await self._send()  # after any batch the sender is sending: the lock orders them
+        await self.send()  # after any batch the sender is sending: the lock orders them
         failed_send, self._failed = self._failed, None
         if failed_send is not None:
             raise failed_send

@@ -251,6 +251,7 @@ class Worker:
             text += f"\n\n[truncated: the answer reached its output limit of {request.max_tokens} tokens]"
             await self._progress(outbox, task, "truncated", "answer truncated (finish_reason=length)",
                                  {"max_tokens": request.max_tokens, "tier": response.tier})
+        await outbox.send()  # the step's events so far travel while its outputs are stored
         outputs = await self._publish_outputs(task, text, workspace, workspace_ref, outbox)
         return StepCompleted(
             event_id=f"{task.task_id}.completed", goal_id=task.goal_id, step_id=step.step_id, role=spec.role,

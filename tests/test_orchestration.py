@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import msgpack
 
 import pytest
 
@@ -20,7 +24,12 @@ from mesh.contracts import (
     StepCompleted,
     StepDispatched,
     StepFailed,
+    StepStarted,
+    Task,
 )
+from mesh.contracts.codec import encode, unpack
+from mesh.contracts.models import Plan, Step, utcnow
+from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.orchestrator import Orchestrator
 from mesh.roles.worker import Worker
@@ -154,3 +163,29 @@ async def test_a_worker_bug_fails_the_step_then_the_goal_with_the_reason(fast: M
     assert failed[0].error == "gave up after 2 deliveries: RuntimeError: a coder bug"
     assert isinstance(events[-1], GoalFailed)
     assert "replan limit" in events[-1].reason and "RuntimeError: a coder bug" in events[-1].reason
+
+
+async def test_a_task_not_fresh_from_its_dispatch_is_checked_against_the_goal_state_and_skipped(
+        fast: MeshSettings, bus: Bus, eventually: Callable[..., Awaitable[None]]) -> None:
+    """A first delivery made less than CANCEL_RECHECK_SECONDS ago stands for the worker's step check (the
+    planner dispatched it from a state that young); an older one — here 2 s, its goal cancelled since — is
+    checked against the goal state and skipped: its step never starts."""
+    state = GoalState(goal=Goal(brief="Build me a login system"), status="running")
+    gid = state.goal.goal_id
+    state.apply_plan(Plan(goal_id=gid, steps=[Step(step_id="r1", role="researcher", instruction="look around")]))
+    attempt = state.mark_dispatched("r1")
+    state.finish("cancelled")
+    await GoalStore(bus).create(state)
+    task = Task(task_id=Task.make_id(gid, "r1", attempt), goal_id=gid, step=state.steps["r1"].step,
+                attempt=attempt, brief=state.goal.brief)
+    envelope = unpack(encode(task))
+    envelope["ts"] = (utcnow() - timedelta(seconds=2)).isoformat()  # dispatched 2 s ago
+    async with in_process_mesh(fast, {"researcher": 1}):
+        await bus.publish_raw(bus.topology.task_subject("researcher"), msgpack.packb(envelope, use_bin_type=True),
+                              headers={"Nats-Msg-Id": task.task_id})
+
+        async def handled() -> bool:
+            return any(c.name == "role-researcher" and not c.pending and not c.in_flight
+                       for c in await bus.consumers(bus.topology.tasks_stream))
+        await eventually(handled, timeout=30)
+    assert not [e for _, e in await bus.history(gid) if isinstance(e, StepStarted)]

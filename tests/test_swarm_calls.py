@@ -5,6 +5,7 @@ goal state in KV, the worker's own cancellation check)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -57,7 +58,7 @@ async def test_a_goal_cancelled_during_a_swarm_step_stops_its_remaining_sub_agen
         specs = role_specs()
         worker = Worker(bus, specs["researcher"], caller, store, "test-node", feedback_kinds=feedback_kinds(specs))
         scope = caller.scope(gid, "research-1", "researcher", 1)
-        check = worker._cancel_check(gid)  # as a task's handler makes it, right after reading the goal state
+        check = worker._cancel_check(gid, time.monotonic())  # as a task's handler makes it, right after reading the goal state
         swarm = asyncio.create_task(caller.swarm(_request(), PARTS, SWARM, Budget(), check))
         # `mesh cancel` while the first sub-agent's call is in flight
         await store.mutate(gid, lambda s: (s.finish("cancelled"), True)[1])

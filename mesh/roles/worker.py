@@ -39,7 +39,7 @@ from mesh.contracts import (
     Usage,
     prompt,
 )
-from mesh.contracts.models import fit_freeform
+from mesh.contracts.models import fit_freeform, utcnow
 from mesh.errors import GoalCancelled, MeshError, OutputInvalid
 from mesh.packing import apack, estimate_tokens, messages_tokens
 from mesh.roles import spans
@@ -104,25 +104,32 @@ class Worker:
         task = delivery.message(Task)
         started = time.perf_counter()
         metrics = self.caller.metrics
-        state = await self.goals.progress(task.goal_id, direct=True)
-        if not _awaits(state, task):  # a replica a write behind may say so: only the leader's word skips it
-            state = await self.goals.progress(task.goal_id)
-        if not _awaits(state, task):
-            log.info("skipping task %s: goal or step no longer waiting for this attempt", task.task_id)
-            metrics.task_done("skipped", time.perf_counter() - started)
-            return
+        # A task on its first delivery, dispatched less than CANCEL_RECHECK_SECONDS ago, comes from a goal
+        # state that young (the planner writes the step dispatched, then publishes its task): it stands for
+        # the step check as a read that young stands for a cancellation check. Others read the state.
+        age = _age(delivery)
+        if delivery.attempt > 1 or age is None or age >= CANCEL_RECHECK_SECONDS:
+            state = await self.goals.progress(task.goal_id, direct=True)
+            if not _awaits(state, task):  # a replica a write behind may say so: only the leader's word skips it
+                state = await self.goals.progress(task.goal_id)
+            if not _awaits(state, task):
+                log.info("skipping task %s: goal or step no longer waiting for this attempt", task.task_id)
+                metrics.task_done("skipped", time.perf_counter() - started)
+                return
+            age = 0.0
         # The step's span, child of the goal span (the task carries the goal's trace context); its events
         # and model/tool spans continue it.
         with tracing.span(f"invoke_agent {self.spec.role}", parent=delivery.envelope.trace.get("traceparent"),
                           attributes=spans.agent(task, self.spec.role, delivery.attempt) if tracing.on() else None) \
                 as span:
-            outcome = await self._step(task, delivery, started)
+            outcome = await self._step(task, delivery, started, checked=time.monotonic() - age)
             if tracing.on():
                 span.update({"mesh.outcome": outcome, "mesh.simulated": self.caller.current_simulated(),
                              **spans.usage(self.caller.current_usage())})
 
-    async def _step(self, task: Task, delivery: Delivery, started: float) -> str:
-        """Run the step and publish its outcome; returns how it ended (completed, failed, cancelled)."""
+    async def _step(self, task: Task, delivery: Delivery, started: float, *, checked: float) -> str:
+        """Run the step and publish its outcome; returns how it ended (completed, failed, cancelled).
+        ``checked``: when (``time.monotonic``) the goal state it runs on was read or written."""
         metrics = self.caller.metrics
         async with Outbox(self.bus) as outbox:  # the step's events; their acks are awaited before its outcome
             await outbox.emit(StepStarted(event_id=f"{task.task_id}.started.{delivery.attempt}", goal_id=task.goal_id,
@@ -130,7 +137,7 @@ class Worker:
                                           node=self.node_id))
             scope = self.caller.scope(task.goal_id, task.step.step_id, self.spec.role, task.attempt, outbox)
             try:
-                completed = await self._execute(task, delivery, outbox, self._cancel_check(task.goal_id))
+                completed = await self._execute(task, delivery, outbox, self._cancel_check(task.goal_id, checked))
             except GoalCancelled:
                 metrics.task_done("cancelled", time.perf_counter() - started)
                 return "cancelled"
@@ -164,11 +171,10 @@ class Worker:
                                        step_id=task.step.step_id, role=self.spec.role, attempt=task.attempt,
                                        node=self.node_id, error=error[:2000], usage=usage))
 
-    def _cancel_check(self, goal_id: str) -> Callable[[], Awaitable[None]]:
+    def _cancel_check(self, goal_id: str, checked: float) -> Callable[[], Awaitable[None]]:
         """Raises ``GoalCancelled`` before a model call or tool once the goal is cancelled. A state read
-        younger than ``CANCEL_RECHECK_SECONDS`` (the task's own check, the last call's) answers for the
-        next one: a burst of tool calls costs one read, a cancellation is seen within that long."""
-        checked = time.monotonic()  # made right after handle() read the goal state
+        younger than ``CANCEL_RECHECK_SECONDS`` (the task's own check or dispatch, the last call's) answers
+        for the next one: a burst of tool calls costs one read, a cancellation is seen within that long."""
 
         async def check() -> None:
             nonlocal checked
@@ -396,6 +402,14 @@ class Worker:
                             producer_role=self.spec.role, kind=kind, parents=parents)
         await outbox.emit(ArtifactCreated(event_id=f"{task.task_id}.artifact.{ref.digest[:16]}",
                                             goal_id=task.goal_id, node=self.node_id, artifact=artifact))
+
+
+def _age(delivery: Delivery) -> float | None:
+    """Seconds since the message was made (its envelope's timestamp), None when that says nothing (no
+    zone, or a maker's clock ahead of ours: a clock that skews can only cost a read, never skip one)."""
+    made = delivery.envelope.created_at
+    age = None if made.tzinfo is None else (utcnow() - made).total_seconds()
+    return age if age is not None and age >= 0 else None
 
 
 def _awaits(state: GoalProgressView | None, task: Task) -> bool:

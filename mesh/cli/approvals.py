@@ -9,12 +9,11 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from mesh.cli.local import _client, _run_async, who
-from mesh.cli.progress import dump_json
-from mesh.contracts import ApprovalRequested, Decision
 from mesh.errors import ApprovalNotPending, MeshError
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
+    from mesh.contracts import ApprovalRequested, Decision
 
 DECISION_WAIT_SECONDS = 30.0  # how long `mesh approve/reject` waits for the planner to apply the decision
 
@@ -36,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 async def _approvals(a: argparse.Namespace) -> int:
+    from mesh.cli.progress import dump_json
+
     async with _client() as client:
         inbox = await client.approvals(a.goal)
     if a.json:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mesh.config import get_settings
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("gateway", help="serve the HTTP front door: Mesh API, OpenAI-compatible, A2A, MCP")
@@ -25,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _serve(a: argparse.Namespace) -> int:
     from mesh.aio import run_loop
+    from mesh.config import get_settings
     from mesh.embedded.localauth import local_settings
     from mesh.gateway.app import serve
 

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mesh.config import MeshSettings, get_settings
 from mesh.errors import LedgerError, NotConnected
 
 if TYPE_CHECKING:  # the store imports DuckDB: only the commands that read a ledger file load it
+    from mesh.config import MeshSettings
     from mesh.store.query import QueryResult
 
 
@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _sql(args: argparse.Namespace) -> int:
     if args.file is not None:
+        from mesh.config import get_settings
         from mesh.store import Ledger
         from mesh.store.query import LedgerQueries
 
@@ -79,6 +80,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _rebuild(args: argparse.Namespace) -> int:
+    from mesh.config import get_settings
     from mesh.roles.recorder import rebuild
 
     settings = get_settings()
@@ -96,6 +98,7 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from mesh.config import get_settings
     from mesh.store import Ledger
     from mesh.store.export import export_parquet
 
@@ -128,6 +131,7 @@ async def _connect(settings: MeshSettings) -> Any:
 def _run(ask: Any) -> Any:
     """Connect, ask the ledger service one thing, disconnect."""
     from mesh.aio import run_loop
+    from mesh.config import get_settings
     from mesh.roles.ledger_service import LedgerClient
 
     settings = get_settings()

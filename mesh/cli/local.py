@@ -15,25 +15,15 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mesh.aio import together
-from mesh.cli.progress import SIM_NOTE, Progress, cost, dump_json
-from mesh.config import MeshSettings, get_settings
-from mesh.contracts import (
-    ApprovalDecided,
-    ApprovalRequested,
-    Budget,
-    Goal,
-    GoalCancelled,
-    GoalCompleted,
-    GoalFailed,
-)
-from mesh.contracts.options import parse_option
 from mesh.errors import ConfigError, MeshError, NotConnected
 
+# Only argparse and the error tree at import: `mesh --help` builds every command's parser, so a command's
+# own imports (settings, contracts, the bus: pydantic and nats-py) wait for its handler.
 if TYPE_CHECKING:
     from mesh.client import MeshClient
+    from mesh.config import MeshSettings
+    from mesh.contracts import Goal
 
-TERMINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
 CANCEL_WAIT_SECONDS = 30.0  # how long `mesh cancel` waits to report how the goal ended
 
 
@@ -112,6 +102,9 @@ def _workspace_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _make_goal(a: argparse.Namespace) -> Goal:
+    from mesh.contracts import Budget, Goal
+    from mesh.contracts.options import parse_option
+
     budget = Budget()
     for field, value in (("max_tokens", a.max_tokens), ("max_cost_usd", a.max_cost), ("max_steps", a.max_steps),
                          ("max_wall_seconds", a.max_wall)):
@@ -136,6 +129,7 @@ def _node(a: argparse.Namespace) -> int:
 
 
 async def _check(role: str) -> int:
+    from mesh.config import get_settings
     from mesh.node.preflight import check
 
     problems = await check(role, get_settings())
@@ -149,6 +143,7 @@ async def _check(role: str) -> int:
 @asynccontextmanager
 async def _client(settings: MeshSettings | None = None) -> AsyncIterator[MeshClient]:
     from mesh.client import MeshClient
+    from mesh.config import get_settings
     from mesh.embedded.localauth import local_settings
 
     settings = local_settings(settings or get_settings())
@@ -250,7 +245,6 @@ async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[str]:
     one is taken (another `mesh up`, a test run) — its URL and the dashboard's are printed either way, and
     the URL is yielded."""
     from mesh.client import MeshClient
-    from mesh.errors import ConfigError
     from mesh.gateway.app import running
 
     async with MeshClient.connect(settings, name="mesh-gateway") as client, AsyncExitStack() as stack:
@@ -265,6 +259,8 @@ async def _gateway(settings: MeshSettings, out: Any) -> AsyncIterator[str]:
 
 
 async def _up(a: argparse.Namespace) -> int:
+    from mesh.config import get_settings
+
     settings = get_settings()
     mesh = await _start_local(settings, sys.stdout)
     try:
@@ -278,6 +274,8 @@ async def _up(a: argparse.Namespace) -> int:
 
 
 async def _run(a: argparse.Namespace) -> int:
+    from mesh.config import get_settings
+
     settings = get_settings()
     if a.all_tiers:
         settings = settings.model_copy(update={"tiers": a.all_tiers})
@@ -300,6 +298,8 @@ async def _run(a: argparse.Namespace) -> int:
 
 async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, roles: list[str], gateway_url: str) -> int:
     from mesh.cli.approvals import answer_gate
+    from mesh.cli.progress import Progress
+    from mesh.contracts import ApprovalDecided, ApprovalRequested, GoalCompleted
     from mesh.embedded.readiness import wait_for_roles
 
     progress = Progress(as_json=a.json, verbose=a.verbose)
@@ -340,6 +340,8 @@ async def _drive(settings: MeshSettings, goal: Goal, a: argparse.Namespace, role
 
 
 async def _submit(a: argparse.Namespace) -> int:
+    from mesh.aio import together
+
     if (a.file is None) == (a.brief is None):
         raise MeshError("give either a goal's brief or --file GOALS.jsonl")
     goals = _read_goals(a.file) if a.file is not None else [_make_goal(a)]
@@ -359,6 +361,8 @@ async def _submit(a: argparse.Namespace) -> int:
 
 def _read_goals(path: Path) -> list[Goal]:
     """One ``Goal`` JSON object per non-empty line; an invalid line is a clear error naming it."""
+    from mesh.contracts import Goal
+
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
@@ -377,6 +381,8 @@ def _read_goals(path: Path) -> list[Goal]:
 
 async def _outcome(client: MeshClient, goal_id: str) -> str:
     """The goal's final status, once it has one."""
+    from mesh.contracts import GoalCancelled, GoalCompleted
+
     final = None
     async for _, final in client.watch(goal_id, until_final=True):
         pass
@@ -386,11 +392,14 @@ async def _outcome(client: MeshClient, goal_id: str) -> str:
 
 
 async def _watch(a: argparse.Namespace) -> int:
+    from mesh.cli.progress import Progress
+    from mesh.contracts import GoalCancelled, GoalCompleted, GoalFailed
+
     progress = Progress(as_json=a.json, verbose=a.verbose)
     async with _client() as client:
         async for _, event in client.watch(a.goal, None if a.new else a.from_seq):
             progress.show(event)
-            if a.goal and isinstance(event, TERMINAL_EVENTS):
+            if a.goal and isinstance(event, GoalCompleted | GoalFailed | GoalCancelled):
                 return 0 if isinstance(event, GoalCompleted) else 1
     return 0
 
@@ -400,6 +409,7 @@ async def _status(a: argparse.Namespace) -> int:
         nodes = [n.model_dump() for n in await client.nodes()]
         lag = {name: {"pending": c.pending, "in_flight": c.in_flight, "redelivered": c.redelivered}
                for name, c in (await client.backlog()).items()}
+    from mesh.cli.progress import dump_json
     from mesh.node.beats import overdue
 
     # A killed node's entry outlives it until the bucket's TTL: one whose beats stopped is not listed.
@@ -423,6 +433,8 @@ async def _status(a: argparse.Namespace) -> int:
 
 
 async def _goals(a: argparse.Namespace) -> int:
+    from mesh.cli.progress import cost, dump_json
+
     async with _client() as client:
         states = await client.goals()
     if a.json:
@@ -439,6 +451,8 @@ async def _goals(a: argparse.Namespace) -> int:
 
 
 async def _show(a: argparse.Namespace) -> int:
+    from mesh.cli.progress import SIM_NOTE, cost
+
     async with _client() as client:
         state = await client.goal(a.goal)
     if state is None:

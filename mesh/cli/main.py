@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -54,4 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    # What is alive now lives until the process ends: the interpreter's collections while it shuts down need
+    # not traverse it (~40 ms of CPU after a short command such as `mesh goals`; atexit handlers still run).
+    gc.freeze()
     raise SystemExit(code or 0)

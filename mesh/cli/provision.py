@@ -13,8 +13,6 @@ import asyncio
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mesh.config import get_settings
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("provision", help="create/update every stream, KV bucket and object store (admin credentials)")
@@ -39,6 +37,7 @@ async def provision_mesh(nodes: Path | None = None, *, domain: str | None = None
 
     from mesh.bus.client import Bus
     from mesh.bus.topology import Topology, worker_roles
+    from mesh.config import get_settings
     from mesh.embedded.localauth import local_settings
     from mesh.errors import NotConnected
     from mesh.roles.spec import load_specs

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mesh.config import get_settings
-
 if TYPE_CHECKING:
     from mesh.security import PermissionSet
 
@@ -38,6 +36,7 @@ def _permission_set(nodes: Path | None, edge: list[str] | None = None) -> Permis
     import dataclasses
 
     from mesh.bus.topology import Topology
+    from mesh.config import get_settings
     from mesh.roles.spec import load_specs
     from mesh.security import PermissionSet
 

@@ -11,7 +11,6 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mesh.config import get_settings
 from mesh.errors import BlobNotFound, ConfigError, NodeSpecError
 
 if TYPE_CHECKING:  # the worker's imports (model SDKs, the router) load only when a command runs
@@ -44,6 +43,7 @@ def _options(rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _run(parsed: argparse.Namespace) -> int:
+    from mesh.config import get_settings
     from mesh.roles.spec import default_nodes_dir, load_specs
     from mesh.roles.worker import shell_policy
     from mesh.tools import sandbox

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
 from mesh.contracts.models import (
     Approval,
@@ -225,7 +225,7 @@ Event = Annotated[
     | ApprovalRefused,
     Field(discriminator="type"),
 ]
-EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event, config=ConfigDict(defer_build=True))
 EVENT_TYPES: tuple[str, ...] = tuple(
     m.model_fields["type"].default
     for m in (GoalSubmitted, GoalPlanned, GoalCompleted, GoalFailed, GoalCancelled, StepDispatched, StepStarted,

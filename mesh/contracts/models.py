@@ -86,7 +86,7 @@ def sha256_hex(data: bytes) -> str:
 class Wire(BaseModel):
     """Base of every contract model."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, validate_default=False)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, validate_default=False, defer_build=True)
 
 
 class Usage(Wire):

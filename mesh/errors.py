@@ -22,6 +22,7 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     │   └── OutputInvalid              a model's answer that is not the structured output asked for
     ├── BusError [R]                   NATS
     │   ├── NotConnected
+    │   ├── PermissionDenied       (not [R]) the server refused the user a publish or subscription
     │   ├── ProvisioningError
     │   ├── PublishError
     │   │   ├── PayloadRefused         (not [R]) above the server's max_payload: refused before sending
@@ -170,6 +171,23 @@ class BusError(MeshError):
 
 class NotConnected(BusError):
     """The bus is not connected (never was, or closed)."""
+
+
+class PermissionDenied(BusError):
+    """The NATS server refused this connection's user a publish or a subscription that its permissions do
+    not allow. The server drops such a request (no reply, no "no responders"), so without this the caller
+    would only see a timeout. Not retryable: only a change of the user's permissions, or of what the caller
+    asks, can help."""
+
+    retryable = False
+
+    def __init__(self, who: str, operation: str, subject: str, doing: str, hint: str = "") -> None:
+        verb = "subscribe to" if operation == "subscription" else "publish to"
+        super().__init__(f"{who} may not {verb} {subject} (refused by the NATS server) while {doing}"
+                         + (f"; {hint}" if hint else ""))
+        self.who = who
+        self.operation = operation
+        self.subject = subject
 
 
 class ProvisioningError(BusError):

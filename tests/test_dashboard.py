@@ -3,6 +3,7 @@ token and what does not, refusals, and that a non-editable install ships the tem
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -123,9 +124,13 @@ def test_a_built_wheel_ships_the_templates_and_assets(tmp_path: Path) -> None:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "mesh", src / "mesh", ignore=shutil.ignore_patterns("__pycache__"))
-    # build isolation: the backend pyproject.toml asks for (setuptools ≥ 68 reads its SPDX licence), from PyPI
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
-                          capture_output=True, text=True, timeout=280, check=False)
+    # Offline: the build backend is the setuptools the test extra installs (build isolation would fetch one).
+    # No index, no pip configuration (a machine's local mirror or find-links would hide a fetch): any attempt
+    # to fetch something fails here, on every machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+                           "-q", "-w", str(tmp_path), str(src)],
+                          env=env, capture_output=True, text=True, timeout=280, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheel = next(tmp_path.glob("mesh_agents-*.whl"))
     shipped = set(zipfile.ZipFile(wheel).namelist())

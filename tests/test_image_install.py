@@ -2,7 +2,8 @@
 (``pip install ".[tester]"`` of pyproject.toml, README.md and mesh/ into a fresh virtual environment),
 then ``mesh node tester --check`` from that environment passes its preflight against a real nats-server.
 
-Downloads and installs every runtime dependency: slow on a cold pip cache, so it runs with MESH_LONG=1."""
+Downloads and installs every runtime dependency from the package index, as the image build does: the one
+test that needs the network beyond loopback, so it runs only with MESH_LONG=1 (never in `make test` or CI)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.timeout(900),
-              pytest.mark.skipif(os.environ.get("MESH_LONG") != "1", reason="installs the package: MESH_LONG=1")]
+              pytest.mark.skipif(os.environ.get("MESH_LONG") != "1",
+                                 reason="installs the package from the index: MESH_LONG=1")]
 
 
 def _dockerfile_install() -> str:
@@ -36,7 +38,7 @@ def test_the_image_install_passes_the_tester_preflight(tmp_path: Path, nats_url:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     requirement = _dockerfile_install()
-    assert requirement == ".[tester]"
+    assert "tester" in requirement.removeprefix(".[").removesuffix("]").split(","), requirement
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", requirement], cwd=src, check=True, timeout=800)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON"))}
     env |= {"MESH_NATS_URL": nats_url, "MESH_NODES_DIR": str(ROOT / "nodes"), "MESH_ALLOW_SIM": "1",

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -23,7 +24,9 @@ from mesh.bus.topology import Topology
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, Goal, GoalCompleted, NodeUp, Plan, Step, StepCompleted
 from mesh.embedded import EmbeddedNats
-from mesh.errors import BusError, ConfigError, PublishError
+from mesh.bus.refusals import Refusals
+from mesh.client import MeshClient
+from mesh.errors import BusError, ConfigError, PermissionDenied, ProvisioningError, PublishError, retryable
 from mesh.metrics import Metrics
 from mesh.roles.calls import ModelCaller
 from mesh.roles.goalstate import GoalState
@@ -35,6 +38,7 @@ from mesh.security import Credential, Generated, PermissionSet, generate
 
 Eventually = Callable[..., Awaitable[None]]
 FAST_BCRYPT = 4  # the lowest bcrypt cost: the config is the same, only each connect's check is cheaper
+API_TIMEOUT = 5.0  # nats-py's JetStream API timeout (the bus keeps it): what a refused request would wait out
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +318,75 @@ async def test_the_observer_reads_events_and_can_change_nothing(secured: Embedde
     assert 'publish to "mesh.goals"' in await session.refused()
 
 
+async def test_the_observer_with_the_default_check_is_refused_at_once_by_name(secured: EmbeddedNats,
+                                                                               generated: Generated) -> None:
+    """The default check asks every stream's info, which the observer may not: the server's refusal (it
+    drops the request, no reply comes) is a PermissionDenied naming the user and the subject at once — not a
+    timeout, retried with backoff, some 30 s later. With check=False the observer connects and reads."""
+    settings = settings_for(secured.url, cred(generated, "observer"))
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied) as refused:
+        await Bus.connect(settings)
+    waited = time.monotonic() - started
+    message = str(refused.value)
+    assert "NATS user 'observer' may not publish to $js.api.stream.info.mesh_goals" in message, message
+    assert "check=False" in message and not retryable(refused.value)
+    assert waited < API_TIMEOUT / 2, waited  # no request waited out its timeout, none was retried
+    async with MeshClient.connect(settings, check=False) as observer:
+        first, last = await observer.event_positions()
+        assert first <= last
+
+
+async def test_a_user_without_its_inbox_prefix_is_refused_at_once_with_the_fix(secured: EmbeddedNats,
+                                                                               generated: Generated) -> None:
+    """A role user may subscribe only to its own inbox prefix: without MESH_NATS_INBOX_PREFIX its replies'
+    subscription is refused, and the check says so (and what to set) instead of timing out."""
+    settings = settings_for(secured.url, cred(generated, "coder")).model_copy(update={"nats_inbox_prefix": "_INBOX"})
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied, match=r"NATS user 'coder' \(role coder\) may not subscribe to _inbox\.") \
+            as refused:
+        await Bus.connect(settings, role="coder", roles=["coder"])
+    assert "MESH_NATS_INBOX_PREFIX" in str(refused.value)
+    assert time.monotonic() - started < API_TIMEOUT / 2
+
+
+async def test_a_role_creating_another_roles_consumer_is_refused_at_once(secured: EmbeddedNats,
+                                                                        generated: Generated) -> None:
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied, match=r"NATS user 'coder' \(role coder\) may not publish to "
+                                               r"\$js\.api\.consumer\.create\.mesh_tasks\.role-reviewer"):
+        await Bus.connect(settings_for(secured.url, cred(generated, "coder")), role="coder", roles=["reviewer"])
+    assert time.monotonic() - started < API_TIMEOUT / 2
+
+
+async def test_only_a_refused_api_request_or_subscription_stops_a_guarded_operation() -> None:
+    """A refused message elsewhere on the connection (an event the role may not emit) does not stop the
+    check; the guarded operation's own errors pass as themselves, a retryable one still retryable."""
+    refusals = Refusals()
+    other = nats.errors.Error('nats: permissions violation for publish to "mesh.event.g1.coder.goal.completed"')
+    api_request = nats.errors.Error('nats: permissions violation for publish to "$js.api.stream.info.mesh_goals"')
+
+    async def check() -> None:
+        refusals.report(other)  # the first refusal reported is the one raised: this one must not count
+        refusals.report(nats.errors.Error("nats: slow consumer"))
+        refusals.report(api_request)
+        await asyncio.Event().wait()  # a request that never gets its reply
+
+    with pytest.raises(PermissionDenied) as refused:
+        await refusals.guard(check(), "NATS user 'coder'", "checking")
+    assert str(refused.value) == ("NATS user 'coder' may not publish to $js.api.stream.info.mesh_goals "
+                                  "(refused by the NATS server) while checking")
+
+    async def timed_out() -> None:
+        raise ProvisioningError("checking the 'mesh' topology timed out 5 times")
+
+    with pytest.raises(ProvisioningError) as failed:
+        await refusals.guard(timed_out(), "NATS user 'coder'", "checking")
+    assert retryable(failed.value)
+
+
 async def test_the_gateway_submits_and_commands_but_writes_no_goal_state(secured: EmbeddedNats, generated: Generated,
                                                                          session: Session) -> None:
-    from mesh.client import MeshClient
-
     async with MeshClient.connect(settings_for(secured.url, cred(generated, "gateway"))) as client:
         goal_id = await client.submit(Goal(brief="through the front door"))
         assert await client.goal(goal_id) is None  # goal state is readable (nobody planned it here)

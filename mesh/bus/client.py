@@ -52,6 +52,7 @@ from nats.js.object_store import (
 from pydantic import BaseModel
 
 from mesh.aio import together
+from mesh.bus.refusals import Refusals
 from mesh.bus.topology import Topology, ensure_consumers, provision, require_topology
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts.codec import (
@@ -144,6 +145,7 @@ class Bus:
         self._kv_checked: dict[str, KeyValue] = {}
         self._objects: dict[str, ObjectStore] = {}
         self._connect_errors: list[str] = []  # why a first connect failed, for its error message
+        self._refusals = Refusals()  # permission refusals, which fail the topology check and consumer creation
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -160,7 +162,9 @@ class Bus:
         topology: Topology | None = None,
     ) -> Bus:
         """Connect (failing fast with ``NotConnected`` when no server answers); with ``check``, verify the
-        topology is provisioned (``NotProvisioned`` if not) and create the durable consumers ``roles`` own.
+        topology is provisioned (``NotProvisioned`` if not) and create the durable consumers ``roles`` own —
+        ``PermissionDenied`` at once if the server refuses the user a request of the check (the observer
+        may not ask every stream's info: it connects with ``check=False``).
         ``role``: the role this process emits events as (a node's role); without one it emits none.
         ``domain``: the JetStream domain to address (an edge site's); ``topology``: instead of the settings'
         (``mesh provision --nodes DIR`` takes the worker roles from other role specs)."""
@@ -214,6 +218,7 @@ class Bus:
     async def _on_error(self, exc: Exception) -> None:
         if len(self._connect_errors) < 8 and not self._nc.is_connected:
             self._connect_errors.append(repr(exc))
+        self._refusals.report(exc)
         log.debug("NATS client error (%s): %r", self.name, exc)
 
     async def _on_closed(self) -> None:
@@ -226,13 +231,26 @@ class Bus:
         return await provision(self._js, self.topology, roles, prune=prune)
 
     async def require_topology(self, roles: Iterable[str] = ()) -> None:
-        """``NotProvisioned`` unless every stream and bucket exists and the tasks stream takes ``roles``."""
-        await require_topology(self._js, self.topology, roles)
+        """``NotProvisioned`` unless every stream and bucket exists and the tasks stream takes ``roles``;
+        ``PermissionDenied`` at once when the user may not ask a stream's info (the generated observer)."""
+        await self._refusals.guard(
+            require_topology(self._js, self.topology, roles), self._user(),
+            f"checking that the {self.topology.prefix!r} topology is provisioned, which asks every stream's "
+            "info; a user that may not ask it (the generated observer) connects with check=False")
 
     async def ensure_consumers(self, roles: Iterable[str] = ()) -> None:
-        """(Re-)create the durable consumers of ``roles`` plus of every role ensured before on this bus."""
+        """(Re-)create the durable consumers of ``roles`` plus of every role ensured before on this bus;
+        ``PermissionDenied`` at once when the user may not."""
         self._roles.update(dict.fromkeys(roles))
-        await ensure_consumers(self._js, self.topology, self._roles)
+        await self._refusals.guard(ensure_consumers(self._js, self.topology, self._roles), self._user(),
+                                   f"creating the durable consumers of {', '.join(self._roles) or 'no role'}")
+
+    def _user(self) -> str:
+        """Who this connection is, for an error message (never a secret)."""
+        s = self.settings
+        user = (f"NATS user {s.nats_user!r}" if s.nats_user else f"the NATS user of {s.nats_creds}"
+                if s.nats_creds else "the NATS token's user" if s.nats_token else "this connection's NATS user")
+        return f"{user} (role {self.role})" if self.role else user
 
     async def close(self) -> None:
         if not self._nc.is_closed:

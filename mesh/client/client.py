@@ -104,9 +104,11 @@ class MeshClient:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, settings: MeshSettings | None = None, *,
-                      name: str = "mesh-client") -> AsyncIterator[MeshClient]:
-        async with await Bus.connect(settings or get_settings(), name=name) as bus:
+    async def connect(cls, settings: MeshSettings | None = None, *, name: str = "mesh-client",
+                      check: bool = True) -> AsyncIterator[MeshClient]:
+        """``check``: that the mesh is provisioned (``Bus.connect``); a user that may not ask every stream's
+        info, such as the generated observer, connects with ``check=False``."""
+        async with await Bus.connect(settings or get_settings(), name=name, check=check) as bus:
             yield cls(bus)
 
     # --- goals ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ the permissions with it; nothing here is a hand-kept copy of a subject. What a u
 * the **gateway** (`mesh gateway`) submits goals and sends control commands, and reads what it serves:
   events, goal state, objects (it stores uploaded workspaces), nodes, consumer and DLQ info, the ledger;
 * the **observer** may only read the event stream (an ordered, server-named consumer) and the
-  artifacts events refer to — what an outside dashboard or a Go/TypeScript client needs;
+  artifacts events refer to — what an outside dashboard or a Go/TypeScript client needs; not knowing the
+  other streams, it connects without the start check (``check=False``), which it would fail at once;
 * **admin** may do anything (break glass, topology changes by hand);
 * **leaf-<domain>** is an edge site's leaf-node link: only the hub's copy of the site's events crosses.
 

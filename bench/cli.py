@@ -1,8 +1,9 @@
 """bench/cli: how long the `mesh` command takes, as a user types it — each one a fresh process.
 
 1. `mesh --help`, `mesh goals`, `mesh submit "<goal>"` against a running nats-server (provisioned, a few
-   goals in KV): the median wall time of ``--runs`` runs each, against the 0.3 s target, and the median
-   CPU time (user + system) of the process — what the wall time would be on an idle core;
+   goals submitted and five planned goals' states in KV, which `mesh goals` reads and validates): the
+   median wall time of ``--runs`` runs each, against the 0.3 s target, and the median CPU time (user +
+   system) of the process — what the wall time would be on an idle core;
 2. `mesh run "<goal>" --json` on a fresh data folder (nats-server, sim-server and one process per role
    started by the command): seconds from the command's start to ``goal.submitted`` and ``goal.planned``
    on its output, and to its exit.
@@ -12,7 +13,8 @@ runs interleaved with this checkout's, so both see the same load: before/after f
 command. The load average is reported with the figures: on a shared 2-core machine, start-up is mostly
 waiting for a core.
 
-Run: ``.venv/bin/python -m bench.cli`` (≈1 minute); ``--no-write`` leaves bench/RESULTS.md alone.
+Run: ``.venv/bin/python -m bench.cli`` (≈1 minute); ``--no-write`` leaves bench/RESULTS.md alone; ``--no-run``
+times the three commands only (seconds, not a minute of `mesh run`s) and prints them without writing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pathlib import Path
 from bench.results import write_section
 from mesh.bus import Bus
 from mesh.config import MeshSettings
-from mesh.contracts import Goal
+from mesh.contracts import Goal, Plan, Step
+from mesh.roles.goalstate import GoalState
+from mesh.roles.goalstore import GoalStore
 from tests.meshkit import provisioned_nats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,14 +45,17 @@ COMMANDS = {"mesh --help": ["--help"], "mesh goals": ["goals"], "mesh submit": [
 
 
 def _env(source: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    # without PYTHONDONTWRITEBYTECODE: the warm-up run writes the bytecode that a user's next command reads
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_") and k != "PYTHONDONTWRITEBYTECODE"}
     return env | {"PYTHONPATH": str(source)} | extra
 
 
-def _wall(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one `mesh` process; run one at a time (children's rusage is summed)."""
+def _wall(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one `mesh` process; run one at a time (children's rusage is summed).
+    ``cwd``: a folder without a `mesh` package — `python -m` puts the working directory first on the path, so
+    run from a checkout, every tree's command would be that checkout's."""
     cpu0, started = _children_cpu(), time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mesh", *argv], env=env, capture_output=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "mesh", *argv], env=env, cwd=cwd, capture_output=True, timeout=120,
                           check=False)
     took, cpu = time.perf_counter() - started, _children_cpu() - cpu0
     if proc.returncode not in (0, 2):  # --help exits 0; a bare `mesh` 2
@@ -69,18 +76,32 @@ async def command_times(runs: int, sources: list[Path]) -> dict[Path, dict[str, 
             async with await Bus.connect(MeshSettings(nats_url=server.url), name="bench-cli") as bus:
                 for i in range(3):
                     await bus.submit_goal(Goal(brief=f"an earlier goal {i}"))
+                for i in range(5):
+                    await GoalStore(bus).create(_planned(f"a planned goal {i}"))
             envs = {src: _env(src, MESH_NATS_URL=server.url, MESH_DATA_DIR=str(Path(tmp) / "mesh")) for src in sources}
             for env in envs.values():
-                _wall(["--help"], env)  # bytecode compiled, files in the page cache: a user's second command
+                _wall(["--help"], env, Path(tmp))  # bytecode compiled, files in the page cache: a user's second command
             times: dict[Path, dict[str, list[float]]] = {
                 src: {key: [] for name in COMMANDS for key in (name, f"{name} cpu")} for src in sources}
             for _ in range(runs):  # interleaved, so a burst of load hits every command and tree alike
                 for name, argv in COMMANDS.items():
                     for src, env in envs.items():
-                        wall, cpu = await asyncio.to_thread(_wall, argv, env)
+                        wall, cpu = await asyncio.to_thread(_wall, argv, env, Path(tmp))
                         times[src][name].append(wall)
                         times[src][f"{name} cpu"].append(cpu)
     return {src: {name: statistics.median(v) for name, v in per.items()} for src, per in times.items()}
+
+
+def _planned(brief: str) -> GoalState:
+    """A goal's state with a five-step plan, as the planner leaves it."""
+    state = GoalState(goal=Goal(brief=brief))
+    steps = [Step(step_id="r", role="researcher", instruction="dig"),
+             Step(step_id="c", role="coder", instruction="code", depends_on=["r"]),
+             Step(step_id="v", role="reviewer", instruction="review", depends_on=["c"]),
+             Step(step_id="t", role="tester", instruction="test", depends_on=["c"]),
+             Step(step_id="s", role="synthesizer", instruction="sum up", depends_on=["v", "t"])]
+    state.apply_plan(Plan(goal_id=state.goal.goal_id, steps=steps))
+    return state
 
 
 def run_times(source: Path = ROOT) -> dict[str, float]:
@@ -110,11 +131,13 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None, help="another checkout to time alongside, e.g. a "
                                                                    "worktree of an older commit")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--no-run", action="store_true", help="time the three commands only, not `mesh run` (implies --no-write)")
     args = parser.parse_args()
     sources = [ROOT] + ([args.before] if args.before else [])
     load0 = os.getloadavg()[0]
     times = asyncio.run(command_times(args.runs, sources))
-    runs = {src: run_times(src) for src in reversed(sources)}  # the older one first: the same cold caches
+    # the older one first: the same cold caches
+    runs = {} if args.no_run else {src: run_times(src) for src in reversed(sources)}
     load = os.getloadavg()[0]
 
     def cells(figures: dict[Path, dict[str, float]], key: str, digits: int, cpu: str = "") -> str:
@@ -124,12 +147,12 @@ def main() -> None:
     rows = [f"| `{name}` wall (CPU) | {cells(times, name, 2, f'{name} cpu')} | ≤ {TARGET} s |" for name in COMMANDS]
     rows += [f"| `mesh run` start → {what} | {cells(runs, key, 1)} | |"
              for key, what in (("submitted", "goal.submitted"), ("planned", "goal.planned"),
-                               ("exit", "exit (goal completed, results written)"))]
+                               ("exit", "exit (goal completed, results written)")) if runs]
     head = "| command | this checkout |" + (" before |" if args.before else "") + " target |"
     table = "\n".join([head, "| --- |" + " ---: |" * len(sources) + " ---: |", *rows])
     print(table)
     print(f"load average {load0:.1f} → {load:.1f} on {os.cpu_count()} CPUs")
-    if not args.no_write:
+    if not (args.no_write or args.no_run):
         before = f" --before {args.before}" if args.before else ""
         write_section("cli", f"Command: `.venv/bin/python -m bench.cli --runs {args.runs}{before}` (median of "
                              f"{args.runs} runs per command, each a fresh process, the trees interleaved; load "

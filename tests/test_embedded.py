@@ -58,3 +58,17 @@ async def test_stop_is_graceful_and_idempotent(tmp_path: Path) -> None:
     assert not server.running
     assert server._proc is not None and server._proc.returncode == 0  # SIGTERM: a clean exit
     await server.stop()
+
+
+@pytest.mark.parametrize("operator", [None, "2"])
+async def test_the_server_runs_on_one_go_processor_unless_the_operator_says_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operator: str | None) -> None:
+    if operator is None:
+        monkeypatch.delenv("GOMAXPROCS", raising=False)
+    else:
+        monkeypatch.setenv("GOMAXPROCS", operator)
+    async with EmbeddedNats(tmp_path / "nats") as server:
+        assert server.pid is not None
+        environ = dict(item.split("=", 1) for item in
+                       Path(f"/proc/{server.pid}/environ").read_text().split("\0") if "=" in item)
+    assert environ["GOMAXPROCS"] == (operator or "1")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import os
@@ -14,6 +15,10 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = ("mesh.cli.local", "mesh.cli.schemas", "mesh.cli.sim", "mesh.cli.security",
                                      "mesh.cli.ledger", "mesh.cli.router", "mesh.cli.bench", "mesh.cli.tools",
                                      "mesh.cli.gateway", "mesh.cli.approvals", "mesh.cli.provision")
+
+# At the exit, after the other atexit handlers, what is still alive lives until the end: frozen, it is not
+# traversed by the interpreter's collections while it shuts down (~40 ms of CPU after `mesh goals`).
+atexit.register(gc.freeze)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +60,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
-    # What is alive now lives until the process ends: the interpreter's collections while it shuts down need
-    # not traverse it (~40 ms of CPU after a short command such as `mesh goals`; atexit handlers still run).
-    gc.freeze()
     raise SystemExit(code or 0)

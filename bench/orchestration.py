@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -244,7 +245,7 @@ async def main(goals: int, concurrent_goals: int, replicas: list[int], write: bo
     met = {"overhead": o["total_p50"] <= 10, "cpu": o["cpu_per_step"] <= 9,
            "replicas": rates[4].steps_per_s >= 3.5 * rates[1].steps_per_s}
     write_section("orchestration", "\n".join([
-        "Command: `.venv/bin/python -m bench.orchestration`", "",
+        f"Command: `{' '.join(['.venv/bin/python -m bench.orchestration', *sys.argv[1:]])}`", "",
         "| measure | p50 | p99 |", "| --- | --- | --- |",
         f"| dispatch: dependency done → step started | {o['dispatch_p50']:.1f} ms | {o['dispatch_p99']:.1f} ms |",
         f"| worker: started → completed, zero-latency model | {o['worker_p50']:.1f} ms | {o['worker_p99']:.1f} ms |",

@@ -100,7 +100,7 @@ async def test_shells_are_public_data_needs_the_token(settings: MeshSettings, tm
     path, token = tokens_file(tmp_path)
     async with gateway(fast(settings, gateway_tokens_file=path), roles=False) as (gw, _client), \
             httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
-        for public in ("/", "/ui/goals/abc", "/ui/mesh", "/ui/router", "/ui/approvals", "/ui/static/dashboard.js"):
+        for public in ("/", "/ui/goals/abc", "/ui/mesh", "/ui/router", "/ui/approvals", "/ui/static/dashboard.mjs"):
             assert (await http.get(public)).status_code == 200, public
         assert "login" in (await http.get("/")).text
         for private in ("/v1/ui/goals", "/v1/ui/goals/abc", "/v1/ui/mesh", "/v1/events"):

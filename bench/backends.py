@@ -32,7 +32,7 @@ from pathlib import Path
 import anthropic
 import openai
 
-from bench.results import write_section
+from bench.results import finish, parse_args
 from mesh.backends.base import ChatMessage, ChatRequest
 from mesh.backends.gateway import BudgetGuard, CallRecord, ModelGateway
 from mesh.backends.tiers import load_tiers
@@ -192,15 +192,12 @@ HTTP + SDK + mesh path, not a model.
         f"peak {peak:.0f} MiB, {summ} summarised / {drop} dropped |\n"
         for name, elapsed, peak, total, summ, drop in pack_rows
     ) + f"| `estimate_tokens` over 4 MB of text | {est_ms:.1f} ms |\n"
-    print(body)
-    if write:
-        write_section("backends", body)
+    finish("backends", body, write)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="requests per SDK for the throughput test")
     parser.add_argument("--calls", type=int, default=300, help="sequential calls per path for the overhead test")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args()
+    args = parse_args(parser, None)
     asyncio.run(main(args.requests, args.calls, not args.no_write))

@@ -38,7 +38,7 @@ from faststream.nats import JStream, NatsBroker, PullSub
 from nats.aio.msg import Msg
 from pydantic import BaseModel
 
-from bench.results import write_section
+from bench.results import arguments, finish, parse_args
 from mesh.bus import Bus, Delivery, PullConsumer, Topology, provision
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, StepCompleted, Usage, encode, new_id, new_traceparent
@@ -292,16 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--messages", type=int, default=4000, help="JetStream messages per path per round")
     parser.add_argument("--core-messages", type=int, default=10000, help="core NATS messages per path per round")
     parser.add_argument("-r", "--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.WARNING)
     result = asyncio.run(bench(args.messages, args.core_messages, args.rounds))
-    command = ".venv/bin/python -m bench.bus" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
-    text = report(result, command)
-    print(text)
-    if not args.no_write:
-        write_section("bus", text)
+    finish("bus", report(result, ".venv/bin/python -m bench.bus" + arguments(argv)), not args.no_write)
     return 0
 
 

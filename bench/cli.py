@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.results import write_section
+from bench.results import parse_args, write_section
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, Plan, Step
@@ -130,9 +130,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs of each command (the median is reported)")
     parser.add_argument("--before", type=Path, default=None, help="another checkout to time alongside, e.g. a "
                                                                    "worktree of an older commit")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--no-run", action="store_true", help="time the three commands only, not `mesh run` (implies --no-write)")
-    args = parser.parse_args()
+    args = parse_args(parser, None)
     sources = [ROOT] + ([args.before] if args.before else [])
     load0 = os.getloadavg()[0]
     times = asyncio.run(command_times(args.runs, sources))

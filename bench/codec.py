@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 
 import mesh
-from bench.results import write_section
+from bench.results import finish, parse_args
 from mesh.contracts import ArtifactRef, StepCompleted, StepProgress, ToolCall, Usage, encode, new_id
 from mesh.contracts.codec import SCHEMA_VERSION, open_envelope
 from mesh.errors import ContractError
@@ -204,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--n", type=int, default=5_000, help="decodes per round per typical message")
     parser.add_argument("--label", default="after", help="name of this tree in the output (before/after)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--hot-only", action="store_true", help="only the typical messages (before/after rounds)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     lines = [f"`mesh` from `{os.path.dirname(mesh.__file__)}` ({args.label}); corpus {corpus_digest()[:12]}", "",
              "| typical message | bytes | µs per decode (median) |", "|---|---:|---:|"]
@@ -226,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         cost = heap_cost(data)
         lines.append(f"| {name} | {cost.wire:,} | {cost.peak / 1e6:.1f} MB | {cost.ratio:.1f} | {cpu_ms(data):.0f} | "
                      f"{'refused: ' + cost.refused if cost.refused else 'accepted'} |")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("codec", text)
+    finish("codec", "\n".join(lines), not args.no_write)
     return 0
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import openai
 
-from bench.results import write_section
+from bench.results import finish, parse_args
 from mesh.backends.base import ChatMessage, ChatRequest
 from mesh.backends.sim.world import PROFILES, SimWorld
 from mesh.embedded.edge import MODEL_ALIAS, EdgeModelServer, missing_modules, packaged_model
@@ -228,14 +228,11 @@ async def main(write: bool, threads: int | None) -> None:
             f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after (other work shares the "
             f"machine: latency figures rise with it, accuracy does not — temperature 0).\n\n{table}\n\n"
             "Per-task results: " + ", ".join(f"{'✓' if ok else '✗'}{i + 1}" for i, ok in enumerate(correct)) + ".\n")
-    print(body)
-    if write:
-        write_section("edge", body)
+    finish("edge", body, write)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the server's)")
-    args = parser.parse_args()
+    args = parse_args(parser, None)
     asyncio.run(main(not args.no_write, args.threads))

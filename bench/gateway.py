@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.results import write_section
+from bench.results import finish, parse_args
 from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
@@ -192,12 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--fan-events", type=int, default=100)
     p.add_argument("--fan-rate", type=float, default=10.0, help="events a second in the fan-out run")
-    p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = p.parse_args(argv)
-    text = asyncio.run(run(args))
-    print(text)
-    if not args.no_write:
-        write_section("gateway", text)
+    args = parse_args(p, argv)
+    finish("gateway", asyncio.run(run(args)), not args.no_write)
     return 0
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.results import write_section
+from bench.results import finish, parse_args
 from mesh.bus import Bus, Topology
 from mesh.config import MeshSettings
 from mesh.contracts import Event, encode
@@ -216,9 +216,7 @@ Targets: ≥ 50,000 events/s and ≥ 20× row by row.
 | --- | --- |
 """
     body += "".join(f"| batches of {size:,} | {rate:,.0f} |\n" for size, rate in recorder_rows)
-    print(body)
-    if write:
-        write_section("ledger", body)
+    finish("ledger", body, write)
 
 
 if __name__ == "__main__":
@@ -229,6 +227,5 @@ if __name__ == "__main__":
     parser.add_argument("--sweep", type=int, default=100_000, help="events per batch-size run")
     parser.add_argument("--rowwise", type=int, default=5_000, help="events inserted row by row")
     parser.add_argument("--recorder", type=int, default=50_000, help="events for the end-to-end recorder run")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args()
+    args = parse_args(parser, None)
     main(args.events, args.batch, args.sweep, args.rowwise, args.recorder, not args.no_write)

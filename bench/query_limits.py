@@ -19,7 +19,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from bench.results import write_section
+from bench.results import finish, parse_args
 from mesh.errors import ResultTooLarge
 from mesh.store import Ledger
 from mesh.store.query import LedgerQueries
@@ -53,21 +53,17 @@ def refusal(queries: LedgerQueries, sql: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.query_limits", description=__doc__.split("\n")[0])
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args(argv)
-    lines = [f"Command: `.venv/bin/python -m bench.query_limits` ({os.cpu_count()} shared CPUs, load average "
-             f"{os.getloadavg()[0]:.1f} at the start). Result cap {CAP:,} bytes, row limit 2,000,000 (so only the "
-             "byte cap stops the query). The rows run in order, in one process: peak RSS only ever grows.", "",
+    args = parse_args(parser, argv)
+    lines = [(f"Command: `.venv/bin/python -m bench.query_limits` ({os.cpu_count()} shared CPUs, load average "
+              f"{os.getloadavg()[0]:.1f} at the start). Result cap {CAP:,} bytes, row limit 2,000,000 (so only the "
+              "byte cap stops the query). The rows run in order, in one process: peak RSS only ever grows."), "",
              "| query (each 1 GB as JSON) | ms wall | ms CPU | peak Python heap | peak RSS | outcome |",
              "|---|---:|---:|---:|---:|---|"]
     with tempfile.TemporaryDirectory(prefix="mesh-query-limits-") as tmp, Ledger(Path(tmp) / "l.duckdb") as ledger:
         queries = LedgerQueries(ledger, timeout=60, max_rows=2_000_000, max_bytes=CAP)
         for name, sql in QUERIES.items():
             lines.append(f"| {name} " + refusal(queries, sql))
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("query limits", text)
+    finish("query limits", "\n".join(lines), not args.no_write)
     return 0
 
 

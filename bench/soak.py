@@ -33,7 +33,7 @@ from pathlib import Path
 from nats.js import api
 
 from bench.plot import Canvas
-from bench.results import write_section
+from bench.results import arguments, finish, parse_args
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.contracts import Goal, open_envelope
@@ -242,17 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=4, help="goals kept running at once")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--suite", action="store_true", help="also run tests/reliability (long) for its figures")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/ alone")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, no_write="print only; leave bench/ alone")
     result = asyncio.run(_main(args.minutes, args.in_flight, args.interval))
     suite = run_suite() if args.suite else []
-    command = ".venv/bin/python -m bench.soak" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
-    text = report(result, command, suite)
-    print(text)
     if not args.no_write:
         plot(result, PNG)
-        write_section("reliability", text)
+    finish("reliability", report(result, ".venv/bin/python -m bench.soak" + arguments(argv), suite), not args.no_write)
     return 0
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import backends, bus, cli, codec, ledger, orchestration, router
-from bench.results import write_section
+from bench.results import arguments, parse_args, write_section
 from mesh.config import MeshSettings
 from mesh.contracts import ArtifactRef, Budget, DagPosition, Step, Task, encode, new_id
 from mesh.embedded import EmbeddedNats
@@ -226,12 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=list(GROUPS), help="run only these groups")
     parser.add_argument("--replicas", type=int, default=4,
                         help="worker replicas compared with one in the orchestration group (the target is for 4)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.replicas < 2:
         parser.error("--replicas must be at least 2")
     rows, took = run(args.scale, args.only, args.replicas)
-    args_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
+    args_text = arguments(argv)
     text = "\n".join([
         (f"Command: `mesh bench{args_text}` (= `.venv/bin/python -m bench.suite{args_text}`), "
          f"{sum(took.values()):.0f} s on {os.cpu_count()} shared CPUs (load average {os.getloadavg()[0]:.1f} at "

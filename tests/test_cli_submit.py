@@ -54,6 +54,10 @@ async def test_submit_refuses_bad_input(fast: MeshSettings, tmp_path: Path) -> N
         bad.write_text(json.dumps({"brief": "fine"}) + "\n" + json.dumps(line) + "\n")
         code, out, err = await mesh_cli(fast, "submit", "--file", str(bad))
         assert code == 1 and f"{bad}:2: not a goal" in err and says in err and out == "", err
+    # Near the server's max_payload (1 MiB): the goal message would travel by claim-check, but its goal state
+    # could never be stored and the goal would be lost after submission: refused before anything is sent.
+    code, out, err = await mesh_cli(fast, "submit", "x" * 100_000, *(["-c", "c" * 120_000] * 8))
+    assert code == 1 and "a goal may be at most 524,288" in err and out == "", err
     code, _, err = await mesh_cli(fast, "submit")
     assert code == 1 and "give either a goal's brief or --file" in err
     code, _, err = await mesh_cli(fast, "submit", "x", "--workspace", str(tmp_path / "missing"))

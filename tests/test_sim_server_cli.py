@@ -30,6 +30,13 @@ async def test_sim_server_subprocess() -> None:
         m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
         assert m, line
         url = m.group(1)
+        # a second one on the same port: a clear error, no traceback
+        busy = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "mesh"), "sim-server", "--port", url.rsplit(":", 1)[1],
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        out, err = await asyncio.wait_for(busy.communicate(), 20)
+        assert busy.returncode == 1 and out == b"", err
+        assert f"cannot listen on {url[len('http://'):]}" in err.decode() and b"Traceback" not in err, err
         oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = await oai.chat.completions.create(
             model="sim-edge", messages=[{"role": "system", "content": "ROLE: researcher"},

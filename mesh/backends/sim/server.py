@@ -206,7 +206,11 @@ class SimServer:
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # a busy port: a clear error for `mesh sim-server --port N`, not a traceback
+            await self._runner.cleanup()
+            raise ConfigError(f"the sim-server cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
         self.port = site.port
 
     async def stop(self) -> None:

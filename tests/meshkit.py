@@ -28,6 +28,13 @@ E = TypeVar("E", bound=EventBase)
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def fast(settings: MeshSettings, **update: object) -> MeshSettings:
+    """Settings for a whole local mesh in a test: no sim latency, short drains, health on free ports; ``update``
+    changes more (conftest's ``fast`` fixture is this with none)."""
+    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
+                                       "health_host": "127.0.0.1", **update})
+
+
 def role_specs(*, with_ledger: bool = False) -> dict[str, RoleSpec]:
     specs = load_specs(default_nodes_dir())
     return {r: s for r, s in specs.items() if with_ledger or s.kind != "recorder"}

@@ -13,13 +13,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from aiohttp import web
 
+from mesh.backends.sim import SimWorld
+from mesh.backends.sim.server import SimServer
 from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalCancelled, GoalCompleted, GoalFailed
 from mesh.embedded import EmbeddedNats
+from mesh.embedded.local import sim_server_env
 from mesh.node.runtime import Node
 from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
 
@@ -180,3 +184,12 @@ async def http_receiver(path: str, handle: Callable[[web.Request], Awaitable[web
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def sim_tiers(monkeypatch: pytest.MonkeyPatch, seed: int) -> AsyncIterator[SimServer]:
+    """A sim-server (no latency) that every tier calls over HTTP: its ``MESH_TIER_*`` set for this test."""
+    async with SimServer(SimWorld(seed=seed, latency_scale=0.0)) as server:
+        for key, value in sim_server_env(server.url).items():
+            monkeypatch.setenv(key, value)
+        yield server

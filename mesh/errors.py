@@ -19,6 +19,7 @@ marked ``[R]`` below), never set on an instance: ``retryable(exc)`` answers it f
     │   ├── ForgedEvent                a valid event on a subject whose role cannot have emitted it
     │   ├── PlanInvalid                cyclic, unknown role, unknown dependency, too large
     │   ├── OptionInvalid              a goal option that is unknown or out of range
+    │   ├── GoalTooLarge               a goal too large for its goal state to fit the server's max_payload
     │   └── OutputInvalid              a model's answer that is not the structured output asked for
     ├── BusError [R]                   NATS
     │   ├── NotConnected
@@ -154,6 +155,11 @@ class PlanInvalid(ContractError):
 
 class OptionInvalid(ContractError):
     """A goal option that is not in the registry (``mesh/contracts/options.py``) or not of its type and range."""
+
+
+class GoalTooLarge(ContractError):
+    """A goal whose JSON leaves no room in its goal state (one KV value, never claim-checked) for the plan and
+    steps: refused before it is sent, since no planner could store it."""
 
 
 class OutputInvalid(ContractError):

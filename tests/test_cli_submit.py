@@ -45,6 +45,19 @@ async def test_submit_refuses_bad_input(fast: MeshSettings, tmp_path: Path) -> N
     bad.write_text(json.dumps({"brief": "fine"}) + "\n" + json.dumps({"constraints": []}) + "\n")
     code, _, err = await mesh_cli(fast, "submit", "--file", str(bad))
     assert code == 1 and f"{bad}:2: not a goal" in err
+    # Read as strictly as the gateway reads a request: a misspelt field or an unknown option is refused
+    # before anything is sent, naming the line and the field (the wire model alone would ignore the field).
+    for line, says in (({"brief": "x", "budget": {"max_step": 5}}, "unknown field budget.'max_step'"),
+                       ({"brief": "x", "constraint": ["y"]}, "unknown field 'constraint'"),
+                       ({"brief": "x", "options": {"bogus": 1}}, "unknown goal option 'bogus'"),
+                       ({"brief": "x", "options": {"sim_plan_steps": 201}}, "from 8 to 200")):
+        bad.write_text(json.dumps({"brief": "fine"}) + "\n" + json.dumps(line) + "\n")
+        code, out, err = await mesh_cli(fast, "submit", "--file", str(bad))
+        assert code == 1 and f"{bad}:2: not a goal" in err and says in err and out == "", err
+    # Near the server's max_payload (1 MiB): the goal message would travel by claim-check, but its goal state
+    # could never be stored and the goal would be lost after submission: refused before anything is sent.
+    code, out, err = await mesh_cli(fast, "submit", "x" * 100_000, *(["-c", "c" * 120_000] * 8))
+    assert code == 1 and "a goal may be at most 524,288" in err and out == "", err
     code, _, err = await mesh_cli(fast, "submit")
     assert code == 1 and "give either a goal's brief or --file" in err
     code, _, err = await mesh_cli(fast, "submit", "x", "--workspace", str(tmp_path / "missing"))

@@ -65,6 +65,9 @@ async def test_tokens_caps_sizes_and_bad_json_are_refused_before_the_bus(setting
         _error(await http.get("/v1/goals/nope", headers=auth), 404, "not_found_error")
         r = await http.get("/v1/goals/x/events", headers={**auth, "Last-Event-ID": "abc"})
         assert _error(r, 400, "invalid_request_error")["param"] == "Last-Event-ID"
+        # a goal within the body limit but too large for its goal state to fit the server's max_payload: 413
+        r = await http.post("/v1/goals", json={"brief": "b", "constraints": ["c" * 600_000]}, headers=auth)
+        assert _error(r, 413, "request_too_large")["code"] == "goal_too_large"
         # none of it reached the bus
         assert await client.goals() == []
         assert (await client.event_positions())[1] == 0

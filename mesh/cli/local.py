@@ -15,11 +15,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mesh.errors import ConfigError, MeshError, NotConnected
+from mesh.errors import ConfigError, MeshError, NotConnected, OptionInvalid
 
 # Only argparse and the error tree at import: `mesh --help` builds every command's parser, so a command's
 # own imports (settings, contracts, the bus: pydantic and nats-py) wait for its handler.
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from mesh.client import MeshClient
     from mesh.config import MeshSettings
     from mesh.contracts import Goal
@@ -360,9 +362,8 @@ async def _submit(a: argparse.Namespace) -> int:
 
 
 def _read_goals(path: Path) -> list[Goal]:
-    """One ``Goal`` JSON object per non-empty line; an invalid line is a clear error naming it."""
-    from mesh.contracts import Goal
-
+    """One ``Goal`` JSON object per non-empty line; an invalid line is a clear error naming it, and nothing
+    is submitted."""
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
@@ -371,12 +372,36 @@ def _read_goals(path: Path) -> list[Goal]:
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                goals.append(Goal.model_validate_json(line))
-            except ValueError as exc:
+                goals.append(_goal_from_json(line))
+            except (ValueError, OptionInvalid) as exc:
                 raise MeshError(f"{path}:{number}: not a goal: {exc}") from exc
     if not goals:
         raise MeshError(f"{path} holds no goals")
     return goals
+
+
+def _goal_from_json(line: str) -> Goal:
+    """A goal line read as strictly as the gateway reads a request. The wire model ignores unknown fields
+    (for newer senders), so a misspelt one (``"budget": {"max_step": 5}``) would run with the default
+    silently; an unknown goal option is refused here, not by the planner after submission."""
+    from mesh.contracts import Budget, Goal
+    from mesh.contracts.options import validate_options
+
+    data = json.loads(line)
+    if isinstance(data, dict):
+        _refuse_unknown(data, Goal, "")
+        if isinstance(data.get("budget"), dict):
+            _refuse_unknown(data["budget"], Budget, "budget.")
+    goal = Goal.model_validate(data)
+    goal.options = validate_options(goal.options)
+    return goal
+
+
+def _refuse_unknown(fields: dict[str, Any], model: type[BaseModel], where: str) -> None:
+    known = {n for name, f in model.model_fields.items() for n in (name, f.alias) if n}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown field {where}{unknown[0]!r}; known fields: {', '.join(sorted(known))}")
 
 
 async def _outcome(client: MeshClient, goal_id: str) -> str:

@@ -34,7 +34,7 @@ from mesh.contracts import (
     GoalFailed,
     PendingApproval,
 )
-from mesh.errors import ApprovalNotPending, MeshError, UnknownGoal
+from mesh.errors import ApprovalNotPending, GoalTooLarge, MeshError, UnknownGoal
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.tools.manifest import MANIFEST_MEDIA_TYPE
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from mesh.roles.ledger_service import LedgerClient
 
 FINAL_EVENTS = (GoalCompleted, GoalFailed, GoalCancelled)
+# the most of the server's max_payload a goal may take: the rest of its goal state is the plan and the steps
+GOAL_SHARE_OF_MAX_PAYLOAD = 0.5
 SIMULATED_NOTE = ("Some or all of this goal's model calls were answered by the simulated backend (mesh sim-server), "
                   "not a real model: the outputs and costs are simulated.\n")
 # Folders an uploaded workspace leaves out: version control and caches, never the project itself.
@@ -116,10 +118,22 @@ class MeshClient:
     async def submit(self, goal: Goal, *, workspace: Path | None = None) -> str:
         """Publish ``goal`` (deduplicated by its id); with ``workspace``, that folder is uploaded first and
         the goal's steps start from it. Returns the goal id."""
+        self._check_size(goal)
         if workspace is not None:
             goal = goal.model_copy(update={"workspace": await self.upload_workspace(workspace)})
         await self.bus.submit_goal(goal)
         return goal.goal_id
+
+    def _check_size(self, goal: Goal) -> None:
+        """The goal message itself travels by claim-check when large, but the planner keeps the goal inside the
+        goal's state (KV ``mesh_goals``), one message with the plan and every step: a goal above a share of
+        the server's ``max_payload`` could never be stored, and would be lost after submission."""
+        size, limit = len(goal.model_dump_json()), int(self.bus.max_payload * GOAL_SHARE_OF_MAX_PAYLOAD)
+        if size > limit:
+            raise GoalTooLarge(
+                f"the goal is {size:,} bytes as JSON; a goal may be at most {limit:,} (half the server's max_payload "
+                f"of {self.bus.max_payload:,} bytes: its state holds it beside the plan and steps) — shorten the brief "
+                "or constraints, or put long material in files of the goal's workspace")
 
     async def upload_workspace(self, folder: Path) -> ArtifactRef:
         """Store a local folder's files and their manifest; the manifest's reference."""

@@ -38,7 +38,7 @@ from mesh.contracts import (
 )
 from mesh.contracts.http import GoalRequest, GoalSummary
 from mesh.contracts.options import validate_options
-from mesh.errors import ApprovalNotPending, OptionInvalid, RequestRefused
+from mesh.errors import ApprovalNotPending, GoalTooLarge, OptionInvalid, RequestRefused
 from mesh.gateway.auth import LOCAL, Principal
 
 if TYPE_CHECKING:
@@ -75,7 +75,10 @@ class Desk:
             goal.goal_id = idempotent_goal_id(who.name, idempotency_key)
             if await self.client.goal(goal.goal_id) is not None:
                 return goal.goal_id, True
-        return await self.client.submit(goal, workspace=workspace), False
+        try:
+            return await self.client.submit(goal, workspace=workspace), False
+        except GoalTooLarge as exc:
+            raise RequestRefused(str(exc), status=413, type="request_too_large", code="goal_too_large") from exc
 
     async def state(self, goal_id: str) -> GoalState:
         state = await self.client.goal(goal_id)

@@ -112,7 +112,9 @@ async def test_one_tier_down_opens_its_circuit_and_work_falls_back(bus: Bus, fas
     breaker = BreakerPolicy()
     failures: Counter[str | None] = Counter()
     opened: dict[str | None, datetime] = {}
-    for e in calls:
+    # In the order the calls were made: a step's events are sent in batches, so the stream interleaves
+    # the steps of one node by up to the outbox's linger, while the breaker counts failures as they happen.
+    for e in sorted(calls, key=lambda e: e.at):
         if e.tier == down:
             failures[e.node] += 1
             if failures[e.node] >= breaker.failure_threshold:

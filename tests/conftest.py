@@ -30,6 +30,7 @@ os.environ.setdefault("MESH_ALLOW_SIM", "1")
 from mesh.bus import Bus
 from mesh.config import MeshSettings
 from mesh.embedded import EmbeddedCluster, EmbeddedNats
+from tests import meshkit
 from tests.meshkit import provision_topology
 
 Condition = Callable[[], bool | Awaitable[bool]]
@@ -68,9 +69,8 @@ def settings(nats_url: str, tmp_path: Path) -> MeshSettings:
 
 @pytest.fixture
 def fast(settings: MeshSettings) -> MeshSettings:
-    """Settings for a whole local mesh in a test: no sim latency, short drains, health on free ports."""
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
+    """Settings for a whole local mesh in a test (``tests.meshkit.fast``)."""
+    return meshkit.fast(settings)
 
 
 @pytest.fixture

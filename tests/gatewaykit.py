@@ -8,15 +8,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from mesh.client import MeshClient
-
 from mesh.config import MeshSettings
 from mesh.gateway.app import Gateway, running
 from tests.meshkit import in_process_mesh
-
-
-def fast(settings: MeshSettings, **update: object) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1", **update})
 
 
 @asynccontextmanager

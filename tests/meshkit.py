@@ -13,19 +13,30 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from aiohttp import web
 
+from mesh.backends.sim import SimWorld
+from mesh.backends.sim.server import SimServer
 from mesh.bus import Bus
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import EventBase, Goal, GoalCancelled, GoalCompleted, GoalFailed
 from mesh.embedded import EmbeddedNats
+from mesh.embedded.local import sim_server_env
 from mesh.node.runtime import Node
 from mesh.roles.spec import RoleSpec, default_nodes_dir, load_specs
 
 TERMINAL = (GoalCompleted, GoalFailed, GoalCancelled)
 E = TypeVar("E", bound=EventBase)
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def fast(settings: MeshSettings, **update: object) -> MeshSettings:
+    """Settings for a whole local mesh in a test: no sim latency, short drains, health on free ports; ``update``
+    changes more (conftest's ``fast`` fixture is this with none)."""
+    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
+                                       "health_host": "127.0.0.1", **update})
 
 
 def role_specs(*, with_ledger: bool = False) -> dict[str, RoleSpec]:
@@ -173,3 +184,12 @@ async def http_receiver(path: str, handle: Callable[[web.Request], Awaitable[web
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def sim_tiers(monkeypatch: pytest.MonkeyPatch, seed: int) -> AsyncIterator[SimServer]:
+    """A sim-server (no latency) that every tier calls over HTTP: its ``MESH_TIER_*`` set for this test."""
+    async with SimServer(SimWorld(seed=seed, latency_scale=0.0)) as server:
+        for key, value in sim_server_env(server.url).items():
+            monkeypatch.setenv(key, value)
+        yield server

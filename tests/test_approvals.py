@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mesh.backends.sim import SimWorld
 from mesh.backends.sim.server import SimServer
 from mesh.bus import Bus
 from mesh.client import MeshClient
@@ -35,12 +34,11 @@ from mesh.contracts import (
     StepDispatched,
     utcnow,
 )
-from mesh.embedded.local import sim_server_env
 from mesh.errors import ApprovalNotPending
 from mesh.roles.goalstate import GoalState
 from mesh.roles.goalstore import GoalStore
 from mesh.roles.spec import RoleSpec
-from tests.meshkit import TERMINAL, EventLog, in_process_mesh, role_specs
+from tests.meshkit import TERMINAL, EventLog, in_process_mesh, role_specs, sim_tiers
 from tests.test_cli_commands import mesh_cli
 
 pytestmark = pytest.mark.timeout(240)
@@ -49,9 +47,7 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture
 async def sim_server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SimServer]:
     """Every model call over HTTP to a sim-server, whose log of received prompts the tests read."""
-    async with SimServer(SimWorld(seed=3, latency_scale=0.0)) as server:
-        for key, value in sim_server_env(server.url).items():
-            monkeypatch.setenv(key, value)
+    async with sim_tiers(monkeypatch, seed=3) as server:
         yield server
 
 

@@ -32,12 +32,6 @@ async def mesh_cli(settings: MeshSettings, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-@pytest.fixture
-def fast(settings: MeshSettings) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
-
-
 async def test_submit_watch_goals_show_status(fast: MeshSettings, bus: Bus) -> None:
     async with in_process_mesh(fast):
         code, out, err = await mesh_cli(fast, "submit", "Build me a login system", "-c", "Python only")

@@ -24,8 +24,8 @@ from mesh.gateway.app import running
 from mesh.gateway.dashboard import dag, ops, views
 from mesh.roles.goalstate import GoalState
 from mesh.router.features import FEATURE_NAMES, FEATURE_VERSION
-from tests.gatewaykit import fast, gateway, tokens_file
-from tests.meshkit import in_process_mesh, role_specs
+from tests.gatewaykit import gateway, tokens_file
+from tests.meshkit import fast, in_process_mesh, role_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,8 +24,8 @@ from mesh.config import MeshSettings
 from mesh.gateway.app import running
 from mesh.gateway.dashboard.views import money
 from mesh.gateway.goals import idempotent_goal_id
-from tests.gatewaykit import fast, tokens_file
-from tests.meshkit import in_process_mesh, role_specs
+from tests.gatewaykit import tokens_file
+from tests.meshkit import fast, in_process_mesh, role_specs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install "

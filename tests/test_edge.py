@@ -155,9 +155,7 @@ def test_memory_compaction_is_a_pure_idempotent_transition() -> None:
     assert state.usage.total_tokens == 50
 
 
-async def test_a_long_goal_keeps_its_memory_short_through_edge_summaries(settings: MeshSettings, bus: Bus) -> None:
-    fast = settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
+async def test_a_long_goal_keeps_its_memory_short_through_edge_summaries(fast: MeshSettings, bus: Bus) -> None:
     goal = Goal(brief="Build me a login system", constraints=["No plaintext passwords"],
                 options={"sim_plan_steps": 12})
     async with in_process_mesh(fast):

@@ -11,7 +11,6 @@ from contextlib import aclosing
 import aiohttp
 import pytest
 
-from mesh.backends.sim import SimWorld
 from mesh.backends.sim.server import SimServer
 from mesh.bus import Bus
 from mesh.config import MeshSettings
@@ -25,8 +24,7 @@ from mesh.contracts import (
     StepFailed,
     StepStarted,
 )
-from mesh.embedded.local import sim_server_env
-from tests.meshkit import TERMINAL, in_process_mesh
+from tests.meshkit import TERMINAL, in_process_mesh, sim_tiers
 
 pytestmark = pytest.mark.timeout(300)
 PINNED = ["PINNED-ALPHA: target Python 3.11 only", "PINNED-BETA: never store plaintext passwords"]
@@ -34,9 +32,7 @@ PINNED = ["PINNED-ALPHA: target Python 3.11 only", "PINNED-BETA: never store pla
 
 @pytest.fixture
 async def sim_server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SimServer]:
-    async with SimServer(SimWorld(seed=7, latency_scale=0.0)) as server:
-        for key, value in sim_server_env(server.url).items():
-            monkeypatch.setenv(key, value)
+    async with sim_tiers(monkeypatch, seed=7) as server:
         yield server
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 
 from mesh.config import MeshSettings
-from tests.gatewaykit import fast, gateway, tokens_file
+from tests.gatewaykit import gateway, tokens_file
+from tests.meshkit import fast
 
 
 async def sse(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

@@ -13,7 +13,8 @@ import httpx
 from mesh.client import MeshClient
 from mesh.config import MeshSettings
 from mesh.contracts import ApprovalDecided, ApprovalRequested, GoalFailed
-from tests.gatewaykit import fast, gateway, tokens_file
+from tests.gatewaykit import gateway, tokens_file
+from tests.meshkit import fast
 
 
 async def gate_waiting(client: MeshClient, goal_id: str, gate: str, timeout: float = 60) -> ApprovalRequested:

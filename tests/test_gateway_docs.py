@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mesh.config import MeshSettings
-from tests.gatewaykit import fast, gateway, tokens_file
-from tests.meshkit import ROOT
+from tests.gatewaykit import gateway, tokens_file
+from tests.meshkit import ROOT, fast
 
 DOC = ROOT / "docs" / "GATEWAY.md"
 BLOCKS = re.findall(r"```(sh|python)\n(.*?)```", DOC.read_text(), flags=re.DOTALL)

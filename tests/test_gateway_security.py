@@ -11,7 +11,8 @@ import pytest
 from mesh.config import MeshSettings
 from mesh.errors import ConfigError
 from mesh.gateway.app import make_gateway
-from tests.gatewaykit import fast, gateway, tokens_file
+from tests.gatewaykit import gateway, tokens_file
+from tests.meshkit import fast
 
 
 def _error(r: httpx.Response, status: int, type_: str) -> dict[str, object]:

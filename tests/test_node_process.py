@@ -22,12 +22,6 @@ from tests.meshkit import TERMINAL, NodeProcess, in_process_mesh, node_env, role
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def fast(settings: MeshSettings) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
-
-
 async def _first(bus: Bus, goal_id: str | None, kind: type, role: str | None = None) -> object:
     async with aclosing(bus.watch_events(goal_id)) as events:
         async for event in events:

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import msgpack
-
 import pytest
 
 from mesh.bus import Bus
@@ -36,12 +35,6 @@ from mesh.roles.worker import Worker
 from tests.meshkit import in_process_mesh, run_goal
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def fast(settings: MeshSettings) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
 
 
 async def test_goal_runs_end_to_end_with_fan_out_review_loop_and_lineage(fast: MeshSettings, bus: Bus) -> None:

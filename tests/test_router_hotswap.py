@@ -22,9 +22,9 @@ from mesh.contracts import DagPosition, Goal, RouteDecided, sha256_hex
 from mesh.errors import ModelRejected
 from mesh.metrics import Metrics
 from mesh.roles.calls import ModelCaller
+from mesh.roles.hotswap import POINTER_KEY, ModelPointer, current_pointer, publish_model, watch_models
 from mesh.roles.spec import default_nodes_dir, load_specs
 from mesh.router.features import FEATURE_VERSION
-from mesh.roles.hotswap import POINTER_KEY, ModelPointer, current_pointer, publish_model, watch_models
 from mesh.router.model import DEFAULT_MODEL
 from mesh.router.runtime import Router, default_router
 from tests.meshkit import in_process_mesh, run_goal
@@ -148,11 +148,9 @@ async def test_a_hot_swap_under_load_loses_no_decisions(bus: Bus, settings: Mesh
     assert len(versions) >= 2, versions  # the swap happened while the load ran
 
 
-async def test_nodes_route_with_the_published_model(settings: MeshSettings, bus: Bus) -> None:
+async def test_nodes_route_with_the_published_model(fast: MeshSettings, bus: Bus) -> None:
     """The node runtime owns the watcher: a model published while the mesh runs routes its goals."""
-    fast = settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1", "router_epsilon": 0.0})
-    async with in_process_mesh(fast):
+    async with in_process_mesh(fast.model_copy(update={"router_epsilon": 0.0})):
         await publish_model(bus, model_variant(version="fleet-2"))
         events = await run_goal(bus, Goal(brief="Build me a login system"))
     decided = [e for e in events if isinstance(e, RouteDecided)]

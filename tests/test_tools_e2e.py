@@ -43,12 +43,6 @@ from tests.meshkit import in_process_mesh, role_specs, run_goal
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def fast(settings: MeshSettings) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1"})
-
-
 async def test_coder_files_reach_the_final_workspace_reviewer_gets_the_diff_tester_runs_the_tests(
         fast: MeshSettings, bus: Bus) -> None:
     goal = Goal(brief="Build me a login system", constraints=["Use Python 3.11 only"])

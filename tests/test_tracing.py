@@ -306,12 +306,11 @@ def test_a_chat_span_says_provider_endpoint_usage_and_the_routing_behind_it() ->
     assert attrs["mesh.simulated"] is False and "error.type" not in attrs
 
 
-async def test_a_goal_submitted_inside_a_callers_trace_joins_it(settings: MeshSettings, bus: Bus,
+async def test_a_goal_submitted_inside_a_callers_trace_joins_it(fast: MeshSettings, bus: Bus,
                                                                 eventually: Callable[..., Awaitable[None]]) -> None:
     """Through the gateway with a W3C ``traceparent`` header: the goal's trace is the caller's and the goal
     span a child of the caller's span; without one (or with a malformed one) the goal span is a root."""
     caller = "00-" + "c" * 32 + "-" + "d" * 16 + "-01"
-    fast = gatewaykit.fast(settings)
     async with gatewaykit.gateway(fast, roles=False) as (gw, _), httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         ids = [(await http.post("/v1/goals", json={"brief": "Build me a login system"},
                                 headers={"traceparent": tp} if tp else {})).json()["goal_id"]

@@ -142,9 +142,9 @@ def test_mesh_node_check_reports_one_line_per_problem(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def fast(settings: MeshSettings) -> MeshSettings:
-    return settings.model_copy(update={"sim_latency_scale": 0.0, "drain_seconds": 5.0, "health_port": 0,
-                                       "health_host": "127.0.0.1", "allow_sim": True})
+def fast(fast: MeshSettings) -> MeshSettings:
+    """conftest's ``fast``, with the sim allowed outright."""
+    return fast.model_copy(update={"allow_sim": True})
 
 
 async def test_simulated_and_quality_are_on_every_event_and_ledger_row(fast: MeshSettings, bus: Bus,

@@ -25,6 +25,13 @@ RoleKind = Literal["orchestrator", "worker", "recorder"]
 PLAN_KIND = "plan"  # what an orchestrator produces
 
 
+def _known(kind: str, names: list[str], known: list[str]) -> list[str]:
+    """``names`` when every one is in ``known``; else an error naming the unknown ones and the known."""
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"unknown {kind}(s) {unknown}; known {kind}s: {known}")
+    return names
+
+
 class _Strict(BaseModel):
     # Specs are written by people: a typo'd key must be an error, not silently ignored.
     model_config = ConfigDict(extra="forbid")
@@ -44,10 +51,7 @@ class RouterPrefs(_Strict):
     @field_validator("preferred")
     @classmethod
     def _known_tiers(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in TIERS]
-        if unknown:
-            raise ValueError(f"unknown tier(s) {unknown}; known tiers: {list(TIERS)}")
-        return v
+        return _known("tier", v, list(TIERS))
 
 
 class Limits(_Strict):
@@ -96,10 +100,7 @@ class RoleSpec(_Strict):
     @field_validator("tools")
     @classmethod
     def _known_tools(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in TOOL_NAMES]
-        if unknown:
-            raise ValueError(f"unknown tool(s) {unknown}; known tools: {sorted(TOOL_NAMES)}")
-        return v
+        return _known("tool", v, sorted(TOOL_NAMES))
 
     @model_validator(mode="after")
     def _kind_needs(self) -> RoleSpec:

@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 
 from mesh.backends.resilience import BreakerPolicy
-from mesh.backends.sim import SimWorld
 from mesh.backends.sim.server import SimServer
 from mesh.bus import Bus
 from mesh.config import MeshSettings
@@ -30,8 +29,7 @@ from mesh.contracts import (
     RouteDecided,
     StepCompleted,
 )
-from mesh.embedded.local import sim_server_env
-from tests.meshkit import in_process_mesh
+from tests.meshkit import in_process_mesh, sim_tiers
 from tests.reliability.kit import LONG, steps_completed, stream_events, wait_terminal
 
 pytestmark = pytest.mark.timeout(240)
@@ -43,9 +41,7 @@ GOALS = 6 if LONG else 3
 
 @pytest.fixture
 async def sim(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SimServer]:
-    async with SimServer(SimWorld(seed=11, latency_scale=0.0)) as server:
-        for key, value in sim_server_env(server.url).items():
-            monkeypatch.setenv(key, value)
+    async with sim_tiers(monkeypatch, seed=11) as server:
         for tier in TIERS:
             monkeypatch.setenv(f"MESH_TIER_{tier.upper()}_TIMEOUT", str(CALL_TIMEOUT))
         yield server
@@ -116,7 +112,9 @@ async def test_one_tier_down_opens_its_circuit_and_work_falls_back(bus: Bus, fas
     breaker = BreakerPolicy()
     failures: Counter[str | None] = Counter()
     opened: dict[str | None, datetime] = {}
-    for e in calls:
+    # In the order the calls were made: a step's events are sent in batches, so the stream interleaves
+    # the steps of one node by up to the outbox's linger, while the breaker counts failures as they happen.
+    for e in sorted(calls, key=lambda e: e.at):
         if e.tier == down:
             failures[e.node] += 1
             if failures[e.node] >= breaker.failure_threshold:

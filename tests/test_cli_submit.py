@@ -62,3 +62,19 @@ async def test_submit_refuses_bad_input(fast: MeshSettings, tmp_path: Path) -> N
     assert code == 1 and "give either a goal's brief or --file" in err
     code, _, err = await mesh_cli(fast, "submit", "x", "--workspace", str(tmp_path / "missing"))
     assert code == 1 and "is not a folder" in err
+
+
+async def test_a_goal_too_large_for_its_state_fails_with_the_reason(fast: MeshSettings, bus: Bus) -> None:
+    """A sender that skips MeshClient's size check (a hand-made message): the goal travels by claim-check but
+    its state cannot be stored; the planner gives up and fails it with the reason instead of losing it."""
+    from mesh.contracts import Goal, GoalFailed
+
+    goal = Goal(brief="x" * 100_000, constraints=["c" * 120_000] * 8)
+    async with in_process_mesh(fast):
+        await bus.submit_goal(goal)
+        final = None
+        async for _, final in MeshClient(bus).watch(goal.goal_id, until_final=True):
+            pass
+        assert isinstance(final, GoalFailed) and "MaxPayloadError" in final.reason
+        state = await MeshClient(bus).goal(goal.goal_id)
+        assert state is not None and state.status == "failed" and state.goal.brief == "x" * 2000

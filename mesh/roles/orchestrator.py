@@ -152,7 +152,12 @@ class Orchestrator:
         """The consumer gives up on a goal message (a bug, an error no retry fixes): the goal fails with
         the reason. Nothing else would end it: the sweep leaves goals that are still planning alone."""
         goal = delivery.message(Goal)
-        await self.goals.create(_new_state(goal, delivery))
+        state = _new_state(goal, delivery)
+        if len(state.model_dump_json()) > self.bus.max_payload:
+            # a goal too large for its state (a sender that skipped MeshClient's size check): a shortened copy
+            # carries the failure, or the goal would be lost without a trace
+            state.goal = goal.model_copy(update={"brief": goal.brief[:2000], "constraints": []})
+        await self.goals.create(state)
         # only while planning: a running goal is the sweep's to look after
         await self._fail_goal(goal.goal_id, f"planning failed: {type(exc).__name__}: {exc}"[:2000], planning=True)
 

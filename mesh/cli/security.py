@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,8 +60,12 @@ def _gen(a: argparse.Namespace) -> int:
 
 def _perms(a: argparse.Namespace) -> int:
     perms = _permission_set(a.nodes).users().get(a.user)
+    if perms is None and a.user == "admin":
+        print(f"{a.user}: unrestricted")
+        return 0
     if perms is None:
-        print(f"{a.user}: unrestricted" if a.user == "admin" else f"no such user {a.user!r}")
-        return 0 if a.user == "admin" else 1
+        print(f"mesh: error: no such user {a.user!r} (users: {', '.join(_permission_set(a.nodes).users())})",
+              file=sys.stderr)
+        return 1
     print(json.dumps({"inbox_prefix": perms.inbox_prefix, **perms.as_config()}, indent=2))
     return 0

@@ -490,7 +490,6 @@ class Bus:
         """The bytes stored under ``digest``, verified against it. ``max_bytes``: a larger object is refused
         (``MessageTooLarge``) from its info, before any of it is fetched (a one-chunk blob, ≤ 128 KiB, once read)."""
         bucket = bucket or self.topology.obj_artifacts
-        store = await self.object_store(bucket)
         stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
         try:
             # A one-chunk blob stored by ``put_blob`` has its chunk under its digest: one read, no meta.
@@ -516,7 +515,7 @@ class Bus:
                                                    direct=True)  # object stores allow direct gets
                 data = bytes(chunk.data or b"")
             else:
-                data = bytes((await store.get(digest)).data or b"")
+                data = bytes((await (await self.object_store(bucket)).get(digest)).data or b"")
         except (ObjectNotFoundError, NotFoundError) as exc:
             raise BlobNotFound(f"no blob {digest} in {bucket}") from exc
         except (nats.errors.Error, TimeoutError) as exc:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh.aio import together
 from mesh.bus.client import Bus, ConsumerState
 from mesh.config import MeshSettings, get_settings
 from mesh.contracts import (
@@ -176,9 +175,8 @@ class MeshClient:
         return await self._goals.get(goal_id)
 
     async def goals(self) -> list[GoalState]:
-        """Every goal the mesh holds state for, oldest first (their states read concurrently)."""
-        states = await together(*(self._goals.get(key) for key in await self._goals.keys()))
-        return sorted((s for s in states if s is not None), key=lambda s: s.started_at)
+        """Every goal the mesh holds state for, oldest first."""
+        return sorted(await self._goals.all(), key=lambda s: s.started_at)
 
     async def cancel(self, goal_id: str, *, by: str, reason: str = "") -> bool:
         """Ask the planner to cancel the goal; False when it has ended already (nothing is sent).

@@ -82,6 +82,10 @@ class GoalStore:
     async def keys(self) -> list[str]:
         return await self.bus.kv_keys(self.bucket)
 
+    async def all(self) -> list[GoalState]:
+        """Every goal's state, read concurrently (a listing: not remembered for writes)."""
+        return [GoalState.model_validate_json(e.value) for e in await self.bus.kv_entries(self.bucket) if e.value]
+
     async def _read(self, goal_id: str) -> tuple[int, bytes] | None:
         entry = await self.bus.kv_get(self.bucket, goal_id)
         if entry is None:

@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,7 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.results import write_section
+from bench.results import arguments, parse_args, write_section
 from mesh.aio import run_loop
 from mesh.bus import Bus
 from mesh.config import MeshSettings
@@ -245,7 +244,7 @@ async def main(goals: int, concurrent_goals: int, replicas: list[int], write: bo
     met = {"overhead": o["total_p50"] <= 10, "cpu": o["cpu_per_step"] <= 9,
            "replicas": rates[4].steps_per_s >= 3.5 * rates[1].steps_per_s}
     write_section("orchestration", "\n".join([
-        f"Command: `{' '.join(['.venv/bin/python -m bench.orchestration', *sys.argv[1:]])}`", "",
+        f"Command: `.venv/bin/python -m bench.orchestration{arguments(None)}`", "",
         "| measure | p50 | p99 |", "| --- | --- | --- |",
         f"| dispatch: dependency done → step started | {o['dispatch_p50']:.1f} ms | {o['dispatch_p99']:.1f} ms |",
         f"| worker: started → completed, zero-latency model | {o['worker_p50']:.1f} ms | {o['worker_p99']:.1f} ms |",
@@ -288,6 +287,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrent-goals", type=int, default=32, help="goals of each throughput run")
     parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2, 4],
                         help="worker replicas per role of the throughput runs (none: overhead only)")
-    parser.add_argument("--no-write", action="store_true", help="print the figures, leave RESULTS.md alone")
-    args = parser.parse_args()
+    args = parse_args(parser, None)
     run_loop(main(args.goals, args.concurrent_goals, args.replicas, not args.no_write))  # uvloop, as every `mesh node` runs
